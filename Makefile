@@ -1,0 +1,42 @@
+# hypeman-images — everyday commands. `make test` and `make demo` set up
+# everything they need on a fresh Debian 12 machine (apt packages included).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup system venv test test-fast lint demo bench clean
+
+setup: system venv
+
+system:
+	bash scripts/setup-system.sh
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: setup
+	$(BIN)/pytest -q
+
+test-fast: venv
+	$(BIN)/pytest -q -m "not slow"
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+demo: setup
+	$(BIN)/python scripts/demo.py
+
+bench: setup
+	$(BIN)/python bench/pipeline.py
+
+clean:
+	rm -rf $(VENV) build demo-data .pytest_cache .mypy_cache .ruff_cache

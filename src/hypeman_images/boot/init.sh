@@ -1,0 +1,166 @@
+#!/bin/sh
+# PID 1 of the hypeman boot proof, run by the static busybox of the initramfs.
+#
+# It mounts the image disk (/dev/vda, ext4, read-only) under a tmpfs overlay,
+# runs the image's command inside it with the image's env, working dir and
+# user, prints the exit code between markers on the console and powers off.
+# What to run comes from /etc/hypeman/run.conf, a second cpio archive appended
+# per boot (shell assignments quoted by Python), so arguments with spaces or
+# quotes survive. Markers carry a per-boot nonce so that a command cannot fake
+# them. This script must never exit: PID 1 exiting panics the kernel.
+
+BB=/bin/busybox
+export PATH=/bin
+$BB --install -s /bin 2>/dev/null
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+# Byte-exact output: no \n -> \r\n translation on the serial line.
+stty -onlcr </dev/console 2>/dev/null
+
+. /etc/hypeman/run.conf
+
+finish() {
+    printf '\nHYPEMAN_EXIT_%s=%s\n' "$HM_NONCE" "$1"
+    # ACPI power-off works on QEMU microvm and Cloud Hypervisor; reboot=t with
+    # QEMU -no-reboot is the fallback when it does not.
+    poweroff -f
+    reboot -f
+    while :; do sleep 60; done
+}
+
+fail() {
+    code=$1
+    shift
+    echo "hypeman-init: $*" >&2
+    printf '\nHYPEMAN_ERROR_%s=%s\n' "$HM_NONCE" "$*"
+    finish "$code"
+}
+
+is_number() {
+    case $1 in '' | *[!0-9]*) return 1 ;; esac
+    return 0
+}
+
+# The hypervisor probe only needs to know that the kernel reaches userspace.
+[ "$HM_PROBE" = 1 ] && finish 0
+
+# virtio_mmio learns its devices from "virtio_mmio.device=" on the cmdline
+# when there is no ACPI; insmod (unlike modprobe) does not read the cmdline.
+for name in $(cat /etc/hypeman/modules); do
+    params=
+    for word in $(cat /proc/cmdline); do
+        case $word in "$name".*) params="$params ${word#"$name".}" ;; esac
+    done
+    # shellcheck disable=SC2086
+    insmod "/lib/modules/$name.ko" $params || fail 125 "cannot load kernel module $name"
+done
+
+tries=0
+while [ ! -b /dev/vda ]; do
+    tries=$((tries + 1))
+    [ $tries -gt 1000 ] && fail 125 "no disk: /dev/vda did not appear within 10 s"
+    usleep 10000
+done
+
+mount -t ext4 -o ro /dev/vda /lower || fail 125 "cannot mount /dev/vda read-only as ext4"
+mount -t tmpfs -o mode=0755 tmpfs /rw || fail 125 "cannot mount the tmpfs for the overlay"
+mkdir /rw/upper /rw/work
+# The merged root takes its owner and mode from the upper dir: copy the disk's.
+chmod "$(stat -c %a /lower)" /rw/upper
+chown "$(stat -c %u:%g /lower)" /rw/upper
+mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot ||
+    fail 125 "cannot mount the overlay on the disk"
+
+R=/newroot
+mkdir -p $R/proc $R/sys $R/dev $R/tmp
+mount -t proc proc $R/proc
+mount -t sysfs sysfs $R/sys
+mount -t devtmpfs devtmpfs $R/dev
+mkdir -p $R/dev/pts $R/dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts
+mount -t tmpfs -o mode=1777 shm $R/dev/shm
+
+# User: "uid", "uid:gid", "name", "name:group", as Docker reads them from the
+# image's own /etc/passwd and /etc/group. A numeric uid need not exist there.
+user=${HM_USER%%:*}
+group=
+case $HM_USER in *:*) group=${HM_USER#*:} ;; esac
+uid=0
+gid=0
+home=/
+if [ -n "$user" ]; then
+    if is_number "$user"; then
+        uid=$user
+        entry=$(id="$user" awk -F: '$3 == ENVIRON["id"] { print $4 ":" $6; exit }' $R/etc/passwd 2>/dev/null)
+        if [ -n "$entry" ]; then
+            gid=${entry%%:*}
+            home=${entry#*:}
+        fi
+    else
+        entry=$(n="$user" awk -F: '$1 == ENVIRON["n"] { print $3 ":" $4 ":" $6; exit }' $R/etc/passwd 2>/dev/null)
+        [ -n "$entry" ] || fail 126 "user '$user' not found in the image's /etc/passwd"
+        uid=${entry%%:*}
+        entry=${entry#*:}
+        gid=${entry%%:*}
+        home=${entry#*:}
+    fi
+fi
+if [ -n "$group" ]; then
+    if is_number "$group"; then
+        gid=$group
+    else
+        gid=$(n="$group" awk -F: '$1 == ENVIRON["n"] { print $3; exit }' $R/etc/group 2>/dev/null)
+        [ -n "$gid" ] || fail 126 "group '$group' not found in the image's /etc/group"
+    fi
+fi
+[ -n "$home" ] || home=/
+
+workdir=${HM_WORKDIR:-/}
+# Docker creates a missing working dir; the overlay makes that possible here.
+mkdir -p "$R$workdir" 2>/dev/null
+[ -d "$R$workdir" ] || fail 126 "working dir '$workdir' is not a directory in the image"
+
+# Positional parameters become: env -i ENV... busybox nsenter ... -- ARGV...
+# nsenter from the initramfs busybox chroots, changes dir, drops to uid/gid
+# and execs the command, so the image needs no shell or tool of its own.
+path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+has_path=0
+has_home=0
+set --
+i=1
+while [ $i -le "$HM_ENVC" ]; do
+    eval "item=\$HM_ENV_$i"
+    case $item in
+        PATH=*)
+            path=${item#PATH=}
+            has_path=1
+            ;;
+        HOME=*) has_home=1 ;;
+    esac
+    set -- "$@" "$item"
+    i=$((i + 1))
+done
+[ $has_path = 1 ] || set -- "$@" "PATH=$path"
+[ $has_home = 1 ] || set -- "$@" "HOME=$home"
+set -- "$@" $BB nsenter "-r$R" "-w$R$workdir" -G "$gid" -S "$uid" -F --
+[ "$HM_ARGC" -gt 0 ] || fail 126 "no command: the image has neither entrypoint nor cmd"
+i=1
+while [ $i -le "$HM_ARGC" ]; do
+    eval "set -- \"\$@\" \"\$HM_ARG_$i\""
+    i=$((i + 1))
+done
+argv0=$HM_ARG_1
+
+# Look the command up inside the image first, so a missing entrypoint is told
+# apart from a command that itself exits 127. /proc/1/root is this init's
+# root: it reaches our busybox from inside the chroot.
+chroot $R /proc/1/root$BB sh -c \
+    'cd "$1" 2>/dev/null; PATH=$2 exec /proc/1/root/bin/busybox which "$3"' \
+    hm "$workdir" "$path" "$argv0" >/dev/null ||
+    fail 127 "entrypoint not found in the image: '$argv0' (PATH=$path)"
+
+echo "HYPEMAN_BEGIN_$HM_NONCE"
+env -i "$@" </dev/null
+finish $?

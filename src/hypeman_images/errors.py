@@ -1,0 +1,159 @@
+"""The exception tree of hypeman-images.
+
+Every error the library raises on purpose derives from :class:`HypemanError`,
+whose message is written for the person running the tool: it says what went
+wrong and, where there is one, what to do next. Callers choose what to do
+by class, never by searching the message::
+
+    HypemanError
+    ├── InvalidReference        the image name does not parse        (exit 2, HTTP 400)
+    ├── InvalidArgument         another user input is malformed      (exit 2, HTTP 400)
+    ├── NotFound                repository, tag or digest unknown    (exit 3, HTTP 404)
+    │   └── PlatformNotFound    the index lacks the asked platform   (exit 6, HTTP 404)
+    ├── Unauthorized            credentials missing or refused       (exit 4, HTTP 401)
+    ├── RateLimited             the registry said 429                (exit 5, HTTP 429)
+    ├── RegistryError           any other registry failure           (exit 1, HTTP 502)
+    │   ├── TransientError      5xx or connection trouble, retried   (exit 1, HTTP 502)
+    │   └── UnsupportedManifest schema 1 and other unknown formats   (exit 7, HTTP 422)
+    ├── DigestMismatch          bytes differ from their digest       (exit 8, HTTP 502)
+    ├── LayerError              a layer is corrupt or hostile        (exit 7, HTTP 422)
+    ├── LimitExceeded           a configured safety limit was hit    (exit 7, HTTP 422)
+    ├── ToolError               mke2fs/e2fsck/debugfs missing or failing (exit 9, HTTP 500)
+    ├── StorageError            the data dir cannot be written (full disk, permissions)
+    │                                                               (exit 10, HTTP 507)
+    └── BootError               the VM did not boot or run the command (exit 11, HTTP 500)
+
+Foreign exceptions (``httpx``, ``OSError``, ``CalledProcessError``) are
+translated at the module that meets them, with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class HypemanError(Exception):
+    """Root of every error the library raises on purpose.
+
+    ``exit_code`` is what the CLI exits with; ``http_status`` is what the API answers.
+    """
+
+    exit_code: int = 1
+    http_status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidReference(HypemanError):
+    """The image name does not follow the reference grammar."""
+
+    exit_code = 2
+    http_status = 400
+
+
+class InvalidArgument(HypemanError):
+    """A user-supplied value other than an image name is malformed."""
+
+    exit_code = 2
+    http_status = 400
+
+
+class NotFound(HypemanError):
+    """The repository, tag, digest or local image does not exist."""
+
+    exit_code = 3
+    http_status = 404
+
+
+class PlatformNotFound(NotFound):
+    """An image index offers no manifest for the requested platform."""
+
+    exit_code = 6
+
+
+class Unauthorized(HypemanError):
+    """The registry refused the request for lack of valid credentials."""
+
+    exit_code = 4
+    http_status = 401
+
+
+class RateLimited(HypemanError):
+    """The registry answered 429. Never retried silently."""
+
+    exit_code = 5
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RegistryError(HypemanError):
+    """The registry failed in a way not covered by a more specific class."""
+
+    exit_code = 1
+    http_status = 502
+
+    def __init__(
+        self, message: str, status: int | None = None, codes: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.codes = codes
+
+
+class TransientError(RegistryError):
+    """A failure worth retrying: 5xx, timeouts, dropped connections."""
+
+
+class UnsupportedManifest(RegistryError):
+    """The manifest format is one this tool does not accept (e.g. schema 1)."""
+
+    exit_code = 7
+    http_status = 422
+
+
+class DigestMismatch(HypemanError):
+    """Content did not hash to the digest that named it."""
+
+    exit_code = 8
+    http_status = 502
+
+
+class LayerError(HypemanError):
+    """A layer is corrupt, inconsistent with the config, or hostile."""
+
+    exit_code = 7
+    http_status = 422
+
+
+class LimitExceeded(HypemanError):
+    """A configured safety limit (sizes, entry counts) was exceeded."""
+
+    exit_code = 7
+    http_status = 422
+
+
+class ToolError(HypemanError):
+    """An external tool (mke2fs, e2fsck, debugfs) is missing, too old or failed."""
+
+    exit_code = 9
+    http_status = 500
+
+
+class StorageError(HypemanError):
+    """The data directory cannot be written: full disk, permissions, I/O errors."""
+
+    exit_code = 10
+    http_status = 507
+
+
+class BootError(HypemanError):
+    """The VM did not boot, or did not run the image's command to completion."""
+
+    exit_code = 11
+    http_status = 500

@@ -1,0 +1,114 @@
+"""Atomic file publication: the one way files become visible in the data dir.
+
+Every file that others can see appears by rename of a fsynced temp file in the
+same directory, and links are swapped by rename too (STYLE.md, "Integrity").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import StorageError
+
+TEMP_PREFIX = ".tmp-"
+
+
+def temp_name(final: Path) -> Path:
+    """A unique temp path beside ``final``, recognisable by :data:`TEMP_PREFIX`."""
+    return final.with_name(f"{TEMP_PREFIX}{final.name}.{os.getpid()}.{secrets.token_hex(4)}")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def storage_error(exc: OSError, what: str) -> StorageError:
+    """Translate an OSError from the data dir into a message that says what to do."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(
+            f"{what}: the filesystem is full ({exc.strerror}); free space and retry"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StorageError(
+            f"{what}: permission denied ({exc.strerror}); check the data dir's owner "
+            "or pass --data-dir"
+        )
+    return StorageError(f"{what}: {exc.strerror or exc}")
+
+
+def is_storage_failure(exc: BaseException) -> bool:
+    """An OSError from our own file operations, not a network error that is also an OSError."""
+    return isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError)
+
+
+@contextlib.contextmanager
+def atomic_writer(final: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Write ``final`` through a temp file: fsync, then rename into place.
+
+    On any exception the temp file is removed and ``final`` is untouched.
+    """
+    tmp = temp_name(final)
+    try:
+        with open(tmp, "xb") as handle:
+            yield handle
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if is_storage_failure(exc):
+            raise storage_error(exc, f"cannot write {final}") from exc
+        raise
+
+
+def write_atomic(final: Path, data: bytes, mode: int = 0o644) -> None:
+    """Publish ``data`` at ``final`` atomically."""
+    with atomic_writer(final, mode) as handle:
+        handle.write(data)
+
+
+def replace_symlink(link: Path, target: str) -> None:
+    """Point ``link`` at ``target`` by renaming a new link over it: never a moment without one."""
+    tmp = temp_name(link)
+    try:
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+        fsync_dir(link.parent)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise storage_error(exc, f"cannot update tag link {link}") from exc
+
+
+def writer_alive(name: str) -> bool:
+    """Is the process that made this temp name (``….<pid>.<random>``) still running?
+
+    Lets cleanup remove only what a crashed or finished writer left behind.
+    """
+    try:
+        pid = int(name.split(".")[-2])
+    except (ValueError, IndexError):
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,190 @@
+"""One image, end to end: reference → registry → blob cache → flatten → ext4 → store.
+
+:func:`build` is the whole pipeline of DESIGN.md for one reference. It is
+synchronous and knows nothing of queues; the manager runs it in workers.
+Every stage records itself in ``metadata.json`` so that a crash leaves a
+record the next start can resume from, and ``ready`` is written only after
+the disk is in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import convert
+from .blobs import BlobStore
+from .config import BuildOptions
+from .digest import Digest
+from .errors import HypemanError
+from .progress import Reporter
+from .pull import PulledImage, ResolvedImage, pull, resolve
+from .reference import Reference
+from .registry import RegistryClient
+from .store import ImageRecord, ImageStatus, ImageStore, StoredImage, now
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildStats:
+    """What one build did, for logs, metrics and benchmarks (seconds and bytes)."""
+
+    resolve_s: float = 0.0
+    download_s: float = 0.0
+    convert_s: float = 0.0
+    finish_s: float = 0.0
+    downloaded_bytes: int = 0
+    cached_blobs: int = 0
+    reused: bool = False
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+def initial_record(ref: Reference, digest: Digest, status: ImageStatus) -> ImageRecord:
+    """The record of a build that has just been asked for."""
+    return ImageRecord(name=_display_name(ref), digest=str(digest), status=status, created_at=now())
+
+
+def build(
+    ref: Reference,
+    *,
+    client: RegistryClient,
+    blobs: BlobStore,
+    store: ImageStore,
+    options: BuildOptions,
+    reporter: Reporter | None = None,
+    on_status: Callable[[Reference, ImageRecord], None] | None = None,
+    stats: BuildStats | None = None,
+) -> StoredImage:
+    """Build ``ref`` into a ready disk (or reuse one) and point its tag at it.
+
+    Raises a :class:`HypemanError` subclass on failure, after recording the
+    failure in the digest's metadata when the digest is known.
+    """
+    reporter = reporter or Reporter()
+    stats = stats or BuildStats()
+    started = time.monotonic()
+    reporter.stage("resolving", ref.familiar())
+    resolved = resolve(client, ref, options.platform)
+    stats.resolve_s = time.monotonic() - started
+    return build_resolved(
+        resolved,
+        client=client,
+        blobs=blobs,
+        store=store,
+        options=options,
+        reporter=reporter,
+        on_status=on_status,
+        stats=stats,
+    )
+
+
+def build_resolved(
+    resolved: ResolvedImage,
+    *,
+    client: RegistryClient,
+    blobs: BlobStore,
+    store: ImageStore,
+    options: BuildOptions,
+    reporter: Reporter,
+    on_status: Callable[[Reference, ImageRecord], None] | None,
+    stats: BuildStats,
+) -> StoredImage:
+    """The rest of :func:`build` once the digest is known."""
+    ref, digest = resolved.ref, resolved.digest
+    with store.lock(ref, digest):
+        existing = store.read(ref, digest)
+        if existing is not None and existing.status is ImageStatus.READY:
+            if (store.digest_dir(ref, digest) / "rootfs.ext4").is_file():
+                # A ready digest needs no download and no rebuild: only the tag may move.
+                stats.reused = True
+                store.set_tag(ref, digest)
+                reporter.stage("ready", f"{ref.familiar()} (already built)")
+                return store.find(ref)
+
+        record = initial_record(ref, digest, ImageStatus.PULLING)
+        if existing is not None:
+            record = existing.evolve(status=ImageStatus.PULLING, error=None, name=record.name)
+        # Name the blobs from the start, so a gc during the download keeps them.
+        record = record.evolve(
+            config_digest=str(resolved.manifest.config.digest),
+            layers=[str(layer.digest) for layer in resolved.manifest.layers],
+        )
+
+        def set_status(new: ImageRecord) -> None:
+            store.write(ref, digest, new)
+            if on_status:
+                on_status(ref, new)
+
+        set_status(record)
+        try:
+            reporter.stage("pulling", f"{ref.familiar()} ({digest.short})")
+            t0 = time.monotonic()
+            pulled = pull(client, blobs, resolved, reporter)
+            stats.download_s = time.monotonic() - t0
+            stats.downloaded_bytes = pulled.downloaded_bytes
+            stats.cached_blobs = pulled.cached_blobs
+            record = _with_config(record, pulled).evolve(status=ImageStatus.CONVERTING)
+            set_status(record)
+
+            reporter.stage("converting", f"{len(resolved.manifest.layers)} layers → ext4")
+            t0 = time.monotonic()
+            disk = convert.convert(
+                pulled,
+                blobs=blobs,
+                dest=store.digest_dir(ref, digest) / "rootfs.ext4",
+                options=options,
+                on_progress=reporter.converted,
+            )
+            stats.convert_s = time.monotonic() - t0
+            stats.stages.update(disk.timings)
+
+            t0 = time.monotonic()
+            record = record.evolve(
+                status=ImageStatus.READY,
+                size_bytes=disk.size_bytes,
+                content_bytes=disk.content_bytes,
+                disk_sha256=disk.sha256,
+                tool_versions=disk.tool_versions,
+            )
+            set_status(record)
+            store.set_tag(ref, digest)
+            stats.finish_s = time.monotonic() - t0
+        except HypemanError as exc:
+            set_status(record.evolve(status=ImageStatus.FAILED, error=exc.message))
+            raise
+        except Exception as exc:  # the build's top level: record, then re-raise
+            set_status(record.evolve(status=ImageStatus.FAILED, error=f"internal error: {exc!r}"))
+            raise
+    reporter.stage("ready", ref.familiar())
+    return store.find(ref)
+
+
+def _with_config(record: ImageRecord, pulled: PulledImage) -> ImageRecord:
+    config = pulled.config
+    manifest = pulled.resolved.manifest
+    return record.evolve(
+        entrypoint=list(config.entrypoint) if config.entrypoint is not None else None,
+        cmd=list(config.cmd) if config.cmd is not None else None,
+        env=list(config.env),
+        working_dir=config.working_dir,
+        user=config.user,
+        exposed_ports=list(config.exposed_ports),
+        volumes=list(config.volumes),
+        labels=dict(config.labels),
+        stop_signal=config.stop_signal,
+        platform=str(config.platform),
+        config_digest=str(manifest.config.digest),
+        manifest_media_type=pulled.resolved.media_type,
+        layers=[str(layer.digest) for layer in manifest.layers],
+        image_created=config.created,
+    )
+
+
+def _display_name(ref: Reference) -> str:
+    return f"{ref.name}:{ref.tag}" if ref.tag else f"{ref.name}@{ref.digest}"
+
+
+__all__ = ["BuildStats", "build", "build_resolved", "initial_record"]

@@ -1,0 +1,181 @@
+"""How to reach registries: timeouts, retries, TLS, insecure hosts and mirrors.
+
+:class:`RegistryConfig` is plain data the client reads; :func:`load_registries_conf`
+fills its per-registry part from a TOML file shaped like a subset of
+containers-registries.conf(5) v2::
+
+    insecure-registries = ["build-box:5000"]      # plain HTTP allowed
+    certs-dirs = ["/etc/hypeman/certs.d"]          # <dir>/<host:port>/ca.crt, client.cert/key
+
+    [[registry]]
+    location = "docker.io"
+    [[registry.mirror]]
+    location = "mirror.internal:5000"
+    insecure = true
+
+A pull from ``docker.io`` then asks each mirror first, in order, and the
+origin last. Scheme choice (see :meth:`RegistryConfig.scheme_for`): HTTPS,
+except plain HTTP for loopback hosts and insecure-marked ones, unless a
+certs.d directory exists for the host, which says TLS is wanted there.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgument
+
+MiB = 1024 * 1024
+# docker's and podman's system-wide certs.d directories.
+SYSTEM_CERTS_DIRS = (Path("/etc/docker/certs.d"), Path("/etc/containers/certs.d"))
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """An endpoint to try before a registry's own."""
+
+    location: str
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """Per-registry settings from registries.conf."""
+
+    location: str
+    insecure: bool = False
+    mirrors: tuple[Mirror, ...] = ()
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """Everything the registry client may be told; the defaults suit Docker Hub.
+
+    ``max_attempts`` bounds tries of one request on transient failures
+    (5xx, timeouts, dropped connections); waits grow as ``backoff_base * 2**n``
+    with full jitter, capped at ``backoff_max`` (0 makes tests fast).
+    ``resume_attempts`` bounds ``Range`` resumptions of one blob download.
+    """
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_attempts: int = 4
+    backoff_base: float = 0.5
+    backoff_max: float = 10.0
+    resume_attempts: int = 5
+    chunk_size: int = MiB
+    insecure_registries: frozenset[str] = frozenset()
+    ca_bundle: Path | None = None
+    certs_dirs: tuple[Path, ...] = ()
+    registries: Mapping[str, RegistrySettings] = field(default_factory=dict)
+    # Non-distributable ("foreign") layers are fetched from their descriptor's
+    # urls only when allowed (OCI image-spec layer.md; containerd asks the same).
+    allow_foreign_layers: bool = False
+
+    def mirrors_for(self, registry: str) -> tuple[Mirror, ...]:
+        """The mirrors to try, in order, before ``registry`` itself."""
+        settings = self.registries.get(registry)
+        return settings.mirrors if settings else ()
+
+    def is_insecure(self, host: str) -> bool:
+        """True if ``host`` may be spoken to over plain HTTP."""
+        if host in self.insecure_registries or _is_loopback(host):
+            return True
+        for settings in self.registries.values():
+            if settings.location == host and settings.insecure:
+                return True
+            if any(m.location == host and m.insecure for m in settings.mirrors):
+                return True
+        return False
+
+    def certs_dir_for(self, host: str) -> Path | None:
+        """The first ``<certs dir>/<host[:port]>`` directory that exists."""
+        for base in self.certs_dirs:
+            candidate = base / host
+            if candidate.is_dir():
+                return candidate
+        return None
+
+    def scheme_for(self, host: str) -> str:
+        """``https``, or ``http`` for loopback/insecure hosts without a certs.d entry."""
+        if self.certs_dir_for(host) is not None:
+            return "https"
+        return "http" if self.is_insecure(host) else "https"
+
+    def with_registries_conf(self, path: Path) -> RegistryConfig:
+        """This config with the contents of a registries.conf-like TOML file added."""
+        loaded = load_registries_conf(path)
+        return replace(
+            self,
+            insecure_registries=self.insecure_registries | loaded.insecure_registries,
+            certs_dirs=self.certs_dirs + loaded.certs_dirs,
+            registries={**self.registries, **loaded.registries},
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.startswith("["):
+        name = host[1:].split("]", 1)[0]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def load_registries_conf(path: Path) -> RegistryConfig:
+    """Parse a registries.conf-like TOML file (see the module docstring)."""
+    try:
+        doc = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"{path} is not valid TOML: {exc}") from exc
+    registries: dict[str, RegistrySettings] = {}
+    for i, entry in enumerate(_tables(doc.get("registry", []), f"{path}: [[registry]]")):
+        where = f"{path}: [[registry]] #{i + 1}"
+        location = _string(entry, "location", where) or _string(entry, "prefix", where)
+        if not location:
+            raise InvalidArgument(f"{where} has no 'location'")
+        mirrors = tuple(
+            Mirror(_string(m, "location", f"{where} mirror"), bool(m.get("insecure", False)))
+            for m in _tables(entry.get("mirror", []), f"{where} [[registry.mirror]]")
+        )
+        if any(not m.location for m in mirrors):
+            raise InvalidArgument(f"{where}: every [[registry.mirror]] needs a 'location'")
+        registries[location] = RegistrySettings(
+            location, bool(entry.get("insecure", False)), mirrors
+        )
+    return RegistryConfig(
+        insecure_registries=frozenset(_strings(doc, "insecure-registries", str(path))),
+        certs_dirs=tuple(Path(p) for p in _strings(doc, "certs-dirs", str(path))),
+        registries=registries,
+    )
+
+
+def _tables(value: Any, where: str) -> Sequence[Mapping[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise InvalidArgument(f"{where} must be an array of tables")
+    return value
+
+
+def _string(table: Mapping[str, Any], key: str, where: str) -> str:
+    value = table.get(key, "")
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{where}: '{key}' must be a string")
+    return value
+
+
+def _strings(table: Mapping[str, Any], key: str, where: str) -> list[str]:
+    value = table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"{where}: '{key}' must be a list of strings")
+    return value

@@ -1,0 +1,530 @@
+"""A client for the OCI Distribution API v2: manifests and blobs, pull only.
+
+``RegistryClient`` speaks HTTP through one ``httpx.Client`` (the transport is
+the seam tests swap), authenticates through :mod:`.auth`, and turns every
+failure into the exception tree at this boundary:
+
+* 404 and ``MANIFEST_UNKNOWN``/``NAME_UNKNOWN``/``BLOB_UNKNOWN`` → ``NotFound``;
+* 401/403 → ``Unauthorized`` naming the registry and the credential's origin;
+* 429 → ``RateLimited`` at once, never retried;
+* 5xx, timeouts and dropped connections → ``TransientError``, retried up to
+  ``config.max_attempts`` times with exponential backoff and full jitter;
+* other 4xx → ``RegistryError(status, codes)`` with the registry's messages.
+
+Manifests are read with a size cap and checked against their digest here;
+blobs are streamed raw and the caller checks them (a ``VerifyingStream``),
+while this module resumes a dropped download with ``Range`` so that the
+caller sees every byte exactly once. Mirrors configured for a registry are
+tried first, the registry itself last.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TypeVar
+
+import httpx
+
+from .auth import RegistryAuth, TokenCache, pull_scope
+from .credentials import CredentialSource
+from .digest import Digest
+from .errors import (
+    DigestMismatch,
+    HypemanError,
+    LimitExceeded,
+    NotFound,
+    RegistryError,
+    TransientError,
+)
+from .reference import Reference
+from .registries import RegistryConfig
+from .responses import error_for, log_rate_limit
+from .spec import (
+    ACCEPT_MANIFESTS,
+    MAX_DOCUMENT_BYTES,
+    Descriptor,
+    Index,
+    Manifest,
+    Platform,
+    media_type_of,
+    parse_manifest_or_index,
+)
+from .transport import HostTransport
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+USER_AGENT = "hypeman-images/0.1"
+# buildkit marks attestation manifests in an index this way (platform unknown/unknown).
+_REFERENCE_TYPE = "vnd.docker.reference.type"
+_FOREIGN_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    }
+)
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    """A manifest or index exactly as the registry sent it, with its verified digest."""
+
+    data: bytes
+    media_type: str
+    digest: Digest
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where requests for a registry go: the registry itself or one of its mirrors.
+
+    ``registry`` is the name credentials are looked up under; ``host`` the API host.
+    """
+
+    registry: str
+    host: str
+    scheme: str
+    mirror: bool = False
+
+    def url(self, repository: str, path: str) -> str:
+        return f"{self.scheme}://{self.host}/v2/{repository}/{path}"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A reference resolved over the network.
+
+    ``reference`` carries the digest the name pointed to (the index's, for a
+    multi-platform image); ``manifest``/``fetched`` are the chosen platform's
+    image manifest, and ``index`` the index it came from, if any.
+    """
+
+    reference: Reference
+    manifest: Manifest
+    fetched: FetchedManifest
+    index: FetchedManifest | None = None
+
+
+class RegistryClient:
+    """Pull manifests and blobs from Distribution API v2 registries. Thread-safe.
+
+    ``transport`` replaces the network (an ``httpx.MockTransport`` in tests);
+    without it, a per-host transport applies ``config``'s TLS settings.
+    """
+
+    def __init__(
+        self,
+        *,
+        credentials: CredentialSource | None = None,
+        transport: httpx.BaseTransport | None = None,
+        config: RegistryConfig | None = None,
+    ) -> None:
+        self.config = config or RegistryConfig()
+        self._credentials = credentials
+        self._tokens = TokenCache()
+        timeout = httpx.Timeout(self.config.read_timeout, connect=self.config.connect_timeout)
+        self._http = httpx.Client(
+            transport=transport or HostTransport(self.config),
+            timeout=timeout,
+            follow_redirects=True,
+            headers={"User-Agent": USER_AGENT},
+        )
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every connection."""
+        self._http.close()
+
+    # -- endpoints -----------------------------------------------------------------
+
+    def endpoints(self, ref: Reference) -> list[Endpoint]:
+        """The mirrors configured for ``ref``'s registry, then the registry itself."""
+        out = [
+            Endpoint(m.location, m.location, self.config.scheme_for(m.location), mirror=True)
+            for m in self.config.mirrors_for(ref.registry)
+        ]
+        host = ref.api_host
+        out.append(Endpoint(ref.registry, host, self.config.scheme_for(host)))
+        return out
+
+    def _first_success(self, ref: Reference, fetch: Callable[[Endpoint], T]) -> T:
+        endpoints = self.endpoints(ref)
+        for endpoint in endpoints[:-1]:
+            try:
+                return fetch(endpoint)
+            except HypemanError as exc:
+                log.warning("mirror %s failed for %s, trying the next: %s", endpoint.host, ref, exc)
+        return fetch(endpoints[-1])
+
+    # -- manifests -----------------------------------------------------------------
+
+    def get_manifest(self, ref: Reference) -> FetchedManifest:
+        """Fetch the manifest or index ``ref`` names, by digest if it has one, else by tag.
+
+        By digest, the bytes must hash to it; by tag, the digest is computed and
+        must equal ``Docker-Content-Digest`` when the registry sends one.
+        """
+        return self._first_success(ref, lambda endpoint: self._get_manifest(endpoint, ref))
+
+    def _get_manifest(self, endpoint: Endpoint, ref: Reference) -> FetchedManifest:
+        target = str(ref.digest) if ref.digest else ref.tag or "latest"
+        subject = f"manifest {ref}"
+        url = endpoint.url(ref.repository, f"manifests/{target}")
+        headers = {"Accept": ", ".join(ACCEPT_MANIFESTS)}
+
+        def attempt() -> tuple[bytes, str | None, str | None]:
+            response = self._send(endpoint, ref, url, headers, subject)
+            with self._translating(endpoint, subject):
+                try:
+                    data = _read_document(response, subject)
+                finally:
+                    response.close()
+            return (
+                data,
+                response.headers.get("Content-Type"),
+                response.headers.get("Docker-Content-Digest"),
+            )
+
+        data, header_type, header_digest = self._retrying(attempt, endpoint, subject)
+        digest = _check_manifest_digest(data, ref, header_digest, endpoint)
+        return FetchedManifest(data, media_type_of(data, header_type), digest)
+
+    # -- blobs ---------------------------------------------------------------------
+
+    @contextmanager
+    def open_blob(self, ref: Reference, descriptor: Descriptor) -> Iterator[Iterator[bytes]]:
+        """Stream the raw bytes of a blob of ``ref``'s repository, in chunks of ≥ 1 MiB.
+
+        Unverified: wrap the chunks in a ``VerifyingStream``. A connection that
+        drops mid-way is resumed with ``Range`` (``config.resume_attempts`` times).
+        Foreign layers come from their ``urls`` only if ``allow_foreign_layers``.
+        """
+        subject = f"blob {descriptor.digest} of {ref.name}"
+        download: _Download | None = None
+        if self.config.allow_foreign_layers and descriptor.media_type in _FOREIGN_TYPES:
+            download = self._open_foreign(descriptor, subject)
+        if download is None:
+            download = self._first_success(
+                ref, lambda endpoint: self._open_blob(endpoint, ref, descriptor, subject)
+            )
+        try:
+            yield download.chunks()
+        finally:
+            download.close()
+
+    def _open_blob(
+        self, endpoint: Endpoint, ref: Reference, descriptor: Descriptor, subject: str
+    ) -> _Download:
+        url = endpoint.url(ref.repository, f"blobs/{descriptor.digest}")
+
+        def opener(offset: int) -> httpx.Response:
+            headers = {"Accept-Encoding": "identity"}
+            if offset:
+                headers["Range"] = f"bytes={offset}-"
+            return self._retrying(
+                lambda: self._send(endpoint, ref, url, headers, subject), endpoint, subject
+            )
+
+        try:
+            return _Download(opener, descriptor.size, self.config, subject)
+        except NotFound as exc:
+            if descriptor.media_type in _FOREIGN_TYPES and descriptor.urls:
+                raise NotFound(
+                    f"{exc.message}; it is a foreign layer, which its image says to fetch from "
+                    f"{descriptor.urls[0]}: allow that with the allow_foreign_layers option"
+                ) from exc
+            raise
+
+    def _open_foreign(self, descriptor: Descriptor, subject: str) -> _Download | None:
+        for url in descriptor.urls:
+            parsed = httpx.URL(url)
+            if parsed.scheme not in ("http", "https"):
+                continue
+            host = parsed.netloc.decode("ascii")
+            endpoint = Endpoint(host, host, parsed.scheme)
+
+            def opener(
+                offset: int, url: str = url, endpoint: Endpoint = endpoint
+            ) -> httpx.Response:
+                headers = {"Accept-Encoding": "identity"}
+                if offset:
+                    headers["Range"] = f"bytes={offset}-"
+                return self._retrying(
+                    lambda: self._send(endpoint, None, url, headers, subject), endpoint, subject
+                )
+
+            try:
+                return _Download(opener, descriptor.size, self.config, subject)
+            except HypemanError as exc:
+                log.warning("foreign layer URL %s failed: %s", url, exc)
+        return None
+
+    # -- one request ---------------------------------------------------------------
+
+    def _send(
+        self,
+        endpoint: Endpoint,
+        ref: Reference | None,
+        url: str,
+        headers: dict[str, str],
+        subject: str,
+    ) -> httpx.Response:
+        """One GET, auth included; a 2xx response (open, streaming) or an error."""
+        auth = (
+            RegistryAuth(
+                registry=endpoint.registry,
+                scope=pull_scope(ref.repository),
+                credentials=self._credentials,
+                cache=self._tokens,
+            )
+            if ref is not None
+            else None
+        )
+        request = self._http.build_request("GET", url, headers=headers)
+        with self._translating(endpoint, subject):
+            response = self._http.send(request, auth=auth or httpx.USE_CLIENT_DEFAULT, stream=True)
+        log_rate_limit(response, endpoint.host)
+        if response.is_success:
+            return response
+        if response.status_code in (401, 403) and auth is not None:
+            response.close()
+            raise auth.refused()
+        raise error_for(response, host=endpoint.registry, subject=subject)
+
+    @contextmanager
+    def _translating(self, endpoint: Endpoint, subject: str) -> Iterator[None]:
+        """Turn httpx's exceptions into ours (``raise … from``)."""
+        try:
+            yield
+        except httpx.TooManyRedirects as exc:
+            raise RegistryError(f"{endpoint.host}: too many redirects fetching {subject}") from exc
+        except httpx.TransportError as exc:
+            if isinstance(exc.__context__, ssl.SSLCertVerificationError):
+                reason = exc.__context__.verify_message
+                raise RegistryError(
+                    f"{endpoint.host}: TLS certificate not trusted ({reason})"
+                    f"; put its CA in <certs.d>/{endpoint.host}/ca.crt or pass a CA bundle"
+                ) from exc
+            what = type(exc).__name__
+            raise TransientError(
+                f"{endpoint.host}: {what} while fetching {subject}: {exc or 'no detail'}"
+            ) from exc
+
+    def _retrying(self, call: Callable[[], T], endpoint: Endpoint, subject: str) -> T:
+        """Run ``call``, retrying ``TransientError`` with backoff; nothing else is retried."""
+        attempts = max(1, self.config.max_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                return call()
+            except TransientError as exc:
+                if attempt == attempts:
+                    raise TransientError(
+                        f"{exc.message} (gave up after {attempts} attempts)", exc.status, exc.codes
+                    ) from exc
+                delay = _backoff(attempt, self.config)
+                log.info("%s; retrying in %.1f s (%d/%d)", exc, delay, attempt, attempts)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+class _Download:
+    """A blob download that resumes with ``Range`` after a dropped connection."""
+
+    def __init__(
+        self,
+        opener: Callable[[int], httpx.Response],
+        size: int | None,
+        config: RegistryConfig,
+        subject: str,
+    ) -> None:
+        self._opener = opener
+        self._size = size
+        self._config = config
+        self._subject = subject
+        self._response: httpx.Response | None = opener(0)
+
+    def close(self) -> None:
+        if self._response is not None:
+            self._response.close()
+            self._response = None
+
+    def chunks(self) -> Iterator[bytes]:
+        offset = 0
+        resumes = 0
+        while True:
+            response = self._response
+            assert response is not None
+            try:
+                for chunk in response.iter_raw(self._config.chunk_size):
+                    offset += len(chunk)
+                    yield chunk
+                if self._size is None or offset >= self._size:
+                    return
+                cause: Exception = TransientError(f"connection closed after {offset} bytes")
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                cause = exc
+            self.close()
+            resumes += 1
+            if resumes > self._config.resume_attempts:
+                raise TransientError(
+                    f"{self._subject}: download kept failing, gave up after "
+                    f"{self._config.resume_attempts} resumptions: {cause}"
+                ) from cause
+            log.info("%s: resuming at byte %d after: %s", self._subject, offset, cause)
+            self._response = self._resume(offset)
+
+    def _resume(self, offset: int) -> httpx.Response:
+        response = self._opener(offset)
+        if response.status_code == 206:
+            start = _content_range_start(response.headers.get("Content-Range", ""))
+            if start != offset:
+                response.close()
+                raise RegistryError(
+                    f"{self._subject}: asked to resume at byte {offset}, got a range starting "
+                    f"at {start}"
+                )
+            return response
+        # 200: the server ignored Range; skip what was already delivered.
+        skip = offset
+        stream = response.iter_raw(self._config.chunk_size)
+        rest = b""
+        try:
+            while skip > 0:
+                chunk = next(stream)
+                if len(chunk) > skip:
+                    rest = chunk[skip:]
+                skip -= min(skip, len(chunk))
+        except StopIteration:
+            response.close()
+            raise TransientError(f"{self._subject}: shorter on retry than before") from None
+        return _prepend(response, rest, stream)
+
+
+def _prepend(response: httpx.Response, head: bytes, rest: Iterator[bytes]) -> httpx.Response:
+    """A response whose ``iter_raw`` yields ``head`` then the remainder of ``rest``."""
+
+    class _Stream(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            if head:
+                yield head
+            yield from rest
+
+        def close(self) -> None:
+            response.close()
+
+    return httpx.Response(response.status_code, headers=response.headers, stream=_Stream())
+
+
+def _content_range_start(value: str) -> int | None:
+    # "bytes 100-999/1000" (RFC 9110 §14.4)
+    unit, _, spec = value.partition(" ")
+    if unit != "bytes":
+        return None
+    start = spec.split("-", 1)[0]
+    return int(start) if start.isdigit() else None
+
+
+def _backoff(attempt: int, config: RegistryConfig) -> float:
+    """Full-jitter exponential backoff (the AWS architecture blog's variant)."""
+    ceiling = min(config.backoff_max, config.backoff_base * 2 ** (attempt - 1))
+    return random.uniform(0, ceiling)
+
+
+def _read_document(response: httpx.Response, subject: str) -> bytes:
+    length = response.headers.get("Content-Length")
+    if length and length.isdigit() and int(length) > MAX_DOCUMENT_BYTES:
+        raise LimitExceeded(
+            f"{subject} is {length} bytes, over the {MAX_DOCUMENT_BYTES} byte limit for manifests"
+        )
+    data = bytearray()
+    for chunk in response.iter_bytes():
+        data += chunk
+        if len(data) > MAX_DOCUMENT_BYTES:
+            raise LimitExceeded(
+                f"{subject} exceeds the {MAX_DOCUMENT_BYTES} byte limit for manifests"
+            )
+    return bytes(data)
+
+
+def _check_manifest_digest(
+    data: bytes, ref: Reference, header: str | None, endpoint: Endpoint
+) -> Digest:
+    if ref.digest is not None:
+        actual = Digest.of(data, ref.digest.algorithm)
+        if actual != ref.digest:
+            raise DigestMismatch(
+                f"{endpoint.host} sent a manifest for {ref} that hashes to {actual}"
+            )
+        return ref.digest
+    digest = Digest.of(data)
+    if header:
+        try:
+            claimed = Digest.parse(header.strip())
+        except HypemanError:
+            log.debug("%s: ignoring malformed Docker-Content-Digest %r", endpoint.host, header)
+            return digest
+        if Digest.of(data, claimed.algorithm) != claimed:
+            raise DigestMismatch(
+                f"{endpoint.host} sent a manifest for {ref} whose Docker-Content-Digest "
+                f"{claimed} does not match its bytes"
+            )
+    return digest
+
+
+def select_manifest(index: Index, platform: Platform) -> Descriptor:
+    """The image manifest for ``platform``, skipping attestation and unknown entries."""
+    usable = tuple(
+        d
+        for d in index.manifests
+        if d.annotations.get(_REFERENCE_TYPE) != "attestation-manifest"
+        and not (d.platform and d.platform.os == "unknown")
+    )
+    return Index(index.media_type, usable).select(platform)
+
+
+def resolve(client: RegistryClient, ref: Reference, platform: Platform) -> Resolved:
+    """Fetch ``ref``'s manifest; through an index, pick ``platform``'s.
+
+    Raises ``PlatformNotFound`` (listing what is offered) when the index lacks it,
+    ``UnsupportedManifest`` for schema 1 and other unknown formats.
+    """
+    top = client.get_manifest(ref)
+    parsed = parse_manifest_or_index(top.data, top.media_type)
+    resolved = ref.with_digest(top.digest)
+    if isinstance(parsed, Manifest):
+        return Resolved(resolved, parsed, top)
+    chosen = select_manifest(parsed, platform)
+    fetched = client.get_manifest(ref.with_digest(chosen.digest))
+    manifest = parse_manifest_or_index(fetched.data, fetched.media_type)
+    if not isinstance(manifest, Manifest):
+        raise RegistryError(f"{ref}: the index entry for {platform} is itself an index")
+    return Resolved(resolved, manifest, fetched, top)
+
+
+__all__ = [
+    "Endpoint",
+    "FetchedManifest",
+    "RegistryClient",
+    "Resolved",
+    "resolve",
+    "select_manifest",
+]

@@ -1,0 +1,316 @@
+"""The image store: built disks and their metadata, on disk, no database.
+
+Layout under the data dir (DESIGN.md, "image store")::
+
+    images/<registry>/<repository>/<digest-hex>/rootfs.ext4
+    images/<registry>/<repository>/<digest-hex>/metadata.json
+    images/<registry>/<repository>/<tag> -> <digest-hex>
+
+``metadata.json`` is the record of a build at every stage; it says ``ready``
+only after ``rootfs.ext4`` has been renamed into place. A tag link is swapped
+by rename, and only ever points at a ready build. State is rebuilt by
+scanning, so a crash leaves nothing that the next start cannot understand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .digest import Digest
+from .errors import InvalidReference, NotFound
+from .fsutil import (
+    TEMP_PREFIX,
+    replace_symlink,
+    storage_error,
+    temp_name,
+    write_atomic,
+    writer_alive,
+)
+from .reference import Reference
+
+log = logging.getLogger(__name__)
+
+DISK_NAME = "rootfs.ext4"
+METADATA_NAME = "metadata.json"
+LOCK_NAME = ".lock"
+DELETING_PREFIX = ".deleting-"
+_HEX64 = re.compile(r"[a-f0-9]{64}")
+
+
+class ImageStatus(enum.StrEnum):
+    """Where a build is: ``pending → pulling → converting → ready | failed``."""
+
+    PENDING = "pending"
+    PULLING = "pulling"
+    CONVERTING = "converting"
+    READY = "ready"
+    FAILED = "failed"
+
+    @property
+    def active(self) -> bool:
+        """True while a build is queued or running."""
+        return self in (ImageStatus.PENDING, ImageStatus.PULLING, ImageStatus.CONVERTING)
+
+
+def now() -> str:
+    """The current time as RFC 3339 UTC, as metadata records it."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """The contents of ``metadata.json``: one image digest of one repository."""
+
+    name: str
+    digest: str
+    status: ImageStatus
+    created_at: str
+    error: str | None = None
+    size_bytes: int | None = None
+    content_bytes: int | None = None
+    disk_sha256: str | None = None
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
+    env: list[str] = field(default_factory=list)
+    working_dir: str = ""
+    user: str = ""
+    exposed_ports: list[str] = field(default_factory=list)
+    volumes: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    stop_signal: str | None = None
+    platform: str | None = None
+    config_digest: str | None = None
+    manifest_media_type: str | None = None
+    layers: list[str] = field(default_factory=list)
+    image_created: str | None = None
+    tool_versions: dict[str, str] = field(default_factory=dict)
+    updated_at: str | None = None
+
+    def to_json(self) -> bytes:
+        """Canonical JSON bytes for metadata.json."""
+        doc = asdict(self)
+        doc["status"] = str(self.status)
+        return json.dumps(doc, indent=2, sort_keys=False).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ImageRecord:
+        """Parse metadata.json, ignoring fields a newer version may have added."""
+        doc: dict[str, Any] = json.loads(data)
+        known = {f for f in cls.__dataclass_fields__}
+        doc = {k: v for k, v in doc.items() if k in known}
+        doc["status"] = ImageStatus(doc["status"])
+        return cls(**doc)
+
+    def evolve(self, **changes: Any) -> ImageRecord:
+        """A copy with ``changes`` and a fresh ``updated_at``."""
+        return replace(self, updated_at=now(), **changes)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """A record found on disk, with where it lives and which tags point at it."""
+
+    record: ImageRecord
+    repository: str
+    directory: Path
+    tags: tuple[str, ...]
+
+    @property
+    def disk(self) -> Path:
+        """The ext4 image (exists only when the record is ready)."""
+        return self.directory / DISK_NAME
+
+
+class ImageStore:
+    """Image records under ``<data>/images``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot create the image store at {root}") from exc
+
+    # Paths. Registry and repository come from a parsed Reference, whose grammar
+    # admits no '..', no empty component and no absolute path, so joining is safe.
+
+    def repo_dir(self, ref: Reference) -> Path:
+        """``images/<registry>/<repository>``."""
+        return self.root / ref.registry / ref.repository
+
+    def digest_dir(self, ref: Reference, digest: Digest) -> Path:
+        """``images/<registry>/<repository>/<digest-hex>``."""
+        return self.repo_dir(ref) / digest.encoded
+
+    def _tag_link(self, ref: Reference) -> Path:
+        assert ref.tag is not None
+        if _HEX64.fullmatch(ref.tag):
+            raise InvalidReference(
+                f"tag {ref.tag!r} looks like a digest; the store cannot tell them apart"
+            )
+        return self.repo_dir(ref) / ref.tag
+
+    # Records.
+
+    def read(self, ref: Reference, digest: Digest) -> ImageRecord | None:
+        """The record of ``digest`` in ``ref``'s repository, if any."""
+        path = self.digest_dir(ref, digest) / METADATA_NAME
+        try:
+            return ImageRecord.from_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            return None
+
+    def write(self, ref: Reference, digest: Digest, record: ImageRecord) -> None:
+        """Publish ``record`` atomically (temp + fsync + rename)."""
+        directory = self.digest_dir(ref, digest)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot create {directory}") from exc
+        write_atomic(directory / METADATA_NAME, record.to_json())
+
+    @contextlib.contextmanager
+    def lock(self, ref: Reference, digest: Digest) -> Iterator[None]:
+        """Hold the build lock of one digest: one build per digest across processes."""
+        directory = self.digest_dir(ref, digest)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            handle = open(directory / LOCK_NAME, "a+b")
+        except OSError as exc:
+            raise storage_error(exc, f"cannot lock {directory}") from exc
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # Tags.
+
+    def set_tag(self, ref: Reference, digest: Digest) -> None:
+        """Point ``ref``'s tag at a ready digest, by rename."""
+        if ref.tag is None:
+            return
+        replace_symlink(self._tag_link(ref), digest.encoded)
+
+    def tag_target(self, ref: Reference) -> Digest | None:
+        """The digest a local tag points at."""
+        if ref.tag is None:
+            return None
+        try:
+            target = os.readlink(self._tag_link(ref))
+        except (FileNotFoundError, OSError):
+            return None
+        return Digest("sha256", target) if _HEX64.fullmatch(target) else None
+
+    # Lookup.
+
+    def find(self, ref: Reference) -> StoredImage:
+        """The local image a reference names (by digest, else by tag); NotFound otherwise."""
+        digest = ref.digest or self.tag_target(ref)
+        if digest is not None:
+            record = self.read(ref, digest)
+            if record is not None:
+                return self._stored(ref, digest, record)
+        raise NotFound(f"no local image {ref.familiar()}; pull it first (hypeman-images pull)")
+
+    def _stored(self, ref: Reference, digest: Digest, record: ImageRecord) -> StoredImage:
+        directory = self.digest_dir(ref, digest)
+        return StoredImage(record, ref.name, directory, self._tags_of(directory))
+
+    def _tags_of(self, directory: Path) -> tuple[str, ...]:
+        tags = []
+        for entry in directory.parent.iterdir():
+            if entry.is_symlink() and os.readlink(entry) == directory.name:
+                tags.append(entry.name)
+        return tuple(sorted(tags))
+
+    def scan(self) -> Iterator[StoredImage]:
+        """Every record in the store, found by walking the digest directories."""
+        for meta in sorted(self.root.rglob(METADATA_NAME)):
+            directory = meta.parent
+            if not _HEX64.fullmatch(directory.name):
+                continue
+            if any(p.startswith((TEMP_PREFIX, DELETING_PREFIX)) for p in directory.parts):
+                continue
+            try:
+                record = ImageRecord.from_json(meta.read_bytes())
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring unreadable %s: %s", meta, exc)
+                continue
+            repository = directory.parent.relative_to(self.root).as_posix()
+            yield StoredImage(record, repository, directory, self._tags_of(directory))
+
+    # Removal.
+
+    def remove(self, ref: Reference) -> list[str]:
+        """Delete by tag (the digest goes when no tag is left) or by digest (all its tags).
+
+        Returns the names removed. Directories vanish by rename before deletion,
+        so a reader never sees a half-deleted build.
+        """
+        stored = self.find(ref)
+        removed: list[str] = []
+        if ref.digest is None:
+            link = self._tag_link(ref)
+            link.unlink(missing_ok=True)
+            removed.append(str(ref.with_tag(ref.tag)))
+            if self._tags_of(stored.directory):
+                return removed
+        else:
+            for tag in stored.tags:
+                (stored.directory.parent / tag).unlink(missing_ok=True)
+                removed.append(f"{stored.repository}:{tag}")
+        self.remove_directory(stored.directory)
+        removed.append(f"{stored.repository}@{stored.record.digest}")
+        return removed
+
+    def remove_directory(self, directory: Path) -> None:
+        """Make a digest directory vanish atomically, then delete it."""
+        doomed = directory.with_name(f"{DELETING_PREFIX}{temp_name(directory).name}")
+        try:
+            os.replace(directory, doomed)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise storage_error(exc, f"cannot remove {directory}") from exc
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def sweep(self) -> int:
+        """Remove leftovers of interrupted work: temp files, half-deleted directories.
+
+        Returns bytes freed. Only files whose writer is gone are touched.
+        """
+        freed = 0
+        for path in sorted(self.root.rglob("*"), reverse=True):
+            name = path.name
+            if not name.startswith((TEMP_PREFIX, DELETING_PREFIX)) or writer_alive(name):
+                continue
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    freed += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    freed += path.lstat().st_size
+                    path.unlink()
+            except FileNotFoundError:
+                continue
+        return freed
+
+
+__all__ = ["ImageRecord", "ImageStatus", "ImageStore", "StoredImage", "now"]

@@ -1,0 +1,303 @@
+"""Tests for hypeman_images.boot: the initramfs, the command lines, and real VM boots.
+
+Boots use real disks made with mke2fs from the Alpine minirootfs and the
+official busybox glibc image, and run on KVM where it works, TCG otherwise.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hypeman_images.boot import (
+    BootResult,
+    RunSpec,
+    boot,
+    cloud_hypervisor_command,
+    extract_vmlinux,
+    find_kernel,
+    kvm_works,
+    qemu_command,
+)
+from hypeman_images.boot.initramfs import base_initramfs, cpio_newc, CpioEntry
+from hypeman_images.boot.kernel import has_pvh_entry, resolve_modules
+from hypeman_images.boot.runspec import render_run_conf
+from hypeman_images.boot.vm import host_tsc_khz, run_vm
+from hypeman_images.errors import BootError, InvalidArgument
+
+IMAGES = Path(__file__).resolve().parents[2] / "shared" / "images"
+if not IMAGES.is_dir():
+    IMAGES = Path("/work/shared/images")
+ALPINE = IMAGES / "alpine-minirootfs-3.20.3-x86_64.tar.gz"
+BUSYBOX_OCI = IMAGES / "busybox-1.38.0-glibc-oci"
+ALPINE_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _have_vm_tools() -> bool:
+    try:
+        find_kernel()
+    except BootError:
+        return False
+    return bool(shutil.which("qemu-system-x86_64") and Path("/bin/busybox").exists())
+
+
+needs_vm = pytest.mark.skipif(not _have_vm_tools(), reason="needs a kernel, QEMU and busybox")
+
+
+# --- run spec ----------------------------------------------------------------------------------
+
+
+def test_runspec_from_metadata_reads_the_process_keys() -> None:
+    spec = RunSpec.from_metadata(
+        {
+            "entrypoint": ["/docker-entrypoint.sh"],
+            "cmd": ["nginx", "-g", "daemon off;"],
+            "env": ["PATH=/bin", "A=b=c"],
+            "working_dir": "/srv",
+            "user": "101:101",
+            "digest": "sha256:…",
+        }
+    )
+    assert spec == RunSpec(
+        ("/docker-entrypoint.sh",), ("nginx", "-g", "daemon off;"), ("PATH=/bin", "A=b=c"), "/srv", "101:101"
+    )
+
+
+def test_runspec_from_metadata_defaults_nulls() -> None:
+    spec = RunSpec.from_metadata({"entrypoint": None, "cmd": None, "env": None})
+    assert spec == RunSpec()
+
+
+@pytest.mark.parametrize(
+    ("entrypoint", "cmd", "command", "argv"),
+    [
+        (None, ("sh",), None, ("sh",)),
+        (None, ("sh",), ("cat", "/x"), ("cat", "/x")),
+        (("/e",), ("a",), None, ("/e", "a")),
+        (("/e",), ("a",), ("b", "c"), ("/e", "b", "c")),
+        (("/e",), ("a",), (), ("/e",)),
+        (None, None, None, ()),
+    ],
+    ids=["cmd", "command-replaces-cmd", "entrypoint+cmd", "command-keeps-entrypoint", "empty-args", "nothing"],
+)
+def test_argv_follows_docker_run(
+    entrypoint: tuple[str, ...] | None,
+    cmd: tuple[str, ...] | None,
+    command: tuple[str, ...] | None,
+    argv: tuple[str, ...],
+) -> None:
+    assert RunSpec(entrypoint=entrypoint, cmd=cmd).argv(command) == argv
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{"env": ["NOEQUALS"]}, {"env": "PATH=/bin"}, {"cmd": "sh"}, {"working_dir": "relative"}],
+    ids=["env-without-equals", "env-not-list", "cmd-not-list", "relative-workdir"],
+)
+def test_runspec_rejects_malformed_metadata(metadata: dict[str, object]) -> None:
+    with pytest.raises(InvalidArgument):
+        RunSpec.from_metadata(metadata)
+
+
+def test_run_conf_survives_the_shell(tmp_path: Path) -> None:
+    tricky = ["it's", 'say "hi"', "$HOME `id` \\n", "two\nlines", "", " spaced "]
+    spec = RunSpec(env=(f"V={tricky[0]}", "W=a b"), working_dir="/a dir", user="nobody")
+    conf = tmp_path / "run.conf"
+    conf.write_bytes(render_run_conf(spec, tricky, "n0nce"))
+    script = (
+        '. "$1"; printf "%s\\0" "$HM_NONCE" "$HM_WORKDIR" "$HM_USER" "$HM_ENV_1" "$HM_ENV_2";'
+        ' i=1; while [ $i -le $HM_ARGC ]; do eval "printf \'%s\\0\' \\"\\$HM_ARG_$i\\""; i=$((i+1)); done'
+    )
+    out = subprocess.run(
+        ["/bin/sh", "-c", script, "sh", str(conf)], capture_output=True, check=True
+    ).stdout
+    assert out.split(b"\0")[:-1] == [
+        b"n0nce",
+        b"/a dir",
+        b"nobody",
+        b"V=it's",
+        b"W=a b",
+        *(t.encode() for t in tricky),
+    ]
+
+
+# --- kernel and initramfs ----------------------------------------------------------------------
+
+
+def test_cpio_newc_is_read_by_cpio(tmp_path: Path) -> None:
+    archive = b"".join(
+        cpio_newc(
+            [
+                CpioEntry("dir", 0o040755),
+                CpioEntry("dir/file", 0o100644, b"hello"),
+                CpioEntry("link", 0o120777, b"dir/file"),
+                CpioEntry("console", 0o020600, rdev=(5, 1)),
+            ]
+        )
+    )
+    assert len(archive) % 4 == 0
+    listing = subprocess.run(
+        ["cpio", "-itv", "--quiet"], input=archive, capture_output=True, check=True
+    ).stdout.decode()
+    names = [line.split()[-1] for line in listing.splitlines()]
+    assert names == ["dir", "dir/file", "dir/file", "console"]  # "link -> dir/file"
+    assert listing.splitlines()[3].startswith("crw-------")
+    assert "5,   1" in listing.splitlines()[3] or "5, 1" in listing.splitlines()[3]
+
+
+@needs_vm
+def test_modules_come_with_their_dependencies_first() -> None:
+    kernel = find_kernel()
+    names = [m.name for m in resolve_modules(kernel)]
+    assert "virtio_blk" in names
+    for module, dep in [("virtio_blk", "virtio"), ("virtio", "virtio_ring"), ("virtio_mmio", "virtio")]:
+        if dep in names:
+            assert names.index(dep) < names.index(module)
+
+
+@needs_vm
+def test_base_initramfs_is_cached_and_complete(tmp_path: Path) -> None:
+    kernel = find_kernel()
+    first = base_initramfs(kernel, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    t0 = time.monotonic()
+    assert base_initramfs(kernel, tmp_path) == first
+    assert time.monotonic() - t0 < 0.5
+    assert first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp files left
+    listing = subprocess.run(
+        ["cpio", "-it", "--quiet"], stdin=first.open("rb"), capture_output=True, check=True
+    ).stdout.decode()
+    names = set(listing.split())
+    assert {"init", "bin/busybox", "dev/console", "etc/hypeman/modules"} <= names
+    assert "lib/modules/virtio_blk.ko" in names
+
+
+@needs_vm
+def test_vmlinux_for_cloud_hypervisor_has_a_pvh_entry(tmp_path: Path) -> None:
+    vmlinux = extract_vmlinux(find_kernel(), tmp_path)
+    assert has_pvh_entry(vmlinux.read_bytes())
+    assert extract_vmlinux(find_kernel(), tmp_path) == vmlinux
+
+
+def test_cloud_hypervisor_command_line() -> None:
+    argv = cloud_hypervisor_command(
+        Path("/d/rootfs.ext4"), Path("/k/vmlinux"), Path("/k/initramfs"), cmdline="console=ttyS0"
+    )
+    assert argv == [
+        "cloud-hypervisor",
+        *("--kernel", "/k/vmlinux", "--initramfs", "/k/initramfs"),
+        *("--cmdline", "console=ttyS0"),
+        *("--serial", "tty", "--console", "off"),
+        *("--cpus", "boot=1", "--memory", "size=256M"),
+        *("--disk", "path=/d/rootfs.ext4,readonly=on"),
+    ]
+
+
+def test_qemu_command_line_uses_microvm_and_a_readonly_disk() -> None:
+    argv = qemu_command(Path("/d/r.ext4"), Path("/k/bz"), Path("/k/i"), cmdline="c", accel="tcg")
+    assert argv[:5] == ["qemu-system-x86_64", "-M", "microvm", "-accel", "tcg"]
+    assert "-nodefaults" in argv and "-no-reboot" in argv
+    assert "id=root,file=/d/r.ext4,format=raw,if=none,readonly=on" in argv
+    assert "virtio-blk-device,drive=root" in argv
+
+
+def test_host_tsc_khz(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\ncpu MHz\t\t: 2600.123\n")
+    assert host_tsc_khz(cpuinfo) == 2600123
+    assert host_tsc_khz(tmp_path / "missing") is None
+
+
+# --- the VM runner, with a fake VMM --------------------------------------------------------------
+
+
+def _fake_vmm(script: str) -> list[str]:
+    return [sys.executable, "-c", script]
+
+
+def test_run_vm_kills_a_hung_vmm_at_the_timeout() -> None:
+    t0 = time.monotonic()
+    # The child shell shares the process group and must die too.
+    run = run_vm(["sh", "-c", "sleep 100 & sleep 100"], nonce="x", timeout=0.5)
+    assert run.timed_out and run.killed
+    assert time.monotonic() - t0 < 3
+
+
+def test_run_vm_reads_markers_and_times() -> None:
+    script = (
+        "import sys, time\n"
+        "w = sys.stdout.buffer.write\n"
+        "w(b'kernel noise\\nHYPEMAN_BEGIN_n\\n'); sys.stdout.flush(); time.sleep(0.2)\n"
+        "w(b'out\\n'); sys.stdout.flush(); time.sleep(0.2)\n"
+        "w(b'\\nHYPEMAN_EXIT_n=3\\n')\n"
+    )
+    run = run_vm(_fake_vmm(script), nonce="n", timeout=10)
+    assert not run.timed_out and not run.killed
+    assert run.begin_seen is not None and run.first_output is not None
+    assert run.exit_seen is not None
+    assert run.begin_seen < run.first_output < run.exit_seen <= run.ended
+
+
+# --- real boots ----------------------------------------------------------------------------------
+
+
+def _make_disk(tar: bytes, path: Path) -> Path:
+    path.unlink(missing_ok=True)
+    with path.open("wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    subprocess.run(
+        ["mke2fs", "-q", "-t", "ext4", "-O", "^has_journal", "-b", "4096", "-d", "-", str(path)],
+        input=tar,
+        check=True,
+    )
+    return path
+
+
+def _blob(layout: Path, digest: str) -> bytes:
+    return (layout / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes()
+
+
+@pytest.fixture(scope="session")
+def boot_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return tmp_path_factory.mktemp("boot-cache"), tmp_path_factory.mktemp("boot-work")
+
+
+@pytest.fixture(scope="session")
+def alpine_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tar = gzip.decompress(ALPINE.read_bytes())
+    return _make_disk(tar, tmp_path_factory.mktemp("alpine") / "rootfs.ext4")
+
+
+@pytest.fixture(scope="session")
+def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+    index = json.loads((BUSYBOX_OCI / "index.json").read_text())
+    manifest = json.loads(_blob(BUSYBOX_OCI, index["manifests"][0]["digest"]))
+    config = json.loads(_blob(BUSYBOX_OCI, manifest["config"]["digest"]))["config"]
+    (layer,) = manifest["layers"]
+    tar = gzip.decompress(_blob(BUSYBOX_OCI, layer["digest"]))
+    disk = _make_disk(tar, tmp_path_factory.mktemp("busybox") / "rootfs.ext4")
+    metadata = {"cmd": config.get("Cmd"), "env": config.get("Env"), "entrypoint": None}
+    return disk, metadata
+
+
+@pytest.fixture
+def run_alpine(alpine_disk: Path, boot_dirs: tuple[Path, Path]) -> Iterator[object]:
+    cache, work = boot_dirs
+
+    def run(command: list[str], timeout: float = 60, **spec: object) -> BootResult:
+        run_spec = RunSpec(env=(ALPINE_PATH,), cmd=("/bin/sh",))
+        if spec:
+            run_spec = RunSpec(**{**run_spec.__dict__, **spec})  # type: ignore[arg-type]
+        return boot(alpine_disk, run_spec, command=command, timeout=timeout, work_dir=work, cache_dir=cache)
+
+    yield run
