@@ -13,8 +13,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,13 +24,14 @@ from hypeman_images.boot import (
     BootResult,
     RunSpec,
     boot,
+    boot_command,
     cloud_hypervisor_command,
     extract_vmlinux,
     find_kernel,
     kvm_works,
     qemu_command,
 )
-from hypeman_images.boot.initramfs import base_initramfs, cpio_newc, CpioEntry
+from hypeman_images.boot.initramfs import CpioEntry, base_initramfs, cpio_newc
 from hypeman_images.boot.kernel import has_pvh_entry, resolve_modules
 from hypeman_images.boot.runspec import render_run_conf
 from hypeman_images.boot.vm import host_tsc_khz, run_vm
@@ -68,7 +71,11 @@ def test_runspec_from_metadata_reads_the_process_keys() -> None:
         }
     )
     assert spec == RunSpec(
-        ("/docker-entrypoint.sh",), ("nginx", "-g", "daemon off;"), ("PATH=/bin", "A=b=c"), "/srv", "101:101"
+        ("/docker-entrypoint.sh",),
+        ("nginx", "-g", "daemon off;"),
+        ("PATH=/bin", "A=b=c"),
+        "/srv",
+        "101:101",
     )
 
 
@@ -87,7 +94,14 @@ def test_runspec_from_metadata_defaults_nulls() -> None:
         (("/e",), ("a",), (), ("/e",)),
         (None, None, None, ()),
     ],
-    ids=["cmd", "command-replaces-cmd", "entrypoint+cmd", "command-keeps-entrypoint", "empty-args", "nothing"],
+    ids=[
+        "cmd",
+        "command-replaces-cmd",
+        "entrypoint+cmd",
+        "command-keeps-entrypoint",
+        "empty-args",
+        "nothing",
+    ],
 )
 def test_argv_follows_docker_run(
     entrypoint: tuple[str, ...] | None,
@@ -115,7 +129,8 @@ def test_run_conf_survives_the_shell(tmp_path: Path) -> None:
     conf.write_bytes(render_run_conf(spec, tricky, "n0nce"))
     script = (
         '. "$1"; printf "%s\\0" "$HM_NONCE" "$HM_WORKDIR" "$HM_USER" "$HM_ENV_1" "$HM_ENV_2";'
-        ' i=1; while [ $i -le $HM_ARGC ]; do eval "printf \'%s\\0\' \\"\\$HM_ARG_$i\\""; i=$((i+1)); done'
+        " i=1; while [ $i -le $HM_ARGC ]; do"
+        ' eval "printf \'%s\\0\' \\"\\$HM_ARG_$i\\""; i=$((i+1)); done'
     )
     out = subprocess.run(
         ["/bin/sh", "-c", script, "sh", str(conf)], capture_output=True, check=True
@@ -159,7 +174,11 @@ def test_modules_come_with_their_dependencies_first() -> None:
     kernel = find_kernel()
     names = [m.name for m in resolve_modules(kernel)]
     assert "virtio_blk" in names
-    for module, dep in [("virtio_blk", "virtio"), ("virtio", "virtio_ring"), ("virtio_mmio", "virtio")]:
+    for module, dep in [
+        ("virtio_blk", "virtio"),
+        ("virtio", "virtio_ring"),
+        ("virtio_mmio", "virtio"),
+    ]:
         if dep in names:
             assert names.index(dep) < names.index(module)
 
@@ -201,6 +220,19 @@ def test_cloud_hypervisor_command_line() -> None:
         *("--cpus", "boot=1", "--memory", "size=256M"),
         *("--disk", "path=/d/rootfs.ext4,readonly=on"),
     ]
+
+
+@needs_vm
+def test_boot_command_for_cloud_hypervisor_keeps_its_files(tmp_path: Path) -> None:
+    disk = tmp_path / "rootfs.ext4"
+    disk.write_bytes(b"")
+    argv = boot_command(disk, {"cmd": ["sh"]}, work_dir=tmp_path / "w", cache_dir=tmp_path / "c")
+    assert argv[0] == "cloud-hypervisor"
+    kernel = Path(argv[argv.index("--kernel") + 1])
+    initramfs = Path(argv[argv.index("--initramfs") + 1])
+    assert kernel.name.startswith("vmlinux-") and kernel.is_file()
+    assert initramfs.parent == tmp_path / "w" and initramfs.is_file()
+    assert f"path={disk},readonly=on" in argv
 
 
 def test_qemu_command_line_uses_microvm_and_a_readonly_disk() -> None:
@@ -290,14 +322,160 @@ def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
     return disk, metadata
 
 
+Runner = Callable[..., BootResult]
+
+
 @pytest.fixture
-def run_alpine(alpine_disk: Path, boot_dirs: tuple[Path, Path]) -> Iterator[object]:
+def run_alpine(alpine_disk: Path, boot_dirs: tuple[Path, Path]) -> Runner:
+    """Boot the Alpine disk with ``command`` and RunSpec fields overridden by keywords."""
     cache, work = boot_dirs
 
-    def run(command: list[str], timeout: float = 60, **spec: object) -> BootResult:
-        run_spec = RunSpec(env=(ALPINE_PATH,), cmd=("/bin/sh",))
-        if spec:
-            run_spec = RunSpec(**{**run_spec.__dict__, **spec})  # type: ignore[arg-type]
-        return boot(alpine_disk, run_spec, command=command, timeout=timeout, work_dir=work, cache_dir=cache)
+    def run(command: list[str] | None, timeout: float = 60, **fields: Any) -> BootResult:
+        spec = replace(RunSpec(env=(ALPINE_PATH,), cmd=("/bin/sh",)), **fields)
+        return boot(
+            alpine_disk, spec, command=command, timeout=timeout, work_dir=work, cache_dir=cache
+        )
 
-    yield run
+    return run
+
+
+@pytest.mark.slow
+@needs_vm
+def test_alpine_runs_its_command(run_alpine: Runner, boot_dirs: tuple[Path, Path]) -> None:
+    result = run_alpine(["cat", "/etc/alpine-release"])
+    assert result.output == "3.20.3\n"
+    assert result.exit_code == 0 and result.error is None
+    assert result.hypervisor in ("qemu", "cloud-hypervisor")
+    assert result.accelerator in ("kvm", "tcg")
+    assert result.time_to_first_output is not None
+    assert result.time_to_first_output <= result.time_to_exit
+    assert result.time_to_poweroff is not None  # it powered off by itself
+    assert "HYPEMAN" not in result.output
+    assert list(boot_dirs[1].iterdir()) == []  # per-boot files are removed
+
+
+@pytest.mark.slow
+@needs_vm
+def test_exit_code_propagates(run_alpine: Runner) -> None:
+    result = run_alpine(["sh", "-c", "echo -n partial; exit 7"])
+    assert (result.exit_code, result.output, result.error) == (7, "partial", None)
+
+
+@pytest.mark.slow
+@needs_vm
+@pytest.mark.parametrize(
+    ("user", "expected"),
+    [
+        ("", "uid=0(root) gid=0(root)"),
+        ("1000:1000", "uid=1000 gid=1000"),
+        ("1000", "uid=1000 gid=0(root)"),
+        ("nobody", "uid=65534(nobody) gid=65534(nobody)"),
+        ("guest:wheel", "uid=405(guest) gid=10(wheel)"),
+    ],
+    ids=["root", "uid-gid", "uid-only", "name", "name-group"],
+)
+def test_user_is_applied(run_alpine: Runner, user: str, expected: str) -> None:
+    result = run_alpine(["id"], user=user)
+    assert result.exit_code == 0
+    assert result.output.strip() == expected
+
+
+@pytest.mark.slow
+@needs_vm
+def test_unknown_user_is_a_clear_error(run_alpine: Runner) -> None:
+    result = run_alpine(["id"], user="nosuchuser")
+    assert result.exit_code == 126
+    assert result.error is not None and "nosuchuser" in result.error
+
+
+@pytest.mark.slow
+@needs_vm
+def test_env_and_working_dir_are_applied(run_alpine: Runner) -> None:
+    env = (ALPINE_PATH, "GREETING=hello 'world' \"x\"", "EMPTY=")
+    result = run_alpine(["sh", "-c", "pwd; env | sort"], env=env, working_dir="/srv/my app")
+    lines = result.output.splitlines()
+    assert lines[0] == "/srv/my app"
+    assert "GREETING=hello 'world' \"x\"" in lines
+    assert "EMPTY=" in lines
+    assert "HOME=/root" in lines  # from /etc/passwd, as Docker sets it
+    assert ALPINE_PATH in lines
+    # The init's own variables do not leak into the image's process.
+    assert not any(line.startswith("HM_") for line in lines)
+
+
+@pytest.mark.slow
+@needs_vm
+def test_path_defaults_when_the_image_sets_none(run_alpine: Runner) -> None:
+    result = run_alpine(["sh", "-c", "echo $PATH"], env=())
+    assert result.output.strip() == ALPINE_PATH.removeprefix("PATH=")
+
+
+@pytest.mark.slow
+@needs_vm
+def test_missing_entrypoint_is_a_clear_error(run_alpine: Runner) -> None:
+    result = run_alpine(None, entrypoint=("/no/such/binary",))
+    assert result.exit_code == 127
+    assert result.error is not None and "/no/such/binary" in result.error
+    assert result.output == ""
+
+
+@pytest.mark.slow
+@needs_vm
+def test_hanging_command_ends_at_the_timeout(run_alpine: Runner) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(BootError, match="did not finish within 12 s") as info:
+        run_alpine(["sh", "-c", "echo started; sleep 600"], timeout=12)
+    assert time.monotonic() - t0 < 20
+    assert "started" in str(info.value)
+
+
+@pytest.mark.slow
+@needs_vm
+def test_disk_is_read_only_and_writes_go_to_the_overlay(
+    run_alpine: Runner, alpine_disk: Path
+) -> None:
+    before = hashlib.sha256(alpine_disk.read_bytes()).hexdigest()
+    result = run_alpine(
+        [
+            "sh",
+            "-c",
+            "touch /x && ls /x && echo data > /etc/new && cat /etc/new && grep ' / ' /proc/mounts",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[:2] == ["/x", "data"]
+    assert hashlib.sha256(alpine_disk.read_bytes()).hexdigest() == before
+
+
+@pytest.mark.slow
+@needs_vm
+def test_busybox_image_runs_from_its_metadata(
+    busybox_image: tuple[Path, dict[str, Any]], boot_dirs: tuple[Path, Path]
+) -> None:
+    disk, metadata = busybox_image
+    cache, work = boot_dirs
+    # cmd ["sh"] with stdin at /dev/null exits 0, as `docker run busybox` does.
+    assert boot(disk, metadata, work_dir=work, cache_dir=cache).exit_code == 0
+    result = boot(
+        disk,
+        metadata,
+        command=["sh", "-c", "busybox | head -1; id"],
+        work_dir=work,
+        cache_dir=cache,
+    )
+    assert result.output.startswith("BusyBox v1.38.0")
+    assert "uid=0(root)" in result.output
+
+
+@pytest.mark.slow
+@needs_vm
+def test_kvm_probe_verdict_is_cached(boot_dirs: tuple[Path, Path]) -> None:
+    cache, work = boot_dirs
+    kernel = find_kernel()
+    base = base_initramfs(kernel, cache)
+    qemu = shutil.which("qemu-system-x86_64")
+    assert qemu is not None
+    first = kvm_works("qemu", qemu, kernel, base, cache, work)
+    t0 = time.monotonic()
+    assert kvm_works("qemu", qemu, kernel, base, cache, work) == first
+    assert time.monotonic() - t0 < 0.5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from support.oracle import Node, apply_layers, read_tar
 from support.pushed import PushedImage
 from support.registry import RegistryServer, htpasswd_auth, self_signed_cert, start_registry
 from support.tar import (
+    TarEntry,
     build_tar,
     char_device,
     directory,
@@ -85,10 +87,11 @@ def test_registry_with_basic_auth_and_tls(tmp_path: Path) -> None:
     cert, key = self_signed_cert(tmp_path)
     with start_registry(tmp_path / "reg", auth=auth, tls=(cert, key)) as server:
         assert server.url.startswith("https://")
-        anonymous = httpx.get(f"{server.url}/v2/", verify=str(cert))
+        trust = ssl.create_default_context(cafile=str(cert))
+        anonymous = httpx.get(f"{server.url}/v2/", verify=trust)
         assert anonymous.status_code == 401
         assert anonymous.headers["www-authenticate"].startswith('Basic realm="test"')
-        authed = httpx.get(f"{server.url}/v2/", verify=str(cert), auth=("alice", "s3cret"))
+        authed = httpx.get(f"{server.url}/v2/", verify=trust, auth=("alice", "s3cret"))
         assert authed.status_code == 200
 
 
@@ -190,11 +193,11 @@ def test_tar_writer_keeps_binary_xattrs_big_ids_and_odd_names() -> None:
 # --- oracle ---------------------------------------------------------------
 
 
-def _tree(*layers: list) -> dict[str, Node]:  # type: ignore[type-arg]
+def _tree(*layers: list[TarEntry]) -> dict[str, Node]:
     return apply_layers(build_tar(entries) for entries in layers)
 
 
-def _paths(*layers: list) -> list[str]:  # type: ignore[type-arg]
+def _paths(*layers: list[TarEntry]) -> list[str]:
     return sorted(_tree(*layers))
 
 

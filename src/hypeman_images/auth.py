@@ -12,8 +12,10 @@ bearer token for the same scope, or basic credentials). On ``401`` the
   ``expires_in`` (60 s when absent) and the request is retried once.
 * ``Basic realm=…`` — the request is retried once with the credentials.
 
-The token request is yielded from the flow, so it uses the client's
-transport (tests swap one seam). Refusals become :class:`Unauthorized`
+The token request goes through ``send`` (the registry client's own
+``httpx.Client``, so tests still swap one transport seam); it is not
+yielded into httpx's flow because httpx reads every yielded response whole,
+and a token answer is read here with a size cap. Refusals become :class:`Unauthorized`
 naming the registry and where the credential came from, never the secret.
 """
 
@@ -180,8 +182,10 @@ class RegistryAuth(httpx.Auth):
         scope: str,
         credentials: CredentialSource | None,
         cache: TokenCache,
+        send: Callable[[httpx.Request], httpx.Response],
     ) -> None:
         self.registry = registry
+        self._send = send
         self.scope = scope
         self._credentials = credentials
         self._cache = cache
@@ -209,9 +213,7 @@ class RegistryAuth(httpx.Auth):
         bearer = next((c for c in challenges if c.scheme == "bearer"), None)
         basic = next((c for c in challenges if c.scheme == "basic"), None)
         if bearer is not None and "realm" in bearer.params:
-            token_request = self._token_request(bearer)
-            token_response = yield token_request
-            token, lifetime = self._read_token(token_response)
+            token, lifetime = self._fetch_token(bearer)
             self._cache.put(host, self.scope, token, lifetime)
             request.headers["Authorization"] = f"Bearer {token}"
             yield request
@@ -246,30 +248,35 @@ class RegistryAuth(httpx.Auth):
                 "grant_type": "refresh_token",
                 "refresh_token": credential.identity_token,
                 "service": service,
-                "scope": self.scope,
                 "client_id": _CLIENT_ID,
             }
+            if self.scope:
+                form["scope"] = self.scope
             return httpx.Request("POST", realm, data=form)
-        params = {"scope": self.scope, "service": service} if service else {"scope": self.scope}
+        params = {k: v for k, v in (("scope", self.scope), ("service", service)) if v}
         headers = {}
         if credential is not None:
             headers["Authorization"] = self._basic_header()
             params["account"] = credential.username
         return httpx.Request("GET", realm, params=params, headers=headers)
 
-    def _read_token(self, response: httpx.Response) -> tuple[str, float]:
-        realm_host = response.request.url.netloc.decode("ascii")
-        log_rate_limit(response, realm_host)
-        if response.status_code in (401, 403):
+    def _fetch_token(self, challenge: Challenge) -> tuple[str, float]:
+        request = self._token_request(challenge)
+        realm_host = request.url.netloc.decode("ascii")
+        response = self._send(request)
+        try:
+            log_rate_limit(response, realm_host)
+            if response.status_code in (401, 403):
+                raise self.refused(f"its token server {realm_host} refused")
+            if response.status_code != 200:
+                raise error_for(response, host=realm_host, subject=f"a token for {self.scope}")
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > _MAX_TOKEN_BODY:
+                    raise RegistryError(f"token server {realm_host} sent an oversized answer")
+        finally:
             response.close()
-            raise self.refused(f"its token server {realm_host} refused")
-        if response.status_code != 200:
-            raise error_for(response, host=realm_host, subject=f"a token for {self.scope}")
-        body = bytearray()
-        for chunk in response.iter_bytes():
-            body += chunk
-            if len(body) > _MAX_TOKEN_BODY:
-                raise RegistryError(f"token server {realm_host} sent an oversized answer")
         try:
             doc = json.loads(body)
             token = doc.get("token") or doc.get("access_token")
@@ -296,5 +303,7 @@ class RegistryAuth(httpx.Auth):
 
 
 def _scope_name(scope: str) -> str:
+    if not scope:
+        return "the registry"
     parts = scope.split(":")
     return f"repository {parts[1]}" if len(parts) == 3 and parts[0] == "repository" else scope

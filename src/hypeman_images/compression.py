@@ -18,7 +18,7 @@ import os
 from typing import BinaryIO, cast
 
 import zstandard
-from isal import igzip_threaded
+from isal import igzip_threaded, isal_zlib
 
 from .errors import LayerError
 from .spec import LAYER_COMPRESSION
@@ -29,7 +29,13 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # frames that need a larger window (``zstd --long=31``) are refused unless the
 # caller raises it, so a hostile frame cannot make us allocate gigabytes.
 DEFAULT_ZSTD_MAX_WINDOW = 1 << 27
-_DECOMPRESSION_ERRORS = (OSError, EOFError, ValueError, zstandard.ZstdError)
+_DECOMPRESSION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    EOFError,
+    ValueError,
+    zstandard.ZstdError,
+    cast("type[BaseException]", isal_zlib.IsalError),  # typed as an instance in its stub
+)
 
 
 def sniff(head: bytes) -> str:
@@ -174,7 +180,7 @@ def open_decompressed(
     stream = cast(BinaryIO, io.BufferedReader(_Prefixed(head, raw), 1 << 16))
     inner: BinaryIO
     if compression == "gzip":
-        inner = cast(BinaryIO, igzip_threaded.open(stream, "rb", threads=threads))
+        inner = cast(BinaryIO, igzip_threaded.open(stream, "rb", threads=threads))  # type: ignore[no-untyped-call]
     elif compression == "zstd":
         inner = cast(BinaryIO, _StrictZstd(stream, zstd_max_window))
     else:

@@ -27,6 +27,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,6 +244,21 @@ class ChainedCredentials:
             if credential is not None:
                 return credential
         return None
+
+
+class CachedCredentials:
+    """Remember each registry's answer (a helper is a subprocess; files are re-read)."""
+
+    def __init__(self, source: CredentialSource) -> None:
+        self._source = source
+        self._answers: dict[str, Credential | None] = {}
+        self._lock = threading.Lock()
+
+    def get(self, registry: str) -> Credential | None:
+        with self._lock:
+            if registry not in self._answers:
+                self._answers[registry] = self._source.get(registry)
+            return self._answers[registry]
 
 
 def docker_config_path(env: Mapping[str, str] | None = None) -> Path:

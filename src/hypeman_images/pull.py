@@ -17,17 +17,15 @@ from .blobs import BlobStore
 from .digest import Digest
 from .errors import LayerError
 from .reference import Reference
+from . import registry
 from .registry import RegistryClient
 from .spec import (
     LAYER_COMPRESSION,
     Descriptor,
     ImageConfig,
-    Index,
     Manifest,
     Platform,
-    media_type_of,
     parse_config,
-    parse_manifest_or_index,
 )
 
 log = logging.getLogger(__name__)
@@ -78,21 +76,14 @@ class LayerProgress:
 
 def resolve(client: RegistryClient, ref: Reference, platform: Platform) -> ResolvedImage:
     """Fetch the manifest ``ref`` names; follow an index to ``platform``'s manifest."""
-    fetched = client.get_manifest(ref)
-    media_type = media_type_of(fetched.data, fetched.media_type)
-    parsed = parse_manifest_or_index(fetched.data, media_type)
-    if isinstance(parsed, Index):
-        chosen = parsed.select(platform)
-        index_digest = fetched.digest
-        fetched = client.get_manifest(ref.with_digest(chosen.digest))
-        media_type = media_type_of(fetched.data, fetched.media_type)
-        parsed = parse_manifest_or_index(fetched.data, media_type)
-        if not isinstance(parsed, Manifest):
-            raise LayerError(f"index entry {chosen.digest} is not an image manifest")
-        return ResolvedImage(
-            ref.with_digest(fetched.digest), parsed, fetched.data, media_type, index_digest
-        )
-    return ResolvedImage(ref.with_digest(fetched.digest), parsed, fetched.data, media_type)
+    found = registry.resolve(client, ref, platform)
+    return ResolvedImage(
+        ref.with_digest(found.fetched.digest),
+        found.manifest,
+        found.fetched.data,
+        found.fetched.media_type,
+        found.index.digest if found.index else None,
+    )
 
 
 def pull(
@@ -155,7 +146,6 @@ def pull(
     blobs.put(descriptor, resolved.manifest_bytes)
     blobs.tag(descriptor, _ref_name(resolved.ref))
     return PulledImage(resolved, config, config_bytes, downloaded, cached)
-
 
 
 def _manifest_descriptor(resolved: ResolvedImage) -> Descriptor:

@@ -15,8 +15,9 @@ containers-registries.conf(5) v2::
 
 A pull from ``docker.io`` then asks each mirror first, in order, and the
 origin last. Scheme choice (see :meth:`RegistryConfig.scheme_for`): HTTPS,
-except plain HTTP for loopback hosts and insecure-marked ones, unless a
-certs.d directory exists for the host, which says TLS is wanted there.
+except plain HTTP for loopback hosts and insecure-marked ones; a loopback
+host gets HTTPS when a certs.d directory exists for it or its ``[[registry]]``
+says ``insecure = false``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class RegistrySettings:
     """Per-registry settings from registries.conf."""
 
     location: str
-    insecure: bool = False
+    # None: the default (plain HTTP only for loopback); False: always HTTPS.
+    insecure: bool | None = None
     mirrors: tuple[Mirror, ...] = ()
 
 
@@ -83,15 +85,18 @@ class RegistryConfig:
         return settings.mirrors if settings else ()
 
     def is_insecure(self, host: str) -> bool:
-        """True if ``host`` may be spoken to over plain HTTP."""
-        if host in self.insecure_registries or _is_loopback(host):
+        """True if ``host`` may be spoken to over plain HTTP.
+
+        Loopback hosts may, unless registries.conf says ``insecure = false`` for them.
+        """
+        if host in self.insecure_registries:
             return True
         for settings in self.registries.values():
-            if settings.location == host and settings.insecure:
-                return True
+            if settings.location == host and settings.insecure is not None:
+                return settings.insecure
             if any(m.location == host and m.insecure for m in settings.mirrors):
                 return True
-        return False
+        return _is_loopback(host)
 
     def certs_dir_for(self, host: str) -> Path | None:
         """The first ``<certs dir>/<host[:port]>`` directory that exists."""
@@ -151,9 +156,10 @@ def load_registries_conf(path: Path) -> RegistryConfig:
         )
         if any(not m.location for m in mirrors):
             raise InvalidArgument(f"{where}: every [[registry.mirror]] needs a 'location'")
-        registries[location] = RegistrySettings(
-            location, bool(entry.get("insecure", False)), mirrors
-        )
+        insecure = entry.get("insecure")
+        if insecure is not None and not isinstance(insecure, bool):
+            raise InvalidArgument(f"{where}: 'insecure' must be true or false")
+        registries[location] = RegistrySettings(location, insecure, mirrors)
     return RegistryConfig(
         insecure_registries=frozenset(_strings(doc, "insecure-registries", str(path))),
         certs_dirs=tuple(Path(p) for p in _strings(doc, "certs-dirs", str(path))),

@@ -33,7 +33,7 @@ from typing import TypeVar
 import httpx
 
 from .auth import RegistryAuth, TokenCache, pull_scope
-from .credentials import CredentialSource
+from .credentials import CachedCredentials, Credential, CredentialSource, StaticCredentials
 from .digest import Digest
 from .errors import (
     DigestMismatch,
@@ -61,6 +61,7 @@ from .transport import HostTransport
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 USER_AGENT = "hypeman-images/0.1"
 # buildkit marks attestation manifests in an index this way (platform unknown/unknown).
 _REFERENCE_TYPE = "vnd.docker.reference.type"
@@ -129,7 +130,8 @@ class RegistryClient:
         config: RegistryConfig | None = None,
     ) -> None:
         self.config = config or RegistryConfig()
-        self._credentials = credentials
+        # Looked up once per registry for the client's life, not once per request.
+        self._credentials = CachedCredentials(credentials) if credentials else None
         self._tokens = TokenCache()
         timeout = httpx.Timeout(self.config.read_timeout, connect=self.config.connect_timeout)
         self._http = httpx.Client(
@@ -174,6 +176,28 @@ class RegistryClient:
             except HypemanError as exc:
                 log.warning("mirror %s failed for %s, trying the next: %s", endpoint.host, ref, exc)
         return fetch(endpoints[-1])
+
+    def check_login(self, registry: str, credential: Credential) -> None:
+        """Check ``credential`` against ``registry`` as ``docker login`` does (``GET /v2/``).
+
+        Returns quietly if accepted; raises ``Unauthorized`` (naming the registry,
+        never the secret) if refused, or the usual errors if the registry fails.
+        """
+        ref = Reference(registry, "_")  # only for the API host of docker.io
+        endpoint = Endpoint(registry, ref.api_host, self.config.scheme_for(ref.api_host))
+        auth = RegistryAuth(
+            registry=registry,
+            scope="",  # docker login asks for a token without a scope
+            credentials=StaticCredentials({registry: credential}),
+            cache=TokenCache(),
+            send=self._send_token_request,
+        )
+        url = f"{endpoint.scheme}://{endpoint.host}/v2/"
+
+        def attempt() -> None:
+            self._send(endpoint, None, url, {}, "the API version check", auth=auth).close()
+
+        self._retrying(attempt, endpoint, "login")
 
     # -- manifests -----------------------------------------------------------------
 
@@ -287,18 +311,21 @@ class RegistryClient:
         url: str,
         headers: dict[str, str],
         subject: str,
+        *,
+        auth: RegistryAuth | None = None,
     ) -> httpx.Response:
-        """One GET, auth included; a 2xx response (open, streaming) or an error."""
-        auth = (
-            RegistryAuth(
+        """One GET, auth included; a 2xx response (open, streaming) or an error.
+
+        Without ``ref`` (a foreign layer URL) and ``auth``, no credentials are sent.
+        """
+        if auth is None and ref is not None:
+            auth = RegistryAuth(
                 registry=endpoint.registry,
                 scope=pull_scope(ref.repository),
                 credentials=self._credentials,
                 cache=self._tokens,
+                send=self._send_token_request,
             )
-            if ref is not None
-            else None
-        )
         request = self._http.build_request("GET", url, headers=headers)
         with self._translating(endpoint, subject):
             response = self._http.send(request, auth=auth or httpx.USE_CLIENT_DEFAULT, stream=True)
@@ -310,6 +337,10 @@ class RegistryClient:
             raise auth.refused()
         raise error_for(response, host=endpoint.registry, subject=subject)
 
+    def _send_token_request(self, request: httpx.Request) -> httpx.Response:
+        # Transport errors propagate to _send's translation, as part of that request.
+        return self._http.send(request, stream=True)
+
     @contextmanager
     def _translating(self, endpoint: Endpoint, subject: str) -> Iterator[None]:
         """Turn httpx's exceptions into ours (``raise … from``)."""
@@ -318,8 +349,9 @@ class RegistryClient:
         except httpx.TooManyRedirects as exc:
             raise RegistryError(f"{endpoint.host}: too many redirects fetching {subject}") from exc
         except httpx.TransportError as exc:
-            if isinstance(exc.__context__, ssl.SSLCertVerificationError):
-                reason = exc.__context__.verify_message
+            untrusted = _cause(exc, ssl.SSLCertVerificationError)
+            if untrusted is not None:
+                reason = untrusted.verify_message
                 raise RegistryError(
                     f"{endpoint.host}: TLS certificate not trusted ({reason})"
                     f"; put its CA in <certs.d>/{endpoint.host}/ca.crt or pass a CA bundle"
@@ -374,7 +406,7 @@ class _Download:
             response = self._response
             assert response is not None
             try:
-                for chunk in response.iter_raw(self._config.chunk_size):
+                for chunk in _raw_chunks(response, self._config.chunk_size):
                     offset += len(chunk)
                     yield chunk
                 if self._size is None or offset >= self._size:
@@ -405,7 +437,7 @@ class _Download:
             return response
         # 200: the server ignored Range; skip what was already delivered.
         skip = offset
-        stream = response.iter_raw(self._config.chunk_size)
+        stream = _raw_chunks(response, self._config.chunk_size)
         rest = b""
         try:
             while skip > 0:
@@ -417,6 +449,15 @@ class _Download:
             response.close()
             raise TransientError(f"{self._subject}: shorter on retry than before") from None
         return _prepend(response, rest, stream)
+
+
+def _raw_chunks(response: httpx.Response, size: int) -> Iterator[bytes]:
+    """The body undecoded (a blob's bytes are what its digest names, whatever
+    ``Content-Encoding`` says); a transport may hand over a response already read."""
+    if response.is_stream_consumed:
+        content = response.content
+        return iter([content[i : i + size] for i in range(0, len(content), size)])
+    return response.iter_raw(size)
 
 
 def _prepend(response: httpx.Response, head: bytes, rest: Iterator[bytes]) -> httpx.Response:
@@ -432,6 +473,18 @@ def _prepend(response: httpx.Response, head: bytes, rest: Iterator[bytes]) -> ht
             response.close()
 
     return httpx.Response(response.status_code, headers=response.headers, stream=_Stream())
+
+
+def _cause(exc: BaseException, kind: type[E]) -> E | None:
+    """The first exception of ``kind`` in ``exc``'s cause/context chain (httpx wraps httpcore)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _content_range_start(value: str) -> int | None:

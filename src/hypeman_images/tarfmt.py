@@ -88,13 +88,18 @@ def _parse_number(field: bytes, what: str, where: str) -> int:
         if field[0] & 0x40:
             value -= 1 << (8 * len(field) - 1)
         return value
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
+    text = field.strip(b" \0")
     try:
-        return int(text, 8)
+        return int(text, 8) if text else 0
     except ValueError:
-        raise LayerError(f"{where}: corrupt tar header: {what} field {field!r} is not octal") from None
+        # "<digits>\0<garbage>" is still a number to GNU tar and Go; anything else is not.
+        head = field.split(b"\0", 1)[0].strip(b" ")
+        try:
+            return int(head, 8) if head else 0
+        except ValueError:
+            raise LayerError(
+                f"{where}: corrupt tar header: {what} field {field!r} is not octal"
+            ) from None
 
 
 def _cstring(field: bytes) -> bytes:
@@ -262,8 +267,8 @@ class TarReader:
             if block == _ZERO_BLOCK:
                 self._read(BLOCK)  # the second zero block (absent in some writers)
                 return
-            where = f"{self._where}, entry {ordinal}"
-            self._check_sum(block, where)
+            where = self._where  # the entry number is added where an error is raised
+            self._check_sum(block, ordinal)
             typeflag = block[156:157]
             size = _parse_number(block[124:136], "size", where)
             if typeflag in (_PAX_LOCAL, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK):
@@ -293,9 +298,10 @@ class TarReader:
                 continue
             yield header
 
-    def _check_sum(self, block: bytes, where: str) -> None:
+    def _check_sum(self, block: bytes, ordinal: int) -> None:
+        where = f"{self._where}, entry {ordinal}"
         stored = _parse_number(block[148:156], "checksum", where)
-        unsigned = sum(block[:148]) + 256 + sum(block[156:])
+        unsigned = sum(block) - sum(block[148:156]) + 256  # the field counts as spaces
         if stored != unsigned:
             # Some historic writers summed signed chars; accept that form too.
             signed = unsigned - 2 * sum(b for b in block if b >= 128)

@@ -158,12 +158,19 @@ def read_with_debugfs(image: Path | str) -> dict[str, Node]:
     return dict(sorted(tree.items()))
 
 
+def _field(pattern: str, text: str) -> str:
+    match = re.search(pattern, text)
+    if match is None:
+        raise AssertionError(f"debugfs stat output lacks {pattern!r}:\n{text}")
+    return match.group(1)
+
+
 def _debugfs_node(text: str, entry: tuple[int, int, int, int, int] | None, content: bytes) -> Node:
-    mode_ = int(re.search(r"Mode:\s+(\d+)", text).group(1), 8)  # type: ignore[union-attr]
-    uid, gid = (int(x) for x in re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", text).groups())  # type: ignore[union-attr]
-    inode = int(re.search(r"Inode: (\d+)", text).group(1))  # type: ignore[union-attr]
+    mode_ = int(_field(r"Mode:\s+(\d+)", text), 8)
+    uid, gid = int(_field(r"User:\s+(\d+)", text)), int(_field(r"Group:\s+(\d+)", text))
+    inode = int(_field(r"Inode: (\d+)", text))
     kind = _FMT[stat.S_IFMT(entry[1])] if entry else "dir"
-    mtime = int(re.search(r"\bmtime: 0x([0-9a-f]+)", text).group(1), 16)  # type: ignore[union-attr]
+    mtime = int(_field(r"\bmtime: 0x([0-9a-f]+)", text), 16)
     target = None
     if kind == "symlink":
         fast = re.search(r'Fast link dest: "(.*)"$', text, flags=re.M)

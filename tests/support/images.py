@@ -297,7 +297,7 @@ def _minirootfs_image(
     blob = (IMAGES_DIR / tarball).read_bytes()
     media_type = DOCKER_LAYER_GZIP if docker_media_types else OCI_LAYER + "+gzip"
     layer = Layer(blob, gzip.decompress(blob), media_type)
-    history = [
+    history: list[dict[str, Any]] = [
         {"created": "2024-09-06T22:20:07Z", "created_by": f"ADD {tarball} / # buildkit"},
         {"created": "2024-09-06T22:20:07Z", "created_by": 'CMD ["/bin/sh"]', "empty_layer": True},
     ]

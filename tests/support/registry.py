@@ -237,10 +237,21 @@ def htpasswd_auth(tmp_dir: Path, users: Mapping[str, str], realm: str = "test") 
 def self_signed_cert(tmp_dir: Path) -> tuple[Path, Path]:
     """A throwaway certificate for ``127.0.0.1`` (IP SAN) and its key, PEM files."""
     cert, key = tmp_dir / "cert.pem", tmp_dir / "key.pem"
+    subject = ["-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    files = ["-keyout", str(key), "-out", str(cert)]
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
-        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
-        + ["-keyout", str(key), "-out", str(cert)],
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            *subject,
+            *files,
+        ],
         capture_output=True,
         check=True,
     )

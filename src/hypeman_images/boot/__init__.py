@@ -9,7 +9,7 @@ its env, working dir and user, then prints the exit code and powers off.
 """
 
 from hypeman_images.boot.kernel import Kernel, extract_vmlinux, find_kernel
-from hypeman_images.boot.runner import BootResult, boot, kvm_works
+from hypeman_images.boot.runner import BootResult, boot, boot_command, kvm_works
 from hypeman_images.boot.runspec import RunSpec
 from hypeman_images.boot.vm import cloud_hypervisor_command, qemu_command
 
@@ -18,6 +18,7 @@ __all__ = [
     "Kernel",
     "RunSpec",
     "boot",
+    "boot_command",
     "cloud_hypervisor_command",
     "extract_vmlinux",
     "find_kernel",

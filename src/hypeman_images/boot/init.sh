@@ -85,27 +85,26 @@ mount -t tmpfs -o mode=1777 shm $R/dev/shm
 # User: "uid", "uid:gid", "name", "name:group", as Docker reads them from the
 # image's own /etc/passwd and /etc/group. A numeric uid need not exist there.
 user=${HM_USER%%:*}
+user=${user:-0}
 group=
 case $HM_USER in *:*) group=${HM_USER#*:} ;; esac
 uid=0
 gid=0
 home=/
-if [ -n "$user" ]; then
-    if is_number "$user"; then
-        uid=$user
-        entry=$(id="$user" awk -F: '$3 == ENVIRON["id"] { print $4 ":" $6; exit }' $R/etc/passwd 2>/dev/null)
-        if [ -n "$entry" ]; then
-            gid=${entry%%:*}
-            home=${entry#*:}
-        fi
-    else
-        entry=$(n="$user" awk -F: '$1 == ENVIRON["n"] { print $3 ":" $4 ":" $6; exit }' $R/etc/passwd 2>/dev/null)
-        [ -n "$entry" ] || fail 126 "user '$user' not found in the image's /etc/passwd"
-        uid=${entry%%:*}
-        entry=${entry#*:}
+if is_number "$user"; then
+    uid=$user
+    entry=$(id="$user" awk -F: '$3 == ENVIRON["id"] { print $4 ":" $6; exit }' $R/etc/passwd 2>/dev/null)
+    if [ -n "$entry" ]; then
         gid=${entry%%:*}
         home=${entry#*:}
     fi
+else
+    entry=$(n="$user" awk -F: '$1 == ENVIRON["n"] { print $3 ":" $4 ":" $6; exit }' $R/etc/passwd 2>/dev/null)
+    [ -n "$entry" ] || fail 126 "user '$user' not found in the image's /etc/passwd"
+    uid=${entry%%:*}
+    entry=${entry#*:}
+    gid=${entry%%:*}
+    home=${entry#*:}
 fi
 if [ -n "$group" ]; then
     if is_number "$group"; then
@@ -144,23 +143,33 @@ while [ $i -le "$HM_ENVC" ]; do
 done
 [ $has_path = 1 ] || set -- "$@" "PATH=$path"
 [ $has_home = 1 ] || set -- "$@" "HOME=$home"
-set -- "$@" $BB nsenter "-r$R" "-w$R$workdir" -G "$gid" -S "$uid" -F --
+# Look the command up inside the image first, so a missing entrypoint is told
+# apart from a command that itself exits 127. /proc/1/root is this init's
+# root: it reaches our busybox from inside the chroot.
 [ "$HM_ARGC" -gt 0 ] || fail 126 "no command: the image has neither entrypoint nor cmd"
+argv0=$HM_ARG_1
+resolved=$(chroot $R /proc/1/root$BB sh -c \
+    'cd "$1" 2>/dev/null; PATH=$2 exec /proc/1/root/bin/busybox which "$3"' \
+    hm "$workdir" "$path" "$argv0") ||
+    fail 127 "entrypoint not found in the image: '$argv0' (PATH=$path)"
+# This busybox prefers its own applets over PATH when asked to exec a bare
+# name (FEATURE_PREFER_APPLETS): "sh" would run our sh, not the image's. A
+# path with a slash is always exec'd from the image.
+case $argv0 in
+    */*) ;;
+    *) $BB --list | grep -qxF -- "$argv0" && HM_ARG_1=$resolved ;;
+esac
+
+set -- "$@" $BB nsenter "-r$R" "-w$R$workdir" -G "$gid" -S "$uid" -F --
 i=1
 while [ $i -le "$HM_ARGC" ]; do
     eval "set -- \"\$@\" \"\$HM_ARG_$i\""
     i=$((i + 1))
 done
-argv0=$HM_ARG_1
 
-# Look the command up inside the image first, so a missing entrypoint is told
-# apart from a command that itself exits 127. /proc/1/root is this init's
-# root: it reaches our busybox from inside the chroot.
-chroot $R /proc/1/root$BB sh -c \
-    'cd "$1" 2>/dev/null; PATH=$2 exec /proc/1/root/bin/busybox which "$3"' \
-    hm "$workdir" "$path" "$argv0" >/dev/null ||
-    fail 127 "entrypoint not found in the image: '$argv0' (PATH=$path)"
-
+# As with `docker run` without -i/-t: stdin is /dev/null and the output a pipe,
+# not a terminal, so programs print plain text (no colours, no tty queries).
+set -o pipefail
 echo "HYPEMAN_BEGIN_$HM_NONCE"
-env -i "$@" </dev/null
+env -i "$@" </dev/null 2>&1 | cat
 finish $?

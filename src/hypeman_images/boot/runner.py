@@ -31,7 +31,7 @@ from hypeman_images.errors import BootError, InvalidArgument
 log = logging.getLogger(__name__)
 
 #: How long a KVM probe boot may take; a working KVM reaches userspace in well under 1 s.
-KVM_PROBE_TIMEOUT = 10.0
+KVM_PROBE_TIMEOUT = 6.0
 _TAIL = 600
 
 
@@ -208,6 +208,39 @@ def _result(run: VmRun, machine: _Machine, nonce: str) -> BootResult:
         time_to_poweroff=None if run.killed else run.ended,
         console=console.decode(errors="replace"),
     )
+
+
+def boot_command(
+    disk: Path,
+    spec: RunSpec | Mapping[str, Any],
+    *,
+    command: Sequence[str] | None = None,
+    hypervisor: str = CLOUD_HYPERVISOR,
+    accel: str = "kvm",
+    work_dir: Path,
+    cache_dir: Path | None = None,
+    kernel: Kernel | None = None,
+    memory_mib: int = 256,
+) -> list[str]:
+    """Return the hypervisor command that would boot ``disk``, for ``--print-command``.
+
+    Nothing is probed or run. The kernel (a vmlinux for Cloud Hypervisor) and
+    a per-boot initramfs carrying the run spec are written under ``cache_dir``
+    and ``work_dir`` and kept, so the command can be run by hand. The console
+    prints ``HYPEMAN_EXIT_<nonce>=<code>`` when the command ends.
+    """
+    if hypervisor not in ("qemu", CLOUD_HYPERVISOR):
+        raise InvalidArgument(f"unknown hypervisor {hypervisor!r}: use qemu or cloud-hypervisor")
+    run_spec = spec if isinstance(spec, RunSpec) else RunSpec.from_metadata(spec)
+    cache_dir = cache_dir or work_dir
+    kernel = kernel or find_kernel()
+    base = base_initramfs(kernel, cache_dir)
+    nonce = secrets.token_hex(8)
+    initramfs = work_dir / f"initramfs-{nonce}.cpio"
+    boot_initramfs(base, render_run_conf(run_spec, run_spec.argv(command), nonce), initramfs)
+    binary = CLOUD_HYPERVISOR if hypervisor == CLOUD_HYPERVISOR else QEMU
+    machine = _Machine(hypervisor, accel, binary)
+    return _vm_argv(machine, kernel, initramfs, disk.resolve(), cache_dir, memory_mib)
 
 
 def boot(

@@ -1,0 +1,496 @@
+"""Make the ext4 disk: size it from what flatten counted, run mke2fs, finish, check.
+
+The fast path pipes the merged tar stream into ``mke2fs -d -`` (e2fsprogs
+>= 1.47.1). mke2fs's tar reader keeps only ``security.capability`` of a
+member's xattrs (misc/create_inode_libarchive.c, ``set_inode_xattr_tar``), so
+the rest arrive afterwards as ``xattr_fixups`` through one debugfs batch.
+With an older mke2fs, :mod:`hypeman_images.ext4_fallback` stages the files
+and replays ownership, modes, times, devices and xattrs with debugfs.
+
+Invariants of :func:`build_disk`:
+
+* the disk appears at ``dest`` by rename, only after mke2fs, the fixups and
+  ``e2fsck -fn`` all succeeded; on failure the temp file is gone;
+* same stream, same seed, same e2fsprogs release => byte-identical file: the
+  UUID and directory hash seed come from the seed, every libext2fs clock read
+  is pinned by ``E2FSPROGS_FAKE_TIME``, and mke2fs reads our own
+  ``mke2fs.conf`` instead of the host's.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, cast
+
+from . import debugfs, ext4_fallback
+from .digest import Digest
+from .e2fsprogs import E2fsprogs, run_tool, tail, tool_env
+from .errors import StorageError, ToolError
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 4096
+INODE_SIZE = 256
+BLOCKS_PER_GROUP = BLOCK_SIZE * 8
+FIXED_TIME = 1  # E2FSPROGS_FAKE_TIME; 0 would mean "use the clock" to libext2fs.
+
+# Inodes 1..10 are reserved and 11 is lost+found (EXT2_GOOD_OLD_FIRST_INO).
+_FIRST_INODE = 11
+_INODES_PER_ITABLE_BLOCK = BLOCK_SIZE // INODE_SIZE
+_DESC_SIZE = 64  # 64bit feature
+# A directory block ends in a 12-byte checksum tail (metadata_csum), and an
+# entry never spans blocks, so a block can waste up to one maximal entry
+# (8 + 255 name bytes, rounded to 4).
+_DIR_BLOCK_USABLE = BLOCK_SIZE - 12 - 264
+_DOT_ENTRIES = 24  # "." and ".." (12 bytes each)
+_LOST_FOUND_BLOCKS = 4  # mke2fs grows lost+found to 16 KiB
+_EXTENT_MAX_BLOCKS = 32768  # 128 MiB per extent at 4 KiB blocks
+_EXTENTS_PER_BLOCK = (BLOCK_SIZE - 12) // 12  # 340
+_MARGIN_BLOCKS = 64
+_INODE_MARGIN = 16
+
+# Features spelled out so that neither the host's /etc/mke2fs.conf nor a
+# distribution default changes the layout. No journal, no resize_inode: the
+# disk is a read-only lower layer, never grown online; dropping the reserved
+# GDT blocks saves up to 1024 blocks per backup group.
+FEATURES = (
+    "none,ext_attr,dir_index,filetype,extent,64bit,flex_bg,sparse_super,"
+    "large_file,huge_file,dir_nlink,extra_isize,metadata_csum"
+)
+MKE2FS_CONF = """\
+[defaults]
+\tbase_features = sparse_super,large_file,filetype,dir_index,ext_attr
+\tdefault_mntopts = acl,user_xattr
+\tenable_periodic_fsck = 0
+\tblocksize = 4096
+\tinode_size = 256
+\tinode_ratio = 16384
+\treserved_ratio = 0
+\thash_alg = half_md4
+\tflex_bg_size = 16
+\tlazy_itable_init = false
+\terrors = remount-ro
+
+[fs_types]
+\text4 = {
+\t\tfeatures = extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
+\t}
+"""
+
+_NO_BLOCK = re.compile(rb"Could not allocate (block|inode)|No free space in the directory")
+
+
+@dataclass(frozen=True)
+class SizeInputs:
+    """What the disk must hold, counted by flatten before the stream starts.
+
+    ``inodes``: distinct inodes of the tree (hard links count once, the root
+    directory not included). ``directories``: how many of them are
+    directories. ``file_blocks``: sum of ceil(size / 4096) over regular files.
+    ``long_symlinks``: symlinks whose target is 60 bytes or longer (shorter
+    ones live in the inode). ``dirent_bytes``: per directory, the sum over its
+    entries of 8 + len(name) rounded up to 4 ("." and ".." not included).
+    ``xattr_bytes``: sum of len(name) + len(value) over all xattrs.
+    """
+
+    inodes: int
+    directories: int
+    file_bytes: int
+    file_blocks: int
+    long_symlinks: int
+    dirent_bytes: Sequence[int]
+    xattr_bytes: int
+
+
+@dataclass(frozen=True)
+class DiskLayout:
+    """The size chosen for a disk: ``blocks`` of 4 KiB and ``inodes`` (``-N``)."""
+
+    blocks: int
+    inodes: int
+    content_blocks: int  # estimated blocks for the tree itself, metadata excluded
+
+    @property
+    def size_bytes(self) -> int:
+        return self.blocks * BLOCK_SIZE
+
+
+@dataclass(frozen=True)
+class DiskResult:
+    """What :func:`build_disk` made. ``content_bytes`` is what the filesystem uses."""
+
+    path: Path
+    size_bytes: int
+    content_bytes: int
+    sha256: Digest | None
+    blocks: int
+    inodes: int
+    free_blocks: int
+    free_inodes: int
+    tool_version: str
+    fallback_used: bool
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _backup_groups(groups: int) -> int:
+    """Groups holding a superblock copy with sparse_super: 0, 1 and powers of 3, 5, 7."""
+    found = {0, 1} & set(range(groups))
+    for base in (3, 5, 7):
+        power = base
+        while power < groups:
+            found.add(power)
+            power *= base
+    return len(found)
+
+
+def _metadata_blocks(blocks: int, inodes: int) -> tuple[int, int]:
+    """Blocks of fs metadata for a filesystem of ``blocks``; and the real inode count."""
+    groups = _ceil(blocks, BLOCKS_PER_GROUP)
+    per_group = _ceil(_ceil(inodes, groups), _INODES_PER_ITABLE_BLOCK) * _INODES_PER_ITABLE_BLOCK
+    inode_tables = groups * per_group // _INODES_PER_ITABLE_BLOCK
+    gdt = _ceil(groups * _DESC_SIZE, BLOCK_SIZE)
+    supers = _backup_groups(groups) * (1 + gdt)
+    return supers + 2 * groups + inode_tables, groups * per_group
+
+
+def _extent_blocks(blocks: int, files: int) -> int:
+    """Extent-tree blocks beyond the 4 extents an inode holds.
+
+    A contiguous file needs one extent per 128 MiB plus one per metadata
+    region it runs across; a file needs a tree block only past 4 extents,
+    i.e. past ~256 MiB. Zero blocks that mke2fs leaves as holes split extents
+    too, but each hole is a data block not written, which pays for the
+    extent (340 extents per tree block).
+    """
+    big_files = min(files, blocks // (4 * _EXTENT_MAX_BLOCKS // 2))
+    leaves = _ceil(2 * blocks, _EXTENT_MAX_BLOCKS * _EXTENTS_PER_BLOCK)
+    return big_files + leaves
+
+
+def content_blocks(inputs: SizeInputs) -> int:
+    """Blocks the tree itself takes: data, directories, symlinks, extents, xattrs."""
+    directories = 0
+    for used in [*inputs.dirent_bytes, 0]:  # + root when flatten does not list it
+        dir_blocks = max(1, _ceil(used + _DOT_ENTRIES, _DIR_BLOCK_USABLE))
+        # Directories grow a block at a time between file data: may fragment.
+        directories += dir_blocks + (_ceil(dir_blocks, _EXTENTS_PER_BLOCK) if dir_blocks > 4 else 0)
+    missing_dirs = max(0, inputs.directories - len(inputs.dirent_bytes))
+    files = max(1, inputs.inodes - inputs.directories)
+    # An inode's own xattr space is ~92 bytes; anything more takes a block. A
+    # spilling inode carries at least ~32 bytes of names and values.
+    xattr_blocks = _ceil(inputs.xattr_bytes, 32)
+    return (
+        inputs.file_blocks
+        + _extent_blocks(inputs.file_blocks, files)
+        + directories
+        + missing_dirs
+        + inputs.long_symlinks
+        + xattr_blocks
+        + _LOST_FOUND_BLOCKS
+    )
+
+
+def plan_disk(inputs: SizeInputs, free_space: int = 0) -> DiskLayout:
+    """The smallest layout that holds ``inputs`` plus ``free_space`` bytes, with a margin.
+
+    Total = content (see :func:`content_blocks`) + free space + a margin of
+    64 blocks + metadata, where metadata (superblock and descriptor copies,
+    two bitmaps and the inode table of each group) depends on the total: the
+    sum is iterated to a fixed point.
+    """
+    if free_space < 0:
+        raise ValueError("free_space must not be negative")
+    content = content_blocks(inputs)
+    want_inodes = _FIRST_INODE + inputs.inodes + _INODE_MARGIN + free_space // 16384
+    base = content + _ceil(free_space, BLOCK_SIZE) + _MARGIN_BLOCKS
+    blocks = base
+    for _ in range(20):
+        meta, inodes = _metadata_blocks(blocks, want_inodes)
+        total = base + meta
+        # mke2fs drops a last group too small for its own metadata + 50 blocks
+        # (ext2fs_initialize); never let the tail group be that small.
+        tail_blocks = total % BLOCKS_PER_GROUP
+        group_meta = 3 + _ceil(inodes, _ceil(total, BLOCKS_PER_GROUP)) // _INODES_PER_ITABLE_BLOCK
+        if 0 < tail_blocks < group_meta + 64:
+            total += group_meta + 64 - tail_blocks
+        if total == blocks:
+            break
+        blocks = total
+    _, inodes = _metadata_blocks(blocks, want_inodes)
+    return DiskLayout(blocks=blocks, inodes=inodes, content_blocks=content)
+
+
+def seed_uuid(seed: Digest, purpose: str) -> uuid.UUID:
+    """A UUID derived from the seed digest (a name-based v5 UUID, RFC 4122 §4.3)."""
+    namespace = uuid.UUID("6f1d3b1e-8c43-5a4e-9a4f-6879706d616e")
+    return uuid.uuid5(namespace, f"{purpose}:{seed}")
+
+
+def mke2fs_argv(
+    tools: E2fsprogs,
+    image: Path,
+    layout: DiskLayout,
+    seed: Digest,
+    label: str | None,
+    source: str,
+) -> list[str]:
+    """The mke2fs command line; ``source`` is ``-`` (tar on stdin) or a directory."""
+    extended = ",".join(
+        [
+            "root_owner=0:0",
+            "lazy_itable_init=0",
+            "nodiscard",
+            # A fresh file reads as zeros: no need to write zeroed inode tables.
+            "assume_storage_prezeroed=1",
+            f"hash_seed={seed_uuid(seed, 'hash-seed')}",
+        ]
+    )
+    # -T default: otherwise mke2fs picks the "floppy"/"small" profile by size.
+    argv = [str(tools.mke2fs), "-q", "-t", "ext4", "-T", "default", "-O", FEATURES]
+    argv += ["-b", str(BLOCK_SIZE)]
+    argv += ["-I", str(INODE_SIZE), "-N", str(layout.inodes), "-m", "0", "-E", extended]
+    argv += ["-U", str(seed_uuid(seed, "fs-uuid"))]
+    if label is not None:
+        if len(label.encode()) > 16:
+            raise ValueError(f"ext4 labels hold 16 bytes; {label!r} is longer")
+        argv += ["-L", label]
+    if source != "-":
+        # The staged files carry host xattrs (SELinux labels, ...): never copy them.
+        argv[argv.index("-E") + 1] += ",no_copy_xattrs"
+    return [*argv, "-d", source, str(image), str(layout.blocks)]
+
+
+def _mke2fs_env(tools: E2fsprogs, conf: Path) -> dict[str, str]:
+    env = tool_env(tools, FIXED_TIME)
+    env["MKE2FS_CONFIG"] = str(conf)
+    return env
+
+
+def _storage(exc: OSError, doing: str) -> StorageError:
+    if exc.errno == errno.ENOSPC:
+        return StorageError(f"the data dir's filesystem is full: {doing}: {exc.strerror}")
+    return StorageError(f"{doing}: {exc.strerror}")
+
+
+class _TooSmall(Exception):
+    """mke2fs ran out of blocks or inodes: the estimate was too small."""
+
+
+def _check_mke2fs(rc: int, stderr: bytes) -> None:
+    if rc == 0:
+        return
+    if b"No space left on device" in stderr:
+        raise StorageError(f"the data dir's filesystem is full: mke2fs said: {tail(stderr)}")
+    if _NO_BLOCK.search(stderr):
+        raise _TooSmall(tail(stderr))
+    raise ToolError(f"mke2fs failed (exit {rc}): {tail(stderr)}")
+
+
+def run_mke2fs_stream(
+    argv: list[str], env: dict[str, str], write_stream: Callable[[BinaryIO], None]
+) -> None:
+    """Run mke2fs with ``write_stream`` feeding its stdin from this thread.
+
+    stdout and stderr go to a temp file, not a pipe, so mke2fs never blocks on
+    output while we block on its stdin. If mke2fs dies early the write fails
+    with a broken pipe and the error reports mke2fs's stderr instead; if
+    ``write_stream`` raises, mke2fs is killed and the exception propagates.
+    """
+    with tempfile.TemporaryFile() as output:
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=output, stderr=output, env=env
+            )
+        except OSError as exc:
+            raise ToolError(f"cannot run mke2fs ({argv[0]}): {exc.strerror}") from exc
+        assert proc.stdin is not None
+        broken = False
+        try:
+            try:
+                write_stream(cast(BinaryIO, proc.stdin))
+                proc.stdin.close()
+            except BrokenPipeError:
+                broken = True
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            if proc.stdin is not None and not proc.stdin.closed:
+                try:
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    broken = True
+        rc = proc.wait()
+        output.seek(0)
+        said = output.read()
+    _check_mke2fs(rc if rc != 0 or not broken else 1, said or b"mke2fs stopped reading")
+
+
+def _sha256(path: Path) -> Digest:
+    hasher = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            hasher.update(chunk)
+    return Digest("sha256", hasher.hexdigest())
+
+
+def fsck(tools: E2fsprogs, image: Path) -> None:
+    """``e2fsck -fn``: must find nothing at all to fix."""
+    proc = run_tool(tools, [str(tools.e2fsck), "-fn", str(image)], what="e2fsck")
+    if proc.returncode != 0:
+        raise ToolError(
+            f"e2fsck -fn found problems in the new disk (exit {proc.returncode}): "
+            f"{tail(proc.stdout + proc.stderr, 25)}"
+        )
+
+
+def superblock_counts(tools: E2fsprogs, image: Path) -> dict[str, int]:
+    """Numeric fields of ``dumpe2fs -h`` (``Free blocks``, ``Inode count``, ...)."""
+    proc = run_tool(tools, [str(tools.dumpe2fs), "-h", str(image)], what="dumpe2fs")
+    if proc.returncode != 0:
+        raise ToolError(f"dumpe2fs -h failed: {tail(proc.stderr)}")
+    counts: dict[str, int] = {}
+    for line in proc.stdout.decode(errors="replace").splitlines():
+        key, sep, value = line.partition(":")
+        if sep and value.strip().isdigit():
+            counts[key.strip()] = int(value.strip())
+    return counts
+
+
+def _grow(layout: DiskLayout) -> DiskLayout:
+    return DiskLayout(
+        blocks=layout.blocks + layout.blocks // 4,
+        inodes=layout.inodes + layout.inodes // 4,
+        content_blocks=layout.content_blocks,
+    )
+
+
+def build_disk(
+    dest: Path,
+    size_inputs: SizeInputs,
+    write_stream: Callable[[BinaryIO], None],
+    *,
+    seed: Digest,
+    free_space: int,
+    mke2fs: E2fsprogs,
+    xattr_fixups: Iterable[tuple[bytes, str, bytes]] = (),
+    label: str | None = None,
+    compute_sha256: bool = True,
+) -> DiskResult:
+    """Write the disk for the tar stream ``write_stream`` produces, atomically, at ``dest``.
+
+    ``write_stream`` is called once (twice, if mke2fs ran out of room and the
+    build is retried 25 % larger — logged as a warning, the sizing should
+    make it never happen). Raises :class:`ToolError` (mke2fs, debugfs or
+    e2fsck failed; the message has their output) or :class:`StorageError`.
+    """
+    layout = plan_disk(size_inputs, free_space)
+    fixups = list(xattr_fixups)
+    if not mke2fs.tar_input:
+        log.warning("%s — using the slower fallback", mke2fs.why_no_tar)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _storage(exc, f"cannot create a temp file in {dest.parent}") from exc
+    tmp = Path(tmp_name)
+    try:
+        with debugfs.new_workdir(dest.parent) as work:
+            workdir = Path(work)
+            conf = workdir / "mke2fs.conf"
+            conf.write_text(MKE2FS_CONF)
+            env = _mke2fs_env(mke2fs, conf)
+            for attempt in (1, 2):
+                try:
+                    tmp.write_bytes(b"")  # mke2fs extends the file to the size asked
+                    batch = debugfs.Batch(workdir)
+                    if mke2fs.tar_input:
+                        argv = mke2fs_argv(mke2fs, tmp, layout, seed, label, "-")
+                        run_mke2fs_stream(argv, env, write_stream)
+                        debugfs.xattr_batch(batch, fixups)
+                    else:
+                        _mke2fs_staged(
+                            mke2fs, tmp, layout, seed, label, env, write_stream, batch, fixups
+                        )
+                    break
+                except _TooSmall as exc:
+                    if attempt == 2:
+                        raise ToolError(f"mke2fs ran out of room twice: {exc}") from None
+                    log.warning(
+                        "disk estimate %s was too small (%s); retrying 25%% larger", layout, exc
+                    )
+                    layout = _grow(layout)
+            debugfs.run_batch(mke2fs, tmp, batch, fake_time=FIXED_TIME)
+        fsck(mke2fs, tmp)
+        counts = superblock_counts(mke2fs, tmp)
+        digest = _sha256(tmp) if compute_sha256 else None
+        _commit(tmp, dest)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _storage(exc, f"cannot write the disk {dest}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    blocks, free = counts.get("Block count", layout.blocks), counts.get("Free blocks", 0)
+    return DiskResult(
+        path=dest,
+        size_bytes=blocks * BLOCK_SIZE,
+        content_bytes=(blocks - free) * BLOCK_SIZE,
+        sha256=digest,
+        blocks=blocks,
+        inodes=counts.get("Inode count", layout.inodes),
+        free_blocks=free,
+        free_inodes=counts.get("Free inodes", 0),
+        tool_version=mke2fs.version_text,
+        fallback_used=not mke2fs.tar_input,
+    )
+
+
+def _mke2fs_staged(
+    tools: E2fsprogs,
+    image: Path,
+    layout: DiskLayout,
+    seed: Digest,
+    label: str | None,
+    env: dict[str, str],
+    write_stream: Callable[[BinaryIO], None],
+    batch: debugfs.Batch,
+    fixups: list[tuple[bytes, str, bytes]],
+) -> None:
+    """The fallback: stage the stream's files, ``mke2fs -d DIR``, queue the metadata."""
+    with ext4_fallback.staging_dir(image.parent) as stage:
+        done = ext4_fallback.stage(write_stream, stage, batch, FIXED_TIME)
+        argv = mke2fs_argv(tools, image, layout, seed, label, str(stage))
+        try:
+            proc = subprocess.run(argv, capture_output=True, env=env, check=False)
+        except OSError as exc:
+            raise ToolError(f"cannot run mke2fs ({argv[0]}): {exc.strerror}") from exc
+        _check_mke2fs(proc.returncode, proc.stdout + proc.stderr)
+    debugfs.xattr_batch(batch, [fix for fix in fixups if (fix[0].strip(b"/"), fix[1]) not in done])
+
+
+def _commit(tmp: Path, dest: Path) -> None:
+    """fsync the file, rename it into place, fsync the directory."""
+    with tmp.open("rb+") as handle:
+        os.fsync(handle.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, dest)
+    dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

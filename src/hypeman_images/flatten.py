@@ -1,0 +1,760 @@
+"""Layers -> one merged tar stream that ``mke2fs -d -`` turns into the root filesystem.
+
+Three steps, each a function:
+
+1. :func:`scan_layer` reads one uncompressed layer tar front to back (it can
+   run while the blob downloads), hashing it for the diff_id and recording
+   every header -- never a body -- as an :class:`Entry` with the entry's
+   ordinal in the layer.
+2. :func:`merge` applies the scans bottom-up with the OCI layer semantics
+   (image-spec ``layer.md``) to an in-memory tree whose non-directory nodes
+   are explicit inodes, and plans the output: a :class:`Tree`.
+3. :func:`write_tar` writes the canonical stream: the root ``./`` and every
+   directory in sorted order, then symlinks, devices and fifos, then -- layer
+   by layer, re-reading each layer that still provides a regular file once --
+   every surviving regular file at its primary path with its body copied
+   straight from the layer, each followed by hard-link headers for its other
+   paths. mke2fs 1.47.2 needs every parent and every link target earlier in
+   the stream (``misc/create_inode_libarchive.c``); this order gives both.
+
+Nothing of the image touches the host filesystem, so no layer can write
+outside the disk, and ownership stays exact without root.
+
+Semantic choices (see each function for the reasoning and citations):
+
+- Paths are bytes; ``..`` is resolved lexically and clamped at the root, as
+  umoci (``filepath.Join("/", name)``) and containerd (``fs.RootPath``) do.
+- A missing parent is created as ``0755 root:root`` mtime 0 (containerd's
+  ``mkdirAll(parent, 0755)``; docker does the same).
+- A parent that is a non-directory -- a file, or a symlink -- is a
+  :class:`LayerError`. Symlinks are never followed, not even within the tree.
+- Whiteouts and opaque markers apply to the lower layers only, so they run
+  before the layer's other entries whatever their position in the tar.
+- A hard link shares the inode its target has at that moment; the link's own
+  header metadata is ignored (it describes the same inode).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from . import tarfmt
+from .digest import Digest
+from .errors import LayerError, LimitExceeded
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+BLOCK_SIZE = 4096  # ext4 block size the disk step uses; only for TreeStats
+_NAME_MAX = 255  # ext4 (and Linux) limit on one path component
+_FAST_SYMLINK_MAX = 59  # ext4 keeps targets shorter than i_block's 60 bytes in the inode
+
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+_AUFS_META_PREFIX = b".wh..wh."  # AUFS bookkeeping (.wh..wh.plnk, .wh..wh.aufs)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Safety limits against hostile or broken images; all configurable.
+
+    Each guards a resource: ``max_entries`` memory for the scans and the tree,
+    the byte limits CPU and disk against decompression bombs, the header and
+    path limits memory per entry.
+    """
+
+    max_entries: int = 2_000_000  # per image, all layers together
+    max_layer_bytes: int = 64 * GiB  # uncompressed
+    max_image_bytes: int = 256 * GiB  # uncompressed, all layers together
+    max_header_bytes: int = 1 << 20  # one PAX extended header or GNU long name
+    max_path_bytes: int = 4096  # Linux PATH_MAX
+    max_link_bytes: int = 4096  # symlink targets and hard-link names
+
+
+class Kind(enum.Enum):
+    """What an entry is. ``WHITEOUT``/``OPAQUE`` are recognised by name alone."""
+
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+    LINK = "hardlink"
+    CHAR = "char"
+    BLOCK = "block"
+    FIFO = "fifo"
+    WHITEOUT = "whiteout"
+    OPAQUE = "opaque"
+
+
+_KIND_OF_TYPEFLAG = {
+    tarfmt.REGULAR: Kind.FILE,
+    tarfmt.DIRECTORY: Kind.DIR,
+    tarfmt.SYMLINK: Kind.SYMLINK,
+    tarfmt.HARDLINK: Kind.LINK,
+    tarfmt.CHAR: Kind.CHAR,
+    tarfmt.BLOCKDEV: Kind.BLOCK,
+    tarfmt.FIFO: Kind.FIFO,
+}
+_TYPEFLAG_OF_KIND = {kind: flag for flag, kind in _KIND_OF_TYPEFLAG.items()}
+_S_IFMT, _S_IFSOCK = 0o170000, 0o140000
+
+Xattrs = tuple[tuple[str, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One header of a layer, its path made safe.
+
+    ``path`` is relative to the root without a leading ``/`` (``b""`` is the
+    root). ``target`` is the raw symlink target, or the cleaned path a hard
+    link names. For ``WHITEOUT``, ``path`` is the path to delete; for
+    ``OPAQUE``, the directory whose lower contents to hide.
+    """
+
+    ordinal: int
+    path: bytes
+    kind: Kind
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    size: int = 0
+    target: bytes = b""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: Xattrs = ()
+
+
+@dataclass(frozen=True)
+class LayerScan:
+    """What pass 1 learnt of one layer: its headers, size and diff_id."""
+
+    index: int
+    name: str
+    diff_id: Digest
+    size: int
+    entries: tuple[Entry, ...]
+
+    def check_diff_id(self, expected: Digest) -> None:
+        """Raise :class:`LayerError` unless the uncompressed bytes hash to ``expected``."""
+        if self.diff_id != expected:
+            raise LayerError(
+                f"layer {self.index} ({self.name}): uncompressed content hashes to "
+                f"{self.diff_id}, but the image config's rootfs.diff_ids says {expected}"
+            )
+
+
+# -- path safety: the one chokepoint ----------------------------------------------------
+
+
+class _Where:
+    """``"layer 2 (sha256:...), entry 17"``, formatted only when an error needs it."""
+
+    __slots__ = ("layer", "ordinal")
+
+    def __init__(self, layer: str, ordinal: int) -> None:
+        self.layer, self.ordinal = layer, ordinal
+
+    def __str__(self) -> str:
+        return f"{self.layer}, entry {self.ordinal}"
+
+
+def clean_path(raw: bytes, *, where: str | _Where, limits: Limits) -> bytes:
+    """A tar name made relative to the image root: the only place paths are made safe.
+
+    Leading ``/`` and ``./``, empty and ``.`` segments are dropped, and ``..``
+    is resolved lexically and clamped at the root -- ``../x``, ``/x`` and
+    ``a/../../x`` all become ``x`` -- as umoci (``filepath.Join("/", hdr.Name)``
+    in ``oci/layer/tar_extract.go``) and containerd (``fs.RootPath``) do. The
+    result never starts with ``/`` and never climbs out; ``b""`` is the root.
+    Symlinks in the tree play no part: resolution is purely lexical.
+    """
+    if b"\0" in raw:
+        raise LayerError(f"{where}: name {raw!r} contains a NUL byte")
+    parts: list[bytes] = []
+    for part in raw.split(b"/"):
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            if parts:
+                parts.pop()
+            continue
+        if len(part) > _NAME_MAX:
+            raise LayerError(
+                f"{where}: a component of {raw[:80]!r}... is {len(part)} bytes; ext4 allows "
+                f"{_NAME_MAX}"
+            )
+        parts.append(part)
+    path = b"/".join(parts)
+    if len(path) > limits.max_path_bytes:
+        raise LimitExceeded(
+            f"{where}: path of {len(path)} bytes exceeds Limits.max_path_bytes="
+            f"{limits.max_path_bytes}"
+        )
+    return path
+
+
+def _split(path: bytes) -> tuple[bytes, bytes]:
+    parent, _, base = path.rpartition(b"/")
+    return parent, base
+
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
+
+
+# -- pass 1: scan -------------------------------------------------------------------------
+
+
+def _entry(header: tarfmt.Header, layer: str, limits: Limits) -> Entry | None:
+    """Classify one header; ``None`` for what the output never carries."""
+    where = _Where(layer, header.ordinal)
+    path = clean_path(header.name, where=where, limits=limits)
+    parent, base = _split(path)
+    if base == OPAQUE_MARKER and not parent.startswith(_AUFS_META_PREFIX):
+        return Entry(header.ordinal, parent, Kind.OPAQUE)
+    if any(part.startswith(_AUFS_META_PREFIX) for part in path.split(b"/")):
+        # AUFS bookkeeping from old docker; containerd skips it too (archive/tar.go).
+        log.debug("%s: skipping AUFS metadata %r", where, path)
+        return None
+    if any(part.startswith(WHITEOUT_PREFIX) for part in parent.split(b"/")):
+        raise LayerError(f"{where}: {path!r} lies inside a whiteout name; no tool writes that")
+    if base.startswith(WHITEOUT_PREFIX):
+        # Recognised by name whatever the type flag: some tools store whiteouts as
+        # hard links or character devices (image-spec layer.md "Whiteouts").
+        victim = base[len(WHITEOUT_PREFIX) :]
+        if victim in (b"", b".", b".."):
+            raise LayerError(f"{where}: {header.name!r} is a whiteout with no valid name")
+        return Entry(header.ordinal, _join(parent, victim), Kind.WHITEOUT)
+    kind = _KIND_OF_TYPEFLAG.get(header.typeflag)
+    if kind is None:
+        raise LayerError(f"{where}: {path!r} has unsupported tar type {header.typeflag!r}")
+    if kind is Kind.FILE and header.mode & _S_IFMT == _S_IFSOCK:
+        log.info("%s: skipping socket %r (tar cannot carry sockets)", where, path)
+        return None
+    target = header.linkname
+    if len(target) > limits.max_link_bytes:
+        raise LimitExceeded(
+            f"{where}: link name of {len(target)} bytes exceeds Limits.max_link_bytes="
+            f"{limits.max_link_bytes}"
+        )
+    if kind is Kind.LINK:
+        target = clean_path(target, where=where, limits=limits)
+    elif kind is Kind.SYMLINK and (not target or b"\0" in target):
+        raise LayerError(f"{where}: symlink {path!r} has an empty or NUL-bearing target")
+    return Entry(
+        ordinal=header.ordinal,
+        path=path,
+        kind=kind,
+        mode=header.mode & 0o7777,
+        uid=header.uid,
+        gid=header.gid,
+        mtime=header.mtime,
+        size=header.size,
+        target=target,
+        devmajor=header.devmajor,
+        devminor=header.devminor,
+        xattrs=header.xattrs,
+    )
+
+
+def scan_layer(
+    stream: BinaryIO, index: int, *, name: str = "", limits: Limits | None = None
+) -> LayerScan:
+    """Pass 1 over the uncompressed tar of layer ``index`` (0 = bottom).
+
+    Reads ``stream`` to its end exactly once; returns every entry's header and
+    the sha256 of all bytes read (compare with :meth:`LayerScan.check_diff_id`).
+    ``name`` (the blob digest, say) appears in every error.
+    """
+    limits = limits or Limits()
+    where = f"layer {index} ({name})" if name else f"layer {index}"
+    reader = tarfmt.TarReader(
+        stream,
+        where=where,
+        max_bytes=limits.max_layer_bytes,
+        max_header_bytes=limits.max_header_bytes,
+    )
+    entries: list[Entry] = []
+    for header in reader:
+        if header.ordinal >= limits.max_entries:
+            raise LimitExceeded(
+                f"{where}: more than Limits.max_entries={limits.max_entries} entries"
+            )
+        entry = _entry(header, where, limits)
+        if entry is not None:
+            entries.append(entry)
+    reader.drain()
+    return LayerScan(index, name, Digest("sha256", reader.hexdigest()), reader.size, tuple(entries))
+
+
+# -- pass 2: merge ------------------------------------------------------------------------
+
+
+class _Dir:
+    """A directory of the tree being built (never hard-linked, so no inode object)."""
+
+    __slots__ = ("children", "gid", "mode", "mtime", "uid", "xattrs")
+
+    def __init__(self, mode: int, uid: int, gid: int, mtime: int, xattrs: Xattrs) -> None:
+        self.mode, self.uid, self.gid, self.mtime, self.xattrs = mode, uid, gid, mtime, xattrs
+        self.children: dict[bytes, _Dir | _Inode] = {}
+
+
+class _Inode:
+    """A non-directory inode; several paths may share one (hard links).
+
+    Immutable once made: a later entry at one of its paths makes a new inode
+    for that path, so the other paths keep the old content and metadata.
+    """
+
+    __slots__ = ("entry", "layer")
+
+    def __init__(self, entry: Entry, layer: int) -> None:
+        self.entry = entry
+        self.layer = layer
+
+
+_IMPLICIT = (0o755, 0, 0, 0, ())
+
+
+class _Builder:
+    def __init__(self, limits: Limits) -> None:
+        self.root = _Dir(*_IMPLICIT)
+        self.limits = limits
+
+    def lookup(self, path: bytes) -> _Dir | _Inode | None:
+        """The node at ``path``, never following symlinks; ``None`` if absent."""
+        node: _Dir | _Inode = self.root
+        if not path:
+            return node
+        for part in path.split(b"/"):
+            if not isinstance(node, _Dir):
+                return None
+            child = node.children.get(part)
+            if child is None:
+                return None
+            node = child
+        return node
+
+    def parent_dir(self, path: bytes, where: str | _Where) -> _Dir:
+        """The directory that will hold ``path``, creating missing ones (0755 root:root).
+
+        A non-directory in a parent position is an error, symlinks included: the
+        spec is silent, containerd follows symlinks (within the root) and fails on
+        files with ENOTDIR. We never follow: layers written by diffing a real
+        filesystem cannot contain ``a/b`` while ``a`` is a symlink, so such an
+        entry is a crafted or broken layer, and guessing would change the image.
+        """
+        node = self.root
+        parts = path.split(b"/")[:-1]
+        for i, part in enumerate(parts):
+            child = node.children.get(part)
+            if child is None:
+                child = node.children[part] = _Dir(*_IMPLICIT)
+            elif isinstance(child, _Inode):
+                what = child.entry.kind.value
+                raise LayerError(
+                    f"{where}: {path!r} needs {b'/'.join(parts[: i + 1])!r} to be a directory, "
+                    f"but it is a {what} in the layers below; symlinks are not followed"
+                )
+            node = child
+        return node
+
+    def apply(self, scan: LayerScan) -> None:
+        where = f"layer {scan.index} ({scan.name})" if scan.name else f"layer {scan.index}"
+        # Whiteouts and opaque markers first: they hide lower-layer content only,
+        # never siblings from the same layer, whatever their order in the tar
+        # (image-spec layer.md: "Whiteouts ... MUST only apply to resources in
+        # lower/parent layers"; "opaque whiteout ... hides all siblings" below).
+        for entry in scan.entries:
+            if entry.kind is Kind.WHITEOUT:
+                parent, base = _split(entry.path)
+                holder = self.lookup(parent)
+                if isinstance(holder, _Dir):
+                    holder.children.pop(base, None)  # absent: a no-op
+            elif entry.kind is Kind.OPAQUE:
+                holder = self.lookup(entry.path)
+                if isinstance(holder, _Dir):
+                    holder.children.clear()
+        for entry in scan.entries:
+            self.add(entry, scan.index, _Where(where, entry.ordinal))
+
+    def add(self, entry: Entry, layer: int, where: _Where) -> None:
+        if entry.kind in (Kind.WHITEOUT, Kind.OPAQUE):
+            # A marker lives inside its directory, so that directory exists in this
+            # layer (containerd creates it too); an opaque marker names it itself.
+            target = _join(entry.path, b"x") if entry.kind is Kind.OPAQUE else entry.path
+            self.parent_dir(target, where)
+            return
+        if not entry.path:
+            if entry.kind is not Kind.DIR:
+                raise LayerError(f"{where}: a {entry.kind.value} cannot replace the root")
+            self._set_dir(self.root, entry)
+            return
+        holder = self.parent_dir(entry.path, where)
+        _, base = _split(entry.path)
+        existing = holder.children.get(base)
+        if entry.kind is Kind.DIR:
+            if isinstance(existing, _Dir):
+                self._set_dir(existing, entry)  # keeps children, takes new metadata
+            else:
+                holder.children[base] = _Dir(
+                    entry.mode, entry.uid, entry.gid, entry.mtime, entry.xattrs
+                )
+        elif entry.kind is Kind.LINK:
+            # The link shares the inode its target has now (in this layer earlier or
+            # below); replacing the target later leaves the link alone. A target that
+            # only appears later in the tar is not there yet: tar order is the order.
+            found = self.lookup(entry.target)
+            if found is None:
+                raise LayerError(
+                    f"{where}: hard link {entry.path!r} -> {entry.target!r}: no such file "
+                    "in this or a lower layer (at this point of the tar)"
+                )
+            if isinstance(found, _Dir):
+                raise LayerError(
+                    f"{where}: hard link {entry.path!r} -> {entry.target!r} names a directory"
+                )
+            holder.children[base] = found
+        else:
+            holder.children[base] = _Inode(entry, layer)
+
+    @staticmethod
+    def _set_dir(node: _Dir, entry: Entry) -> None:
+        node.mode, node.uid, node.gid = entry.mode, entry.uid, entry.gid
+        node.mtime, node.xattrs = entry.mtime, entry.xattrs
+
+
+# -- the plan: what survives, in output order ------------------------------------------
+
+
+class XattrAction(enum.Enum):
+    """What happens to one extended attribute on its way to the disk."""
+
+    TAR = "carried in the tar stream; mke2fs -d sets it"
+    FIXUP = "set after mke2fs by the disk step (debugfs ea_set)"
+    DROP = "dropped"
+
+
+# First match wins; a name matches an entry equal to it or starting with it when the
+# entry ends in '.' or '_'. Like umoci's table in oci/layer/utils.go, in one place.
+XATTR_POLICY: tuple[tuple[str, XattrAction, str], ...] = (
+    (
+        "security.capability",
+        XattrAction.TAR,
+        "file capabilities; create_inode_libarchive.c copies exactly this one",
+    ),
+    ("security.selinux", XattrAction.DROP, "host-specific label; umoci ignores it as well"),
+    (
+        "trusted.overlay.",
+        XattrAction.DROP,
+        "overlayfs state of the build host; as a lower layer it would change what VMs see",
+    ),
+    ("gnu.translator", XattrAction.DROP, "GNU Hurd only"),
+    ("user.", XattrAction.FIXUP, "mke2fs -d drops it"),
+    ("trusted.", XattrAction.FIXUP, "mke2fs -d drops it"),
+    ("security.", XattrAction.FIXUP, "mke2fs -d drops it (e.g. security.ima)"),
+    ("system.posix_acl_", XattrAction.FIXUP, "ACLs; debugfs converts to the ext4 format"),
+)
+
+
+def xattr_action(name: str) -> XattrAction:
+    """The policy for xattr ``name``; unknown namespaces are dropped (Linux refuses them)."""
+    for key, action, _why in XATTR_POLICY:
+        if name == key or (key[-1] in "._" and name.startswith(key)):
+            return action
+    return XattrAction.DROP
+
+
+@dataclass(frozen=True)
+class XattrFixup:
+    """An xattr the disk step must set after mke2fs: ``path`` is absolute (``b"/"`` root)."""
+
+    path: bytes
+    name: str
+    value: bytes
+
+
+@dataclass(frozen=True)
+class TreeStats:
+    """What the disk step needs to size the filesystem before mke2fs starts."""
+
+    inodes: int  # directories + distinct non-directory inodes (hard links count once)
+    directories: int
+    regular_files: int
+    regular_bytes: int
+    regular_blocks: int  # sum of ceil(size / 4096)
+    symlinks: int
+    long_symlinks: int  # targets of 60+ bytes need a data block
+    hard_links: int  # paths beyond the first of each inode
+    directory_entry_bytes: tuple[int, ...]  # per directory, '.' and '..' included
+    xattr_bytes: int  # sum of len(name) + len(value) over every kept xattr
+    xattr_inodes: int
+
+    def directory_blocks(self, block_size: int = BLOCK_SIZE) -> int:
+        """Blocks the directories' linear entries need (no htree index blocks)."""
+        return sum(max(1, math.ceil(n / block_size)) for n in self.directory_entry_bytes)
+
+
+@dataclass(frozen=True)
+class Node:
+    """One inode of the final tree, with every path that names it, sorted."""
+
+    paths: tuple[bytes, ...]
+    entry: Entry  # kind, metadata, target, device numbers, xattrs (all of them)
+    layer: int  # where a regular file's body lives (with entry.ordinal); -1 for dirs
+
+    @property
+    def primary(self) -> bytes:
+        return self.paths[0]
+
+
+@dataclass(frozen=True)
+class Tree:
+    """The merged image, planned in output order. Build it with :func:`merge`.
+
+    ``directories`` are sorted component-wise (parents first) and start with
+    the root (``b""``); ``specials`` are symlinks, devices and fifos sorted by
+    primary path; ``files`` are regular files ordered by (layer, ordinal),
+    the order their bodies appear in the layers.
+    """
+
+    directories: tuple[Node, ...]
+    specials: tuple[Node, ...]
+    files: tuple[Node, ...]
+    stats: TreeStats
+    xattr_fixups: tuple[XattrFixup, ...]
+
+    def nodes(self) -> dict[bytes, Node]:
+        """Every path of the tree (root ``b""``) mapped to its node."""
+        out: dict[bytes, Node] = {}
+        for node in (*self.directories, *self.specials, *self.files):
+            for path in node.paths:
+                out[path] = node
+        return out
+
+
+def _round4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _walk(root: _Dir) -> Iterator[tuple[bytes, _Dir | _Inode]]:
+    """Every (path, node) in component-wise sorted order, parents first; no recursion."""
+
+    def children(prefix: bytes, d: _Dir) -> Iterator[tuple[bytes, _Dir | _Inode]]:
+        for name in sorted(d.children):
+            yield _join(prefix, name), d.children[name]
+
+    yield b"", root
+    pending = [children(b"", root)]
+    while pending:
+        item = next(pending[-1], None)
+        if item is None:
+            pending.pop()
+            continue
+        yield item
+        path, node = item
+        if isinstance(node, _Dir):
+            pending.append(children(path, node))
+
+
+def _dir_entry(path: bytes, node: _Dir) -> Entry:
+    return Entry(-1, path, Kind.DIR, node.mode, node.uid, node.gid, node.mtime, xattrs=node.xattrs)
+
+
+def merge(scans: Sequence[LayerScan], limits: Limits | None = None) -> Tree:
+    """Apply the scans bottom-up (``scans[0]`` is the base layer) and plan the output."""
+    limits = limits or Limits()
+    total_entries = sum(len(s.entries) for s in scans)
+    if total_entries > limits.max_entries:
+        raise LimitExceeded(
+            f"image has {total_entries} entries, over Limits.max_entries={limits.max_entries}"
+        )
+    total_bytes = sum(s.size for s in scans)
+    if total_bytes > limits.max_image_bytes:
+        raise LimitExceeded(
+            f"image is {total_bytes} bytes uncompressed, over Limits.max_image_bytes="
+            f"{limits.max_image_bytes}"
+        )
+    builder = _Builder(limits)
+    for scan in scans:
+        builder.apply(scan)
+
+    directories: list[Node] = []
+    paths_of: dict[int, list[bytes]] = {}
+    inodes: dict[int, _Inode] = {}
+    entry_bytes: list[int] = []
+    for path, node in _walk(builder.root):
+        if isinstance(node, _Dir):
+            directories.append(Node((path,), _dir_entry(path, node), -1))
+            entry_bytes.append(24 + sum(8 + _round4(len(n)) for n in node.children))
+        else:
+            paths_of.setdefault(id(node), []).append(path)  # walk order is sorted order
+            inodes[id(node)] = node
+    specials: list[Node] = []
+    files: list[Node] = []
+    for key, inode in inodes.items():
+        planned = Node(tuple(paths_of[key]), inode.entry, inode.layer)
+        (files if inode.entry.kind is Kind.FILE else specials).append(planned)
+    specials.sort(key=lambda n: n.primary.split(b"/"))
+    files.sort(key=lambda n: (n.layer, n.entry.ordinal))
+    return Tree(
+        tuple(directories),
+        tuple(specials),
+        tuple(files),
+        _stats(directories, specials, files, entry_bytes),
+        _fixups((*directories, *specials, *files)),
+    )
+
+
+def _stats(
+    directories: list[Node], specials: list[Node], files: list[Node], entry_bytes: list[int]
+) -> TreeStats:
+    every = (*directories, *specials, *files)
+    kept = [
+        [(k, v) for k, v in n.entry.xattrs if xattr_action(k) is not XattrAction.DROP]
+        for n in every
+    ]
+    symlinks = [n for n in specials if n.entry.kind is Kind.SYMLINK]
+    return TreeStats(
+        inodes=len(every),
+        directories=len(directories),
+        regular_files=len(files),
+        regular_bytes=sum(n.entry.size for n in files),
+        regular_blocks=sum(math.ceil(n.entry.size / BLOCK_SIZE) for n in files),
+        symlinks=len(symlinks),
+        long_symlinks=sum(1 for n in symlinks if len(n.entry.target) > _FAST_SYMLINK_MAX),
+        hard_links=sum(len(n.paths) - 1 for n in every),
+        directory_entry_bytes=tuple(entry_bytes),
+        xattr_bytes=sum(len(k) + len(v) for x in kept for k, v in x),
+        xattr_inodes=sum(1 for x in kept if x),
+    )
+
+
+def _fixups(nodes: Sequence[Node]) -> tuple[XattrFixup, ...]:
+    out = []
+    for node in nodes:
+        for name, value in node.entry.xattrs:
+            if xattr_action(name) is XattrAction.FIXUP:
+                out.append(XattrFixup(b"/" + node.primary, name, value))
+            elif xattr_action(name) is XattrAction.DROP:
+                log.info("dropping xattr %s of /%r (xattr policy)", name, node.primary)
+    return tuple(sorted(out, key=lambda f: (f.path.split(b"/"), f.name)))
+
+
+# -- pass 3: emit ---------------------------------------------------------------------------
+
+
+def _header(node: Node, path: bytes, *, link_to: bytes | None = None) -> bytes:
+    e = node.entry
+    if link_to is not None:
+        # mke2fs applies a hard-link header's uid/gid/mode/mtime to the shared inode,
+        # so the link carries the inode's own metadata (verified with 1.47.2).
+        return tarfmt.encode_header(
+            path, tarfmt.HARDLINK, mode=e.mode, uid=e.uid, gid=e.gid, mtime=e.mtime,
+            linkname=link_to,
+        )  # fmt: skip
+    name = b"./" if not path else path + b"/" if e.kind is Kind.DIR else path
+    return tarfmt.encode_header(
+        name,
+        _TYPEFLAG_OF_KIND[e.kind],
+        mode=e.mode,
+        uid=e.uid,
+        gid=e.gid,
+        size=e.size if e.kind is Kind.FILE else 0,
+        mtime=e.mtime,
+        linkname=e.target if e.kind is Kind.SYMLINK else b"",
+        devmajor=e.devmajor,
+        devminor=e.devminor,
+        xattrs=tuple((k, v) for k, v in e.xattrs if xattr_action(k) is XattrAction.TAR),
+    )
+
+
+def _write_node(out: BinaryIO, node: Node) -> None:
+    out.write(_header(node, node.primary))
+
+
+def _write_links(out: BinaryIO, node: Node) -> None:
+    for path in node.paths[1:]:
+        out.write(_header(node, path, link_to=node.primary))
+
+
+def write_tar(
+    tree: Tree,
+    open_layer: Callable[[int], BinaryIO],
+    out: BinaryIO,
+    limits: Limits | None = None,
+) -> None:
+    """Write the merged tree to ``out`` as one tar stream in the canonical order.
+
+    ``open_layer(i)`` must return a fresh reader of layer ``i``'s *uncompressed*
+    tar, the same bytes :func:`scan_layer` saw; it is called at most once per
+    layer, only for layers that still provide a non-empty regular file, and each
+    such layer is read only up to its last needed body. The stream is a function
+    of the tree alone: same layers, same bytes.
+    """
+    limits = limits or Limits()
+    for node in tree.directories:
+        _write_node(out, node)
+    for node in tree.specials:
+        _write_node(out, node)
+        _write_links(out, node)
+    by_layer: dict[int, list[Node]] = {}
+    for node in tree.files:
+        by_layer.setdefault(node.layer, []).append(node)
+    for layer, nodes in by_layer.items():
+        _copy_layer_files(layer, nodes, open_layer, out, limits)
+    out.write(tarfmt.END_OF_ARCHIVE)
+
+
+def _copy_layer_files(
+    layer: int,
+    nodes: list[Node],
+    open_layer: Callable[[int], BinaryIO],
+    out: BinaryIO,
+    limits: Limits,
+) -> None:
+    stream: BinaryIO | None = None
+    headers: Iterator[tarfmt.Header] | None = None
+    reader: tarfmt.TarReader | None = None
+    where = f"layer {layer}"
+    try:
+        for node in nodes:
+            size = node.entry.size
+            if size and headers is None:
+                stream = open_layer(layer)
+                reader = tarfmt.TarReader(
+                    stream,
+                    where=where,
+                    max_bytes=limits.max_layer_bytes,
+                    max_header_bytes=limits.max_header_bytes,
+                    hash_stream=False,
+                )
+                headers = iter(reader)
+            _write_node(out, node)
+            if size:
+                assert headers is not None and reader is not None
+                _seek_entry(headers, node.entry, where)
+                reader.copy_body(out)
+                out.write(tarfmt.padding(size))
+            _write_links(out, node)
+    finally:
+        if stream is not None:
+            stream.close()
+
+
+def _seek_entry(headers: Iterator[tarfmt.Header], entry: Entry, where: str) -> None:
+    for header in headers:
+        if header.ordinal == entry.ordinal:
+            if header.typeflag != tarfmt.REGULAR or header.size != entry.size:
+                break
+            return
+    raise LayerError(
+        f"{where}: entry {entry.ordinal} ({entry.path!r}) differs between the two reads of "
+        "the layer; the blob changed under us"
+    )

@@ -1,0 +1,104 @@
+"""Decompressing readers: media type and magic must agree; corruption is a LayerError."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+
+import pytest
+import zstandard
+
+from hypeman_images.compression import open_decompressed
+from hypeman_images.errors import LayerError
+
+GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
+ZS = "application/vnd.oci.image.layer.v1.tar+zstd"
+TAR = "application/vnd.oci.image.layer.v1.tar"
+DOCKER_GZ = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+DATA = os.urandom(300_000) + b"\0" * 700_000
+
+
+def _gz(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+def _zs(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def read(blob: bytes, media_type: str, **kw: int) -> bytes:
+    with open_decompressed(io.BytesIO(blob), media_type, name="sha256:feed", **kw) as s:
+        return s.read()
+
+
+@pytest.mark.parametrize(
+    ("media_type", "compress"),
+    [(GZ, _gz), (DOCKER_GZ, _gz), (ZS, _zs), (TAR, lambda d: d)],
+    ids=["oci-gzip", "docker-gzip", "zstd", "none"],
+)
+@pytest.mark.parametrize("threads", [0, 1])
+def test_round_trip(media_type: str, compress: object, threads: int) -> None:
+    assert callable(compress)
+    assert read(compress(DATA), media_type, threads=threads) == DATA
+
+
+def test_concatenated_gzip_members_and_zstd_frames() -> None:
+    assert read(_gz(DATA[:1000]) + _gz(DATA[1000:]), GZ) == DATA
+    assert read(_zs(DATA[:1000]) + _zs(DATA[1000:]), ZS) == DATA
+
+
+def test_path_source(tmp_path: object) -> None:
+    import pathlib
+
+    assert isinstance(tmp_path, pathlib.Path)
+    blob = tmp_path / "blob"
+    blob.write_bytes(_zs(DATA))
+    with open_decompressed(blob, ZS, name="x") as s:
+        assert s.read() == DATA
+
+
+@pytest.mark.parametrize(
+    ("blob", "media_type", "says"),
+    [
+        (_zs(b"x"), GZ, "says gzip but the content is zstd"),
+        (_gz(b"x"), ZS, "says zstd but the content is gzip"),
+        (_gz(b"x"), TAR, "says none but the content is gzip"),
+        (b"plain tar", GZ, "says gzip but the content is not compressed"),
+    ],
+    ids=["zstd-as-gzip", "gzip-as-zstd", "gzip-as-tar", "tar-as-gzip"],
+)
+def test_media_type_and_magic_must_agree(blob: bytes, media_type: str, says: str) -> None:
+    with pytest.raises(LayerError, match=says):
+        read(blob, media_type)
+
+
+def test_unknown_media_type() -> None:
+    with pytest.raises(LayerError, match="unsupported layer media type"):
+        read(b"", "application/x-foo")
+
+
+@pytest.mark.parametrize("media_type,compress", [(GZ, _gz), (ZS, _zs)], ids=["gzip", "zstd"])
+def test_truncated_stream_names_the_layer(media_type: str, compress: object) -> None:
+    assert callable(compress)
+    blob = compress(DATA)
+    with pytest.raises(LayerError, match=r"sha256:feed.*truncated"):
+        read(blob[: len(blob) // 2], media_type)
+
+
+@pytest.mark.parametrize("media_type,compress", [(GZ, _gz), (ZS, _zs)], ids=["gzip", "zstd"])
+def test_corrupt_stream_names_the_layer(media_type: str, compress: object) -> None:
+    assert callable(compress)
+    blob = bytearray(compress(DATA))
+    for i in range(4, 40):  # frame and block headers: both decoders must notice
+        blob[i] ^= 0x55
+    with pytest.raises(LayerError, match="sha256:feed"):
+        read(bytes(blob), media_type)
+
+
+def test_zstd_window_limit() -> None:
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=28)
+    cobj = zstandard.ZstdCompressor(compression_params=params).compressobj()  # size unknown:
+    blob = cobj.compress(DATA) + cobj.flush()  # the frame keeps its 256 MiB window
+    with pytest.raises(LayerError, match="sha256:feed"):
+        read(blob, ZS, zstd_max_window=1 << 20)

@@ -1,0 +1,194 @@
+"""End to end: a real registry on 127.0.0.1 → hypeman-images pull → rootfs.ext4 + metadata.json.
+
+Each disk is checked with ``e2fsck -fn`` and read back path by path (type,
+mode, owner, size, content hash, link target, xattrs, hard-link groups)
+against what the layers say (the oracle of tests/support/oracle.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support.disk import compare_trees, e2fsck_clean, read_disk_tree
+from support.pushed import PushedImage
+from support.users import UnprivilegedUser
+
+from hypeman_images.cli import main
+from hypeman_images.digest import Digest
+from hypeman_images.manager import ImageManager
+from hypeman_images.pipeline import BuildStats
+
+CLI = str(Path(sys.executable).with_name("hypeman-images"))
+
+
+def pull(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLI, "pull", "--data-dir", str(data_dir), *args], capture_output=True, text=True
+    )
+
+
+def metadata(data_dir: Path, image: PushedImage, digest: str) -> dict[str, object]:
+    path = data_dir / "images" / image.registry.host / image.repository / digest[7:]
+    doc: dict[str, object] = json.loads((path / "metadata.json").read_text())
+    return doc
+
+
+def check_disk(disk: Path, image: PushedImage) -> None:
+    e2fsck_clean(disk)
+    differences = compare_trees(image.expected_tree, read_disk_tree(disk))
+    assert differences == [], "\n".join(differences[:50])
+
+
+def test_alpine(alpine_ref: PushedImage, data_dir: Path) -> None:
+    result = pull(data_dir, alpine_ref.ref)
+    assert result.returncode == 0, result.stderr
+    disk = Path(result.stdout.strip())
+    digest = alpine_ref.manifest_digest
+    assert disk == (
+        data_dir
+        / "images"
+        / alpine_ref.registry.host
+        / "library/alpine"
+        / digest[7:]
+        / "rootfs.ext4"
+    )
+    check_disk(disk, alpine_ref)
+    tree = read_disk_tree(disk)
+    assert (tree["/etc/shadow"].uid, tree["/etc/shadow"].gid) == (0, 42)
+    assert tree["/etc/shadow"].mode == 0o640
+    assert tree["/bin/sh"].type == "symlink" and tree["/bin/sh"].target == "/bin/busybox"
+    release = subprocess.run(
+        ["debugfs", "-R", "cat /etc/alpine-release", str(disk)], capture_output=True, text=True
+    ).stdout
+    assert release.strip() == "3.20.3"
+
+    doc = metadata(data_dir, alpine_ref, digest)
+    assert doc["status"] == "ready"
+    assert doc["digest"] == digest
+    assert doc["name"] == alpine_ref.ref
+    assert doc["cmd"] == ["/bin/sh"] and doc["entrypoint"] is None
+    assert doc["env"] == ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+    assert doc["platform"] == "linux/amd64"
+    assert doc["size_bytes"] == disk.stat().st_size
+    assert doc["layers"] == [json.loads(alpine_ref.image.manifest)["layers"][0]["digest"]]
+    tag = disk.parent.parent / "3.20.3"
+    assert os.readlink(tag) == digest[7:]
+
+
+def test_busybox_oci_layout_byte_for_byte(busybox_ref: PushedImage, data_dir: Path) -> None:
+    result = pull(data_dir, busybox_ref.ref)
+    assert result.returncode == 0, result.stderr
+    disk = Path(result.stdout.strip())
+    assert disk.parent.name == busybox_ref.manifest_digest[7:]
+    check_disk(disk, busybox_ref)
+    assert metadata(data_dir, busybox_ref, busybox_ref.manifest_digest)["cmd"] == ["sh"]
+
+
+def test_multilayer_whiteouts_opaque_hardlinks(multilayer_ref: PushedImage, data_dir: Path) -> None:
+    result = pull(data_dir, multilayer_ref.ref)
+    assert result.returncode == 0, result.stderr
+    check_disk(Path(result.stdout.strip()), multilayer_ref)
+
+
+def test_index_resolves_to_host_platform(multiplatform_ref: PushedImage, data_dir: Path) -> None:
+    result = pull(data_dir, multiplatform_ref.ref)
+    assert result.returncode == 0, result.stderr
+    disk = Path(result.stdout.strip())
+    # The store keys builds by the platform manifest's digest, not the index's.
+    assert disk.parent.name == multiplatform_ref.image.manifest_digest[7:]
+    check_disk(disk, multiplatform_ref)
+
+
+def test_platform_option_picks_arm64(multiplatform_ref: PushedImage, data_dir: Path) -> None:
+    assert multiplatform_ref.index is not None
+    result = pull(data_dir, "--platform", "linux/arm64", "--json", multiplatform_ref.ref)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["platform"] in ("linux/arm64", "linux/arm64/v8")
+    assert doc["digest"] != multiplatform_ref.image.manifest_digest
+
+
+def one_line_error(stderr: str) -> bool:
+    """The failure is told in exactly one line, after any progress lines."""
+    errors = [line for line in stderr.splitlines() if line.startswith("hypeman-images: error:")]
+    return len(errors) == 1 and stderr.endswith(errors[0] + "\n")
+
+
+def only_cache_left(data_dir: Path) -> bool:
+    images = data_dir / "images"
+    leftovers = [p for p in images.rglob("*") if p.is_file()] if images.exists() else []
+    return leftovers == []
+
+
+@pytest.mark.parametrize(
+    ("name", "code", "says"),
+    [
+        ("UPPER/Case", 2, "lower-case"),
+        ("alpine@sha256:1234", 2, "invalid digest"),
+        ("", 2, "empty"),
+    ],
+    ids=["upper-case", "bad-digest", "empty"],
+)
+def test_invalid_names_fail_before_network(data_dir: Path, name: str, code: int, says: str) -> None:
+    result = pull(data_dir, name)
+    assert result.returncode == code
+    assert says in result.stderr
+    assert one_line_error(result.stderr)
+    assert only_cache_left(data_dir)
+
+
+def test_unknown_repository_and_tag(alpine_ref: PushedImage, data_dir: Path) -> None:
+    host = alpine_ref.registry.host
+    for ref in (f"{host}/no/such-repo:1", f"{host}/library/alpine:no-such-tag"):
+        result = pull(data_dir, ref)
+        assert result.returncode == 3, result.stderr
+        assert "not found" in result.stderr.lower()
+        assert one_line_error(result.stderr)
+    assert only_cache_left(data_dir)
+
+
+def test_platform_missing_from_index(multiplatform_ref: PushedImage, data_dir: Path) -> None:
+    result = pull(data_dir, "--platform", "linux/s390x", multiplatform_ref.ref)
+    assert result.returncode == 6
+    assert "linux/amd64" in result.stderr and "linux/arm64" in result.stderr
+    assert only_cache_left(data_dir)
+
+
+def test_ready_digest_is_reused_and_tag_moves(
+    alpine_ref: PushedImage, busybox_ref: PushedImage, data_dir: Path
+) -> None:
+    with ImageManager(data_dir) as manager:
+        first = manager.pull(alpine_ref.ref)
+        disk_mtime = first.disk.stat().st_mtime_ns
+        stats = BuildStats()
+        again = manager.pull(alpine_ref.digest_ref, stats=stats)
+        assert stats.reused and stats.downloaded_bytes == 0
+        assert again.disk.stat().st_mtime_ns == disk_mtime
+    assert main(["inspect", "--data-dir", str(data_dir), alpine_ref.ref]) == 0
+
+
+def test_unprivileged_pull_keeps_owners(
+    alpine_ref: PushedImage, tmp_path: Path, unprivileged_user: UnprivilegedUser
+) -> None:
+    if not unprivileged_user.needs_switch:
+        pytest.skip("already unprivileged: every other test covers this case")
+    data_dir = tmp_path / "nobody-data"
+    data_dir.mkdir()
+    unprivileged_user.own(data_dir)
+    env = {**os.environ, "HOME": str(data_dir)}
+    result = unprivileged_user.run(
+        [CLI, "pull", "--data-dir", str(data_dir), alpine_ref.ref],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    disk = Path(result.stdout.strip())
+    assert disk.stat().st_uid == 65534
+    check_disk(disk, alpine_ref)
+    assert Digest.parse(alpine_ref.manifest_digest).encoded == disk.parent.name

@@ -1,0 +1,214 @@
+"""Tar headers: our reader against our writer, GNU tar and Python's tarfile."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.tar import build_tar, file, hardlink, symlink
+
+from hypeman_images import tarfmt
+from hypeman_images.errors import LayerError, LimitExceeded
+
+
+def read_all(data: bytes, **kw: int) -> list[tuple[tarfmt.Header, bytes]]:
+    reader = tarfmt.TarReader(
+        io.BytesIO(data),
+        where="test",
+        max_bytes=kw.get("max_bytes", 1 << 40),
+        max_header_bytes=kw.get("max_header_bytes", 1 << 20),
+    )
+    out = []
+    for header in reader:
+        body = io.BytesIO()
+        reader.copy_body(body)
+        out.append((header, body.getvalue()))
+    return out
+
+
+def one(data: bytes) -> tarfmt.Header:
+    (header, _), *_ = read_all(data)
+    return header
+
+
+@pytest.mark.parametrize(
+    "pax_record",
+    [b"%d path=x\n", b"%d mtime=1.5\n"],
+    ids=["path", "fraction"],
+)
+def test_pax_record_length_counts_itself(pax_record: bytes) -> None:
+    key, _, value = pax_record[3:-1].partition(b"=")
+    record = tarfmt.pax_record(key, value)
+    assert int(record.split(b" ")[0]) == len(record)
+
+
+@pytest.mark.parametrize("n", [1, 5, 6, 7, 90, 91, 92, 93, 994, 995, 996, 9990])
+def test_pax_record_lengths_at_digit_boundaries(n: int) -> None:
+    record = tarfmt.pax_record(b"k", b"v" * n)
+    assert int(record.split(b" ")[0]) == len(record)
+
+
+names = st.binary(min_size=1, max_size=400).map(
+    lambda b: b.replace(b"\0", b"n").replace(b"/", b"s")
+) | st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=12).map(
+    lambda parts: b"/".join(p.replace(b"\0", b"n").replace(b"/", b"s") for p in parts)
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    name=names,
+    link=st.binary(max_size=300).map(lambda b: b.replace(b"\0", b"z")),
+    uid=st.integers(0, (1 << 32) - 1),
+    gid=st.integers(0, (1 << 32) - 1),
+    mtime=st.integers(-(1 << 40), 1 << 40),
+    mode=st.integers(0, 0o7777),
+    xattrs=st.dictionaries(
+        st.sampled_from(["user.a", "security.capability"]), st.binary(max_size=64)
+    ).map(lambda d: list(d.items())),
+)
+def test_writer_reader_round_trip(
+    name: bytes,
+    link: bytes,
+    uid: int,
+    gid: int,
+    mtime: int,
+    mode: int,
+    xattrs: list[tuple[str, bytes]],
+) -> None:
+    data = (
+        tarfmt.encode_header(
+            name,
+            tarfmt.SYMLINK,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            mtime=mtime,
+            linkname=link,
+            xattrs=tuple(xattrs),
+        )
+        + tarfmt.END_OF_ARCHIVE
+    )
+    h = one(data)
+    assert (h.name, h.linkname, h.uid, h.gid, h.mtime, h.mode) == (
+        name,
+        link,
+        uid,
+        gid,
+        mtime,
+        mode,
+    )
+    assert list(h.xattrs) == xattrs
+
+
+def test_python_tarfile_reads_our_output() -> None:
+    data = (
+        tarfmt.encode_header(b"d/" * 100 + b"f", tarfmt.REGULAR, size=3, uid=1 << 22, mtime=5)
+        + b"abc"
+        + tarfmt.padding(3)
+        + tarfmt.END_OF_ARCHIVE
+    )
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        (member,) = tar.getmembers()
+        assert (member.name, member.uid, member.size) == ("d/" * 100 + "f", 1 << 22, 3)
+
+
+def test_large_size_goes_to_pax() -> None:
+    header = tarfmt.encode_header(b"big", tarfmt.REGULAR, size=10 << 30)
+    assert b"size=10737418240" in header
+    reader = tarfmt.TarReader(
+        io.BytesIO(header), where="t", max_bytes=1 << 40, max_header_bytes=1 << 20
+    )
+    assert next(iter(reader)).size == 10 << 30  # the body is never read
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+def test_reads_gnu_tar_long_names_and_base256(tmp_path: Path) -> None:
+    deep = tmp_path / "src" / ("x" * 120) / ("y" * 120)
+    deep.mkdir(parents=True)
+    (deep / "f").write_bytes(b"hello")
+    (tmp_path / "src" / "l").symlink_to("t" * 150)
+    out = subprocess.run(
+        [
+            "tar",
+            "--format=gnu",
+            "--owner=3000000",
+            "--group=0",
+            "-C",
+            str(tmp_path / "src"),
+            "-cf",
+            "-",
+            ".",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
+    entries = {h.name.rstrip(b"/"): (h, body) for h, body in read_all(out)}
+    h, body = entries[b"./" + b"x" * 120 + b"/" + b"y" * 120 + b"/f"]
+    assert (body, h.uid) == (b"hello", 3000000)
+    assert entries[b"./l"][0].linkname == b"t" * 150
+
+
+def test_ustar_prefix_is_joined() -> None:
+    name = b"p" * 120 + b"/" + b"n" * 90
+    header = tarfmt.encode_header(name, tarfmt.REGULAR)
+    assert len(header) == 512  # fits the split, no PAX header
+    assert one(header).name == name
+
+
+def test_non_utf8_long_name_announces_binary_charset() -> None:
+    name = b"\xff" * 150
+    header = tarfmt.encode_header(name, tarfmt.REGULAR)
+    assert b"hdrcharset=BINARY" in header
+    assert one(header).name == name
+
+
+def test_corrupt_checksum_is_a_layer_error() -> None:
+    data = bytearray(build_tar([file("a", b"x")]))
+    data[0] ^= 1
+    with pytest.raises(LayerError, match="checksum"):
+        read_all(bytes(data))
+
+
+def test_truncated_body_is_a_layer_error() -> None:
+    data = build_tar([file("a", b"x" * 2000)])[:1024]
+    with pytest.raises(LayerError, match="truncated"):
+        read_all(data)
+
+
+def test_header_only_types_ignore_size_field() -> None:
+    # Some writers put the target's size in a hard link header; no body follows.
+    data = bytearray(tarfmt.encode_header(b"l", tarfmt.HARDLINK, linkname=b"a"))
+    data[124:136] = b"%011o\0" % 1000
+    data[148:156] = b"        "
+    data[148:156] = b"%06o\0 " % sum(data)
+    data += build_tar([file("after", b"ok")])
+    got = read_all(bytes(data))
+    assert [h.name for h, _ in got] == [b"l", b"after"]
+
+
+def test_missing_end_marker_is_accepted() -> None:
+    data = build_tar([file("a", b"x"), symlink("s", "a"), hardlink("h", "a")])[:-1024]
+    assert [h.ordinal for h, _ in read_all(data)] == [0, 1, 2]
+
+
+def test_giant_gnu_long_name_hits_header_limit() -> None:
+    header = tarfmt.encode_header(b"././@LongLink", b"L", size=5 << 20)
+    with pytest.raises(LimitExceeded, match="max_header_bytes"):
+        read_all(header + b"\0" * (5 << 20))
+
+
+def test_layer_byte_limit() -> None:
+    with pytest.raises(LimitExceeded, match="max_layer_bytes"):
+        read_all(build_tar([file("a", b"x" * 10000)]), max_bytes=4096)
+
+
+def test_sparse_entries_are_refused() -> None:
+    with pytest.raises(LayerError, match="sparse"):
+        read_all(build_tar([file("a", b"", pax={"GNU.sparse.major": b"1"})]))
