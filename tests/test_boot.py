@@ -405,6 +405,14 @@ def test_env_and_working_dir_are_applied(run_alpine: Runner) -> None:
 
 @pytest.mark.slow
 @needs_vm
+def test_working_dir_symlinks_resolve_inside_the_image(run_alpine: Runner) -> None:
+    # Alpine's /var/run -> /run is absolute: it must not resolve in the initramfs.
+    result = run_alpine(["sh", "-c", "pwd -P; touch here && ls /run"], working_dir="/var/run")
+    assert result.output.split() == ["/run", "here"]
+
+
+@pytest.mark.slow
+@needs_vm
 def test_path_defaults_when_the_image_sets_none(run_alpine: Runner) -> None:
     result = run_alpine(["sh", "-c", "echo $PATH"], env=())
     assert result.output.strip() == ALPINE_PATH.removeprefix("PATH=")
@@ -427,6 +435,28 @@ def test_hanging_command_ends_at_the_timeout(run_alpine: Runner) -> None:
         run_alpine(["sh", "-c", "echo started; sleep 600"], timeout=12)
     assert time.monotonic() - t0 < 20
     assert "started" in str(info.value)
+
+
+@needs_vm
+def test_a_kernel_that_does_not_boot_is_a_clear_error(
+    alpine_disk: Path, boot_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    real = find_kernel()
+    junk = tmp_path / "vmlinuz-junk"
+    junk.write_bytes(b"\0" * 4096)
+    kernel = replace(real, image=junk)
+    cache, work = boot_dirs
+    with pytest.raises(BootError, match=r"stopped before the command finished|did not boot"):
+        boot(
+            alpine_disk,
+            RunSpec(cmd=("true",)),
+            hypervisor="qemu",
+            accel="tcg",
+            timeout=20,
+            work_dir=work,
+            cache_dir=cache,
+            kernel=kernel,
+        )
 
 
 @pytest.mark.slow

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+from support import tar as t
 
 from hypeman_images.debugfs import quote
 from hypeman_images.digest import Digest
 from hypeman_images.e2fsprogs import E2fsprogs, find_e2fsprogs
 from hypeman_images.errors import StorageError, ToolError
 from hypeman_images.ext4 import BLOCK_SIZE, DiskResult, SizeInputs, build_disk, plan_disk
-
-from support import tar as t
 
 IMAGES = Path("/work/shared/images")
 OLD_VERSION = "1.47.0-2+b2"
@@ -131,7 +130,9 @@ def tree(image: Path) -> dict[str, Node]:
     seen: dict[int, str] = {}
     with mounted(image) as mnt:
         for dirpath, dirnames, filenames in os.walk(mnt):
-            for name in ["", *dirnames, *filenames] if dirpath == str(mnt) else [*dirnames, *filenames]:
+            for name in (
+                ["", *dirnames, *filenames] if dirpath == str(mnt) else [*dirnames, *filenames]
+            ):
                 full = os.path.join(dirpath, name) if name else dirpath
                 rel = "/" + os.path.relpath(full, mnt).removeprefix(".")
                 st = os.lstat(full)
@@ -473,7 +474,9 @@ def test_an_estimate_too_small_is_retried_larger(
     entries = [t.file(f"f{i}", os.urandom(40_000)) for i in range(100)]
     data = t.build_tar(entries)
     honest = inputs_of(data)
-    lying = SizeInputs(honest.inodes, 0, 0, 0, 0, (0,), 0)
+    lying = SizeInputs(
+        honest.inodes, 0, honest.file_bytes, honest.file_blocks * 8 // 10, 0, (0,), 0
+    )
     result = build_disk(
         tmp_path / "rootfs.ext4",
         lying,

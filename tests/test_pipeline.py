@@ -7,6 +7,7 @@ against what the layers say (the oracle of tests/support/oracle.py).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -192,3 +193,33 @@ def test_unprivileged_pull_keeps_owners(
     assert disk.stat().st_uid == 65534
     check_disk(disk, alpine_ref)
     assert Digest.parse(alpine_ref.manifest_digest).encoded == disk.parent.name
+
+
+def test_same_digest_gives_byte_identical_disk(multilayer_ref: PushedImage, tmp_path: Path) -> None:
+    disks = []
+    for name in ("one", "two"):
+        result = pull(tmp_path / name, "--json", multilayer_ref.ref)
+        assert result.returncode == 0, result.stderr
+        doc = json.loads(result.stdout)
+        disk = Path(doc["disk"])
+        assert doc["disk_sha256"] == "sha256:" + hashlib.sha256(disk.read_bytes()).hexdigest()
+        disks.append(disk.read_bytes())
+    assert disks[0] == disks[1]
+
+
+def test_free_space_option(alpine_ref: PushedImage, tmp_path: Path) -> None:
+    small = json.loads(pull(tmp_path / "small", "--json", alpine_ref.ref).stdout)
+    large = json.loads(
+        pull(tmp_path / "large", "--json", "--free-space", "64M", alpine_ref.ref).stdout
+    )
+    # More free space brings more inodes (one per 16 KiB), so metadata grows a little too.
+    assert large["content_bytes"] >= small["content_bytes"]
+    grown = large["size_bytes"] - small["size_bytes"]
+    assert 64 << 20 <= grown <= (64 << 20) + (8 << 20), grown
+    free = subprocess.run(
+        ["dumpe2fs", "-h", large["disk"]], capture_output=True, text=True, check=True
+    ).stdout
+    free_blocks = int(
+        next(line for line in free.splitlines() if line.startswith("Free blocks:")).split()[-1]
+    )
+    assert free_blocks * 4096 >= 64 << 20

@@ -1,10 +1,13 @@
 """The ``hypeman-images`` command line.
 
-Exit codes (also in the README): 0 ok; 1 other failure; 2 bad usage or image
-name; 3 not found; 4 unauthorized; 5 rate limited; 6 platform not in the
-index; 7 bad image content; 8 digest mismatch; 9 e2fsprogs problem; 10 data
-dir not writable or full; 11 boot failed; 130 interrupted. ``boot`` exits
-with the command's own exit code when the VM ran it.
+Exit codes (also in ``--help`` and the README): 0 ok; 1 other failure
+(including 409-style conflicts); 2 bad usage or image name; 3 not found;
+4 unauthorized; 5 rate limited; 6 platform not in the index; 7 bad image
+content; 8 digest mismatch; 9 e2fsprogs problem; 10 data dir not writable or
+full; 11 boot failed; 130 interrupted. Every command that prints data takes
+``--json``; errors are then also printed as ``{"code", "message",
+"exit_code"}`` on stdout. Progress goes to stderr: bars on a terminal, plain
+lines otherwise.
 """
 
 from __future__ import annotations
@@ -13,33 +16,86 @@ import argparse
 import json
 import logging
 import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
+from .builds import PauseHook
 from .config import BuildOptions, default_data_dir, parse_size
-from .errors import HypemanError
-from .manager import ImageManager
-from .progress import PlainReporter, Reporter, RichReporter
+from .errors import HypemanError, InvalidArgument
+from .manager import DEFAULT_CONCURRENCY, Image, ImageManager, image_of
+from .progress import PlainReporter, Reporter, RichReporter, human_size
 from .spec import Platform
-from .store import StoredImage
 
-log = logging.getLogger("hypeman_images")
+log = logging.getLogger(__name__)
+
+PROG = "hypeman-images"
+DEFAULT_LISTEN = "127.0.0.1:8080"
+# How long `serve` waits for running builds on shutdown before leaving them to recovery.
+SHUTDOWN_GRACE_S = 10.0
+
+EXIT_CODES = """\
+exit codes:
+  0 ok               1 other failure    2 bad usage/name   3 not found
+  4 unauthorized     5 rate limited     6 platform missing 7 bad image
+  8 digest mismatch  9 e2fsprogs       10 storage         11 boot failed
+  130 interrupted"""
 
 EXAMPLES = {
-    "pull": "hypeman-images pull alpine:3.20\n  hypeman-images pull --platform linux/arm64 ghcr.io/org/app@sha256:…",
-    "list": "hypeman-images list --json",
-    "inspect": "hypeman-images inspect alpine:3.20",
-    "rm": "hypeman-images rm alpine:3.20   (the disk goes with its last tag)",
-    "gc": "hypeman-images gc",
+    "pull": f"""\
+examples:
+  {PROG} pull alpine:3.20
+  {PROG} pull --platform linux/arm64 ghcr.io/org/app@sha256:<hex>
+  {PROG} pull --json localhost:5000/app:1 | jq -r .disk""",
+    "list": f"""\
+examples:
+  {PROG} list
+  {PROG} list --json | jq '.[] | select(.status == "ready") | .name'""",
+    "inspect": f"""\
+examples:
+  {PROG} inspect alpine:3.20
+  {PROG} inspect --json docker.io/library/alpine@sha256:<hex>""",
+    "rm": f"""\
+A tag's disk is deleted with the last tag that points at it; a digest goes
+with all its tags. An image that is being built cannot be removed (exit 1).
+
+examples:
+  {PROG} rm alpine:3.20
+  {PROG} rm docker.io/library/alpine@sha256:<hex>""",
+    "gc": f"""\
+Removes cached blobs no ready or in-progress image needs, the directories of
+failed builds, and temp files left by interrupted ones.
+
+examples:
+  {PROG} gc
+  {PROG} gc --json""",
+    "serve": f"""\
+Serves POST/GET /images, GET/DELETE /images/{{name}}, /healthz, /metrics and
+/openapi.json. Builds interrupted by a crash or restart are resumed at start.
+The token file holds one bearer token and must not be readable by group or
+others (chmod 600).
+
+examples:
+  {PROG} serve --listen 127.0.0.1:8080
+  {PROG} serve --listen 0.0.0.0:8080 --token-file /etc/hypeman/token --concurrency 4
+  curl -H "Authorization: Bearer $(cat token)" -d '{{"name":"alpine"}}' \\
+       -H 'Content-Type: application/json' http://127.0.0.1:8080/images""",
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--data-dir",
         type=Path,
@@ -47,68 +103,99 @@ def _parser() -> argparse.ArgumentParser:
         help="data directory (default: $HYPEMAN_DATA_DIR, /var/lib/hypeman as root, "
         "else $XDG_DATA_HOME/hypeman)",
     )
-    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
     common.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
+    json_flag = _Parser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
-    parser = argparse.ArgumentParser(
-        prog="hypeman-images",
+    parser = _Parser(
+        prog=PROG,
         description="Turn OCI container images into bootable ext4 disks for microVMs.",
-        epilog="Exit codes: 0 ok, 1 other, 2 usage/name, 3 not found, 4 auth, 5 rate limited, "
-        "6 platform missing, 7 bad image, 8 digest mismatch, 9 e2fsprogs, 10 storage, 11 boot.",
+        epilog=f"Run '{PROG} COMMAND --help' for a command's options and examples.\n\n"
+        + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
+    def command(name: str, summary: str, *, data: bool = True) -> argparse.ArgumentParser:
         return sub.add_parser(
             name,
-            parents=[common],
-            help=help,
-            description=help,
-            epilog=f"example:\n  {EXAMPLES.get(name, '')}",
+            parents=[common, json_flag] if data else [common],
+            help=summary,
+            description=summary,
+            epilog=EXAMPLES[name],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
-    p = command("pull", "Pull an image and convert it into rootfs.ext4; print the disk's path.")
-    p.add_argument("image", help="image reference, e.g. alpine, localhost:5000/app:1, repo@sha256:…")
+    p = command("pull", "Pull an image, convert it into rootfs.ext4 and print the disk's path.")
+    p.add_argument("image", help="image reference: alpine, localhost:5000/app:1, repo@sha256:…")
     p.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from an index (default: host's)")
     p.add_argument(
         "--free-space", default=None, help="free space to leave in the disk (e.g. 64M; default 16M)"
     )
     p.add_argument("--mke2fs", default=None, help="mke2fs binary to use (default: from PATH)")
-    p.add_argument("--no-progress", action="store_true", help="plain progress lines only")
+    p.add_argument("--no-progress", action="store_true", help="plain progress lines, no bars")
     p.set_defaults(run=_pull)
 
-    p = command("list", "List local images with their status and size.")
+    p = command("list", "List local images with their status, tags and size.")
     p.set_defaults(run=_list)
 
-    p = command("inspect", "Show an image's metadata (entrypoint, cmd, env, …) as JSON.")
-    p.add_argument("image")
+    p = command("inspect", "Show an image's metadata: entrypoint, cmd, env, status, disk.")
+    p.add_argument("image", help="tag or digest reference of a local image")
     p.set_defaults(run=_inspect)
 
-    p = command("rm", "Remove an image by tag (its disk goes with the last tag) or by digest.")
-    p.add_argument("image", nargs="+")
+    p = command("rm", "Remove images by tag or by digest.")
+    p.add_argument("image", nargs="+", help="tag or digest references")
     p.set_defaults(run=_rm)
 
-    p = command("gc", "Remove cached blobs no image needs and leftovers of interrupted builds.")
+    p = command("gc", "Free space: unneeded blobs, failed builds, leftovers of crashes.")
     p.set_defaults(run=_gc)
+
+    p = command("serve", "Run the REST API (hypeman's /images) on HOST:PORT.", data=False)
+    p.add_argument(
+        "--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT to bind (default {DEFAULT_LISTEN})"
+    )
+    p.add_argument("--token-file", type=Path, help="require this bearer token (file mode 0600)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help=f"builds run at once (default {DEFAULT_CONCURRENCY})",
+    )
+    p.set_defaults(run=_serve)
     return parser
 
 
-def _manager(args: argparse.Namespace, options: BuildOptions | None = None) -> ImageManager:
-    return ImageManager(args.data_dir or default_data_dir(), options=options)
+def _manager(
+    args: argparse.Namespace, options: BuildOptions | None = None, concurrency: int | None = None
+) -> ImageManager:
+    return ImageManager(
+        args.data_dir or default_data_dir(),
+        options=options,
+        concurrency=concurrency or DEFAULT_CONCURRENCY,
+        pause=PauseHook.from_env(),  # the documented crash-test hook; unset in real use
+    )
 
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
-def _image_json(image: StoredImage) -> dict[str, Any]:
-    doc = json.loads(image.record.to_json())
+def _image_json(image: Image, *, metadata: bool = False) -> dict[str, Any]:
+    doc = image.to_json()
     doc["repository"] = image.repository
-    doc["tags"] = list(image.tags)
-    doc["disk"] = str(image.disk) if image.disk.exists() else None
+    doc["disk"] = str(image.disk) if image.disk else None
+    if metadata:
+        doc["metadata"] = json.loads(image.record.to_json())
     return doc
+
+
+def _reporter(args: argparse.Namespace) -> Reporter:
+    if args.json:
+        return Reporter()
+    if sys.stderr.isatty() and not args.no_progress:
+        return RichReporter()
+    return PlainReporter()
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -119,18 +206,13 @@ def _pull(args: argparse.Namespace) -> int:
         options = replace(options, free_space=parse_size(args.free_space))
     if args.mke2fs:
         options = replace(options, mke2fs=args.mke2fs)
-    reporter: Reporter
-    if args.json:
-        reporter = Reporter()
-    elif sys.stderr.isatty() and not args.no_progress:
-        reporter = RichReporter()
-    else:
-        reporter = PlainReporter()
+    reporter = _reporter(args)
     try:
         with _manager(args, options) as manager:
-            image = manager.pull(args.image, reporter=reporter)
+            stored = manager.pull(args.image, reporter=reporter)
     finally:
         reporter.close()
+    image = image_of(stored)
     if args.json:
         _print_json(_image_json(image))
     else:
@@ -144,13 +226,15 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json([_image_json(i) for i in images])
         return 0
-    rows = [("REPOSITORY", "TAGS", "DIGEST", "STATUS", "SIZE")]
+    rows = [("REPOSITORY", "TAGS", "DIGEST", "STATUS", "SIZE", "CREATED")]
     for image in images:
-        record = image.record
-        size = f"{(record.size_bytes or 0) / 2**20:.1f} MiB" if record.size_bytes else "-"
-        rows.append(
-            (image.repository, ",".join(image.tags) or "-", record.digest[7:19], record.status, size)
-        )
+        size = human_size(image.size_bytes) if image.size_bytes else "-"
+        status = str(image.status)
+        if image.queue_position:
+            status += f" (#{image.queue_position})"
+        short = image.digest.partition(":")[2][:12]
+        tags = ",".join(image.tags) or "-"
+        rows.append((image.repository, tags, short, status, size, image.created_at))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -160,7 +244,29 @@ def _list(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     with _manager(args) as manager:
         image = manager.get(args.image)
-    _print_json(_image_json(image))
+    if args.json:
+        _print_json(_image_json(image, metadata=True))
+        return 0
+    fields: list[tuple[str, object]] = [
+        ("name", image.name),
+        ("digest", image.digest),
+        ("status", image.status),
+        ("error", image.error),
+        ("tags", ", ".join(image.tags) or "-"),
+        ("platform", image.platform),
+        ("size", human_size(image.size_bytes) if image.size_bytes else None),
+        ("entrypoint", json.dumps(image.entrypoint)),
+        ("cmd", json.dumps(image.cmd)),
+        ("working_dir", image.working_dir or "/"),
+        ("user", image.user or "root"),
+        ("created_at", image.created_at),
+        ("disk", image.disk),
+    ]
+    for key, value in fields:
+        if value is not None:
+            print(f"{key + ':':13} {value}")
+    for item in image.record.env:
+        print(f"{'env:':13} {item}")
     return 0
 
 
@@ -181,10 +287,80 @@ def _gc(args: argparse.Namespace) -> int:
     with _manager(args) as manager:
         report = manager.gc()
     if args.json:
-        _print_json({"blobs_removed": report.blobs_removed, "bytes_freed": report.bytes_freed})
+        _print_json(
+            {
+                "blobs_removed": report.blobs_removed,
+                "directories_removed": report.directories_removed,
+                "bytes_freed": report.bytes_freed,
+            }
+        )
     else:
-        print(f"removed {report.blobs_removed} blobs, freed {report.bytes_freed} bytes")
+        print(
+            f"removed {report.blobs_removed} blobs and {report.directories_removed} build "
+            f"directories, freed {human_size(report.bytes_freed)}"
+        )
     return 0
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    host, colon, port_text = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise InvalidArgument(f"invalid --listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    return host, int(port_text)
+
+
+def read_token(path: Path) -> str:
+    """The bearer token in ``path``; refuses a file others may read."""
+    try:
+        info = path.stat()
+        text = path.read_text()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read token file {path}: {exc.strerror}") from exc
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InvalidArgument(
+            f"token file {path} is accessible by group or others "
+            f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}"
+        )
+    token = text.strip()
+    if not token:
+        raise InvalidArgument(f"token file {path} is empty")
+    return token
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # Imported here: the other commands need neither and start faster without them.
+    import uvicorn
+
+    from .api import create_app
+
+    host, port = _listen_address(args.listen)
+    token = read_token(args.token_file) if args.token_file else None
+    if args.concurrency < 1:
+        raise InvalidArgument(f"--concurrency must be at least 1, not {args.concurrency}")
+    manager = _manager(args, concurrency=args.concurrency)
+    try:
+        report = manager.recover()
+        if report.resumed:
+            log.warning("resuming %d interrupted builds", len(report.resumed))
+        config = uvicorn.Config(
+            create_app(manager, token=token),
+            host=host,
+            port=port,
+            log_level="info" if args.verbose else "warning",
+            access_log=bool(args.verbose),
+        )
+        server = uvicorn.Server(config)
+        print(
+            f"{PROG}: serving on http://{args.listen} (data dir {manager.data.root}, "
+            f"concurrency {args.concurrency}{', token required' if token else ''})",
+            file=sys.stderr,
+            flush=True,
+        )
+        server.run()
+    finally:
+        manager.close(timeout=SHUTDOWN_GRACE_S)
+    return 0 if server.started else 1
 
 
 def _configure_logging(verbosity: int) -> None:
@@ -203,12 +379,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except HypemanError as exc:
-        if args.json:
-            _print_json({"error": exc.message, "kind": type(exc).__name__})
-        print(f"hypeman-images: error: {exc.message}", file=sys.stderr)
+        if getattr(args, "json", False):
+            _print_json({"code": exc.code, "message": exc.message, "exit_code": exc.exit_code})
+        print(f"{PROG}: error: {exc.message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("hypeman-images: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InvalidArgument
+from .flatten import Limits
 from .spec import Platform
 
 SYSTEM_DATA_DIR = Path("/var/lib/hypeman")
@@ -67,8 +68,13 @@ def parse_size(text: str) -> int:
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """How one image is turned into a disk."""
+    """How one image is turned into a disk.
+
+    ``limits`` are the safety limits against hostile layers (entries, sizes,
+    header and path lengths); the defaults fit every real image.
+    """
 
     platform: Platform = field(default_factory=Platform.host)
     free_space: int = DEFAULT_FREE_SPACE
     mke2fs: str | None = None
+    limits: Limits = field(default_factory=Limits)

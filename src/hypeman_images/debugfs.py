@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .e2fsprogs import E2fsprogs, run_tool, tail
 from .errors import StorageError, ToolError
+from .fsutil import temp_prefix
 
 
 def quote(path: bytes) -> bytes:
@@ -119,7 +120,7 @@ def run_batch(tools: E2fsprogs, image: Path, batch: Batch, *, fake_time: int) ->
 def new_workdir(near: Path) -> tempfile.TemporaryDirectory[str]:
     """A private temp dir beside the image (same filesystem, removed afterwards)."""
     try:
-        return tempfile.TemporaryDirectory(prefix=".debugfs-", dir=near)
+        return tempfile.TemporaryDirectory(prefix=temp_prefix("debugfs"), dir=near)
     except OSError as exc:
         raise _storage_error(exc, f"cannot create a temp dir in {near}") from exc
 

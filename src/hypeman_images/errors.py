@@ -19,6 +19,7 @@ by class, never by searching the message::
     ├── LayerError              a layer is corrupt or hostile        (exit 7, HTTP 422)
     ├── LimitExceeded           a configured safety limit was hit    (exit 7, HTTP 422)
     ├── ToolError               mke2fs/e2fsck/debugfs missing or failing (exit 9, HTTP 500)
+    ├── Conflict                the image is being built; retry later (exit 1, HTTP 409)
     ├── StorageError            the data dir cannot be written (full disk, permissions)
     │                                                               (exit 10, HTTP 507)
     └── BootError               the VM did not boot or run the command (exit 11, HTTP 500)
@@ -33,9 +34,11 @@ from __future__ import annotations
 class HypemanError(Exception):
     """Root of every error the library raises on purpose.
 
-    ``exit_code`` is what the CLI exits with; ``http_status`` is what the API answers.
+    ``exit_code`` is what the CLI exits with; ``http_status`` is what the API answers;
+    ``code`` is the stable machine-readable name both print in JSON errors.
     """
 
+    code: str = "internal_error"
     exit_code: int = 1
     http_status: int = 500
 
@@ -50,6 +53,7 @@ class HypemanError(Exception):
 class InvalidReference(HypemanError):
     """The image name does not follow the reference grammar."""
 
+    code = "invalid_name"
     exit_code = 2
     http_status = 400
 
@@ -57,6 +61,7 @@ class InvalidReference(HypemanError):
 class InvalidArgument(HypemanError):
     """A user-supplied value other than an image name is malformed."""
 
+    code = "invalid_argument"
     exit_code = 2
     http_status = 400
 
@@ -64,6 +69,7 @@ class InvalidArgument(HypemanError):
 class NotFound(HypemanError):
     """The repository, tag, digest or local image does not exist."""
 
+    code = "not_found"
     exit_code = 3
     http_status = 404
 
@@ -71,12 +77,14 @@ class NotFound(HypemanError):
 class PlatformNotFound(NotFound):
     """An image index offers no manifest for the requested platform."""
 
+    code = "platform_not_found"
     exit_code = 6
 
 
 class Unauthorized(HypemanError):
     """The registry refused the request for lack of valid credentials."""
 
+    code = "registry_unauthorized"
     exit_code = 4
     http_status = 401
 
@@ -84,6 +92,7 @@ class Unauthorized(HypemanError):
 class RateLimited(HypemanError):
     """The registry answered 429. Never retried silently."""
 
+    code = "rate_limited"
     exit_code = 5
     http_status = 429
 
@@ -95,6 +104,7 @@ class RateLimited(HypemanError):
 class RegistryError(HypemanError):
     """The registry failed in a way not covered by a more specific class."""
 
+    code = "registry_error"
     exit_code = 1
     http_status = 502
 
@@ -109,10 +119,13 @@ class RegistryError(HypemanError):
 class TransientError(RegistryError):
     """A failure worth retrying: 5xx, timeouts, dropped connections."""
 
+    code = "registry_unavailable"
+
 
 class UnsupportedManifest(RegistryError):
     """The manifest format is one this tool does not accept (e.g. schema 1)."""
 
+    code = "unsupported_manifest"
     exit_code = 7
     http_status = 422
 
@@ -120,6 +133,7 @@ class UnsupportedManifest(RegistryError):
 class DigestMismatch(HypemanError):
     """Content did not hash to the digest that named it."""
 
+    code = "digest_mismatch"
     exit_code = 8
     http_status = 502
 
@@ -127,6 +141,7 @@ class DigestMismatch(HypemanError):
 class LayerError(HypemanError):
     """A layer is corrupt, inconsistent with the config, or hostile."""
 
+    code = "bad_layer"
     exit_code = 7
     http_status = 422
 
@@ -134,6 +149,7 @@ class LayerError(HypemanError):
 class LimitExceeded(HypemanError):
     """A configured safety limit (sizes, entry counts) was exceeded."""
 
+    code = "limit_exceeded"
     exit_code = 7
     http_status = 422
 
@@ -141,13 +157,23 @@ class LimitExceeded(HypemanError):
 class ToolError(HypemanError):
     """An external tool (mke2fs, e2fsck, debugfs) is missing, too old or failed."""
 
+    code = "tool_error"
     exit_code = 9
     http_status = 500
+
+
+class Conflict(HypemanError):
+    """The request clashes with work in progress, e.g. deleting an image while it builds."""
+
+    code = "conflict"
+    exit_code = 1
+    http_status = 409
 
 
 class StorageError(HypemanError):
     """The data directory cannot be written: full disk, permissions, I/O errors."""
 
+    code = "storage_error"
     exit_code = 10
     http_status = 507
 
@@ -155,5 +181,6 @@ class StorageError(HypemanError):
 class BootError(HypemanError):
     """The VM did not boot, or did not run the image's command to completion."""
 
+    code = "boot_error"
     exit_code = 11
     http_status = 500

@@ -36,6 +36,7 @@ from . import debugfs, ext4_fallback
 from .digest import Digest
 from .e2fsprogs import E2fsprogs, run_tool, tail, tool_env
 from .errors import StorageError, ToolError
+from .fsutil import temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +404,7 @@ def build_disk(
     if not mke2fs.tar_input:
         log.warning("%s — using the slower fallback", mke2fs.why_no_tar)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(dest.name), dir=dest.parent)
         os.close(fd)
     except OSError as exc:
         raise _storage(exc, f"cannot create a temp file in {dest.parent}") from exc

@@ -31,6 +31,7 @@ from typing import IO, BinaryIO
 
 from .debugfs import Batch
 from .errors import LayerError, StorageError
+from .fsutil import temp_prefix
 
 _CHUNK = 1 << 20
 _ZERO = bytes(_CHUNK)
@@ -63,7 +64,7 @@ class _Replay:
 def staging_dir(near: Path) -> Iterator[Path]:
     """A private directory beside the disk (same filesystem), removed afterwards."""
     try:
-        tmp = tempfile.TemporaryDirectory(prefix=".staging-", dir=near)
+        tmp = tempfile.TemporaryDirectory(prefix=temp_prefix("staging"), dir=near)
     except OSError as exc:
         raise StorageError(f"cannot create a staging dir in {near}: {exc.strerror}") from exc
     with tmp as name:

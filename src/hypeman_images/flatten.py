@@ -26,10 +26,22 @@ Semantic choices (see each function for the reasoning and citations):
   umoci (``filepath.Join("/", name)``) and containerd (``fs.RootPath``) do.
 - A missing parent is created as ``0755 root:root`` mtime 0 (containerd's
   ``mkdirAll(parent, 0755)``; docker does the same).
-- A parent that is a non-directory -- a file, or a symlink -- is a
-  :class:`LayerError`. Symlinks are never followed, not even within the tree.
+- Parent components are resolved inside the tree as umoci does with
+  ``securejoin.SecureJoinVFS`` (docker and containerd likewise resolve the
+  parent within the root): a symlinked parent is followed, absolute targets
+  start at the image root and ``..`` stops there, so ``a -> /etc`` then
+  ``a/passwd`` writes ``etc/passwd`` and ``lib -> usr/lib`` then ``lib/x.so``
+  writes ``usr/lib/x.so`` (creating ``usr/lib`` if the link dangles, like
+  umoci's ``MkdirAll``). The last component is never followed: an entry named
+  like a symlink replaces it. Whiteout and opaque markers and hard-link
+  targets resolve their directory the same way. Over 255 hops is a
+  :class:`LayerError` (securejoin's ELOOP), as is a parent that resolves to a
+  non-directory (umoci's ENOTDIR). It all happens in the in-memory tree.
 - Whiteouts and opaque markers apply to the lower layers only, so they run
-  before the layer's other entries whatever their position in the tar.
+  before the layer's other entries whatever their position in the tar. They
+  are recognised by name whatever their type flag; a marker implies that its
+  directory exists (created like any missing parent); a bare ``.wh.`` is an
+  error; AUFS ``.wh..wh.*`` bookkeeping is skipped as containerd does.
 - A hard link shares the inode its target has at that moment; the link's own
   header metadata is ignored (it describes the same inode).
 """
@@ -171,7 +183,8 @@ def clean_path(raw: bytes, *, where: str | _Where, limits: Limits) -> bytes:
     ``a/../../x`` all become ``x`` -- as umoci (``filepath.Join("/", hdr.Name)``
     in ``oci/layer/tar_extract.go``) and containerd (``fs.RootPath``) do. The
     result never starts with ``/`` and never climbs out; ``b""`` is the root.
-    Symlinks in the tree play no part: resolution is purely lexical.
+    Symlinks in the tree play no part here: resolution is purely lexical;
+    :func:`merge` then follows symlinked parents within the tree.
     """
     if b"\0" in raw:
         raise LayerError(f"{where}: name {raw!r} contains a NUL byte")
@@ -320,6 +333,9 @@ class _Inode:
 
 
 _IMPLICIT = (0o755, 0, 0, 0, ())
+# securejoin (and so umoci) fails with ELOOP past 255 dereferences in one path; Linux
+# itself stops at 40 (MAXSYMLINKS), but the reference for layers is securejoin.
+MAX_SYMLINK_HOPS = 255
 
 
 class _Builder:
@@ -327,12 +343,75 @@ class _Builder:
         self.root = _Dir(*_IMPLICIT)
         self.limits = limits
 
-    def lookup(self, path: bytes) -> _Dir | _Inode | None:
-        """The node at ``path``, never following symlinks; ``None`` if absent."""
-        node: _Dir | _Inode = self.root
+    def resolve(self, path: bytes, where: str | _Where) -> list[bytes]:
+        """The components of ``path``'s real location, every symlink followed in the tree.
+
+        This is ``securejoin.SecureJoinVFS(root, path)`` (github.com/cyphar/
+        filepath-securejoin, which umoci's ``UnpackEntry`` applies to the
+        directory part of every name and of every hard-link target) over the
+        in-memory tree: component by component, a symlink is replaced by its
+        target, an absolute target restarts at the image root, ``..`` drops
+        the last *resolved* component and stops at the root, so nothing ever
+        leaves the image. A missing component, or one below a non-directory,
+        is kept as it is (a later mkdir -- or its ENOTDIR -- decides). More
+        than :data:`MAX_SYMLINK_HOPS` dereferences is ELOOP, a LayerError.
+        """
         if not path:
-            return node
-        for part in path.split(b"/"):
+            return []
+        parts = path.split(b"/")
+        node: _Dir | _Inode | None = self.root
+        for part in parts:  # fast path: no symlink on the way, nothing to rewrite
+            node = node.children.get(part) if isinstance(node, _Dir) else None
+            if isinstance(node, _Inode) and node.entry.kind is Kind.SYMLINK:
+                return self._resolve_links(parts, where)
+        return parts
+
+    def _resolve_links(self, parts: list[bytes], where: str | _Where) -> list[bytes]:
+        todo = parts[::-1]  # a stack: the next component is at the end
+        done: list[bytes] = []
+        nodes: list[_Dir | _Inode | None] = [self.root]  # nodes[i]: the node at done[:i]
+        hops = 0
+        while todo:
+            part = todo.pop()
+            if part in (b"", b"."):
+                continue
+            if part == b"..":
+                if done:
+                    done.pop()
+                    nodes.pop()
+                continue
+            holder = nodes[-1]
+            node = holder.children.get(part) if isinstance(holder, _Dir) else None
+            if isinstance(node, _Inode) and node.entry.kind is Kind.SYMLINK:
+                hops += 1
+                if hops > MAX_SYMLINK_HOPS:
+                    raise LayerError(
+                        f"{where}: resolving {b'/'.join(parts)!r}: too many levels of symbolic "
+                        f"links (more than {MAX_SYMLINK_HOPS}, as securejoin counts)"
+                    )
+                target = node.entry.target
+                if target.startswith(b"/"):
+                    del done[:], nodes[1:]
+                todo.extend(target.split(b"/")[::-1])
+                continue
+            if len(part) > _NAME_MAX:
+                raise LayerError(
+                    f"{where}: a symlink on the way to {b'/'.join(parts)!r} names a component of "
+                    f"{len(part)} bytes; ext4 allows {_NAME_MAX}"
+                )
+            done.append(part)
+            nodes.append(node)
+        if sum(len(p) + 1 for p in done) > self.limits.max_path_bytes:
+            raise LimitExceeded(
+                f"{where}: {b'/'.join(parts)!r} resolves through symlinks to a path longer than "
+                f"Limits.max_path_bytes={self.limits.max_path_bytes}"
+            )
+        return done
+
+    def find(self, parts: list[bytes]) -> _Dir | _Inode | None:
+        """The node at resolved ``parts`` (no symlink is followed); ``None`` if absent."""
+        node: _Dir | _Inode = self.root
+        for part in parts:
             if not isinstance(node, _Dir):
                 return None
             child = node.children.get(part)
@@ -341,17 +420,28 @@ class _Builder:
             node = child
         return node
 
+    def lookup(self, path: bytes, where: str | _Where) -> _Dir | _Inode | None:
+        """The node ``path`` names: its parents resolved, its last component not followed."""
+        if not path:
+            return self.root
+        parent, base = _split(path)
+        holder = self.find(self.resolve(parent, where))
+        return holder.children.get(base) if isinstance(holder, _Dir) else None
+
     def parent_dir(self, path: bytes, where: str | _Where) -> _Dir:
         """The directory that will hold ``path``, creating missing ones (0755 root:root).
 
-        A non-directory in a parent position is an error, symlinks included: the
-        spec is silent, containerd follows symlinks (within the root) and fails on
-        files with ENOTDIR. We never follow: layers written by diffing a real
-        filesystem cannot contain ``a/b`` while ``a`` is a symlink, so such an
-        entry is a crafted or broken layer, and guessing would change the image.
+        The parent is resolved first (:meth:`resolve`, symlinks followed within
+        the tree as umoci and containerd do), so ``lib/x.so`` under ``lib ->
+        usr/lib`` lands in ``usr/lib``; directories missing at the resolved
+        place are created, like umoci's ``MkdirAll`` of the securejoined
+        directory (a dangling ``lib -> usr/lib`` gets ``usr/lib``). A
+        non-directory there is ENOTDIR in umoci (``mkdir parent``) and here a
+        :class:`LayerError`.
         """
         node = self.root
-        parts = path.split(b"/")[:-1]
+        parent, _ = _split(path)
+        parts = self.resolve(parent, where)
         for i, part in enumerate(parts):
             child = node.children.get(part)
             if child is None:
@@ -360,7 +450,7 @@ class _Builder:
                 what = child.entry.kind.value
                 raise LayerError(
                     f"{where}: {path!r} needs {b'/'.join(parts[: i + 1])!r} to be a directory, "
-                    f"but it is a {what} in the layers below; symlinks are not followed"
+                    f"but it is a {what} in the layers below (not a directory)"
                 )
             node = child
         return node
@@ -371,14 +461,17 @@ class _Builder:
         # never siblings from the same layer, whatever their order in the tar
         # (image-spec layer.md: "Whiteouts ... MUST only apply to resources in
         # lower/parent layers"; "opaque whiteout ... hides all siblings" below).
+        # The marker's directory is resolved like any parent (umoci's ociWhiteout
+        # gets the securejoined dir): ``a/.wh.x`` under ``a -> /etc`` deletes
+        # ``etc/x``, the symlink ``a`` itself only by ``.wh.a``.
         for entry in scan.entries:
             if entry.kind is Kind.WHITEOUT:
                 parent, base = _split(entry.path)
-                holder = self.lookup(parent)
+                holder = self.find(self.resolve(parent, _Where(where, entry.ordinal)))
                 if isinstance(holder, _Dir):
                     holder.children.pop(base, None)  # absent: a no-op
             elif entry.kind is Kind.OPAQUE:
-                holder = self.lookup(entry.path)
+                holder = self.find(self.resolve(entry.path, _Where(where, entry.ordinal)))
                 if isinstance(holder, _Dir):
                     holder.children.clear()
         for entry in scan.entries:
@@ -410,7 +503,9 @@ class _Builder:
             # The link shares the inode its target has now (in this layer earlier or
             # below); replacing the target later leaves the link alone. A target that
             # only appears later in the tar is not there yet: tar order is the order.
-            found = self.lookup(entry.target)
+            # Its target's parents are resolved too (umoci securejoins the link's
+            # directory, not its last component: a link may name a symlink).
+            found = self.lookup(entry.target, where)
             if found is None:
                 raise LayerError(
                     f"{where}: hard link {entry.path!r} -> {entry.target!r}: no such file "

@@ -12,16 +12,24 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeGuard
 
 from .errors import StorageError
 
 TEMP_PREFIX = ".tmp-"
 
 
+def temp_prefix(name: str) -> str:
+    """The start of a temp name for ``name``: ``.tmp-<name>.<pid>.`` (see :func:`writer_alive`).
+
+    For ``tempfile`` functions, which add the random part themselves.
+    """
+    return f"{TEMP_PREFIX}{name}.{os.getpid()}."
+
+
 def temp_name(final: Path) -> Path:
     """A unique temp path beside ``final``, recognisable by :data:`TEMP_PREFIX`."""
-    return final.with_name(f"{TEMP_PREFIX}{final.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    return final.with_name(temp_prefix(final.name) + secrets.token_hex(4))
 
 
 def fsync_dir(path: Path) -> None:
@@ -47,7 +55,7 @@ def storage_error(exc: OSError, what: str) -> StorageError:
     return StorageError(f"{what}: {exc.strerror or exc}")
 
 
-def is_storage_failure(exc: BaseException) -> bool:
+def is_storage_failure(exc: BaseException) -> TypeGuard[OSError]:
     """An OSError from our own file operations, not a network error that is also an OSError."""
     return isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError)
 

@@ -1,26 +1,123 @@
-"""The one seam the CLI and the API use: create, list, get, delete, gc.
+"""The one seam the CLI and the API use: create, list, get, delete, gc, recover.
 
-:class:`ImageManager` owns the data dir (image store + blob cache) and the
-registry client, and runs :func:`pipeline.build` for each image.
+:class:`ImageManager` owns a data dir (image store + blob cache), the registry
+client and a :class:`~hypeman_images.builds.BuildQueue`. ``create`` resolves
+the name to a digest with one manifest GET (concurrent requests for the same
+name share it), then joins the build already queued for that digest or queues
+a new one, and returns at once. ``pull`` is ``create`` plus waiting.
+
+Deleting an image whose build is queued or running is refused with
+:class:`~hypeman_images.errors.Conflict` (HTTP 409): cancelling would need
+every stage (download threads, mke2fs) to stop cooperatively, and a refusal
+is simple to reason about. Wait for the build to end, then delete.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from .blobs import BlobStore
+from .builds import BuildKey, BuildQueue, Job, PauseHook, PausingReporter
 from .config import BuildOptions, DataDir
 from .digest import Digest
-from .pipeline import BuildStats, build
+from .errors import Conflict, HypemanError, NotFound
+from .fsutil import TEMP_PREFIX, storage_error, writer_alive
+from .metrics import Metrics, QueueGauges
+from .pipeline import BuildStats, build_resolved, initial_record
 from .progress import Reporter
+from .pull import ResolvedImage, resolve
 from .reference import Reference, parse_reference
 from .registry import RegistryClient
-from .store import ImageStatus, ImageStore, StoredImage
+from .spec import Platform
+from .store import (
+    DELETING_PREFIX,
+    DISK_NAME,
+    LOCK_NAME,
+    METADATA_NAME,
+    ImageRecord,
+    ImageStatus,
+    ImageStore,
+    StoredImage,
+)
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CONCURRENCY = 2
+_HEX64 = re.compile(r"[a-f0-9]{64}")
+
+
+class Builder(Protocol):
+    """The shape of :func:`pipeline.build_resolved`: a seam for tests to observe builds."""
+
+    def __call__(
+        self,
+        resolved: ResolvedImage,
+        *,
+        client: RegistryClient,
+        blobs: BlobStore,
+        store: ImageStore,
+        options: BuildOptions,
+        reporter: Reporter,
+        on_status: Callable[[Reference, ImageRecord], None] | None,
+        stats: BuildStats,
+    ) -> StoredImage: ...
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image as the CLI and the API show it: its record plus live queue state.
+
+    ``name`` is the canonical reference asked for (or recorded); ``disk`` is
+    set only when the image is ready. ``record`` is the full metadata.json.
+    """
+
+    name: str
+    digest: str
+    status: ImageStatus
+    queue_position: int | None
+    error: str | None
+    size_bytes: int | None
+    entrypoint: list[str] | None
+    cmd: list[str] | None
+    env: dict[str, str]
+    working_dir: str
+    user: str
+    created_at: str
+    repository: str
+    tags: tuple[str, ...]
+    platform: str | None
+    disk: Path | None
+    record: ImageRecord = field(repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The API's ``Image`` object (hypeman's shape, plus tags and platform)."""
+        return {
+            "name": self.name,
+            "digest": self.digest,
+            "status": str(self.status),
+            "queue_position": self.queue_position,
+            "error": self.error,
+            "size_bytes": self.size_bytes,
+            "entrypoint": self.entrypoint,
+            "cmd": self.cmd,
+            "env": self.env,
+            "working_dir": self.working_dir,
+            "user": self.user,
+            "created_at": self.created_at,
+            "tags": list(self.tags),
+            "platform": self.platform,
+        }
 
 
 @dataclass(frozen=True)
@@ -29,13 +126,30 @@ class GcReport:
 
     blobs_removed: int
     bytes_freed: int
+    directories_removed: int = 0
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What ``recover`` found: builds resumed, tag links restored, bytes of leftovers freed."""
+
+    resumed: tuple[str, ...]
+    retagged: tuple[str, ...]
+    bytes_freed: int
+
+
+def env_map(env: list[str]) -> dict[str, str]:
+    """``["K=V", …]`` as a mapping (a later duplicate wins, as in a process environment)."""
+    return dict(item.partition("=")[::2] for item in env)
 
 
 class ImageManager:
-    """Images in one data dir.
+    """Images in one data dir, built by a queue of at most ``concurrency`` builds.
 
-    ``client_factory`` makes the registry client (tests pass one with their own
-    transport or configuration); it is called once and the client is reused.
+    ``client_factory`` makes the registry client (tests pass their own); it is
+    called once, on first use. ``builder`` is the pipeline (a seam for tests).
+    ``pause`` is the crash-test hook of :mod:`hypeman_images.builds`.
+    Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(
@@ -44,32 +158,64 @@ class ImageManager:
         *,
         options: BuildOptions | None = None,
         client_factory: Callable[[], RegistryClient] = RegistryClient,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        builder: Builder = build_resolved,
+        pause: PauseHook | None = None,
     ) -> None:
         self.data = DataDir(data_dir)
         self.options = options or BuildOptions()
         self.store = ImageStore(self.data.images)
         self.blobs = BlobStore(self.data.cache)
+        self.metrics = Metrics()
         self._client_factory = client_factory
         self._client: RegistryClient | None = None
+        self._builder = builder
+        self._pause = pause or PauseHook()
+        # Guards the job table against create/delete/gc interleaving; always taken
+        # before the queue's own lock, never after it.
+        self._lock = threading.RLock()
+        self._resolving: dict[tuple[str, Platform], Future[ResolvedImage]] = {}
+        self._queue = BuildQueue(self._run, concurrency)
 
     @property
     def client(self) -> RegistryClient:
         """The registry client, made on first use."""
-        if self._client is None:
-            self._client = self._client_factory()
-        return self._client
+        with self._lock:
+            if self._client is None:
+                self._client = self._client_factory()
+            return self._client
 
-    def close(self) -> None:
-        """Release the registry client's connections."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+    def close(self, timeout: float | None = None) -> None:
+        """Stop starting builds; wait up to ``timeout`` for running ones; release connections.
+
+        Builds still running after ``timeout`` die with the process and are
+        resumed by the next :meth:`recover`.
+        """
+        if self._queue.close(timeout):
+            with self._lock:
+                if self._client is not None:
+                    self._client.close()
+                    self._client = None
+        else:
+            log.warning("builds still running at shutdown; they resume at the next start")
 
     def __enter__(self) -> ImageManager:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- requests ---------------------------------------------------------------
+
+    def create(self, name: str | Reference, *, options: BuildOptions | None = None) -> Image:
+        """Ask for ``name`` to be built; return at once (pending, or ready if already built).
+
+        The name is resolved to its digest first (one manifest GET); unknown
+        names raise :class:`NotFound` here rather than failing later.
+        """
+        ref = _parse(name)
+        image, _ = self._submit(ref, options or self.options, None, None)
+        return image
 
     def pull(
         self,
@@ -79,43 +225,497 @@ class ImageManager:
         reporter: Reporter | None = None,
         stats: BuildStats | None = None,
     ) -> StoredImage:
-        """Resolve, pull and convert ``name`` now; return the ready image."""
-        ref = parse_reference(name) if isinstance(name, str) else name
-        return build(
-            ref,
-            client=self.client,
-            blobs=self.blobs,
-            store=self.store,
-            options=options or self.options,
-            reporter=reporter,
-            stats=stats,
-        )
+        """Build ``name`` through the queue and wait; return the ready image or raise."""
+        ref = _parse(name)
+        reporter = reporter or Reporter()
+        stats = stats if stats is not None else BuildStats()
+        reporter.stage("resolving", ref.familiar())
+        image, job = self._submit(ref, options or self.options, reporter, stats)
+        if job is None:
+            reporter.stage("ready", f"{ref.familiar()} (already built)")
+            return self.store.find(ref.with_digest(Digest.parse(image.digest)))
+        job.wait()
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
 
-    def get(self, name: str | Reference) -> StoredImage:
-        """The local image ``name`` names (tag or digest); NotFound otherwise."""
-        ref = parse_reference(name) if isinstance(name, str) else name
-        return self.store.find(ref)
+    def wait(self, name: str | Reference, timeout: float | None = None) -> Image:
+        """Block until the build ``name`` names ends (or ``timeout``); return its image."""
+        ref = _parse(name)
+        with self._lock:
+            job = self._job_for(ref)
+        if job is not None:
+            job.wait(timeout)
+        return self.get(ref)
 
-    def list(self) -> list[StoredImage]:
-        """Every image in the store, by name."""
-        return sorted(self.store.scan(), key=lambda s: (s.repository, s.record.created_at))
+    def get(self, name: str | Reference) -> Image:
+        """The image ``name`` names (tag or digest), building or built; NotFound otherwise.
+
+        By tag, a build in progress for that tag wins over the ready digest the
+        tag still points at: it is what the asker is waiting for.
+        """
+        ref = _parse(name)
+        with self._lock:
+            job = self._job_for(ref)
+            if job is not None:
+                return self._job_image(job, str(ref))
+        return self._stored_image(self._find(ref), str(ref))
 
     def delete(self, name: str | Reference) -> list[str]:
-        """Delete by tag (the disk goes with its last tag) or by digest (with all its tags)."""
-        ref = parse_reference(name) if isinstance(name, str) else name
-        return self.store.remove(ref)
+        """Delete by tag (the disk goes with its last tag) or by digest (with all its tags).
+
+        Raises :class:`Conflict` while a build of that name or digest is queued
+        or running, :class:`NotFound` for an unknown name. Returns what was removed.
+        """
+        ref = _parse(name)
+        with self._lock:
+            job = self._job_for(ref)
+            if job is not None:
+                raise Conflict(
+                    f"{ref.familiar()} is being built ({job.status}); "
+                    "wait until it is ready or failed, then delete it"
+                )
+            stored = self._find(ref)
+            with _idle(stored.directory) as idle:
+                if not idle:
+                    raise Conflict(
+                        f"{ref.familiar()} is being built by another process; try again later"
+                    )
+                if stored.tags or ref.digest is not None:
+                    removed = self.store.remove(ref)
+                else:  # a failed or interrupted build has no tag link to go through
+                    self.store.remove_directory(stored.directory)
+                    removed = [f"{stored.repository}@{stored.record.digest}"]
+            self.blobs.untag(set(removed))
+            return removed
+
+    def list(self) -> list[Image]:
+        """Every image in the store and in the queue, by repository and age."""
+        jobs = {job.key: job for job in self._queue.jobs()}
+        images: list[Image] = []
+        for stored in self.store.scan():
+            key = _key_of(stored)
+            job = jobs.pop(key, None) if key is not None else None
+            images.append(self._job_image(job) if job else self._stored_image(stored))
+        images.extend(self._job_image(job) for job in jobs.values())
+        return sorted(images, key=lambda i: (i.repository, i.created_at, i.digest))
 
     def gc(self) -> GcReport:
-        """Remove blobs no ready or active image needs, and leftovers of interrupted work."""
-        keep: set[Digest] = set()
-        for image in self.store.scan():
-            record = image.record
-            if record.status is ImageStatus.FAILED:
+        """Remove what no image needs: failed or unreadable build dirs, their blobs, leftovers.
+
+        Blobs of ready and of queued, running or interrupted builds are kept.
+        """
+        with self._lock:
+            active = {job.key for job in self._queue.jobs()}
+            keep: set[Digest] = set()
+            freed = removed_dirs = 0
+            for directory, key in self._digest_dirs():
+                record = _read_record(directory)
+                if key in active:
+                    keep |= _blobs_of(record)
+                    continue
+                with _idle(directory) as idle:
+                    if idle and (record is None or record.status is ImageStatus.FAILED):
+                        freed += _tree_size(directory)
+                        self.store.remove_directory(directory)
+                        removed_dirs += 1
+                        continue
+                    if idle:
+                        freed += _sweep_build_dir(directory)
+                keep |= _blobs_of(record)
+            self._remove_dangling_tags()
+            freed += self.store.sweep()
+            result = self.blobs.gc(keep)
+        return GcReport(result.blobs_removed, result.bytes_freed + freed, removed_dirs)
+
+    def recover(self) -> RecoveryReport:
+        """Resume builds a crash interrupted and clean what it left; call once at start.
+
+        Records in pending/pulling/converting whose build lock nobody holds
+        are queued again from their name and digest (the manifest is fetched
+        again by digest, which gives the same build); a ready record whose tag
+        link is missing gets it; temp files and half-deleted dirs of dead
+        writers go. A build another live process holds is left to it.
+        """
+        resumed: list[str] = []
+        retagged: list[str] = []
+        with self._lock:
+            freed = self.store.sweep() + self.blobs.sweep_ingest()
+            for stored in sorted(self.store.scan(), key=lambda s: s.record.created_at):
+                record = stored.record
+                with _idle(stored.directory) as idle:
+                    if not idle:
+                        continue
+                    freed += _sweep_build_dir(stored.directory)
+                try:
+                    ref = parse_reference(record.name)
+                    digest = Digest.parse(record.digest)
+                except HypemanError as exc:
+                    log.warning("cannot recover %s: %s", stored.directory, exc)
+                    continue
+                if ref.name != stored.repository or digest.encoded != stored.directory.name:
+                    log.warning("ignoring %s: its record names %s", stored.directory, record.name)
+                    continue
+                broken = record.status is ImageStatus.READY and not stored.disk.is_file()
+                if record.status.active or broken:
+                    job = Job(BuildKey(ref.name, digest), ref.with_digest(digest), self.options)
+                    self._queue.submit(job)
+                    resumed.append(record.name)
+                elif record.status is ImageStatus.READY and ref.tag is not None:
+                    # The crash fell between "ready" and the tag link. A link that
+                    # exists was moved on purpose since, and stays.
+                    if self.store.tag_target(ref) is None:
+                        self.store.set_tag(ref, digest)
+                        retagged.append(str(ref))
+        if resumed or retagged:
+            log.info("recovery: resumed %s; retagged %s", resumed, retagged)
+        return RecoveryReport(tuple(resumed), tuple(retagged), freed)
+
+    def gauges(self) -> QueueGauges:
+        """Queue length and running builds, for metrics."""
+        waiting, running = self._queue.counts()
+        return QueueGauges(waiting, running)
+
+    # -- internals --------------------------------------------------------------
+
+    def _submit(
+        self,
+        ref: Reference,
+        options: BuildOptions,
+        reporter: Reporter | None,
+        stats: BuildStats | None,
+    ) -> tuple[Image, Job | None]:
+        """Join or queue the build ``ref`` resolves to; ``None`` job when already built."""
+        if ref.digest is not None:
+            # A digest-pinned name whose disk is ready needs no network at all.
+            ready = self._ready(ref, ref.digest)
+            if ready is not None:
+                self._reused(stats)
+                return self._stored_image(ready, str(ref)), None
+        resolved = self._resolve(ref, options.platform)
+        digest = resolved.digest
+        key = BuildKey(ref.name, digest)
+        with self._lock:
+            job = self._queue.get(key)
+            if job is not None:
+                job.add_name(resolved.ref)
+                if reporter is not None:
+                    job.reporter.attach(reporter)
+                return self._job_image(job, str(ref)), job
+            ready = self._ready(ref, digest)
+            if ready is not None:
+                self.store.set_tag(resolved.ref, digest)
+                self._reused(stats)
+                return self._stored_image(self.store.find(resolved.ref), str(ref)), None
+            self._write_pending(resolved)
+            job = Job(key, resolved.ref, options, resolved=resolved, stats=stats)
+            if reporter is not None:
+                job.reporter.attach(reporter)
+            self._queue.submit(job)
+            return self._job_image(job, str(ref)), job
+
+    def _resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
+        """One manifest GET per name however many ask at once."""
+        key = (str(ref), platform)
+        with self._lock:
+            future = self._resolving.get(key)
+            owner = future is None
+            if future is None:
+                future = self._resolving[key] = Future()
+        if owner:
+            try:
+                future.set_result(resolve(self.client, ref, platform))
+            except BaseException as exc:  # handed to every waiter, re-raised below
+                future.set_exception(exc)
+            finally:
+                with self._lock:
+                    del self._resolving[key]
+        return future.result()
+
+    def _ready(self, ref: Reference, digest: Digest) -> StoredImage | None:
+        record = self.store.read(ref, digest)
+        if record is None or record.status is not ImageStatus.READY:
+            return None
+        if not (self.store.digest_dir(ref, digest) / DISK_NAME).is_file():
+            return None
+        return self.store.find(ref.with_digest(digest))
+
+    def _reused(self, stats: BuildStats | None) -> None:
+        self.metrics.image_reused()
+        if stats is not None:
+            stats.reused = True
+
+    def _write_pending(self, resolved: ResolvedImage) -> None:
+        """Record the request on disk first, so a crash before the build starts resumes it."""
+        ref, digest = resolved.ref, resolved.digest
+        existing = self.store.read(ref, digest)
+        if existing is not None and existing.status.active:
+            return  # an interrupted build or another process's: the build lock sorts it out
+        fresh = initial_record(ref, digest, ImageStatus.PENDING)
+        record = (
+            existing.evolve(status=ImageStatus.PENDING, error=None, name=fresh.name)
+            if existing is not None
+            else fresh
+        )
+        # Name the blobs now: a gc while the build waits must keep what is cached.
+        manifest = resolved.manifest
+        record = record.evolve(
+            config_digest=str(manifest.config.digest),
+            layers=[str(layer.digest) for layer in manifest.layers],
+        )
+        self.store.write(ref, digest, record)
+
+    def _run(self, job: Job) -> None:
+        """A queue worker's body: build ``job`` and set every tag that asked for it."""
+        self.metrics.build_started()
+        started = time.monotonic()
+        ok = False
+
+        def on_status(ref: Reference, record: ImageRecord) -> None:
+            job.update(record)
+            if record.status is ImageStatus.READY:
+                self._pause.reached("tagging")
+
+        try:
+            resolved = job.resolved or self._resolve_again(job)
+            job.result = self._builder(
+                resolved,
+                client=self.client,
+                blobs=self.blobs,
+                store=self.store,
+                options=job.options,
+                reporter=PausingReporter(job.reporter, self._pause),
+                on_status=on_status,
+                stats=job.stats,
+            )
+            ok = True
+        except HypemanError as exc:
+            self._record_failure(job, exc)
+            raise
+        finally:
+            if job.stats.reused:
+                self.metrics.image_reused()
+            self.metrics.build_finished(
+                "success" if ok else "failure",
+                time.monotonic() - started,
+                job.stats.downloaded_bytes,
+                job.stats.cached_blobs,
+            )
+            with self._lock:
+                if ok:
+                    for name in job.names:
+                        self.store.set_tag(name, job.key.digest)
+                    job.result = self.store.find(job.ref)
+                    job.update(job.result.record)
+                self._queue.retire(job)
+
+    def _resolve_again(self, job: Job) -> ResolvedImage:
+        """A recovered build: fetch its manifest by digest (verified against it)."""
+        resolved = resolve(self.client, job.ref, job.options.platform)
+        job.resolved = resolved
+        return resolved
+
+    def _record_failure(self, job: Job, exc: HypemanError) -> None:
+        """Failures before the pipeline wrote anything (e.g. re-resolving) still end the record."""
+        directory = self.store.digest_dir(job.ref, job.key.digest)
+        record = self.store.read(job.ref, job.key.digest)
+        if record is None or not record.status.active:
+            return
+        with _idle(directory) as idle:
+            if idle:
+                failed = record.evolve(status=ImageStatus.FAILED, error=exc.message)
+                self.store.write(job.ref, job.key.digest, failed)
+                job.update(failed)
+
+    def _job_for(self, ref: Reference) -> Job | None:
+        found = [job for job in self._queue.jobs() if job.answers(ref)]
+        return found[-1] if found else None
+
+    def _find(self, ref: Reference) -> StoredImage:
+        """The stored image by digest or tag link; else the newest record built under that name."""
+        try:
+            return self.store.find(ref)
+        except NotFound:
+            if ref.digest is not None:
+                raise
+            # Failed and interrupted builds have no tag link; their record has the name.
+            named = [s for s in self.store.scan() if s.record.name == str(ref)]
+            if not named:
+                raise
+            return max(named, key=lambda s: s.record.updated_at or s.record.created_at)
+
+    def _job_image(self, job: Job, name: str | None = None) -> Image:
+        record = (
+            job.record
+            or self.store.read(job.ref, job.key.digest)
+            or initial_record(job.ref, job.key.digest, job.status)
+        )
+        if job.status is ImageStatus.FAILED and record.status is not ImageStatus.FAILED:
+            record = record.evolve(status=ImageStatus.FAILED, error=str(job.error))
+        directory = self.store.digest_dir(job.ref, job.key.digest)
+        return _image(
+            record,
+            job.key.repository,
+            (),
+            directory,
+            name=name,
+            status=job.status,
+            queue_position=self._queue.position(job),
+        )
+
+    def _stored_image(self, stored: StoredImage, name: str | None = None) -> Image:
+        return image_of(stored, name)
+
+    def _digest_dirs(self) -> Iterator[tuple[Path, BuildKey]]:
+        """Every build directory, readable record or not."""
+        root = self.store.root
+        for path in sorted(root.rglob("*")):
+            if not _HEX64.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
                 continue
-            keep.add(Digest.parse(record.digest))
-            if record.config_digest:
-                keep.add(Digest.parse(record.config_digest))
-            keep.update(Digest.parse(layer) for layer in record.layers)
-        freed = self.store.sweep()
-        result = self.blobs.gc(keep)
-        return GcReport(result.blobs_removed, result.bytes_freed + freed)
+            relative = path.relative_to(root)
+            if any(p.startswith((TEMP_PREFIX, DELETING_PREFIX)) for p in relative.parts):
+                continue
+            yield path, BuildKey(relative.parent.as_posix(), Digest("sha256", path.name))
+
+    def _remove_dangling_tags(self) -> None:
+        """Tag links whose build dir is gone (a failed rebuild removed by gc)."""
+        for path in self.store.root.rglob("*"):
+            if path.is_symlink() and not path.exists() and not path.name.startswith(TEMP_PREFIX):
+                path.unlink(missing_ok=True)
+
+
+def _parse(name: str | Reference) -> Reference:
+    return parse_reference(name) if isinstance(name, str) else name
+
+
+def _key_of(stored: StoredImage) -> BuildKey | None:
+    try:
+        return BuildKey(stored.repository, Digest.parse(stored.record.digest))
+    except HypemanError:
+        return None
+
+
+def image_of(stored: StoredImage, name: str | None = None) -> Image:
+    """The :class:`Image` view of a stored record (no queue state)."""
+    return _image(stored.record, stored.repository, stored.tags, stored.directory, name=name)
+
+
+def _image(
+    record: ImageRecord,
+    repository: str,
+    tags: tuple[str, ...],
+    directory: Path,
+    *,
+    name: str | None = None,
+    status: ImageStatus | None = None,
+    queue_position: int | None = None,
+) -> Image:
+    status = status or record.status
+    disk = directory / DISK_NAME
+    return Image(
+        name=name or record.name,
+        digest=record.digest,
+        status=status,
+        queue_position=queue_position if status is ImageStatus.PENDING else None,
+        error=record.error if status is ImageStatus.FAILED else None,
+        size_bytes=record.size_bytes if status is ImageStatus.READY else None,
+        entrypoint=record.entrypoint,
+        cmd=record.cmd,
+        env=env_map(record.env),
+        working_dir=record.working_dir,
+        user=record.user,
+        created_at=record.created_at,
+        repository=repository,
+        tags=tags,
+        platform=record.platform,
+        disk=disk if status is ImageStatus.READY and disk.is_file() else None,
+        record=record,
+    )
+
+
+@contextlib.contextmanager
+def _idle(directory: Path) -> Iterator[bool]:
+    """Hold a build directory's lock if no build holds it (True), else yield False.
+
+    The pipeline holds this flock for a whole build, in this process or
+    another; the kernel drops it when a process dies, so "idle" also means
+    "whoever built here is gone" without any pid bookkeeping.
+    """
+    try:
+        handle = open(directory / LOCK_NAME, "a+b")
+    except FileNotFoundError:
+        yield False  # the directory went away: nothing here to touch
+        return
+    except OSError as exc:
+        raise storage_error(exc, f"cannot lock {directory}") from exc
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sweep_build_dir(directory: Path) -> int:
+    """Remove everything but the disk, the record and the lock from an idle build dir.
+
+    What else is there was left by a dead build: mke2fs's temp disk
+    (``.rootfs.ext4.*.tmp``), the fallback's staging dir, metadata temp files.
+    """
+    freed = 0
+    for entry in directory.iterdir():
+        if entry.name in (DISK_NAME, METADATA_NAME, LOCK_NAME):
+            continue
+        if entry.name.startswith(TEMP_PREFIX) and writer_alive(entry.name):
+            continue
+        freed += _tree_size(entry)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return freed
+
+
+def _tree_size(path: Path) -> int:
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return path.lstat().st_size
+        return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file())
+    except FileNotFoundError:
+        return 0
+
+
+def _read_record(directory: Path) -> ImageRecord | None:
+    try:
+        return ImageRecord.from_json((directory / METADATA_NAME).read_bytes())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _blobs_of(record: ImageRecord | None) -> set[Digest]:
+    """The blobs a record needs: its manifest, config and layers."""
+    if record is None or record.status is ImageStatus.FAILED:
+        return set()
+    names = [record.digest, *([record.config_digest] if record.config_digest else []), *record.layers]
+    out: set[Digest] = set()
+    for name in names:
+        with contextlib.suppress(HypemanError):
+            out.add(Digest.parse(name))
+    return out
+
+
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "Builder",
+    "GcReport",
+    "Image",
+    "ImageManager",
+    "RecoveryReport",
+    "env_map",
+    "image_of",
+]

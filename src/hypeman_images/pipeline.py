@@ -137,6 +137,7 @@ def build_resolved(
                 dest=store.digest_dir(ref, digest) / "rootfs.ext4",
                 options=options,
                 on_progress=reporter.converted,
+                limits=options.limits,
             )
             stats.convert_s = time.monotonic() - t0
             stats.stages.update(disk.timings)

@@ -54,7 +54,7 @@ class PlainReporter(Reporter):
         self._say(f"{stage}: {detail}" if detail else stage)
 
     def start(self, digest: Digest, size: int, cached: bool) -> None:
-        state = "cached" if cached else f"downloading {_human(size)}"
+        state = "cached" if cached else f"downloading {human_size(size)}"
         self._say(f"layer {digest.short}: {state}")
 
     def done(self, digest: Digest) -> None:
@@ -64,7 +64,7 @@ class PlainReporter(Reporter):
         now = time.monotonic()
         if nbytes >= total or now - self._last_convert > 2:
             self._last_convert = now
-            self._say(f"converting: {_human(nbytes)} of {_human(total)}")
+            self._say(f"converting: {human_size(nbytes)} of {human_size(total)}")
 
 
 class RichReporter(Reporter):
@@ -103,7 +103,8 @@ class RichReporter(Reporter):
         self._progress.stop()
 
 
-def _human(size: int) -> str:
+def human_size(size: int) -> str:
+    """``1.5 MiB``: binary units, one decimal."""
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or unit == "GiB":

@@ -18,9 +18,15 @@ lower layers, never to siblings in the same layer):
 
 Paths: leading ``./`` and ``/`` are stripped and ``.``/``..`` resolved
 lexically; an entry whose path (or hard-link target) climbs above the root
-is dropped (a hostile layer must not escape). Missing parents are created as
-``0755 root:root`` directories with mtime 0 (docker does the same). A path
-under an existing non-directory is ambiguous in the spec, so it raises.
+is dropped (a hostile layer must not escape). Then the *directory* part of a
+path is resolved through the tree's symlinks the way umoci does it with
+``securejoin.SecureJoinVFS``: one component at a time, a symlink's target
+replaces it (absolute targets restart at the root, ``..`` pops the last
+resolved component and stops at the root), a missing component is kept as
+is, more than 255 dereferences is an error; the last component is never
+followed. Missing parents are created as ``0755 root:root`` directories with
+mtime 0 (docker does the same). A path under an existing non-directory is
+ambiguous in the spec, so it raises.
 """
 
 from __future__ import annotations
@@ -92,8 +98,13 @@ def _parent(path: str) -> str:
     return path.rsplit("/", 1)[0] or "/"
 
 
+def _child(directory: str, name: str) -> str:
+    return directory.rstrip("/") + "/" + name
+
+
 def _is_under(path: str, directory: str) -> bool:
-    return path.startswith(directory.rstrip("/") + "/")
+    """Strictly below ``directory`` (the root is under nothing, not even itself)."""
+    return path != directory and path.startswith(directory.rstrip("/") + "/")
 
 
 class _Tree:
@@ -107,6 +118,35 @@ class _Tree:
         inode = next(self._ids)
         self.inodes[inode] = replace(node, inode=inode)
         self.paths[path] = inode
+
+    def resolve(self, path: str) -> str:
+        """securejoin over the tree: ``path`` with every symlink in it followed."""
+        todo = path.split("/")
+        done = ""  # "" is the root; otherwise "/a/b", free of symlinks
+        hops = 0
+        while todo:
+            part = todo.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                done = done.rsplit("/", 1)[0]
+                continue
+            inode = self.paths.get(done + "/" + part)
+            if inode is not None and self.inodes[inode].type == "symlink":
+                hops += 1
+                if hops > 255:
+                    raise ValueError(f"{path}: too many levels of symbolic links")
+                target = self.inodes[inode].target or ""
+                if target.startswith("/"):
+                    done = ""
+                todo = target.split("/") + todo
+                continue
+            done = done + "/" + part
+        return done or "/"
+
+    def real(self, path: str) -> str:
+        """Where an entry named ``path`` lands: its directory resolved, its name not."""
+        return path if path == "/" else _child(self.resolve(_parent(path)), path.rsplit("/", 1)[1])
 
     def remove(self, path: str) -> None:
         """Delete ``path`` and everything below it (no-op if absent)."""
@@ -198,21 +238,21 @@ def apply_layers(layers: Iterable[bytes]) -> dict[str, Node]:
             if path is not None:
                 members.append((path, member, data))
         for path, _, _ in members:  # phase 1: whiteouts against lower layers
-            base, parent = path.rsplit("/", 1)[1], _parent(path)
+            base, parent = path.rsplit("/", 1)[1], tree.resolve(_parent(path))
             if base == OPAQUE:
                 tree.remove_children(parent)
             elif base.startswith(WHITEOUT_PREFIX):
                 name = base[len(WHITEOUT_PREFIX) :]
                 if name not in ("", ".", ".."):  # never let a whiteout climb upwards
-                    tree.remove(parent.rstrip("/") + "/" + name)
+                    tree.remove(_child(parent, name))
         for path, member, data in members:  # phase 2: additions in order
             base = path.rsplit("/", 1)[1]
             if base.startswith(WHITEOUT_PREFIX):
-                tree.ensure_dir(_parent(path))  # a marker implies its directory
+                tree.ensure_dir(tree.resolve(_parent(path)))  # a marker implies its directory
             elif member.islnk():
                 target = normalize(member.linkname)
                 if target is not None:
-                    tree.link(path, target)
+                    tree.link(tree.real(path), tree.real(target))
             elif member.type in _TYPES and (path != "/" or member.isdir()):
-                tree.add(path, _node(member, data))
+                tree.add(tree.real(path), _node(member, data))
     return tree.result()

@@ -74,13 +74,20 @@ mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work 
     fail 125 "cannot mount the overlay on the disk"
 
 R=/newroot
-mkdir -p $R/proc $R/sys $R/dev $R/tmp
+mkdir -p $R/proc $R/sys $R/dev
 mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t devtmpfs devtmpfs $R/dev
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 shm $R/dev/shm
+
+# Run busybox inside the image's root, so that the image's own absolute
+# symlinks resolve within it. /proc/1/root is this init's root: it reaches our
+# busybox from inside the chroot.
+inroot() {
+    chroot $R /proc/1/root$BB "$@"
+}
 
 # User: "uid", "uid:gid", "name", "name:group", as Docker reads them from the
 # image's own /etc/passwd and /etc/group. A numeric uid need not exist there.
@@ -93,13 +100,13 @@ gid=0
 home=/
 if is_number "$user"; then
     uid=$user
-    entry=$(id="$user" awk -F: '$3 == ENVIRON["id"] { print $4 ":" $6; exit }' $R/etc/passwd 2>/dev/null)
+    entry=$(id="$user" inroot awk -F: '$3 == ENVIRON["id"] { print $4 ":" $6; exit }' /etc/passwd 2>/dev/null)
     if [ -n "$entry" ]; then
         gid=${entry%%:*}
         home=${entry#*:}
     fi
 else
-    entry=$(n="$user" awk -F: '$1 == ENVIRON["n"] { print $3 ":" $4 ":" $6; exit }' $R/etc/passwd 2>/dev/null)
+    entry=$(n="$user" inroot awk -F: '$1 == ENVIRON["n"] { print $3 ":" $4 ":" $6; exit }' /etc/passwd 2>/dev/null)
     [ -n "$entry" ] || fail 126 "user '$user' not found in the image's /etc/passwd"
     uid=${entry%%:*}
     entry=${entry#*:}
@@ -110,7 +117,7 @@ if [ -n "$group" ]; then
     if is_number "$group"; then
         gid=$group
     else
-        gid=$(n="$group" awk -F: '$1 == ENVIRON["n"] { print $3; exit }' $R/etc/group 2>/dev/null)
+        gid=$(n="$group" inroot awk -F: '$1 == ENVIRON["n"] { print $3; exit }' /etc/group 2>/dev/null)
         [ -n "$gid" ] || fail 126 "group '$group' not found in the image's /etc/group"
     fi
 fi
@@ -118,8 +125,10 @@ fi
 
 workdir=${HM_WORKDIR:-/}
 # Docker creates a missing working dir; the overlay makes that possible here.
-mkdir -p "$R$workdir" 2>/dev/null
-[ -d "$R$workdir" ] || fail 126 "working dir '$workdir' is not a directory in the image"
+# nsenter opens it before it chroots, so it gets the path with the image's
+# symlinks already resolved inside the image.
+realdir=$(inroot sh -c 'mkdir -p "$1" 2>/dev/null; cd "$1" && pwd -P' hm "$workdir") ||
+    fail 126 "working dir '$workdir' is not a directory in the image"
 
 # Positional parameters become: env -i ENV... busybox nsenter ... -- ARGV...
 # nsenter from the initramfs busybox chroots, changes dir, drops to uid/gid
@@ -144,13 +153,11 @@ done
 [ $has_path = 1 ] || set -- "$@" "PATH=$path"
 [ $has_home = 1 ] || set -- "$@" "HOME=$home"
 # Look the command up inside the image first, so a missing entrypoint is told
-# apart from a command that itself exits 127. /proc/1/root is this init's
-# root: it reaches our busybox from inside the chroot.
+# apart from a command that itself exits 127.
 [ "$HM_ARGC" -gt 0 ] || fail 126 "no command: the image has neither entrypoint nor cmd"
 argv0=$HM_ARG_1
-resolved=$(chroot $R /proc/1/root$BB sh -c \
-    'cd "$1" 2>/dev/null; PATH=$2 exec /proc/1/root/bin/busybox which "$3"' \
-    hm "$workdir" "$path" "$argv0") ||
+resolved=$(inroot sh -c 'cd "$1" && PATH=$2 exec /proc/1/root/bin/busybox which "$3"' \
+    hm "$realdir" "$path" "$argv0") ||
     fail 127 "entrypoint not found in the image: '$argv0' (PATH=$path)"
 # This busybox prefers its own applets over PATH when asked to exec a bare
 # name (FEATURE_PREFER_APPLETS): "sh" would run our sh, not the image's. A
@@ -160,7 +167,7 @@ case $argv0 in
     *) $BB --list | grep -qxF -- "$argv0" && HM_ARG_1=$resolved ;;
 esac
 
-set -- "$@" $BB nsenter "-r$R" "-w$R$workdir" -G "$gid" -S "$uid" -F --
+set -- "$@" $BB nsenter "-r$R" "-w$R$realdir" -G "$gid" -S "$uid" -F --
 i=1
 while [ $i -le "$HM_ARGC" ]; do
     eval "set -- \"\$@\" \"\$HM_ARG_$i\""

@@ -182,9 +182,13 @@ def _failure(run: VmRun, machine: _Machine, timeout: float) -> BootError:
             f"the VM did not start the command within {timeout:g} s ({where}); "
             f"console:\n{_tail(run.console)}"
         )
+    details = "".join(
+        f"\n{label}:\n{_tail(data)}"
+        for label, data in (("console", run.console), (f"{machine.binary} said", run.stderr))
+        if data.strip()
+    )
     return BootError(
-        f"the VM stopped before the command finished ({where}, status {run.returncode}); "
-        f"console:\n{_tail(run.console)}\n{_tail(run.stderr)}".rstrip()
+        f"the VM stopped before the command finished ({where}, status {run.returncode}){details}"
     )
 
 
