@@ -243,7 +243,10 @@ def write_layer(upper_tar: Path, plan: _Plan | None, dest: Path) -> LayerFile:
     """Write ``dest`` (.tar.gz, gzip -6 without a name or mtime) from ``upper_tar``."""
     entries = whiteouts = opaques = 0
     part = dest.with_suffix(".part")
-    with part.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
+    with (
+        part.open("wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz,
+    ):
         counter = _Counter(gz)
         with (
             tarfile.open(upper_tar, "r:") as src,

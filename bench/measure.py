@@ -10,6 +10,7 @@ layer, whether or not writeback happened before they exited.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import subprocess
@@ -127,10 +128,8 @@ def disk_usage(*paths: Path) -> int:
         total += root.lstat().st_blocks * 512
         for folder, dirs, files in os.walk(root):
             for name in dirs + files:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     total += os.lstat(os.path.join(folder, name)).st_blocks * 512
-                except FileNotFoundError:
-                    pass
     return total
 
 

@@ -47,7 +47,7 @@ def test_wrong_bytes_leave_nothing(tmp_path: Path) -> None:
     with pytest.raises(DigestMismatch):
         store.ingest(desc, [b"something else!!"])
     assert not store.has(desc.digest)
-    assert list((tmp_path / "ingest").iterdir()) == []
+    assert list((tmp_path / "blobs/sha256").iterdir()) == []
 
 
 def test_interrupted_stream_leaves_nothing(tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ def test_interrupted_stream_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(ConnectionError):
         store.ingest(desc, broken())
     assert not store.has(desc.digest)
-    assert list((tmp_path / "ingest").iterdir()) == []
+    assert list((tmp_path / "blobs/sha256").iterdir()) == []
 
 
 def test_open_missing_blob(tmp_path: Path) -> None:
@@ -92,7 +92,7 @@ def test_index_tags_and_gc(tmp_path: Path) -> None:
     names = [m["annotations"]["org.opencontainers.image.ref.name"] for m in _index(tmp_path)]
     assert sorted(names) == ["r/a:1", "r/a:2"]
 
-    (tmp_path / "ingest" / ".tmp-x.999999999.abcd").write_bytes(b"stale")
+    (tmp_path / "blobs/sha256" / ".tmp-x.999999999.abcd").write_bytes(b"stale")
     result = store.gc({keep.digest})
     assert result.blobs_removed == 1
     assert result.bytes_freed == len(b'{"drop": 1}') + len(b"stale")

@@ -8,7 +8,8 @@ delete / gc / recover) and the :class:`Image` it returns; errors derive from
 from __future__ import annotations
 
 from .errors import HypemanError
-from .manager import GcReport, Image, ImageManager, RecoveryReport
+from .image import Image
+from .manager import GcReport, ImageManager, RecoveryReport
 from .store import ImageStatus
 
 __version__ = "0.1.0"

@@ -38,7 +38,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .errors import HypemanError, RateLimited
-from .manager import Image, ImageManager
+from .image import Image
+from .manager import ImageManager
 from .metrics import CONTENT_TYPE
 from .store import ImageStatus
 

@@ -1,8 +1,8 @@
 """The blob cache: an OCI image layout (image-spec ``image-layout.md``) shared by all images.
 
 ``<root>/oci-layout``, ``<root>/index.json`` and ``<root>/blobs/<alg>/<hex>``.
-A blob is written under ``<root>/ingest/`` while it streams in, hashed on the
-way, fsynced, and renamed into ``blobs/`` only when its digest matches, so a
+A blob is written under a temp name beside its final one while it streams
+in, hashed on the way, fsynced, and renamed only when its digest matches, so a
 blob that is visible is always complete and correct. Concurrent writers of the
 same blob each use their own temp file; the rename makes the last one win
 with identical bytes.
@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,8 @@ from .digest import Digest, VerifyingStream
 from .errors import DigestMismatch, NotFound
 from .fsutil import (
     TEMP_PREFIX,
-    is_storage_failure,
-    fsync_dir,
+    atomic_writer,
     storage_error,
-    temp_name,
     write_atomic,
     writer_alive,
 )
@@ -52,10 +49,8 @@ class BlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._ingest = root / "ingest"
         try:
             (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-            self._ingest.mkdir(exist_ok=True)
             if not (root / "oci-layout").exists():
                 write_atomic(root / "oci-layout", LAYOUT_VERSION)
             if not (root / "index.json").exists():
@@ -95,27 +90,17 @@ class BlobStore:
         hash to ``descriptor.digest`` or their count differs from its size.
         """
         final = self.path(descriptor.digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_name(self._ingest / descriptor.digest.encoded)
         stream = VerifyingStream(chunks, descriptor.digest, descriptor.size)
         try:
-            with open(tmp, "xb") as handle:
-                for chunk in stream:
-                    handle.write(chunk)
-                    if on_chunk:
-                        on_chunk(len(chunk))
-                stream.verify()
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
-        except BaseException as exc:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            if is_storage_failure(exc):
-                raise storage_error(exc, f"cannot store blob {descriptor.digest}") from exc
-            raise
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot store blob {descriptor.digest}") from exc
+        with atomic_writer(final, mode=0o444) as handle:
+            for chunk in stream:
+                handle.write(chunk)
+                if on_chunk:
+                    on_chunk(len(chunk))
+            stream.verify()
         return final
 
     def put(self, descriptor: Descriptor, data: bytes) -> Path:
@@ -131,6 +116,10 @@ class BlobStore:
         if hasher.hexdigest() != digest.encoded:
             self.path(digest).unlink(missing_ok=True)
             raise DigestMismatch(f"cached blob {digest} is corrupt and was removed; pull again")
+
+    def _temp_files(self) -> Iterator[Path]:
+        for alg_dir in (self.root / "blobs").iterdir():
+            yield from (p for p in alg_dir.iterdir() if p.name.startswith(TEMP_PREFIX))
 
     def digests(self) -> Iterator[Digest]:
         """Every blob in the cache."""
@@ -190,7 +179,7 @@ class BlobStore:
         Unlike :meth:`gc` it keeps every verified blob, so it is safe at startup.
         """
         freed = 0
-        for stale in self._ingest.iterdir():
+        for stale in list(self._temp_files()):
             if not writer_alive(stale.name):
                 with contextlib.suppress(FileNotFoundError):
                     freed += stale.stat().st_size

@@ -27,7 +27,8 @@ from . import __version__
 from .builds import PauseHook
 from .config import BuildOptions, default_data_dir, parse_size
 from .errors import HypemanError, InvalidArgument
-from .manager import DEFAULT_CONCURRENCY, Image, ImageManager, image_of
+from .image import Image, image_of
+from .manager import DEFAULT_CONCURRENCY, ImageManager
 from .progress import PlainReporter, Reporter, RichReporter, human_size
 from .spec import Platform
 
@@ -181,12 +182,18 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
-def _image_json(image: Image, *, metadata: bool = False) -> dict[str, Any]:
-    doc = image.to_json()
-    doc["repository"] = image.repository
-    doc["disk"] = str(image.disk) if image.disk else None
-    if metadata:
-        doc["metadata"] = json.loads(image.record.to_json())
+def _image_json(image: Image) -> dict[str, Any]:
+    """metadata.json's fields (env as the OCI list) with the live status, tags and disk path."""
+    doc: dict[str, Any] = json.loads(image.record.to_json())
+    doc.update(
+        name=image.name,
+        status=str(image.status),
+        queue_position=image.queue_position,
+        error=image.error,
+        repository=image.repository,
+        tags=list(image.tags),
+        disk=str(image.disk) if image.disk else None,
+    )
     return doc
 
 
@@ -245,7 +252,7 @@ def _inspect(args: argparse.Namespace) -> int:
     with _manager(args) as manager:
         image = manager.get(args.image)
     if args.json:
-        _print_json(_image_json(image, metadata=True))
+        _print_json(_image_json(image))
         return 0
     fields: list[tuple[str, object]] = [
         ("name", image.name),

@@ -75,8 +75,11 @@ class _Prefixed(io.RawIOBase):
 class DecompressedStream(io.RawIOBase):
     """The uncompressed bytes of one layer; decoder errors become :class:`LayerError`."""
 
-    def __init__(self, inner: BinaryIO, compression: str, name: str) -> None:
+    def __init__(
+        self, inner: BinaryIO, compression: str, name: str, source: BinaryIO | None = None
+    ) -> None:
         self._inner = inner
+        self._source = source  # closed too: a gzip reader does not close the file it reads
         self.compression = compression
         self.name = name
 
@@ -98,8 +101,12 @@ class DecompressedStream(io.RawIOBase):
         return len(data)
 
     def close(self) -> None:
-        self._inner.close()
-        super().close()
+        try:
+            self._inner.close()
+        finally:
+            if self._source is not None:
+                self._source.close()
+            super().close()
 
 
 class _StrictZstd(io.RawIOBase):
@@ -185,4 +192,4 @@ def open_decompressed(
         inner = cast(BinaryIO, _StrictZstd(stream, zstd_max_window))
     else:
         inner = stream
-    return cast(BinaryIO, DecompressedStream(inner, compression, name))
+    return cast(BinaryIO, DecompressedStream(inner, compression, name, stream))

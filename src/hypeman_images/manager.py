@@ -14,25 +14,30 @@ is simple to reason about. Wait for the build to end, then delete.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import re
-import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from .blobs import BlobStore
 from .builds import BuildKey, BuildQueue, Job, PauseHook, PausingReporter
 from .config import BuildOptions, DataDir
 from .digest import Digest
 from .errors import Conflict, HypemanError, NotFound
-from .fsutil import TEMP_PREFIX, storage_error, writer_alive
+from .housekeeping import (
+    blobs_needed,
+    build_dirs,
+    idle_lock,
+    read_record,
+    remove_dangling_tags,
+    sweep_build_dir,
+    tree_size,
+)
+from .image import Image, image_of, image_view
 from .metrics import Metrics, QueueGauges
 from .pipeline import BuildStats, build_resolved, initial_record
 from .progress import Reporter
@@ -40,21 +45,11 @@ from .pull import ResolvedImage, resolve
 from .reference import Reference, parse_reference
 from .registry import RegistryClient
 from .spec import Platform
-from .store import (
-    DELETING_PREFIX,
-    DISK_NAME,
-    LOCK_NAME,
-    METADATA_NAME,
-    ImageRecord,
-    ImageStatus,
-    ImageStore,
-    StoredImage,
-)
+from .store import DISK_NAME, ImageRecord, ImageStatus, ImageStore, StoredImage
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 2
-_HEX64 = re.compile(r"[a-f0-9]{64}")
 
 
 class Builder(Protocol):
@@ -75,52 +70,6 @@ class Builder(Protocol):
 
 
 @dataclass(frozen=True)
-class Image:
-    """An image as the CLI and the API show it: its record plus live queue state.
-
-    ``name`` is the canonical reference asked for (or recorded); ``disk`` is
-    set only when the image is ready. ``record`` is the full metadata.json.
-    """
-
-    name: str
-    digest: str
-    status: ImageStatus
-    queue_position: int | None
-    error: str | None
-    size_bytes: int | None
-    entrypoint: list[str] | None
-    cmd: list[str] | None
-    env: dict[str, str]
-    working_dir: str
-    user: str
-    created_at: str
-    repository: str
-    tags: tuple[str, ...]
-    platform: str | None
-    disk: Path | None
-    record: ImageRecord = field(repr=False, compare=False)
-
-    def to_json(self) -> dict[str, Any]:
-        """The API's ``Image`` object (hypeman's shape, plus tags and platform)."""
-        return {
-            "name": self.name,
-            "digest": self.digest,
-            "status": str(self.status),
-            "queue_position": self.queue_position,
-            "error": self.error,
-            "size_bytes": self.size_bytes,
-            "entrypoint": self.entrypoint,
-            "cmd": self.cmd,
-            "env": self.env,
-            "working_dir": self.working_dir,
-            "user": self.user,
-            "created_at": self.created_at,
-            "tags": list(self.tags),
-            "platform": self.platform,
-        }
-
-
-@dataclass(frozen=True)
 class GcReport:
     """What ``gc`` removed."""
 
@@ -136,11 +85,6 @@ class RecoveryReport:
     resumed: tuple[str, ...]
     retagged: tuple[str, ...]
     bytes_freed: int
-
-
-def env_map(env: list[str]) -> dict[str, str]:
-    """``["K=V", …]`` as a mapping (a later duplicate wins, as in a process environment)."""
-    return dict(item.partition("=")[::2] for item in env)
 
 
 class ImageManager:
@@ -277,8 +221,8 @@ class ImageManager:
                     "wait until it is ready or failed, then delete it"
                 )
             stored = self._find(ref)
-            with _idle(stored.directory) as idle:
-                if not idle:
+            with idle_lock(stored.directory) as free:
+                if not free:
                     raise Conflict(
                         f"{ref.familiar()} is being built by another process; try again later"
                     )
@@ -310,21 +254,22 @@ class ImageManager:
             active = {job.key for job in self._queue.jobs()}
             keep: set[Digest] = set()
             freed = removed_dirs = 0
-            for directory, key in self._digest_dirs():
-                record = _read_record(directory)
+            for directory, repository in build_dirs(self.store.root):
+                key = BuildKey(repository, Digest("sha256", directory.name))
+                record = read_record(directory)
                 if key in active:
-                    keep |= _blobs_of(record)
+                    keep |= blobs_needed(record)
                     continue
-                with _idle(directory) as idle:
-                    if idle and (record is None or record.status is ImageStatus.FAILED):
-                        freed += _tree_size(directory)
+                with idle_lock(directory) as free:
+                    if free and (record is None or record.status is ImageStatus.FAILED):
+                        freed += tree_size(directory)
                         self.store.remove_directory(directory)
                         removed_dirs += 1
                         continue
-                    if idle:
-                        freed += _sweep_build_dir(directory)
-                keep |= _blobs_of(record)
-            self._remove_dangling_tags()
+                    if free:
+                        freed += sweep_build_dir(directory)
+                keep |= blobs_needed(record)
+            remove_dangling_tags(self.store.root)
             freed += self.store.sweep()
             result = self.blobs.gc(keep)
         return GcReport(result.blobs_removed, result.bytes_freed + freed, removed_dirs)
@@ -344,10 +289,10 @@ class ImageManager:
             freed = self.store.sweep() + self.blobs.sweep_ingest()
             for stored in sorted(self.store.scan(), key=lambda s: s.record.created_at):
                 record = stored.record
-                with _idle(stored.directory) as idle:
-                    if not idle:
+                with idle_lock(stored.directory) as free:
+                    if not free:
                         continue
-                    freed += _sweep_build_dir(stored.directory)
+                    freed += sweep_build_dir(stored.directory)
                 try:
                     ref = parse_reference(record.name)
                     digest = Digest.parse(record.digest)
@@ -362,12 +307,15 @@ class ImageManager:
                     job = Job(BuildKey(ref.name, digest), ref.with_digest(digest), self.options)
                     self._queue.submit(job)
                     resumed.append(record.name)
-                elif record.status is ImageStatus.READY and ref.tag is not None:
+                elif (
+                    record.status is ImageStatus.READY
+                    and ref.tag is not None
+                    and self.store.tag_target(ref) is None
+                ):
                     # The crash fell between "ready" and the tag link. A link that
                     # exists was moved on purpose since, and stays.
-                    if self.store.tag_target(ref) is None:
-                        self.store.set_tag(ref, digest)
-                        retagged.append(str(ref))
+                    self.store.set_tag(ref, digest)
+                    retagged.append(str(ref))
         if resumed or retagged:
             log.info("recovery: resumed %s; retagged %s", resumed, retagged)
         return RecoveryReport(tuple(resumed), tuple(retagged), freed)
@@ -522,8 +470,8 @@ class ImageManager:
         record = self.store.read(job.ref, job.key.digest)
         if record is None or not record.status.active:
             return
-        with _idle(directory) as idle:
-            if idle:
+        with idle_lock(directory) as free:
+            if free:
                 failed = record.evolve(status=ImageStatus.FAILED, error=exc.message)
                 self.store.write(job.ref, job.key.digest, failed)
                 job.update(failed)
@@ -554,7 +502,7 @@ class ImageManager:
         if job.status is ImageStatus.FAILED and record.status is not ImageStatus.FAILED:
             record = record.evolve(status=ImageStatus.FAILED, error=str(job.error))
         directory = self.store.digest_dir(job.ref, job.key.digest)
-        return _image(
+        return image_view(
             record,
             job.key.repository,
             (),
@@ -566,23 +514,6 @@ class ImageManager:
 
     def _stored_image(self, stored: StoredImage, name: str | None = None) -> Image:
         return image_of(stored, name)
-
-    def _digest_dirs(self) -> Iterator[tuple[Path, BuildKey]]:
-        """Every build directory, readable record or not."""
-        root = self.store.root
-        for path in sorted(root.rglob("*")):
-            if not _HEX64.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
-                continue
-            relative = path.relative_to(root)
-            if any(p.startswith((TEMP_PREFIX, DELETING_PREFIX)) for p in relative.parts):
-                continue
-            yield path, BuildKey(relative.parent.as_posix(), Digest("sha256", path.name))
-
-    def _remove_dangling_tags(self) -> None:
-        """Tag links whose build dir is gone (a failed rebuild removed by gc)."""
-        for path in self.store.root.rglob("*"):
-            if path.is_symlink() and not path.exists() and not path.name.startswith(TEMP_PREFIX):
-                path.unlink(missing_ok=True)
 
 
 def _parse(name: str | Reference) -> Reference:
@@ -596,119 +527,6 @@ def _key_of(stored: StoredImage) -> BuildKey | None:
         return None
 
 
-def image_of(stored: StoredImage, name: str | None = None) -> Image:
-    """The :class:`Image` view of a stored record (no queue state)."""
-    return _image(stored.record, stored.repository, stored.tags, stored.directory, name=name)
-
-
-def _image(
-    record: ImageRecord,
-    repository: str,
-    tags: tuple[str, ...],
-    directory: Path,
-    *,
-    name: str | None = None,
-    status: ImageStatus | None = None,
-    queue_position: int | None = None,
-) -> Image:
-    status = status or record.status
-    disk = directory / DISK_NAME
-    return Image(
-        name=name or record.name,
-        digest=record.digest,
-        status=status,
-        queue_position=queue_position if status is ImageStatus.PENDING else None,
-        error=record.error if status is ImageStatus.FAILED else None,
-        size_bytes=record.size_bytes if status is ImageStatus.READY else None,
-        entrypoint=record.entrypoint,
-        cmd=record.cmd,
-        env=env_map(record.env),
-        working_dir=record.working_dir,
-        user=record.user,
-        created_at=record.created_at,
-        repository=repository,
-        tags=tags,
-        platform=record.platform,
-        disk=disk if status is ImageStatus.READY and disk.is_file() else None,
-        record=record,
-    )
-
-
-@contextlib.contextmanager
-def _idle(directory: Path) -> Iterator[bool]:
-    """Hold a build directory's lock if no build holds it (True), else yield False.
-
-    The pipeline holds this flock for a whole build, in this process or
-    another; the kernel drops it when a process dies, so "idle" also means
-    "whoever built here is gone" without any pid bookkeeping.
-    """
-    try:
-        handle = open(directory / LOCK_NAME, "a+b")
-    except FileNotFoundError:
-        yield False  # the directory went away: nothing here to touch
-        return
-    except OSError as exc:
-        raise storage_error(exc, f"cannot lock {directory}") from exc
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _sweep_build_dir(directory: Path) -> int:
-    """Remove everything but the disk, the record and the lock from an idle build dir.
-
-    What else is there was left by a dead build: mke2fs's temp disk
-    (``.rootfs.ext4.*.tmp``), the fallback's staging dir, metadata temp files.
-    """
-    freed = 0
-    for entry in directory.iterdir():
-        if entry.name in (DISK_NAME, METADATA_NAME, LOCK_NAME):
-            continue
-        if entry.name.startswith(TEMP_PREFIX) and writer_alive(entry.name):
-            continue
-        freed += _tree_size(entry)
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-    return freed
-
-
-def _tree_size(path: Path) -> int:
-    try:
-        if path.is_symlink() or not path.is_dir():
-            return path.lstat().st_size
-        return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file())
-    except FileNotFoundError:
-        return 0
-
-
-def _read_record(directory: Path) -> ImageRecord | None:
-    try:
-        return ImageRecord.from_json((directory / METADATA_NAME).read_bytes())
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _blobs_of(record: ImageRecord | None) -> set[Digest]:
-    """The blobs a record needs: its manifest, config and layers."""
-    if record is None or record.status is ImageStatus.FAILED:
-        return set()
-    names = [record.digest, *([record.config_digest] if record.config_digest else []), *record.layers]
-    out: set[Digest] = set()
-    for name in names:
-        with contextlib.suppress(HypemanError):
-            out.add(Digest.parse(name))
-    return out
-
-
 __all__ = [
     "DEFAULT_CONCURRENCY",
     "Builder",
@@ -716,6 +534,4 @@ __all__ = [
     "Image",
     "ImageManager",
     "RecoveryReport",
-    "env_map",
-    "image_of",
 ]

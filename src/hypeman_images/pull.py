@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 from .blobs import BlobStore
 from .digest import Digest
-from .errors import LayerError
+from .errors import LayerError, LimitExceeded
 from .reference import Reference
 from . import registry
 from .registry import RegistryClient
 from .spec import (
     LAYER_COMPRESSION,
+    MAX_DOCUMENT_BYTES,
     Descriptor,
     ImageConfig,
     Manifest,
@@ -102,6 +103,12 @@ def pull(
                 f"layer {layer.digest} has unsupported media type {layer.media_type!r}"
             )
     config_desc = manifest.config
+    if config_desc.size > MAX_DOCUMENT_BYTES:
+        # Refuse before downloading: the config is read whole into memory.
+        raise LimitExceeded(
+            f"the image config {config_desc.digest} is {config_desc.size} bytes by its "
+            f"descriptor, over the {MAX_DOCUMENT_BYTES} byte limit"
+        )
     if not blobs.has(config_desc.digest):
         with client.open_blob(resolved.ref, config_desc) as chunks:
             blobs.ingest(config_desc, chunks)

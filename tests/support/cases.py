@@ -211,6 +211,14 @@ CASES: dict[str, Layers] = {
         [*BASE, file("etc/group", b"g"), symlink("a", "/etc")],
         [whiteout("a/passwd")],
     ],
+    "whiteout_through_symlink_of_same_layer": [
+        [d("real"), file("real/x", b"x"), file("real/y", b"y")],
+        [symlink("a", "real"), whiteout("a/x"), opaque("a")],
+    ],
+    "whiteout_in_dir_replacing_symlink": [
+        [d("real"), file("real/x", b"x"), symlink("a", "real")],
+        [d("a"), whiteout("a/x")],
+    ],
     "opaque_through_symlink": [
         [d("real"), file("real/old", b"old"), symlink("o", "real")],
         [opaque("o"), file("o/new", b"new")],

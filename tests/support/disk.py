@@ -67,6 +67,26 @@ def _node_from_lstat(path: str) -> Node:
     )
 
 
+def read_dir_tree(root: Path | str, excluded: Collection[str] = ()) -> dict[str, Node]:
+    """Walk a directory on the host as a file tree (``lstat``, never following symlinks).
+
+    Paths are relative to ``root`` and start with ``/``; ``excluded`` paths and
+    everything below them are left out. Used for a mounted disk and for the
+    rootfs ``umoci unpack`` writes, so both are read by the same code.
+    """
+    root = os.fspath(root)
+    tree = {"/": _node_from_lstat(root)}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = "/" + os.path.relpath(dirpath, root).removeprefix(".").lstrip("/")
+        for name in dirnames + filenames:
+            path = (rel.rstrip("/") + "/" + name) if rel != "/" else "/" + name
+            if path in excluded:
+                continue
+            tree[path] = _node_from_lstat(os.path.join(dirpath, name))
+        dirnames[:] = [d for d in dirnames if (rel.rstrip("/") + "/" + d) not in excluded]
+    return dict(sorted(tree.items()))
+
+
 def read_mounted(image: Path | str) -> dict[str, Node]:
     """Loop-mount ``image`` read-only and walk it (needs root); always unmounts."""
     with tempfile.TemporaryDirectory(prefix="disk-") as mnt:
@@ -76,18 +96,9 @@ def read_mounted(image: Path | str) -> dict[str, Node]:
             capture_output=True,
         )
         try:
-            tree = {"/": _node_from_lstat(mnt)}
-            for dirpath, dirnames, filenames in os.walk(mnt):
-                rel = "/" + os.path.relpath(dirpath, mnt).removeprefix(".").lstrip("/")
-                for name in dirnames + filenames:
-                    path = (rel.rstrip("/") + "/" + name) if rel != "/" else "/" + name
-                    if path in EXCLUDED:
-                        continue
-                    tree[path] = _node_from_lstat(os.path.join(dirpath, name))
-                dirnames[:] = [d for d in dirnames if (rel.rstrip("/") + "/" + d) not in EXCLUDED]
+            return read_dir_tree(mnt, EXCLUDED)
         finally:
             subprocess.run(["umount", mnt], check=True, capture_output=True)
-    return dict(sorted(tree.items()))
 
 
 def _debugfs(image: Path | str, commands: list[str]) -> str:

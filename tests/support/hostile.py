@@ -176,14 +176,25 @@ def hardlink_outside(canary: Path) -> HostileCase:
     )
 
 
+def _lands_inside(path: str) -> Callable[[Path], None]:
+    def check(disk: Path) -> None:
+        from .disk import read_disk_tree
+
+        nodes = read_disk_tree(disk)
+        assert path in nodes, f"{path} should have landed inside the disk"
+
+    return check
+
+
 def symlink_write_through(canary: Path) -> HostileCase:
-    """``escape -> /canary`` then ``escape/pwned``: a write through a symlink, refused."""
+    """``escape -> /canary`` then ``escape/pwned``: resolved in the image (securejoin), not the host."""
     entries = [*_base_files(), symlink("escape", str(canary)), file("escape/pwned", b"x")]
     return HostileCase(
         "symlink-write-through",
         make_image([make_layer(entries)]),
-        LayerError,
-        r"symlinks are not followed",
+        None,
+        "",
+        check=_lands_inside(f"{canary}/pwned"),
     )
 
 
@@ -193,7 +204,42 @@ def symlink_chain_across_layers(canary: Path) -> HostileCase:
     lower = make_layer([*_base_files(), symlink("a", "b"), symlink("b", rel)])
     upper = make_layer([file("a/pwned", b"x")])
     return HostileCase(
-        "symlink-chain-write", make_image([lower, upper]), LayerError, r"symlinks are not followed"
+        "symlink-chain-write",
+        make_image([lower, upper]),
+        None,
+        "",
+        check=_lands_inside(f"{canary}/pwned"),
+    )
+
+
+def symlink_loop_write(canary: Path) -> HostileCase:
+    """``loop1 -> loop2 -> loop1`` and a file under ``loop1/``: ELOOP, refused."""
+    entries = [*_base_files(), symlink("loop1", "loop2"), symlink("loop2", "loop1")]
+    upper = make_layer([file("loop1/x", b"x")])
+    return HostileCase(
+        "symlink-loop-write",
+        make_image([make_layer(entries), upper]),
+        LayerError,
+        r"too many levels of symbolic links",
+    )
+
+
+def hardlink_through_symlink(canary: Path) -> HostileCase:
+    """A hard link whose target goes through ``escape -> /``: resolves to the image's file."""
+    entries = [
+        *_base_files(),
+        symlink("escape", "../../../../../../"),
+        hardlink("evil", "escape/etc/passwd"),
+    ]
+
+    def check(disk: Path) -> None:
+        from .disk import read_disk_tree
+
+        nodes = read_disk_tree(disk)
+        assert nodes["/evil"].sha256 == nodes["/etc/passwd"].sha256
+
+    return HostileCase(
+        "hardlink-through-symlink", make_image([make_layer(entries)]), None, "", check=check
     )
 
 
@@ -346,7 +392,11 @@ def zstd_truncated(canary: Path) -> HostileCase:
 
 
 def zstd_corrupt(canary: Path) -> HostileCase:
-    return _corrupt_stream("zstd-corrupt", _zstd, ZSTD, "corrupt")
+    """zstd frames carry no checksum by default: the diff_id check is what catches this."""
+    case = _corrupt_stream("zstd-corrupt", _zstd, ZSTD, "corrupt")
+    return HostileCase(
+        case.name, case.image, LayerError, r"corrupt or truncated|rootfs\.diff_ids"
+    )
 
 
 def gzip_claims_zstd_is(canary: Path) -> HostileCase:
@@ -459,6 +509,8 @@ CASES: tuple[Callable[[Path], HostileCase], ...] = (
     symlink_write_through,
     symlink_chain_across_layers,
     symlink_chain_stored,
+    symlink_loop_write,
+    hardlink_through_symlink,
     gzip_bomb,
     zstd_bomb,
     image_bomb,

@@ -38,11 +38,6 @@ fail() {
     finish "$code"
 }
 
-is_number() {
-    case $1 in '' | *[!0-9]*) return 1 ;; esac
-    return 0
-}
-
 # The hypervisor probe only needs to know that the kernel reaches userspace.
 [ "$HM_PROBE" = 1 ] && finish 0
 
@@ -82,53 +77,68 @@ mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 shm $R/dev/shm
 
-# Run busybox inside the image's root, so that the image's own absolute
-# symlinks resolve within it. /proc/1/root is this init's root: it reaches our
-# busybox from inside the chroot.
-inroot() {
-    chroot $R /proc/1/root$BB "$@"
+# Resolve user, group, working dir and command inside the image's root, so
+# its absolute symlinks resolve within it (/proc/1/root is this init's root,
+# which reaches our busybox from inside the chroot). Shell builtins only:
+# every exec costs a lot under TCG. Prints uid, gid, home, the physical
+# working dir and the command's path, one a line; or a message and exits
+# 126 (user, group, working dir) or 127 (command not found).
+LOOKUP='
+user=$1 group=$2 workdir=$3 path=$4 argv0=$5
+num() { case $1 in "" | *[!0-9]*) return 1 ;; esac; }
+uid=$user gid=0 home=/ found=0
+if [ -r /etc/passwd ]; then
+    while IFS=: read -r n _ u g _ h _; do
+        if { num "$user" && [ "$u" = "$user" ]; } || [ "$n" = "$user" ]; then
+            uid=$u gid=$g home=${h:-/} found=1
+            break
+        fi
+    done </etc/passwd
+fi
+num "$user" || [ $found = 1 ] || {
+    echo "no user \"$user\" in /etc/passwd of the image"
+    exit 126
 }
-
-# User: "uid", "uid:gid", "name", "name:group", as Docker reads them from the
-# image's own /etc/passwd and /etc/group. A numeric uid need not exist there.
-user=${HM_USER%%:*}
-user=${user:-0}
-group=
-case $HM_USER in *:*) group=${HM_USER#*:} ;; esac
-uid=0
-gid=0
-home=/
-if is_number "$user"; then
-    uid=$user
-    entry=$(id="$user" inroot awk -F: '$3 == ENVIRON["id"] { print $4 ":" $6; exit }' /etc/passwd 2>/dev/null)
-    if [ -n "$entry" ]; then
-        gid=${entry%%:*}
-        home=${entry#*:}
+if [ -n "$group" ] && num "$group"; then
+    gid=$group
+elif [ -n "$group" ]; then
+    found=0
+    if [ -r /etc/group ]; then
+        while IFS=: read -r n _ g _; do
+            [ "$n" = "$group" ] && { gid=$g found=1; break; }
+        done </etc/group
     fi
-else
-    entry=$(n="$user" inroot awk -F: '$1 == ENVIRON["n"] { print $3 ":" $4 ":" $6; exit }' /etc/passwd 2>/dev/null)
-    [ -n "$entry" ] || fail 126 "user '$user' not found in the image's /etc/passwd"
-    uid=${entry%%:*}
-    entry=${entry#*:}
-    gid=${entry%%:*}
-    home=${entry#*:}
+    [ $found = 1 ] || {
+        echo "no group \"$group\" in /etc/group of the image"
+        exit 126
+    }
 fi
-if [ -n "$group" ]; then
-    if is_number "$group"; then
-        gid=$group
-    else
-        gid=$(n="$group" inroot awk -F: '$1 == ENVIRON["n"] { print $3; exit }' /etc/group 2>/dev/null)
-        [ -n "$gid" ] || fail 126 "group '$group' not found in the image's /etc/group"
-    fi
-fi
-[ -n "$home" ] || home=/
+[ -d "$workdir" ] || mkdir -p "$workdir" 2>/dev/null
+cd -P "$workdir" 2>/dev/null || {
+    echo "working dir \"$workdir\" is not a directory in the image"
+    exit 126
+}
+resolved=
+case $argv0 in
+    */*) [ -f "$argv0" ] && [ -x "$argv0" ] && resolved=$argv0 ;;
+    *)
+        IFS=:
+        for d in $path; do
+            if [ -f "${d:-.}/$argv0" ] && [ -x "${d:-.}/$argv0" ]; then
+                resolved=${d:-.}/$argv0
+                break
+            fi
+        done
+        ;;
+esac
+[ -n "$resolved" ] || {
+    echo "entrypoint not found in the image: \"$argv0\" (PATH=$path)"
+    exit 127
+}
+printf "%s\n" "$uid" "$gid" "$home" "$PWD" "$resolved"
+'
 
-workdir=${HM_WORKDIR:-/}
-# Docker creates a missing working dir; the overlay makes that possible here.
-# nsenter opens it before it chroots, so it gets the path with the image's
-# symlinks already resolved inside the image.
-realdir=$(inroot sh -c 'mkdir -p "$1" 2>/dev/null; cd "$1" && pwd -P' hm "$workdir") ||
-    fail 126 "working dir '$workdir' is not a directory in the image"
+[ "$HM_ARGC" -gt 0 ] || fail 126 "no command: the image has neither entrypoint nor cmd"
 
 # Positional parameters become: env -i ENV... busybox nsenter ... -- ARGV...
 # nsenter from the initramfs busybox chroots, changes dir, drops to uid/gid
@@ -150,15 +160,30 @@ while [ $i -le "$HM_ENVC" ]; do
     set -- "$@" "$item"
     i=$((i + 1))
 done
+
+# User: "uid", "uid:gid", "name", "name:group", as Docker reads them from the
+# image's own /etc/passwd and /etc/group. A numeric uid need not exist there.
+# Docker creates a missing working dir; the overlay makes that possible here.
+user=${HM_USER%%:*}
+group=
+case $HM_USER in *:*) group=${HM_USER#*:} ;; esac
+argv0=$HM_ARG_1
+found=$(chroot $R /proc/1/root$BB sh -c "$LOOKUP" hm "${user:-0}" "$group" \
+    "${HM_WORKDIR:-/}" "$path" "$argv0")
+code=$?
+[ $code = 0 ] || fail $code "$found"
+{
+    read -r uid
+    read -r gid
+    read -r home
+    read -r realdir
+    read -r resolved
+} <<END_OF_LOOKUP
+$found
+END_OF_LOOKUP
+
 [ $has_path = 1 ] || set -- "$@" "PATH=$path"
 [ $has_home = 1 ] || set -- "$@" "HOME=$home"
-# Look the command up inside the image first, so a missing entrypoint is told
-# apart from a command that itself exits 127.
-[ "$HM_ARGC" -gt 0 ] || fail 126 "no command: the image has neither entrypoint nor cmd"
-argv0=$HM_ARG_1
-resolved=$(inroot sh -c 'cd "$1" && PATH=$2 exec /proc/1/root/bin/busybox which "$3"' \
-    hm "$realdir" "$path" "$argv0") ||
-    fail 127 "entrypoint not found in the image: '$argv0' (PATH=$path)"
 # This busybox prefers its own applets over PATH when asked to exec a bare
 # name (FEATURE_PREFER_APPLETS): "sh" would run our sh, not the image's. A
 # path with a slash is always exec'd from the image.
@@ -167,6 +192,7 @@ case $argv0 in
     *) $BB --list | grep -qxF -- "$argv0" && HM_ARG_1=$resolved ;;
 esac
 
+# nsenter opens the working dir before it chroots: give it the physical path.
 set -- "$@" $BB nsenter "-r$R" "-w$R$realdir" -G "$gid" -S "$uid" -F --
 i=1
 while [ $i -le "$HM_ARGC" ]; do
