@@ -97,7 +97,7 @@ def install(case: HostileCase, registry: RegistryServer, proxy: FaultProxy) -> s
 
 
 def digest_dir(data_dir: Path, proxy: FaultProxy, case: HostileCase) -> Path:
-    return data_dir / "images" / proxy.host / "hostile" / case.name / case.image.manifest_digest[7:]
+    return data_dir / "images" / proxy.host / "hostile" / case.name / case.manifest_digest[7:]
 
 
 def _check_outcome(
@@ -277,3 +277,221 @@ def test_entry_limit_low_is_fast(
         with pytest.raises(HypemanError, match=r"max_entries=100"):
             manager.pull(ref)
         assert time.monotonic() - started < 10
+
+
+# -- hostile API clients ---------------------------------------------------------------------
+
+HOSTILE_NAMES = [
+    "../../../etc/passwd",
+    "..%2F..%2F..%2Fetc%2Fpasswd",
+    "%2e%2e/%2e%2e/etc/passwd",
+    "%252e%252e%252fetc%252fpasswd",
+    "library/../../../../tmp/x",
+    "/etc/passwd",
+    "127.0.0.1:5000/../../../x:1",
+    "a/./b",
+    "a//b",
+    "..",
+    ".",
+    "a\\..\\..\\b",
+    "a%00b",
+    "x" * 300,
+    "\uff41\uff4c\uff50\uff49\uff4e\uff45",  # fullwidth "alpine"
+    "alpine@sha256:../../../../../../../../etc/passwd",
+    "alpine:" + "a" * 64,  # a tag the store could mistake for a digest
+    "library/alpine:../../x",
+]
+
+
+@pytest.fixture
+def api_server(data_dir: Path) -> Iterator[tuple[str, ImageManager]]:
+    """The FastAPI app under uvicorn in a thread (raw paths reach it unnormalised)."""
+    import uvicorn
+
+    from hypeman_images.api import create_app
+    from support.registry import free_port
+
+    manager = ImageManager(data_dir, client_factory=fast_client)
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(manager, token="s3cret-token"), host="127.0.0.1", port=port, log_level="error"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert settled(lambda: server.started, timeout=10)
+    try:
+        yield f"127.0.0.1:{port}", manager
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        manager.close()
+
+
+def raw_request(
+    host: str, method: str, path: str, body: bytes | None = None, token: str = "s3cret-token"
+) -> tuple[int, bytes]:
+    """One request with the path sent byte for byte (no client-side normalisation)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(host, timeout=30)
+    try:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        from urllib.parse import quote
+
+        path = "".join(c if ord(c) < 128 else quote(c) for c in path)  # http.client sends ASCII
+        conn.putrequest(method, path, skip_host=False, skip_accept_encoding=True)
+        for key, value in headers.items():
+            conn.putheader(key, value)
+        conn.putheader("Content-Length", str(len(body or b"")))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def parses(name: str) -> bool:
+    from hypeman_images.reference import parse_reference
+
+    try:
+        parse_reference(name)
+    except HypemanError:
+        return False
+    return True
+
+
+def test_hostile_names_through_the_api(
+    api_server: tuple[str, ImageManager],
+    alpine_ref: PushedImage,
+    data_dir: Path,
+    canary: Path,
+    tmp_path: Path,
+) -> None:
+    """``../`` and encoded variants: 400 or 404, never a 2xx or a 500, and nothing touched."""
+    host, manager = api_server
+    ready = manager.pull(alpine_ref.ref)
+    before_canary, before_data = snapshot(canary), snapshot(data_dir)
+    raw = {name.replace("%", "%25") for name in HOSTILE_NAMES}  # as typed, percent kept
+    paths = sorted(raw | set(HOSTILE_NAMES))
+    for name in paths:
+        for method in ("GET", "DELETE"):
+            status, body = raw_request(host, method, "/images/" + name)
+            assert status in (400, 404, 405), (method, name, status, body)
+        status, body = raw_request(host, "POST", "/images", json.dumps({"name": name}).encode())
+        if parses(name):  # a valid name of an unreachable registry (Docker Hub here): 502
+            assert status in (400, 404, 502), (name, status, body)
+        else:
+            assert status == 400, (name, status, body)
+    assert snapshot(canary) == before_canary
+    assert snapshot(data_dir) == before_data
+    assert ready.disk.is_file()
+    assert outside_writes(tmp_path, data_dir) == []
+
+
+def test_bearer_token_checked_in_constant_time(
+    api_server: tuple[str, ImageManager], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hmac
+
+    import hypeman_images.api as api
+
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(api.hmac, "compare_digest", spy)
+    host, _ = api_server
+    for token, expected in (("", 401), ("s3cret", 401), ("s3cret-tokeN", 401), ("s3cret-token", 200)):
+        status, _ = raw_request(host, "GET", "/images", token=token)
+        assert status == expected, token
+    assert len(calls) >= 3  # every non-empty token went through compare_digest
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_token_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
+    token = tmp_path / "token"
+    token.write_text("secret-token\n")
+    token.chmod(mode)
+    from support.registry import free_port
+
+    result = subprocess.run(
+        [CLI, "serve", "--data-dir", str(tmp_path / "data"), "--token-file", str(token),
+         "--listen", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "chmod 600" in result.stderr
+    assert "secret-token" not in result.stderr + result.stdout
+
+
+# -- secrets -------------------------------------------------------------------------------
+
+
+PASSWORD = "Hunter2-s3cr3t-9x7"
+
+
+@pytest.fixture(scope="module")
+def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    from support.images import make_image, make_layer, push_image
+    from support.registry import htpasswd_auth, start_registry
+    from support.tar import directory, file
+
+    import httpx
+
+    tmp = tmp_path_factory.mktemp("secret-registry")
+    with start_registry(tmp, auth=htpasswd_auth(tmp, {"carol": PASSWORD})) as server:
+        image = make_image([make_layer([directory("etc"), file("etc/motd", b"hi\n")])])
+        with httpx.Client(auth=("carol", PASSWORD)) as pusher:
+            push_image(server.url, "private/app", "v1", image, client=pusher)
+        yield server
+
+
+def test_no_secret_in_logs_errors_or_metadata(
+    basic_registry: RegistryServer,
+    data_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import base64
+    import logging
+
+    from hypeman_images.credentials import default_credentials, login
+    from hypeman_images.errors import Unauthorized
+
+    secrets = [
+        PASSWORD,
+        base64.b64encode(f"carol:{PASSWORD}".encode()).decode(),
+        base64.urlsafe_b64encode(f"carol:{PASSWORD}".encode()).decode(),
+    ]
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    login(basic_registry.host, "carol", PASSWORD, config_path=good / "config.json")
+    login(basic_registry.host, "carol", PASSWORD + "-wrong", config_path=bad / "config.json")
+    ref = f"{basic_registry.host}/private/app:v1"
+    caplog.set_level(logging.DEBUG)
+    messages = []
+
+    def factory(config_dir: Path) -> Callable[[], RegistryClient]:
+        credentials = default_credentials({"DOCKER_CONFIG": str(config_dir)})
+        return lambda: RegistryClient(
+            credentials=credentials, config=RegistryConfig(backoff_base=0.0, max_attempts=2)
+        )
+
+    with ImageManager(data_dir, client_factory=factory(good)) as manager:
+        image = manager.pull(ref)
+        assert image.record.status == "ready"
+        messages.append(json.dumps([i.__dict__ for i in manager.list()], default=str))
+    with ImageManager(data_dir, client_factory=factory(bad)) as manager:
+        with pytest.raises(Unauthorized) as caught:
+            manager.pull(ref)
+        messages.append(str(caught.value))
+    haystacks = [caplog.text, *messages]
+    for path in data_dir.rglob("*"):
+        if path.is_file() and path.name != "rootfs.ext4":
+            haystacks.append(path.read_bytes().decode(errors="replace"))
+    for secret in secrets:
+        for text in haystacks:
+            assert secret not in text

@@ -208,7 +208,9 @@ def test_same_digest_gives_byte_identical_disk(multilayer_ref: PushedImage, tmp_
 
 
 def test_free_space_option(alpine_ref: PushedImage, tmp_path: Path) -> None:
-    small = json.loads(pull(tmp_path / "small", "--json", alpine_ref.ref).stdout)
+    small = json.loads(
+        pull(tmp_path / "small", "--json", "--free-space", "0", alpine_ref.ref).stdout
+    )
     large = json.loads(
         pull(tmp_path / "large", "--json", "--free-space", "64M", alpine_ref.ref).stdout
     )

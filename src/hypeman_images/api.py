@@ -50,6 +50,11 @@ DESCRIPTION = (
 )
 
 
+# A stateless declaration (it only reads the header); module level so that FastAPI
+# can resolve the annotation that names it.
+_BEARER = HTTPBearer(auto_error=False, description="The token from `serve --token-file`")
+
+
 class CreateImageRequest(BaseModel):
     """Body of ``POST /images``."""
 
@@ -104,11 +109,10 @@ class _Unauthenticated(Exception):
 def create_app(manager: ImageManager, *, token: str | None = None) -> FastAPI:
     """The FastAPI app serving ``manager``; ``token`` turns on bearer authentication."""
     app = FastAPI(title="hypeman-images", version=__version__, description=DESCRIPTION)
-    bearer = HTTPBearer(auto_error=False, description="The token from `serve --token-file`")
     expected = token.encode() if token is not None else None
 
     def authorize(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
     ) -> None:
         if expected is None:
             return

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from typing import BinaryIO, cast
 
 import zstandard
@@ -109,43 +110,120 @@ class DecompressedStream(io.RawIOBase):
             super().close()
 
 
-class _StrictZstd(io.RawIOBase):
-    """zstandard's reader returns a short read at a truncated frame; make that an error."""
+class _ZstdFrames:
+    """Follows the frame structure of a zstd stream as its bytes pass (RFC 8878, section 3).
 
-    def __init__(self, raw: BinaryIO, max_window: int) -> None:
-        dctx = zstandard.ZstdDecompressor(max_window_size=max_window)
-        self._dobj = dctx.decompressobj()
-        self._dctx = dctx
+    Only headers are parsed (frame header, block headers, skippable-frame
+    sizes); contents are skipped. :attr:`complete` says whether the bytes seen
+    so far end exactly after a whole frame. Garbage is left to the decoder.
+    """
+
+    def __init__(self) -> None:
+        self._state = "magic"
+        self._head = b""
+        self._skip = 0
+        self._checksum = False
+        self._frames = 0
+        self._lost = False
+
+    @property
+    def complete(self) -> bool:
+        at_boundary = self._state == "magic" and not self._head and not self._skip
+        return self._lost or (at_boundary and self._frames > 0)
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n and not self._lost:
+            if self._skip:
+                take = min(self._skip, n - i)
+                self._skip -= take
+                i += take
+                continue
+            need = {"magic": 4, "skippable": 4, "frame": 1, "block": 3}[self._state]
+            take = min(need - len(self._head), n - i)
+            self._head += data[i : i + take]
+            i += take
+            if len(self._head) == need:
+                head, self._head = self._head, b""
+                self._step(int.from_bytes(head, "little"))
+
+    def _step(self, value: int) -> None:
+        if self._state == "magic":
+            if value == 0xFD2FB528:
+                self._state = "frame"
+            elif value & 0xFFFFFFF0 == 0x184D2A50:
+                self._state = "skippable"
+            else:
+                self._lost = True  # not zstd: the decoder reports it
+        elif self._state == "skippable":
+            self._skip, self._state = value, "magic"
+        elif self._state == "frame":  # Frame_Header_Descriptor
+            single = (value >> 5) & 1
+            self._checksum = bool((value >> 2) & 1)
+            fcs = ((1 if single else 0), 2, 4, 8)[value >> 6]
+            self._skip = (0 if single else 1) + (0, 1, 2, 4)[value & 3] + fcs
+            self._state = "block"
+        else:  # Block_Header: Last_Block, Block_Type, Block_Size
+            block_type, size = (value >> 1) & 3, value >> 3
+            self._skip = 1 if block_type == 1 else size  # RLE blocks hold one byte
+            if value & 1:
+                self._skip += 4 if self._checksum else 0
+                self._frames += 1
+                self._state = "magic"
+
+
+class _Tee(io.RawIOBase):
+    """A reader that shows every byte it passes on to ``watch``."""
+
+    def __init__(self, raw: BinaryIO, watch: Callable[[bytes], None]) -> None:
         self._raw = raw
-        self._pending = bytearray()
-        self._pos = 0
-        self._eof = False
+        self._watch = watch
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        want = size if size >= 0 else 1 << 62
-        while len(self._pending) - self._pos < want and not self._eof:
-            chunk = self._raw.read(1 << 20)
-            if not chunk:
-                self._eof = True
-                if not self._dobj.eof:
-                    raise EOFError("zstd stream ends inside a frame")
-                break
-            if self._pos:
-                del self._pending[: self._pos]
-                self._pos = 0
-            while chunk:
-                if self._dobj.eof:  # concatenated frames: start a new decoder
-                    self._dobj = self._dctx.decompressobj()
-                self._pending += self._dobj.decompress(chunk)
-                chunk = self._dobj.unused_data if self._dobj.eof else b""
-        out = bytes(self._pending[self._pos : self._pos + want])
-        self._pos += len(out)
-        return out
+        data = self._raw.read(size)
+        self._watch(data)
+        return data
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class _StrictZstd(io.RawIOBase):
+    """zstd with bounded reads, and a truncated frame made an error.
+
+    zstandard's ``stream_reader`` bounds each read's output (a frame of zeros
+    inflates some 30,000:1, and ``decompressobj().decompress`` would return
+    all of it from one call: a bomb in memory before any size limit could
+    look), but returns a short read at a truncated frame; :class:`_ZstdFrames`
+    watching the compressed bytes tells the two apart.
+    """
+
+    def __init__(self, raw: BinaryIO, max_window: int) -> None:
+        dctx = zstandard.ZstdDecompressor(max_window_size=max_window)
+        self._frames = _ZstdFrames()
+        self._raw = raw
+        self._reader = dctx.stream_reader(
+            _Tee(raw, self._frames.feed), read_size=1 << 20, read_across_frames=True, closefd=False
+        )
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            return b"".join(iter(lambda: self.read(1 << 20), b""))
+        data = self._reader.read(size) if size else b""
+        if size and not data and not self._frames.complete:
+            raise EOFError("zstd stream ends inside a frame")
+        return bytes(data)
 
     def close(self) -> None:
+        self._reader.close()
         self._raw.close()
         super().close()
 

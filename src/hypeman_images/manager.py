@@ -421,9 +421,11 @@ class ImageManager:
         ok = False
 
         def on_status(ref: Reference, record: ImageRecord) -> None:
-            job.update(record)
             if record.status is ImageStatus.READY:
+                # Shown as ready only below, once every tag that asked points at it.
                 self._pause.reached("tagging")
+                return
+            job.update(record)
 
         try:
             resolved = job.resolved or self._resolve_again(job)
@@ -488,7 +490,12 @@ class ImageManager:
             if ref.digest is not None:
                 raise
             # Failed and interrupted builds have no tag link; their record has the name.
-            named = [s for s in self.store.scan() if s.record.name == str(ref)]
+            # (A ready one without its link was untagged on purpose.)
+            named = [
+                s
+                for s in self.store.scan()
+                if s.record.name == str(ref) and s.record.status is not ImageStatus.READY
+            ]
             if not named:
                 raise
             return max(named, key=lambda s: s.record.updated_at or s.record.created_at)

@@ -122,7 +122,9 @@ def build_resolved(
         try:
             reporter.stage("pulling", f"{ref.familiar()} ({digest.short})")
             t0 = time.monotonic()
-            pulled = pull(client, blobs, resolved, reporter)
+            # Pass 1 of flatten runs on each layer while it downloads (issue 7).
+            scans = convert.LayerScans(options.limits)
+            pulled = pull(client, blobs, resolved, reporter, tap=scans)
             stats.download_s = time.monotonic() - t0
             stats.downloaded_bytes = pulled.downloaded_bytes
             stats.cached_blobs = pulled.cached_blobs
@@ -138,6 +140,7 @@ def build_resolved(
                 options=options,
                 on_progress=reporter.converted,
                 limits=options.limits,
+                scans=scans,
             )
             stats.convert_s = time.monotonic() - t0
             stats.stages.update(disk.timings)

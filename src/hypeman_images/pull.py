@@ -4,14 +4,25 @@ This is the "registry → blob store" edge of the pipeline. Resolution turns a
 normalised reference into a resolved one (digest always present: the platform
 manifest's). Blobs already in the cache are not fetched again; the others are
 downloaded in parallel, each verified against its digest on the way in.
+
+A *tap* (``pull(..., tap=...)``) sees every layer's compressed bytes while
+they arrive -- a tee from the download, in its own thread -- or, for a layer
+already cached, reads the cached blob, so that the flattener's first pass
+overlaps with the downloads instead of following them (issue 7). The tap is
+an optimisation only: what it makes is used after the pull verified every
+digest, and if it fails, the caller does that work again from the cache.
 """
 
 from __future__ import annotations
 
+import io
 import logging
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import BinaryIO, Protocol
 
 from .blobs import BlobStore
 from .digest import Digest
@@ -32,6 +43,77 @@ from .spec import (
 log = logging.getLogger(__name__)
 
 DOWNLOAD_WORKERS = 4
+# Chunks (>= 1 MiB each) a tap may lag behind its download before the download waits.
+TAP_QUEUE_CHUNKS = 8
+
+
+class LayerTap(Protocol):
+    """Reads one layer's compressed bytes (in a thread of its own) while they are pulled.
+
+    ``stream`` ends at the blob's end; reading it fails if the download does.
+    The tap must close it (closing early is fine: the download goes on).
+    """
+
+    def __call__(self, index: int, layer: Descriptor, stream: BinaryIO) -> None: ...
+
+
+class _ChunkPipe(io.RawIOBase):
+    """Chunks handed from a download thread to a tap thread, bounded; the tap may leave."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(TAP_QUEUE_CHUNKS)
+        self._left = memoryview(b"")
+        self._done = False
+        self._abandoned = threading.Event()
+
+    # -- the download's side
+    def _put(self, item: bytes | BaseException | None) -> None:
+        while not self._abandoned.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def tee(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """Yield ``chunks`` unchanged, handing each to the tap too; then end or fail it."""
+        try:
+            for chunk in chunks:
+                self._put(chunk)
+                yield chunk
+        except BaseException as exc:
+            self._put(exc)
+            raise
+        self._put(None)
+
+    def fail(self, exc: BaseException) -> None:
+        """The download failed (or ended unverified): the tap's next read raises."""
+        self._put(exc)
+
+    # -- the tap's side
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        while not self._left:
+            if self._done:
+                return 0
+            item = self._queue.get()
+            if item is None:
+                self._done = True
+                return 0
+            if isinstance(item, BaseException):
+                self._done = True
+                raise OSError(f"the download feeding this stream failed: {item!r}")
+            self._left = memoryview(item)
+        n = min(len(buffer), len(self._left))
+        buffer[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
+
+    def close(self) -> None:
+        self._abandoned.set()
+        super().close()
 
 
 @dataclass(frozen=True)
@@ -93,8 +175,16 @@ def pull(
     resolved: ResolvedImage,
     progress: LayerProgress | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    tap: LayerTap | None = None,
 ) -> PulledImage:
-    """Copy the config and every layer of ``resolved`` into ``blobs``; parse the config."""
+    """Copy the config and every layer of ``resolved`` into ``blobs``; parse the config.
+
+    ``tap``, if given, is run once for each distinct layer, on the bytes as they
+    download or on the cached blob (see :class:`LayerTap`); it runs while the
+    pull goes on, and the pull returns only once every tap has returned. Taps'
+    exceptions are logged, never raised: the pull's own errors are the ones
+    that count.
+    """
     progress = progress or LayerProgress()
     manifest = resolved.manifest
     for layer in manifest.layers:
@@ -123,10 +213,19 @@ def pull(
     downloaded = 0
     cached = 0
 
+    taps: list[Future[None]] = []
+    tap_pool = ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS, thread_name_prefix="tap")
+
+    def start_tap(index: int, layer: Descriptor, stream: BinaryIO) -> None:
+        assert tap is not None
+        taps.append(tap_pool.submit(tap, index, layer, stream))
+
     def fetch(index: int) -> int:
         layer = manifest.layers[index]
         if blobs.has(layer.digest):
             progress.start(layer.digest, layer.size, cached=True)
+            if tap is not None:
+                start_tap(index, layer, blobs.open(layer.digest))
             progress.done(layer.digest)
             return -1
 
@@ -136,19 +235,34 @@ def pull(
                 on_bytes(nbytes)
 
         progress.start(layer.digest, layer.size, cached=False)
-        with client.open_blob(resolved.ref, layer) as chunks:
-            blobs.ingest(layer, chunks, on_chunk=advance)
+        pipe = None
+        if tap is not None:
+            pipe = _ChunkPipe()
+            start_tap(index, layer, pipe)  # type: ignore[arg-type]
+        try:
+            with client.open_blob(resolved.ref, layer) as chunks:
+                blobs.ingest(layer, pipe.tee(chunks) if pipe else chunks, on_chunk=advance)
+        except BaseException as exc:
+            if pipe is not None:
+                pipe.fail(exc)
+            raise
         progress.done(layer.digest)
         return layer.size
 
     # Distinct layers only: an image may list the same blob twice.
     unique = list({layer.digest: i for i, layer in enumerate(manifest.layers)}.values())
-    with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS, thread_name_prefix="pull") as pool:
-        for size in pool.map(fetch, sorted(unique)):
-            if size < 0:
-                cached += 1
-            else:
-                downloaded += size
+    try:
+        with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS, thread_name_prefix="pull") as pool:
+            for size in pool.map(fetch, sorted(unique)):
+                if size < 0:
+                    cached += 1
+                else:
+                    downloaded += size
+    finally:
+        tap_pool.shutdown(wait=True)
+        for future in taps:
+            if future.exception() is not None:
+                log.debug("layer tap failed: %r", future.exception())
     descriptor = _manifest_descriptor(resolved)
     blobs.put(descriptor, resolved.manifest_bytes)
     blobs.tag(descriptor, _ref_name(resolved.ref))

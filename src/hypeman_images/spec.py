@@ -188,6 +188,8 @@ def _load(data: bytes, what: str) -> dict[str, Any]:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LayerError(f"{what} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # "[[[[..." nested past the interpreter's stack
+        raise LayerError(f"{what} is nested too deeply to parse") from exc
     if not isinstance(doc, dict):
         raise LayerError(f"{what} is not a JSON object")
     return doc
@@ -265,6 +267,31 @@ def _strings(value: Any, what: str) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+def _list(value: Any, what: str) -> list[Any]:
+    if not value:
+        return []
+    if not isinstance(value, list):
+        raise LayerError(f"image config: {what} must be a list")
+    return value
+
+
+def _keys(value: Any, what: str) -> list[Any]:
+    """The keys of a ``{"80/tcp": {}}`` set; a list is accepted as the set itself."""
+    if not value:
+        return []
+    if not isinstance(value, dict | list):
+        raise LayerError(f"image config: {what} must be an object")
+    return list(value)
+
+
+def _optional_string(value: Any, what: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise LayerError(f"image config: {what} must be a string")
+    return value
+
+
 def parse_config(data: bytes) -> ImageConfig:
     """Parse an image configuration (OCI ``config.md`` / Docker's equivalent)."""
     doc = _load(data, "image config")
@@ -273,23 +300,23 @@ def parse_config(data: bytes) -> ImageConfig:
     if not isinstance(cfg, dict) or not isinstance(rootfs, dict):
         raise LayerError("image config: 'config' and 'rootfs' must be objects")
     try:
-        diff_ids = tuple(Digest.parse(str(d)) for d in rootfs.get("diff_ids") or ())
+        diff_ids = tuple(Digest.parse(str(d)) for d in _list(rootfs.get("diff_ids"), "diff_ids"))
     except HypemanError as exc:
         raise LayerError(f"image config: malformed rootfs.diff_ids: {exc.message}") from exc
     labels = cfg.get("Labels") or {}
     return ImageConfig(
         architecture=str(doc.get("architecture", "")),
         os=str(doc.get("os", "")),
-        variant=doc.get("variant") or None,
+        variant=_optional_string(doc.get("variant"), "variant"),
         entrypoint=_strings(cfg.get("Entrypoint"), "Entrypoint"),
         cmd=_strings(cfg.get("Cmd"), "Cmd"),
         env=_strings(cfg.get("Env"), "Env") or (),
         working_dir=str(cfg.get("WorkingDir") or ""),
         user=str(cfg.get("User") or ""),
-        exposed_ports=tuple(sorted(cfg.get("ExposedPorts") or {})),
-        volumes=tuple(sorted(cfg.get("Volumes") or {})),
+        exposed_ports=tuple(sorted(str(p) for p in _keys(cfg.get("ExposedPorts"), "ExposedPorts"))),
+        volumes=tuple(sorted(str(v) for v in _keys(cfg.get("Volumes"), "Volumes"))),
         labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
-        stop_signal=cfg.get("StopSignal") or None,
-        created=doc.get("created") or None,
+        stop_signal=_optional_string(cfg.get("StopSignal"), "StopSignal"),
+        created=_optional_string(doc.get("created"), "created"),
         diff_ids=diff_ids,
     )

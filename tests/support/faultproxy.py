@@ -92,11 +92,15 @@ class FaultProxy:
         self.faults: list[Fault] = []
         self.log: list[Logged] = []
         self._lock = threading.Lock()
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.proxy = self
-        self.port = self._server.server_address[1]
+        self.port = 0
+        self._listen()
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host}"
+
+    def _listen(self) -> None:
+        self._server = _Server(("127.0.0.1", self.port), _Handler)
+        self._server.proxy = self
+        self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         self._dead = False
@@ -138,6 +142,11 @@ class FaultProxy:
         self._server.server_close()
         self._server.close_all()
         self._thread.join(timeout=5)
+
+    def revive(self) -> None:
+        """Listen again on the same port: the registry is back."""
+        if self._dead:
+            self._listen()
 
     def close(self) -> None:
         self.die()

@@ -65,6 +65,12 @@ class HostileCase:
     served: dict[str, tuple[bytes, dict[str, str]]] = field(default_factory=dict)
     check: Callable[[Path], None] | None = None  # extra check of a successful disk
 
+    @property
+    def manifest_digest(self) -> str:
+        """The digest of the manifest the client gets (the served one, if any)."""
+        served = self.served.get("/manifests/")
+        return sha256_digest(served[0]) if served else self.image.manifest_digest
+
     def push(self, registry_url: str, repo: str, tag: str) -> None:
         """Put the image in the registry (blobs only, if the proxy serves its manifest)."""
         if self.served:
@@ -450,7 +456,7 @@ def oversized_config_descriptor(canary: Path) -> HostileCase:
 
 def wrong_layer_size(canary: Path) -> HostileCase:
     """A layer descriptor whose size is smaller than the blob: the download stops there."""
-    image = make_image([make_layer(_base_files())])
+    image = make_image([make_layer([*_base_files(), file("wrong-size", b"w")])])
     doc = json.loads(image.manifest)
     doc["layers"][0]["size"] -= 10
     body = json.dumps(doc).encode()

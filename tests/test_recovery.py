@@ -1,0 +1,139 @@
+"""Crash recovery with real kills: ``serve`` is parked at a stage, ``kill -9``ed, restarted.
+
+The test hook ``HYPEMAN_TEST_PAUSE_AT=<stage>`` (hypeman_images.builds.PauseHook)
+makes the build block forever at a known point and log that it did. The whole
+process group (serve and any mke2fs it runs) then gets SIGKILL. A fresh
+``serve`` must resume the build, set the tag, and after ``gc`` the data dir must
+hold exactly one ready disk that passes ``e2fsck -fn`` and the blobs it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from support.disk import e2fsck_clean
+from support.pushed import PushedImage
+from support.service import CLI, serve_process, wait_for_status
+
+from hypeman_images.builds import PAUSE_ENV
+
+pytestmark = pytest.mark.slow
+
+
+def state(data_dir: Path, image: PushedImage) -> tuple[dict[str, object], Path]:
+    directory = (
+        data_dir / "images" / image.registry.host / image.repository / image.manifest_digest[7:]
+    )
+    return json.loads((directory / "metadata.json").read_text()), directory
+
+
+def no_ready_without_a_valid_disk(data_dir: Path) -> None:
+    for meta in (data_dir / "images").rglob("metadata.json"):
+        if json.loads(meta.read_text())["status"] == "ready":
+            e2fsck_clean(meta.parent / "rootfs.ext4")
+
+
+def every_file(data_dir: Path) -> set[str]:
+    return {
+        p.relative_to(data_dir).as_posix()
+        for p in data_dir.rglob("*")
+        if p.is_file() or p.is_symlink()
+    }
+
+
+@pytest.mark.parametrize("stage", ["pulling", "flattening", "mke2fs", "tagging"])
+def test_kill_mid_stage_then_restart_finishes(
+    stage: str, alpine_ref: PushedImage, data_dir: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "serve.log"
+    with (
+        serve_process(data_dir, log, env={PAUSE_ENV: stage}) as served,
+        httpx.Client(timeout=30) as client,
+    ):
+        response = client.post(f"{served.url}/images", json={"name": alpine_ref.ref})
+        assert response.status_code == 202, response.text
+        served.wait_for_output(f"paused at {stage}")
+        record, directory = state(data_dir, alpine_ref)
+        disk = directory / "rootfs.ext4"
+        expected_status = {
+            "pulling": "pulling",
+            "flattening": "converting",
+            "mke2fs": "converting",
+            "tagging": "ready",
+        }[stage]
+        assert record["status"] == expected_status
+        if stage == "mke2fs":
+            assert not disk.exists()
+            temps = [
+                p for p in directory.iterdir() if p.name.startswith(".") and "rootfs" in p.name
+            ]
+            assert temps, "mke2fs's temp disk should exist"
+        served.kill()
+
+    tag = directory.parent / alpine_ref.tag
+    assert not tag.exists(), "no tag link before the build was ready and linked"
+    no_ready_without_a_valid_disk(data_dir)
+
+    with serve_process(data_dir, log) as served, httpx.Client(timeout=30) as client:
+        ready = wait_for_status(client, served.url, alpine_ref.ref, {"ready", "failed"})
+        assert ready["status"] == "ready", ready["error"]
+        assert ready["tags"] == [alpine_ref.tag]
+    assert os.readlink(tag) == alpine_ref.manifest_digest[7:]
+    e2fsck_clean(disk)
+    assert state(data_dir, alpine_ref)[0]["status"] == "ready"
+
+    gc = subprocess.run(
+        [CLI, "gc", "--json", "--data-dir", str(data_dir)], capture_output=True, text=True
+    )
+    assert gc.returncode == 0, gc.stderr
+    layer = alpine_ref.image.manifest_digest, alpine_ref.image.config_digest
+    blobs = {f"cache/blobs/sha256/{d[7:]}" for d in layer}
+    blobs |= {f"cache/blobs/sha256/{d.digest[7:]}" for d in alpine_ref.image.layers}
+    build = directory.relative_to(data_dir).as_posix()
+    assert every_file(data_dir) == blobs | {
+        "cache/index.json",
+        "cache/oci-layout",
+        "cache/.lock",
+        f"{build}/.lock",
+        f"{build}/metadata.json",
+        f"{build}/rootfs.ext4",
+        tag.relative_to(data_dir).as_posix(),
+    }
+
+
+def test_killed_cli_pull_resumes_with_pull(
+    alpine_ref: PushedImage, data_dir: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "pull.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [CLI, "pull", "--data-dir", str(data_dir), alpine_ref.ref],
+            stdout=out,
+            stderr=out,
+            env={**os.environ, PAUSE_ENV: "mke2fs"},
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "paused at mke2fs" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, 9)
+        process.wait(10)
+    record, directory = state(data_dir, alpine_ref)
+    assert record["status"] == "converting"
+    again = subprocess.run(
+        [CLI, "pull", "--data-dir", str(data_dir), alpine_ref.ref], capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr
+    e2fsck_clean(Path(again.stdout.strip()))
+    # The resumed build replaced nothing half-made: only the final disk is left after gc.
+    subprocess.run([CLI, "gc", "--data-dir", str(data_dir)], check=True, capture_output=True)
+    assert sorted(p.name for p in directory.iterdir()) == [".lock", "metadata.json", "rootfs.ext4"]
