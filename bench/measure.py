@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -28,6 +28,7 @@ class Run:
     max_rss: int  # bytes; the largest single process
     written: int  # bytes dirtied for the storage layer
     cpu: float  # user + system seconds
+    output: bytes = field(default=b"", repr=False, compare=False)  # stdout + stderr
 
     def __add__(self, other: Run) -> Run:
         return Run(
@@ -72,7 +73,11 @@ def run(
             + output.decode(errors="replace")[-3000:]
         )
     return Run(
-        seconds, usage.ru_maxrss * 1024, usage.ru_oublock * 512, usage.ru_utime + usage.ru_stime
+        seconds,
+        usage.ru_maxrss * 1024,
+        usage.ru_oublock * 512,
+        usage.ru_utime + usage.ru_stime,
+        output,
     )
 
 

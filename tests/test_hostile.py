@@ -495,3 +495,47 @@ def test_no_secret_in_logs_errors_or_metadata(
     for secret in secrets:
         for text in haystacks:
             assert secret not in text
+
+
+# -- a million entries -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_million_tiny_entries(registry: RegistryServer, data_dir: Path) -> None:
+    """1,000,000 empty files (9 MiB of gzip): converted within the default limits.
+
+    Runs the CLI in a subprocess to measure its peak RSS: memory grows with
+    the entry count (about 1 KiB per entry, for the scans and the tree), which
+    is what ``Limits.max_entries`` bounds.
+    """
+    from support.hostile import million_entries_layer
+    from support.images import Layer, make_image, push_image
+
+    blob, diff_id, entries = million_entries_layer(1_000_000)
+    layer = Layer(blob, b"", "application/vnd.oci.image.layer.v1.tar+gzip")
+    image = make_image([layer], config_extra={"rootfs": {"type": "layers", "diff_ids": [diff_id]}})
+    push_image(registry.url, "hostile/million", "v1", image)
+    measure = (
+        "import resource, subprocess, sys\n"
+        "rc = subprocess.run(sys.argv[1:]).returncode\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+        "sys.exit(rc)\n"
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", measure, CLI, "pull", "--no-progress", "--data-dir", str(data_dir),
+         f"{registry.host}/hostile/million:v1"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    peak_kib = int(result.stderr.strip().splitlines()[-1])
+    print(f"1M entries: {elapsed:.1f} s, peak RSS {peak_kib >> 10} MiB")
+    assert peak_kib < 2 * 1024 * 1024, f"peak RSS {peak_kib >> 10} MiB"
+    disk = Path(result.stdout.strip())
+    counts = subprocess.run(["dumpe2fs", "-h", str(disk)], capture_output=True, text=True).stdout
+    inodes = int(re.search(r"Inode count:\s+(\d+)", counts)[1])  # type: ignore[index]
+    free = int(re.search(r"Free inodes:\s+(\d+)", counts)[1])  # type: ignore[index]
+    assert inodes - free >= entries
+    assert store_problems(data_dir) == []

@@ -13,6 +13,7 @@ lines otherwise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -26,11 +27,16 @@ from typing import Any, NoReturn
 from . import __version__
 from .builds import PauseHook
 from .config import BuildOptions, default_data_dir, parse_size
+from .credentials import Credential, default_credentials, login, logout
 from .errors import HypemanError, InvalidArgument
 from .image import Image, image_of
 from .manager import DEFAULT_CONCURRENCY, ImageManager
 from .progress import PlainReporter, Reporter, RichReporter, human_size
+from .reference import parse_reference
+from .registries import RegistryConfig
+from .registry import RegistryClient
 from .spec import Platform
+from .store import ImageStatus
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,25 @@ failed builds, and temp files left by interrupted ones.
 examples:
   {PROG} gc
   {PROG} gc --json""",
+    "boot": f"""\
+Boots the image's disk (pulled first if it is not local) in a microVM: Cloud
+Hypervisor when it is on PATH, else QEMU microvm with KVM where KVM works and
+TCG where it does not. Prints the command's output and exits with its code.
+
+examples:
+  {PROG} boot alpine:3.20
+  {PROG} boot alpine:3.20 -- cat /etc/alpine-release
+  {PROG} boot --print-command alpine:3.20""",
+    "login": f"""\
+Stores the credential where docker and podman look (a credential helper if
+one is configured, else ~/.docker/config.json, mode 0600) after checking it.
+
+examples:
+  {PROG} login -u me registry.example.com
+  echo "$TOKEN" | {PROG} login -u me --password-stdin ghcr.io""",
+    "logout": f"""\
+examples:
+  {PROG} logout registry.example.com""",
     "serve": f"""\
 Serves POST/GET /images, GET/DELETE /images/{{name}}, /healthz, /metrics and
 /openapi.json. Builds interrupted by a crash or restart are resumed at start.
@@ -105,6 +130,29 @@ def _parser() -> argparse.ArgumentParser:
         "else $XDG_DATA_HOME/hypeman)",
     )
     common.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
+    registry_flags = _Parser(add_help=False)
+    registry_flags.add_argument(
+        "--registries-conf",
+        type=Path,
+        default=os.environ.get("HYPEMAN_REGISTRIES_CONF") or None,
+        help="registries.conf-like TOML: mirrors, insecure registries, certs dirs "
+        "(default: $HYPEMAN_REGISTRIES_CONF)",
+    )
+    registry_flags.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="allow plain HTTP to this registry (repeatable)",
+    )
+    registry_flags.add_argument("--ca-bundle", type=Path, help="CA certificates (PEM) to trust")
+    registry_flags.add_argument(
+        "--certs-dir",
+        action="append",
+        type=Path,
+        default=[],
+        help="certs.d-style directory: <dir>/<host:port>/ca.crt (repeatable)",
+    )
     json_flag = _Parser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
@@ -118,17 +166,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, summary: str, *, data: bool = True) -> argparse.ArgumentParser:
+    def command(
+        name: str, summary: str, *, data: bool = True, registry: bool = False
+    ) -> argparse.ArgumentParser:
+        parents = [common, json_flag] if data else [common]
         return sub.add_parser(
             name,
-            parents=[common, json_flag] if data else [common],
+            parents=[*parents, registry_flags] if registry else parents,
             help=summary,
             description=summary,
             epilog=EXAMPLES[name],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
-    p = command("pull", "Pull an image, convert it into rootfs.ext4 and print the disk's path.")
+    p = command(
+        "pull",
+        "Pull an image, convert it into rootfs.ext4 and print the disk's path.",
+        registry=True,
+    )
     p.add_argument("image", help="image reference: alpine, localhost:5000/app:1, repo@sha256:…")
     p.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from an index (default: host's)")
     p.add_argument(
@@ -152,7 +207,33 @@ def _parser() -> argparse.ArgumentParser:
     p = command("gc", "Free space: unneeded blobs, failed builds, leftovers of crashes.")
     p.set_defaults(run=_gc)
 
-    p = command("serve", "Run the REST API (hypeman's /images) on HOST:PORT.", data=False)
+    p = command("boot", "Boot an image in a microVM and run its command.", registry=True)
+    p.add_argument("image", help="image reference (pulled first if not local)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds before giving up")
+    p.add_argument("--hypervisor", choices=["cloud-hypervisor", "qemu"], help="default: probe")
+    p.add_argument("--accel", choices=["kvm", "tcg"], help="QEMU accelerator (default: probe)")
+    p.add_argument("--memory", type=int, default=256, metavar="MIB", help="guest memory")
+    p.add_argument(
+        "--print-command",
+        action="store_true",
+        help="print the Cloud Hypervisor command line for the disk and exit",
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER, help="-- CMD ARGS… to run instead of cmd")
+    p.set_defaults(run=_boot)
+
+    p = command("login", "Log in to a registry.", data=False, registry=True)
+    p.add_argument("registry", nargs="?", default="docker.io", help="host[:port] (docker.io)")
+    p.add_argument("-u", "--username", required=True)
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p.set_defaults(run=_login)
+
+    p = command("logout", "Forget a registry's credential.", data=False)
+    p.add_argument("registry", nargs="?", default="docker.io", help="host[:port] (docker.io)")
+    p.set_defaults(run=_logout)
+
+    p = command(
+        "serve", "Run the REST API (hypeman's /images) on HOST:PORT.", data=False, registry=True
+    )
     p.add_argument(
         "--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT to bind (default {DEFAULT_LISTEN})"
     )
@@ -167,12 +248,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _registry_config(args: argparse.Namespace) -> RegistryConfig:
+    config = RegistryConfig()
+    if getattr(args, "registries_conf", None):
+        config = config.with_registries_conf(args.registries_conf)
+    return replace(
+        config,
+        insecure_registries=config.insecure_registries
+        | frozenset(getattr(args, "insecure_registry", [])),
+        ca_bundle=getattr(args, "ca_bundle", None) or config.ca_bundle,
+        certs_dirs=config.certs_dirs + tuple(getattr(args, "certs_dir", [])),
+    )
+
+
+def _client(args: argparse.Namespace) -> RegistryClient:
+    return RegistryClient(credentials=default_credentials(), config=_registry_config(args))
+
+
 def _manager(
     args: argparse.Namespace, options: BuildOptions | None = None, concurrency: int | None = None
 ) -> ImageManager:
     return ImageManager(
         args.data_dir or default_data_dir(),
         options=options,
+        client_factory=lambda: _client(args),
         concurrency=concurrency or DEFAULT_CONCURRENCY,
         pause=PauseHook.from_env(),  # the documented crash-test hook; unset in real use
     )
@@ -306,6 +405,106 @@ def _gc(args: argparse.Namespace) -> int:
             f"removed {report.blobs_removed} blobs and {report.directories_removed} build "
             f"directories, freed {human_size(report.bytes_freed)}"
         )
+    return 0
+
+
+def _boot(args: argparse.Namespace) -> int:
+    # Imported here: only this command needs the VM machinery.
+    import shlex
+
+    from .boot import boot, boot_command
+    from .errors import NotFound
+
+    command = args.args[1:] if args.args[:1] == ["--"] else args.args
+    with _manager(args) as manager:
+        try:
+            image = manager.get(args.image)
+            if image.status is not ImageStatus.READY:
+                raise NotFound(f"{args.image} is {image.status}, not ready")
+        except NotFound:
+            image = image_of(manager.pull(args.image, reporter=PlainReporter()))
+        if image.disk is None:
+            raise NotFound(f"{args.image} has no disk; pull it again")
+        disk = image.disk
+        metadata = json.loads(image.record.to_json())
+        work_dir = manager.data.boot / "run"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        if args.print_command:
+            argv = boot_command(
+                disk,
+                metadata,
+                command=command or None,
+                hypervisor="cloud-hypervisor",
+                accel="kvm",
+                work_dir=work_dir,
+                cache_dir=manager.data.boot,
+            )
+            print(shlex.join(argv))
+            return 0
+        result = boot(
+            disk,
+            metadata,
+            command=command or None,
+            timeout=args.timeout,
+            hypervisor=args.hypervisor,
+            accel=args.accel,
+            work_dir=work_dir,
+            cache_dir=manager.data.boot,
+            memory_mib=args.memory,
+        )
+    if args.json:
+        doc = dataclasses.asdict(result)
+        doc.pop("console", None)
+        _print_json(doc)
+    else:
+        sys.stdout.write(result.output)
+        sys.stdout.flush()
+        if result.error:
+            print(f"{PROG}: {result.error}", file=sys.stderr)
+        print(
+            f"{PROG}: booted with {result.hypervisor} ({result.accelerator}); "
+            f"exit code {result.exit_code}",
+            file=sys.stderr,
+        )
+    return result.exit_code
+
+
+def _registry_host(text: str) -> str:
+    """``docker.io`` for Docker Hub's names, else the host as given (validated)."""
+    host = text.removeprefix("https://").removeprefix("http://").rstrip("/")
+    host = host.removesuffix("/v1").removesuffix("/v2")
+    if host in ("index.docker.io", "registry-1.docker.io", "docker.io"):
+        return "docker.io"
+    return parse_reference(f"{host}/x").registry if "/" not in host else _bad_registry(text)
+
+
+def _bad_registry(text: str) -> str:
+    raise InvalidArgument(f"invalid registry {text!r}: expected HOST[:PORT], e.g. ghcr.io")
+
+
+def _login(args: argparse.Namespace) -> int:
+    import getpass
+
+    registry = _registry_host(args.registry)
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"Password for {args.username}@{registry}: ")
+    if not password:
+        raise InvalidArgument("empty password")
+    with _client(args) as client:
+        client.check_login(registry, Credential(args.username, password, origin=f"{PROG} login"))
+    where = login(registry, args.username, password)
+    print(f"Login succeeded; credential stored in {where}")
+    return 0
+
+
+def _logout(args: argparse.Namespace) -> int:
+    registry = _registry_host(args.registry)
+    if logout(registry):
+        print(f"Removed the credential for {registry}")
+    else:
+        print(f"Not logged in to {registry}")
     return 0
 
 

@@ -9,6 +9,7 @@ Nothing of the image touches the host filesystem but the disk itself.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import logging
@@ -20,11 +21,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .blobs import BlobStore
-from .config import BuildOptions
 from .compression import open_decompressed
+from .config import BuildOptions
 from .e2fsprogs import E2fsprogs, find_e2fsprogs
 from .ext4 import SizeInputs, build_disk
-from .flatten import Limits, LayerScan, Tree, TreeStats, merge, scan_layer, write_tar
+from .flatten import LayerScan, Limits, Tree, TreeStats, merge, scan_layer, write_tar
 from .pull import PulledImage
 from .spec import Descriptor
 
@@ -124,31 +125,41 @@ def _big_buffered(out: BinaryIO) -> tuple[BinaryIO, Callable[[], None]]:
     except (OSError, ValueError, AttributeError):
         return out, out.flush
     out.flush()
-    try:
+    # Not a pipe, or over /proc/sys/fs/pipe-max-size: keep the size it has.
+    with contextlib.suppress(OSError):
         fcntl.fcntl(fd, _F_SETPIPE_SZ, _SINK_BUFFER)
-    except OSError:
-        pass  # not a pipe, or over /proc/sys/fs/pipe-max-size: keep what it is
     raw = io.FileIO(fd, "wb", closefd=False)
     writer = io.BufferedWriter(raw, _SINK_BUFFER)
     return writer, writer.flush
 
 
 class _Counting:
-    """A write-only wrapper that reports how many bytes went through."""
+    """A write-only wrapper that reports how many bytes went through.
+
+    It reports once per :data:`REPORT_EVERY` bytes and at :meth:`flush`, not
+    per write: a write is often one 512-byte header, and a progress bar's
+    update costs more than that write.
+    """
+
+    REPORT_EVERY = 4 << 20
 
     def __init__(self, out: BinaryIO, report: Callable[[int], None]) -> None:
         self._out = out
         self._report = report
         self.count = 0
+        self._next = self.REPORT_EVERY
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         written = self._out.write(data)
         self.count += len(data)
-        self._report(self.count)
+        if self.count >= self._next:
+            self._next = self.count + self.REPORT_EVERY
+            self._report(self.count)
         return written
 
     def flush(self) -> None:
         self._out.flush()
+        self._report(self.count)
 
 
 def convert(
@@ -185,6 +196,7 @@ def convert(
             report = on_progress
             sink = _Counting(buffered, lambda n: report(min(n, total), total))  # type: ignore[assignment]
         write_tar(tree, lambda i: _open_layer(blobs, layers[i]), sink, limits)
+        sink.flush()
         flush()
 
     t0 = time.monotonic()

@@ -45,6 +45,7 @@ class PlainReporter(Reporter):
         self.out = out or sys.stderr
         self._lock = threading.Lock()
         self._last_convert = 0.0
+        self._said_total = False
 
     def _say(self, line: str) -> None:
         with self._lock:

@@ -24,11 +24,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
+from . import registry
 from .blobs import BlobStore
 from .digest import Digest
 from .errors import LayerError, LimitExceeded
 from .reference import Reference
-from . import registry
 from .registry import RegistryClient
 from .spec import (
     LAYER_COMPRESSION,

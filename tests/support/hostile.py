@@ -21,6 +21,7 @@ the layout DESIGN.md describes).
 from __future__ import annotations
 
 import gzip
+import zlib
 import hashlib
 import json
 import os
@@ -670,3 +671,44 @@ __all__ = [
     "store_problems",
     "unexpected_paths",
 ]
+
+
+def million_entries_layer(count: int = 1_000_000, per_dir: int = 1000) -> tuple[bytes, str, int]:
+    """A gzip layer of ``count`` empty files in dirs of ``per_dir``, streamed (no 512 MB tar).
+
+    Returns (blob, diff_id, entries). Headers come from one template with the
+    name and checksum patched, so building a million takes seconds.
+    """
+    template = bytearray(build_tar([file("x")])[:BLOCK])
+    dir_template = bytearray(build_tar([directory("x")])[:BLOCK])
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 31)  # gzip container, fast
+    hasher = hashlib.sha256()
+    out: list[bytes] = []
+    batch: list[bytes] = []
+
+    def header(base: bytearray, name: bytes) -> bytes:
+        block = bytearray(base)
+        block[0:100] = name.ljust(100, b"\0")
+        block[148:156] = b" " * 8
+        block[148:156] = b"%06o\0 " % sum(block)
+        return bytes(block)
+
+    def flush() -> None:
+        data = b"".join(batch)
+        batch.clear()
+        hasher.update(data)
+        out.append(compressor.compress(data))
+
+    entries = 0
+    for d in range((count + per_dir - 1) // per_dir):
+        batch.append(header(dir_template, b"d%d/" % d))
+        entries += 1
+        for i in range(min(per_dir, count - d * per_dir)):
+            batch.append(header(template, b"d%d/%d" % (d, i)))
+            entries += 1
+        if len(batch) > 20_000:
+            flush()
+    batch.append(bytes(2 * BLOCK))
+    flush()
+    out.append(compressor.flush())
+    return b"".join(out), "sha256:" + hasher.hexdigest(), entries

@@ -1,0 +1,137 @@
+"""Every disk the pipeline makes boots: pull from the test registry, then ``hypeman-images boot``.
+
+The VM is QEMU microvm (TCG here; KVM where it works) or Cloud Hypervisor when
+installed. Each test checks what a user would: the command's output and exit
+code, the config's user, env and working dir, and the effect of whiteouts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support.images import Image, alpine_3_20_3, make_image, make_layer
+from support.push import push_image
+from support.pushed import PushedImage
+from support.registry import RegistryServer
+from support.tar import directory, file, hardlink, opaque, whiteout
+
+pytestmark = pytest.mark.slow
+
+CLI = str(Path(sys.executable).with_name("hypeman-images"))
+PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def boot(data_dir: Path, ref: str, *command: str) -> subprocess.CompletedProcess[str]:
+    argv = [CLI, "boot", "--data-dir", str(data_dir), "--timeout", "90", ref]
+    if command:
+        argv += ["--", *command]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=180)
+
+
+def on_alpine(*upper: list[object], **config: object) -> Image:
+    """Alpine 3.20.3's layer with more layers on top and the given config."""
+    base = alpine_3_20_3().layers[0]
+    layers = [base, *(make_layer(entries) for entries in upper)]  # type: ignore[arg-type]
+    return make_image(layers, **config)  # type: ignore[arg-type]
+
+
+def push(registry: RegistryServer, name: str, image: Image) -> str:
+    push_image(registry.url, f"boot/{name}", "1", image)
+    return f"{registry.host}/boot/{name}:1"
+
+
+def test_alpine_release(alpine_ref: PushedImage, data_dir: Path) -> None:
+    result = boot(data_dir, alpine_ref.ref, "cat", "/etc/alpine-release")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "3.20.3\n"
+    assert "booted with" in result.stderr
+
+
+def test_exit_code_is_the_commands(alpine_ref: PushedImage, data_dir: Path) -> None:
+    result = boot(data_dir, alpine_ref.ref, "sh", "-c", "echo out; exit 7")
+    assert result.returncode == 7
+    assert result.stdout == "out\n"
+
+
+def test_busybox_default_command(busybox_ref: PushedImage, data_dir: Path) -> None:
+    # cmd is ["sh"] with stdin at /dev/null: it runs and exits 0, as `docker run busybox` does.
+    assert boot(data_dir, busybox_ref.ref).returncode == 0
+    result = boot(data_dir, busybox_ref.ref, "sh", "-c", "busybox | head -1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("BusyBox v1.38.0")
+
+
+def test_user_env_and_working_dir_from_config(registry: RegistryServer, data_dir: Path) -> None:
+    image = on_alpine(
+        [directory("srv/app", uid=1000, gid=1000), file("srv/app/hello", b"hi\n")],
+        cmd=["sh", "-c", 'id -u; id -g; pwd; echo "$GREETING"; cat hello'],
+        env=[PATH, "GREETING=hello from the config"],
+        working_dir="/srv/app",
+        user="1000:1000",
+    )
+    result = boot(data_dir, push(registry, "user", image))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["1000", "1000", "/srv/app", "hello from the config", "hi"]
+
+
+def test_user_by_name(registry: RegistryServer, data_dir: Path) -> None:
+    image = on_alpine(cmd=["id", "-un"], env=[PATH], user="nobody")
+    result = boot(data_dir, push(registry, "nobody", image))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "nobody\n"
+
+
+def test_missing_entrypoint(registry: RegistryServer, data_dir: Path) -> None:
+    image = on_alpine(entrypoint=["/no/such/program"], cmd=["--flag"], env=[PATH])
+    result = boot(data_dir, push(registry, "missing", image))
+    assert result.returncode == 127
+    assert "/no/such/program" in result.stderr
+
+
+def test_whiteouts_take_effect_in_the_vm(registry: RegistryServer, data_dir: Path) -> None:
+    image = on_alpine(
+        # Layer 2: delete a file and a directory, make /etc/apk opaque with one new file.
+        [
+            whiteout("etc/motd"),
+            whiteout("etc/periodic"),
+            opaque("etc/apk"),
+            directory("etc/apk"),
+            file("etc/apk/only", b"only child\n"),
+        ],
+        # Layer 3: a hard link to a file of the base layer, then replace the original.
+        [hardlink("etc/issue.link", "etc/issue"), file("etc/issue", b"replaced\n")],
+        cmd=[
+            "sh",
+            "-c",
+            "test -e /etc/motd && echo motd; test -e /etc/periodic && echo periodic; "
+            "ls /etc/apk; cat /etc/issue; head -c 7 /etc/issue.link; echo",
+        ],
+        env=[PATH],
+    )
+    result = boot(data_dir, push(registry, "whiteouts", image))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["only", "replaced", "Welcome"]
+
+
+def test_print_command(alpine_ref: PushedImage, data_dir: Path) -> None:
+    result = subprocess.run(
+        [CLI, "boot", "--data-dir", str(data_dir), "--print-command", alpine_ref.ref],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip()
+    assert line.startswith("cloud-hypervisor ")
+    assert "--kernel " in line and "readonly=on" in line
+    disk = json.loads(
+        subprocess.run(
+            [CLI, "inspect", "--json", "--data-dir", str(data_dir), alpine_ref.ref],
+            capture_output=True,
+            text=True,
+        ).stdout
+    )["disk"]
+    assert f"path={disk}" in line
