@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import atheris
 from _common import run
 
@@ -24,10 +26,8 @@ def check(data: bytes) -> None:
         lambda: parse_manifest_or_index(data, TYPES[len(data) % len(TYPES)]),
         lambda: parse_config(data),
     ):
-        try:
+        with contextlib.suppress(HypemanError):
             parse()
-        except HypemanError:
-            pass
 
 
 if __name__ == "__main__":

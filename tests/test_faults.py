@@ -334,9 +334,7 @@ def fake_mke2fs(directory: Path, body: str) -> Path:
         (directory / tool).symlink_to(found)
     script = directory / "mke2fs"
     script.write_text(
-        "#!/bin/sh\n"
-        f'case "$*" in *-V*|*hypeman-probe-*) exec {real} "$@";; esac\n'
-        f"{body}\n"
+        f'#!/bin/sh\ncase "$*" in *-V*|*hypeman-probe-*) exec {real} "$@";; esac\n{body}\n'
     )
     script.chmod(0o755)
     return script
@@ -360,9 +358,7 @@ def test_process_killed_during_mke2fs_leaves_nothing_gc_cannot_remove(
     """SIGKILL of the whole pull while mke2fs runs: a crash, not an error path."""
     _, image = faulty
     marker = tmp_path / "mke2fs-started"
-    script = fake_mke2fs(
-        tmp_path / "bin", f"head -c 65536 >/dev/null; touch {marker}; sleep 60"
-    )
+    script = fake_mke2fs(tmp_path / "bin", f"head -c 65536 >/dev/null; touch {marker}; sleep 60")
     process = subprocess.Popen(
         [CLI, "pull", "--no-progress", "--data-dir", str(data_dir), "--mke2fs", str(script),
          ref_of(proxy)],

@@ -179,7 +179,9 @@ def test_fifty_clients_five_images(server: Server, five_images: list[str]) -> No
 
     assert len(results) == CLIENTS
     docs = [doc for _, doc in results]
-    assert all(doc["status"] == "ready" for doc in docs), [d for d in docs if d["status"] != "ready"]
+    assert all(doc["status"] == "ready" for doc in docs), [
+        d for d in docs if d["status"] != "ready"
+    ]
     digests = {doc["digest"] for doc in docs}
     assert len(digests) == len(five_images)
     # Each digest built once: one mke2fs run per digest, whatever the number of askers.
@@ -205,7 +207,10 @@ def test_soak_pull_delete_gc(server: Server, five_images: list[str]) -> None:
     samples = []
     with httpx.Client(headers=server.headers, timeout=60) as client:
         for cycle in range(8):
-            assert client.post(f"{server.url}/images", json={"name": name}).status_code in (200, 202)
+            assert client.post(f"{server.url}/images", json={"name": name}).status_code in (
+                200,
+                202,
+            )
             assert wait_ready(client, server, name)["status"] == "ready"
             deleted = client.delete(f"{server.url}/images/{quote(name, safe='/:@')}")
             assert deleted.status_code == 204, deleted.text

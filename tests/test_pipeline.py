@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from support.disk import compare_trees, e2fsck_clean, read_disk_tree
+from support.push import push_image
 from support.pushed import PushedImage
 from support.users import UnprivilegedUser
 
@@ -225,3 +226,23 @@ def test_free_space_option(alpine_ref: PushedImage, tmp_path: Path) -> None:
         next(line for line in free.splitlines() if line.startswith("Free blocks:")).split()[-1]
     )
     assert free_blocks * 4096 >= 64 << 20
+
+
+def test_tag_moves_when_the_registry_moves_it(
+    alpine_ref: PushedImage, busybox_ref: PushedImage, data_dir: Path
+) -> None:
+    registry = alpine_ref.registry
+    ref = f"{registry.host}/moving/app:latest"
+    push_image(registry.url, "moving/app", "latest", alpine_ref.image)
+    first = Path(pull(data_dir, ref).stdout.strip())
+    push_image(registry.url, "moving/app", "latest", busybox_ref.image)
+    second = Path(pull(data_dir, ref).stdout.strip())
+    assert first.parent != second.parent
+    link = second.parent.parent / "latest"
+    assert os.readlink(link) == second.parent.name
+    # The old digest stays built and reachable by digest, without a download.
+    assert first.exists()
+    with ImageManager(data_dir) as manager:
+        stats = BuildStats()
+        manager.pull(f"{registry.host}/moving/app@{alpine_ref.image.manifest_digest}", stats=stats)
+        assert stats.downloaded_bytes == 0

@@ -207,8 +207,9 @@ class _StrictZstd(io.RawIOBase):
         dctx = zstandard.ZstdDecompressor(max_window_size=max_window)
         self._frames = _ZstdFrames()
         self._raw = raw
+        tee = cast(BinaryIO, _Tee(raw, self._frames.feed))
         self._reader = dctx.stream_reader(
-            _Tee(raw, self._frames.feed), read_size=1 << 20, read_across_frames=True, closefd=False
+            tee, read_size=1 << 20, read_across_frames=True, closefd=False
         )
 
     def readable(self) -> bool:
@@ -223,7 +224,7 @@ class _StrictZstd(io.RawIOBase):
         return bytes(data)
 
     def close(self) -> None:
-        self._reader.close()
+        self._reader.close()  # type: ignore[no-untyped-call]
         self._raw.close()
         super().close()
 

@@ -188,6 +188,23 @@ def clean_path(raw: bytes, *, where: str | _Where, limits: Limits) -> bytes:
     """
     if b"\0" in raw:
         raise LayerError(f"{where}: name {raw!r} contains a NUL byte")
+    # Fast path (most names, e.g. ``./usr/bin/x`` or ``usr/lib/``): with the ``./``
+    # and one trailing ``/`` gone, no segment is empty, ``.`` or ``..`` (none
+    # starts with ``.``), and at 255 bytes or less no segment is too long, so the
+    # loop below would return the name unchanged.
+    name = raw[2:] if raw.startswith(b"./") else raw
+    if name.endswith(b"/"):
+        name = name[:-1]
+    if (
+        name
+        and len(name) <= _NAME_MAX
+        and len(name) <= limits.max_path_bytes
+        and not name.startswith((b"/", b"."))
+        and not name.endswith(b"/")
+        and b"//" not in name
+        and b"/." not in name
+    ):
+        return name
     parts: list[bytes] = []
     for part in raw.split(b"/"):
         if part in (b"", b"."):
@@ -228,21 +245,23 @@ def _entry(header: tarfmt.Header, layer: str, limits: Limits) -> Entry | None:
     where = _Where(layer, header.ordinal)
     path = clean_path(header.name, where=where, limits=limits)
     parent, base = _split(path)
-    if base == OPAQUE_MARKER and not parent.startswith(_AUFS_META_PREFIX):
-        return Entry(header.ordinal, parent, Kind.OPAQUE)
-    if any(part.startswith(_AUFS_META_PREFIX) for part in path.split(b"/")):
-        # AUFS bookkeeping from old docker; containerd skips it too (archive/tar.go).
-        log.debug("%s: skipping AUFS metadata %r", where, path)
-        return None
-    if any(part.startswith(WHITEOUT_PREFIX) for part in parent.split(b"/")):
-        raise LayerError(f"{where}: {path!r} lies inside a whiteout name; no tool writes that")
-    if base.startswith(WHITEOUT_PREFIX):
-        # Recognised by name whatever the type flag: some tools store whiteouts as
-        # hard links or character devices (image-spec layer.md "Whiteouts").
-        victim = base[len(WHITEOUT_PREFIX) :]
-        if victim in (b"", b".", b".."):
-            raise LayerError(f"{where}: {header.name!r} is a whiteout with no valid name")
-        return Entry(header.ordinal, _join(parent, victim), Kind.WHITEOUT)
+    # Every marker name below contains ".wh."; most paths do not (a fast test first).
+    if WHITEOUT_PREFIX in path:
+        if base == OPAQUE_MARKER and not parent.startswith(_AUFS_META_PREFIX):
+            return Entry(header.ordinal, parent, Kind.OPAQUE)
+        if any(part.startswith(_AUFS_META_PREFIX) for part in path.split(b"/")):
+            # AUFS bookkeeping from old docker; containerd skips it too (archive/tar.go).
+            log.debug("%s: skipping AUFS metadata %r", where, path)
+            return None
+        if any(part.startswith(WHITEOUT_PREFIX) for part in parent.split(b"/")):
+            raise LayerError(f"{where}: {path!r} lies inside a whiteout name; no tool writes that")
+        if base.startswith(WHITEOUT_PREFIX):
+            # Recognised by name whatever the type flag: some tools store whiteouts as
+            # hard links or character devices (image-spec layer.md "Whiteouts").
+            victim = base[len(WHITEOUT_PREFIX) :]
+            if victim in (b"", b".", b".."):
+                raise LayerError(f"{where}: {header.name!r} is a whiteout with no valid name")
+            return Entry(header.ordinal, _join(parent, victim), Kind.WHITEOUT)
     kind = _KIND_OF_TYPEFLAG.get(header.typeflag)
     if kind is None:
         raise LayerError(f"{where}: {path!r} has unsupported tar type {header.typeflag!r}")

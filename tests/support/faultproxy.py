@@ -23,6 +23,7 @@ Bodies are read whole before they are sent: test blobs are small.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import socket
@@ -176,10 +177,8 @@ class _Server(ThreadingHTTPServer):
         with self._sockets_lock:
             sockets = list(self._sockets)
         for sock in sockets:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -240,10 +239,8 @@ class _Handler(BaseHTTPRequestHandler):
             if fault.action == "stall":
                 time.sleep(fault.delay)
             self.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def _forward(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
         conn = http.client.HTTPConnection(*self.server.proxy.upstream, timeout=60)

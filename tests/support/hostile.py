@@ -21,12 +21,12 @@ the layout DESIGN.md describes).
 from __future__ import annotations
 
 import gzip
-import zlib
 import hashlib
 import json
 import os
 import re
 import subprocess
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,9 +153,7 @@ def traversal_names(canary: Path) -> HostileCase:
         for leaf in ("pwned-relative", "pwned-absolute", "pwned-dotdot", "pwned-dot"):
             assert f"/{rel}/{leaf}" in nodes, f"{leaf} should be clamped inside the disk"
 
-    return HostileCase(
-        "traversal-names", make_image([make_layer(entries)]), None, "", check=check
-    )
+    return HostileCase("traversal-names", make_image([make_layer(entries)]), None, "", check=check)
 
 
 def hardlink_clamped(canary: Path) -> HostileCase:
@@ -169,9 +167,7 @@ def hardlink_clamped(canary: Path) -> HostileCase:
         assert nodes["/evil"].sha256 == nodes["/etc/passwd"].sha256
         assert nodes["/evil"].sha256 == hashlib.sha256(entries[1].content).hexdigest()
 
-    return HostileCase(
-        "hardlink-clamped", make_image([make_layer(entries)]), None, "", check=check
-    )
+    return HostileCase("hardlink-clamped", make_image([make_layer(entries)]), None, "", check=check)
 
 
 def hardlink_outside(canary: Path) -> HostileCase:
@@ -194,7 +190,7 @@ def _lands_inside(path: str) -> Callable[[Path], None]:
 
 
 def symlink_write_through(canary: Path) -> HostileCase:
-    """``escape -> /canary`` then ``escape/pwned``: resolved in the image (securejoin), not the host."""
+    """``escape -> /canary``, then ``escape/pwned``: resolved in the image (securejoin)."""
     entries = [*_base_files(), symlink("escape", str(canary)), file("escape/pwned", b"x")]
     return HostileCase(
         "symlink-write-through",
@@ -373,7 +369,9 @@ def header_size_negative(canary: Path) -> HostileCase:
     return _lying(canary, "tar-size-negative", b"\xff" * 12, r"negative|size")
 
 
-def _corrupt_stream(name: str, compress: Callable[[bytes], bytes], media_type: str, how: str) -> HostileCase:
+def _corrupt_stream(
+    name: str, compress: Callable[[bytes], bytes], media_type: str, how: str
+) -> HostileCase:
     tar = build_tar([*_base_files(), file("data", os.urandom(256 * 1024))])
     blob = compress(tar)
     if how == "truncated":
@@ -401,9 +399,7 @@ def zstd_truncated(canary: Path) -> HostileCase:
 def zstd_corrupt(canary: Path) -> HostileCase:
     """zstd frames carry no checksum by default: the diff_id check is what catches this."""
     case = _corrupt_stream("zstd-corrupt", _zstd, ZSTD, "corrupt")
-    return HostileCase(
-        case.name, case.image, LayerError, r"corrupt or truncated|rootfs\.diff_ids"
-    )
+    return HostileCase(case.name, case.image, LayerError, r"corrupt or truncated|rootfs\.diff_ids")
 
 
 def gzip_claims_zstd_is(canary: Path) -> HostileCase:
@@ -474,7 +470,9 @@ def diff_id_mismatch(canary: Path) -> HostileCase:
     """The config's diff_id is another tar's."""
     layer = make_layer(_base_files())
     other = make_layer([file("other", b"o")])
-    image = make_image([layer], config_extra={"rootfs": {"type": "layers", "diff_ids": [other.diff_id]}})
+    image = make_image(
+        [layer], config_extra={"rootfs": {"type": "layers", "diff_ids": [other.diff_id]}}
+    )
     return HostileCase("diff-id-mismatch", image, LayerError, r"rootfs\.diff_ids")
 
 
@@ -630,7 +628,9 @@ def store_problems(data_dir: Path, *, fsck: bool = True) -> list[str]:
         target = link.parent / os.readlink(link)
         meta = target / "metadata.json"
         if not meta.is_file() or json.loads(meta.read_bytes())["status"] != "ready":
-            problems.append(f"{link.relative_to(data_dir)}: tag points at a build that is not ready")
+            problems.append(
+                f"{link.relative_to(data_dir)}: tag points at a build that is not ready"
+            )
     for path in sorted(data_dir.rglob("*")):
         if path.name.startswith(".") and path.name != ".lock":
             problems.append(f"{path.relative_to(data_dir)}: leftover temp or deleting path")
