@@ -47,11 +47,15 @@ def busybox_entries() -> list[TarEntry]:
         if a != "busybox"
     ]
     entries += [
-        TarEntry("file", b"etc/passwd", content=b"root:x:0:0:root:/root:/bin/sh\n"
-                 b"app:x:1000:1000:app:/srv/app:/bin/sh\n"),
+        TarEntry(
+            "file",
+            b"etc/passwd",
+            content=b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/srv/app:/bin/sh\n",
+        ),
         TarEntry("file", b"etc/group", content=b"root:x:0:\napp:x:1000:\n"),
-        TarEntry("file", b"srv/app/hello.txt", content=b"hello from hypeman-images\n",
-                 uid=1000, gid=1000),
+        TarEntry(
+            "file", b"srv/app/hello.txt", content=b"hello from hypeman-images\n", uid=1000, gid=1000
+        ),
     ]
     return entries
 
@@ -80,9 +84,10 @@ def main() -> None:
     cli = str(Path(sys.executable).with_name("hypeman-images"))
     data_dir = ROOT / "demo-data"
     shutil.rmtree(data_dir, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix="hypeman-demo-") as tmp, start_registry(
-        Path(tmp)
-    ) as registry:
+    with (
+        tempfile.TemporaryDirectory(prefix="hypeman-demo-") as tmp,
+        start_registry(Path(tmp)) as registry,
+    ):
         ref = f"{registry.host}/demo/busybox:1.0"
         digest = build_and_push(registry.url, "demo/busybox", "1.0")
         print(f"registry on {registry.url}; pushed {ref} ({digest})")

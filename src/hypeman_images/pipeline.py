@@ -23,7 +23,7 @@ from .progress import Reporter
 from .pull import PulledImage, ResolvedImage, pull, resolve
 from .reference import Reference
 from .registry import RegistryClient
-from .store import ImageRecord, ImageStatus, ImageStore, StoredImage, now
+from .store import DISK_NAME, ImageRecord, ImageStatus, ImageStore, StoredImage, now
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +96,13 @@ def build_resolved(
     ref, digest = resolved.ref, resolved.digest
     with store.lock(ref, digest):
         existing = store.read(ref, digest)
-        if existing is not None and existing.status is ImageStatus.READY:
-            if (store.digest_dir(ref, digest) / "rootfs.ext4").is_file():
-                # A ready digest needs no download and no rebuild: only the tag may move.
-                stats.reused = True
-                store.set_tag(ref, digest)
-                reporter.stage("ready", f"{ref.familiar()} (already built)")
-                return store.find(ref)
+        ready = existing is not None and existing.status is ImageStatus.READY
+        if ready and (store.digest_dir(ref, digest) / DISK_NAME).is_file():
+            # A ready digest needs no download and no rebuild: only the tag may move.
+            stats.reused = True
+            store.set_tag(ref, digest)
+            reporter.stage("ready", f"{ref.familiar()} (already built)")
+            return store.find(ref)
 
         record = initial_record(ref, digest, ImageStatus.PULLING)
         if existing is not None:
@@ -136,7 +136,7 @@ def build_resolved(
             disk = convert.convert(
                 pulled,
                 blobs=blobs,
-                dest=store.digest_dir(ref, digest) / "rootfs.ext4",
+                dest=store.digest_dir(ref, digest) / DISK_NAME,
                 options=options,
                 on_progress=reporter.converted,
                 limits=options.limits,

@@ -190,10 +190,10 @@ class ImageStore:
         directory = self.digest_dir(ref, digest)
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            handle = open(directory / LOCK_NAME, "a+b")
+            fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise storage_error(exc, f"cannot lock {directory}") from exc
-        with handle:
+        with open(fd, "a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
