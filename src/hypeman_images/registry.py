@@ -259,15 +259,7 @@ class RegistryClient:
         self, endpoint: Endpoint, ref: Reference, descriptor: Descriptor, subject: str
     ) -> _Download:
         url = endpoint.url(ref.repository, f"blobs/{descriptor.digest}")
-
-        def opener(offset: int) -> httpx.Response:
-            headers = {"Accept-Encoding": "identity"}
-            if offset:
-                headers["Range"] = f"bytes={offset}-"
-            return self._retrying(
-                lambda: self._send(endpoint, ref, url, headers, subject), endpoint, subject
-            )
-
+        opener = self._ranged_opener(endpoint, ref, url, subject)
         try:
             return _Download(opener, descriptor.size, self.config, subject)
         except NotFound as exc:
@@ -278,6 +270,22 @@ class RegistryClient:
                 ) from exc
             raise
 
+    def _ranged_opener(
+        self, endpoint: Endpoint, ref: Reference | None, url: str, subject: str
+    ) -> Callable[[int], httpx.Response]:
+        """A function that (re)opens ``url`` from a byte offset, for resumable downloads."""
+
+        def opener(offset: int) -> httpx.Response:
+            # Identity encoding: the digest covers the bytes as stored, not a re-encoding.
+            headers = {"Accept-Encoding": "identity"}
+            if offset:
+                headers["Range"] = f"bytes={offset}-"
+            return self._retrying(
+                lambda: self._send(endpoint, ref, url, headers, subject), endpoint, subject
+            )
+
+        return opener
+
     def _open_foreign(self, descriptor: Descriptor, subject: str) -> _Download | None:
         for url in descriptor.urls:
             parsed = httpx.URL(url)
@@ -285,17 +293,7 @@ class RegistryClient:
                 continue
             host = parsed.netloc.decode("ascii")
             endpoint = Endpoint(host, host, parsed.scheme)
-
-            def opener(
-                offset: int, url: str = url, endpoint: Endpoint = endpoint
-            ) -> httpx.Response:
-                headers = {"Accept-Encoding": "identity"}
-                if offset:
-                    headers["Range"] = f"bytes={offset}-"
-                return self._retrying(
-                    lambda: self._send(endpoint, None, url, headers, subject), endpoint, subject
-                )
-
+            opener = self._ranged_opener(endpoint, None, url, subject)
             try:
                 return _Download(opener, descriptor.size, self.config, subject)
             except HypemanError as exc:
