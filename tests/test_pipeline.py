@@ -246,3 +246,16 @@ def test_tag_moves_when_the_registry_moves_it(
         stats = BuildStats()
         manager.pull(f"{registry.host}/moving/app@{alpine_ref.image.manifest_digest}", stats=stats)
         assert stats.downloaded_bytes == 0
+
+
+def test_limits_from_the_command_line(alpine_ref: PushedImage, data_dir: Path) -> None:
+    result = pull(data_dir, "--max-layer-size", "1M", alpine_ref.ref)
+    assert result.returncode == 7, result.stderr
+    assert one_line_error(result.stderr)
+    assert "max_layer_bytes" in result.stderr or "layer" in result.stderr
+    result = pull(data_dir, "--max-entries", "10", alpine_ref.ref)
+    assert result.returncode == 7
+    assert "max_entries" in result.stderr or "entries" in result.stderr
+    doc = metadata(data_dir, alpine_ref, alpine_ref.manifest_digest)
+    assert doc["status"] == "failed" and doc["error"]
+    assert pull(data_dir, alpine_ref.ref).returncode == 0

@@ -29,6 +29,7 @@ from .builds import PauseHook
 from .config import BuildOptions, default_data_dir, parse_size
 from .credentials import Credential, default_credentials, login, logout
 from .errors import HypemanError, InvalidArgument
+from .flatten import Limits
 from .image import Image, image_of
 from .manager import DEFAULT_CONCURRENCY, ImageManager
 from .progress import PlainReporter, Reporter, RichReporter, human_size
@@ -153,6 +154,32 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="certs.d-style directory: <dir>/<host:port>/ca.crt (repeatable)",
     )
+    build_flags = _Parser(add_help=False)
+    build_flags.add_argument(
+        "--platform", help="OS/ARCH[/VARIANT] to pick from an index (default: the host's)"
+    )
+    build_flags.add_argument(
+        "--free-space", default=None, help="free space to leave in the disk (e.g. 64M; default 16M)"
+    )
+    build_flags.add_argument("--mke2fs", default=None, help="mke2fs binary (default: from PATH)")
+    limits = build_flags.add_argument_group("safety limits (against hostile images)")
+    defaults = Limits()
+    limits.add_argument(
+        "--max-entries",
+        type=int,
+        default=defaults.max_entries,
+        help=f"tar entries per image (default {defaults.max_entries})",
+    )
+    limits.add_argument(
+        "--max-layer-size",
+        default=None,
+        help=f"uncompressed bytes per layer (default {human_size(defaults.max_layer_bytes)})",
+    )
+    limits.add_argument(
+        "--max-image-size",
+        default=None,
+        help=f"uncompressed bytes per image (default {human_size(defaults.max_image_bytes)})",
+    )
     json_flag = _Parser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
@@ -167,12 +194,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
-        name: str, summary: str, *, data: bool = True, registry: bool = False
+        name: str, summary: str, *, data: bool = True, registry: bool = False, build: bool = False
     ) -> argparse.ArgumentParser:
         parents = [common, json_flag] if data else [common]
+        parents += [registry_flags] if registry else []
+        parents += [build_flags] if build else []
         return sub.add_parser(
             name,
-            parents=[*parents, registry_flags] if registry else parents,
+            parents=parents,
             help=summary,
             description=summary,
             epilog=EXAMPLES[name],
@@ -183,13 +212,9 @@ def _parser() -> argparse.ArgumentParser:
         "pull",
         "Pull an image, convert it into rootfs.ext4 and print the disk's path.",
         registry=True,
+        build=True,
     )
     p.add_argument("image", help="image reference: alpine, localhost:5000/app:1, repo@sha256:…")
-    p.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from an index (default: host's)")
-    p.add_argument(
-        "--free-space", default=None, help="free space to leave in the disk (e.g. 64M; default 16M)"
-    )
-    p.add_argument("--mke2fs", default=None, help="mke2fs binary to use (default: from PATH)")
     p.add_argument("--no-progress", action="store_true", help="plain progress lines, no bars")
     p.set_defaults(run=_pull)
 
@@ -207,7 +232,9 @@ def _parser() -> argparse.ArgumentParser:
     p = command("gc", "Free space: unneeded blobs, failed builds, leftovers of crashes.")
     p.set_defaults(run=_gc)
 
-    p = command("boot", "Boot an image in a microVM and run its command.", registry=True)
+    p = command(
+        "boot", "Boot an image in a microVM and run its command.", registry=True, build=True
+    )
     p.add_argument("image", help="image reference (pulled first if not local)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before giving up")
     p.add_argument("--hypervisor", choices=["cloud-hypervisor", "qemu"], help="default: probe")
@@ -232,7 +259,11 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_logout)
 
     p = command(
-        "serve", "Run the REST API (hypeman's /images) on HOST:PORT.", data=False, registry=True
+        "serve",
+        "Run the REST API (hypeman's /images) on HOST:PORT.",
+        data=False,
+        registry=True,
+        build=True,
     )
     p.add_argument(
         "--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT to bind (default {DEFAULT_LISTEN})"
@@ -304,7 +335,8 @@ def _reporter(args: argparse.Namespace) -> Reporter:
     return PlainReporter()
 
 
-def _pull(args: argparse.Namespace) -> int:
+def _build_options(args: argparse.Namespace) -> BuildOptions:
+    """BuildOptions from the build flags shared by pull, boot and serve."""
     options = BuildOptions()
     if args.platform:
         options = replace(options, platform=Platform.parse(args.platform))
@@ -312,6 +344,19 @@ def _pull(args: argparse.Namespace) -> int:
         options = replace(options, free_space=parse_size(args.free_space))
     if args.mke2fs:
         options = replace(options, mke2fs=args.mke2fs)
+    limits = options.limits
+    if args.max_entries < 1:
+        raise InvalidArgument(f"--max-entries must be at least 1, not {args.max_entries}")
+    limits = replace(limits, max_entries=args.max_entries)
+    if args.max_layer_size:
+        limits = replace(limits, max_layer_bytes=parse_size(args.max_layer_size))
+    if args.max_image_size:
+        limits = replace(limits, max_image_bytes=parse_size(args.max_image_size))
+    return replace(options, limits=limits)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    options = _build_options(args)
     reporter = _reporter(args)
     try:
         with _manager(args, options) as manager:
@@ -416,7 +461,7 @@ def _boot(args: argparse.Namespace) -> int:
     from .errors import NotFound
 
     command = args.args[1:] if args.args[:1] == ["--"] else args.args
-    with _manager(args) as manager:
+    with _manager(args, _build_options(args)) as manager:
         try:
             image = manager.get(args.image)
             if image.status is not ImageStatus.READY:
@@ -544,7 +589,7 @@ def _serve(args: argparse.Namespace) -> int:
     token = read_token(args.token_file) if args.token_file else None
     if args.concurrency < 1:
         raise InvalidArgument(f"--concurrency must be at least 1, not {args.concurrency}")
-    manager = _manager(args, concurrency=args.concurrency)
+    manager = _manager(args, _build_options(args), concurrency=args.concurrency)
     try:
         report = manager.recover()
         if report.resumed:
