@@ -37,7 +37,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends -t bookworm-backports \
     e2fsprogs libext2fs2 libcom-err2 libss2 logsave >/dev/null
 apt-get install -y -qq --no-install-recommends \
-    libarchive13 docker-registry umoci skopeo apache2-utils \
+    python3-venv libarchive13 docker-registry umoci skopeo apache2-utils \
     qemu-system-x86 linux-image-cloud-amd64 busybox-static \
     kmod cpio zstd lz4 >/dev/null
 mke2fs -V 2>&1 | head -1
