@@ -39,5 +39,5 @@ apt-get install -y -qq --no-install-recommends -t bookworm-backports \
 apt-get install -y -qq --no-install-recommends \
     python3-venv libarchive13 docker-registry umoci skopeo apache2-utils \
     qemu-system-x86 linux-image-cloud-amd64 busybox-static \
-    kmod cpio zstd lz4 >/dev/null
+    kmod cpio zstd lz4 time mmdebstrap >/dev/null
 mke2fs -V 2>&1 | head -1
