@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import statistics
 import subprocess
 import tempfile
@@ -19,9 +20,10 @@ from pathlib import Path
 
 from hypeman_images.boot import RunSpec, boot
 
-ALPINE = (
-    Path(__file__).resolve().parents[2] / "shared/images/alpine-minirootfs-3.20.3-x86_64.tar.gz"
+IMAGES = Path(
+    os.environ.get("HYPEMAN_TEST_IMAGES") or Path(__file__).resolve().parents[2] / "shared/images"
 )
+ALPINE = IMAGES / "alpine-minirootfs-3.20.3-x86_64.tar.gz"
 PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 

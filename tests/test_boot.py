@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.images import IMAGES_DIR
 
 from hypeman_images.boot import (
     BootResult,
@@ -37,9 +38,7 @@ from hypeman_images.boot.runspec import render_run_conf
 from hypeman_images.boot.vm import host_tsc_khz, run_vm
 from hypeman_images.errors import BootError, InvalidArgument
 
-IMAGES = Path(__file__).resolve().parents[2] / "shared" / "images"
-if not IMAGES.is_dir():
-    IMAGES = Path("/work/shared/images")
+IMAGES = IMAGES_DIR
 ALPINE = IMAGES / "alpine-minirootfs-3.20.3-x86_64.tar.gz"
 BUSYBOX_OCI = IMAGES / "busybox-1.38.0-glibc-oci"
 ALPINE_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

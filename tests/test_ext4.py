@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 import pytest
 from support import tar as t
+from support.images import IMAGES_DIR
 
 from hypeman_images.debugfs import quote
 from hypeman_images.digest import Digest
@@ -26,7 +27,7 @@ from hypeman_images.e2fsprogs import E2fsprogs, find_e2fsprogs
 from hypeman_images.errors import StorageError, ToolError
 from hypeman_images.ext4 import BLOCK_SIZE, DiskResult, SizeInputs, build_disk, plan_disk
 
-IMAGES = Path("/work/shared/images")
+IMAGES = IMAGES_DIR
 OLD_VERSION = "1.47.0-2+b2"
 OLD_CACHE = Path.home() / ".cache" / "hypeman-tests" / "e2fsprogs-1.47.0"
 SEED = Digest.of(b"test seed")

@@ -15,6 +15,7 @@ from support import registry as registry_module
 from support.disk import compare_trees, e2fsck_clean, read_mounted, read_with_debugfs
 from support.images import (
     BUSYBOX_GLIBC_DIGEST,
+    IMAGES_DIR,
     OCI_MANIFEST,
     image_from_oci_layout,
     make_image,
@@ -159,7 +160,7 @@ def test_alpine_matches_docker_hub_facts(alpine_ref: PushedImage) -> None:
     assert tree["/etc/shadow"].mode == 0o640
     assert (tree["/bin/sh"].type, tree["/bin/sh"].target) == ("symlink", "/bin/busybox")
     assert alpine_ref.image.layers[0].digest == sha256_digest(
-        Path("/work/shared/images/alpine-minirootfs-3.20.3-x86_64.tar.gz").read_bytes()
+        (IMAGES_DIR / "alpine-minirootfs-3.20.3-x86_64.tar.gz").read_bytes()
     )
 
 
@@ -311,7 +312,7 @@ def test_compare_trees_reports_fields_and_link_partitions() -> None:
 
 
 def test_image_from_layout_is_byte_identical() -> None:
-    layout = Path("/work/shared/images/busybox-1.38.0-glibc-oci")
+    layout = IMAGES_DIR / "busybox-1.38.0-glibc-oci"
     image = image_from_oci_layout(layout)
     assert image.manifest_digest == BUSYBOX_GLIBC_DIGEST
 

@@ -12,6 +12,7 @@ import functools
 import gzip
 import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,16 @@ DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 Compression = Literal["gzip", "zstd", "none"]
 
-IMAGES_DIR = Path("/work/shared/images")
+
+def _images_dir() -> Path:
+    """The real test images: ``$HYPEMAN_TEST_IMAGES``, else ``shared/images`` by the checkout."""
+    if os.environ.get("HYPEMAN_TEST_IMAGES"):
+        return Path(os.environ["HYPEMAN_TEST_IMAGES"])
+    beside = Path(__file__).resolve().parents[3] / "shared" / "images"
+    return beside if beside.is_dir() else Path("/work/shared/images")
+
+
+IMAGES_DIR = _images_dir()
 BUSYBOX_GLIBC_LAYOUT = IMAGES_DIR / "busybox-1.38.0-glibc-oci"
 # The digest Docker Hub serves for busybox:1.38.0-glibc (linux/amd64).
 BUSYBOX_GLIBC_DIGEST = "sha256:1cfa4e2b09e127b9c4ed43578d3f3c18e7d44ea47b9ea98475c0cbe9086525f8"
