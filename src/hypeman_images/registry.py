@@ -35,6 +35,7 @@ import httpx
 from .auth import RegistryAuth, TokenCache, pull_scope
 from .credentials import CachedCredentials, Credential, CredentialSource, StaticCredentials
 from .digest import Digest
+from .download import Download
 from .errors import (
     DigestMismatch,
     HypemanError,
@@ -243,7 +244,7 @@ class RegistryClient:
         Foreign layers come from their ``urls`` only if ``allow_foreign_layers``.
         """
         subject = f"blob {descriptor.digest} of {ref.name}"
-        download: _Download | None = None
+        download: Download | None = None
         if self.config.allow_foreign_layers and descriptor.media_type in _FOREIGN_TYPES:
             download = self._open_foreign(descriptor, subject)
         if download is None:
@@ -257,11 +258,11 @@ class RegistryClient:
 
     def _open_blob(
         self, endpoint: Endpoint, ref: Reference, descriptor: Descriptor, subject: str
-    ) -> _Download:
+    ) -> Download:
         url = endpoint.url(ref.repository, f"blobs/{descriptor.digest}")
         opener = self._ranged_opener(endpoint, ref, url, subject)
         try:
-            return _Download(opener, descriptor.size, self.config, subject)
+            return Download(opener, descriptor.size, self.config, subject)
         except NotFound as exc:
             if descriptor.media_type in _FOREIGN_TYPES and descriptor.urls:
                 raise NotFound(
@@ -286,7 +287,7 @@ class RegistryClient:
 
         return opener
 
-    def _open_foreign(self, descriptor: Descriptor, subject: str) -> _Download | None:
+    def _open_foreign(self, descriptor: Descriptor, subject: str) -> Download | None:
         for url in descriptor.urls:
             parsed = httpx.URL(url)
             if parsed.scheme not in ("http", "https"):
@@ -295,7 +296,7 @@ class RegistryClient:
             endpoint = Endpoint(host, host, parsed.scheme)
             opener = self._ranged_opener(endpoint, None, url, subject)
             try:
-                return _Download(opener, descriptor.size, self.config, subject)
+                return Download(opener, descriptor.size, self.config, subject)
             except HypemanError as exc:
                 log.warning("foreign layer URL %s failed: %s", url, exc)
         return None
@@ -376,103 +377,6 @@ class RegistryClient:
         raise AssertionError("unreachable")
 
 
-class _Download:
-    """A blob download that resumes with ``Range`` after a dropped connection."""
-
-    def __init__(
-        self,
-        opener: Callable[[int], httpx.Response],
-        size: int | None,
-        config: RegistryConfig,
-        subject: str,
-    ) -> None:
-        self._opener = opener
-        self._size = size
-        self._config = config
-        self._subject = subject
-        self._response: httpx.Response | None = opener(0)
-
-    def close(self) -> None:
-        if self._response is not None:
-            self._response.close()
-            self._response = None
-
-    def chunks(self) -> Iterator[bytes]:
-        offset = 0
-        resumes = 0
-        while True:
-            response = self._response
-            assert response is not None
-            try:
-                for chunk in _raw_chunks(response, self._config.chunk_size):
-                    offset += len(chunk)
-                    yield chunk
-                if self._size is None or offset >= self._size:
-                    return
-                cause: Exception = TransientError(f"connection closed after {offset} bytes")
-            except (httpx.TransportError, httpx.StreamError) as exc:
-                cause = exc
-            self.close()
-            resumes += 1
-            if resumes > self._config.resume_attempts:
-                raise TransientError(
-                    f"{self._subject}: download kept failing, gave up after "
-                    f"{self._config.resume_attempts} resumptions: {cause}"
-                ) from cause
-            log.info("%s: resuming at byte %d after: %s", self._subject, offset, cause)
-            self._response = self._resume(offset)
-
-    def _resume(self, offset: int) -> httpx.Response:
-        response = self._opener(offset)
-        if response.status_code == 206:
-            start = _content_range_start(response.headers.get("Content-Range", ""))
-            if start != offset:
-                response.close()
-                raise RegistryError(
-                    f"{self._subject}: asked to resume at byte {offset}, got a range starting "
-                    f"at {start}"
-                )
-            return response
-        # 200: the server ignored Range; skip what was already delivered.
-        skip = offset
-        stream = _raw_chunks(response, self._config.chunk_size)
-        rest = b""
-        try:
-            while skip > 0:
-                chunk = next(stream)
-                if len(chunk) > skip:
-                    rest = chunk[skip:]
-                skip -= min(skip, len(chunk))
-        except StopIteration:
-            response.close()
-            raise TransientError(f"{self._subject}: shorter on retry than before") from None
-        return _prepend(response, rest, stream)
-
-
-def _raw_chunks(response: httpx.Response, size: int) -> Iterator[bytes]:
-    """The body undecoded (a blob's bytes are what its digest names, whatever
-    ``Content-Encoding`` says); a transport may hand over a response already read."""
-    if response.is_stream_consumed:
-        content = response.content
-        return iter([content[i : i + size] for i in range(0, len(content), size)])
-    return response.iter_raw(size)
-
-
-def _prepend(response: httpx.Response, head: bytes, rest: Iterator[bytes]) -> httpx.Response:
-    """A response whose ``iter_raw`` yields ``head`` then the remainder of ``rest``."""
-
-    class _Stream(httpx.SyncByteStream):
-        def __iter__(self) -> Iterator[bytes]:
-            if head:
-                yield head
-            yield from rest
-
-        def close(self) -> None:
-            response.close()
-
-    return httpx.Response(response.status_code, headers=response.headers, stream=_Stream())
-
-
 def _cause(exc: BaseException, kind: type[E]) -> E | None:
     """The first exception of ``kind`` in ``exc``'s cause/context chain (httpx wraps httpcore)."""
     seen: set[int] = set()
@@ -483,15 +387,6 @@ def _cause(exc: BaseException, kind: type[E]) -> E | None:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
-
-
-def _content_range_start(value: str) -> int | None:
-    # "bytes 100-999/1000" (RFC 9110 §14.4)
-    unit, _, spec = value.partition(" ")
-    if unit != "bytes":
-        return None
-    start = spec.split("-", 1)[0]
-    return int(start) if start.isdigit() else None
 
 
 def _backoff(attempt: int, config: RegistryConfig) -> float:
