@@ -148,6 +148,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     registry_flags.add_argument("--ca-bundle", type=Path, help="CA certificates (PEM) to trust")
     registry_flags.add_argument(
+        "--max-manifest-size",
+        default=None,
+        help="largest manifest, index or config accepted (default 4M)",
+    )
+    registry_flags.add_argument(
+        "--max-blob-size", default=None, help="largest compressed layer accepted (default 64G)"
+    )
+    registry_flags.add_argument(
         "--certs-dir",
         action="append",
         type=Path,
@@ -283,13 +291,18 @@ def _registry_config(args: argparse.Namespace) -> RegistryConfig:
     config = RegistryConfig()
     if getattr(args, "registries_conf", None):
         config = config.with_registries_conf(args.registries_conf)
-    return replace(
+    config = replace(
         config,
         insecure_registries=config.insecure_registries
         | frozenset(getattr(args, "insecure_registry", [])),
         ca_bundle=getattr(args, "ca_bundle", None) or config.ca_bundle,
         certs_dirs=config.certs_dirs + tuple(getattr(args, "certs_dir", [])),
     )
+    if getattr(args, "max_manifest_size", None):
+        config = replace(config, max_manifest_bytes=parse_size(args.max_manifest_size))
+    if getattr(args, "max_blob_size", None):
+        config = replace(config, max_blob_bytes=parse_size(args.max_blob_size))
+    return config
 
 
 def _client(args: argparse.Namespace) -> RegistryClient:

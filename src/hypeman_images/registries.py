@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgument
+from .spec import MAX_DOCUMENT_BYTES
 
 MiB = 1024 * 1024
 # docker's and podman's system-wide certs.d directories.
@@ -62,6 +63,8 @@ class RegistryConfig:
     (5xx, timeouts, dropped connections); waits grow as ``backoff_base * 2**n``
     with full jitter, capped at ``backoff_max`` (0 makes tests fast).
     ``resume_attempts`` bounds ``Range`` resumptions of one blob download.
+    ``max_manifest_bytes`` caps manifests, indexes and configs (real ones are
+    a few KiB); ``max_blob_bytes`` caps one compressed layer's declared size.
     """
 
     connect_timeout: float = 10.0
@@ -71,6 +74,8 @@ class RegistryConfig:
     backoff_max: float = 10.0
     resume_attempts: int = 5
     chunk_size: int = MiB
+    max_manifest_bytes: int = MAX_DOCUMENT_BYTES
+    max_blob_bytes: int = 64 * 1024 * MiB
     insecure_registries: frozenset[str] = frozenset()
     ca_bundle: Path | None = None
     certs_dirs: tuple[Path, ...] = ()

@@ -49,7 +49,6 @@ from .registries import RegistryConfig
 from .responses import error_for, log_rate_limit
 from .spec import (
     ACCEPT_MANIFESTS,
-    MAX_DOCUMENT_BYTES,
     Descriptor,
     Index,
     Manifest,
@@ -220,7 +219,7 @@ class RegistryClient:
             response = self._send(endpoint, ref, url, headers, subject)
             with self._translating(endpoint, subject):
                 try:
-                    data = _read_document(response, subject)
+                    data = _read_document(response, subject, self.config.max_manifest_bytes)
                 finally:
                     response.close()
             return (
@@ -231,7 +230,8 @@ class RegistryClient:
 
         data, header_type, header_digest = self._retrying(attempt, endpoint, subject)
         digest = _check_manifest_digest(data, ref, header_digest, endpoint)
-        return FetchedManifest(data, media_type_of(data, header_type), digest)
+        limit = self.config.max_manifest_bytes
+        return FetchedManifest(data, media_type_of(data, header_type, limit), digest)
 
     # -- blobs ---------------------------------------------------------------------
 
@@ -395,19 +395,17 @@ def _backoff(attempt: int, config: RegistryConfig) -> float:
     return random.uniform(0, ceiling)
 
 
-def _read_document(response: httpx.Response, subject: str) -> bytes:
+def _read_document(response: httpx.Response, subject: str, limit: int) -> bytes:
     length = response.headers.get("Content-Length")
-    if length and length.isdigit() and int(length) > MAX_DOCUMENT_BYTES:
+    if length and length.isdigit() and int(length) > limit:
         raise LimitExceeded(
-            f"{subject} is {length} bytes, over the {MAX_DOCUMENT_BYTES} byte limit for manifests"
+            f"{subject} is {length} bytes, over the {limit} byte limit for manifests"
         )
     data = bytearray()
     for chunk in response.iter_bytes():
         data += chunk
-        if len(data) > MAX_DOCUMENT_BYTES:
-            raise LimitExceeded(
-                f"{subject} exceeds the {MAX_DOCUMENT_BYTES} byte limit for manifests"
-            )
+        if len(data) > limit:
+            raise LimitExceeded(f"{subject} exceeds the {limit} byte limit for manifests")
     return bytes(data)
 
 
@@ -454,13 +452,14 @@ def resolve(client: RegistryClient, ref: Reference, platform: Platform) -> Resol
     ``UnsupportedManifest`` for schema 1 and other unknown formats.
     """
     top = client.get_manifest(ref)
-    parsed = parse_manifest_or_index(top.data, top.media_type)
+    limit = client.config.max_manifest_bytes
+    parsed = parse_manifest_or_index(top.data, top.media_type, limit)
     resolved = ref.with_digest(top.digest)
     if isinstance(parsed, Manifest):
         return Resolved(resolved, parsed, top)
     chosen = select_manifest(parsed, platform)
     fetched = client.get_manifest(ref.with_digest(chosen.digest))
-    manifest = parse_manifest_or_index(fetched.data, fetched.media_type)
+    manifest = parse_manifest_or_index(fetched.data, fetched.media_type, limit)
     if not isinstance(manifest, Manifest):
         raise RegistryError(f"{ref}: the index entry for {platform} is itself an index")
     return Resolved(resolved, manifest, fetched, top)

@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .digest import Digest
-from .errors import HypemanError, InvalidArgument, LayerError, UnsupportedManifest
+from .errors import (
+    HypemanError,
+    InvalidArgument,
+    LayerError,
+    LimitExceeded,
+    UnsupportedManifest,
+)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -181,9 +187,11 @@ class ImageConfig:
         return Platform(self.os, self.architecture, self.variant)
 
 
-def _load(data: bytes, what: str) -> dict[str, Any]:
-    if len(data) > MAX_DOCUMENT_BYTES:
-        raise LayerError(f"{what} is {len(data)} bytes, over the {MAX_DOCUMENT_BYTES} byte limit")
+def _load(data: bytes, what: str, max_bytes: int) -> dict[str, Any]:
+    if len(data) > max_bytes:
+        raise LimitExceeded(
+            f"{what} is {len(data)} bytes, over the {max_bytes} byte limit for image documents"
+        )
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -218,9 +226,9 @@ def _descriptor(obj: Any, what: str) -> Descriptor:
         raise LayerError(f"{what}: malformed descriptor ({exc!r})") from exc
 
 
-def media_type_of(data: bytes, header_type: str | None) -> str:
+def media_type_of(data: bytes, header_type: str | None, max_bytes: int = MAX_DOCUMENT_BYTES) -> str:
     """The manifest's media type: its own ``mediaType`` field, else the HTTP header."""
-    doc = _load(data, "manifest")
+    doc = _load(data, "manifest", max_bytes)
     inner = doc.get("mediaType")
     if isinstance(inner, str) and inner:
         return inner
@@ -232,14 +240,16 @@ def media_type_of(data: bytes, header_type: str | None) -> str:
     return OCI_INDEX if "manifests" in doc else OCI_MANIFEST
 
 
-def parse_manifest_or_index(data: bytes, media_type: str) -> Manifest | Index:
+def parse_manifest_or_index(
+    data: bytes, media_type: str, max_bytes: int = MAX_DOCUMENT_BYTES
+) -> Manifest | Index:
     """Parse a manifest document of the given media type."""
     if media_type in DOCKER_SCHEMA1:
         raise UnsupportedManifest(
             "this image uses Docker schema 1 manifests, deprecated since 2017 and not supported; "
             "re-push it with a current docker or skopeo to convert it"
         )
-    doc = _load(data, "manifest")
+    doc = _load(data, "manifest", max_bytes)
     if media_type in INDEX_TYPES:
         manifests = doc.get("manifests")
         if not isinstance(manifests, list):
@@ -292,9 +302,9 @@ def _optional_string(value: Any, what: str) -> str | None:
     return value
 
 
-def parse_config(data: bytes) -> ImageConfig:
+def parse_config(data: bytes, max_bytes: int = MAX_DOCUMENT_BYTES) -> ImageConfig:
     """Parse an image configuration (OCI ``config.md`` / Docker's equivalent)."""
-    doc = _load(data, "image config")
+    doc = _load(data, "image config", max_bytes)
     cfg = doc.get("config") or {}
     rootfs = doc.get("rootfs") or {}
     if not isinstance(cfg, dict) or not isinstance(rootfs, dict):
