@@ -7,12 +7,38 @@ delete / gc / recover) and the :class:`Image` it returns; errors derive from
 
 from __future__ import annotations
 
-from .errors import HypemanError
-from .image import Image
-from .manager import GcReport, ImageManager, RecoveryReport
-from .store import ImageStatus
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .errors import HypemanError
+    from .image import Image
+    from .manager import GcReport, ImageManager, RecoveryReport
+    from .store import ImageStatus
 
 __version__ = "0.1.0"
+
+# The facade's names load on first use (PEP 562): ``import hypeman_images`` (and
+# every submodule import, which runs this file first) then costs nothing, so the
+# CLI loads only what its command needs (issue 7: start-up time).
+_LAZY = {
+    "HypemanError": "errors",
+    "Image": "image",
+    "GcReport": "manager",
+    "ImageManager": "manager",
+    "RecoveryReport": "manager",
+    "ImageStatus": "store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "GcReport",

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import convert
 from .blobs import BlobStore
 from .config import BuildOptions
 from .digest import Digest
@@ -93,6 +92,10 @@ def build_resolved(
     stats: BuildStats,
 ) -> StoredImage:
     """The rest of :func:`build` once the digest is known."""
+    # Imported here: converting needs isal, zstandard and the disk code, which a
+    # re-pull of a ready digest (the CLI's fast path) never loads.
+    from . import convert
+
     ref, digest = resolved.ref, resolved.digest
     with store.lock(ref, digest):
         existing = store.read(ref, digest)
