@@ -137,3 +137,31 @@ def test_killed_cli_pull_resumes_with_pull(
     # The resumed build replaced nothing half-made: only the final disk is left after gc.
     subprocess.run([CLI, "gc", "--data-dir", str(data_dir)], check=True, capture_output=True)
     assert sorted(p.name for p in directory.iterdir()) == [".lock", "metadata.json", "rootfs.ext4"]
+
+
+def test_recovered_build_keeps_the_free_space_it_was_asked_with(
+    alpine_ref: PushedImage, data_dir: Path, tmp_path: Path
+) -> None:
+    # The first server builds with 48 MiB of free space and dies; the second one,
+    # started with the default, must finish the build as it was first asked.
+    log = tmp_path / "serve.log"
+    with (
+        serve_process(data_dir, log, "--free-space", "48M", env={PAUSE_ENV: "pulling"}) as served,
+        httpx.Client(timeout=30) as client,
+    ):
+        assert client.post(f"{served.url}/images", json={"name": alpine_ref.ref}).status_code == 202
+        served.wait_for_output("paused at pulling")
+        served.kill()
+    assert state(data_dir, alpine_ref)[0]["free_space_bytes"] == 48 << 20
+    with serve_process(data_dir, log) as served, httpx.Client(timeout=30) as client:
+        ready = wait_for_status(client, served.url, alpine_ref.ref, {"ready", "failed"})
+        assert ready["status"] == "ready", ready["error"]
+    _, directory = state(data_dir, alpine_ref)
+    dumpe2fs = subprocess.run(
+        ["dumpe2fs", "-h", str(directory / "rootfs.ext4")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    free = next(line for line in dumpe2fs.splitlines() if line.startswith("Free blocks:"))
+    assert int(free.split()[-1]) * 4096 >= 48 << 20

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -304,7 +304,11 @@ class ImageManager:
                     continue
                 broken = record.status is ImageStatus.READY and not stored.disk.is_file()
                 if record.status.active or broken:
-                    job = Job(BuildKey(ref.name, digest), ref.with_digest(digest), self.options)
+                    # Rebuild as first asked: the free space changes the disk's bytes.
+                    options = self.options
+                    if record.free_space_bytes is not None:
+                        options = replace(options, free_space=record.free_space_bytes)
+                    job = Job(BuildKey(ref.name, digest), ref.with_digest(digest), options)
                     self._queue.submit(job)
                     resumed.append(record.name)
                 elif (
@@ -356,7 +360,7 @@ class ImageManager:
                 self.store.set_tag(resolved.ref, digest)
                 self._reused(stats)
                 return self._stored_image(self.store.find(resolved.ref), str(ref)), None
-            self._write_pending(resolved)
+            self._write_pending(resolved, options)
             job = Job(key, resolved.ref, options, resolved=resolved, stats=stats)
             if reporter is not None:
                 job.reporter.attach(reporter)
@@ -394,7 +398,7 @@ class ImageManager:
         if stats is not None:
             stats.reused = True
 
-    def _write_pending(self, resolved: ResolvedImage) -> None:
+    def _write_pending(self, resolved: ResolvedImage, options: BuildOptions) -> None:
         """Record the request on disk first, so a crash before the build starts resumes it."""
         ref, digest = resolved.ref, resolved.digest
         existing = self.store.read(ref, digest)
@@ -411,6 +415,7 @@ class ImageManager:
         record = record.evolve(
             config_digest=str(manifest.config.digest),
             layers=[str(layer.digest) for layer in manifest.layers],
+            free_space_bytes=options.free_space,
         )
         self.store.write(ref, digest, record)
 

@@ -114,6 +114,7 @@ def build_resolved(
         record = record.evolve(
             config_digest=str(resolved.manifest.config.digest),
             layers=[str(layer.digest) for layer in resolved.manifest.layers],
+            free_space_bytes=options.free_space,
         )
 
         def set_status(new: ImageRecord) -> None:

@@ -96,6 +96,7 @@ class ImageRecord:
     layers: list[str] = field(default_factory=list)
     image_created: str | None = None
     tool_versions: dict[str, str] = field(default_factory=dict)
+    free_space_bytes: int | None = None
     updated_at: str | None = None
 
     def to_json(self) -> bytes:
