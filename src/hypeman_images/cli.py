@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 # pygments, rich.syntax...) whenever click is installed, and falls back to a
 # stub on ImportError. We never run it; blocking it saves ~15-30 ms of every
 # command's start-up (issue 7). Only this CLI's process does it, not the library.
-sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 from . import __version__  # noqa: E402
 from .builds import PauseHook  # noqa: E402
@@ -264,7 +264,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("login", "Log in to a registry.", data=False, registry=True)
     p.add_argument("registry", nargs="?", default="docker.io", help="host[:port] (docker.io)")
-    p.add_argument("-u", "--username", required=True)
+    p.add_argument("-u", "--username", help="user name (asked for on a terminal if not given)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     p.set_defaults(run=_login)
 
@@ -550,15 +550,20 @@ def _login(args: argparse.Namespace) -> int:
     import getpass
 
     registry = _registry_host(args.registry)
+    username = args.username
+    if not username and sys.stdin.isatty() and not args.password_stdin:
+        username = input(f"Username for {registry}: ").strip()
+    if not username:
+        raise InvalidArgument("a user name is needed: pass -u USER")
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
-        password = getpass.getpass(f"Password for {args.username}@{registry}: ")
+        password = getpass.getpass(f"Password for {username}@{registry}: ")
     if not password:
         raise InvalidArgument("empty password")
     with _client(args) as client:
-        client.check_login(registry, Credential(args.username, password, origin=f"{PROG} login"))
-    where = login(registry, args.username, password)
+        client.check_login(registry, Credential(username, password, origin=f"{PROG} login"))
+    where = login(registry, username, password)
     print(f"Login succeeded; credential stored in {where}")
     return 0
 

@@ -139,6 +139,7 @@ class Entry:
     devmajor: int = 0
     devminor: int = 0
     xattrs: Xattrs = ()
+    offset: int = 0  # a regular file's body in the uncompressed layer (Header.offset)
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,7 @@ def _entry(header: tarfmt.Header, layer: str, limits: Limits) -> Entry | None:
         devmajor=header.devmajor,
         devminor=header.devminor,
         xattrs=header.xattrs,
+        offset=header.offset,
     )
 
 
@@ -833,42 +835,29 @@ def _copy_layer_files(
     out: BinaryIO,
     limits: Limits,
 ) -> None:
+    # Each body is found by the offset pass 1 recorded, not by parsing the
+    # headers again: the bytes between are inflated and dropped unread (issue 7;
+    # re-parsing cost ~0.4 s of CPU on a 34k-entry image).
     stream: BinaryIO | None = None
-    headers: Iterator[tarfmt.Header] | None = None
     reader: tarfmt.TarReader | None = None
-    where = f"layer {layer}"
     try:
         for node in nodes:
             size = node.entry.size
-            if size and headers is None:
+            if size and reader is None:
                 stream = open_layer(layer)
                 reader = tarfmt.TarReader(
                     stream,
-                    where=where,
+                    where=f"layer {layer}",
                     max_bytes=limits.max_layer_bytes,
                     max_header_bytes=limits.max_header_bytes,
                     hash_stream=False,
                 )
-                headers = iter(reader)
             _write_node(out, node)
             if size:
-                assert headers is not None and reader is not None
-                _seek_entry(headers, node.entry, where)
-                reader.copy_body(out)
+                assert reader is not None
+                reader.copy_at(node.entry.offset, size, out)
                 out.write(tarfmt.padding(size))
             _write_links(out, node)
     finally:
         if stream is not None:
             stream.close()
-
-
-def _seek_entry(headers: Iterator[tarfmt.Header], entry: Entry, where: str) -> None:
-    for header in headers:
-        if header.ordinal == entry.ordinal:
-            if header.typeflag != tarfmt.REGULAR or header.size != entry.size:
-                break
-            return
-    raise LayerError(
-        f"{where}: entry {entry.ordinal} ({entry.path!r}) differs between the two reads of "
-        "the layer; the blob changed under us"
-    )

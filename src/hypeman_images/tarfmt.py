@@ -78,6 +78,7 @@ class Header:
     devmajor: int
     devminor: int
     xattrs: tuple[tuple[str, bytes], ...]
+    offset: int = 0  # where the body starts in the stream (after every header block)
 
 
 def _parse_number(field: bytes, what: str, where: str) -> int:
@@ -240,6 +241,29 @@ class TarReader:
         self._body_left -= self._data_left
         self._data_left = 0
 
+    def copy_at(self, offset: int, size: int, out: BinaryIO) -> None:
+        """Copy the ``size`` bytes at stream ``offset`` (ahead of what was read) to ``out``.
+
+        For a second pass that knows where each body is (:attr:`Header.offset`
+        from the first): what lies before is read and dropped unparsed. The
+        block before ``offset`` must still be a regular file's ustar header
+        (the body of a PAX or GNU entry never starts where a file's does), a
+        cheap check that the stream is the one the offsets came from.
+        """
+        here = self.size - (len(self._buf) - self._pos)
+        if offset - BLOCK < here:
+            raise LayerError(f"{self._where}: body offset {offset} is behind the stream at {here}")
+        self._skip(offset - BLOCK - here)
+        block = self._read(BLOCK)
+        if block is None or block[156:157] not in _REGULAR_FLAGS:
+            raise LayerError(
+                f"{self._where}: no regular file's header before offset {offset}; the layer "
+                "differs from the one scanned (the blob changed under us)"
+            )
+        self._data_left = size
+        self._body_left = size
+        self.copy_body(out)
+
     def hexdigest(self) -> str:
         """sha256 of every byte read so far (the whole stream once iteration ended)."""
         assert self._hash is not None, "reader was created with hash_stream=False"
@@ -283,7 +307,10 @@ class TarReader:
                     long_link = data.rstrip(b"\0")
                 continue
             records = {**pax_global, **pax} if pax_global else pax
-            header = self._header(block, ordinal, size, records, long_name, long_link, where)
+            offset = self.size - (len(self._buf) - self._pos)
+            header = self._header(
+                block, ordinal, size, records, long_name, long_link, where, offset
+            )
             pax, long_name, long_link = {}, None, None
             # Header-only types carry no data whatever their size field says (Go's
             # archive/tar, which containerd and docker use, reads them that way).
@@ -317,6 +344,7 @@ class TarReader:
         long_name: bytes | None,
         long_link: bytes | None,
         where: str,
+        offset: int,
     ) -> Header:
         typeflag = block[156:157]
         if typeflag == _GNU_SPARSE or any(k.startswith("GNU.sparse.") for k in pax):
@@ -369,6 +397,7 @@ class TarReader:
             devmajor=_parse_number(block[329:337], "devmajor", where),
             devminor=_parse_number(block[337:345], "devminor", where),
             xattrs=tuple(xattrs),
+            offset=offset,
         )
 
 
