@@ -28,8 +28,8 @@ test-fast: venv
 	$(BIN)/pytest -q -m "not slow"
 
 lint: venv
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts fuzz
+	$(BIN)/ruff format --check src tests bench scripts fuzz
 	$(BIN)/mypy
 
 demo: setup
