@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,73 @@ def test_record_round_trip() -> None:
         "r.io/a:1", str(D1), ImageStatus.READY, now(), env=["A=1", "B=2"], cmd=["sh"]
     )
     assert ImageRecord.from_json(record.to_json()) == record
+
+
+def test_nested_repository_cannot_hide_inside_a_tag(tmp_path: Path) -> None:
+    # ``r.io/a:b``'s tag link sits where repository ``r.io/a/b`` would live.
+    store = ImageStore(tmp_path)
+    ready(store, "r.io/a:b", D1)
+    with pytest.raises(InvalidReference, match="collides with the local tag 'b'"):
+        store.digest_dir(parse_reference("r.io/a/b:latest"), D2)
+    assert store.find(parse_reference("r.io/a:b")).record.status is ImageStatus.READY
+
+
+def test_tag_cannot_shadow_a_nested_repository(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    ready(store, "r.io/a/b:latest", D1)
+    with pytest.raises(InvalidReference, match="collides with the local repository"):
+        store.check_tag(parse_reference("r.io/a:b"))
+    assert store.find(parse_reference("r.io/a/b:latest")).record.status is ImageStatus.READY
+
+
+def test_digest_shaped_repository_component_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidReference, match="64-hex-digit"):
+        ImageStore(tmp_path).repo_dir(parse_reference("r.io/" + "c" * 64 + "/x"))
+
+
+def test_scan_survives_directories_vanishing_mid_walk(tmp_path: Path) -> None:
+    import threading
+
+    store = ImageStore(tmp_path)
+    ready(store, "r.io/a:1", D1)
+    stop = threading.Event()
+
+    def churn() -> None:
+        n = 0
+        while not stop.is_set():
+            doomed = tmp_path / "r.io" / f".deleting-x.{n}.1234"
+            with contextlib.suppress(FileNotFoundError):  # sweep may take it first
+                (doomed / "deep" / "er").mkdir(parents=True)
+                shutil.rmtree(doomed)
+            n += 1
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        for _ in range(300):
+            assert [s.record.digest for s in store.scan()] == [str(D1)]
+            store.sweep()
+    finally:
+        stop.set()
+        worker.join()
+
+
+def test_lock_follows_a_directory_renamed_while_waiting(tmp_path: Path) -> None:
+    import threading
+
+    store = ImageStore(tmp_path)
+    ref = parse_reference("r.io/a:1")
+    inside = threading.Event()
+    entered: list[bool] = []
+
+    def second() -> None:
+        with store.lock(ref, D1):
+            entered.append((store.digest_dir(ref, D1) / ".lock").exists())
+
+    with store.lock(ref, D1):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        inside.wait(0.2)
+        store.remove_directory(store.digest_dir(ref, D1))
+    waiter.join(5)
+    assert entered == [True], "the waiter must hold the lock of the directory that exists"

@@ -15,6 +15,8 @@ _ENCODED = {
     "sha512": re.compile(r"[a-f0-9]{128}"),
 }
 _ALGORITHM = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*")
+# A sha256 in hex: how digest directories and tag-link targets are named on disk.
+SHA256_HEX = _ENCODED["sha256"]
 
 
 @dataclass(frozen=True, order=True)

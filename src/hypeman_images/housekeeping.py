@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import re
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,28 +19,33 @@ from pathlib import Path
 from .digest import Digest
 from .errors import HypemanError
 from .fsutil import TEMP_PREFIX, storage_error, writer_alive
-from .store import DELETING_PREFIX, DISK_NAME, LOCK_NAME, METADATA_NAME, ImageRecord, ImageStatus
-
-_HEX64 = re.compile(r"[a-f0-9]{64}")
+from .store import (
+    DISK_NAME,
+    LOCK_NAME,
+    METADATA_NAME,
+    ImageRecord,
+    ImageStatus,
+    digest_dirs,
+    tree_size,
+)
 
 
 def build_dirs(root: Path) -> Iterator[tuple[Path, str]]:
     """Every build directory under the image store ``root``, readable record or not,
     with its repository (``registry/repository``)."""
-    for path in sorted(root.rglob("*")):
-        if not _HEX64.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
-            continue
-        relative = path.relative_to(root)
-        if any(p.startswith((TEMP_PREFIX, DELETING_PREFIX)) for p in relative.parts):
-            continue
-        yield path, relative.parent.as_posix()
+    for path in digest_dirs(root):
+        yield path, path.parent.relative_to(root).as_posix()
 
 
 def remove_dangling_tags(root: Path) -> None:
     """Tag links whose build directory is gone (e.g. a failed rebuild that gc removed)."""
-    for path in root.rglob("*"):
-        if path.is_symlink() and not path.exists() and not path.name.startswith(TEMP_PREFIX):
+    for top, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            path = Path(top) / name
+            if name.startswith(TEMP_PREFIX) or not path.is_symlink() or path.exists():
+                continue
             path.unlink(missing_ok=True)
+        dirs[:] = [d for d in dirs if not (Path(top) / d).is_symlink()]
 
 
 @contextlib.contextmanager
@@ -88,15 +93,6 @@ def sweep_build_dir(directory: Path) -> int:
         else:
             entry.unlink(missing_ok=True)
     return freed
-
-
-def tree_size(path: Path) -> int:
-    try:
-        if path.is_symlink() or not path.is_dir():
-            return path.lstat().st_size
-        return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file())
-    except FileNotFoundError:
-        return 0
 
 
 def read_record(directory: Path) -> ImageRecord | None:

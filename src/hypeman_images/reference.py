@@ -22,7 +22,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, replace
 
-from .digest import Digest
+from .digest import SHA256_HEX, Digest
 from .errors import InvalidArgument, InvalidReference
 
 DOCKER_HUB = "docker.io"
@@ -38,7 +38,6 @@ _HOST = re.compile(
     rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?"
 )
 _TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
-_HEX64 = re.compile(r"[a-f0-9]{64}")
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,7 @@ def parse_reference(text: str) -> Reference:
         raise InvalidReference("invalid image name: it is empty")
     if text != text.strip() or any(c.isspace() for c in text):
         raise InvalidReference(f"invalid image name {text!r}: it contains white space")
-    if _HEX64.fullmatch(text):
+    if SHA256_HEX.fullmatch(text):
         raise InvalidReference(
             f"invalid image name {text!r}: a bare 64-character hex string is ambiguous; "
             "write it as REPOSITORY@sha256:HEX"

@@ -20,7 +20,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -28,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .digest import Digest
+from .digest import SHA256_HEX, Digest
 from .errors import InvalidReference, NotFound
 from .fsutil import (
     TEMP_PREFIX,
@@ -46,7 +45,6 @@ DISK_NAME = "rootfs.ext4"
 METADATA_NAME = "metadata.json"
 LOCK_NAME = ".lock"
 DELETING_PREFIX = ".deleting-"
-_HEX64 = re.compile(r"[a-f0-9]{64}")
 
 
 class ImageStatus(enum.StrEnum):
@@ -148,8 +146,28 @@ class ImageStore:
     # admits no '..', no empty component and no absolute path, so joining is safe.
 
     def repo_dir(self, ref: Reference) -> Path:
-        """``images/<registry>/<repository>``."""
-        return self.root / ref.registry / ref.repository
+        """``images/<registry>/<repository>``.
+
+        Tags, digest directories and nested repositories share one namespace in
+        this layout (``a:b``'s tag link is where repository ``a/b`` would live),
+        so a repository whose path runs through a tag link or a digest directory
+        is refused rather than stored inside another image (where deleting one
+        would delete the other).
+        """
+        path = self.root / ref.registry
+        for component in ref.repository.split("/"):
+            if SHA256_HEX.fullmatch(component):
+                raise InvalidReference(
+                    f"repository {ref.name}: a 64-hex-digit path component cannot be stored "
+                    "beside digest directories"
+                )
+            path = path / component
+            if path.is_symlink():
+                raise InvalidReference(
+                    f"repository {ref.name} collides with the local tag {path.name!r} of "
+                    f"{path.parent.relative_to(self.root).as_posix()}; remove that tag first"
+                )
+        return path
 
     def digest_dir(self, ref: Reference, digest: Digest) -> Path:
         """``images/<registry>/<repository>/<digest-hex>``."""
@@ -157,11 +175,22 @@ class ImageStore:
 
     def _tag_link(self, ref: Reference) -> Path:
         assert ref.tag is not None
-        if _HEX64.fullmatch(ref.tag):
+        if SHA256_HEX.fullmatch(ref.tag):
             raise InvalidReference(
                 f"tag {ref.tag!r} looks like a digest; the store cannot tell them apart"
             )
-        return self.repo_dir(ref) / ref.tag
+        link = self.repo_dir(ref) / ref.tag
+        if link.is_dir() and not link.is_symlink():
+            raise InvalidReference(
+                f"tag {ref.tag!r} of {ref.name} collides with the local repository "
+                f"{ref.name}/{ref.tag}; remove that repository's images first"
+            )
+        return link
+
+    def check_tag(self, ref: Reference) -> None:
+        """Refuse, before any network call, a tag this layout cannot store."""
+        if ref.tag is not None:
+            self._tag_link(ref)
 
     # Records.
 
@@ -189,17 +218,23 @@ class ImageStore:
     def lock(self, ref: Reference, digest: Digest) -> Iterator[None]:
         """Hold the build lock of one digest: one build per digest across processes."""
         directory = self.digest_dir(ref, digest)
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise storage_error(exc, f"cannot lock {directory}") from exc
-        with open(fd, "a+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        while True:
             try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                directory.mkdir(parents=True, exist_ok=True)
+                fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise storage_error(exc, f"cannot lock {directory}") from exc
+            with open(fd, "a+b") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                # A delete or gc may have renamed the directory away while we waited:
+                # then we hold a lock nobody else can see; take the new one instead.
+                if not _same_file(handle.fileno(), directory / LOCK_NAME):
+                    continue
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                return
 
     # Tags.
 
@@ -217,7 +252,7 @@ class ImageStore:
             target = os.readlink(self._tag_link(ref))
         except (FileNotFoundError, OSError):
             return None
-        return Digest("sha256", target) if _HEX64.fullmatch(target) else None
+        return Digest("sha256", target) if SHA256_HEX.fullmatch(target) else None
 
     # Lookup.
 
@@ -243,14 +278,12 @@ class ImageStore:
 
     def scan(self) -> Iterator[StoredImage]:
         """Every record in the store, found by walking the digest directories."""
-        for meta in sorted(self.root.rglob(METADATA_NAME)):
-            directory = meta.parent
-            if not _HEX64.fullmatch(directory.name):
-                continue
-            if any(p.startswith((TEMP_PREFIX, DELETING_PREFIX)) for p in directory.parts):
-                continue
+        for directory in digest_dirs(self.root):
+            meta = directory / METADATA_NAME
             try:
                 record = ImageRecord.from_json(meta.read_bytes())
+            except FileNotFoundError:
+                continue  # a build directory without a record yet, or just deleted
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("ignoring unreadable %s: %s", meta, exc)
                 continue
@@ -298,20 +331,71 @@ class ImageStore:
         Returns bytes freed. Only files whose writer is gone are touched.
         """
         freed = 0
-        for path in sorted(self.root.rglob("*"), reverse=True):
-            name = path.name
-            if not name.startswith((TEMP_PREFIX, DELETING_PREFIX)) or writer_alive(name):
-                continue
-            try:
+        for top, dirs, files in os.walk(self.root):
+            for name in [*dirs, *files]:
+                if not name.startswith((TEMP_PREFIX, DELETING_PREFIX)) or writer_alive(name):
+                    continue
+                path = Path(top) / name
+                freed += tree_size(path)
                 if path.is_dir() and not path.is_symlink():
-                    freed += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
                     shutil.rmtree(path, ignore_errors=True)
                 else:
-                    freed += path.lstat().st_size
-                    path.unlink()
-            except FileNotFoundError:
-                continue
+                    path.unlink(missing_ok=True)
+            dirs[:] = [d for d in dirs if not d.startswith((TEMP_PREFIX, DELETING_PREFIX))]
         return freed
 
 
-__all__ = ["ImageRecord", "ImageStatus", "ImageStore", "StoredImage", "now"]
+def digest_dirs(root: Path) -> Iterator[Path]:
+    """Every build directory under the image store ``root``, in sorted order.
+
+    ``os.walk`` skips what vanishes mid-walk (a delete or gc running beside
+    it), and never descends into temp, half-deleted or digest directories.
+    """
+    for top, dirs, _ in os.walk(root):
+        dirs.sort()
+        keep = []
+        for name in dirs:
+            if name.startswith((TEMP_PREFIX, DELETING_PREFIX)):
+                continue
+            path = Path(top) / name
+            if path.is_symlink():
+                continue
+            if SHA256_HEX.fullmatch(name):
+                yield path
+            else:
+                keep.append(name)
+        dirs[:] = keep
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of the files at or under ``path``; what vanishes counts as nothing."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return path.lstat().st_size
+    except FileNotFoundError:
+        return 0
+    total = 0
+    for top, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += (Path(top) / name).lstat().st_size
+    return total
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+__all__ = [
+    "ImageRecord",
+    "ImageStatus",
+    "ImageStore",
+    "StoredImage",
+    "digest_dirs",
+    "now",
+    "tree_size",
+]
