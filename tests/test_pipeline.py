@@ -261,3 +261,35 @@ def test_limits_from_the_command_line(alpine_ref: PushedImage, data_dir: Path) -
     doc = metadata(data_dir, alpine_ref, alpine_ref.manifest_digest)
     assert doc["status"] == "failed" and doc["error"]
     assert pull(data_dir, alpine_ref.ref).returncode == 0
+
+
+def test_pinned_by_index_digest_is_found_by_that_digest(
+    multiplatform_ref: PushedImage, data_dir: Path
+) -> None:
+    # `docker pull` prints the index's digest; users pin that, builds are per platform.
+    pinned = multiplatform_ref.digest_ref
+    assert pull(data_dir, pinned).returncode == 0
+    shown = subprocess.run(
+        [CLI, "inspect", "--json", "--data-dir", str(data_dir), pinned],
+        capture_output=True,
+        text=True,
+    )
+    assert shown.returncode == 0, shown.stderr
+    doc = json.loads(shown.stdout)
+    assert doc["digest"] == multiplatform_ref.image.manifest_digest
+    assert doc["index_digest"] == multiplatform_ref.manifest_digest
+    with ImageManager(data_dir) as manager:
+        stats = BuildStats()
+        manager.pull(pinned, stats=stats)
+        assert stats.reused, "a ready build pinned by its index digest needs no network"
+    removed = subprocess.run(
+        [CLI, "rm", "--data-dir", str(data_dir), pinned], capture_output=True, text=True
+    )
+    assert removed.returncode == 0, removed.stderr
+
+
+def test_digest_shaped_tag_is_refused_before_the_network(data_dir: Path) -> None:
+    result = pull(data_dir, "127.0.0.1:9/hx:" + "c" * 64)
+    assert result.returncode == 2, result.stderr
+    assert "looks like a digest" in result.stderr
+    assert only_cache_left(data_dir)

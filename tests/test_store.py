@@ -110,7 +110,7 @@ def test_tag_cannot_shadow_a_nested_repository(tmp_path: Path) -> None:
     store = ImageStore(tmp_path)
     ready(store, "r.io/a/b:latest", D1)
     with pytest.raises(InvalidReference, match="collides with the local repository"):
-        store.check_tag(parse_reference("r.io/a:b"))
+        store.validate(parse_reference("r.io/a:b"))
     assert store.find(parse_reference("r.io/a/b:latest")).record.status is ImageStatus.READY
 
 

@@ -191,7 +191,8 @@ class Job:
     def answers(self, ref: Reference) -> bool:
         """True if ``ref`` (a tag or a digest) names this build."""
         if ref.digest is not None:
-            return ref.name == self.key.repository and ref.digest == self.key.digest
+            index = self.resolved.index_digest if self.resolved is not None else None
+            return ref.name == self.key.repository and ref.digest in (self.key.digest, index)
         return ref.tag is not None and str(ref.with_tag(ref.tag)) in self._names
 
     def update(self, record: ImageRecord) -> None:

@@ -339,9 +339,10 @@ class ImageManager:
         stats: BuildStats | None,
     ) -> tuple[Image, Job | None]:
         """Join or queue the build ``ref`` resolves to; ``None`` job when already built."""
+        self.store.validate(ref)
         if ref.digest is not None:
             # A digest-pinned name whose disk is ready needs no network at all.
-            ready = self._ready(ref, ref.digest)
+            ready = self._ready(ref, self.store.locate(ref, ref.digest))
             if ready is not None:
                 self._reused(stats)
                 return self._stored_image(ready, str(ref)), None
@@ -404,6 +405,8 @@ class ImageManager:
         existing = self.store.read(ref, digest)
         if existing is not None and existing.status.active:
             return  # an interrupted build or another process's: the build lock sorts it out
+        if self._ready(ref, digest) is not None:
+            return  # another process finished it since we looked: never demote a ready build
         fresh = initial_record(ref, digest, ImageStatus.PENDING)
         record = (
             existing.evolve(status=ImageStatus.PENDING, error=None, name=fresh.name)
@@ -416,6 +419,7 @@ class ImageManager:
             config_digest=str(manifest.config.digest),
             layers=[str(layer.digest) for layer in manifest.layers],
             free_space_bytes=options.free_space,
+            index_digest=str(resolved.index_digest) if resolved.index_digest else None,
         )
         self.store.write(ref, digest, record)
 

@@ -65,6 +65,7 @@ def build(
     reporter = reporter or Reporter()
     stats = stats or BuildStats()
     started = time.monotonic()
+    store.validate(ref)
     reporter.stage("resolving", ref.familiar())
     resolved = resolve(client, ref, options.platform)
     stats.resolve_s = time.monotonic() - started
@@ -115,6 +116,7 @@ def build_resolved(
             config_digest=str(resolved.manifest.config.digest),
             layers=[str(layer.digest) for layer in resolved.manifest.layers],
             free_space_bytes=options.free_space,
+            index_digest=str(resolved.index_digest) if resolved.index_digest else None,
         )
 
         def set_status(new: ImageRecord) -> None:
@@ -149,23 +151,25 @@ def build_resolved(
             stats.convert_s = time.monotonic() - t0
             stats.stages.update(disk.timings)
 
-            t0 = time.monotonic()
-            record = record.evolve(
-                status=ImageStatus.READY,
-                size_bytes=disk.size_bytes,
-                content_bytes=disk.content_bytes,
-                disk_sha256=disk.sha256,
-                tool_versions=disk.tool_versions,
-            )
-            set_status(record)
-            store.set_tag(ref, digest)
-            stats.finish_s = time.monotonic() - t0
         except HypemanError as exc:
             set_status(record.evolve(status=ImageStatus.FAILED, error=exc.message))
             raise
         except Exception as exc:  # the build's top level: record, then re-raise
             set_status(record.evolve(status=ImageStatus.FAILED, error=f"internal error: {exc!r}"))
             raise
+        # The disk is in place: from here on a failure (tagging, say) must not
+        # demote the record, or a complete disk would sit beside a "failed" one.
+        t0 = time.monotonic()
+        record = record.evolve(
+            status=ImageStatus.READY,
+            size_bytes=disk.size_bytes,
+            content_bytes=disk.content_bytes,
+            disk_sha256=disk.sha256,
+            tool_versions=disk.tool_versions,
+        )
+        set_status(record)
+        store.set_tag(ref, digest)
+        stats.finish_s = time.monotonic() - t0
     reporter.stage("ready", ref.familiar())
     return store.find(ref)
 

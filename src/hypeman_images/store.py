@@ -38,6 +38,7 @@ from .fsutil import (
     writer_alive,
 )
 from .reference import Reference
+from .spec import Platform
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class ImageRecord:
     image_created: str | None = None
     tool_versions: dict[str, str] = field(default_factory=dict)
     free_space_bytes: int | None = None
+    index_digest: str | None = None
     updated_at: str | None = None
 
     def to_json(self) -> bytes:
@@ -187,8 +189,9 @@ class ImageStore:
             )
         return link
 
-    def check_tag(self, ref: Reference) -> None:
-        """Refuse, before any network call, a tag this layout cannot store."""
+    def validate(self, ref: Reference) -> None:
+        """Refuse, before any network call, a name this layout cannot store."""
+        self.repo_dir(ref)
         if ref.tag is not None:
             self._tag_link(ref)
 
@@ -256,9 +259,29 @@ class ImageStore:
 
     # Lookup.
 
+    def locate(self, ref: Reference, digest: Digest) -> Digest:
+        """The build directory's digest for ``digest``, which may name an image index.
+
+        Users pin images by whatever digest ``docker pull`` printed, often an
+        index's; builds are keyed by the platform manifest's. Among builds of
+        that index, the host platform's wins.
+        """
+        if (self.digest_dir(ref, digest) / METADATA_NAME).exists():
+            return digest
+        repo = self.repo_dir(ref)
+        matches = []
+        for directory in digest_dirs(repo) if repo.is_dir() else ():
+            if directory.parent != repo:
+                continue
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                record = ImageRecord.from_json((directory / METADATA_NAME).read_bytes())
+                if record.index_digest == str(digest):
+                    matches.append((record.platform != str(Platform.host()), directory.name))
+        return Digest("sha256", min(matches)[1]) if matches else digest
+
     def find(self, ref: Reference) -> StoredImage:
         """The local image a reference names (by digest, else by tag); NotFound otherwise."""
-        digest = ref.digest or self.tag_target(ref)
+        digest = self.locate(ref, ref.digest) if ref.digest else self.tag_target(ref)
         if digest is not None:
             record = self.read(ref, digest)
             if record is not None:
