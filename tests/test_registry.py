@@ -814,3 +814,15 @@ def test_docker_hub_rate_limit_headers_are_logged(caplog: pytest.LogCaptureFixtu
     ):
         client.get_manifest(REF)
     assert "limit=100;w=21600 remaining=97;w=21600" in caplog.text
+
+
+def test_registry_error_text_is_short_and_printable() -> None:
+    from hypeman_images.responses import MAX_MESSAGE, error_details
+
+    body = json.dumps(
+        {"errors": [{"code": "DENIED", "message": "\x1b[31mred\x1b[0m " + "x" * 10_000}]}
+    ).encode()
+    codes, message = error_details(body)
+    assert codes == ("DENIED",)
+    assert len(message) <= MAX_MESSAGE
+    assert "\x1b" not in message

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .digest import Digest, VerifyingStream
-from .errors import DigestMismatch, NotFound
+from .errors import DigestMismatch, HypemanError, NotFound
 from .fsutil import (
     TEMP_PREFIX,
     atomic_writer,
@@ -209,5 +209,5 @@ class BlobStore:
 def _digest_in(entry: dict[str, Any], keep: set[Digest]) -> bool:
     try:
         return Digest.parse(str(entry.get("digest"))) in keep
-    except Exception:
+    except HypemanError:
         return False

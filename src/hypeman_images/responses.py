@@ -46,8 +46,7 @@ def error_details(body: bytes) -> tuple[tuple[str, ...], str]:
     except (UnicodeDecodeError, json.JSONDecodeError):
         errors = None
     if not isinstance(errors, list):
-        text = body.decode("utf-8", "replace").strip()
-        return (), text[:200]
+        return (), _printable(body.decode("utf-8", "replace"))
     codes: list[str] = []
     messages: list[str] = []
     for item in errors:
@@ -59,7 +58,18 @@ def error_details(body: bytes) -> tuple[tuple[str, ...], str]:
         message = str(item.get("message") or code)
         if message:
             messages.append(message)
-    return tuple(codes), "; ".join(messages)
+    return tuple(codes[:MAX_CODES]), _printable("; ".join(messages))
+
+
+# A registry's error text ends up in metadata.json, API answers and terminals:
+# keep it short and free of control characters (an untrusted registry writes it).
+MAX_MESSAGE = 200
+MAX_CODES = 8
+
+
+def _printable(text: str) -> str:
+    clean = "".join(c if c.isprintable() else " " for c in text.strip())
+    return clean if len(clean) <= MAX_MESSAGE else clean[: MAX_MESSAGE - 1] + "…"
 
 
 def retry_after(response: httpx.Response) -> float | None:
