@@ -383,3 +383,37 @@ def test_process_killed_during_mke2fs_leaves_nothing_gc_cannot_remove(
         assert unexpected_paths(data_dir) == []
         assert m.pull(ref_of(proxy)).record.status == "ready"
     assert store_problems(data_dir) == []
+
+
+def test_ctrl_c_stops_a_stalled_pull_at_once(
+    faulty: tuple[RegistryServer, Image], proxy: FaultProxy, data_dir: Path
+) -> None:
+    """SIGINT during a download that hangs: exit 130 now, and the next pull still works."""
+    import signal
+    import sys
+
+    _, image = faulty
+    proxy.add(Fault(layer_path(image), "stall", after_bytes=10_000, delay=60.0))
+    cli = str(Path(sys.executable).with_name("hypeman-images"))
+    process = subprocess.Popen(
+        [cli, "pull", "--no-progress", "--data-dir", str(data_dir), ref_of(proxy)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while not proxy.requests(layer_path(image)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 130, stderr
+    assert time.monotonic() - started < 3
+    assert "interrupted" in stderr
+    # Like a crash: what the dead writer left goes with the next gc; the pull then works.
+    proxy.clear()
+    with manager(data_dir) as m:
+        m.gc()
+        assert unexpected_paths(data_dir) == []
+        assert m.pull(ref_of(proxy)).record.status == "ready"
+    assert store_problems(data_dir) == []

@@ -659,8 +659,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc.message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Download and scan workers are blocked in I/O; the interpreter's exit
+        # would join them. Leave now: temp files carry our pid, and the next
+        # gc or recover removes what a dead writer left.
+        os._exit(130)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

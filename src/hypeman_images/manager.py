@@ -146,8 +146,9 @@ class ImageManager:
     def __enter__(self) -> ImageManager:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        # Unwinding an error (Ctrl-C included): don't wait for builds to finish.
+        self.close(timeout=0 if kind is not None else None)
 
     # -- requests ---------------------------------------------------------------
 
