@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -635,7 +636,15 @@ def _serve(args: argparse.Namespace) -> int:
         server.run()
     finally:
         manager.close(timeout=SHUTDOWN_GRACE_S)
-    return 0 if server.started else 1
+    code = 0 if server.started else 1
+    main = threading.main_thread()
+    if any(t is not main and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        # Builds outlived the grace period: leave them to the next start's recovery
+        # rather than let the interpreter's exit wait for them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _configure_logging(verbosity: int) -> None:
