@@ -292,3 +292,31 @@ def test_image_json_shape(manager: ImageManager, busybox_ref: PushedImage) -> No
         "cmd", "env", "working_dir", "user", "created_at", "tags", "platform",
     }  # fmt: skip
     assert isinstance(manager.get(busybox_ref.ref), Image)
+
+
+def test_a_slow_old_build_does_not_move_the_tag_back(
+    registry: RegistryServer, data_dir: Path
+) -> None:
+    """The tag moves upstream while its old digest builds: the newest request wins."""
+    old = make_image([make_layer([file("v", b"old\n")])])
+    new = make_image([make_layer([file("v", b"new\n")])])
+    gate = threading.Event()
+
+    def builder(resolved: Any, **kwargs: Any) -> StoredImage:
+        if str(resolved.digest) == old.manifest_digest:
+            assert gate.wait(30)  # the old digest finishes last
+        return build_resolved(resolved, **kwargs)
+
+    name = f"{registry.host}/moving/tag:latest"
+    with ImageManager(data_dir, concurrency=2, builder=builder) as manager:
+        push_image(registry.url, "moving/tag", "latest", old)
+        manager.create(name)
+        push_image(registry.url, "moving/tag", "latest", new)
+        manager.create(name)
+        assert manager.wait(f"{registry.host}/moving/tag@{new.manifest_digest}", 60).status == (
+            ImageStatus.READY
+        )
+        gate.set()
+        done = manager.wait(f"{registry.host}/moving/tag@{old.manifest_digest}", 60)
+        assert done.status is ImageStatus.READY
+        assert manager.get(name).digest == new.manifest_digest

@@ -174,6 +174,7 @@ class Job:
         self.queued_at = time.monotonic()
         self.started_at: float | None = None
         self.done = threading.Event()
+        self.recovered = False  # queued by recover() after a restart
         self._names: dict[str, Reference] = {}
         self.add_name(ref)
 

@@ -118,6 +118,9 @@ class ImageManager:
         # Guards the job table against create/delete/gc interleaving; always taken
         # before the queue's own lock, never after it.
         self._lock = threading.RLock()
+        # The digest each tag was last resolved to here: a slow build of an older
+        # digest must not move a tag back after a newer one was asked for.
+        self._latest: dict[str, Digest] = {}
         self._resolving: dict[tuple[str, Platform], Future[ResolvedImage]] = {}
         self._queue = BuildQueue(self._run, concurrency)
 
@@ -310,6 +313,7 @@ class ImageManager:
                     if record.free_space_bytes is not None:
                         options = replace(options, free_space=record.free_space_bytes)
                     job = Job(BuildKey(ref.name, digest), ref.with_digest(digest), options)
+                    job.recovered = True
                     self._queue.submit(job)
                     resumed.append(record.name)
                 elif (
@@ -351,6 +355,8 @@ class ImageManager:
         digest = resolved.digest
         key = BuildKey(ref.name, digest)
         with self._lock:
+            if ref.tag is not None:
+                self._latest[str(ref.with_tag(ref.tag))] = digest
             job = self._queue.get(key)
             if job is not None:
                 job.add_name(resolved.ref)
@@ -437,6 +443,8 @@ class ImageManager:
                 return
             job.update(record)
 
+        # A recovered build leaves alone a tag link that was moved meanwhile.
+        before = {str(n): self.store.tag_target(n) for n in job.names} if job.recovered else {}
         try:
             resolved = job.resolved or self._resolve_again(job)
             job.result = self._builder(
@@ -465,10 +473,25 @@ class ImageManager:
             with self._lock:
                 if ok:
                     for name in job.names:
-                        self.store.set_tag(name, job.key.digest)
+                        target = self._tag_target(name, job.key.digest, before.get(str(name)))
+                        if target is not None:
+                            self.store.set_tag(name, target)
                     job.result = self.store.find(job.ref)
                     job.update(job.result.record)
                 self._queue.retire(job)
+
+    def _tag_target(self, name: Reference, built: Digest, before: Digest | None) -> Digest | None:
+        """Where tag ``name`` should point once ``built`` is ready (None: leave it).
+
+        The newest request for a tag wins over a build that merely finished later;
+        a recovered build keeps a link that was moved to another digest meanwhile.
+        """
+        if before is not None and before != built:
+            return before
+        wanted = self._latest.get(str(name), built)
+        if wanted == built:
+            return built
+        return wanted if self._ready(name, wanted) is not None else None
 
     def _resolve_again(self, job: Job) -> ResolvedImage:
         """A recovered build: fetch its manifest by digest (verified against it)."""
