@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from hypeman_images.digest import Digest, VerifyingStream, verify_bytes
+from hypeman_images.digest import Digest, VerifyingStream
 from hypeman_images.errors import DigestMismatch, InvalidArgument
 
 
@@ -46,5 +46,7 @@ def test_stream_rejects_extra_bytes_early() -> None:
 
 
 def test_short_stream() -> None:
+    stream = VerifyingStream([b"ab"], Digest.of(b"abc"), 3)
+    list(stream)
     with pytest.raises(DigestMismatch, match="received 2 bytes"):
-        verify_bytes(b"ab", Digest.of(b"abc"), 3)
+        stream.verify()

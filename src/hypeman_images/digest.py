@@ -51,11 +51,6 @@ class Digest:
         return hashlib.new(self.algorithm)
 
     @property
-    def hex(self) -> str:
-        """The encoded part; used as a file name in blob and image stores."""
-        return self.encoded
-
-    @property
     def short(self) -> str:
         """Twelve characters, as registries and docker show them."""
         return self.encoded[:12]
@@ -98,10 +93,3 @@ class VerifyingStream:
         if actual != self.expected:
             raise DigestMismatch(f"content of {self.expected} hashes to {actual}")
 
-
-def verify_bytes(data: bytes, expected: Digest, size: int | None = None) -> None:
-    """Check a whole buffer against its digest (and size, when known)."""
-    stream = VerifyingStream([data], expected, size)
-    for _ in stream:
-        pass
-    stream.verify()

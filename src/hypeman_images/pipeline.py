@@ -1,7 +1,8 @@
 """One image, end to end: reference → registry → blob cache → flatten → ext4 → store.
 
-:func:`build` is the whole pipeline of DESIGN.md for one reference. It is
-synchronous and knows nothing of queues; the manager runs it in workers.
+:func:`build_resolved` is the whole pipeline of DESIGN.md for one resolved
+reference (``pull.resolve`` does the resolving). It is synchronous and knows
+nothing of queues; the manager runs it in workers.
 Every stage records itself in ``metadata.json`` so that a crash leaves a
 record the next start can resume from, and ``ready`` is written only after
 the disk is in place.
@@ -19,7 +20,7 @@ from .config import BuildOptions
 from .digest import Digest
 from .errors import HypemanError
 from .progress import Reporter
-from .pull import PulledImage, ResolvedImage, pull, resolve
+from .pull import PulledImage, ResolvedImage, pull
 from .reference import Reference
 from .registry import RegistryClient
 from .store import DISK_NAME, ImageRecord, ImageStatus, ImageStore, StoredImage, now
@@ -46,41 +47,6 @@ def initial_record(ref: Reference, digest: Digest, status: ImageStatus) -> Image
     return ImageRecord(name=_display_name(ref), digest=str(digest), status=status, created_at=now())
 
 
-def build(
-    ref: Reference,
-    *,
-    client: RegistryClient,
-    blobs: BlobStore,
-    store: ImageStore,
-    options: BuildOptions,
-    reporter: Reporter | None = None,
-    on_status: Callable[[Reference, ImageRecord], None] | None = None,
-    stats: BuildStats | None = None,
-) -> StoredImage:
-    """Build ``ref`` into a ready disk (or reuse one) and point its tag at it.
-
-    Raises a :class:`HypemanError` subclass on failure, after recording the
-    failure in the digest's metadata when the digest is known.
-    """
-    reporter = reporter or Reporter()
-    stats = stats or BuildStats()
-    started = time.monotonic()
-    store.validate(ref)
-    reporter.stage("resolving", ref.familiar())
-    resolved = resolve(client, ref, options.platform)
-    stats.resolve_s = time.monotonic() - started
-    return build_resolved(
-        resolved,
-        client=client,
-        blobs=blobs,
-        store=store,
-        options=options,
-        reporter=reporter,
-        on_status=on_status,
-        stats=stats,
-    )
-
-
 def build_resolved(
     resolved: ResolvedImage,
     *,
@@ -92,7 +58,12 @@ def build_resolved(
     on_status: Callable[[Reference, ImageRecord], None] | None,
     stats: BuildStats,
 ) -> StoredImage:
-    """The rest of :func:`build` once the digest is known."""
+    """Build a resolved image into a ready disk (or reuse one) and point its tag at it.
+
+    Runs under the digest's build lock, so one build per digest across
+    processes. Raises a :class:`HypemanError` subclass on failure, after
+    recording the failure in the digest's metadata.
+    """
     # Imported here: converting needs isal, zstandard and the disk code, which a
     # re-pull of a ready digest (the CLI's fast path) never loads.
     from . import convert
@@ -199,4 +170,4 @@ def _display_name(ref: Reference) -> str:
     return f"{ref.name}:{ref.tag}" if ref.tag else f"{ref.name}@{ref.digest}"
 
 
-__all__ = ["BuildStats", "build", "build_resolved", "initial_record"]
+__all__ = ["BuildStats", "build_resolved", "initial_record"]
