@@ -293,3 +293,18 @@ def test_digest_shaped_tag_is_refused_before_the_network(data_dir: Path) -> None
     assert result.returncode == 2, result.stderr
     assert "looks like a digest" in result.stderr
     assert only_cache_left(data_dir)
+
+
+def test_blob_and_manifest_limits_from_the_command_line(
+    alpine_ref: PushedImage, data_dir: Path
+) -> None:
+    result = pull(data_dir, "--max-blob-size", "1M", alpine_ref.ref)
+    assert result.returncode == 7, result.stderr
+    assert "--max-blob-size" in result.stderr
+    result = pull(data_dir, "--max-manifest-size", "100", alpine_ref.ref)
+    assert result.returncode == 7, result.stderr
+    assert "limit" in result.stderr
+    # Nothing was downloaded past the refusals but documents.
+    blobs = data_dir / "cache" / "blobs" / "sha256"
+    layer = json.loads(alpine_ref.image.manifest)["layers"][0]["digest"][7:]
+    assert not (blobs / layer).exists()

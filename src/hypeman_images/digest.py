@@ -92,4 +92,3 @@ class VerifyingStream:
         actual = Digest(self.expected.algorithm, self._hash.hexdigest())
         if actual != self.expected:
             raise DigestMismatch(f"content of {self.expected} hashes to {actual}")
-

@@ -617,7 +617,7 @@ class TreeStats:
         return sum(max(1, math.ceil(n / block_size)) for n in self.directory_entry_bytes)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Node:
     """One inode of the final tree, with every path that names it, sorted."""
 
@@ -715,7 +715,11 @@ def merge(scans: Sequence[LayerScan], limits: Limits | None = None) -> Tree:
     specials: list[Node] = []
     files: list[Node] = []
     for key, inode in inodes.items():
-        planned = Node(tuple(paths_of[key]), inode.entry, inode.layer)
+        # The entry's own path object where it is the same path (most are): one
+        # copy of each path in memory instead of two.
+        own = inode.entry.path
+        paths = tuple(own if path == own else path for path in paths_of[key])
+        planned = Node(paths, inode.entry, inode.layer)
         (files if inode.entry.kind is Kind.FILE else specials).append(planned)
     specials.sort(key=lambda n: n.primary.split(b"/"))
     files.sort(key=lambda n: (n.layer, n.entry.ordinal))

@@ -7,8 +7,9 @@ downloaded in parallel, each verified against its digest on the way in.
 
 A *tap* (``pull(..., tap=...)``) sees every layer's compressed bytes while
 they arrive -- a tee from the download, in its own thread -- or, for a layer
-already cached, reads the cached blob, so that the flattener's first pass
-overlaps with the downloads instead of following them (issue 7). The tap is
+already cached (or downloaded while every tap worker was busy), reads the
+cached blob, so that the flattener's first pass overlaps with the downloads
+instead of following them (issue 7). The tap is
 an optimisation only: what it makes is used after the pull verified every
 digest, and if it fails, the caller does that work again from the cache.
 """
@@ -17,12 +18,13 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from . import registry
 from .blobs import BlobStore
@@ -32,7 +34,6 @@ from .reference import Reference
 from .registry import RegistryClient
 from .spec import (
     LAYER_COMPRESSION,
-    MAX_DOCUMENT_BYTES,
     Descriptor,
     ImageConfig,
     Manifest,
@@ -44,7 +45,14 @@ log = logging.getLogger(__name__)
 
 DOWNLOAD_WORKERS = 4
 # Chunks (>= 1 MiB each) a tap may lag behind its download before the download waits.
-TAP_QUEUE_CHUNKS = 8
+# 4, not 8: with four layers in flight the queues were ~30 MiB of the peak RSS
+# (issue 7), and a deeper queue did not make the pull faster.
+TAP_QUEUE_CHUNKS = 4
+# Taps running at once. A tap is CPU-bound (inflate, sha256, header parsing),
+# so more of them than cores only adds buffers (~10 MiB each) and GIL hand-offs;
+# a layer that finds them all busy downloads untapped and is read back from the
+# cache when one frees (issue 7: peak RSS grew with the number of layers).
+TAP_WORKERS = min(DOWNLOAD_WORKERS, max(2, os.cpu_count() or 2))
 
 
 class LayerTap(Protocol):
@@ -187,23 +195,30 @@ def pull(
     """
     progress = progress or LayerProgress()
     manifest = resolved.manifest
+    max_document, max_blob = client.config.max_manifest_bytes, client.config.max_blob_bytes
     for layer in manifest.layers:
         if layer.media_type not in LAYER_COMPRESSION:
             raise LayerError(
                 f"layer {layer.digest} has unsupported media type {layer.media_type!r}"
             )
+        if layer.size > max_blob:
+            # Refuse before downloading; the download itself stops at the declared size.
+            raise LimitExceeded(
+                f"layer {layer.digest} is {layer.size} bytes by its descriptor, over the "
+                f"{max_blob} byte limit (raise it with --max-blob-size)"
+            )
     config_desc = manifest.config
-    if config_desc.size > MAX_DOCUMENT_BYTES:
+    if config_desc.size > max_document:
         # Refuse before downloading: the config is read whole into memory.
         raise LimitExceeded(
             f"the image config {config_desc.digest} is {config_desc.size} bytes by its "
-            f"descriptor, over the {MAX_DOCUMENT_BYTES} byte limit"
+            f"descriptor, over the {max_document} byte limit (raise it with --max-manifest-size)"
         )
     if not blobs.has(config_desc.digest):
         with client.open_blob(resolved.ref, config_desc) as chunks:
             blobs.ingest(config_desc, chunks)
     config_bytes = blobs.read(config_desc.digest)
-    config = parse_config(config_bytes)
+    config = parse_config(config_bytes, max_document)
     if len(config.diff_ids) != len(manifest.layers):
         raise LayerError(
             f"the image config lists {len(config.diff_ids)} diff_ids but the manifest has "
@@ -214,18 +229,37 @@ def pull(
     cached = 0
 
     taps: list[Future[None]] = []
-    tap_pool = ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS, thread_name_prefix="tap")
+    tap_pool = ThreadPoolExecutor(max_workers=TAP_WORKERS, thread_name_prefix="tap")
+    tap_lock = threading.Lock()
+    taps_pending = 0  # submitted and not finished: running, or queued for a worker
 
-    def start_tap(index: int, layer: Descriptor, stream: BinaryIO) -> None:
+    def run_tap(index: int, layer: Descriptor, stream: BinaryIO) -> None:
+        nonlocal taps_pending
         assert tap is not None
-        taps.append(tap_pool.submit(tap, index, layer, stream))
+        try:
+            tap(index, layer, stream)
+        finally:
+            with tap_lock:
+                taps_pending -= 1
+
+    def start_tap(
+        index: int, layer: Descriptor, stream: Callable[[], BinaryIO], *, only_if_idle: bool
+    ) -> bool:
+        """Submit a tap; with ``only_if_idle``, only if a worker is free to run it now."""
+        nonlocal taps_pending
+        with tap_lock:
+            if only_if_idle and taps_pending >= TAP_WORKERS:
+                return False
+            taps_pending += 1
+        taps.append(tap_pool.submit(run_tap, index, layer, stream()))
+        return True
 
     def fetch(index: int) -> int:
         layer = manifest.layers[index]
         if blobs.has(layer.digest):
             progress.start(layer.digest, layer.size, cached=True)
             if tap is not None:
-                start_tap(index, layer, blobs.open(layer.digest))
+                start_tap(index, layer, lambda: blobs.open(layer.digest), only_if_idle=False)
             progress.done(layer.digest)
             return -1
 
@@ -236,9 +270,11 @@ def pull(
 
         progress.start(layer.digest, layer.size, cached=False)
         pipe = None
+        # A tee only into a tap that runs now: a queued one would stall the download.
         if tap is not None:
-            pipe = _ChunkPipe()
-            start_tap(index, layer, pipe)  # type: ignore[arg-type]
+            tee = _ChunkPipe()
+            if start_tap(index, layer, lambda: cast(BinaryIO, tee), only_if_idle=True):
+                pipe = tee
         try:
             with client.open_blob(resolved.ref, layer) as chunks:
                 blobs.ingest(layer, pipe.tee(chunks) if pipe else chunks, on_chunk=advance)
@@ -246,11 +282,14 @@ def pull(
             if pipe is not None:
                 pipe.fail(exc)
             raise
+        if tap is not None and pipe is None:
+            start_tap(index, layer, lambda: blobs.open(layer.digest), only_if_idle=False)
         progress.done(layer.digest)
         return layer.size
 
     # Distinct layers only: an image may list the same blob twice.
     unique = list({layer.digest: i for i, layer in enumerate(manifest.layers)}.values())
+    pulled = False
     try:
         with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS, thread_name_prefix="pull") as pool:
             for size in pool.map(fetch, sorted(unique)):
@@ -258,10 +297,12 @@ def pull(
                     cached += 1
                 else:
                     downloaded += size
+        pulled = True
     finally:
-        tap_pool.shutdown(wait=True)
+        # A failed pull raises anyway: taps still queued for the cache are dropped.
+        tap_pool.shutdown(wait=True, cancel_futures=not pulled)
         for future in taps:
-            if future.exception() is not None:
+            if not future.cancelled() and future.exception() is not None:
                 log.debug("layer tap failed: %r", future.exception())
     descriptor = _manifest_descriptor(resolved)
     blobs.put(descriptor, resolved.manifest_bytes)
