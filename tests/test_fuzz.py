@@ -92,7 +92,10 @@ def test_reference_parser(text: str) -> None:
     digest = ref.digest or Digest("sha256", "0" * 64)
     store = object.__new__(ImageStore)  # no directory is created: only the path is computed
     store.root = root
-    directory = store.digest_dir(ref, digest)
+    try:
+        directory = store.digest_dir(ref, digest)
+    except HypemanError:
+        return  # a name the store's layout refuses (e.g. a 64-hex component), never a crash
     parts = directory.relative_to(root).parts
     assert ".." not in parts and "." not in parts and "" not in parts
     assert directory.resolve(strict=False).is_relative_to(root)
