@@ -271,12 +271,12 @@ def symlink_chain_stored(canary: Path) -> HostileCase:
     )
 
 
-def gzip_bomb(canary: Path) -> HostileCase:
-    """64 MiB of zeros in a ~64 KiB gzip layer, against max_layer_bytes = 8 MiB."""
+def _bomb(name: str, compress: Callable[[bytes], bytes], media_type: str) -> HostileCase:
+    """64 MiB of zeros in a layer of a few KiB, against max_layer_bytes = 8 MiB."""
     tar = _zeros_tar("bomb", 64 * MiB)
-    layer = _layer_of(tar, _gzip(tar), GZIP)
+    layer = _layer_of(tar, compress(tar), media_type)
     return HostileCase(
-        "gzip-bomb",
+        name,
         make_image([layer]),
         LimitExceeded,
         r"max_layer_bytes=8388608",
@@ -284,17 +284,14 @@ def gzip_bomb(canary: Path) -> HostileCase:
     )
 
 
+def gzip_bomb(canary: Path) -> HostileCase:
+    """The bomb as gzip (~64 KiB)."""
+    return _bomb("gzip-bomb", _gzip, GZIP)
+
+
 def zstd_bomb(canary: Path) -> HostileCase:
     """The same bomb as zstd (a few KiB)."""
-    tar = _zeros_tar("bomb", 64 * MiB)
-    layer = _layer_of(tar, _zstd(tar), ZSTD)
-    return HostileCase(
-        "zstd-bomb",
-        make_image([layer]),
-        LimitExceeded,
-        r"max_layer_bytes",
-        limits=Limits(max_layer_bytes=8 * MiB),
-    )
+    return _bomb("zstd-bomb", _zstd, ZSTD)
 
 
 def image_bomb(canary: Path) -> HostileCase:
