@@ -41,7 +41,7 @@ from . import debugfs, ext4_fallback
 from .digest import Digest
 from .e2fsprogs import E2fsprogs, run_tool, tail, tool_env
 from .errors import StorageError, ToolError
-from .fsutil import temp_prefix
+from .fsutil import fsync_dir, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -590,8 +590,4 @@ def _commit(tmp: Path, dest: Path) -> None:
         os.fsync(handle.fileno())
     os.chmod(tmp, 0o644)
     os.replace(tmp, dest)
-    dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(dest.parent)

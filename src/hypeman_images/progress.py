@@ -8,21 +8,14 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import TextIO
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
+from typing import TYPE_CHECKING, TextIO
 
 from .digest import Digest
 from .pull import LayerProgress
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import TaskID
 
 
 class Reporter(LayerProgress):
@@ -46,6 +39,7 @@ class PlainReporter(Reporter):
         self._lock = threading.Lock()
         self._last_convert = 0.0
         self._said_total = False
+        self._said_total = False
 
     def _say(self, line: str) -> None:
         with self._lock:
@@ -63,8 +57,11 @@ class PlainReporter(Reporter):
 
     def converted(self, nbytes: int, total: int) -> None:
         now = time.monotonic()
-        if nbytes >= total or now - self._last_convert > 2:
+        finished = nbytes >= total
+        # Every 2 s while it runs, and the end once (writers may report it twice).
+        if (finished and not self._said_total) or (not finished and now - self._last_convert > 2):
             self._last_convert = now
+            self._said_total = finished
             self._say(f"converting: {human_size(nbytes)} of {human_size(total)}")
 
 
@@ -72,6 +69,18 @@ class RichReporter(Reporter):
     """Live bars on a terminal: one per layer, one for the conversion."""
 
     def __init__(self, console: Console | None = None) -> None:
+        # Imported here: piped output and the library never draw, and rich
+        # costs a CLI start ~25 ms.
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
+
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
