@@ -26,6 +26,7 @@ from .store import (
     ImageRecord,
     ImageStatus,
     digest_dirs,
+    read_record,
     tree_size,
 )
 
@@ -93,13 +94,6 @@ def sweep_build_dir(directory: Path) -> int:
         else:
             entry.unlink(missing_ok=True)
     return freed
-
-
-def read_record(directory: Path) -> ImageRecord | None:
-    try:
-        return ImageRecord.from_json((directory / METADATA_NAME).read_bytes())
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def blobs_needed(record: ImageRecord | None) -> set[Digest]:

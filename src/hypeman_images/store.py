@@ -199,14 +199,7 @@ class ImageStore:
 
     def read(self, ref: Reference, digest: Digest) -> ImageRecord | None:
         """The record of ``digest`` in ``ref``'s repository, if any."""
-        path = self.digest_dir(ref, digest) / METADATA_NAME
-        try:
-            return ImageRecord.from_json(path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring unreadable %s: %s", path, exc)
-            return None
+        return read_record(self.digest_dir(ref, digest))
 
     def write(self, ref: Reference, digest: Digest, record: ImageRecord) -> None:
         """Publish ``record`` atomically (temp + fsync + rename)."""
@@ -268,15 +261,15 @@ class ImageStore:
         """
         if (self.digest_dir(ref, digest) / METADATA_NAME).exists():
             return digest
-        repo = self.repo_dir(ref)
+        repo, host = self.repo_dir(ref), str(Platform.host())
+        names: list[str] = []
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            names = os.listdir(repo)
         matches = []
-        for directory in digest_dirs(repo) if repo.is_dir() else ():
-            if directory.parent != repo:
-                continue
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                record = ImageRecord.from_json((directory / METADATA_NAME).read_bytes())
-                if record.index_digest == str(digest):
-                    matches.append((record.platform != str(Platform.host()), directory.name))
+        for name in names:
+            record = read_record(repo / name) if SHA256_HEX.fullmatch(name) else None
+            if record is not None and record.index_digest == str(digest):
+                matches.append((record.platform != host, name))
         return Digest("sha256", min(matches)[1]) if matches else digest
 
     def find(self, ref: Reference) -> StoredImage:
@@ -302,14 +295,9 @@ class ImageStore:
     def scan(self) -> Iterator[StoredImage]:
         """Every record in the store, found by walking the digest directories."""
         for directory in digest_dirs(self.root):
-            meta = directory / METADATA_NAME
-            try:
-                record = ImageRecord.from_json(meta.read_bytes())
-            except FileNotFoundError:
-                continue  # a build directory without a record yet, or just deleted
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("ignoring unreadable %s: %s", meta, exc)
-                continue
+            record = read_record(directory)
+            if record is None:
+                continue  # no record yet (a build just started), just deleted, or unreadable
             repository = directory.parent.relative_to(self.root).as_posix()
             yield StoredImage(record, repository, directory, self._tags_of(directory))
 
@@ -368,6 +356,18 @@ class ImageStore:
         return freed
 
 
+def read_record(directory: Path) -> ImageRecord | None:
+    """The record in a digest directory; None when there is none or it is unreadable."""
+    path = directory / METADATA_NAME
+    try:
+        return ImageRecord.from_json(path.read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return None
+
+
 def digest_dirs(root: Path) -> Iterator[Path]:
     """Every build directory under the image store ``root``, in sorted order.
 
@@ -420,5 +420,6 @@ __all__ = [
     "StoredImage",
     "digest_dirs",
     "now",
+    "read_record",
     "tree_size",
 ]
