@@ -44,7 +44,7 @@ class BuildStats:
 
 def initial_record(ref: Reference, digest: Digest, status: ImageStatus) -> ImageRecord:
     """The record of a build that has just been asked for."""
-    return ImageRecord(name=_display_name(ref), digest=str(digest), status=status, created_at=now())
+    return ImageRecord(name=ref.pinned(), digest=str(digest), status=status, created_at=now())
 
 
 def build_resolved(
@@ -164,10 +164,6 @@ def _with_config(record: ImageRecord, pulled: PulledImage) -> ImageRecord:
         layers=[str(layer.digest) for layer in manifest.layers],
         image_created=config.created,
     )
-
-
-def _display_name(ref: Reference) -> str:
-    return f"{ref.name}:{ref.tag}" if ref.tag else f"{ref.name}@{ref.digest}"
 
 
 __all__ = ["BuildStats", "build_resolved", "initial_record"]

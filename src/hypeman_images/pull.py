@@ -306,14 +306,9 @@ def pull(
                 log.debug("layer tap failed: %r", future.exception())
     descriptor = _manifest_descriptor(resolved)
     blobs.put(descriptor, resolved.manifest_bytes)
-    blobs.tag(descriptor, _ref_name(resolved.ref))
+    blobs.tag(descriptor, resolved.ref.pinned())
     return PulledImage(resolved, config, config_bytes, downloaded, cached)
 
 
 def _manifest_descriptor(resolved: ResolvedImage) -> Descriptor:
     return Descriptor(resolved.media_type, resolved.digest, len(resolved.manifest_bytes))
-
-
-def _ref_name(ref: Reference) -> str:
-    """The name the blob cache's index.json records: ``name:tag``, else ``name@digest``."""
-    return f"{ref.name}:{ref.tag}" if ref.tag else str(ref)

@@ -86,6 +86,13 @@ class Reference:
         """The same repository with another tag (and no digest)."""
         return replace(self, tag=tag, digest=None)
 
+    def pinned(self) -> str:
+        """``name:tag`` when there is a tag, else ``name@digest``: how a build is named.
+
+        A resolved reference carries both; the tag is what the user asked for.
+        """
+        return f"{self.name}:{self.tag}" if self.tag else f"{self.name}@{self.digest}"
+
     def familiar(self) -> str:
         """The short form Docker prints: ``alpine:3.20`` rather than the full name."""
         name = self.name
