@@ -34,13 +34,13 @@ sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 from . import __version__  # noqa: E402
 from .builds import PauseHook  # noqa: E402
 from .config import BuildOptions, default_data_dir, parse_size  # noqa: E402
-from .credentials import Credential, default_credentials, login, logout  # noqa: E402
+from .credentials import Credential, default_credentials, login, logout, registry_key  # noqa: E402
 from .errors import HypemanError, InvalidArgument  # noqa: E402
 from .flatten import Limits  # noqa: E402
 from .image import Image, image_of  # noqa: E402
 from .manager import DEFAULT_CONCURRENCY, ImageManager  # noqa: E402
 from .progress import PlainReporter, Reporter, RichReporter, human_size  # noqa: E402
-from .reference import parse_reference  # noqa: E402
+from .reference import DOCKER_HUB, parse_reference  # noqa: E402
 from .registries import RegistryConfig  # noqa: E402
 from .registry import RegistryClient  # noqa: E402
 from .spec import Platform  # noqa: E402
@@ -535,16 +535,16 @@ def _boot(args: argparse.Namespace) -> int:
 
 
 def _registry_host(text: str) -> str:
-    """``docker.io`` for Docker Hub's names, else the host as given (validated)."""
-    host = text.removeprefix("https://").removeprefix("http://").rstrip("/")
-    host = host.removesuffix("/v1").removesuffix("/v2")
-    if host in ("index.docker.io", "registry-1.docker.io", "docker.io"):
-        return "docker.io"
-    return parse_reference(f"{host}/x").registry if "/" not in host else _bad_registry(text)
+    """``docker.io`` for Docker Hub's names, else the host as given (validated).
 
-
-def _bad_registry(text: str) -> str:
-    raise InvalidArgument(f"invalid registry {text!r}: expected HOST[:PORT], e.g. ghcr.io")
+    Accepts what ``docker login`` does: a bare host, or a URL ending in ``/v1``
+    or ``/v2``; the scheme and Hub aliases are read as the credential files are.
+    """
+    path = text.split("://", 1)[-1].rstrip("/").partition("/")[2]
+    if path not in ("", "v1", "v2"):
+        raise InvalidArgument(f"invalid registry {text!r}: expected HOST[:PORT], e.g. ghcr.io")
+    host = registry_key(text)
+    return host if host == DOCKER_HUB else parse_reference(f"{host}/x").registry
 
 
 def _login(args: argparse.Namespace) -> int:
