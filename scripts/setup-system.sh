@@ -40,4 +40,11 @@ apt-get install -y -qq --no-install-recommends \
     python3-venv libarchive13 docker-registry umoci skopeo apache2-utils \
     qemu-system-x86 linux-image-cloud-amd64 busybox-static \
     kmod cpio zstd lz4 time mmdebstrap >/dev/null
-mke2fs -V 2>&1 | head -1
+# Say which mke2fs the tests will use, and refuse one too old for `-d -`.
+# (No `| head` here: with pipefail, mke2fs dying of SIGPIPE would fail setup.)
+version=$(mke2fs -V 2>&1)
+echo "${version%%$'\n'*}"
+dpkg --compare-versions "$(dpkg-query -W -f='${Version}' e2fsprogs)" ge 1.47.1 || {
+    echo "setup-system: e2fsprogs >= 1.47.1 is needed (mke2fs -d - reads a tar stream)" >&2
+    exit 1
+}
