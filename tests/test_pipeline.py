@@ -201,13 +201,22 @@ def test_unprivileged_pull_keeps_owners(
 def test_same_digest_gives_byte_identical_disk(multilayer_ref: PushedImage, tmp_path: Path) -> None:
     disks = []
     for name in ("one", "two"):
-        result = pull(tmp_path / name, "--json", multilayer_ref.ref)
+        result = pull(tmp_path / name, "--json", "--disk-digest", multilayer_ref.ref)
         assert result.returncode == 0, result.stderr
         doc = json.loads(result.stdout)
         disk = Path(doc["disk"])
         assert doc["disk_sha256"] == "sha256:" + hashlib.sha256(disk.read_bytes()).hexdigest()
         disks.append(disk.read_bytes())
     assert disks[0] == disks[1]
+
+
+def test_disk_digest_is_opt_in(alpine_ref: PushedImage, tmp_path: Path) -> None:
+    result = pull(tmp_path, "--json", alpine_ref.ref)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["disk_sha256"] is None
+    metadata = json.loads((Path(doc["disk"]).parent / "metadata.json").read_text())
+    assert metadata["disk_sha256"] is None
 
 
 def test_free_space_option(alpine_ref: PushedImage, tmp_path: Path) -> None:

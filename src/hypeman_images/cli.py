@@ -177,6 +177,11 @@ def _parser() -> argparse.ArgumentParser:
         "--free-space", default=None, help="free space to leave in the disk (e.g. 64M; default 16M)"
     )
     build_flags.add_argument("--mke2fs", default=None, help="mke2fs binary (default: from PATH)")
+    build_flags.add_argument(
+        "--disk-digest",
+        action="store_true",
+        help="record the disk's sha256 in metadata.json (about 0.7 s per GB more)",
+    )
     limits = build_flags.add_argument_group("safety limits (against hostile images)")
     defaults = Limits()
     limits.add_argument(
@@ -364,6 +369,8 @@ def _build_options(args: argparse.Namespace) -> BuildOptions:
         options = replace(options, free_space=parse_size(args.free_space))
     if args.mke2fs:
         options = replace(options, mke2fs=args.mke2fs)
+    if args.disk_digest:
+        options = replace(options, disk_digest=True)
     limits = options.limits
     if args.max_entries < 1:
         raise InvalidArgument(f"--max-entries must be at least 1, not {args.max_entries}")

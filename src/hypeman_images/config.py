@@ -72,9 +72,14 @@ class BuildOptions:
 
     ``limits`` are the safety limits against hostile layers (entries, sizes,
     header and path lengths); the defaults fit every real image.
+    ``disk_digest``: also record the disk's sha256 in metadata.json. Off by
+    default: hashing is the last step of a build, after mke2fs, and costs
+    about 0.7 s per GB of disk on one core (13 % of an 851 MB image's pull,
+    issue 7); ``e2fsck -fn`` checks every disk either way.
     """
 
     platform: Platform = field(default_factory=Platform.host)
     free_space: int = DEFAULT_FREE_SPACE
     mke2fs: str | None = None
+    disk_digest: bool = False
     limits: Limits = field(default_factory=Limits)

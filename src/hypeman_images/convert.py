@@ -228,6 +228,7 @@ def convert(
         seed=pulled.resolved.digest,
         free_space=options.free_space,
         mke2fs=tools,
+        compute_sha256=options.disk_digest,
         xattr_fixups=[(f.path, f.name, f.value) for f in tree.xattr_fixups],
     )
     timings["mke2fs_s"] = time.monotonic() - t0

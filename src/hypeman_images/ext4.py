@@ -75,10 +75,10 @@ _INODE_MARGIN = 16
 # without on an 851 MB, 34k-entry image (e2fsprogs 1.47.2, best of 3), and its
 # hottest user-space code was libext2fs's software crc32c: linking each entry
 # re-reads and re-checksums its directory's blocks. The disk is a read-only
-# lower layer: ``e2fsck -fn`` checks it before it is published and its
-# whole-file sha256 is recorded in metadata.json (``disk_sha256``), so per-block
-# checksums would only catch corruption after that, which the sha256 catches
-# too (a consumer that cares verifies it). The result is plain ext4 (as mke2fs
+# lower layer: ``e2fsck -fn`` checks it before it is published, so per-block
+# checksums would only catch corruption after that, which ``e2fsck -fn`` or
+# the whole-file sha256 (``--disk-digest``: ``disk_sha256`` in metadata.json)
+# catch too, when a consumer cares to check. The result is plain ext4 (as mke2fs
 # made it before 1.43), which every Linux mounts read-only. The sizing
 # (``_DIR_BLOCK_USABLE``) still reserves the 12-byte directory-block checksum
 # tail: a little slack, and disks the same size as before.
