@@ -101,7 +101,26 @@ def _raw_chunks(response: httpx.Response, size: int) -> Iterator[bytes]:
     if response.is_stream_consumed:
         content = response.content
         return iter([content[i : i + size] for i in range(0, len(content), size)])
-    return response.iter_raw(size)
+    return _coalesce(response.iter_raw(), size)
+
+
+def _coalesce(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
+    """The network's (<= 64 KiB) reads joined into chunks of at least ``size`` bytes.
+
+    One copy per byte; httpx's own ``iter_raw(size)`` copies each byte about
+    three times, holding the GIL that the layer scans need (issue 7: ~0.2 s of
+    an 851 MB image's pass 1).
+    """
+    parts: list[bytes] = []
+    have = 0
+    for chunk in chunks:
+        parts.append(chunk)
+        have += len(chunk)
+        if have >= size:
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
+            parts, have = [], 0
+    if parts:
+        yield b"".join(parts)
 
 
 def _prepend(response: httpx.Response, head: bytes, rest: Iterator[bytes]) -> httpx.Response:
