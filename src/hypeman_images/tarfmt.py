@@ -83,6 +83,12 @@ class Header:
 
 def _parse_number(field: bytes, what: str, where: str) -> int:
     """An octal (NUL/space padded) or GNU base-256 numeric field."""
+    # Fast path, nearly every field: octal digits, space-padded (int() strips
+    # whitespace) and NUL-terminated. Anything else raises and is read below.
+    try:
+        return int(field.rstrip(b"\0") or b"0", 8)
+    except ValueError:
+        pass
     if field and field[0] & 0x80:
         # GNU base-256: the first byte's top bit marks it; 0xff starts a negative number.
         value = int.from_bytes(field, "big") & ~(0x80 << (8 * (len(field) - 1)))
@@ -327,8 +333,9 @@ class TarReader:
 
     def _check_sum(self, block: bytes, ordinal: int) -> None:
         where = f"{self._where}, entry {ordinal}"
-        stored = _parse_number(block[148:156], "checksum", where)
-        unsigned = sum(block) - sum(block[148:156]) + 256  # the field counts as spaces
+        field = block[148:156]
+        stored = _parse_number(field, "checksum", where)
+        unsigned = sum(block) - sum(field) + 256  # the field counts as spaces
         if stored != unsigned:
             # Some historic writers summed signed chars; accept that form too.
             signed = unsigned - 2 * sum(b for b in block if b >= 128)
@@ -347,7 +354,7 @@ class TarReader:
         offset: int,
     ) -> Header:
         typeflag = block[156:157]
-        if typeflag == _GNU_SPARSE or any(k.startswith("GNU.sparse.") for k in pax):
+        if typeflag == _GNU_SPARSE or (pax and any(k.startswith("GNU.sparse.") for k in pax)):
             raise LayerError(f"{where}: sparse tar entries are not supported")
         if typeflag == _GNU_MULTIVOL:
             raise LayerError(f"{where}: multi-volume tar entries are not supported")
