@@ -102,3 +102,37 @@ def test_zstd_window_limit() -> None:
     blob = cobj.compress(DATA) + cobj.flush()  # the frame keeps its 256 MiB window
     with pytest.raises(LayerError, match="sha256:feed"):
         read(blob, ZS, zstd_max_window=1 << 20)
+
+
+class _Trickle(io.RawIOBase):
+    """A pipe-like source that hands over at most ``step`` bytes per read."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self._data, self._step, self.closed_by_reader = data, step, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        n = min(len(buffer), self._step, len(self._data))
+        buffer[:n] = self._data[:n]
+        self._data = self._data[n:]
+        return n
+
+    def close(self) -> None:
+        self.closed_by_reader = True
+        super().close()
+
+
+@pytest.mark.parametrize("step", [1, 3, 4, 1 << 16])
+@pytest.mark.parametrize(("media_type", "compress"), [(GZ, _gz), (ZS, _zs)], ids=["gzip", "zstd"])
+def test_sources_that_deliver_a_few_bytes_at_a_time(
+    step: int, media_type: str, compress: object
+) -> None:
+    # A download's chunks reach the scan through such a pipe: the magic bytes
+    # may arrive split across reads and must still be sniffed, and not lost.
+    assert callable(compress)
+    source = _Trickle(compress(DATA[:20_000]), step)
+    with open_decompressed(source, media_type, name="x") as s:  # type: ignore[arg-type]
+        assert s.read() == DATA[:20_000]
+    assert source.closed_by_reader

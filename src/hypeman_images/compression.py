@@ -254,16 +254,23 @@ def open_decompressed(
         if isinstance(source, (str, os.PathLike))
         else source
     )
-    head = raw.read(4)
+    # Sniff with peek() where the reader has one (a file opened by path), so the
+    # decoder reads the source directly; pipes and the like get a buffer that
+    # has. Only a first read shorter than 4 bytes needs the bytes put back.
+    buffered = raw if hasattr(raw, "peek") else cast(BinaryIO, io.BufferedReader(raw, 1 << 16))
+    head = cast(io.BufferedReader, buffered).peek(4)[:4]
+    stream = buffered
+    if len(head) < 4:
+        head = buffered.read(4)
+        stream = cast(BinaryIO, io.BufferedReader(_Prefixed(head, buffered), 1 << 16))
     actual = sniff(head)
     if actual != compression:
-        raw.close()
+        stream.close()
         raise LayerError(
             f"layer {name}: media type {media_type} says {compression} but the content is "
             f"{actual if actual != 'none' else 'not compressed (or unknown)'}; "
             "the image was pushed with a wrong mediaType"
         )
-    stream = cast(BinaryIO, io.BufferedReader(_Prefixed(head, raw), 1 << 16))
     inner: BinaryIO
     if compression == "gzip":
         inner = cast(BinaryIO, igzip_threaded.open(stream, "rb", threads=threads))  # type: ignore[no-untyped-call]
