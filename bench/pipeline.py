@@ -354,6 +354,7 @@ def _floor(pushed: Pushed, cache: Path, work: Path, out: InProcess) -> None:
         free_space=FREE_SPACE,
         mke2fs=tools,
         xattr_fixups=[(f.path, f.name, f.value) for f in tree.xattr_fixups],
+        compute_sha256=False,  # as a pull without --disk-digest
     )
     out.floor_build_disk_s = time.perf_counter() - started
     (work / "floor2.ext4").unlink()
@@ -418,11 +419,13 @@ def report(results: list[ImageResult], dropped: bool, runs: int) -> str:
         f"medians of {runs} run{'s' if runs > 1 else ''}",
         "RSS: reference = its largest process; ours = the hypeman-images process, (mke2fs) = "
         "the largest of its tree. written: bytes its processes dirtied for the disk "
-        "(rusage oublock). disk: what its outputs occupy at the end (its high-water mark).",
+        "(rusage oublock). disk: what its outputs occupy at the end (its high-water mark). "
+        "CPU: user + system seconds of its processes (the registry's not counted).",
         "",
     ]
     head = (
-        f"{'image':<8} {'reference':>10} {'ours':>8} {'ratio':>6} {'ref RSS':>9} {'our RSS':>9} "
+        f"{'image':<8} {'reference':>10} {'ours':>8} {'ratio':>6} {'ref CPU':>8} {'our CPU':>8} "
+        f"{'ref RSS':>9} {'our RSS':>9} "
         f"{'(mke2fs)':>9} {'ref written':>12} {'our written':>12} {'ref disk':>10} "
         f"{'our disk':>10}"
     )
@@ -431,6 +434,7 @@ def report(results: list[ImageResult], dropped: bool, runs: int) -> str:
         ref_s, our_s = _med(r.reference, "seconds"), _med(r.ours, "seconds")
         lines.append(
             f"{r.name:<8} {ref_s:>9.2f}s {our_s:>7.2f}s {ref_s / our_s:>5.1f}x "
+            f"{_med(r.reference, 'cpu'):>7.2f}s {_med(r.ours, 'cpu'):>7.2f}s "
             f"{_med(r.reference, 'max_rss') / 2**20:>6.0f}MiB "
             f"{measure.median([m.python_rss for m in r.ours]) / 2**20:>6.0f}MiB "
             f"{_med(r.ours, 'max_rss') / 2**20:>6.0f}MiB "
