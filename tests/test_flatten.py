@@ -26,7 +26,7 @@ from support.tar import TarEntry, build_tar, file, hardlink, opaque, symlink, wh
 
 from hypeman_images import tarfmt
 from hypeman_images.errors import LayerError, LimitExceeded
-from hypeman_images.flatten import Limits, Tree, merge, scan_layer, write_tar
+from hypeman_images.flatten import Limits, Merger, Tree, merge, scan_layer, write_tar
 
 GOLDEN = Path(__file__).parent / "golden" / "flatten"
 
@@ -323,3 +323,27 @@ def test_mke2fs_keeps_capability_and_fixups_cover_the_rest(tmp_path: Path) -> No
         (b"/u", "trusted.t", b"\xfe"),
         (b"/dir", "user.d", b"v"),
     }
+
+
+def test_merger_takes_layers_in_order_and_matches_merge() -> None:
+    layers = [
+        [d("a"), file("a/x", b"1")],
+        [whiteout("a/x"), file("a/y", b"2")],
+    ]
+    scans = [scan_layer(io.BytesIO(build_tar(entries)), i) for i, entries in enumerate(layers)]
+    merger = Merger()
+    with pytest.raises(ValueError, match="not in order"):
+        merger.add(scans[1])
+    for scan in scans:
+        merger.add(scan)
+    assert merger.tree() == merge(scans)
+    assert [n.primary for n in merger.tree().files] == [b"a/y"]
+
+
+def test_merger_refuses_the_layer_that_crosses_an_image_limit() -> None:
+    one = scan_layer(io.BytesIO(build_tar([file(f"f{i}") for i in range(3)])), 0)
+    two = scan_layer(io.BytesIO(build_tar([file(f"g{i}") for i in range(3)])), 1)
+    merger = Merger(Limits(max_entries=4))
+    merger.add(one)
+    with pytest.raises(LimitExceeded, match=r"at least 6 entries \(counted up to layer 1\)"):
+        merger.add(two)

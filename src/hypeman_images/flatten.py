@@ -685,22 +685,55 @@ def _dir_entry(path: bytes, node: _Dir) -> Entry:
 
 def merge(scans: Sequence[LayerScan], limits: Limits | None = None) -> Tree:
     """Apply the scans bottom-up (``scans[0]`` is the base layer) and plan the output."""
-    limits = limits or Limits()
-    total_entries = sum(len(s.entries) for s in scans)
-    if total_entries > limits.max_entries:
-        raise LimitExceeded(
-            f"image has {total_entries} entries, over Limits.max_entries={limits.max_entries}"
-        )
-    total_bytes = sum(s.size for s in scans)
-    if total_bytes > limits.max_image_bytes:
-        raise LimitExceeded(
-            f"image is {total_bytes} bytes uncompressed, over Limits.max_image_bytes="
-            f"{limits.max_image_bytes}"
-        )
-    builder = _Builder(limits)
+    merger = Merger(limits)
     for scan in scans:
-        builder.apply(scan)
+        merger.add(scan)
+    return merger.tree()
 
+
+class Merger:
+    """:func:`merge` a layer at a time, bottom first, as the scans come in.
+
+    Pass 1 scans layers in parallel and they finish in any order; applying
+    each as soon as the ones below it are in leaves only the last layer and
+    the planning after the last scan (issue 7). The image-wide limits are
+    checked before each layer is applied, so a layer that pushes the image
+    over one is refused before any work is spent on it.
+    """
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self._builder = _Builder(self.limits)
+        self._entries = 0
+        self._bytes = 0
+        self.layers = 0  # how many have been added: the next one's index
+
+    def add(self, scan: LayerScan) -> None:
+        """Apply ``scan``, which must be layer number :attr:`layers` of the image."""
+        if scan.index != self.layers:
+            raise ValueError(f"layer {scan.index} added after {self.layers} layers, not in order")
+        limits = self.limits
+        self._entries += len(scan.entries)
+        if self._entries > limits.max_entries:
+            raise LimitExceeded(
+                f"image has at least {self._entries} entries (counted up to layer "
+                f"{scan.index}), over Limits.max_entries={limits.max_entries}"
+            )
+        self._bytes += scan.size
+        if self._bytes > limits.max_image_bytes:
+            raise LimitExceeded(
+                f"image is at least {self._bytes} bytes uncompressed (counted up to layer "
+                f"{scan.index}), over Limits.max_image_bytes={limits.max_image_bytes}"
+            )
+        self._builder.apply(scan)
+        self.layers += 1
+
+    def tree(self) -> Tree:
+        """The merged tree of the layers added so far, planned for output."""
+        return _plan(self._builder)
+
+
+def _plan(builder: _Builder) -> Tree:
     directories: list[Node] = []
     paths_of: dict[int, list[bytes]] = {}
     inodes: dict[int, _Inode] = {}
