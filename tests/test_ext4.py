@@ -167,6 +167,30 @@ def tree(image: Path) -> dict[str, Node]:
     return out
 
 
+def test_an_unchanged_mke2fs_is_probed_once_a_replaced_one_again(tmp_path: Path) -> None:
+    # A copy of the real mke2fs behind a wrapper that counts its runs.
+    real = shutil.which("mke2fs") or "/sbin/mke2fs"
+    runs = tmp_path / "runs"
+    wrapper = tmp_path / "mke2fs"
+    for tool in ("debugfs", "e2fsck", "dumpe2fs"):
+        (tmp_path / tool).symlink_to(shutil.which(tool) or f"/sbin/{tool}")
+    wrapper.write_text(f'#!/bin/sh\necho run >> {runs}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    first = find_e2fsprogs(wrapper)
+    assert first.tar_input
+    probes = len(runs.read_text().splitlines())
+    assert probes >= 1
+    assert find_e2fsprogs(wrapper) is first
+    assert len(runs.read_text().splitlines()) == probes
+    # apt replacing the binary gives it a new inode and times: probe again.
+    replacement = tmp_path / "mke2fs.new"
+    replacement.write_text(wrapper.read_text() + "# upgraded\n")
+    replacement.chmod(0o755)
+    replacement.rename(wrapper)
+    assert find_e2fsprogs(wrapper) is not first
+    assert len(runs.read_text().splitlines()) == 2 * probes
+
+
 # ---------------------------------------------------------------- fixtures
 
 

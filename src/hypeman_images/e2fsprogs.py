@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,15 @@ def _probe_tar_input(mke2fs: Path, env: Mapping[str, str]) -> str | None:
     return f"{mke2fs} failed to read a tar from stdin: {said}"
 
 
+# What find_e2fsprogs learnt, by installation: the probe costs two process
+# runs (~50 ms), which every build paid (issue 7). The key includes the
+# binary's inode, size and times, so an upgraded or replaced mke2fs is probed
+# again; a mke2fs that cannot read tar is never remembered (installing
+# libarchive fixes it without a restart).
+_found: dict[tuple[object, ...], E2fsprogs] = {}
+_found_lock = threading.Lock()
+
+
 def find_e2fsprogs(
     mke2fs: str | Path = "mke2fs", *, env: Mapping[str, str] | None = None
 ) -> E2fsprogs:
@@ -148,10 +158,33 @@ def find_e2fsprogs(
 
     ``debugfs``, ``e2fsck`` and ``dumpe2fs`` are taken from mke2fs's own
     directory first, so an unpacked copy of another release is used whole.
-    Raises :class:`ToolError` when a tool is missing or does not run.
+    Raises :class:`ToolError` when a tool is missing or does not run. The
+    answer for an unchanged installation is remembered for the process.
     """
     extra = dict(env or {})
     mke2fs_path = _locate(mke2fs)
+    try:
+        st = mke2fs_path.stat()
+    except OSError as exc:
+        raise ToolError(f"cannot run {mke2fs_path}: {exc.strerror}") from exc
+    key = (
+        mke2fs_path,
+        (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
+        tuple(sorted(extra.items())),
+        os.environ.get("PATH", ""),
+    )
+    with _found_lock:
+        known = _found.get(key)
+    if known is not None:
+        return known
+    tools = _probe(mke2fs_path, extra)
+    if tools.tar_input:
+        with _found_lock:
+            _found[key] = tools
+    return tools
+
+
+def _probe(mke2fs_path: Path, extra: dict[str, str]) -> E2fsprogs:
     near = mke2fs_path.parent
     probe_env = {"PATH": os.environ.get("PATH", ""), "LC_ALL": "C", **extra}
     version, release = _run_version(mke2fs_path, probe_env)
