@@ -95,6 +95,7 @@ def test_kill_mid_stage_then_restart_finishes(
     layer = alpine_ref.image.manifest_digest, alpine_ref.image.config_digest
     blobs = {f"cache/blobs/sha256/{d[7:]}" for d in layer}
     blobs |= {f"cache/blobs/sha256/{d.digest[7:]}" for d in alpine_ref.image.layers}
+    blobs |= {f"cache/scans/sha256/{d.digest[7:]}" for d in alpine_ref.image.layers}
     build = directory.relative_to(data_dir).as_posix()
     assert every_file(data_dir) == blobs | {
         "cache/index.json",

@@ -3,7 +3,8 @@
 Each layer is decompressed twice at most: once to scan its headers (and check
 its diff_id), once to copy the bodies that survive into mke2fs's stdin. The
 scan can run during the download, as a tap of :func:`pull.pull`
-(:class:`LayerScans`), so that only the second pass follows it (issue 7).
+(:class:`LayerScans`), so that only the second pass follows it (issue 7), and
+is kept by blob digest (:mod:`scancache`), so a blob is scanned only once.
 Nothing of the image touches the host filesystem but the disk itself.
 """
 
@@ -23,10 +24,12 @@ from typing import BinaryIO
 from .blobs import BlobStore
 from .compression import open_decompressed
 from .config import BuildOptions
+from .digest import Digest
 from .e2fsprogs import E2fsprogs, find_e2fsprogs
 from .ext4 import SizeInputs, build_disk
 from .flatten import LayerScan, Limits, Tree, TreeStats, merge, scan_layer, write_tar
 from .pull import PulledImage
+from .scancache import ScanCache
 from .spec import Descriptor
 
 log = logging.getLogger(__name__)
@@ -59,11 +62,17 @@ def size_inputs(stats: TreeStats) -> SizeInputs:
 
 
 class LayerScans:
-    """Pass 1 as a :class:`pull.LayerTap`: each layer scanned while its bytes arrive.
+    """Pass 1's results for one pull: from the scan cache, the download, or the cached blob.
 
-    Give it to ``pull(..., tap=scans)``, then to :func:`convert`, which scans
-    only the layers missing here (a tap that failed, a blob listed twice) and
-    checks every diff_id as before. Use one instance per pull.
+    Give it to ``pull(..., tap=scans)`` (it is a :class:`pull.LayerTap`), then to
+    :func:`convert`. Before a layer is tapped, :meth:`wants` looks its blob up
+    in ``cache`` (:class:`scancache.ScanCache`): a layer scanned before is
+    neither tapped nor read again (the pull of the 851 MB image over cached
+    blobs, pass 1 included, takes 0.12 s instead of 1.5 s). The others are
+    scanned while their bytes
+    arrive; :func:`scan_layers` scans what is still missing (a tap that failed,
+    a blob listed twice) from the cached blob, checks every diff_id, and only
+    then saves new scans to the cache. Use one instance per pull.
 
     The scans run in threads of this process. A child process per layer (a
     GIL of its own) was tried for issue 7 and did not pay: the download (and,
@@ -72,10 +81,24 @@ class LayerScans:
     (2.0-2.2 s either way on the 851 MB, 4-layer image).
     """
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, cache: ScanCache | None = None) -> None:
         self.limits = limits or Limits()
+        self.cache = cache
         self._scans: dict[int, LayerScan] = {}
+        self._in_cache: set[Digest] = set()  # blobs whose scan the cache holds already
         self._lock = threading.Lock()
+
+    def wants(self, index: int, layer: Descriptor) -> bool:
+        """Must pass 1 read this layer? Not if the scan cache has its blob (kept here then)."""
+        if self.cache is None:
+            return True
+        scan = self.cache.load(layer, index, self.limits)
+        if scan is None:
+            return True
+        with self._lock:
+            self._scans[index] = scan
+            self._in_cache.add(layer.digest)
+        return False
 
     def __call__(self, index: int, layer: Descriptor, stream: BinaryIO) -> None:
         with _decompressed(stream, layer) as raw:
@@ -84,9 +107,25 @@ class LayerScans:
             self._scans[index] = scan
 
     def get(self, index: int) -> LayerScan | None:
-        """The scan of layer ``index``, if the tap made one."""
+        """The scan of layer ``index``, if the tap made one or the cache had it."""
         with self._lock:
             return self._scans.get(index)
+
+    def verified(self, index: int, layer: Descriptor, diff_id: Digest) -> LayerScan:
+        """Layer ``index``'s scan, checked against the config's ``diff_id``; new ones saved.
+
+        Raises :class:`LayerError` on a mismatch, and saves nothing then: only a
+        scan whose diff_id matched an image config reaches the scan cache.
+        """
+        scan = self.get(index)
+        assert scan is not None, f"layer {index} was never scanned"
+        scan.check_diff_id(diff_id)
+        with self._lock:
+            new = layer.digest not in self._in_cache
+            self._in_cache.add(layer.digest)
+        if new and self.cache is not None:
+            self.cache.save(layer, scan, self.limits)
+        return scan
 
     def clear(self) -> None:
         """Drop the scans (once merged): the tree keeps only the entries that survive."""
@@ -94,22 +133,19 @@ class LayerScans:
             self._scans.clear()
 
 
-def scan_layers(
-    pulled: PulledImage, blobs: BlobStore, limits: Limits, done: LayerScans | None = None
-) -> list[LayerScan]:
+def scan_layers(pulled: PulledImage, blobs: BlobStore, done: LayerScans) -> list[LayerScan]:
     """Pass 1: every layer's headers, each checked against the config's diff_id.
 
-    Layers ``done`` already scanned (during the download) are not read again.
+    Layers ``done`` has (scanned during the download, or found in its scan
+    cache) are not read again; the others are scanned from the cached blob
+    under ``done.limits``.
     """
     scans = []
     layers = pulled.resolved.manifest.layers
     for index, (layer, diff_id) in enumerate(zip(layers, pulled.config.diff_ids, strict=True)):
-        scan = done.get(index) if done is not None else None
-        if scan is None:
-            with _open_layer(blobs, layer) as stream:
-                scan = scan_layer(stream, index, name=str(layer.digest), limits=limits)
-        scan.check_diff_id(diff_id)
-        scans.append(scan)
+        if done.get(index) is None and done.wants(index, layer):
+            done(index, layer, blobs.open(layer.digest))
+        scans.append(done.verified(index, layer, diff_id))
     return scans
 
 
@@ -117,10 +153,6 @@ def _decompressed(source: BinaryIO | Path, layer: Descriptor, threads: int = 0) 
     # threads=0 for pass 1: inflating inline is faster than a helper thread
     # there; the other core is busy with another layer or the download.
     return open_decompressed(source, layer.media_type, name=str(layer.digest), threads=threads)
-
-
-def _open_layer(blobs: BlobStore, layer: Descriptor) -> BinaryIO:
-    return _decompressed(blobs.path(layer.digest), layer)
 
 
 def _open_layer_to_emit(blobs: BlobStore, layer: Descriptor) -> BinaryIO:
@@ -194,18 +226,20 @@ def convert(
 ) -> DiskInfo:
     """Make ``dest`` from the pulled image's cached layers; atomically, or not at all.
 
-    ``scans``: pass 1 already done during the pull (see :class:`LayerScans`).
+    ``scans``: pass 1 already done during the pull, or found in the scan cache
+    (see :class:`LayerScans`); what it lacks is scanned under its limits.
     """
     limits = limits or (scans.limits if scans is not None else Limits())
+    if scans is None:
+        scans = LayerScans(limits)
     tools = tools or find_e2fsprogs(options.mke2fs or "mke2fs")
     timings: dict[str, float] = {}
 
     t0 = time.monotonic()
-    layer_scans = scan_layers(pulled, blobs, limits, scans)
+    layer_scans = scan_layers(pulled, blobs, scans)
     tree: Tree = merge(layer_scans, limits)
     del layer_scans
-    if scans is not None:
-        scans.clear()
+    scans.clear()
     timings["flatten_scan_s"] = time.monotonic() - t0
     layers = pulled.resolved.manifest.layers
     total = max(1, tree.stats.regular_bytes)

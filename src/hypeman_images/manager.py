@@ -44,6 +44,7 @@ from .progress import Reporter
 from .pull import ResolvedImage, resolve
 from .reference import Reference, parse_reference
 from .registry import RegistryClient
+from .scancache import ScanCache
 from .spec import Platform
 from .store import DISK_NAME, ImageRecord, ImageStatus, ImageStore, StoredImage
 
@@ -71,11 +72,12 @@ class Builder(Protocol):
 
 @dataclass(frozen=True)
 class GcReport:
-    """What ``gc`` removed."""
+    """What ``gc`` removed; ``bytes_freed`` counts blobs, build dirs, scans and temp files."""
 
     blobs_removed: int
     bytes_freed: int
     directories_removed: int = 0
+    scans_removed: int = 0
 
 
 @dataclass(frozen=True)
@@ -276,7 +278,14 @@ class ImageManager:
             remove_dangling_tags(self.store.root)
             freed += self.store.sweep()
             result = self.blobs.gc(keep)
-        return GcReport(result.blobs_removed, result.bytes_freed + freed, removed_dirs)
+            # After the blobs: a scan whose blob just went goes too.
+            scans_removed, scans_freed = ScanCache.beside(self.blobs).gc(self.blobs)
+        return GcReport(
+            result.blobs_removed,
+            result.bytes_freed + freed + scans_freed,
+            removed_dirs,
+            scans_removed,
+        )
 
     def recover(self) -> RecoveryReport:
         """Resume builds a crash interrupted and clean what it left; call once at start.
@@ -291,6 +300,7 @@ class ImageManager:
         retagged: list[str] = []
         with self._lock:
             freed = self.store.sweep() + self.blobs.sweep_ingest()
+            freed += ScanCache.beside(self.blobs).sweep()
             for stored in sorted(self.store.scan(), key=lambda s: s.record.created_at):
                 record = stored.record
                 with idle_lock(stored.directory) as free:

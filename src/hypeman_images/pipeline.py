@@ -23,6 +23,7 @@ from .progress import Reporter
 from .pull import PulledImage, ResolvedImage, pull
 from .reference import Reference
 from .registry import RegistryClient
+from .scancache import ScanCache
 from .store import DISK_NAME, ImageRecord, ImageStatus, ImageStore, StoredImage, now
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,9 @@ def build_resolved(
         try:
             reporter.stage("pulling", f"{ref.familiar()} ({digest.short})")
             t0 = time.monotonic()
-            # Pass 1 of flatten runs on each layer while it downloads (issue 7).
-            scans = convert.LayerScans(options.limits)
+            # Pass 1 of flatten runs on each layer while it downloads (issue 7),
+            # unless the scan cache beside the blobs has that layer's scan.
+            scans = convert.LayerScans(options.limits, ScanCache.beside(blobs))
             pulled = pull(client, blobs, resolved, reporter, tap=scans)
             stats.download_s = time.monotonic() - t0
             stats.downloaded_bytes = pulled.downloaded_bytes

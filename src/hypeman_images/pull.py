@@ -9,7 +9,8 @@ A *tap* (``pull(..., tap=...)``) sees every layer's compressed bytes while
 they arrive -- a tee from the download, in its own thread -- or, for a layer
 already cached (or downloaded while every tap worker was busy), reads the
 cached blob, so that the flattener's first pass overlaps with the downloads
-instead of following them (issue 7). The tap is
+instead of following them (issue 7). A layer the tap does not want (its scan
+is known already) is not tapped at all. The tap is
 an optimisation only: what it makes is used after the pull verified every
 digest, and if it fails, the caller does that work again from the cache.
 """
@@ -61,6 +62,10 @@ class LayerTap(Protocol):
     ``stream`` ends at the blob's end; reading it fails if the download does.
     The tap must close it (closing early is fine: the download goes on).
     """
+
+    def wants(self, index: int, layer: Descriptor) -> bool:
+        """Asked once per distinct layer, before its download: False leaves it untapped."""
+        ...
 
     def __call__(self, index: int, layer: Descriptor, stream: BinaryIO) -> None: ...
 
@@ -187,8 +192,8 @@ def pull(
 ) -> PulledImage:
     """Copy the config and every layer of ``resolved`` into ``blobs``; parse the config.
 
-    ``tap``, if given, is run once for each distinct layer, on the bytes as they
-    download or on the cached blob (see :class:`LayerTap`); it runs while the
+    ``tap``, if given, is run once for each distinct layer it wants, on the bytes
+    as they download or on the cached blob (see :class:`LayerTap`); it runs while the
     pull goes on, and the pull returns only once every tap has returned. Taps'
     exceptions are logged, never raised: the pull's own errors are the ones
     that count.
@@ -256,9 +261,10 @@ def pull(
 
     def fetch(index: int) -> int:
         layer = manifest.layers[index]
+        tapped = tap is not None and tap.wants(index, layer)
         if blobs.has(layer.digest):
             progress.start(layer.digest, layer.size, cached=True)
-            if tap is not None:
+            if tapped:
                 start_tap(index, layer, lambda: blobs.open(layer.digest), only_if_idle=False)
             progress.done(layer.digest)
             return -1
@@ -271,7 +277,7 @@ def pull(
         progress.start(layer.digest, layer.size, cached=False)
         pipe = None
         # A tee only into a tap that runs now: a queued one would stall the download.
-        if tap is not None:
+        if tapped:
             tee = _ChunkPipe()
             if start_tap(index, layer, lambda: cast(BinaryIO, tee), only_if_idle=True):
                 pipe = tee
@@ -282,7 +288,7 @@ def pull(
             if pipe is not None:
                 pipe.fail(exc)
             raise
-        if tap is not None and pipe is None:
+        if tapped and pipe is None:
             start_tap(index, layer, lambda: blobs.open(layer.digest), only_if_idle=False)
         progress.done(layer.digest)
         return layer.size

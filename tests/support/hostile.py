@@ -556,7 +556,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
 
 
 _IMAGE_FILES = {"metadata.json", ".lock", "rootfs.ext4"}
-_CACHE_TOP = {"oci-layout", "index.json", ".lock", "blobs", "ingest"}
+_CACHE_TOP = {"oci-layout", "index.json", ".lock", "blobs", "ingest", "scans"}
 _COMPONENT = re.compile(r"[a-z0-9][a-z0-9._-]*|[0-9a-zA-Z.-]+:[0-9]+|\[[0-9a-fA-F:.]+\](:[0-9]+)?")
 
 
@@ -571,9 +571,10 @@ def unexpected_paths(data_dir: Path) -> list[str]:
         if parts[0] == "cache":
             if len(parts) == 2 and parts[1] in _CACHE_TOP:
                 continue
-            if parts[1:] == ("blobs", "sha256"):
+            if parts[1:] in (("blobs", "sha256"), ("scans", "sha256")):
                 continue
-            if len(parts) == 4 and parts[1:3] == ("blobs", "sha256") and HEX64.fullmatch(parts[3]):
+            in_cache = parts[1:3] in (("blobs", "sha256"), ("scans", "sha256"))
+            if len(parts) == 4 and in_cache and HEX64.fullmatch(parts[3]):
                 continue
             bad.append(str(rel))
         elif parts[0] == "images":
