@@ -149,16 +149,6 @@ def test_every_entry_field_and_kind_is_recorded() -> None:
     assert len(scancache.KIND_CODES) == len(set(scancache.KIND_CODES))
 
 
-def test_entries_are_made_as_entry_makes_them() -> None:
-    """The loader's fast constructor is in use, and gives what Entry(...) gives."""
-    assert scancache._SETTERS is not None, "Entry changed: see scancache._fast_entry"
-    args = (5, b"p", Kind.FILE, 0o755, 1, 2, -3, 4, b"t", 6, 7, (("user.x", b"\0"),), 8)
-    made, expected = scancache._fast_entry(*args), Entry(*args)
-    assert made == expected and hash(made) == hash(expected) and repr(made) == repr(expected)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        made.path = b"q"  # type: ignore[misc]
-
-
 def _with_version(data: bytes, version: int) -> bytes:
     return data[:8] + struct.pack("<I", version) + data[12:]
 

@@ -13,7 +13,7 @@ Files live in the blob cache but outside its OCI layout's ``blobs/``::
     <cache>/scans/sha256/<blob hex>
 
 The format is a versioned binary file that loads without running code (never
-pickle: the data dir may be less trusted than the code) and fast: 65-70 ms for
+pickle: the data dir may be less trusted than the code) and fast: ~90 ms for
 the 34,238 entries (3.3 MB in four files) of the benchmark's 851 MB image,
 whose pass 1 takes ~1.5-2 s, on a 2-vCPU VM.
 It is made of, after an 8-byte magic and three little-endian u32 -- format
@@ -46,7 +46,7 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,64 +101,6 @@ KIND_CODES = (
 )
 _CODE_OF_KIND = {kind: code for code, kind in enumerate(KIND_CODES)}
 _ENDS = (b"/", b"\0")  # what ends a path segment in the NUL-framed path region
-
-
-def _slot_setters() -> tuple[Callable[[Entry, Any], None], ...] | None:
-    """Entry's slot setters, if setting them is all that ``Entry(...)`` does."""
-    if getattr(Entry, "__slots__", None) != ENTRY_FIELDS or hasattr(Entry, "__post_init__"):
-        return None
-    return tuple(Entry.__dict__[name].__set__ for name in ENTRY_FIELDS)
-
-
-_SETTERS = _slot_setters()
-
-
-def _fast_entry(
-    ordinal: int,
-    path: bytes,
-    kind: Kind,
-    mode: int,
-    uid: int,
-    gid: int,
-    mtime: int,
-    size: int,
-    target: bytes,
-    devmajor: int,
-    devminor: int,
-    xattrs: tuple[tuple[str, bytes], ...],
-    offset: int,
-    _new: Callable[[type[Entry]], Entry] = object.__new__,
-    _set: tuple[Callable[[Entry, Any], None], ...] = _SETTERS or (),
-) -> Entry:
-    """``Entry(...)``: same arguments, an equal (and as frozen) object, made faster.
-
-    A frozen dataclass's ``__init__`` sets each field through
-    ``object.__setattr__``; setting the slots through their descriptors skips
-    the name lookups. Making the entries is most of a load: the benchmark
-    image's four scan files load in 85-93 ms with ``Entry(...)``, 65-70 ms so.
-    Used only while Entry is slotted on exactly ENTRY_FIELDS and has no
-    ``__post_init__`` (checked at import; a test holds both).
-    """
-    e = _new(Entry)
-    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12 = _set
-    s0(e, ordinal)
-    s1(e, path)
-    s2(e, kind)
-    s3(e, mode)
-    s4(e, uid)
-    s5(e, gid)
-    s6(e, mtime)
-    s7(e, size)
-    s8(e, target)
-    s9(e, devmajor)
-    s10(e, devminor)
-    s11(e, xattrs)
-    s12(e, offset)
-    return e
-
-
-# Positional, in ENTRY_FIELDS order (a test holds it to Entry's).
-_new_entry: Callable[..., Entry] = _fast_entry if _SETTERS is not None else Entry
 
 
 class _Invalid(Exception):
@@ -276,7 +218,7 @@ def _entries(
         if n:
             xattrs, at = _xattrs(xattr_data, at, n)
         append(
-            _new_entry(
+            Entry(
                 ordinal,
                 path,
                 kind,
