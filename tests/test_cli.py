@@ -82,11 +82,14 @@ def test_pull_piped_is_plain_and_json_everywhere(alpine_ref: PushedImage, data_d
     assert "status:" in human and "PATH=" in human
 
     gc = json.loads(run("gc", *d, "--json").stdout)
-    assert set(gc) == {"blobs_removed", "directories_removed", "bytes_freed"}
+    assert set(gc) == {"blobs_removed", "directories_removed", "scans_removed", "bytes_freed"}
 
     removed = json.loads(run("rm", *d, "--json", alpine_ref.ref).stdout)
     assert removed == {"removed": [alpine_ref.ref, alpine_ref.digest_ref]}
     assert json.loads(run("list", *d, "--json").stdout) == []
+    # The image is gone: its layer blob goes, and the layer's scan with it.
+    gc = json.loads(run("gc", *d, "--json").stdout)
+    assert gc["blobs_removed"] >= 1 and gc["scans_removed"] == 1, gc
 
 
 @pytest.mark.parametrize(

@@ -469,13 +469,15 @@ def _gc(args: argparse.Namespace) -> int:
             {
                 "blobs_removed": report.blobs_removed,
                 "directories_removed": report.directories_removed,
+                "scans_removed": report.scans_removed,
                 "bytes_freed": report.bytes_freed,
             }
         )
     else:
         print(
-            f"removed {report.blobs_removed} blobs and {report.directories_removed} build "
-            f"directories, freed {human_size(report.bytes_freed)}"
+            f"removed {report.blobs_removed} blobs, {report.directories_removed} build "
+            f"directories and {report.scans_removed} layer scans, freed "
+            f"{human_size(report.bytes_freed)}"
         )
     return 0
 
