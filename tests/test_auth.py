@@ -12,6 +12,7 @@ import datetime
 import json
 import re
 import secrets
+import ssl
 import subprocess
 import threading
 import time
@@ -29,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from support.images import make_image, make_layer, push_image
-from support.registry import RegistryServer, start_registry
+from support.registry import RegistryServer, self_signed_cert, start_registry
 
 from hypeman_images.auth import Challenge, TokenCache, parse_challenges
 from hypeman_images.credentials import (
@@ -293,9 +294,12 @@ ISSUER = "test-token-issuer"
 
 class TokenServer:
     """A distribution token server on 127.0.0.1: anonymous pulls of public repos,
-    ``alice`` pulls of everything; counts the tokens it issues."""
+    ``alice`` pulls of everything; counts the tokens it issues. Over HTTPS with
+    ``tls`` (certificate, key)."""
 
-    def __init__(self, tmp: Path, *, expires_in: int = 300) -> None:
+    def __init__(
+        self, tmp: Path, *, expires_in: int = 300, tls: tuple[Path, Path] | None = None
+    ) -> None:
         self.expires_in = expires_in
         self.requests: list[tuple[str | None, str]] = []  # (user, scope)
         self.key = ec.generate_private_key(ec.SECP256R1())
@@ -324,7 +328,13 @@ class TokenServer:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.realm = f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
+        scheme = "http"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+            scheme = "https"
+        self.realm = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/token"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
@@ -390,8 +400,18 @@ class TokenRegistry:
 
 @pytest.fixture(scope="module")
 def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRegistry]:
-    tmp = tmp_path_factory.mktemp("token-registry")
-    tokens = TokenServer(tmp)
+    yield from _token_registry(tmp_path_factory.mktemp("token-registry"), tls=False)
+
+
+@pytest.fixture(scope="module")
+def https_token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRegistry]:
+    """The same over HTTPS (registry and token server) with a self-signed certificate."""
+    yield from _token_registry(tmp_path_factory.mktemp("https-token-registry"), tls=True)
+
+
+def _token_registry(tmp: Path, *, tls: bool) -> Iterator[TokenRegistry]:
+    cert = self_signed_cert(tmp) if tls else None
+    tokens = TokenServer(tmp, tls=cert)
     auth = {
         "token": {
             "realm": tokens.realm,
@@ -401,7 +421,7 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRe
         }
     }
     try:
-        with start_registry(tmp, auth=auth) as server:
+        with start_registry(tmp, auth=auth, tls=cert) as server:
             admin = tokens.mint(
                 [
                     {"type": "repository", "name": repo, "actions": ["pull", "push"]}
@@ -409,7 +429,8 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRe
                 ]
             )
             image = make_image([make_layer(b"\1" * 4096, "gzip")])
-            with httpx.Client(headers={"Authorization": f"Bearer {admin}"}) as pusher:
+            headers = {"Authorization": f"Bearer {admin}"}
+            with httpx.Client(headers=headers, verify=False) as pusher:
                 for repo in (PUBLIC_REPO, PRIVATE_REPO):
                     push_image(server.url, repo, "v1", image, client=pusher)
             tokens.requests.clear()
@@ -499,6 +520,26 @@ def test_token_reused_until_expiry_then_refreshed(token_registry: TokenRegistry)
         now[0] += token_registry.tokens.expires_in
         client.get_manifest(token_registry.public)
     assert len(token_registry.tokens.requests) == 2
+
+
+def test_token_auth_over_https_to_an_insecure_registry(
+    https_token_registry: TokenRegistry, tmp_path: Path
+) -> None:
+    # Neither certificate is trusted: the registry is marked insecure, and the
+    # realm is on loopback (insecure by default), so neither is verified.
+    registry = https_token_registry
+    assert registry.tokens.realm.startswith("https://127.0.0.1:")
+    host = registry.server.host
+    config = RegistryConfig(backoff_base=0.0, insecure_registries=frozenset({host}))
+    credentials = _docker_config(tmp_path, host, "alice", "wonderland")
+    registry.tokens.requests.clear()
+    with RegistryClient(credentials=credentials, config=config) as client:
+        _pull(client, registry.private)
+        _pull(client, registry.public)
+    assert registry.tokens.requests == [
+        ("alice", f"repository:{PRIVATE_REPO}:pull"),
+        ("alice", f"repository:{PUBLIC_REPO}:pull"),
+    ]
 
 
 # -- basic auth (htpasswd) ---------------------------------------------------------------

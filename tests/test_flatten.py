@@ -347,3 +347,36 @@ def test_merger_refuses_the_layer_that_crosses_an_image_limit() -> None:
     merger.add(one)
     with pytest.raises(LimitExceeded, match=r"at least 6 entries \(counted up to layer 1\)"):
         merger.add(two)
+
+
+def test_pull_scans_merge_as_they_arrive_out_of_order() -> None:
+    # convert.LayerScans is the pull's tap: layers finish in any order and are
+    # merged once every layer below them is in; the result is merge()'s.
+    import gzip
+
+    from hypeman_images.convert import LayerScans
+    from hypeman_images.digest import Digest
+    from hypeman_images.spec import Descriptor
+
+    layers = [
+        [d("a"), file("a/x", b"1"), file("a/z", b"3")],
+        [whiteout("a/x"), file("a/y", b"2")],
+        [opaque("a"), file("a/w", b"4")],
+    ]
+    blobs = [gzip.compress(build_tar(entries), mtime=0) for entries in layers]
+    descriptors = [
+        Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", Digest.of(b), len(b))
+        for b in blobs
+    ]
+    scans = LayerScans()
+    merged_after = []
+    for index in (2, 0, 1):
+        scans(index, descriptors[index], io.BytesIO(blobs[index]))
+        merged_after.append(scans._merger.layers)
+    assert merged_after == [0, 1, 3]  # layer 2 waits for 1; 1 brings both in
+    got = [scans.get(i) for i in range(3)]
+    assert all(got)
+    expected = merge([scan_layer(io.BytesIO(build_tar(e)), i) for i, e in enumerate(layers)])
+    tree = scans.merged([s for s in got if s is not None])
+    assert tree == expected
+    assert [n.primary for n in tree.files] == [b"a/w"]

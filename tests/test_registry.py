@@ -190,28 +190,54 @@ def _recording(
 
 
 @pytest.mark.parametrize(
-    ("registry", "config", "scheme"),
+    ("registry", "config", "asked"),
     [
-        pytest.param("127.0.0.1:5000", RegistryConfig(), "http", id="loopback-v4"),
-        pytest.param("localhost:5000", RegistryConfig(), "http", id="localhost"),
-        pytest.param("[::1]:5000", RegistryConfig(), "http", id="loopback-v6"),
-        pytest.param("registry.example", RegistryConfig(), "https", id="remote"),
+        pytest.param(
+            "127.0.0.1:5000",
+            RegistryConfig(),
+            ["https /v2/", "https /v2/a/b/manifests/t"],
+            id="loopback-v4-probed",
+        ),
+        pytest.param(
+            "localhost:5000",
+            RegistryConfig(),
+            ["https /v2/", "https /v2/a/b/manifests/t"],
+            id="localhost",
+        ),
+        pytest.param(
+            "[::1]:5000",
+            RegistryConfig(),
+            ["https /v2/", "https /v2/a/b/manifests/t"],
+            id="loopback-v6",
+        ),
+        pytest.param(
+            "localhost:5000",
+            RegistryConfig(
+                registries={"localhost:5000": RegistrySettings("localhost:5000", False)}
+            ),
+            ["https /v2/a/b/manifests/t"],
+            id="loopback-secure",
+        ),
+        pytest.param(
+            "registry.example", RegistryConfig(), ["https /v2/a/b/manifests/t"], id="remote"
+        ),
         pytest.param(
             "build.lan:5000",
             RegistryConfig(insecure_registries=frozenset({"build.lan:5000"})),
-            "http",
+            ["https /v2/", "https /v2/a/b/manifests/t"],
             id="insecure-marked",
         ),
     ],
 )
-def test_scheme(registry: str, config: RegistryConfig, scheme: str) -> None:
-    # A mock: the point is which URL is asked for, and these hosts do not exist here.
+def test_scheme(registry: str, config: RegistryConfig, asked: list[str]) -> None:
+    # A mock that answers over "TLS": an insecure host is probed once, then spoken to
+    # over HTTPS; test_schemes has the fallback to plain HTTP and real servers.
     seen: list[httpx.Request] = []
     transport = _recording(lambda r: httpx.Response(404), seen)
     with RegistryClient(transport=transport, config=config) as c, pytest.raises(NotFound):
         c.get_manifest(Reference(registry, "a/b", "t"))
-    assert seen[0].url.scheme == scheme
-    assert seen[0].url.path == "/v2/a/b/manifests/t"
+    assert [f"{r.url.scheme} {r.url.path}" for r in seen] == asked
+    assert all(r.url.netloc.decode() == registry for r in seen)
 
 
 def test_docker_hub_goes_to_its_api_host() -> None:
@@ -240,7 +266,8 @@ def _sequence(*responses: httpx.Response) -> tuple[httpx.MockTransport, list[htt
     return httpx.MockTransport(handler), seen
 
 
-REF = Reference("127.0.0.1:5000", "test/app", "v1")
+# Not loopback: these mocks count requests, and a loopback host would be probed first.
+REF = Reference("registry.example:5000", "test/app", "v1")
 DOC = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}}).encode()
 
 
@@ -591,7 +618,7 @@ def test_tls_with_a_certs_d_directory(tls_registry: TLSRegistry, tmp_path: Path)
     host_dir.mkdir(parents=True)
     (host_dir / "ca.crt").write_bytes(tls_registry.ca_pem)
     config = RegistryConfig(backoff_base=0.0, certs_dirs=(tmp_path / "certs.d",))
-    assert config.scheme_for(tls_registry.server.host) == "https"
+    assert config.verifies_tls(tls_registry.server.host)  # loopback, but certs.d says verify
     with RegistryClient(config=config) as client:
         assert _manifest(client, tls_registry.ref).layers
 
@@ -686,22 +713,16 @@ def test_registries_conf(tmp_path: Path) -> None:
         Mirror("mirror2.example"),
     )
     assert config.certs_dirs == (tmp_path,)
-    assert [
-        config.scheme_for(h) for h in ("build.lan:5000", "mirror.lan:5000", "mirror2.example")
-    ] == [
-        "http",
-        "http",
-        "https",
-    ]
-    assert config.scheme_for("localhost:5000") == "https"
-    assert config.scheme_for("localhost:5001") == "http"
+    hosts = ("build.lan:5000", "mirror.lan:5000", "mirror2.example", "localhost:5000")
+    assert [config.verifies_tls(h) for h in hosts] == [False, False, True, True]
+    assert not config.verifies_tls("localhost:5001")
     client = RegistryClient(config=config)
-    endpoints = [(e.host, e.scheme) for e in client.endpoints(parse_reference("alpine"))]
+    endpoints = [(e.host, e.mirror) for e in client.endpoints(parse_reference("alpine"))]
     client.close()
     assert endpoints == [
-        ("mirror.lan:5000", "http"),
-        ("mirror2.example", "https"),
-        ("registry-1.docker.io", "https"),
+        ("mirror.lan:5000", True),
+        ("mirror2.example", True),
+        ("registry-1.docker.io", False),
     ]
 
 

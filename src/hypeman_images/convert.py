@@ -27,7 +27,7 @@ from .config import BuildOptions
 from .digest import Digest
 from .e2fsprogs import E2fsprogs, find_e2fsprogs
 from .ext4 import SizeInputs, build_disk
-from .flatten import LayerScan, Limits, Tree, TreeStats, merge, scan_layer, write_tar
+from .flatten import LayerScan, Limits, Merger, Tree, TreeStats, merge, scan_layer, write_tar
 from .pull import PulledImage
 from .scancache import ScanCache
 from .spec import Descriptor
@@ -74,6 +74,11 @@ class LayerScans:
     a blob listed twice) from the cached blob, checks every diff_id, and only
     then saves new scans to the cache. Use one instance per pull.
 
+    Scans are merged (:class:`flatten.Merger`) as soon as every layer below
+    them is in, in whichever thread delivered the last of them, so that after
+    the last scan only its own layer and the planning are left to do (issue 7:
+    ~0.1 s of the 851 MB image's 0.2 s merge came off the critical path).
+
     The scans run in threads of this process. A child process per layer (a
     GIL of its own) was tried for issue 7 and did not pay: the download (and,
     in the benchmark, the registry) already keep both cores ~85 % busy during
@@ -87,6 +92,9 @@ class LayerScans:
         self._scans: dict[int, LayerScan] = {}
         self._in_cache: set[Digest] = set()  # blobs whose scan the cache holds already
         self._lock = threading.Lock()
+        self._merger = Merger(self.limits)
+        self._merge_error: Exception | None = None
+        self._merge_lock = threading.Lock()  # one merging thread at a time, layers in order
 
     def wants(self, index: int, layer: Descriptor) -> bool:
         """Must pass 1 read this layer? Not if the scan cache has its blob (kept here then)."""
@@ -98,6 +106,7 @@ class LayerScans:
         with self._lock:
             self._scans[index] = scan
             self._in_cache.add(layer.digest)
+        self._merge_ready()
         return False
 
     def __call__(self, index: int, layer: Descriptor, stream: BinaryIO) -> None:
@@ -105,6 +114,28 @@ class LayerScans:
             scan = scan_layer(raw, index, name=str(layer.digest), limits=self.limits)
         with self._lock:
             self._scans[index] = scan
+        self._merge_ready()
+
+    def _merge_ready(self) -> None:
+        """Merge every scan whose layers below are all merged; keep the first error."""
+        with self._merge_lock:
+            while self._merge_error is None:
+                scan = self.get(self._merger.layers)
+                if scan is None:
+                    return
+                try:
+                    self._merger.add(scan)
+                except Exception as exc:  # raised by merged(), in the build's thread
+                    self._merge_error = exc
+
+    def merged(self, scans: list[LayerScan]) -> Tree:
+        """The tree of ``scans`` (every layer, verified): what is not merged yet is merged now."""
+        with self._merge_lock:
+            if self._merge_error is not None:
+                raise self._merge_error
+            for scan in scans[self._merger.layers :]:
+                self._merger.add(scan)
+            return self._merger.tree()
 
     def get(self, index: int) -> LayerScan | None:
         """The scan of layer ``index``, if the tap made one or the cache had it."""
@@ -237,7 +268,7 @@ def convert(
 
     t0 = time.monotonic()
     layer_scans = scan_layers(pulled, blobs, scans)
-    tree: Tree = merge(layer_scans, limits)
+    tree = scans.merged(layer_scans) if limits == scans.limits else merge(layer_scans, limits)
     del layer_scans
     scans.clear()
     timings["flatten_scan_s"] = time.monotonic() - t0

@@ -4,7 +4,7 @@
 fills its per-registry part from a TOML file shaped like a subset of
 containers-registries.conf(5) v2::
 
-    insecure-registries = ["build-box:5000"]      # plain HTTP allowed
+    insecure-registries = ["build-box:5000"]      # TLS unverified, plain HTTP allowed
     certs-dirs = ["/etc/hypeman/certs.d"]          # <dir>/<host:port>/ca.crt, client.cert/key
 
     [[registry]]
@@ -14,10 +14,13 @@ containers-registries.conf(5) v2::
     insecure = true
 
 A pull from ``docker.io`` then asks each mirror first, in order, and the
-origin last. Scheme choice (see :meth:`RegistryConfig.scheme_for`): HTTPS,
-except plain HTTP for loopback hosts and insecure-marked ones; a loopback
-host gets HTTPS when a certs.d directory exists for it or its ``[[registry]]``
-says ``insecure = false``.
+origin last. TLS (see :meth:`RegistryConfig.verifies_tls`): HTTPS with the
+certificate verified, except for insecure hosts: marked so, or on loopback
+unless their ``[[registry]]`` says ``insecure = false``. As with docker's
+``insecure-registries`` and registries.conf's ``insecure = true``, an insecure
+host is spoken to over HTTPS without certificate verification if it offers
+TLS, else over plain HTTP (:mod:`.schemes` decides). A certs.d directory for a
+host means verified HTTPS for it, insecure or not.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class RegistrySettings:
     """Per-registry settings from registries.conf."""
 
     location: str
-    # None: the default (plain HTTP only for loopback); False: always HTTPS.
+    # None: the default (insecure only on loopback); False: verified HTTPS, even on loopback.
     insecure: bool | None = None
     mirrors: tuple[Mirror, ...] = ()
 
@@ -90,9 +93,9 @@ class RegistryConfig:
         return settings.mirrors if settings else ()
 
     def is_insecure(self, host: str) -> bool:
-        """True if ``host`` may be spoken to over plain HTTP.
+        """True if ``host``'s certificate need not be verified and plain HTTP is allowed.
 
-        Loopback hosts may, unless registries.conf says ``insecure = false`` for them.
+        Loopback hosts are, unless registries.conf says ``insecure = false`` for them.
         """
         if host in self.insecure_registries:
             return True
@@ -111,11 +114,13 @@ class RegistryConfig:
                 return candidate
         return None
 
-    def scheme_for(self, host: str) -> str:
-        """``https``, or ``http`` for loopback/insecure hosts without a certs.d entry."""
-        if self.certs_dir_for(host) is not None:
-            return "https"
-        return "http" if self.is_insecure(host) else "https"
+    def verifies_tls(self, host: str) -> bool:
+        """True if ``host`` gets HTTPS with its certificate verified, and never plain HTTP.
+
+        False only for insecure hosts without a certs.d directory: those get
+        HTTPS without verification if they offer TLS, else plain HTTP.
+        """
+        return self.certs_dir_for(host) is not None or not self.is_insecure(host)
 
     def with_registries_conf(self, path: Path) -> RegistryConfig:
         """This config with the contents of a registries.conf-like TOML file added."""

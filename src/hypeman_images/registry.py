@@ -15,7 +15,8 @@ Manifests are read with a size cap and checked against their digest here;
 blobs are streamed raw and the caller checks them (a ``VerifyingStream``),
 while this module resumes a dropped download with ``Range`` so that the
 caller sees every byte exactly once. Mirrors configured for a registry are
-tried first, the registry itself last.
+tried first, the registry itself last. Each host's scheme is decided by
+:mod:`.schemes` on its first request (an insecure host is probed once).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from .errors import (
 from .reference import Reference
 from .registries import RegistryConfig
 from .responses import error_for, log_rate_limit
+from .schemes import Schemes
 from .spec import (
     ACCEPT_MANIFESTS,
     Descriptor,
@@ -88,16 +90,17 @@ class FetchedManifest:
 class Endpoint:
     """Where requests for a registry go: the registry itself or one of its mirrors.
 
-    ``registry`` is the name credentials are looked up under; ``host`` the API host.
+    ``registry`` is the name credentials are looked up under; ``host`` the API
+    host, whose scheme the client decides when it first sends there.
     """
 
     registry: str
     host: str
-    scheme: str
     mirror: bool = False
 
-    def url(self, repository: str, path: str) -> str:
-        return f"{self.scheme}://{self.host}/v2/{repository}/{path}"
+    def path(self, repository: str, rest: str) -> str:
+        """The API path of ``rest`` (``manifests/<tag>``, ``blobs/<digest>``) in ``repository``."""
+        return f"/v2/{repository}/{rest}"
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,7 @@ class RegistryClient:
             follow_redirects=True,
             headers={"User-Agent": USER_AGENT},
         )
+        self._schemes = Schemes(self.config, self._http)
 
     def __enter__(self) -> RegistryClient:
         return self
@@ -161,11 +165,10 @@ class RegistryClient:
     def endpoints(self, ref: Reference) -> list[Endpoint]:
         """The mirrors configured for ``ref``'s registry, then the registry itself."""
         out = [
-            Endpoint(m.location, m.location, self.config.scheme_for(m.location), mirror=True)
+            Endpoint(m.location, m.location, mirror=True)
             for m in self.config.mirrors_for(ref.registry)
         ]
-        host = ref.api_host
-        out.append(Endpoint(ref.registry, host, self.config.scheme_for(host)))
+        out.append(Endpoint(ref.registry, ref.api_host))
         return out
 
     def _first_success(self, ref: Reference, fetch: Callable[[Endpoint], T]) -> T:
@@ -184,7 +187,7 @@ class RegistryClient:
         never the secret) if refused, or the usual errors if the registry fails.
         """
         ref = Reference(registry, "_")  # only for the API host of docker.io
-        endpoint = Endpoint(registry, ref.api_host, self.config.scheme_for(ref.api_host))
+        endpoint = Endpoint(registry, ref.api_host)
         auth = RegistryAuth(
             registry=registry,
             scope="",  # docker login asks for a token without a scope
@@ -192,10 +195,9 @@ class RegistryClient:
             cache=TokenCache(),
             send=self._send_token_request,
         )
-        url = f"{endpoint.scheme}://{endpoint.host}/v2/"
 
         def attempt() -> None:
-            self._send(endpoint, None, url, {}, "the API version check", auth=auth).close()
+            self._send(endpoint, None, "/v2/", {}, "the API version check", auth=auth).close()
 
         self._retrying(attempt, endpoint, "login")
 
@@ -212,11 +214,11 @@ class RegistryClient:
     def _get_manifest(self, endpoint: Endpoint, ref: Reference) -> FetchedManifest:
         target = str(ref.digest) if ref.digest else ref.tag or "latest"
         subject = f"manifest {ref}"
-        url = endpoint.url(ref.repository, f"manifests/{target}")
+        path = endpoint.path(ref.repository, f"manifests/{target}")
         headers = {"Accept": ", ".join(ACCEPT_MANIFESTS)}
 
         def attempt() -> tuple[bytes, str | None, str | None]:
-            response = self._send(endpoint, ref, url, headers, subject)
+            response = self._send(endpoint, ref, path, headers, subject)
             with self._translating(endpoint, subject):
                 try:
                     data = _read_document(response, subject, self.config.max_manifest_bytes)
@@ -259,8 +261,8 @@ class RegistryClient:
     def _open_blob(
         self, endpoint: Endpoint, ref: Reference, descriptor: Descriptor, subject: str
     ) -> Download:
-        url = endpoint.url(ref.repository, f"blobs/{descriptor.digest}")
-        opener = self._ranged_opener(endpoint, ref, url, subject)
+        path = endpoint.path(ref.repository, f"blobs/{descriptor.digest}")
+        opener = self._ranged_opener(endpoint, ref, path, subject)
         try:
             return Download(opener, descriptor.size, self.config, subject)
         except NotFound as exc:
@@ -274,7 +276,7 @@ class RegistryClient:
     def _ranged_opener(
         self, endpoint: Endpoint, ref: Reference | None, url: str, subject: str
     ) -> Callable[[int], httpx.Response]:
-        """A function that (re)opens ``url`` from a byte offset, for resumable downloads."""
+        """A function that (re)opens ``url`` (or API path) from a byte offset, for resuming."""
 
         def opener(offset: int) -> httpx.Response:
             # Identity encoding: the digest covers the bytes as stored, not a re-encoding.
@@ -293,7 +295,7 @@ class RegistryClient:
             if parsed.scheme not in ("http", "https"):
                 continue
             host = parsed.netloc.decode("ascii")
-            endpoint = Endpoint(host, host, parsed.scheme)
+            endpoint = Endpoint(host, host)
             opener = self._ranged_opener(endpoint, None, url, subject)
             try:
                 return Download(opener, descriptor.size, self.config, subject)
@@ -315,8 +317,16 @@ class RegistryClient:
     ) -> httpx.Response:
         """One GET, auth included; a 2xx response (open, streaming) or an error.
 
-        Without ``ref`` (a foreign layer URL) and ``auth``, no credentials are sent.
+        ``url`` is absolute (a foreign layer's) or an API path on the endpoint's
+        host, whose scheme is decided here (an insecure host's first request
+        probes it). Without ``ref`` and ``auth``, no credentials are sent.
         """
+        if url.startswith("/"):
+            try:
+                scheme = self._schemes.scheme(endpoint.host)
+            except TransientError as exc:
+                raise TransientError(f"{exc.message} while fetching {subject}") from exc
+            url = f"{scheme}://{endpoint.host}{url}"
         if auth is None and ref is not None:
             auth = RegistryAuth(
                 registry=endpoint.registry,
@@ -350,11 +360,24 @@ class RegistryClient:
         except httpx.TransportError as exc:
             untrusted = _cause(exc, ssl.SSLCertVerificationError)
             if untrusted is not None:
-                reason = untrusted.verify_message
                 raise RegistryError(
-                    f"{endpoint.host}: TLS certificate not trusted ({reason})"
-                    f"; put its CA in <certs.d>/{endpoint.host}/ca.crt or pass a CA bundle"
+                    f"{endpoint.host}: TLS certificate not trusted ({untrusted.verify_message})"
+                    f"; trust its CA with --certs-dir DIR (DIR/{endpoint.host}/ca.crt, as in "
+                    f"certs.d) or --ca-bundle FILE, or mark the registry insecure "
+                    f"(--insecure-registry {endpoint.host}) to skip verification"
                 ) from exc
+            plain = _cause(exc, ssl.SSLError)
+            reason = getattr(plain, "reason", None)
+            if reason == "WRONG_VERSION_NUMBER" and self.config.verifies_tls(endpoint.host):
+                # It answered our TLS hello in plain text: a plain-HTTP registry. (An
+                # insecure host's decision is forgotten below, and the retry probes.)
+                raise RegistryError(
+                    f"{endpoint.host}: does not speak TLS ({reason}); plain HTTP is used "
+                    f"only for insecure registries: mark it with --insecure-registry "
+                    f"{endpoint.host} if that is what it is"
+                ) from exc
+            if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+                self._schemes.forget(endpoint.host)
             what = type(exc).__name__
             raise TransientError(
                 f"{endpoint.host}: {what} while fetching {subject}: {exc or 'no detail'}"

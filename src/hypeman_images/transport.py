@@ -3,12 +3,15 @@
 docker trusts a registry's private CA when ``<certs.d>/<host:port>/ca.crt``
 exists, and presents ``client.cert``/``client.key`` from the same directory;
 a single ``httpx.HTTPTransport`` has one SSL context, so this routes each
-request to a transport built for its host. Tests replace the whole thing by
-passing their own ``httpx.BaseTransport`` to the client.
+request to a transport built for its host. An insecure host's certificate is
+not verified (docker's ``insecure-registries``, registries.conf's ``insecure =
+true``); whether it gets HTTPS at all is :mod:`.schemes`' decision. Tests
+replace the whole thing by passing their own ``httpx.BaseTransport`` to the client.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
 import urllib.request
@@ -18,6 +21,8 @@ import httpx
 
 from .errors import InvalidArgument
 from .registries import RegistryConfig
+
+log = logging.getLogger(__name__)
 
 
 class HostTransport(httpx.BaseTransport):
@@ -44,6 +49,8 @@ class HostTransport(httpx.BaseTransport):
             transport = self._transports.get(key)
             if transport is None:
                 proxy = _proxy_for(url)
+                if url.scheme == "https" and not self._config.verifies_tls(host):
+                    log.debug("%s: insecure registry, its TLS certificate is not verified", host)
                 transport = httpx.HTTPTransport(
                     verify=self._ssl_context(host), proxy=proxy, retries=0
                 )
@@ -51,6 +58,13 @@ class HostTransport(httpx.BaseTransport):
             return transport
 
     def _ssl_context(self, host: str) -> ssl.SSLContext:
+        if not self._config.verifies_tls(host):
+            # create_default_context() would spend ~25 ms loading CAs nobody checks,
+            # on every loopback pull's probe; this context has its defaults otherwise.
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            return context
         context = ssl.create_default_context()
         if self._config.ca_bundle is not None:
             _load_ca(context, self._config.ca_bundle)
