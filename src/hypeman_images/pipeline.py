@@ -11,9 +11,12 @@ the disk is in place.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .blobs import BlobStore
 from .config import BuildOptions
@@ -27,6 +30,7 @@ from .scancache import ScanCache
 from .store import DISK_NAME, ImageRecord, ImageStatus, ImageStore, StoredImage, now
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -68,6 +72,7 @@ def build_resolved(
     # Imported here: converting needs isal, zstandard and the disk code, which a
     # re-pull of a ready digest (the CLI's fast path) never loads.
     from . import convert
+    from .e2fsprogs import find_e2fsprogs
 
     ref, digest = resolved.ref, resolved.digest
     with store.lock(ref, digest):
@@ -97,6 +102,8 @@ def build_resolved(
                 on_status(ref, new)
 
         set_status(record)
+        # mke2fs's probe (two runs of it, the first time in a process) while the layers download.
+        tools = _in_background(find_e2fsprogs, options.mke2fs or "mke2fs")
         try:
             reporter.stage("pulling", f"{ref.familiar()} ({digest.short})")
             t0 = time.monotonic()
@@ -120,6 +127,7 @@ def build_resolved(
                 on_progress=reporter.converted,
                 limits=options.limits,
                 scans=scans,
+                tools=tools.result(),
             )
             stats.convert_s = time.monotonic() - t0
             stats.stages.update(disk.timings)
@@ -145,6 +153,20 @@ def build_resolved(
         stats.finish_s = time.monotonic() - t0
     reporter.stage("ready", ref.familiar())
     return store.find(ref)
+
+
+def _in_background(fn: Callable[[str], T], arg: str) -> Future[T]:
+    """``fn(arg)`` in a daemon thread; its result or exception waits in the future."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(arg))
+        except BaseException as exc:  # handed to whoever asks for the result
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="probe", daemon=True).start()
+    return future
 
 
 def _with_config(record: ImageRecord, pulled: PulledImage) -> ImageRecord:
