@@ -151,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="HOST[:PORT]",
-        help="allow plain HTTP to this registry (repeatable)",
+        help="HTTPS without certificate checks, or plain HTTP, for this registry (repeatable)",
     )
     registry_flags.add_argument("--ca-bundle", type=Path, help="CA certificates (PEM) to trust")
     registry_flags.add_argument(
