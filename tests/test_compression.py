@@ -37,10 +37,10 @@ def read(blob: bytes, media_type: str, **kw: int) -> bytes:
     [(GZ, _gz), (DOCKER_GZ, _gz), (ZS, _zs), (TAR, lambda d: d)],
     ids=["oci-gzip", "docker-gzip", "zstd", "none"],
 )
-@pytest.mark.parametrize("threads", [0, 1])
-def test_round_trip(media_type: str, compress: object, threads: int) -> None:
+@pytest.mark.parametrize("read_ahead", [0, 1, 16])
+def test_round_trip(media_type: str, compress: object, read_ahead: int) -> None:
     assert callable(compress)
-    assert read(compress(DATA), media_type, threads=threads) == DATA
+    assert read(compress(DATA), media_type, read_ahead=read_ahead) == DATA
 
 
 def test_concatenated_gzip_members_and_zstd_frames() -> None:
@@ -136,3 +136,34 @@ def test_sources_that_deliver_a_few_bytes_at_a_time(
     with open_decompressed(source, media_type, name="x") as s:  # type: ignore[arg-type]
         assert s.read() == DATA[:20_000]
     assert source.closed_by_reader
+
+
+@pytest.mark.parametrize(("media_type", "compress"), [(GZ, _gz), (ZS, _zs)], ids=["gzip", "zstd"])
+def test_read_ahead_reports_corruption_where_it_is(media_type: str, compress: object) -> None:
+    assert callable(compress)
+    blob = compress(DATA)
+    cut = blob[: len(blob) // 2]
+    with open_decompressed(io.BytesIO(cut), media_type, name="sha256:cut", read_ahead=4) as s:
+        got = bytearray()
+        with pytest.raises(LayerError, match="sha256:cut"):
+            while chunk := s.read(4096):
+                got += chunk
+    assert DATA.startswith(bytes(got))  # everything before the damage came through
+
+
+def test_read_ahead_reads_of_any_size_and_an_early_close_stop_the_thread() -> None:
+    import threading
+
+    before = threading.active_count()
+    big = os.urandom(3 << 20) * 3
+    with open_decompressed(io.BytesIO(_gz(big)), GZ, name="x", read_ahead=2) as s:
+        parts = [s.read(1), s.read(1 << 20), s.read(12345), s.read(5 << 20)]
+        assert b"".join(parts) == big[: sum(map(len, parts))]
+        assert s.read() == big[sum(map(len, parts)) :]
+        assert s.read(10) == b""
+    # Closed after a few bytes of a long stream: the decoder, blocked on a full
+    # queue, stops too.
+    s = open_decompressed(io.BytesIO(_gz(big)), GZ, name="x", read_ahead=1)
+    assert s.read(10) == big[:10]
+    s.close()
+    assert threading.active_count() == before

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import io
 import os
+import queue
+import threading
 from collections.abc import Callable
 from typing import BinaryIO, cast
 
 import zstandard
-from isal import igzip_threaded, isal_zlib
+from isal import igzip, isal_zlib
 
 from .errors import LayerError
 from .spec import LAYER_COMPRESSION
@@ -229,21 +231,96 @@ class _StrictZstd(io.RawIOBase):
         super().close()
 
 
+class _ReadAhead(io.RawIOBase):
+    """``inner`` read in a helper thread, up to ``blocks`` blocks of 1 MiB ahead of its reader.
+
+    ISA-L and zstd drop the GIL while they decode, so the decoding of a layer
+    overlaps whatever its reader does with the bytes. A read of a block's
+    size gets the block itself, not a copy. An error reaches the reader where
+    it happened in the stream; closing stops the thread, then closes ``inner``.
+    """
+
+    BLOCK = 1 << 20
+
+    def __init__(self, inner: BinaryIO, blocks: int) -> None:
+        self._inner = inner
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(blocks)
+        self._stop = threading.Event()
+        self._block = b""
+        self._pos = 0
+        self._eof = False
+        self._thread = threading.Thread(target=self._decode, name="read-ahead", daemon=True)
+        self._thread.start()
+
+    def _decode(self) -> None:
+        try:
+            while self._put(data := self._inner.read(self.BLOCK)) and data:
+                pass
+        except BaseException as exc:  # the reader raises it, in its own thread
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> bool:
+        """Queue ``item``; False once the reader has closed (nobody will take it)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            return b"".join(iter(lambda: self.read(self.BLOCK), b""))
+        if self._pos == len(self._block):
+            if self._eof:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._eof = True
+                raise item
+            self._block, self._pos = item, 0
+            if not item:
+                self._eof = True
+                return b""
+        if self._pos == 0 and size >= len(self._block):
+            self._pos = len(self._block)
+            return self._block
+        data = self._block[self._pos : self._pos + size]
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stop.set()
+            self._thread.join()
+            self._inner.close()
+        super().close()
+
+
 def open_decompressed(
     source: str | os.PathLike[str] | BinaryIO,
     media_type: str,
     *,
     name: str,
     zstd_max_window: int = DEFAULT_ZSTD_MAX_WINDOW,
-    threads: int = 1,
+    read_ahead: int = 0,
 ) -> BinaryIO:
     """A reader of the uncompressed tar inside a layer blob.
 
     ``source`` is a path (opened and closed with the reader) or a binary file
     object (closed with the reader), which need not be seekable, so a download
     in progress can be fed in. ``name`` (the layer's digest, say) appears in
-    every error. gzip uses ISA-L; ``threads=1`` inflates in a helper thread so
-    that decompression overlaps with parsing and hashing (0 keeps it inline).
+    every error. gzip uses ISA-L. With ``read_ahead`` > 0 the decoding runs in
+    a helper thread, that many 1 MiB blocks ahead of the reader (0: inline).
     Concatenated gzip members and zstd frames are read through to the end.
     """
     compression = LAYER_COMPRESSION.get(media_type)
@@ -273,9 +350,10 @@ def open_decompressed(
         )
     inner: BinaryIO
     if compression == "gzip":
-        inner = cast(BinaryIO, igzip_threaded.open(stream, "rb", threads=threads))  # type: ignore[no-untyped-call]
+        inner = cast(BinaryIO, igzip.open(stream, "rb"))  # type: ignore[no-untyped-call]
     elif compression == "zstd":
         inner = cast(BinaryIO, _StrictZstd(stream, zstd_max_window))
     else:
         inner = stream
-    return cast(BinaryIO, DecompressedStream(inner, compression, name, stream))
+    decoded = cast(BinaryIO, DecompressedStream(inner, compression, name, stream))
+    return cast(BinaryIO, _ReadAhead(decoded, read_ahead)) if read_ahead > 0 else decoded
