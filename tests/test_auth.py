@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -479,15 +479,25 @@ def test_anonymous_pull_of_a_private_repository_is_unauthorized(
     assert PRIVATE_REPO in str(caught.value)
 
 
+@pytest.mark.parametrize("over", ["http", "https-insecure"])
 def test_credentialed_pull_of_a_private_repository(
-    token_registry: TokenRegistry, tmp_path: Path
+    over: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    credentials = _docker_config(tmp_path, token_registry.server.host, "alice", "wonderland")
-    token_registry.tokens.requests.clear()
-    with RegistryClient(credentials=credentials, config=FAST) as client:
-        _pull(client, token_registry.private)
-        _pull(client, token_registry.public)
-    assert token_registry.tokens.requests == [
+    fixture = "token_registry" if over == "http" else "https_token_registry"
+    registry: TokenRegistry = request.getfixturevalue(fixture)
+    host = registry.server.host
+    config = FAST
+    if over == "https-insecure":
+        # Neither certificate is trusted: the registry is marked insecure, and the
+        # realm is on loopback (insecure by default), so neither is verified.
+        assert registry.tokens.realm.startswith("https://127.0.0.1:")
+        config = replace(FAST, insecure_registries=frozenset({host}))
+    credentials = _docker_config(tmp_path, host, "alice", "wonderland")
+    registry.tokens.requests.clear()
+    with RegistryClient(credentials=credentials, config=config) as client:
+        _pull(client, registry.private)
+        _pull(client, registry.public)
+    assert registry.tokens.requests == [
         ("alice", f"repository:{PRIVATE_REPO}:pull"),
         ("alice", f"repository:{PUBLIC_REPO}:pull"),
     ]
@@ -520,26 +530,6 @@ def test_token_reused_until_expiry_then_refreshed(token_registry: TokenRegistry)
         now[0] += token_registry.tokens.expires_in
         client.get_manifest(token_registry.public)
     assert len(token_registry.tokens.requests) == 2
-
-
-def test_token_auth_over_https_to_an_insecure_registry(
-    https_token_registry: TokenRegistry, tmp_path: Path
-) -> None:
-    # Neither certificate is trusted: the registry is marked insecure, and the
-    # realm is on loopback (insecure by default), so neither is verified.
-    registry = https_token_registry
-    assert registry.tokens.realm.startswith("https://127.0.0.1:")
-    host = registry.server.host
-    config = RegistryConfig(backoff_base=0.0, insecure_registries=frozenset({host}))
-    credentials = _docker_config(tmp_path, host, "alice", "wonderland")
-    registry.tokens.requests.clear()
-    with RegistryClient(credentials=credentials, config=config) as client:
-        _pull(client, registry.private)
-        _pull(client, registry.public)
-    assert registry.tokens.requests == [
-        ("alice", f"repository:{PRIVATE_REPO}:pull"),
-        ("alice", f"repository:{PUBLIC_REPO}:pull"),
-    ]
 
 
 # -- basic auth (htpasswd) ---------------------------------------------------------------

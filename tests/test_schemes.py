@@ -313,16 +313,20 @@ def _ref(host: str, repository: str, tag: str) -> Reference:
     return parse_reference(f"{host}/{repository}:{tag}")
 
 
+def _insecure(name: str, port: int, how: str) -> tuple[str, RegistryConfig]:
+    """``name.lan:port`` marked insecure, or the loopback address insecure by default."""
+    if how == "marked":
+        host = f"{name}.lan:{port}"
+        return host, RegistryConfig(backoff_base=0.0, insecure_registries=frozenset({host}))
+    return f"127.0.0.1:{port}", RegistryConfig(backoff_base=0.0)
+
+
 @pytest.mark.parametrize("how", ["marked", "loopback"])
 @pytest.mark.usefixtures("lan")
 def test_self_signed_https_registry_marked_insecure(
     tls_registry: TLSRegistry, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    port = tls_registry.server.port
-    host = f"tls.lan:{port}" if how == "marked" else f"127.0.0.1:{port}"
-    config = RegistryConfig(backoff_base=0.0)
-    if how == "marked":
-        config = RegistryConfig(backoff_base=0.0, insecure_registries=frozenset({host}))
+    host, config = _insecure("tls", tls_registry.server.port, how)
     caplog.set_level(logging.INFO, logger="hypeman_images")
     with RegistryClient(config=config) as client:
         ref = _ref(host, tls_registry.repository, tls_registry.tag)
@@ -376,11 +380,7 @@ def test_cli_exit_codes_over_self_signed_https(
 def test_plain_http_registry_marked_insecure_falls_back(
     alpine_ref: PushedImage, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    port = alpine_ref.registry.port
-    host = f"plain.lan:{port}" if how == "marked" else f"127.0.0.1:{port}"
-    config = RegistryConfig(
-        backoff_base=0.0, insecure_registries=frozenset({"plain.lan:" + str(port)})
-    )
+    host, config = _insecure("plain", alpine_ref.registry.port, how)
     caplog.set_level(logging.INFO, logger="hypeman_images")
     with RegistryClient(config=config) as client:
         assert _pull(client, _ref(host, alpine_ref.repository, alpine_ref.tag)) == (
