@@ -380,3 +380,16 @@ def test_pull_scans_merge_as_they_arrive_out_of_order() -> None:
     tree = scans.merged([s for s in got if s is not None])
     assert tree == expected
     assert [n.primary for n in tree.files] == [b"a/w"]
+
+
+def test_entries_of_a_layer_share_their_modes_and_mtimes_up_to_a_bound() -> None:
+    from hypeman_images.flatten import SHARED_MAX
+
+    same = [file(f"f{i}", b"", mode=0o644, mtime=1_700_000_000) for i in range(50)]
+    scan = scan_layer(io.BytesIO(build_tar(same)), 0)
+    assert len({id(e.mode) for e in scan.entries}) == 1
+    assert len({id(e.mtime) for e in scan.entries}) == 1
+    # A layer of all-different mtimes keeps them (equal values, not a bigger table).
+    many = [file(f"g{i}", b"", mtime=1_700_000_000 + i) for i in range(SHARED_MAX + 10)]
+    scan = scan_layer(io.BytesIO(build_tar(many)), 0)
+    assert [e.mtime for e in scan.entries] == [1_700_000_000 + i for i in range(SHARED_MAX + 10)]

@@ -54,7 +54,7 @@ from typing import Any
 from .blobs import BlobStore
 from .digest import Digest
 from .errors import HypemanError
-from .flatten import Entry, Kind, LayerScan, Limits, clean_path
+from .flatten import SHARED_MAX, Entry, Kind, LayerScan, Limits, clean_path
 from .fsutil import TEMP_PREFIX, storage_error, temp_name, writer_alive
 from .spec import LAYER_COMPRESSION, Descriptor
 
@@ -209,11 +209,14 @@ def _entries(
     entries: list[Entry] = []
     append = entries.append
     at = 0
+    shared: dict[int, int] = {}  # modes and mtimes, as pass 1 shares them
     for record, path, target in zip(records, paths, targets, strict=True):
         ordinal, code, mode, uid, gid, mtime, size, offset, major, minor, n = record
         kind = KIND_CODES[code]
         if kind is Kind.LINK or kind is Kind.SYMLINK:
             _check_target(kind, target, limits)
+        if len(shared) < SHARED_MAX:
+            mode, mtime = shared.setdefault(mode, mode), shared.setdefault(mtime, mtime)
         xattrs: tuple[tuple[str, bytes], ...] = ()
         if n:
             xattrs, at = _xattrs(xattr_data, at, n)
