@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from support.disk import e2fsck_clean
+from support.push import push_manifest
 from support.pushed import PushedImage
 from support.service import CLI, serve_process, wait_for_status
 
@@ -166,3 +167,43 @@ def test_recovered_build_keeps_the_free_space_it_was_asked_with(
     ).stdout
     free = next(line for line in dumpe2fs.splitlines() if line.startswith("Free blocks:"))
     assert int(free.split()[-1]) * 4096 >= 48 << 20
+
+
+@pytest.mark.parametrize("stage", ["pulling", "tagging"])
+def test_every_tag_that_joined_a_build_survives_a_crash(
+    stage: str, alpine_ref: PushedImage, data_dir: Path, tmp_path: Path
+) -> None:
+    # Two tags of one digest asked for while it builds: one build, two tags.
+    # Killed mid-build (or between "ready" and the links), the restarted
+    # service must set both, not only the first asker's.
+    other = f"{alpine_ref.registry.host}/{alpine_ref.repository}:also-{stage}"
+    push_manifest(
+        alpine_ref.registry.url,
+        alpine_ref.repository,
+        f"also-{stage}",
+        alpine_ref.image.manifest,
+        alpine_ref.image.manifest_media_type,
+    )
+    log = tmp_path / "serve.log"
+    with (
+        serve_process(data_dir, log, env={PAUSE_ENV: stage}) as served,
+        httpx.Client(timeout=30) as client,
+    ):
+        assert client.post(f"{served.url}/images", json={"name": alpine_ref.ref}).status_code == 202
+        if stage == "pulling":
+            served.wait_for_output(f"paused at {stage}")
+        joined = client.post(f"{served.url}/images", json={"name": other})
+        assert joined.status_code == 202, joined.text
+        served.wait_for_output(f"paused at {stage}")
+        record, directory = state(data_dir, alpine_ref)
+        assert record["pending_tags"] == [other]
+        served.kill()
+
+    with serve_process(data_dir, log) as served, httpx.Client(timeout=30) as client:
+        for name in (alpine_ref.ref, other):
+            ready = wait_for_status(client, served.url, name, {"ready", "failed"})
+            assert ready["status"] == "ready", ready["error"]
+    for tag in (alpine_ref.tag, f"also-{stage}"):
+        assert os.readlink(directory.parent / tag) == alpine_ref.manifest_digest[7:]
+    record, _ = state(data_dir, alpine_ref)
+    assert record["status"] == "ready" and record["pending_tags"] == []

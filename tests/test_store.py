@@ -165,3 +165,22 @@ def test_lock_follows_a_directory_renamed_while_waiting(tmp_path: Path) -> None:
         store.remove_directory(store.digest_dir(ref, D1))
     waiter.join(5)
     assert entered == [True], "the waiter must hold the lock of the directory that exists"
+
+
+def test_a_writer_with_a_stale_copy_keeps_the_pending_tags_others_added(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    ref = parse_reference("127.0.0.1:5000/app:1")
+    build = ImageRecord(name=str(ref), digest=str(D1), status=ImageStatus.PULLING, created_at=now())
+    store.write(ref, D1, build)
+    also = "127.0.0.1:5000/app:latest"
+    added = store.update(ref, D1, lambda r: r.evolve(pending_tags=[*r.pending_tags, also]))
+    assert added is not None and added.pending_tags == [also]
+    # The build's own copy never saw the new tag; writing it must not drop it.
+    store.write(ref, D1, build.evolve(status=ImageStatus.CONVERTING))
+    record = store.read(ref, D1)
+    assert record is not None and record.status is ImageStatus.CONVERTING
+    assert record.pending_tags == [also]
+    # A fresh request starts a new round: nothing carried over.
+    store.write(ref, D1, build.evolve(status=ImageStatus.PENDING), keep_pending=False)
+    assert store.read(ref, D1).pending_tags == []  # type: ignore[union-attr]
+    assert store.update(parse_reference("127.0.0.1:5000/app:1"), D2, lambda r: r) is None

@@ -316,6 +316,7 @@ class ImageManager:
                 if ref.name != stored.repository or digest.encoded != stored.directory.name:
                     log.warning("ignoring %s: its record names %s", stored.directory, record.name)
                     continue
+                names = [ref, *_pending_tags(record, ref)]
                 broken = record.status is ImageStatus.READY and not stored.disk.is_file()
                 if record.status.active or broken:
                     # Rebuild as first asked: the free space changes the disk's bytes.
@@ -323,18 +324,19 @@ class ImageManager:
                     if record.free_space_bytes is not None:
                         options = replace(options, free_space=record.free_space_bytes)
                     job = Job(BuildKey(ref.name, digest), ref.with_digest(digest), options)
+                    for name in names[1:]:
+                        job.add_name(name)  # every tag that asked, not only the first
                     job.recovered = True
                     self._queue.submit(job)
                     resumed.append(record.name)
-                elif (
-                    record.status is ImageStatus.READY
-                    and ref.tag is not None
-                    and self.store.tag_target(ref) is None
-                ):
-                    # The crash fell between "ready" and the tag link. A link that
+                elif record.status is ImageStatus.READY:
+                    # The crash fell between "ready" and the tag links. A link that
                     # exists was moved on purpose since, and stays.
-                    self.store.set_tag(ref, digest)
-                    retagged.append(str(ref))
+                    for name in names:
+                        if name.tag is not None and self.store.tag_target(name) is None:
+                            self.store.set_tag(name, digest)
+                            retagged.append(str(name))
+                    self.store.update(ref, digest, _without_pending_tags)
         if resumed or retagged:
             log.info("recovery: resumed %s; retagged %s", resumed, retagged)
         return RecoveryReport(tuple(resumed), tuple(retagged), freed)
@@ -370,6 +372,7 @@ class ImageManager:
             job = self._queue.get(key)
             if job is not None:
                 job.add_name(resolved.ref)
+                self._remember_tag(job, resolved.ref)
                 if reporter is not None:
                     job.reporter.attach(reporter)
                 return self._job_image(job, str(ref)), job
@@ -384,6 +387,21 @@ class ImageManager:
                 job.reporter.attach(reporter)
             self._queue.submit(job)
             return self._job_image(job, str(ref)), job
+
+    def _remember_tag(self, job: Job, ref: Reference) -> None:
+        """Note a tag that joined ``job`` in its record, so a crash does not forget it."""
+        if ref.tag is None:
+            return
+        tag = ref.pinned()
+        if tag == job.ref.pinned():
+            return
+
+        def add(record: ImageRecord) -> ImageRecord:
+            if tag == record.name or tag in record.pending_tags:
+                return record
+            return record.evolve(pending_tags=[*record.pending_tags, tag])
+
+        self.store.update(job.ref, job.key.digest, add)
 
     def _resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
         """One manifest GET per name however many ask at once."""
@@ -426,7 +444,9 @@ class ImageManager:
             return  # another process finished it since we looked: never demote a ready build
         fresh = initial_record(ref, digest, ImageStatus.PENDING)
         record = (
-            existing.evolve(status=ImageStatus.PENDING, error=None, name=fresh.name)
+            existing.evolve(
+                status=ImageStatus.PENDING, error=None, name=fresh.name, pending_tags=[]
+            )
             if existing is not None
             else fresh
         )
@@ -438,7 +458,7 @@ class ImageManager:
             free_space_bytes=options.free_space,
             index_digest=str(resolved.index_digest) if resolved.index_digest else None,
         )
-        self.store.write(ref, digest, record)
+        self.store.write(ref, digest, record, keep_pending=False)  # a new round of asking
 
     def _run(self, job: Job) -> None:
         """A queue worker's body: build ``job`` and set every tag that asked for it."""
@@ -486,6 +506,7 @@ class ImageManager:
                         target = self._tag_target(name, job.key.digest, before.get(str(name)))
                         if target is not None:
                             self.store.set_tag(name, target)
+                    self.store.update(job.ref, job.key.digest, _without_pending_tags)
                     job.result = self.store.find(job.ref)
                     job.update(job.result.record)
                 self._queue.retire(job)
@@ -564,6 +585,24 @@ class ImageManager:
 
     def _stored_image(self, stored: StoredImage, name: str | None = None) -> Image:
         return image_of(stored, name)
+
+
+def _pending_tags(record: ImageRecord, ref: Reference) -> list[Reference]:
+    """The tags besides ``ref`` that asked for the record's build; odd entries skipped."""
+    tags = []
+    for text in record.pending_tags:
+        try:
+            tag = parse_reference(text)
+        except HypemanError:
+            log.warning("ignoring pending tag %r of %s: not a name", text, record.name)
+            continue
+        if tag.name == ref.name and tag.tag is not None and tag.digest is None:
+            tags.append(tag)
+    return tags
+
+
+def _without_pending_tags(record: ImageRecord) -> ImageRecord:
+    return record.evolve(pending_tags=[]) if record.pending_tags else record
 
 
 def _parse(name: str | Reference) -> Reference:

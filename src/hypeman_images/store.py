@@ -21,7 +21,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,6 +99,9 @@ class ImageRecord:
     free_space_bytes: int | None = None
     index_digest: str | None = None
     updated_at: str | None = None
+    # Tags besides ``name`` that asked for this digest while it was being built,
+    # so that a build recovered after a crash sets them too; cleared once set.
+    pending_tags: list[str] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         """Canonical JSON bytes for metadata.json."""
@@ -139,6 +143,7 @@ class ImageStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._records = threading.Lock()  # record writes of this process, one at a time
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -201,8 +206,37 @@ class ImageStore:
         """The record of ``digest`` in ``ref``'s repository, if any."""
         return read_record(self.digest_dir(ref, digest))
 
-    def write(self, ref: Reference, digest: Digest, record: ImageRecord) -> None:
-        """Publish ``record`` atomically (temp + fsync + rename)."""
+    def write(
+        self, ref: Reference, digest: Digest, record: ImageRecord, *, keep_pending: bool = True
+    ) -> None:
+        """Publish ``record`` atomically (temp + fsync + rename).
+
+        Tags the record on disk lists in ``pending_tags`` are kept (unless not
+        ``keep_pending``): :meth:`update` may have added them while the
+        writer's copy was being made.
+        """
+        with self._records:
+            current = self.read(ref, digest) if keep_pending else None
+            if current is not None:
+                extra = [t for t in current.pending_tags if t not in record.pending_tags]
+                if extra:
+                    record = record.evolve(pending_tags=[*record.pending_tags, *extra])
+            self._publish(ref, digest, record)
+
+    def update(
+        self, ref: Reference, digest: Digest, change: Callable[[ImageRecord], ImageRecord]
+    ) -> ImageRecord | None:
+        """Rewrite the record as ``change`` makes it, none writing between; None if absent."""
+        with self._records:
+            current = self.read(ref, digest)
+            if current is None:
+                return None
+            record = change(current)
+            if record != current:
+                self._publish(ref, digest, record)
+            return record
+
+    def _publish(self, ref: Reference, digest: Digest, record: ImageRecord) -> None:
         directory = self.digest_dir(ref, digest)
         try:
             directory.mkdir(parents=True, exist_ok=True)
