@@ -13,7 +13,7 @@ from support.pushed import PushedImage
 from support.service import CLI
 
 ANSI = re.compile(r"\x1b\[")
-COMMANDS = ("pull", "list", "inspect", "rm", "gc", "serve")
+COMMANDS = ("pull", "list", "inspect", "rm", "gc", "verify", "serve")
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

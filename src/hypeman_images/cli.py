@@ -4,7 +4,8 @@ Exit codes (also in ``--help`` and the README): 0 ok; 1 other failure
 (including 409-style conflicts); 2 bad usage or image name; 3 not found;
 4 unauthorized; 5 rate limited; 6 platform not in the index; 7 bad image
 content; 8 digest mismatch; 9 e2fsprogs problem; 10 data dir not writable or
-full; 11 boot failed; 130 interrupted. Every command that prints data takes
+full; 11 boot failed; 12 a local disk fails its check (verify); 130
+interrupted. Every command that prints data takes
 ``--json``; errors are then also printed as ``{"code", "message",
 "exit_code"}`` on stdout. Progress goes to stderr: bars on a terminal, plain
 lines otherwise.
@@ -58,7 +59,7 @@ exit codes:
   0 ok               1 other failure    2 bad usage/name   3 not found
   4 unauthorized     5 rate limited     6 platform missing 7 bad image
   8 digest mismatch  9 e2fsprogs       10 storage         11 boot failed
-  130 interrupted"""
+  12 corrupt disk    130 interrupted"""
 
 EXAMPLES = {
     "pull": f"""\
@@ -88,6 +89,14 @@ failed builds, and temp files left by interrupted ones.
 examples:
   {PROG} gc
   {PROG} gc --json""",
+    "verify": f"""\
+Runs e2fsck -fn on the image's disk again and hashes it. If the disk's sha256
+was recorded (pull --disk-digest, or verify --record before), it must still
+match: a disk that fails either check exits 12; remove it and pull again.
+
+examples:
+  {PROG} verify alpine:3.20
+  {PROG} verify --record --json docker.io/library/alpine@sha256:<hex>""",
     "boot": f"""\
 Boots the image's disk (pulled first if it is not local) in a microVM: Cloud
 Hypervisor when it is on PATH, else QEMU microvm with KVM where KVM works and
@@ -251,6 +260,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("gc", "Free space: unneeded blobs, failed builds, leftovers of crashes.")
     p.set_defaults(run=_gc)
+
+    p = command("verify", "Check a local image's disk again: e2fsck -fn and its sha256.")
+    p.add_argument("image", help="tag or digest reference of a local image")
+    p.add_argument(
+        "--record", action="store_true", help="record the sha256 if none was (for later checks)"
+    )
+    p.set_defaults(run=_verify)
 
     p = command(
         "boot", "Boot an image in a microVM and run its command.", registry=True, build=True
@@ -479,6 +495,31 @@ def _gc(args: argparse.Namespace) -> int:
             f"directories and {report.scans_removed} layer scans, freed "
             f"{human_size(report.bytes_freed)}"
         )
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    with _manager(args) as manager:
+        checked = manager.verify(args.image, record=args.record)
+    if args.json:
+        _print_json(
+            {
+                "name": checked.name,
+                "digest": checked.digest,
+                "disk": str(checked.disk),
+                "sha256": checked.sha256,
+                "recorded": checked.recorded,
+                "recorded_now": checked.recorded_now,
+            }
+        )
+        return 0
+    if checked.recorded is not None:
+        how = "matches the sha256 recorded at build time"
+    elif checked.recorded_now:
+        how = "recorded now"
+    else:
+        how = "none recorded (--record keeps it)"
+    print(f"ok: {checked.name}: e2fsck -fn clean; {checked.sha256} {how}")
     return 0
 
 

@@ -178,6 +178,14 @@ class StorageError(HypemanError):
     http_status = 507
 
 
+class CorruptDisk(HypemanError):
+    """A built disk fails its check: ``e2fsck -fn``, or the sha256 recorded when it was built."""
+
+    code = "corrupt_disk"
+    exit_code = 12
+    http_status = 500
+
+
 class BootError(HypemanError):
     """The VM did not boot, or did not run the image's command to completion."""
 

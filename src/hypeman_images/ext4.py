@@ -410,7 +410,8 @@ def run_mke2fs_stream(
     _check_mke2fs(rc if rc != 0 or not broken else 1, said or b"mke2fs stopped reading")
 
 
-def _sha256(path: Path) -> Digest:
+def file_sha256(path: Path) -> Digest:
+    """The sha256 of the file at ``path``."""
     # file_digest hashes in 256 KiB slices and hashlib drops the GIL for each, so
     # this runs on one core while e2fsck (a subprocess) runs on the other.
     with path.open("rb") as handle:
@@ -466,7 +467,7 @@ def check_and_hash(tools: E2fsprogs, image: Path, compute_sha256: bool) -> Diges
     with ThreadPoolExecutor(1, thread_name_prefix="e2fsck") as pool:
         checked = pool.submit(fsck, tools, image)
         try:
-            digest = _sha256(image)
+            digest = file_sha256(image)
         finally:
             checked.result()  # e2fsck's verdict first: a bad disk is the error to report
     return digest

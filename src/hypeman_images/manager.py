@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .blobs import BlobStore
 from .builds import BuildKey, BuildQueue, Job, PauseHook, PausingReporter
@@ -47,6 +47,9 @@ from .registry import RegistryClient
 from .scancache import ScanCache
 from .spec import Platform
 from .store import DISK_NAME, ImageRecord, ImageStatus, ImageStore, StoredImage
+
+if TYPE_CHECKING:
+    from .verify import Verified
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +242,42 @@ class ImageManager:
                     removed = [f"{stored.repository}@{stored.record.digest}"]
             self.blobs.untag(set(removed))
             return removed
+
+    def verify(self, name: str | Reference, *, record: bool = False) -> Verified:
+        """Check the ready disk ``name`` names again: ``e2fsck -fn`` and its sha256.
+
+        Raises :class:`CorruptDisk` when e2fsck finds a problem or the disk no
+        longer hashes to the sha256 recorded when it was built; with ``record``,
+        a disk built without ``--disk-digest`` gets its sha256 recorded now.
+        The digest's build lock is held throughout, so no build or delete of
+        it runs meanwhile.
+        """
+        # Imported here: only this call needs the disk code.
+        from .e2fsprogs import find_e2fsprogs
+        from .verify import Verified, check_disk
+
+        ref = _parse(name)
+        stored = self._find(ref)
+        if stored.record.status is not ImageStatus.READY:
+            raise Conflict(
+                f"{ref.familiar()} is {stored.record.status}, not ready: nothing to verify yet"
+            )
+        digest = Digest.parse(stored.record.digest)
+        key = parse_reference(f"{stored.repository}@{digest}")
+        tools = find_e2fsprogs(self.options.mke2fs or "mke2fs")
+        with self.store.lock(key, digest):
+            current = self.store.read(key, digest)
+            if current is None or current.status is not ImageStatus.READY:
+                status = current.status if current is not None else "gone"
+                raise Conflict(f"{ref.familiar()} is {status}, not ready: nothing to verify yet")
+            disk = self.store.digest_dir(key, digest) / DISK_NAME
+            sha256 = str(check_disk(tools, disk, current.disk_sha256))
+            recorded_now = record and current.disk_sha256 is None
+            if recorded_now:
+                self.store.update(key, digest, lambda r: r.evolve(disk_sha256=sha256))
+        return Verified(
+            str(ref), str(digest), disk, sha256, current.disk_sha256, recorded_now=recorded_now
+        )
 
     def list(self) -> list[Image]:
         """Every image in the store and in the queue, by repository and age."""

@@ -1,0 +1,54 @@
+"""Check a built disk again: ``e2fsck -fn``, and its sha256 against the one recorded.
+
+Every disk passed ``e2fsck -fn`` before it was published; its sha256 is in
+``metadata.json`` only when it was built with ``--disk-digest`` (hashing a disk
+costs ~0.7 s per GB, issue 7). A verification repeats the check, hashes the
+disk, compares the result with the recorded sha256 if there is one, and can
+record it for a disk built without (the first verification then sets what the
+next ones compare with). The two run side by side, as at build time.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .digest import Digest
+from .e2fsprogs import E2fsprogs, run_tool, tail
+from .errors import CorruptDisk
+from .ext4 import file_sha256
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A disk that passed: its sha256 now, and how it compares with the record."""
+
+    name: str
+    digest: str  # the image's (manifest) digest
+    disk: Path
+    sha256: str
+    recorded: str | None  # what metadata.json held before this check (equal to sha256 if set)
+    recorded_now: bool = False  # this check wrote sha256 into metadata.json
+
+
+def check_disk(tools: E2fsprogs, disk: Path, expected: str | None) -> Digest:
+    """``e2fsck -fn`` and the sha256 of ``disk``; :class:`CorruptDisk` if either fails.
+
+    ``expected`` is the recorded ``sha256:<hex>``, if any.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="e2fsck") as pool:
+        checked = pool.submit(run_tool, tools, [str(tools.e2fsck), "-fn", str(disk)], what="e2fsck")
+        digest = file_sha256(disk)
+        proc = checked.result()
+    if proc.returncode != 0:
+        raise CorruptDisk(
+            f"{disk}: e2fsck -fn found problems (exit {proc.returncode}): "
+            f"{tail(proc.stdout + proc.stderr, 15)}; remove the image and pull it again"
+        )
+    if expected is not None and str(digest) != expected:
+        raise CorruptDisk(
+            f"{disk} hashes to {digest}, not to the {expected} recorded when it was built: "
+            "it changed since; remove the image and pull it again"
+        )
+    return digest
