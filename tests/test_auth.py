@@ -287,7 +287,7 @@ def test_token_server_429_is_rate_limited() -> None:
 
 PUBLIC_REPO = "public/app"
 PRIVATE_REPO = "private/app"
-USERS = {"alice": "wonderland"}
+USERS = {"alice": "wonderland", "carol": "looking-glass"}
 SERVICE = "test-registry"
 ISSUER = "test-token-issuer"
 
@@ -514,8 +514,89 @@ def test_wrong_password_names_registry_and_origin(
         client.get_manifest(token_registry.private)
     message = str(caught.value)
     assert token_registry.server.host in message
-    assert str(tmp_path / "config.json") in message and "alice" in message
+    assert f'{tmp_path / "config.json"} entry "{token_registry.server.host}"' in message
+    assert "alice" in message
     assert "not-it-123" not in message
+
+
+# -- credentials per namespace or repository (containers-auth.json(5)) ---------------------
+
+
+def _auth_json(tmp_path: Path, auths: Mapping[str, tuple[str, str]]) -> ChainedCredentials:
+    """podman's ``$REGISTRY_AUTH_FILE`` with ``auths`` (key → user, password); no docker config."""
+    entries = {
+        key: {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
+        for key, (user, password) in auths.items()
+    }
+    path = tmp_path / "auth.json"
+    path.write_text(json.dumps({"auths": entries}))
+    return default_credentials(
+        {"REGISTRY_AUTH_FILE": str(path), "DOCKER_CONFIG": str(tmp_path / "no-docker")}
+    )
+
+
+def test_each_repository_gets_its_namespaced_credential(
+    token_registry: TokenRegistry, tmp_path: Path
+) -> None:
+    host = token_registry.server.host
+    credentials = _auth_json(
+        tmp_path,
+        {
+            host: ("mallory", "Wrong-host-pw"),  # refused by the token server if ever sent
+            f"{host}/private": ("alice", "wonderland"),
+            f"{host}/public/app": ("carol", "looking-glass"),
+        },
+    )
+    token_registry.tokens.requests.clear()
+    with RegistryClient(credentials=credentials, config=FAST) as client:
+        _pull(client, token_registry.private)
+        _pull(client, token_registry.public)
+    assert token_registry.tokens.requests == [
+        ("alice", f"repository:{PRIVATE_REPO}:pull"),
+        ("carol", f"repository:{PUBLIC_REPO}:pull"),
+    ]
+
+
+def test_a_namespace_key_does_not_match_a_longer_namespace(
+    token_registry: TokenRegistry, tmp_path: Path
+) -> None:
+    # "host/privat" must not apply to "host/private/app" (as "quay.io/team" to
+    # "quay.io/teamx/app"): the host-level key answers instead.
+    host = token_registry.server.host
+    credentials = _auth_json(
+        tmp_path,
+        {
+            host: ("carol", "looking-glass"),
+            f"{host}/privat": ("mallory", "Wrong-ns-pw"),
+            f"{host}/pub": ("mallory", "Wrong-ns-pw"),
+            f"{host}/private/ap": ("mallory", "Wrong-repo-pw"),
+        },
+    )
+    token_registry.tokens.requests.clear()
+    with RegistryClient(credentials=credentials, config=FAST) as client:
+        _pull(client, token_registry.private)
+        _pull(client, token_registry.public)
+    assert token_registry.tokens.requests == [
+        ("carol", f"repository:{PRIVATE_REPO}:pull"),
+        ("carol", f"repository:{PUBLIC_REPO}:pull"),
+    ]
+
+
+def test_a_refused_namespaced_credential_names_its_key(
+    token_registry: TokenRegistry, tmp_path: Path
+) -> None:
+    host = token_registry.server.host
+    credentials = _auth_json(
+        tmp_path,
+        {host: ("alice", "wonderland"), f"{host}/private": ("alice", "Stale-pw-42")},
+    )
+    with RegistryClient(credentials=credentials, config=FAST) as client:
+        with pytest.raises(Unauthorized) as caught:
+            client.get_manifest(token_registry.private)
+        client.get_manifest(token_registry.public)  # the host key still serves public/app
+    message = str(caught.value)
+    assert f'auth.json entry "{host}/private"' in message and "alice" in message
+    assert "Stale-pw-42" not in message
 
 
 def test_token_reused_until_expiry_then_refreshed(token_registry: TokenRegistry) -> None:

@@ -73,3 +73,14 @@ def test_login_needs_a_user_name_without_a_terminal(tmp_path: Path) -> None:
     result = cli(tmp_path, "login", "--password-stdin", "registry.invalid", stdin="x\n")
     assert result.returncode == 2
     assert "-u USER" in result.stderr
+
+
+def test_login_to_a_namespace_is_refused(tmp_path: Path) -> None:
+    # podman login quay.io/team writes a namespaced auth.json key; our login
+    # writes docker's config.json, whose keys are hosts (docker reads
+    # "quay.io/team" as quay.io), so it takes a host only. Namespaced keys are
+    # read from podman's auth.json.
+    result = cli(tmp_path, "login", "-u", USER, "--password-stdin", "quay.io/team", stdin="x\n")
+    assert result.returncode == 2
+    assert "HOST[:PORT]" in result.stderr
+    assert not (tmp_path / ".docker" / "config.json").exists()

@@ -172,7 +172,9 @@ class RegistryAuth(httpx.Auth):
     """Auth for requests to one registry endpoint within one repository scope.
 
     ``registry`` is the name credentials are stored under (``docker.io``), which
-    may differ from the API host the request goes to (``registry-1.docker.io``).
+    may differ from the API host the request goes to (``registry-1.docker.io``);
+    ``repository`` is the scope's repository (``library/alpine``), so a
+    credential stored for a namespace or repository applies ("" for none).
     """
 
     def __init__(
@@ -181,21 +183,24 @@ class RegistryAuth(httpx.Auth):
         registry: str,
         scope: str,
         credentials: CredentialSource | None,
+        repository: str = "",
         cache: TokenCache,
         send: Callable[[httpx.Request], httpx.Response],
     ) -> None:
         self.registry = registry
         self._send = send
         self.scope = scope
+        self.repository = repository
         self._credentials = credentials
         self._cache = cache
         self._credential: Credential | None = None
         self._looked_up = False
 
     def credential(self) -> Credential | None:
-        """The credential for this registry, looked up once per flow."""
+        """The credential for this registry and repository, looked up once per flow."""
         if not self._looked_up:
-            self._credential = self._credentials.get(self.registry) if self._credentials else None
+            source = self._credentials
+            self._credential = source.get(self.registry, self.repository) if source else None
             self._looked_up = True
         return self._credential
 

@@ -1,8 +1,9 @@
 """Where registry credentials come from, and how ``login``/``logout`` store them.
 
 A :class:`CredentialSource` answers one question, "what credential do I have
-for this registry?", and says where the answer came from so an error can
-name it (never the secret). The sources follow the files other tools write:
+for this repository of this registry?", and says where the answer came from
+(the file and the ``auths`` key that matched) so an error can name it, never
+the secret. The sources follow the files other tools write:
 
 * docker's ``config.json`` (``$DOCKER_CONFIG/config.json``, else
   ``~/.docker/config.json``): ``auths`` entries (base64 ``auth`` or
@@ -11,10 +12,27 @@ name it (never the secret). The sources follow the files other tools write:
 * podman/skopeo's ``auth.json`` (``$REGISTRY_AUTH_FILE``, else
   ``${XDG_RUNTIME_DIR}/containers/auth.json``), which has the same format.
 
-:func:`default_credentials` chains them in the order podman reads them.
-Keys are matched like docker's ``ConvertToHostname``: a key may be a bare
-host, a host with a scheme and path (``https://host/v1/``), and Docker Hub is
-stored under ``https://index.docker.io/v1/``.
+:func:`default_credentials` chains them in the order podman reads them; the
+first file with any matching entry answers (containers/image's
+``pkg/docker/config``: the files are read in sequence until one has a
+credential).
+
+``auths`` keys are matched in two ways, by the file's kind (:func:`matching_keys`):
+
+* podman's ``auth.json`` (containers-auth.json(5)): a key may name a namespace
+  or repository (``quay.io/team``, ``quay.io/team/app``). For
+  ``quay.io/team/app`` the keys ``quay.io/team/app``, ``quay.io/team`` and
+  ``quay.io`` are tried in that order, each compared whole, so
+  ``quay.io/team`` never matches ``quay.io/teamx/app``. Docker Hub's names
+  are ``docker.io/library/alpine``. Then, as a host-level fallback, keys
+  with a scheme lose their path (``https://index.docker.io/v1/`` is Docker
+  Hub); a key without a scheme but with a path is a namespace, never a host.
+* docker's ``config.json``: host keys only, as docker's ``fileStore.Get``:
+  the exact server address first (``https://index.docker.io/v1/`` for Docker
+  Hub), then any key whose host (``ConvertToHostname``: scheme and path
+  dropped) is the registry.
+
+``credHelpers`` and ``credsStore`` are per registry host in both.
 """
 
 from __future__ import annotations
@@ -28,7 +46,7 @@ import os
 import subprocess
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -69,10 +87,13 @@ class Credential:
 
 
 class CredentialSource(Protocol):
-    """Something that may hold a credential for a registry host (``host[:port]``)."""
+    """Something that may hold a credential for a registry host (``host[:port]``),
+    or for one of its namespaces or repositories."""
 
-    def get(self, registry: str) -> Credential | None:
-        """The credential for ``registry`` (as in a Reference: ``docker.io``), or None."""
+    def get(self, registry: str, repository: str = "") -> Credential | None:
+        """The credential for ``repository`` (``library/alpine``; "" for the
+        registry as a whole) on ``registry`` (as in a Reference: ``docker.io``),
+        or None."""
         ...
 
 
@@ -90,6 +111,51 @@ def helper_server_url(registry: str) -> str:
     return DOCKER_HUB_KEY if registry_key(registry) == DOCKER_HUB else registry
 
 
+def lookup_order(registry: str, repository: str = "") -> list[str]:
+    """The ``auth.json`` keys that apply to ``registry/repository``, most specific first.
+
+    ``("quay.io", "team/app")`` → ``quay.io/team/app``, ``quay.io/team``,
+    ``quay.io`` (containers-auth.json(5); containers/image's ``authKeysForKey``).
+    """
+    parts = [registry_key(registry), *(p for p in repository.split("/") if p)]
+    return ["/".join(parts[:n]) for n in range(len(parts), 0, -1)]
+
+
+def _auth_json_host(key: str) -> str | None:
+    """The registry an ``auth.json`` key names as a whole, or None for a namespace key.
+
+    Only a key with a scheme loses its path (``https://index.docker.io/v1/``);
+    ``quay.io/team`` names a namespace, not ``quay.io``.
+    """
+    if "://" not in key and "/" in key:
+        return None
+    return registry_key(key)
+
+
+def matching_keys(
+    keys: Iterable[str], registry: str, repository: str = "", *, namespaced: bool = True
+) -> list[str]:
+    """The ``auths`` keys that apply to ``repository`` on ``registry``, best first.
+
+    ``namespaced`` is podman's ``auth.json`` (a key may name a namespace or
+    repository, matched by whole path components, the longest first); without
+    it, docker's ``config.json`` (host keys only; a path in a key is ignored,
+    as docker's ``ConvertToHostname`` ignores it). In both, an exact key comes
+    before one that only normalises to the registry.
+    """
+    keys = list(keys)
+    present = set(keys)
+    host = registry_key(registry)
+    if namespaced:
+        exact = [k for k in lookup_order(host, repository) if k in present]
+        loose = [k for k in keys if k not in exact and _auth_json_host(k) == host]
+    else:
+        wanted = helper_server_url(host)
+        exact = [wanted] if wanted in present else []
+        loose = [k for k in keys if k != wanted and registry_key(k) == host]
+    return exact + loose
+
+
 def _display(path: Path) -> str:
     home = Path.home()
     with contextlib.suppress(ValueError):
@@ -98,13 +164,18 @@ def _display(path: Path) -> str:
 
 
 class StaticCredentials:
-    """A fixed map of registry → credential (flags, tests, the API)."""
+    """A fixed map of key → credential (flags, tests, the API).
+
+    Keys are matched as ``auth.json`` keys: a registry (``ghcr.io``), or a
+    namespace or repository in one (``ghcr.io/org``).
+    """
 
     def __init__(self, entries: Mapping[str, Credential]) -> None:
-        self._entries = {registry_key(k): v for k, v in entries.items()}
+        self._entries = dict(entries)
 
-    def get(self, registry: str) -> Credential | None:
-        return self._entries.get(registry_key(registry))
+    def get(self, registry: str, repository: str = "") -> Credential | None:
+        found = matching_keys(self._entries, registry, repository)
+        return self._entries[found[0]] if found else None
 
 
 class CredentialHelper:
@@ -115,7 +186,8 @@ class CredentialHelper:
         self.program = f"docker-credential-{name}"
         self._env = dict(env) if env is not None else None
 
-    def get(self, registry: str) -> Credential | None:
+    def get(self, registry: str, repository: str = "") -> Credential | None:
+        """Ask the helper about ``registry``; helpers know hosts, not repositories."""
         out = self._run("get", helper_server_url(registry), missing_ok=True)
         if out is None:
             return None
@@ -163,18 +235,23 @@ class CredentialHelper:
 
 
 class AuthFile:
-    """A docker ``config.json`` or podman ``auth.json``; re-read on every lookup.
+    """A docker ``config.json`` or (``namespaced``) podman ``auth.json``; re-read on every lookup.
 
     Lookup order per registry follows docker: ``credHelpers[registry]``,
-    then ``credsStore``, then ``auths``.
+    then ``credsStore``, then ``auths`` in :func:`matching_keys` order (an
+    entry without a credential, docker's marker for a helper-stored login,
+    is passed over).
     """
 
-    def __init__(self, path: Path, *, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, path: Path, *, env: Mapping[str, str] | None = None, namespaced: bool = False
+    ) -> None:
         self.path = path
         self.origin = _display(path)
+        self.namespaced = namespaced
         self._env = env
 
-    def get(self, registry: str) -> Credential | None:
+    def get(self, registry: str, repository: str = "") -> Credential | None:
         doc = self._load()
         wanted = registry_key(registry)
         helper = self._helper_for(doc, wanted)
@@ -182,11 +259,14 @@ class AuthFile:
             found = helper.get(wanted)
             if found is not None:
                 return found
-        for key, entry in (doc.get("auths") or {}).items():
-            if registry_key(str(key)) == wanted and isinstance(entry, dict):
-                credential = self._from_entry(entry, str(key))
-                if credential is not None:
-                    return credential
+        auths = doc.get("auths") or {}
+        if not isinstance(auths, dict):
+            return None
+        for key in matching_keys(auths, wanted, repository, namespaced=self.namespaced):
+            entry = auths[key]
+            credential = self._from_entry(entry, key) if isinstance(entry, dict) else None
+            if credential is not None:
+                return credential
         return None
 
     def _helper_for(self, doc: Mapping[str, Any], registry: str) -> CredentialHelper | None:
@@ -213,7 +293,7 @@ class AuthFile:
         token = str(entry.get("identitytoken") or "")
         if not (username or password or token):
             return None
-        return Credential(username, password, token, origin=self.origin)
+        return Credential(username, password, token, origin=f'{self.origin} entry "{key}"')
 
     def _load(self) -> dict[str, Any]:
         try:
@@ -238,27 +318,30 @@ class ChainedCredentials:
     def __init__(self, sources: Sequence[CredentialSource]) -> None:
         self.sources = tuple(sources)
 
-    def get(self, registry: str) -> Credential | None:
+    def get(self, registry: str, repository: str = "") -> Credential | None:
+        # The first source with any match answers, even if a later one has a more
+        # specific key: containers/image reads its files in sequence the same way.
         for source in self.sources:
-            credential = source.get(registry)
+            credential = source.get(registry, repository)
             if credential is not None:
                 return credential
         return None
 
 
 class CachedCredentials:
-    """Remember each registry's answer (a helper is a subprocess; files are re-read)."""
+    """Remember each (registry, repository) answer (a helper is a subprocess; files are re-read)."""
 
     def __init__(self, source: CredentialSource) -> None:
         self._source = source
-        self._answers: dict[str, Credential | None] = {}
+        self._answers: dict[tuple[str, str], Credential | None] = {}
         self._lock = threading.Lock()
 
-    def get(self, registry: str) -> Credential | None:
+    def get(self, registry: str, repository: str = "") -> Credential | None:
+        key = (registry, repository)
         with self._lock:
-            if registry not in self._answers:
-                self._answers[registry] = self._source.get(registry)
-            return self._answers[registry]
+            if key not in self._answers:
+                self._answers[key] = self._source.get(registry, repository)
+            return self._answers[key]
 
 
 def docker_config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -279,10 +362,15 @@ def podman_auth_paths(env: Mapping[str, str] | None = None) -> list[Path]:
 
 
 def default_credentials(env: Mapping[str, str] | None = None) -> ChainedCredentials:
-    """podman's files first, then docker's config, as podman and skopeo read them."""
-    paths = [*podman_auth_paths(env), docker_config_path(env)]
+    """podman's files first, then docker's config, as podman and skopeo read them.
+
+    podman's ``auth.json`` keys may name namespaces; docker's ``config.json``
+    keys are hosts, as docker reads them.
+    """
     helper_env = dict(env) if env is not None else None
-    return ChainedCredentials([AuthFile(p, env=helper_env) for p in paths])
+    sources = [AuthFile(p, env=helper_env, namespaced=True) for p in podman_auth_paths(env)]
+    sources.append(AuthFile(docker_config_path(env), env=helper_env))
+    return ChainedCredentials(sources)
 
 
 def login(
@@ -294,6 +382,9 @@ def login(
     env: Mapping[str, str] | None = None,
 ) -> str:
     """Save a credential for ``registry`` the way ``docker login`` does; return where.
+
+    ``registry`` is a host: docker's ``config.json`` has no namespaced keys
+    (containers/image too refuses to write one into a docker-format file).
 
     A ``credHelpers`` entry or ``credsStore`` in the file receives it through
     ``docker-credential-<name> store``; otherwise it goes into ``auths`` as

@@ -133,7 +133,7 @@ class RegistryClient:
         config: RegistryConfig | None = None,
     ) -> None:
         self.config = config or RegistryConfig()
-        # Looked up once per registry for the client's life, not once per request.
+        # Looked up once per (registry, repository) for the client's life, not per request.
         self._credentials = CachedCredentials(credentials) if credentials else None
         self._tokens = TokenCache()
         timeout = httpx.Timeout(self.config.read_timeout, connect=self.config.connect_timeout)
@@ -332,6 +332,7 @@ class RegistryClient:
                 registry=endpoint.registry,
                 scope=pull_scope(ref.repository),
                 credentials=self._credentials,
+                repository=ref.repository,
                 cache=self._tokens,
                 send=self._send_token_request,
             )
