@@ -535,50 +535,46 @@ def _auth_json(tmp_path: Path, auths: Mapping[str, tuple[str, str]]) -> ChainedC
     )
 
 
+@pytest.mark.parametrize(
+    ("keys", "users"),
+    [
+        (
+            {
+                "": ("mallory", "Wrong-host-pw"),  # refused by the token server if ever sent
+                "/private": ("alice", "wonderland"),
+                "/public/app": ("carol", "looking-glass"),
+            },
+            ("alice", "carol"),
+        ),
+        (
+            # "host/privat" must not apply to "host/private/app" (as "quay.io/team"
+            # to "quay.io/teamx/app"): the host-level key answers instead.
+            {
+                "": ("carol", "looking-glass"),
+                "/privat": ("mallory", "Wrong-ns-pw"),
+                "/pub": ("mallory", "Wrong-ns-pw"),
+                "/private/ap": ("mallory", "Wrong-repo-pw"),
+            },
+            ("carol", "carol"),
+        ),
+    ],
+    ids=["most-specific-key-wins", "keys-match-whole-components"],
+)
 def test_each_repository_gets_its_namespaced_credential(
-    token_registry: TokenRegistry, tmp_path: Path
+    keys: dict[str, tuple[str, str]],
+    users: tuple[str, str],
+    token_registry: TokenRegistry,
+    tmp_path: Path,
 ) -> None:
     host = token_registry.server.host
-    credentials = _auth_json(
-        tmp_path,
-        {
-            host: ("mallory", "Wrong-host-pw"),  # refused by the token server if ever sent
-            f"{host}/private": ("alice", "wonderland"),
-            f"{host}/public/app": ("carol", "looking-glass"),
-        },
-    )
+    credentials = _auth_json(tmp_path, {host + suffix: user for suffix, user in keys.items()})
     token_registry.tokens.requests.clear()
     with RegistryClient(credentials=credentials, config=FAST) as client:
         _pull(client, token_registry.private)
         _pull(client, token_registry.public)
     assert token_registry.tokens.requests == [
-        ("alice", f"repository:{PRIVATE_REPO}:pull"),
-        ("carol", f"repository:{PUBLIC_REPO}:pull"),
-    ]
-
-
-def test_a_namespace_key_does_not_match_a_longer_namespace(
-    token_registry: TokenRegistry, tmp_path: Path
-) -> None:
-    # "host/privat" must not apply to "host/private/app" (as "quay.io/team" to
-    # "quay.io/teamx/app"): the host-level key answers instead.
-    host = token_registry.server.host
-    credentials = _auth_json(
-        tmp_path,
-        {
-            host: ("carol", "looking-glass"),
-            f"{host}/privat": ("mallory", "Wrong-ns-pw"),
-            f"{host}/pub": ("mallory", "Wrong-ns-pw"),
-            f"{host}/private/ap": ("mallory", "Wrong-repo-pw"),
-        },
-    )
-    token_registry.tokens.requests.clear()
-    with RegistryClient(credentials=credentials, config=FAST) as client:
-        _pull(client, token_registry.private)
-        _pull(client, token_registry.public)
-    assert token_registry.tokens.requests == [
-        ("carol", f"repository:{PRIVATE_REPO}:pull"),
-        ("carol", f"repository:{PUBLIC_REPO}:pull"),
+        (users[0], f"repository:{PRIVATE_REPO}:pull"),
+        (users[1], f"repository:{PUBLIC_REPO}:pull"),
     ]
 
 
