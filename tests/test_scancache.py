@@ -450,3 +450,30 @@ def test_scan_files_are_readable_without_the_code() -> None:
     assert magic.startswith(b"HMSCAN") and version == FORMAT_VERSION
     assert header["blob"] == str(BLOB) and header["compression"] == "gzip"
     assert header["limits"] == dataclasses.asdict(Limits())
+
+
+def test_a_rotten_blob_behind_a_cached_scan_is_downloaded_again(
+    multilayer_ref: PushedImage, multilayer_retag: str, scans: Scans, tmp_path: Path
+) -> None:
+    # With the scan cached, no pass reads the whole blob: the pull checks its
+    # digest instead, and fetches a blob that no longer matches it again.
+    data_dir = tmp_path / "data"
+    with ImageManager(tmp_path / "cold") as manager:
+        cold = manager.pull(multilayer_retag)
+    with ImageManager(data_dir) as manager:
+        manager.pull(multilayer_ref.ref)
+    layer = multilayer_ref.image.layers[-1]
+    blob = data_dir / "cache" / "blobs" / "sha256" / layer.digest[7:]
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(bytes(data))
+
+    scans.forbidden = True
+    stats = BuildStats()
+    with ImageManager(data_dir) as manager:
+        again = manager.pull(multilayer_retag, stats=stats)
+    assert stats.downloaded_bytes == layer.size
+    assert stats.cached_blobs == len(multilayer_ref.image.layers) - 1
+    assert Digest.of(blob.read_bytes()) == Digest.parse(layer.digest)
+    assert again.disk.read_bytes() == cold.disk.read_bytes()

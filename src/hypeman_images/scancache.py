@@ -6,7 +6,8 @@ its diff_id has matched an image config, the scan can be kept beside the blob
 and reused by every later image that lists the same blob: a new tag of an
 image, or a new image on shared base layers. containerd does the same with the
 uncompressed digest it records per content blob. A cached scan is trusted as
-much as the blob it describes, which pass 2 reads without hashing it again.
+much as the blob it describes; the pull re-hashes that blob (its compressed
+digest, much cheaper than a scan) and downloads it again if it rotted.
 
 Files live in the blob cache but outside its OCI layout's ``blobs/``::
 
