@@ -27,7 +27,7 @@ import os
 import re
 import subprocess
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -422,14 +422,13 @@ def huge_manifest(canary: Path) -> HostileCase:
     image = make_image([make_layer(_base_files())])
     doc = json.loads(image.manifest)
     doc["annotations"] = {"pad": "x" * (6 * MiB)}
-    body = json.dumps(doc).encode()
     return HostileCase(
         "huge-manifest",
         image,
         LimitExceeded,
         r"byte limit",
         stage="resolve",
-        served={"/manifests/": (body, _manifest_headers(body))},
+        served=_served_manifest(doc),
     )
 
 
@@ -438,13 +437,12 @@ def oversized_config_descriptor(canary: Path) -> HostileCase:
     image = make_image([make_layer(_base_files())])
     doc = json.loads(image.manifest)
     doc["config"]["size"] = 1 << 30
-    body = json.dumps(doc).encode()
     return HostileCase(
         "oversized-config-descriptor",
         image,
         LimitExceeded,
         r"config.*(limit|bytes)",
-        served={"/manifests/": (body, _manifest_headers(body))},
+        served=_served_manifest(doc),
     )
 
 
@@ -453,13 +451,12 @@ def wrong_layer_size(canary: Path) -> HostileCase:
     image = make_image([make_layer([*_base_files(), file("wrong-size", b"w")])])
     doc = json.loads(image.manifest)
     doc["layers"][0]["size"] -= 10
-    body = json.dumps(doc).encode()
     return HostileCase(
         "wrong-layer-size",
         image,
         DigestMismatch,
         r"descriptor says",
-        served={"/manifests/": (body, _manifest_headers(body))},
+        served=_served_manifest(doc),
     )
 
 
@@ -486,22 +483,24 @@ def _malformed_digest(name: str, digest: str) -> Callable[[Path], HostileCase]:
         image = make_image([make_layer(_base_files())])
         doc = json.loads(image.manifest)
         doc["layers"][0]["digest"] = digest
-        body = json.dumps(doc).encode()
         return HostileCase(
             name,
             image,
             LayerError,
             r"malformed descriptor",
             stage="resolve",
-            served={"/manifests/": (body, _manifest_headers(body))},
+            served=_served_manifest(doc),
         )
 
     build.__name__ = name
     return build
 
 
-def _manifest_headers(body: bytes) -> dict[str, str]:
-    return {"Content-Type": OCI_MANIFEST, "Docker-Content-Digest": sha256_digest(body)}
+def _served_manifest(doc: Mapping[str, Any]) -> dict[str, tuple[bytes, dict[str, str]]]:
+    """The proxy's answer to a manifest GET: ``doc`` serialized, as a registry sends it."""
+    body = json.dumps(doc).encode()
+    headers = {"Content-Type": OCI_MANIFEST, "Docker-Content-Digest": sha256_digest(body)}
+    return {"/manifests/": (body, headers)}
 
 
 CASES: tuple[Callable[[Path], HostileCase], ...] = (
