@@ -10,14 +10,13 @@ next ones compare with). The two run side by side, as at build time.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from .digest import Digest
 from .e2fsprogs import E2fsprogs, run_tool, tail
 from .errors import CorruptDisk
-from .ext4 import file_sha256
+from .ext4 import check_and_hash
 
 
 @dataclass(frozen=True)
@@ -37,18 +36,21 @@ def check_disk(tools: E2fsprogs, disk: Path, expected: str | None) -> Digest:
 
     ``expected`` is the recorded ``sha256:<hex>``, if any.
     """
-    with ThreadPoolExecutor(1, thread_name_prefix="e2fsck") as pool:
-        checked = pool.submit(run_tool, tools, [str(tools.e2fsck), "-fn", str(disk)], what="e2fsck")
-        digest = file_sha256(disk)
-        proc = checked.result()
-    if proc.returncode != 0:
-        raise CorruptDisk(
-            f"{disk}: e2fsck -fn found problems (exit {proc.returncode}): "
-            f"{tail(proc.stdout + proc.stderr, 15)}; remove the image and pull it again"
-        )
+    digest = check_and_hash(tools, disk, compute_sha256=True, check=_fsck_clean)
+    assert digest is not None
     if expected is not None and str(digest) != expected:
         raise CorruptDisk(
             f"{disk} hashes to {digest}, not to the {expected} recorded when it was built: "
             "it changed since; remove the image and pull it again"
         )
     return digest
+
+
+def _fsck_clean(tools: E2fsprogs, disk: Path) -> None:
+    # ext4.fsck's ToolError means a build went wrong; here the disk changed since.
+    proc = run_tool(tools, [str(tools.e2fsck), "-fn", str(disk)], what="e2fsck")
+    if proc.returncode != 0:
+        raise CorruptDisk(
+            f"{disk}: e2fsck -fn found problems (exit {proc.returncode}): "
+            f"{tail(proc.stdout + proc.stderr, 15)}; remove the image and pull it again"
+        )
