@@ -257,19 +257,20 @@ class ImageManager:
         from .verify import Verified, check_disk
 
         ref = _parse(name)
+
+        def ready(record: ImageRecord | None) -> ImageRecord:
+            if record is None or record.status is not ImageStatus.READY:
+                status = record.status if record is not None else "gone"
+                raise Conflict(f"{ref.familiar()} is {status}, not ready: nothing to verify yet")
+            return record
+
+        # Checked before the build lock too: a build in progress holds it for minutes.
         stored = self._find(ref)
-        if stored.record.status is not ImageStatus.READY:
-            raise Conflict(
-                f"{ref.familiar()} is {stored.record.status}, not ready: nothing to verify yet"
-            )
-        digest = Digest.parse(stored.record.digest)
+        digest = Digest.parse(ready(stored.record).digest)
         key = parse_reference(f"{stored.repository}@{digest}")
         tools = find_e2fsprogs(self.options.mke2fs or "mke2fs")
         with self.store.lock(key, digest):
-            current = self.store.read(key, digest)
-            if current is None or current.status is not ImageStatus.READY:
-                status = current.status if current is not None else "gone"
-                raise Conflict(f"{ref.familiar()} is {status}, not ready: nothing to verify yet")
+            current = ready(self.store.read(key, digest))
             disk = self.store.digest_dir(key, digest) / DISK_NAME
             sha256 = str(check_disk(tools, disk, current.disk_sha256))
             recorded_now = record and current.disk_sha256 is None

@@ -11,12 +11,10 @@ the disk is in place.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from .blobs import BlobStore
 from .config import BuildOptions
@@ -30,7 +28,6 @@ from .scancache import ScanCache
 from .store import DISK_NAME, ImageRecord, ImageStatus, ImageStore, StoredImage, now
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass
@@ -103,7 +100,9 @@ def build_resolved(
 
         set_status(record)
         # mke2fs's probe (two runs of it, the first time in a process) while the layers download.
-        tools = _in_background(find_e2fsprogs, options.mke2fs or "mke2fs")
+        probe = ThreadPoolExecutor(1, thread_name_prefix="probe")
+        tools = probe.submit(find_e2fsprogs, options.mke2fs or "mke2fs")
+        probe.shutdown(wait=False)  # its one thread ends with the probe; result() waits for it
         try:
             reporter.stage("pulling", f"{ref.familiar()} ({digest.short})")
             t0 = time.monotonic()
@@ -153,20 +152,6 @@ def build_resolved(
         stats.finish_s = time.monotonic() - t0
     reporter.stage("ready", ref.familiar())
     return store.find(ref)
-
-
-def _in_background(fn: Callable[[str], T], arg: str) -> Future[T]:
-    """``fn(arg)`` in a daemon thread; its result or exception waits in the future."""
-    future: Future[T] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn(arg))
-        except BaseException as exc:  # handed to whoever asks for the result
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="probe", daemon=True).start()
-    return future
 
 
 def _with_config(record: ImageRecord, pulled: PulledImage) -> ImageRecord:

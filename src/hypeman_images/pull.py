@@ -262,7 +262,9 @@ def pull(
     def fetch(index: int) -> int:
         layer = manifest.layers[index]
         tapped = tap is not None and tap.wants(index, layer)
-        if blobs.has(layer.digest) and (tapped or tap is None or _intact(blobs, layer)):
+        # A pass reads a cached blob whole (pass 1, checking its diff_id) unless
+        # the tap had the layer's scan already: then its digest is checked here.
+        if blobs.has(layer.digest) and (tap is None or tapped or _intact(blobs, layer)):
             progress.start(layer.digest, layer.size, cached=True)
             if tapped:
                 start_tap(index, layer, lambda: blobs.open(layer.digest), only_if_idle=False)
