@@ -61,10 +61,11 @@ def is_storage_failure(exc: BaseException) -> TypeGuard[OSError]:
 
 
 @contextlib.contextmanager
-def atomic_writer(final: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_writer(final: Path, mode: int = 0o644, *, durable: bool = True) -> Iterator[BinaryIO]:
     """Write ``final`` through a temp file: fsync, then rename into place.
 
     On any exception the temp file is removed and ``final`` is untouched.
+    Not ``durable``: no fsync, for a cache whose torn files read as misses.
     """
     tmp = temp_name(final)
     try:
@@ -72,9 +73,11 @@ def atomic_writer(final: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
             yield handle
             handle.flush()
             os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp, final)
-        fsync_dir(final.parent)
+        if durable:
+            fsync_dir(final.parent)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -83,9 +86,9 @@ def atomic_writer(final: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
         raise
 
 
-def write_atomic(final: Path, data: bytes, mode: int = 0o644) -> None:
+def write_atomic(final: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
     """Publish ``data`` at ``final`` atomically."""
-    with atomic_writer(final, mode) as handle:
+    with atomic_writer(final, mode, durable=durable) as handle:
         handle.write(data)
 
 

@@ -44,7 +44,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import struct
 import zlib
 from collections.abc import Iterator
@@ -54,9 +53,9 @@ from typing import Any
 
 from .blobs import BlobStore
 from .digest import Digest
-from .errors import HypemanError
+from .errors import HypemanError, StorageError
 from .flatten import SHARED_MAX, Entry, Kind, LayerScan, Limits, clean_path
-from .fsutil import TEMP_PREFIX, storage_error, temp_name, writer_alive
+from .fsutil import TEMP_PREFIX, storage_error, write_atomic, writer_alive
 from .spec import LAYER_COMPRESSION, Descriptor
 
 log = logging.getLogger(__name__)
@@ -364,16 +363,11 @@ class ScanCache:
         except (struct.error, UnicodeEncodeError) as exc:
             log.debug("scan cache: not saving %s: %s", layer.digest, exc)
             return False
-        tmp = temp_name(final)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "xb") as handle:
-                handle.write(data)
             # No fsync: a file a crash tears is a miss (its checksum says so).
-            os.replace(tmp, final)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+            write_atomic(final, data, durable=False)
+        except (OSError, StorageError) as exc:
             log.warning("scan cache: cannot save %s: %s", final, exc)
             return False
         return True
