@@ -147,17 +147,29 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def _wait_healthy(
     process: subprocess.Popen[bytes], url: str, log_path: Path, timeout: float
 ) -> bool:
-    """True once ``GET /v2/`` answers 200 or 401; False if the process died."""
+    """True once *this* process answers ``GET /v2/`` (200 or 401); False if it died.
+
+    Each probe carries a nonce in its User-Agent, and an answer counts only
+    once the nonce shows up in this process's access log: if another test
+    session's server took the port in the race after :func:`free_port`, it is
+    the one answering while ours dies of "address already in use", and the
+    fixture would otherwise hand out a stranger's registry.
+    """
     deadline = time.monotonic() + timeout
+    nonce = secrets.token_hex(8)
+    answered = False
     with httpx.Client(verify=False, timeout=2.0) as client:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 return False
-            try:
-                if client.get(f"{url}/v2/").status_code in (200, 401):
-                    return True
-            except httpx.TransportError:
-                pass
+            if not answered:
+                try:
+                    response = client.get(f"{url}/v2/", headers={"User-Agent": f"probe-{nonce}"})
+                    answered = response.status_code in (200, 401)
+                except httpx.TransportError:
+                    pass
+            if answered and nonce.encode() in log_path.read_bytes():
+                return True
             time.sleep(0.05)
     _stop(process)
     raise RegistryStartError(

@@ -29,6 +29,7 @@ from .images import make_image, make_layer, push_image
 from .registry import RegistryServer, free_port
 from .tar import directory, file
 
+_BIND_ATTEMPTS = 5
 CLI = str(Path(sys.executable).with_name("hypeman-images"))
 
 
@@ -94,33 +95,52 @@ class ServeProcess:
 def serve_process(
     data_dir: Path, log: Path, *args: str, env: Mapping[str, str] | None = None
 ) -> Iterator[ServeProcess]:
-    """Start ``serve`` on a free port and wait for ``/healthz``; stop it on exit."""
-    port = free_port()
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [CLI, "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
-    served = ServeProcess(process, f"http://127.0.0.1:{port}", log)
+    """Start ``serve`` on a free port and wait for ``/healthz``; stop it on exit.
+
+    The port was free when picked; if something else binds it first (another
+    test session), serve exits with "address already in use" and another
+    port is tried.
+    """
+    for _ in range(_BIND_ATTEMPTS):
+        port = free_port()
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [CLI, "serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+        served = ServeProcess(process, f"http://127.0.0.1:{port}", log)
+        try:
+            wait_healthy(served)
+        except AssertionError:
+            served.stop()
+            if "address already in use" not in served.output():
+                raise
+            continue
+        break
+    else:
+        raise AssertionError(f"no free port after {_BIND_ATTEMPTS} attempts:\n{served.output()}")
     try:
-        wait_healthy(served)
         yield served
     finally:
         served.stop()
 
 
 def wait_healthy(served: ServeProcess, timeout: float = 20) -> None:
+    """Wait for ``GET /healthz`` to answer 200; AssertionError if serve exits or times out."""
     deadline = time.monotonic() + timeout
     while True:
         if served.process.poll() is not None:
             raise AssertionError(f"serve exited {served.process.returncode}:\n{served.output()}")
         try:
             if httpx.get(f"{served.url}/healthz", timeout=1).status_code == 200:
-                return
+                # The answer may come from whoever won the port: ours must still be up.
+                if served.process.poll() is None:
+                    return
+                continue
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
