@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 from pathlib import Path
 
@@ -143,3 +144,20 @@ def test_serve_refuses_a_readable_token_file(tmp_path: Path, data_dir: Path) -> 
 def test_serve_rejects_bad_listen(data_dir: Path, listen: str) -> None:
     result = run("serve", "--data-dir", str(data_dir), "--listen", listen)
     assert result.returncode == 2 and "--listen" in result.stderr
+
+
+def test_serve_on_a_taken_port_says_so_and_touches_nothing(data_dir: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        result = run("serve", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}")
+    assert result.returncode == 13
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "another process listens there" in result.stderr
+    assert "serving on" not in result.stderr  # it never claimed to serve
+
+
+def test_serve_on_an_address_this_host_lacks(data_dir: Path) -> None:
+    # 192.0.2.0/24 is TEST-NET-1 (RFC 5737): never assigned to a local interface.
+    result = run("serve", "--data-dir", str(data_dir), "--listen", "192.0.2.1:8080")
+    assert result.returncode == 13
+    assert "no interface of this host has that address" in result.stderr

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
+import socket
 import stat
 import sys
 import threading
@@ -36,7 +38,7 @@ from . import __version__  # noqa: E402
 from .builds import PauseHook  # noqa: E402
 from .config import BuildOptions, default_data_dir, parse_size  # noqa: E402
 from .credentials import Credential, default_credentials, login, logout, registry_key  # noqa: E402
-from .errors import HypemanError, InvalidArgument  # noqa: E402
+from .errors import HypemanError, InvalidArgument, ServiceError  # noqa: E402
 from .flatten import Limits  # noqa: E402
 from .image import Image, image_of  # noqa: E402
 from .manager import DEFAULT_CONCURRENCY, ImageManager  # noqa: E402
@@ -59,7 +61,7 @@ exit codes:
   0 ok               1 other failure    2 bad usage/name   3 not found
   4 unauthorized     5 rate limited     6 platform missing 7 bad image
   8 digest mismatch  9 e2fsprogs       10 storage         11 boot failed
-  12 corrupt disk    130 interrupted"""
+  12 corrupt disk   13 cannot listen   130 interrupted"""
 
 EXAMPLES = {
     "pull": f"""\
@@ -636,6 +638,22 @@ def _listen_address(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def _bind(host: str, port: int, listen: str) -> socket.socket:
+    """The listening socket, bound before anything else starts, with a usable error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except socket.gaierror as exc:  # an OSError too: before the generic case
+        raise InvalidArgument(f"invalid --listen {listen!r}: {exc.strerror}") from exc
+    except OSError as exc:
+        hint = {
+            errno.EADDRINUSE: "another process listens there; stop it or pick another --listen",
+            errno.EADDRNOTAVAIL: "no interface of this host has that address",
+            errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE",
+        }.get(exc.errno or 0, "check --listen")
+        raise ServiceError(f"cannot listen on {listen}: {exc.strerror} ({hint})") from exc
+
+
 def read_token(path: Path) -> str:
     """The bearer token in ``path``; refuses a file others may read."""
     try:
@@ -664,6 +682,7 @@ def _serve(args: argparse.Namespace) -> int:
     token = read_token(args.token_file) if args.token_file else None
     if args.concurrency < 1:
         raise InvalidArgument(f"--concurrency must be at least 1, not {args.concurrency}")
+    sock = _bind(host, port, args.listen)
     manager = _manager(args, _build_options(args), concurrency=args.concurrency)
     try:
         report = manager.recover()
@@ -671,8 +690,6 @@ def _serve(args: argparse.Namespace) -> int:
             log.warning("resuming %d interrupted builds", len(report.resumed))
         config = uvicorn.Config(
             create_app(manager, token=token),
-            host=host,
-            port=port,
             log_level="info" if args.verbose else "warning",
             access_log=bool(args.verbose),
         )
@@ -683,8 +700,9 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        server.run()
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         manager.close(timeout=SHUTDOWN_GRACE_S)
     code = 0 if server.started else 1
     main = threading.main_thread()

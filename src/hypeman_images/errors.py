@@ -186,6 +186,13 @@ class CorruptDisk(HypemanError):
     http_status = 500
 
 
+class ServiceError(HypemanError):
+    """``serve`` cannot start: its address is taken or not usable on this host."""
+
+    code = "service_error"
+    exit_code = 13
+
+
 class BootError(HypemanError):
     """The VM did not boot, or did not run the image's command to completion."""
 
