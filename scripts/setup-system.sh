@@ -38,7 +38,7 @@ apt-get install -y -qq --no-install-recommends -t bookworm-backports \
     e2fsprogs libext2fs2 libcom-err2 libss2 logsave >/dev/null
 apt-get install -y -qq --no-install-recommends \
     python3-venv libarchive13 docker-registry umoci skopeo apache2-utils \
-    qemu-system-x86 linux-image-cloud-amd64 busybox-static \
+    qemu-system-x86 linux-image-cloud-amd64 busybox-static util-linux libc-bin \
     kmod cpio zstd lz4 time mmdebstrap >/dev/null
 # Say which mke2fs the tests will use, and refuse one too old for `-d -`.
 # (No `| head` here: with pipefail, mke2fs dying of SIGPIPE would fail setup.)

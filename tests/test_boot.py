@@ -365,18 +365,42 @@ def test_exit_code_propagates(run_alpine: Runner) -> None:
 @pytest.mark.parametrize(
     ("user", "expected"),
     [
-        ("", "uid=0(root) gid=0(root)"),
-        ("1000:1000", "uid=1000 gid=1000"),
-        ("1000", "uid=1000 gid=0(root)"),
-        ("nobody", "uid=65534(nobody) gid=65534(nobody)"),
-        ("guest:wheel", "uid=405(guest) gid=10(wheel)"),
+        # What `docker run --user U alpine:3.20.3 id` prints: the gid, then, with no
+        # group given, every group of the image's /etc/group that lists the user.
+        (
+            "",
+            "uid=0(root) gid=0(root) groups=0(root),1(bin),2(daemon),3(sys),4(adm),6(disk),"
+            "10(wheel),11(floppy),20(dialout),26(tape),27(video)",
+        ),
+        ("1000:1000", "uid=1000 gid=1000 groups=1000"),
+        ("1000", "uid=1000 gid=0(root) groups=0(root)"),
+        ("nobody", "uid=65534(nobody) gid=65534(nobody) groups=65534(nobody)"),
+        ("daemon", "uid=2(daemon) gid=2(daemon) groups=1(bin),2(daemon),4(adm)"),
+        ("2", "uid=2(daemon) gid=2(daemon) groups=1(bin),2(daemon),4(adm)"),
+        ("guest:wheel", "uid=405(guest) gid=10(wheel) groups=10(wheel)"),
+        ("daemon:0", "uid=2(daemon) gid=0(root) groups=0(root)"),
     ],
-    ids=["root", "uid-gid", "uid-only", "name", "name-group"],
+    ids=["root", "uid-gid", "uid-only", "name", "member", "uid-member", "name-group", "no-sgids"],
 )
 def test_user_is_applied(run_alpine: Runner, user: str, expected: str) -> None:
     result = run_alpine(["id"], user=user)
     assert result.exit_code == 0
     assert result.output.strip() == expected
+
+
+@pytest.mark.slow
+@needs_vm
+def test_every_id_of_the_process_is_dropped(run_alpine: Runner) -> None:
+    # Real, effective, saved and filesystem ids alike, and the capabilities with them.
+    result = run_alpine(
+        ["grep", "-E", "^(Uid|Gid|Groups|CapEff|CapPrm):", "/proc/self/status"], user="daemon"
+    )
+    assert result.exit_code == 0, result.output
+    fields = dict(line.split(":", 1) for line in result.output.splitlines())
+    assert fields["Uid"].split() == ["2"] * 4
+    assert fields["Gid"].split() == ["2"] * 4
+    assert fields["Groups"].split() == ["1", "2", "4"]
+    assert int(fields["CapEff"], 16) == int(fields["CapPrm"], 16) == 0
 
 
 @pytest.mark.slow

@@ -81,16 +81,17 @@ mount -t tmpfs -o mode=1777 shm $R/dev/shm
 # its absolute symlinks resolve within it (/proc/1/root is this init's root,
 # which reaches our busybox from inside the chroot). Shell builtins only:
 # every exec costs a lot under TCG. Prints uid, gid, home, the physical
-# working dir and the command's path, one a line; or a message and exits
-# 126 (user, group, working dir) or 127 (command not found).
+# working dir, the command's path and the groups (comma-separated), one a
+# line; or a message and exits 126 (user, group, working dir) or 127
+# (command not found).
 LOOKUP='
 user=$1 group=$2 workdir=$3 path=$4 argv0=$5
 num() { case $1 in "" | *[!0-9]*) return 1 ;; esac; }
-uid=$user gid=0 home=/ found=0
+uid=$user gid=0 home=/ found=0 name=
 if [ -r /etc/passwd ]; then
     while IFS=: read -r n _ u g _ h _; do
         if { num "$user" && [ "$u" = "$user" ]; } || [ "$n" = "$user" ]; then
-            uid=$u gid=$g home=${h:-/} found=1
+            uid=$u gid=$g home=${h:-/} found=1 name=$n
             break
         fi
     done </etc/passwd
@@ -112,6 +113,20 @@ elif [ -n "$group" ]; then
         echo "no group \"$group\" in /etc/group of the image"
         exit 126
     }
+fi
+# Supplementary groups as Docker sets them: the gid, then (when no group was
+# given and the user has a passwd entry) every group that lists the user by
+# name as a member (moby getUser, runc GetExecUser).
+groups=$gid
+if [ -z "$group" ] && [ -n "$name" ] && [ -r /etc/group ]; then
+    while IFS=: read -r n _ g members; do
+        num "$g" || continue
+        case ",$members," in
+            *",$name,"*)
+                case ",$groups," in *",$g,"*) ;; *) groups=$groups,$g ;; esac
+                ;;
+        esac
+    done </etc/group
 fi
 [ -d "$workdir" ] || mkdir -p "$workdir" 2>/dev/null
 cd -P "$workdir" 2>/dev/null || {
@@ -135,14 +150,17 @@ esac
     echo "entrypoint not found in the image: \"$argv0\" (PATH=$path)"
     exit 127
 }
-printf "%s\n" "$uid" "$gid" "$home" "$PWD" "$resolved"
+printf "%s\n" "$uid" "$gid" "$home" "$PWD" "$resolved" "$groups"
 '
 
 [ "$HM_ARGC" -gt 0 ] || fail 126 "no command: the image has neither entrypoint nor cmd"
 
 # Positional parameters become: env -i ENV... busybox nsenter ... -- ARGV...
-# nsenter from the initramfs busybox chroots, changes dir, drops to uid/gid
-# and execs the command, so the image needs no shell or tool of its own.
+# setpriv (run before env -i, so the image's LD_* variables never reach it)
+# sets the gid and the supplementary groups; nsenter from the initramfs
+# busybox chroots, changes dir, drops to the uid (-S alone keeps the groups;
+# its -G would clear them) and execs the command, so the image needs no shell
+# or tool of its own.
 path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 has_path=0
 has_home=0
@@ -178,6 +196,7 @@ code=$?
     read -r home
     read -r realdir
     read -r resolved
+    read -r groups
 } <<END_OF_LOOKUP
 $found
 END_OF_LOOKUP
@@ -193,7 +212,7 @@ case $argv0 in
 esac
 
 # nsenter opens the working dir before it chroots: give it the physical path.
-set -- "$@" $BB nsenter "-r$R" "-w$R$realdir" -G "$gid" -S "$uid" -F --
+set -- "$@" $BB nsenter "-r$R" "-w$R$realdir" -S "$uid" -F --
 i=1
 while [ $i -le "$HM_ARGC" ]; do
     eval "set -- \"\$@\" \"\$HM_ARG_$i\""
@@ -204,5 +223,5 @@ done
 # not a terminal, so programs print plain text (no colours, no tty queries).
 set -o pipefail
 echo "HYPEMAN_BEGIN_$HM_NONCE"
-env -i "$@" </dev/null 2>&1 | cat
+/usr/bin/setpriv --regid="$gid" --groups="$groups" -- $BB env -i "$@" </dev/null 2>&1 | cat
 finish $?

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import stat
+import subprocess
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -27,6 +28,11 @@ from hypeman_images.errors import BootError
 log = logging.getLogger(__name__)
 
 BUSYBOX = Path("/bin/busybox")
+# busybox's nsenter clears the supplementary groups and its setpriv cannot set
+# them; util-linux's setpriv (Essential in Debian) sets gid and groups before
+# nsenter drops to the uid. It runs from the initramfs root, with its loader
+# and libraries at the paths ldd found them on the host.
+SETPRIV = Path("/usr/bin/setpriv")
 _DIRS = (
     *("bin", "dev", "etc", "etc/hypeman", "lib", "lib/modules"),
     *("lower", "newroot", "proc", "rw", "sys"),
@@ -77,9 +83,50 @@ def init_script() -> bytes:
     return resources.files("hypeman_images.boot").joinpath("init.sh").read_bytes()
 
 
-def _base_entries(kernel: Kernel, busybox: bytes) -> list[CpioEntry]:
+def program_files(program: Path) -> list[tuple[str, bytes]]:
+    """``program`` and every shared object ``ldd`` lists for it: (path without "/", bytes).
+
+    Symlinks are read through, so each file lands at the path the loader asks
+    for (``/lib64/ld-linux-x86-64.so.2`` is a link on Debian).
+    """
+    try:
+        proc = subprocess.run(
+            ["ldd", str(program)], capture_output=True, text=True, check=False, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BootError(f"cannot run ldd on {program}: {exc}") from exc
+    paths = [program]
+    for line in proc.stdout.splitlines():
+        # "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)", "/lib64/ld-linux-... (0x...)"
+        words = line.split()
+        found = words[words.index("=>") + 1] if "=>" in words else words[0] if words else ""
+        if found.startswith("/"):
+            paths.append(Path(found))
+    try:
+        return [(str(path).lstrip("/"), path.read_bytes()) for path in paths]
+    except OSError as exc:
+        raise BootError(
+            f"cannot read {exc.filename}: boot needs util-linux's setpriv and its libraries "
+            f"(apt install util-linux) ({exc.strerror})"
+        ) from exc
+
+
+def _parents(names: list[str]) -> list[str]:
+    """Every directory above ``names`` not in ``_DIRS``, parents first."""
+    out: dict[str, None] = {}
+    for name in names:
+        parts = name.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            out.setdefault("/".join(parts[:i]))
+    return [d for d in out if d not in _DIRS]
+
+
+def _base_entries(
+    kernel: Kernel, busybox: bytes, programs: list[tuple[str, bytes]]
+) -> list[CpioEntry]:
     modules = resolve_modules(kernel)
     entries = [CpioEntry(d, stat.S_IFDIR | 0o755) for d in _DIRS]
+    entries += [CpioEntry(d, stat.S_IFDIR | 0o755) for d in _parents([n for n, _ in programs])]
     entries += [
         CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
         CpioEntry("bin/busybox", stat.S_IFREG | 0o755, busybox),
@@ -91,32 +138,39 @@ def _base_entries(kernel: Kernel, busybox: bytes) -> list[CpioEntry]:
             "".join(f"{m.name}\n" for m in modules).encode(),
         ),
     ]
+    entries += [CpioEntry(name, stat.S_IFREG | 0o755, data) for name, data in programs]
     entries += [
         CpioEntry(f"lib/modules/{m.name}.ko", stat.S_IFREG | 0o644, read_module(m)) for m in modules
     ]
     return entries
 
 
-def base_initramfs(kernel: Kernel, cache_dir: Path, busybox: Path = BUSYBOX) -> Path:
+def base_initramfs(
+    kernel: Kernel, cache_dir: Path, busybox: Path = BUSYBOX, setpriv: Path = SETPRIV
+) -> Path:
     """Return the cached base initramfs for ``kernel``, building it on first use.
 
     The file name carries the kernel version and a hash of everything that goes
-    in, so a changed ``init.sh`` or busybox gives a new file, never a stale one.
+    in, so a changed ``init.sh``, busybox or setpriv gives a new file, never a
+    stale one.
     """
     try:
         busybox_bytes = busybox.read_bytes()
     except OSError as exc:
         raise BootError(f"cannot read {busybox}: install busybox-static ({exc})") from exc
+    programs = program_files(setpriv)
     key = hashlib.sha256()
     for part in (kernel.version.encode(), init_script(), busybox_bytes):
         key.update(hashlib.sha256(part).digest())
+    for name, data in programs:
+        key.update(name.encode() + hashlib.sha256(data).digest())
     for module in resolve_modules(kernel):
         st = module.path.stat()
         key.update(f"{module.path}:{st.st_size}:{st.st_mtime_ns}".encode())
     target = cache_dir / f"initramfs-{kernel.version}-{key.hexdigest()[:16]}.cpio"
     if target.exists():
         return target
-    write_atomic(target, cpio_newc(_base_entries(kernel, busybox_bytes)))
+    write_atomic(target, cpio_newc(_base_entries(kernel, busybox_bytes, programs)))
     log.info("built %s", target)
     return target
 
