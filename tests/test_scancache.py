@@ -283,6 +283,10 @@ def test_gc_removes_scans_of_gone_blobs_and_dead_temp_files(tmp_path: Path) -> N
 
 # -- in the pipeline ----------------------------------------------------------------------
 
+# The scan cache serves the two-pass way (images built in one pass read every
+# layer anyway, and only save the scans they make): these builds take it.
+TWO_PASS = BuildOptions(one_pass=False)
+
 
 def retagged(image: Image) -> Image:
     """The same config and layers under another manifest digest (an annotation more)."""
@@ -333,7 +337,7 @@ def test_new_tag_over_cached_blobs_reuses_scans_and_gives_the_same_disk(
     multilayer_ref: PushedImage, multilayer_retag: str, scans: Scans, tmp_path: Path
 ) -> None:
     shared = tmp_path / "shared"
-    with ImageManager(shared) as manager:
+    with ImageManager(shared, options=TWO_PASS) as manager:
         manager.pull(multilayer_ref.ref)
     layers = layer_digests(multilayer_ref.image)
     assert scans.calls == len(layers)
@@ -341,13 +345,13 @@ def test_new_tag_over_cached_blobs_reuses_scans_and_gives_the_same_disk(
 
     scans.forbidden = True
     stats = BuildStats()
-    with ImageManager(shared) as manager:
+    with ImageManager(shared, options=TWO_PASS) as manager:
         warm = manager.pull(multilayer_retag, stats=stats)
     assert stats.cached_blobs == len(layers) and stats.downloaded_bytes == 0
     assert not stats.reused, "a new manifest digest must be converted, not reused"
 
     scans.forbidden = False
-    with ImageManager(tmp_path / "cold") as manager:
+    with ImageManager(tmp_path / "cold", options=TWO_PASS) as manager:
         cold = manager.pull(multilayer_retag)
     assert scans.calls == 2 * len(layers)
     assert cold.disk.parent.name == warm.disk.parent.name
@@ -365,7 +369,7 @@ DAMAGED_FILE: dict[str, Callable[[bytes], bytes]] = {
 def test_damaged_scan_file_is_rescanned_and_rewritten(
     alpine_ref: PushedImage, data_dir: Path, scans: Scans, damage: Callable[[bytes], bytes]
 ) -> None:
-    with ImageManager(data_dir) as manager:
+    with ImageManager(data_dir, options=TWO_PASS) as manager:
         manager.pull(alpine_ref.ref)
         [path] = scan_files(data_dir)
         good = path.read_bytes()
@@ -380,11 +384,11 @@ def test_damaged_scan_file_is_rescanned_and_rewritten(
 def test_other_limits_rescan_and_overwrite(
     alpine_ref: PushedImage, data_dir: Path, scans: Scans
 ) -> None:
-    with ImageManager(data_dir) as manager:
+    with ImageManager(data_dir, options=TWO_PASS) as manager:
         manager.pull(alpine_ref.ref)
         manager.delete(alpine_ref.ref)
     other = Limits(max_entries=1_000_000)
-    with ImageManager(data_dir, options=BuildOptions(limits=other)) as manager:
+    with ImageManager(data_dir, options=BuildOptions(limits=other, one_pass=False)) as manager:
         manager.pull(alpine_ref.ref)
     assert scans.calls == 2
     [layer] = alpine_ref.image.layers
@@ -397,7 +401,7 @@ def test_other_limits_rescan_and_overwrite(
 def test_rm_keeps_scans_and_gc_removes_them_with_their_blobs(
     alpine_ref: PushedImage, data_dir: Path
 ) -> None:
-    with ImageManager(data_dir) as manager:
+    with ImageManager(data_dir, options=TWO_PASS) as manager:
         manager.pull(alpine_ref.ref)
         [scan] = scan_files(data_dir)
         stale = scan.with_name(".tmp-x.999999999.abcd")
@@ -417,7 +421,10 @@ def test_scan_is_never_saved_when_the_diff_id_mismatches(
     url, host = registry.url, registry.host
     case = diff_id_mismatch(tmp_path)
     case.push(url, "scancache/bad-diff-id", "v1")
-    with ImageManager(data_dir) as manager, pytest.raises(LayerError, match="diff_ids"):
+    with (
+        ImageManager(data_dir, options=TWO_PASS) as manager,
+        pytest.raises(LayerError, match="diff_ids"),
+    ):
         manager.pull(f"{host}/scancache/bad-diff-id:v1")
     assert scan_files(data_dir) == []
 
@@ -433,7 +440,7 @@ def test_cached_scan_is_still_checked_against_each_config(
         [layer], config_extra={"rootfs": {"type": "layers", "diff_ids": [sha256_digest(b"")]}}
     )
     push_image(url, "scancache/lying", "v1", lying)
-    with ImageManager(data_dir) as manager:
+    with ImageManager(data_dir, options=TWO_PASS) as manager:
         manager.pull(f"{host}/scancache/sound:v1")
         [path] = scan_files(data_dir)
         saved = path.read_bytes()
@@ -458,9 +465,9 @@ def test_a_rotten_blob_behind_a_cached_scan_is_downloaded_again(
     # With the scan cached, no pass reads the whole blob: the pull checks its
     # digest instead, and fetches a blob that no longer matches it again.
     data_dir = tmp_path / "data"
-    with ImageManager(tmp_path / "cold") as manager:
+    with ImageManager(tmp_path / "cold", options=TWO_PASS) as manager:
         cold = manager.pull(multilayer_retag)
-    with ImageManager(data_dir) as manager:
+    with ImageManager(data_dir, options=TWO_PASS) as manager:
         manager.pull(multilayer_ref.ref)
     layer = multilayer_ref.image.layers[-1]
     blob = data_dir / "cache" / "blobs" / "sha256" / layer.digest[7:]
@@ -471,7 +478,7 @@ def test_a_rotten_blob_behind_a_cached_scan_is_downloaded_again(
 
     scans.forbidden = True
     stats = BuildStats()
-    with ImageManager(data_dir) as manager:
+    with ImageManager(data_dir, options=TWO_PASS) as manager:
         again = manager.pull(multilayer_retag, stats=stats)
     assert stats.downloaded_bytes == layer.size
     assert stats.cached_blobs == len(multilayer_ref.image.layers) - 1

@@ -18,7 +18,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, Protocol, cast
 
 import zstandard
 from isal import igzip, isal_zlib
@@ -231,39 +231,71 @@ class _StrictZstd(io.RawIOBase):
         super().close()
 
 
+class Hasher(Protocol):
+    """What ``hash_into`` takes: a ``hashlib`` object, say."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+
 class _ReadAhead(io.RawIOBase):
     """``inner`` read in a helper thread, up to ``blocks`` blocks of 1 MiB ahead of its reader.
 
     ISA-L and zstd drop the GIL while they decode, so the decoding of a layer
-    overlaps whatever its reader does with the bytes. A read of a block's
+    overlaps whatever its reader does with the bytes; so does hashlib, and
+    ``hash_into`` gets every decoded byte in this thread (the one-pass build's
+    diff_id: 0.55 s of sha256 for 851 MB off the thread that parses). A read of a block's
     size gets the block itself, not a copy. An error reaches the reader where
     it happened in the stream; closing stops the thread, then closes ``inner``.
     """
 
     BLOCK = 1 << 20
 
-    def __init__(self, inner: BinaryIO, blocks: int) -> None:
+    def __init__(self, inner: BinaryIO, blocks: int, hash_into: Hasher | None = None) -> None:
         self._inner = inner
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(blocks)
         self._stop = threading.Event()
         self._block = b""
         self._pos = 0
         self._eof = False
-        self._thread = threading.Thread(target=self._decode, name="read-ahead", daemon=True)
-        self._thread.start()
+        self._hash = hash_into
+        # The hash gets a thread of its own: in the decoder's, it made that thread
+        # the one-pass build's slowest (inflate + sha256, 1.75 s of 851 MB).
+        self._hash_queue: queue.Queue[bytes] = queue.Queue(blocks)
+        self._threads = [threading.Thread(target=self._decode, name="read-ahead", daemon=True)]
+        if hash_into is not None:
+            self._threads.append(threading.Thread(target=self._digest, name="hash", daemon=True))
+        for thread in self._threads:
+            thread.start()
 
     def _decode(self) -> None:
         try:
-            while self._put(data := self._inner.read(self.BLOCK)) and data:
-                pass
+            while data := self._inner.read(self.BLOCK):
+                if not self._put(self._hash_queue, data) or not self._put(self._queue, data):
+                    return
+            self._put(self._hash_queue, data)
+            self._put(self._queue, data)
         except BaseException as exc:  # the reader raises it, in its own thread
-            self._put(exc)
+            self._put(self._hash_queue, b"")
+            self._put(self._queue, exc)
 
-    def _put(self, item: bytes | BaseException) -> bool:
-        """Queue ``item``; False once the reader has closed (nobody will take it)."""
+    def _digest(self) -> None:
+        assert self._hash is not None
         while not self._stop.is_set():
             try:
-                self._queue.put(item, timeout=0.1)
+                data = self._hash_queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if not data:
+                return
+            self._hash.update(data)
+
+    def _put(self, where: queue.Queue[Any], item: bytes | BaseException) -> bool:
+        """Queue ``item``; False once the reader has closed (nobody will take it)."""
+        if where is self._hash_queue and self._hash is None:
+            return True
+        while not self._stop.is_set():
+            try:
+                where.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
@@ -300,8 +332,11 @@ class _ReadAhead(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
+            if self._eof and len(self._threads) > 1:
+                self._threads[1].join()  # read to the end: let the hash finish
             self._stop.set()
-            self._thread.join()
+            for thread in self._threads:
+                thread.join()
             self._inner.close()
         super().close()
 
@@ -313,6 +348,7 @@ def open_decompressed(
     name: str,
     zstd_max_window: int = DEFAULT_ZSTD_MAX_WINDOW,
     read_ahead: int = 0,
+    hash_into: Hasher | None = None,
 ) -> BinaryIO:
     """A reader of the uncompressed tar inside a layer blob.
 
@@ -320,7 +356,8 @@ def open_decompressed(
     object (closed with the reader), which need not be seekable, so a download
     in progress can be fed in. ``name`` (the layer's digest, say) appears in
     every error. gzip uses ISA-L. With ``read_ahead`` > 0 the decoding runs in
-    a helper thread, that many 1 MiB blocks ahead of the reader (0: inline).
+    a helper thread, that many 1 MiB blocks ahead of the reader (0: inline),
+    and ``hash_into`` (which needs ``read_ahead``) is fed every decoded byte there.
     Concatenated gzip members and zstd frames are read through to the end.
     """
     compression = LAYER_COMPRESSION.get(media_type)
@@ -356,4 +393,8 @@ def open_decompressed(
     else:
         inner = stream
     decoded = cast(BinaryIO, DecompressedStream(inner, compression, name, stream))
-    return cast(BinaryIO, _ReadAhead(decoded, read_ahead)) if read_ahead > 0 else decoded
+    if read_ahead > 0:
+        return cast(BinaryIO, _ReadAhead(decoded, read_ahead, hash_into))
+    if hash_into is not None:
+        raise ValueError("hash_into needs read_ahead")
+    return decoded

@@ -76,6 +76,9 @@ class BuildOptions:
     default: hashing is the last step of a build, after mke2fs, and costs
     about 0.7 s per GB of disk on one core (13 % of an 851 MB image's pull,
     issue 7); ``e2fsck -fn`` checks every disk either way.
+    ``one_pass``: build gzip and uncompressed images reading each layer once
+    (:mod:`hypeman_images.topdown`), falling back to two passes where that
+    cannot decide; off, every image takes the two-pass path.
     """
 
     platform: Platform = field(default_factory=Platform.host)
@@ -83,3 +86,4 @@ class BuildOptions:
     mke2fs: str | None = None
     disk_digest: bool = False
     limits: Limits = field(default_factory=Limits)
+    one_pass: bool = True

@@ -1,10 +1,16 @@
 """Cached layers → one merged tar stream → ``rootfs.ext4`` (DESIGN.md steps 4 and 5).
 
-Each layer is decompressed twice at most: once to scan its headers (and check
-its diff_id), once to copy the bodies that survive into mke2fs's stdin. The
-scan can run during the download, as a tap of :func:`pull.pull`
-(:class:`LayerScans`), so that only the second pass follows it (issue 7), and
-is kept by blob digest (:mod:`scancache`), so a blob is scanned only once.
+Two ways, same tree. The one-pass way (:mod:`topdown`, for gzip and plain
+layers) reads each layer once, top layer first, straight into mke2fs, on a
+disk sized from the layers' uncompressed size and shrunk to the tree after.
+The two-pass way decompresses each layer twice at most: once to scan its
+headers (and check its diff_id), once to copy the bodies that survive into
+mke2fs's stdin. Its scan can run during the download, as a tap of
+:func:`pull.pull` (:class:`LayerScans`), and is kept by blob digest
+(:mod:`scancache`), so a blob is scanned only once. The two-pass way is the
+reference: the one pass falls back to it whenever it cannot prove it made the
+merge's tree. Which way an image takes depends on the image and the tools
+only, never on what is cached, so that its disk is the same every time.
 Nothing of the image touches the host filesystem but the disk itself.
 """
 
@@ -16,21 +22,22 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from .blobs import BlobStore
-from .compression import open_decompressed
+from .compression import Hasher, open_decompressed
 from .config import BuildOptions
 from .digest import Digest
 from .e2fsprogs import E2fsprogs, find_e2fsprogs
-from .ext4 import SizeInputs, build_disk
+from .ext4 import OutOfRoom, SizeInputs, build_disk, build_disk_one_pass
 from .flatten import LayerScan, Limits, Merger, Tree, TreeStats, merge, scan_layer, write_tar
 from .pull import PulledImage
 from .scancache import ScanCache
-from .spec import Descriptor
+from .spec import LAYER_COMPRESSION, Descriptor
+from .topdown import Speculation, TopDown
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,7 @@ class DiskInfo:
     tool_versions: dict[str, str]
     fallback_used: bool
     timings: dict[str, float] = field(default_factory=dict)
+    one_pass: bool = False
 
 
 def size_inputs(stats: TreeStats) -> SizeInputs:
@@ -86,9 +94,12 @@ class LayerScans:
     (2.0-2.2 s either way on the 851 MB, 4-layer image).
     """
 
-    def __init__(self, limits: Limits | None = None, cache: ScanCache | None = None) -> None:
+    def __init__(
+        self, limits: Limits | None = None, cache: ScanCache | None = None, *, tap: bool = True
+    ) -> None:
         self.limits = limits or Limits()
         self.cache = cache
+        self.tap = tap
         self._scans: dict[int, LayerScan] = {}
         self._in_cache: set[Digest] = set()  # blobs whose scan the cache holds already
         self._lock = threading.Lock()
@@ -97,6 +108,14 @@ class LayerScans:
         self._merge_lock = threading.Lock()  # one merging thread at a time, layers in order
 
     def wants(self, index: int, layer: Descriptor) -> bool:
+        """Should the pull tap this layer? If pass 1 :meth:`needs` it, unless ``tap=False``.
+
+        ``tap=False``: the image will be built in one pass (:func:`one_pass_candidate`),
+        which reads each layer itself.
+        """
+        return self.tap and self.needs(index, layer)
+
+    def needs(self, index: int, layer: Descriptor) -> bool:
         """Must pass 1 read this layer? Not if the scan cache has its blob (kept here then)."""
         if self.cache is None:
             return True
@@ -137,6 +156,12 @@ class LayerScans:
                 self._merger.add(scan)
             return self._merger.tree()
 
+    def add(self, scan: LayerScan) -> None:
+        """A scan made elsewhere (by the one pass), for :meth:`verified` and the two-pass way."""
+        with self._lock:
+            self._scans[scan.index] = scan
+        self._merge_ready()
+
     def get(self, index: int) -> LayerScan | None:
         """The scan of layer ``index``, if the tap made one or the cache had it."""
         with self._lock:
@@ -174,18 +199,16 @@ def scan_layers(pulled: PulledImage, blobs: BlobStore, done: LayerScans) -> list
     scans = []
     layers = pulled.resolved.manifest.layers
     for index, (layer, diff_id) in enumerate(zip(layers, pulled.config.diff_ids, strict=True)):
-        if done.get(index) is None and done.wants(index, layer):
+        if done.get(index) is None and done.needs(index, layer):
             done(index, layer, blobs.open(layer.digest))
         scans.append(done.verified(index, layer, diff_id))
     return scans
 
 
-def _decompressed(source: BinaryIO | Path, layer: Descriptor, read_ahead: int = 0) -> BinaryIO:
+def _decompressed(source: BinaryIO | Path, layer: Descriptor) -> BinaryIO:
     # Inline for pass 1: inflating there is faster than in a helper thread; the
     # other core is busy with another layer or the download.
-    return open_decompressed(
-        source, layer.media_type, name=str(layer.digest), read_ahead=read_ahead
-    )
+    return open_decompressed(source, layer.media_type, name=str(layer.digest))
 
 
 # Pass 2 inflates in a helper thread (ISA-L drops the GIL), overlapping the
@@ -197,8 +220,16 @@ def _decompressed(source: BinaryIO | Path, layer: Descriptor, read_ahead: int = 
 _READ_AHEAD_BLOCKS = 16
 
 
-def _open_layer_to_emit(blobs: BlobStore, layer: Descriptor) -> BinaryIO:
-    return _decompressed(blobs.path(layer.digest), layer, read_ahead=_READ_AHEAD_BLOCKS)
+def _open_layer_to_emit(
+    blobs: BlobStore, layer: Descriptor, hash_into: Hasher | None = None
+) -> BinaryIO:
+    return open_decompressed(
+        blobs.path(layer.digest),
+        layer.media_type,
+        name=str(layer.digest),
+        read_ahead=_READ_AHEAD_BLOCKS,
+        hash_into=hash_into,
+    )
 
 
 # Bigger writes into mke2fs's stdin: fewer syscalls and context switches than
@@ -251,6 +282,122 @@ class _Counting:
         self._report(self.count)
 
 
+def one_pass_candidate(layers: Sequence[Descriptor], options: BuildOptions) -> bool:
+    """Will this image try the one-pass way? Known before the pull: the layers' media types.
+
+    gzip and uncompressed layers tell their uncompressed size (:func:`uncompressed_size`),
+    which sizes the disk before the stream; zstd frames need not.
+    """
+    return options.one_pass and all(
+        LAYER_COMPRESSION.get(layer.media_type) in ("gzip", "none") for layer in layers
+    )
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def uncompressed_size(path: Path, layer: Descriptor) -> int | None:
+    """The layer's uncompressed size from its cached blob alone; ``None`` if it does not say.
+
+    A plain tar is its own size. gzip's trailer ends with ISIZE, the input size
+    modulo 2**32 (RFC 1952 §2.3.1) -- of the last member only. A value below
+    half the blob's size is not believed (a multi-member stream, a layer past
+    4 GiB); a wrapped one can still be too small, and the one-pass disk then
+    runs out of room, which only costs the fallback.
+    """
+    kind = LAYER_COMPRESSION.get(layer.media_type)
+    try:
+        with path.open("rb") as blob:
+            size = blob.seek(0, 2)
+            if kind == "none":
+                return size
+            if kind != "gzip" or size < 18:
+                return None
+            blob.seek(0)
+            if blob.read(2) != _GZIP_MAGIC:
+                return None  # the two-pass way says what is wrong with it
+            blob.seek(size - 4)
+            isize = int.from_bytes(blob.read(4), "little")
+    except OSError:
+        return None
+    return isize if isize >= size // 2 else None
+
+
+def _convert_one_pass(
+    pulled: PulledImage,
+    blobs: BlobStore,
+    dest: Path,
+    options: BuildOptions,
+    on_progress: Callable[[int, int], None] | None,
+    tools: E2fsprogs,
+    limits: Limits,
+    scans: LayerScans,
+    uncompressed: int,
+) -> DiskInfo:
+    """The one-pass way; raises :class:`Speculation` or :class:`OutOfRoom` to fall back."""
+    layers = pulled.resolved.manifest.layers
+    diff_ids = pulled.config.diff_ids
+    one_pass = TopDown(
+        lambda i, hasher: _open_layer_to_emit(blobs, layers[i], hasher),
+        [str(layer.digest) for layer in layers],
+        limits,
+    )
+    made: list[LayerScan] = []
+
+    def expect(scan: LayerScan) -> None:
+        scan.check_diff_id(diff_ids[scan.index])
+
+    def write_stream(out: BinaryIO) -> None:
+        with _sink(out, on_progress, uncompressed) as sink:
+            made.extend(one_pass.run(sink, expect))
+
+    def plan() -> tuple[SizeInputs, list[tuple[bytes, str, bytes]]]:
+        for scan in made:
+            scans.add(scan)  # kept for the two-pass way if the check below fails
+        tree = merge(made, limits)
+        one_pass.check(tree)
+        return size_inputs(tree.stats), [(f.path, f.name, f.value) for f in tree.xattr_fixups]
+
+    t0 = time.monotonic()
+    result = build_disk_one_pass(
+        dest,
+        uncompressed,
+        write_stream,
+        plan,
+        seed=pulled.resolved.digest,
+        free_space=options.free_space,
+        mke2fs=tools,
+        compute_sha256=options.disk_digest,
+    )
+    for scan in made:
+        scans.verified(scan.index, layers[scan.index], diff_ids[scan.index])  # into the scan cache
+    return DiskInfo(
+        path=result.path,
+        size_bytes=result.size_bytes,
+        content_bytes=result.content_bytes,
+        sha256=str(result.sha256) if result.sha256 else None,
+        tool_versions={"e2fsprogs": result.tool_version},
+        fallback_used=result.fallback_used,
+        timings={"one_pass_s": time.monotonic() - t0},
+        one_pass=True,
+    )
+
+
+@contextlib.contextmanager
+def _sink(
+    out: BinaryIO, on_progress: Callable[[int, int], None] | None, total: int
+) -> Iterator[BinaryIO]:
+    """mke2fs's stdin, big-buffered, counting for ``on_progress``; flushed at the end."""
+    buffered, flush = _big_buffered(out)
+    sink: BinaryIO = buffered
+    if on_progress is not None:
+        report, whole = on_progress, max(1, total)
+        sink = _Counting(buffered, lambda n: report(min(n, whole), whole))  # type: ignore[assignment]
+    yield sink
+    sink.flush()
+    flush()
+
+
 def convert(
     pulled: PulledImage,
     *,
@@ -272,6 +419,19 @@ def convert(
         scans = LayerScans(limits)
     tools = tools or find_e2fsprogs(options.mke2fs or "mke2fs")
     timings: dict[str, float] = {}
+    layers = pulled.resolved.manifest.layers
+    if one_pass_candidate(layers, options) and tools.tar_input and tools.resize2fs is not None:
+        sizes = [uncompressed_size(blobs.path(layer.digest), layer) for layer in layers]
+        if None not in sizes:
+            t0 = time.monotonic()
+            try:
+                return _convert_one_pass(
+                    pulled, blobs, dest, options, on_progress, tools, limits, scans,
+                    sum(size for size in sizes if size is not None),
+                )  # fmt: skip
+            except (Speculation, OutOfRoom) as exc:
+                log.info("%s: building in two passes: %s", pulled.resolved.digest, exc)
+                timings["one_pass_tried_s"] = time.monotonic() - t0
 
     t0 = time.monotonic()
     layer_scans = scan_layers(pulled, blobs, scans)
@@ -279,18 +439,10 @@ def convert(
     del layer_scans
     scans.clear()
     timings["flatten_scan_s"] = time.monotonic() - t0
-    layers = pulled.resolved.manifest.layers
-    total = max(1, tree.stats.regular_bytes)
 
     def write_stream(out: BinaryIO) -> None:
-        buffered, flush = _big_buffered(out)
-        sink: BinaryIO = buffered
-        if on_progress is not None:
-            report = on_progress
-            sink = _Counting(buffered, lambda n: report(min(n, total), total))  # type: ignore[assignment]
-        write_tar(tree, lambda i: _open_layer_to_emit(blobs, layers[i]), sink, limits)
-        sink.flush()
-        flush()
+        with _sink(out, on_progress, tree.stats.regular_bytes) as sink:
+            write_tar(tree, lambda i: _open_layer_to_emit(blobs, layers[i]), sink, limits)
 
     t0 = time.monotonic()
     result = build_disk(

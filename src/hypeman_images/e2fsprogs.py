@@ -55,6 +55,7 @@ class E2fsprogs:
     release: str
     tar_input: bool
     why_no_tar: str | None = None
+    resize2fs: Path | None = None  # only the one-pass build needs it
     env: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     @property
@@ -205,8 +206,16 @@ def _probe(mke2fs_path: Path, extra: dict[str, str]) -> E2fsprogs:
         release=release,
         tar_input=why_not is None,
         why_no_tar=why_not,
+        resize2fs=_optional("resize2fs", near),
         env=extra,
     )
+
+
+def _optional(name: str, near: Path) -> Path | None:
+    try:
+        return _locate(name, near)
+    except ToolError:
+        return None
 
 
 def run_tool(

@@ -86,6 +86,19 @@ FEATURES = (
     "none,ext_attr,dir_index,filetype,extent,64bit,flex_bg,sparse_super,"
     "large_file,huge_file,dir_nlink,extra_isize"
 )
+# The one-pass build (issue 7) sizes its disk before the stream and shrinks it
+# after. Two changes make the shrink a mere truncation: without flex_bg each
+# group keeps its inode table inside it, so the groups resize2fs drops take
+# theirs along (with flex_bg the first group holds all of a flex group's
+# tables and the data starts behind them: resize2fs then had to move blocks,
+# and failed); uninit_bg (group descriptor checksums only) lets e2fsck skip
+# the inode tables' unused parts, which a generous inode count makes large.
+ONE_PASS_FEATURES = FEATURES.replace(",flex_bg,", ",") + ",uninit_bg"
+# Inodes per group of the one-pass disk: the most a group can hold (one per
+# block), since nothing says how many entries the layers have before they are
+# read. The table's unused blocks are never written (a sparse file), but they
+# count in the disk's size: 8 MiB per 128 MiB group.
+ONE_PASS_INODES_PER_GROUP = BLOCKS_PER_GROUP
 MKE2FS_CONF = """\
 [defaults]
 \tbase_features = sparse_super,large_file,filetype,dir_index,ext_attr
@@ -175,10 +188,16 @@ def _backup_groups(groups: int) -> int:
     return len(found)
 
 
-def _metadata_blocks(blocks: int, inodes: int) -> tuple[int, int]:
-    """Blocks of fs metadata for a filesystem of ``blocks``; and the real inode count."""
+def _metadata_blocks(blocks: int, inodes: int, per_group: int = 0) -> tuple[int, int]:
+    """Blocks of fs metadata for a filesystem of ``blocks``; and the real inode count.
+
+    ``per_group``: a fixed number of inodes per group (a resize keeps the one
+    the disk was made with); otherwise ``inodes`` spread over the groups.
+    """
     groups = _ceil(blocks, BLOCKS_PER_GROUP)
-    per_group = _ceil(_ceil(inodes, groups), _INODES_PER_ITABLE_BLOCK) * _INODES_PER_ITABLE_BLOCK
+    per_group = per_group or (
+        _ceil(_ceil(inodes, groups), _INODES_PER_ITABLE_BLOCK) * _INODES_PER_ITABLE_BLOCK
+    )
     inode_tables = groups * per_group // _INODES_PER_ITABLE_BLOCK
     gdt = _ceil(groups * _DESC_SIZE, BLOCK_SIZE)
     supers = _backup_groups(groups) * (1 + gdt)
@@ -222,22 +241,26 @@ def content_blocks(inputs: SizeInputs) -> int:
     )
 
 
-def plan_disk(inputs: SizeInputs, free_space: int = 0) -> DiskLayout:
+def plan_disk(inputs: SizeInputs, free_space: int = 0, inodes_per_group: int = 0) -> DiskLayout:
     """The smallest layout that holds ``inputs`` plus ``free_space`` bytes, with a margin.
 
     Total = content (see :func:`content_blocks`) + free space + a margin of
     64 blocks + metadata, where metadata (superblock and descriptor copies,
     two bitmaps and the inode table of each group) depends on the total: the
-    sum is iterated to a fixed point.
+    sum is iterated to a fixed point. ``inodes_per_group`` fixes the inode
+    table of each group (the size to shrink a one-pass disk to); then there
+    are at least enough groups for the inodes.
     """
     if free_space < 0:
         raise ValueError("free_space must not be negative")
     content = content_blocks(inputs)
     want_inodes = _FIRST_INODE + inputs.inodes + _INODE_MARGIN + free_space // 16384
     base = content + _ceil(free_space, BLOCK_SIZE) + _MARGIN_BLOCKS
+    if inodes_per_group:
+        base = max(base, (_ceil(want_inodes, inodes_per_group) - 1) * BLOCKS_PER_GROUP + 1)
     blocks = base
     for _ in range(20):
-        meta, inodes = _metadata_blocks(blocks, want_inodes)
+        meta, inodes = _metadata_blocks(blocks, want_inodes, inodes_per_group)
         total = base + meta
         # mke2fs drops a last group too small for its own metadata + 50 blocks
         # (ext2fs_initialize); never let the tail group be that small.
@@ -248,8 +271,27 @@ def plan_disk(inputs: SizeInputs, free_space: int = 0) -> DiskLayout:
         if total == blocks:
             break
         blocks = total
-    _, inodes = _metadata_blocks(blocks, want_inodes)
+    _, inodes = _metadata_blocks(blocks, want_inodes, inodes_per_group)
     return DiskLayout(blocks=blocks, inodes=inodes, content_blocks=content)
+
+
+def one_pass_layout(uncompressed: int, free_space: int = 0) -> DiskLayout:
+    """A disk that holds any tree the layers' ``uncompressed`` bytes of tar can make.
+
+    Each entry has a 512-byte header, and takes one inode and at most one
+    block per 512 bytes of tar (a directory or a 1-byte file: one block for
+    1024 bytes of header and body); so one block and one inode per 512 bytes,
+    plus the free space and a margin. The file is sparse: what is never
+    written costs nothing, and :func:`plan_disk` with the disk's own inodes
+    per group says what to shrink it to once the tree is known. Implicit
+    parent directories are the one thing not counted: a layer of deep paths
+    without directory entries can exhaust it, and mke2fs then says so.
+    """
+    blocks = (
+        _ceil(uncompressed, 512) + _ceil(free_space, BLOCK_SIZE) + _MARGIN_BLOCKS + BLOCKS_PER_GROUP
+    )
+    groups = _ceil(blocks, BLOCKS_PER_GROUP)
+    return DiskLayout(blocks=blocks, inodes=groups * ONE_PASS_INODES_PER_GROUP, content_blocks=0)
 
 
 def seed_uuid(seed: Digest, purpose: str) -> uuid.UUID:
@@ -265,6 +307,7 @@ def mke2fs_argv(
     seed: Digest,
     label: str | None,
     source: str,
+    features: str = FEATURES,
 ) -> list[str]:
     """The mke2fs command line; ``source`` is ``-`` (tar on stdin) or a directory."""
     extended = ",".join(
@@ -278,7 +321,7 @@ def mke2fs_argv(
         ]
     )
     # -T default: otherwise mke2fs picks the "floppy"/"small" profile by size.
-    argv = [str(tools.mke2fs), "-q", "-t", "ext4", "-T", "default", "-O", FEATURES]
+    argv = [str(tools.mke2fs), "-q", "-t", "ext4", "-T", "default", "-O", features]
     argv += ["-b", str(BLOCK_SIZE)]
     argv += ["-I", str(INODE_SIZE), "-N", str(layout.inodes), "-m", "0", "-E", extended]
     argv += ["-U", str(seed_uuid(seed, "fs-uuid"))]
@@ -434,7 +477,7 @@ _INCOMPAT_64BIT = 0x80
 
 
 def superblock_counts(image: Path) -> dict[str, int]:
-    """``Block count``, ``Free blocks``, ``Inode count``, ``Free inodes``, as ``dumpe2fs -h``.
+    """``Block count``, ``Free blocks``, ``Inode count``, ``Free inodes``, ``Inodes per group``.
 
     Read from the primary superblock directly: the same fields dumpe2fs
     prints (``ext2fs_blocks_count`` and friends take the ``_hi`` halves only
@@ -447,6 +490,7 @@ def superblock_counts(image: Path) -> dict[str, int]:
     if len(sb) < _SB_SIZE or struct.unpack_from("<H", sb, 0x38)[0] != _SB_MAGIC:
         raise ToolError(f"{image.name} has no ext4 superblock")
     inodes, blocks_lo, _, free_lo, free_inodes = struct.unpack_from("<5I", sb, 0)
+    (per_group,) = struct.unpack_from("<I", sb, 0x28)
     blocks_hi, _, free_hi = struct.unpack_from("<3I", sb, 0x150)
     if not struct.unpack_from("<I", sb, 0x60)[0] & _INCOMPAT_64BIT:
         blocks_hi = free_hi = 0
@@ -455,6 +499,7 @@ def superblock_counts(image: Path) -> dict[str, int]:
         "Free blocks": free_hi << 32 | free_lo,
         "Inode count": inodes,
         "Free inodes": free_inodes,
+        "Inodes per group": per_group,
     }
 
 
@@ -485,6 +530,37 @@ def _grow(layout: DiskLayout) -> DiskLayout:
     )
 
 
+def _temp_disk(dest: Path) -> Path:
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(dest.name), dir=dest.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _storage(exc, f"cannot create a temp file in {dest.parent}") from exc
+    return Path(tmp_name)
+
+
+def _finish(
+    tmp: Path, dest: Path, tools: E2fsprogs, layout: DiskLayout, compute_sha256: bool
+) -> DiskResult:
+    """Check (and hash) the finished temp disk, move it to ``dest``, say what it is."""
+    digest = check_and_hash(tools, tmp, compute_sha256)
+    counts = superblock_counts(tmp)
+    _commit(tmp, dest)
+    blocks, free = counts.get("Block count", layout.blocks), counts.get("Free blocks", 0)
+    return DiskResult(
+        path=dest,
+        size_bytes=blocks * BLOCK_SIZE,
+        content_bytes=(blocks - free) * BLOCK_SIZE,
+        sha256=digest,
+        blocks=blocks,
+        inodes=counts.get("Inode count", layout.inodes),
+        free_blocks=free,
+        free_inodes=counts.get("Free inodes", 0),
+        tool_version=tools.version_text,
+        fallback_used=not tools.tar_input,
+    )
+
+
 def build_disk(
     dest: Path,
     size_inputs: SizeInputs,
@@ -508,18 +584,11 @@ def build_disk(
     fixups = list(xattr_fixups)
     if not mke2fs.tar_input:
         log.warning("%s — using the slower fallback", mke2fs.why_no_tar)
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(dest.name), dir=dest.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise _storage(exc, f"cannot create a temp file in {dest.parent}") from exc
-    tmp = Path(tmp_name)
+    tmp = _temp_disk(dest)
     try:
         with debugfs.new_workdir(dest.parent) as work:
             workdir = Path(work)
-            conf = workdir / "mke2fs.conf"
-            conf.write_text(MKE2FS_CONF)
-            env = _mke2fs_env(mke2fs, conf)
+            env = _mke2fs_env(mke2fs, _write_conf(workdir))
             for attempt in (1, 2):
                 try:
                     tmp.write_bytes(b"")  # mke2fs extends the file to the size asked
@@ -542,28 +611,92 @@ def build_disk(
                     )
                     layout = _grow(layout)
             debugfs.run_batch(mke2fs, tmp, batch, fake_time=FIXED_TIME)
-        digest = check_and_hash(mke2fs, tmp, compute_sha256)
-        counts = superblock_counts(tmp)
-        _commit(tmp, dest)
+        return _finish(tmp, dest, mke2fs, layout, compute_sha256)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise _storage(exc, f"cannot write the disk {dest}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    blocks, free = counts.get("Block count", layout.blocks), counts.get("Free blocks", 0)
-    return DiskResult(
-        path=dest,
-        size_bytes=blocks * BLOCK_SIZE,
-        content_bytes=(blocks - free) * BLOCK_SIZE,
-        sha256=digest,
-        blocks=blocks,
-        inodes=counts.get("Inode count", layout.inodes),
-        free_blocks=free,
-        free_inodes=counts.get("Free inodes", 0),
-        tool_version=mke2fs.version_text,
-        fallback_used=not mke2fs.tar_input,
-    )
+
+
+class OutOfRoom(Exception):
+    """The one-pass disk could not hold the tree, or not be shrunk to it."""
+
+
+def build_disk_one_pass(
+    dest: Path,
+    uncompressed: int,
+    write_stream: Callable[[BinaryIO], None],
+    plan: Callable[[], tuple[SizeInputs, Sequence[tuple[bytes, str, bytes]]]],
+    *,
+    seed: Digest,
+    free_space: int,
+    mke2fs: E2fsprogs,
+    label: str | None = None,
+    compute_sha256: bool = True,
+) -> DiskResult:
+    """Like :func:`build_disk`, for a stream whose tree is known only once it is written.
+
+    The disk starts at :func:`one_pass_layout` for the layers' ``uncompressed``
+    size; after the stream, ``plan()`` returns the tree's size inputs and
+    xattr fixups (or raises: the temp disk is removed and the error goes on),
+    and ``resize2fs`` shrinks the disk to :func:`plan_disk` of them with the
+    disk's own inodes per group. Raises :class:`OutOfRoom` if mke2fs ran out
+    of blocks or inodes or the shrink failed: the caller builds the two-pass
+    way then.
+    """
+    if mke2fs.resize2fs is None or not mke2fs.tar_input:
+        raise OutOfRoom("this e2fsprogs cannot build a disk in one pass")
+    layout = one_pass_layout(uncompressed, free_space)
+    tmp = _temp_disk(dest)
+    try:
+        with debugfs.new_workdir(dest.parent) as work:
+            workdir = Path(work)
+            env = _mke2fs_env(mke2fs, _write_conf(workdir))
+            argv = mke2fs_argv(mke2fs, tmp, layout, seed, label, "-", ONE_PASS_FEATURES)
+            try:
+                with _early_writeback(tmp):
+                    run_mke2fs_stream(argv, env, write_stream)
+            except _TooSmall as exc:
+                raise OutOfRoom(f"the one-pass disk {layout} was too small: {exc}") from None
+            inputs, fixups = plan()
+            batch = debugfs.Batch(workdir)
+            debugfs.xattr_batch(batch, fixups)
+            debugfs.run_batch(mke2fs, tmp, batch, fake_time=FIXED_TIME)
+        per_group = superblock_counts(tmp)["Inodes per group"]
+        final = plan_disk(inputs, free_space, inodes_per_group=per_group)
+        _resize(mke2fs, tmp, final.blocks)
+        return _finish(tmp, dest, mke2fs, final, compute_sha256)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _storage(exc, f"cannot write the disk {dest}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _resize(tools: E2fsprogs, image: Path, blocks: int) -> None:
+    """``resize2fs -f`` to ``blocks``; :class:`OutOfRoom` if the tree does not fit in it.
+
+    ``-f``: resize2fs's own minimum is an estimate with a wide margin (it
+    refused 196k blocks for a tree that fits in them); with every group
+    keeping its inode table and the data allocated from the start, the
+    shrink is a truncation that takes ~10 ms.
+    """
+    assert tools.resize2fs is not None
+    proc = run_tool(
+        tools, [str(tools.resize2fs), "-f", str(image), str(blocks)], what="resize2fs",
+        fake_time=FIXED_TIME,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise OutOfRoom(f"resize2fs to {blocks} blocks failed: {tail(proc.stdout + proc.stderr)}")
+
+
+def _write_conf(workdir: Path) -> Path:
+    conf = workdir / "mke2fs.conf"
+    conf.write_text(MKE2FS_CONF)
+    return conf
 
 
 def _mke2fs_staged(

@@ -241,11 +241,11 @@ def _join(parent: bytes, name: bytes) -> bytes:
 # -- pass 1: scan -------------------------------------------------------------------------
 
 
-# Distinct values interned per layer (see _entry): a hostile layer cannot grow it.
+# Distinct values interned per layer (see classify): a hostile layer cannot grow it.
 SHARED_MAX = 4096
 
 
-def _entry(
+def classify(
     header: tarfmt.Header, layer: str, limits: Limits, shared: dict[int, int]
 ) -> Entry | None:
     """Classify one header; ``None`` for what the output never carries.
@@ -334,7 +334,7 @@ def scan_layer(
             raise LimitExceeded(
                 f"{where}: more than Limits.max_entries={limits.max_entries} entries"
             )
-        entry = _entry(header, where, limits, shared)
+        entry = classify(header, where, limits, shared)
         if entry is not None:
             entries.append(entry)
     reader.drain()
@@ -727,25 +727,29 @@ class Merger:
         """Apply ``scan``, which must be layer number :attr:`layers` of the image."""
         if scan.index != self.layers:
             raise ValueError(f"layer {scan.index} added after {self.layers} layers, not in order")
-        limits = self.limits
         self._entries += len(scan.entries)
-        if self._entries > limits.max_entries:
-            raise LimitExceeded(
-                f"image has at least {self._entries} entries (counted up to layer "
-                f"{scan.index}), over Limits.max_entries={limits.max_entries}"
-            )
         self._bytes += scan.size
-        if self._bytes > limits.max_image_bytes:
-            raise LimitExceeded(
-                f"image is at least {self._bytes} bytes uncompressed (counted up to layer "
-                f"{scan.index}), over Limits.max_image_bytes={limits.max_image_bytes}"
-            )
+        check_image_limits(self._entries, self._bytes, scan.index, self.limits)
         self._builder.apply(scan)
         self.layers += 1
 
     def tree(self) -> Tree:
         """The merged tree of the layers added so far, planned for output."""
         return _plan(self._builder)
+
+
+def check_image_limits(entries: int, size: int, layer: int, limits: Limits) -> None:
+    """Raise :class:`LimitExceeded` if the layers counted so far are over an image-wide limit."""
+    if entries > limits.max_entries:
+        raise LimitExceeded(
+            f"image has at least {entries} entries (counted up to layer "
+            f"{layer}), over Limits.max_entries={limits.max_entries}"
+        )
+    if size > limits.max_image_bytes:
+        raise LimitExceeded(
+            f"image is at least {size} bytes uncompressed (counted up to layer "
+            f"{layer}), over Limits.max_image_bytes={limits.max_image_bytes}"
+        )
 
 
 def _plan(builder: _Builder) -> Tree:
@@ -818,11 +822,16 @@ def _fixups(nodes: Sequence[Node]) -> tuple[XattrFixup, ...]:
 # -- pass 3: emit ---------------------------------------------------------------------------
 
 
-def _header(node: Node, path: bytes, *, link_to: bytes | None = None) -> bytes:
-    e = node.entry
+def entry_header(entry: Entry, path: bytes, *, link_to: bytes | None = None) -> bytes:
+    """The tar header that makes ``path`` in mke2fs: ``entry``'s kind and metadata.
+
+    With ``link_to``, a hard link to that path instead; it still carries the
+    inode's metadata, because mke2fs applies a hard-link header's
+    uid/gid/mode/mtime to the shared inode (verified with 1.47.2). Only the
+    xattrs mke2fs itself sets (:data:`XATTR_POLICY`) go in the header.
+    """
+    e = entry
     if link_to is not None:
-        # mke2fs applies a hard-link header's uid/gid/mode/mtime to the shared inode,
-        # so the link carries the inode's own metadata (verified with 1.47.2).
         return tarfmt.encode_header(
             path, tarfmt.HARDLINK, mode=e.mode, uid=e.uid, gid=e.gid, mtime=e.mtime,
             linkname=link_to,
@@ -839,17 +848,22 @@ def _header(node: Node, path: bytes, *, link_to: bytes | None = None) -> bytes:
         linkname=e.target if e.kind is Kind.SYMLINK else b"",
         devmajor=e.devmajor,
         devminor=e.devminor,
-        xattrs=tuple((k, v) for k, v in e.xattrs if xattr_action(k) is XattrAction.TAR),
+        xattrs=tar_xattrs(e.xattrs),
     )
 
 
+def tar_xattrs(xattrs: Xattrs) -> Xattrs:
+    """The xattrs mke2fs sets from the tar stream itself (the rest are fixups or dropped)."""
+    return tuple((k, v) for k, v in xattrs if xattr_action(k) is XattrAction.TAR)
+
+
 def _write_node(out: BinaryIO, node: Node) -> None:
-    out.write(_header(node, node.primary))
+    out.write(entry_header(node.entry, node.primary))
 
 
 def _write_links(out: BinaryIO, node: Node) -> None:
     for path in node.paths[1:]:
-        out.write(_header(node, path, link_to=node.primary))
+        out.write(entry_header(node.entry, path, link_to=node.primary))
 
 
 def write_tar(

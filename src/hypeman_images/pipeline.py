@@ -106,9 +106,11 @@ def build_resolved(
         try:
             reporter.stage("pulling", f"{ref.familiar()} ({digest.short})")
             t0 = time.monotonic()
-            # Pass 1 of flatten runs on each layer while it downloads (issue 7),
+            # An image built in one pass reads its layers after the download. Else
+            # pass 1 of flatten runs on each layer while it downloads (issue 7),
             # unless the scan cache beside the blobs has that layer's scan.
-            scans = convert.LayerScans(options.limits, ScanCache.beside(blobs))
+            one_pass = convert.one_pass_candidate(resolved.manifest.layers, options)
+            scans = convert.LayerScans(options.limits, ScanCache.beside(blobs), tap=not one_pass)
             pulled = pull(client, blobs, resolved, reporter, tap=scans)
             stats.download_s = time.monotonic() - t0
             stats.downloaded_bytes = pulled.downloaded_bytes
