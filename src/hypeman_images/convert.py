@@ -33,7 +33,7 @@ from .compression import Hasher, open_decompressed
 from .config import BuildOptions
 from .digest import Digest
 from .e2fsprogs import E2fsprogs, find_e2fsprogs
-from .ext4 import OutOfRoom, SizeInputs, build_disk, build_disk_one_pass
+from .ext4 import DiskResult, OutOfRoom, SizeInputs, build_disk, build_disk_one_pass
 from .flatten import LayerScan, Limits, Merger, Tree, TreeStats, merge, scan_layer, write_tar
 from .pull import PulledImage
 from .scancache import ScanCache
@@ -340,10 +340,18 @@ def _convert_one_pass(
     """The one-pass way; raises :class:`Speculation` or :class:`OutOfRoom` to fall back."""
     layers = pulled.resolved.manifest.layers
     diff_ids = pulled.config.diff_ids
+    # Layers scanned before (a new tag over cached layers) are not parsed or
+    # hashed again; the pull re-hashed their blobs (pull._intact).
+    known = {}
+    for index, layer in enumerate(layers):
+        scan = scans.get(index) if scans.get(index) or not scans.needs(index, layer) else None
+        if scan is not None:
+            known[index] = scan
     one_pass = TopDown(
         lambda i, hasher: _open_layer_to_emit(blobs, layers[i], hasher),
         [str(layer.digest) for layer in layers],
         limits,
+        known,
     )
     made: list[LayerScan] = []
     merging = ThreadPoolExecutor(1, thread_name_prefix="merge")
@@ -382,6 +390,10 @@ def _convert_one_pass(
         merging.shutdown(wait=True)
     for scan in made:
         scans.verified(scan.index, layers[scan.index], diff_ids[scan.index])  # into the scan cache
+    return _disk_info(result, {"one_pass_s": time.monotonic() - t0}, one_pass=True)
+
+
+def _disk_info(result: DiskResult, timings: dict[str, float], one_pass: bool) -> DiskInfo:
     return DiskInfo(
         path=result.path,
         size_bytes=result.size_bytes,
@@ -389,8 +401,8 @@ def _convert_one_pass(
         sha256=str(result.sha256) if result.sha256 else None,
         tool_versions={"e2fsprogs": result.tool_version},
         fallback_used=result.fallback_used,
-        timings={"one_pass_s": time.monotonic() - t0},
-        one_pass=True,
+        timings=timings,
+        one_pass=one_pass,
     )
 
 
@@ -467,12 +479,4 @@ def convert(
         xattr_fixups=[(f.path, f.name, f.value) for f in tree.xattr_fixups],
     )
     timings["mke2fs_s"] = time.monotonic() - t0
-    return DiskInfo(
-        path=result.path,
-        size_bytes=result.size_bytes,
-        content_bytes=result.content_bytes,
-        sha256=str(result.sha256) if result.sha256 else None,
-        tool_versions={"e2fsprogs": result.tool_version},
-        fallback_used=result.fallback_used,
-        timings=timings,
-    )
+    return _disk_info(result, timings, one_pass=False)

@@ -530,13 +530,23 @@ def _grow(layout: DiskLayout) -> DiskLayout:
     )
 
 
-def _temp_disk(dest: Path) -> Path:
+@contextlib.contextmanager
+def _temp_disk(dest: Path) -> Iterator[Path]:
+    """A temp file beside ``dest``, removed if the block fails (OSError: StorageError)."""
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(dest.name), dir=dest.parent)
         os.close(fd)
     except OSError as exc:
         raise _storage(exc, f"cannot create a temp file in {dest.parent}") from exc
-    return Path(tmp_name)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _storage(exc, f"cannot write the disk {dest}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _finish(
@@ -584,8 +594,7 @@ def build_disk(
     fixups = list(xattr_fixups)
     if not mke2fs.tar_input:
         log.warning("%s — using the slower fallback", mke2fs.why_no_tar)
-    tmp = _temp_disk(dest)
-    try:
+    with _temp_disk(dest) as tmp:
         with debugfs.new_workdir(dest.parent) as work:
             workdir = Path(work)
             env = _mke2fs_env(mke2fs, _write_conf(workdir))
@@ -612,12 +621,6 @@ def build_disk(
                     layout = _grow(layout)
             debugfs.run_batch(mke2fs, tmp, batch, fake_time=FIXED_TIME)
         return _finish(tmp, dest, mke2fs, layout, compute_sha256)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _storage(exc, f"cannot write the disk {dest}") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class OutOfRoom(Exception):
@@ -649,8 +652,7 @@ def build_disk_one_pass(
     if mke2fs.resize2fs is None or not mke2fs.tar_input:
         raise OutOfRoom("this e2fsprogs cannot build a disk in one pass")
     layout = one_pass_layout(uncompressed, free_space)
-    tmp = _temp_disk(dest)
-    try:
+    with _temp_disk(dest) as tmp:
         with debugfs.new_workdir(dest.parent) as work:
             workdir = Path(work)
             env = _mke2fs_env(mke2fs, _write_conf(workdir))
@@ -668,12 +670,6 @@ def build_disk_one_pass(
         final = plan_disk(inputs, free_space, inodes_per_group=per_group)
         _resize(mke2fs, tmp, final.blocks)
         return _finish(tmp, dest, mke2fs, final, compute_sha256)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _storage(exc, f"cannot write the disk {dest}") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _resize(tools: E2fsprogs, image: Path, blocks: int) -> None:

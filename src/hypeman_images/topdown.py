@@ -27,6 +27,7 @@ merge's tree; the single pass only makes it sooner.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
@@ -99,16 +100,19 @@ class TopDown:
 
     ``open_layer(i, hasher)`` opens layer ``i``'s uncompressed tar and feeds
     every byte of it to ``hasher`` (the diff_id), best in another thread
-    (:func:`compression.open_decompressed`'s ``hash_into``).
+    (:func:`compression.open_decompressed`'s ``hash_into``); ``hasher`` is
+    None for a layer in ``known``, whose scan (from the scan cache) is used
+    instead of its headers.
 
     :meth:`run` writes the stream and returns the layers' scans (bottom layer
     first, as :func:`flatten.merge` takes them); :meth:`check` then compares
     what the stream made with the merge's tree.
     """
 
-    open_layer: Callable[[int, Hasher], BinaryIO]
+    open_layer: Callable[[int, Hasher | None], BinaryIO]
     names: list[str]
     limits: Limits = field(default_factory=Limits)
+    known: dict[int, LayerScan] = field(default_factory=dict)
     _seen: dict[bytes, _Seen] = field(default_factory=dict, init=False)
     _made: dict[bytes, _Body | _DirMeta] = field(default_factory=dict, init=False)
 
@@ -141,6 +145,10 @@ class TopDown:
     # -- one layer ----------------------------------------------------------------------
 
     def _layer(self, index: int, out: BinaryIO, before: int) -> LayerScan:
+        known = self.known.get(index)
+        if known is not None:
+            self._layer_known(known, out)
+            return known
         name = self.names[index]
         where = f"layer {index} ({name})" if name else f"layer {index}"
         limits = self.limits
@@ -167,13 +175,7 @@ class TopDown:
                 if entry is None:
                     continue
                 found.append(entry)
-                if entry.kind in (Kind.WHITEOUT, Kind.OPAQUE):
-                    # The marker's directory exists in this layer; what it hides is
-                    # below this layer only, so it is applied once the layer is done.
-                    holder = entry.path if entry.kind is Kind.OPAQUE else _parent(entry.path)
-                    if self._parents(holder + b"/x" if holder else b"x", index, out):
-                        markers.append(entry)
-                elif self._visit(entry, index, out) and entry.kind is Kind.FILE and entry.size:
+                if self._entry(entry, index, out, markers):
                     reader.copy_body(out)
                     out.write(tarfmt.padding(entry.size))
             reader.drain()
@@ -181,6 +183,44 @@ class TopDown:
             self._hide(marker, index)
         digest = Digest("sha256", hasher.hexdigest())
         return LayerScan(index, name, digest, reader.size, tuple(found))
+
+    def _layer_known(self, scan: LayerScan, out: BinaryIO) -> None:
+        """A layer whose scan is known: its entries as scanned, bodies found by offset.
+
+        The same decisions, so the same stream, as reading the headers again; but
+        no parsing and no hashing (the diff_id is the scan's), and the layer is
+        read only up to its last body written.
+        """
+        index, limits = scan.index, self.limits
+        markers: list[Entry] = []
+        with contextlib.ExitStack() as stack:
+            reader: tarfmt.TarReader | None = None
+            for entry in scan.entries:
+                if not self._entry(entry, index, out, markers):
+                    continue
+                if reader is None:
+                    reader = tarfmt.TarReader(
+                        stack.enter_context(self.open_layer(index, None)),
+                        where=f"layer {index} ({scan.name})",
+                        max_bytes=limits.max_layer_bytes,
+                        max_header_bytes=limits.max_header_bytes,
+                        hash_stream=False,
+                    )
+                reader.copy_at(entry.offset, entry.size, out)
+                out.write(tarfmt.padding(entry.size))
+        for marker in markers:
+            self._hide(marker, index)
+
+    def _entry(self, entry: Entry, k: int, out: BinaryIO, markers: list[Entry]) -> bool:
+        """Handle one entry of layer ``k``; True if its body must follow in the stream."""
+        if entry.kind in (Kind.WHITEOUT, Kind.OPAQUE):
+            # The marker's directory exists in this layer; what it hides is below
+            # this layer only, so it is applied once the layer is done.
+            holder = entry.path if entry.kind is Kind.OPAQUE else _parent(entry.path)
+            if self._parents(holder + b"/x" if holder else b"x", k, out):
+                markers.append(entry)
+            return False
+        return self._visit(entry, k, out) and entry.kind is Kind.FILE and entry.size > 0
 
     def _visit(self, e: Entry, k: int, out: BinaryIO) -> bool:
         """Write ``e`` of layer ``k`` if it survives the layers above; True if written."""
