@@ -281,3 +281,12 @@ def test_a_bad_layer_fails_the_same_way_in_one_pass(
         _pull(data_dir, f"{registry.host}/topdown/lying:v1")
     leftovers = [p for p in data_dir.rglob("*") if p.is_file() and "rootfs" in p.name]
     assert leftovers == []
+
+
+def test_a_layer_larger_than_its_trailer_says_stops_the_pass_at_once() -> None:
+    # A lying gzip trailer sized the disk: the pass stops where the claim ends,
+    # not at the limits (the two-pass way then applies those, and gzip's check).
+    tar = build_tar([file("big", b"\0" * 65536), file("after", b"x")])
+    top = TopDown(lambda i, h: _Hashing(tar, h), ["L0"], sizes={0: 4096})
+    with pytest.raises(Speculation, match="inflates past the 4096 bytes"):
+        top.run(io.BytesIO())

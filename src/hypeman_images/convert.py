@@ -335,9 +335,10 @@ def _convert_one_pass(
     tools: E2fsprogs,
     limits: Limits,
     scans: LayerScans,
-    uncompressed: int,
+    sizes: list[int],
 ) -> DiskInfo:
     """The one-pass way; raises :class:`Speculation` or :class:`OutOfRoom` to fall back."""
+    uncompressed = sum(sizes)
     layers = pulled.resolved.manifest.layers
     diff_ids = pulled.config.diff_ids
     # Layers scanned before (a new tag over cached layers) are not parsed or
@@ -352,6 +353,7 @@ def _convert_one_pass(
         [str(layer.digest) for layer in layers],
         limits,
         known,
+        dict(enumerate(sizes)),
     )
     made: list[LayerScan] = []
     merging = ThreadPoolExecutor(1, thread_name_prefix="merge")
@@ -445,13 +447,13 @@ def convert(
     layers = pulled.resolved.manifest.layers
     if one_pass_candidate(layers, options) and tools.tar_input and tools.resize2fs is not None:
         sizes = [uncompressed_size(blobs.path(layer.digest), layer) for layer in layers]
-        if None not in sizes:
+        known_sizes = [size for size in sizes if size is not None]
+        if len(known_sizes) == len(sizes):
             t0 = time.monotonic()
             try:
                 return _convert_one_pass(
-                    pulled, blobs, dest, options, on_progress, tools, limits, scans,
-                    sum(size for size in sizes if size is not None),
-                )  # fmt: skip
+                    pulled, blobs, dest, options, on_progress, tools, limits, scans, known_sizes
+                )
             except (Speculation, OutOfRoom) as exc:
                 log.info("%s: building in two passes: %s", pulled.resolved.digest, exc)
                 timings["one_pass_tried_s"] = time.monotonic() - t0

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -102,7 +102,10 @@ class TopDown:
     every byte of it to ``hasher`` (the diff_id), best in another thread
     (:func:`compression.open_decompressed`'s ``hash_into``); ``hasher`` is
     None for a layer in ``known``, whose scan (from the scan cache) is used
-    instead of its headers.
+    instead of its headers. ``sizes``: what each layer's uncompressed size is
+    said to be (the disk was sized from it); a layer that inflates past it
+    stops the pass at once, so a lying gzip trailer (a decompression bomb)
+    fills neither the disk nor the data dir's filesystem.
 
     :meth:`run` writes the stream and returns the layers' scans (bottom layer
     first, as :func:`flatten.merge` takes them); :meth:`check` then compares
@@ -113,6 +116,7 @@ class TopDown:
     names: list[str]
     limits: Limits = field(default_factory=Limits)
     known: dict[int, LayerScan] = field(default_factory=dict)
+    sizes: dict[int, int] = field(default_factory=dict)
     _seen: dict[bytes, _Seen] = field(default_factory=dict, init=False)
     _made: dict[bytes, _Body | _DirMeta] = field(default_factory=dict, init=False)
 
@@ -156,11 +160,12 @@ class TopDown:
         found: list[Entry] = []
         shared: dict[int, int] = {}
         hasher = hashlib.sha256()
-        with self.open_layer(index, hasher) as stream:
+        cap = min(limits.max_layer_bytes, self.sizes.get(index, limits.max_layer_bytes))
+        with self.open_layer(index, hasher) as stream, _past(cap, limits, where):
             reader = tarfmt.TarReader(
                 stream,
                 where=where,
-                max_bytes=limits.max_layer_bytes,
+                max_bytes=cap,
                 max_header_bytes=limits.max_header_bytes,
                 hash_stream=False,
             )
@@ -348,6 +353,19 @@ class TopDown:
                 id(node), id(made)
             ) != id(made):
                 raise Speculation(f"{path!r}: hard links differ from the plan")
+
+
+@contextlib.contextmanager
+def _past(cap: int, limits: Limits, where: str) -> Iterator[None]:
+    """Turn the reader's size limit into :class:`Speculation` when the cap was ours."""
+    try:
+        yield
+    except LimitExceeded as exc:
+        if cap < limits.max_layer_bytes and "max_layer_bytes" in str(exc):
+            raise Speculation(
+                f"{where} inflates past the {cap} bytes its gzip trailer gives"
+            ) from None
+        raise
 
 
 def _parent(path: bytes) -> bytes:
