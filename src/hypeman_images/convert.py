@@ -448,7 +448,11 @@ def convert(
     if one_pass_candidate(layers, options) and tools.tar_input and tools.resize2fs is not None:
         sizes = [uncompressed_size(blobs.path(layer.digest), layer) for layer in layers]
         known_sizes = [size for size in sizes if size is not None]
-        if len(known_sizes) == len(sizes):
+        # Past the limits, the two-pass way says so; no disk is sized for a claim like that.
+        within = sum(known_sizes) <= limits.max_image_bytes and all(
+            size <= limits.max_layer_bytes for size in known_sizes
+        )
+        if len(known_sizes) == len(sizes) and within:
             t0 = time.monotonic()
             try:
                 return _convert_one_pass(
