@@ -336,7 +336,7 @@ def _floor(pushed: Pushed, cache: Path, work: Path, out: InProcess) -> None:
     argv = mke2fs_argv(tools, image, plan_disk(inputs, FREE_SPACE), seed, None, "-")
 
     def feed(stream: BinaryIO) -> None:
-        with contextlib.suppress(OSError):  # as convert._big_buffered does
+        with contextlib.suppress(OSError):  # as ext4.run_mke2fs_stream does
             fcntl.fcntl(stream.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
         view = memoryview(data)
         for offset in range(0, len(view), 1 << 20):

@@ -17,8 +17,6 @@ Nothing of the image touches the host filesystem but the disk itself.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import io
 import logging
 import threading
 import time
@@ -235,27 +233,6 @@ def _open_layer_to_emit(
     )
 
 
-# Bigger writes into mke2fs's stdin: fewer syscalls and context switches than
-# the 8 KiB BufferedWriter and 64 KiB pipe that subprocess gives.
-_SINK_BUFFER = 1 << 20
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-
-
-def _big_buffered(out: BinaryIO) -> tuple[BinaryIO, Callable[[], None]]:
-    """A 1 MiB-buffered writer on ``out``'s fd (pipe grown to 1 MiB) and its flush."""
-    try:
-        fd = out.fileno()
-    except (OSError, ValueError, AttributeError):
-        return out, out.flush
-    out.flush()
-    # Not a pipe, or over /proc/sys/fs/pipe-max-size: keep the size it has.
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, _SINK_BUFFER)
-    raw = io.FileIO(fd, "wb", closefd=False)
-    writer = io.BufferedWriter(raw, _SINK_BUFFER)
-    return writer, writer.flush
-
-
 class _Counting:
     """A write-only wrapper that reports how many bytes went through.
 
@@ -412,15 +389,13 @@ def _disk_info(result: DiskResult, timings: dict[str, float], one_pass: bool) ->
 def _sink(
     out: BinaryIO, on_progress: Callable[[int, int], None] | None, total: int
 ) -> Iterator[BinaryIO]:
-    """mke2fs's stdin, big-buffered, counting for ``on_progress``; flushed at the end."""
-    buffered, flush = _big_buffered(out)
-    sink: BinaryIO = buffered
+    """``out`` (mke2fs's stdin), counting for ``on_progress``; flushed at the end."""
+    sink: BinaryIO = out
     if on_progress is not None:
         report, whole = on_progress, max(1, total)
-        sink = _Counting(buffered, lambda n: report(min(n, whole), whole))  # type: ignore[assignment]
+        sink = _Counting(out, lambda n: report(min(n, whole), whole))  # type: ignore[assignment]
     yield sink
     sink.flush()
-    flush()
 
 
 def convert(
