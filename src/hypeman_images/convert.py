@@ -322,9 +322,11 @@ def _convert_one_pass(
     # hashed again; the pull re-hashed their blobs (pull._intact).
     known = {}
     for index, layer in enumerate(layers):
-        scan = scans.get(index) if scans.get(index) or not scans.needs(index, layer) else None
-        if scan is not None:
-            known[index] = scan
+        if scans.get(index) is None and scans.needs(index, layer):  # needs() loads a cached one
+            continue
+        scan = scans.get(index)
+        assert scan is not None
+        known[index] = scan
     one_pass = TopDown(
         lambda i, hasher: _open_layer_to_emit(blobs, layers[i], hasher),
         [str(layer.digest) for layer in layers],

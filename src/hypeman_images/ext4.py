@@ -95,10 +95,10 @@ FEATURES = (
 # and failed); uninit_bg (group descriptor checksums only) lets e2fsck skip
 # the inode tables' unused parts, which a generous inode count makes large.
 ONE_PASS_FEATURES = FEATURES.replace(",flex_bg,", ",") + ",uninit_bg"
-# Inodes per group of the one-pass disk: the most a group can hold (one per
-# block), since nothing says how many entries the layers have before they are
-# read. The table's unused blocks are never written (a sparse file), but they
-# count in the disk's size: 8 MiB per 128 MiB group.
+# The most inodes a group can hold (one per block): what the one-pass disk's
+# groups get on a large image, since nothing says how many entries the layers
+# have before they are read. The table's unused blocks are never written (a
+# sparse file), but they count in the disk's size: 8 MiB per 128 MiB group.
 ONE_PASS_INODES_PER_GROUP = BLOCKS_PER_GROUP
 MKE2FS_CONF = """\
 [defaults]
@@ -281,18 +281,23 @@ def one_pass_layout(uncompressed: int, free_space: int = 0) -> DiskLayout:
 
     Each entry has a 512-byte header, and takes one inode and at most one
     block per 512 bytes of tar (a directory or a 1-byte file: one block for
-    1024 bytes of header and body); so one block and one inode per 512 bytes,
-    plus the free space and a margin. The file is sparse: what is never
-    written costs nothing, and :func:`plan_disk` with the disk's own inodes
-    per group says what to shrink it to once the tree is known. Implicit
-    parent directories are the one thing not counted: a layer of deep paths
-    without directory entries can exhaust it, and mke2fs then says so.
+    1024 bytes of header and body); so one inode and one block per 512 bytes,
+    a sixteenth more for their inode tables, the free space and a margin.
+    The file is sparse: what is never written costs nothing, and
+    :func:`plan_disk` with the disk's own inodes per group says what to shrink
+    it to once the tree is known. The inodes per group stay what mke2fs makes
+    of this count: a small image's one group gets a small table, a large
+    image's groups 32k each (``ONE_PASS_INODES_PER_GROUP``, the most a group
+    holds). Implicit parent directories are the one thing not counted: a
+    layer of deep paths without directory entries can exhaust it, and mke2fs
+    then says so.
     """
-    blocks = (
-        _ceil(uncompressed, 512) + _ceil(free_space, BLOCK_SIZE) + _MARGIN_BLOCKS + BLOCKS_PER_GROUP
-    )
+    entries = _ceil(uncompressed, 512)
+    inodes = _FIRST_INODE + entries + free_space // 16384 + 1024
+    blocks = entries + entries // 16 + _ceil(free_space, BLOCK_SIZE) + 4 * _MARGIN_BLOCKS
     groups = _ceil(blocks, BLOCKS_PER_GROUP)
-    return DiskLayout(blocks=blocks, inodes=groups * ONE_PASS_INODES_PER_GROUP, content_blocks=0)
+    inodes = min(inodes, groups * ONE_PASS_INODES_PER_GROUP)
+    return DiskLayout(blocks=blocks, inodes=inodes, content_blocks=0)
 
 
 def seed_uuid(seed: Digest, purpose: str) -> uuid.UUID:
