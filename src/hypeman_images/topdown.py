@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -50,8 +49,6 @@ from .flatten import (
     tar_xattrs,
 )
 
-log = logging.getLogger(__name__)
-
 
 class Speculation(Exception):
     """The single pass met what only the two-pass merge decides; says what and where."""
@@ -60,7 +57,6 @@ class Speculation(Exception):
 # What the layers read so far left at a path.
 _DIR, _NONDIR, _GONE = 0, 1, 2
 _IMPLICIT_DIR = (0o755, 0, 0, 0)  # flatten's implicit parent: 0755 root:root, mtime 0
-_MODE, _UID, _GID, _MTIME = range(4)
 
 
 class _Seen:
