@@ -317,3 +317,14 @@ def test_blob_and_manifest_limits_from_the_command_line(
     blobs = data_dir / "cache" / "blobs" / "sha256"
     layer = json.loads(alpine_ref.image.manifest)["layers"][0]["digest"][7:]
     assert not (blobs / layer).exists()
+
+
+def test_two_pass_flag_builds_the_same_tree_on_an_exactly_sized_disk(
+    alpine_ref: PushedImage, tmp_path: Path
+) -> None:
+    one = json.loads(pull(tmp_path / "one", "--json", alpine_ref.ref).stdout)
+    two = json.loads(pull(tmp_path / "two", "--json", "--two-pass", alpine_ref.ref).stdout)
+    check_disk(Path(one["disk"]), alpine_ref)
+    check_disk(Path(two["disk"]), alpine_ref)
+    # The one-pass disk keeps inodes for as many entries as its tar could hold.
+    assert two["size_bytes"] < one["size_bytes"] <= two["size_bytes"] + (8 << 20)

@@ -193,6 +193,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="record the disk's sha256 in metadata.json (about 0.7 s per GB more)",
     )
+    build_flags.add_argument(
+        "--two-pass",
+        action="store_true",
+        help="scan every layer before writing the disk, never in one pass (slower; same tree)",
+    )
     limits = build_flags.add_argument_group("safety limits (against hostile images)")
     defaults = Limits()
     limits.add_argument(
@@ -389,6 +394,8 @@ def _build_options(args: argparse.Namespace) -> BuildOptions:
         options = replace(options, mke2fs=args.mke2fs)
     if args.disk_digest:
         options = replace(options, disk_digest=True)
+    if args.two_pass:
+        options = replace(options, one_pass=False)
     limits = options.limits
     if args.max_entries < 1:
         raise InvalidArgument(f"--max-entries must be at least 1, not {args.max_entries}")
