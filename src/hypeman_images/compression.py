@@ -260,9 +260,10 @@ class _ReadAhead(io.RawIOBase):
         self._hash = hash_into
         # The hash gets a thread of its own: in the decoder's, it made that thread
         # the one-pass build's slowest (inflate + sha256, 1.75 s of 851 MB).
-        self._hash_queue: queue.Queue[bytes] = queue.Queue(blocks)
+        self._hash_queue: queue.Queue[bytes] | None = None
         self._threads = [threading.Thread(target=self._decode, name="read-ahead", daemon=True)]
         if hash_into is not None:
+            self._hash_queue = queue.Queue(blocks)
             self._threads.append(threading.Thread(target=self._digest, name="hash", daemon=True))
         for thread in self._threads:
             thread.start()
@@ -270,16 +271,21 @@ class _ReadAhead(io.RawIOBase):
     def _decode(self) -> None:
         try:
             while data := self._inner.read(self.BLOCK):
-                if not self._put(self._hash_queue, data) or not self._put(self._queue, data):
+                if not self._hand(data):
                     return
-            self._put(self._hash_queue, data)
-            self._put(self._queue, data)
+            self._hand(data)
         except BaseException as exc:  # the reader raises it, in its own thread
-            self._put(self._hash_queue, b"")
+            if self._hash_queue is not None:
+                self._put(self._hash_queue, b"")
             self._put(self._queue, exc)
 
+    def _hand(self, data: bytes) -> bool:
+        """A block (``b""`` at the end) to the hash thread, if any, then to the reader."""
+        hashed = self._hash_queue is None or self._put(self._hash_queue, data)
+        return hashed and self._put(self._queue, data)
+
     def _digest(self) -> None:
-        assert self._hash is not None
+        assert self._hash is not None and self._hash_queue is not None
         while not self._stop.is_set():
             try:
                 data = self._hash_queue.get(timeout=0.1)
@@ -291,8 +297,6 @@ class _ReadAhead(io.RawIOBase):
 
     def _put(self, where: queue.Queue[Any], item: bytes | BaseException) -> bool:
         """Queue ``item``; False once the reader has closed (nobody will take it)."""
-        if where is self._hash_queue and self._hash is None:
-            return True
         while not self._stop.is_set():
             try:
                 where.put(item, timeout=0.1)

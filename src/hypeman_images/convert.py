@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .blobs import BlobStore
-from .compression import Hasher, open_decompressed
+from .compression import Hasher, open_decompressed, sniff
 from .config import BuildOptions
 from .digest import Digest
 from .e2fsprogs import E2fsprogs, find_e2fsprogs
@@ -273,9 +273,6 @@ def one_pass_candidate(layers: Sequence[Descriptor], options: BuildOptions) -> b
     )
 
 
-_GZIP_MAGIC = b"\x1f\x8b"
-
-
 def uncompressed_size(path: Path, layer: Descriptor) -> int | None:
     """The layer's uncompressed size from its cached blob alone; ``None`` if it does not say.
 
@@ -294,7 +291,7 @@ def uncompressed_size(path: Path, layer: Descriptor) -> int | None:
             if kind != "gzip" or size < 18:
                 return None
             blob.seek(0)
-            if blob.read(2) != _GZIP_MAGIC:
+            if sniff(blob.read(4)) != "gzip":
                 return None  # the two-pass way says what is wrong with it
             blob.seek(size - 4)
             isize = int.from_bytes(blob.read(4), "little")

@@ -484,14 +484,20 @@ def _sha256(path: Path) -> Digest:
     return Digest("sha256", hasher.hexdigest())
 
 
+def e2fsck_findings(tools: E2fsprogs, image: Path, lines: int) -> str | None:
+    """What ``e2fsck -fn`` found in ``image``: ``None`` if nothing at all, else
+    ``(exit N): <the last lines of its output>``."""
+    proc = run_tool(tools, [str(tools.e2fsck), "-fn", str(image)], what="e2fsck")
+    if proc.returncode == 0:
+        return None
+    return f"(exit {proc.returncode}): {tail(proc.stdout + proc.stderr, lines)}"
+
+
 def fsck(tools: E2fsprogs, image: Path) -> None:
     """``e2fsck -fn``: must find nothing at all to fix."""
-    proc = run_tool(tools, [str(tools.e2fsck), "-fn", str(image)], what="e2fsck")
-    if proc.returncode != 0:
-        raise ToolError(
-            f"e2fsck -fn found problems in the new disk (exit {proc.returncode}): "
-            f"{tail(proc.stdout + proc.stderr, 25)}"
-        )
+    findings = e2fsck_findings(tools, image, 25)
+    if findings is not None:
+        raise ToolError(f"e2fsck -fn found problems in the new disk {findings}")
 
 
 # The primary superblock: 1024 bytes at offset 1024 (kernel.org ext4 "Super Block").

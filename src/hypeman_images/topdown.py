@@ -158,13 +158,7 @@ class TopDown:
         hasher = hashlib.sha256()
         cap = min(limits.max_layer_bytes, self.sizes.get(index, limits.max_layer_bytes))
         with self.open_layer(index, hasher) as stream, _past(cap, limits, where):
-            reader = tarfmt.TarReader(
-                stream,
-                where=where,
-                max_bytes=cap,
-                max_header_bytes=limits.max_header_bytes,
-                hash_stream=False,
-            )
+            reader = self._reader(stream, where, cap)
             for header in reader:
                 if header.ordinal >= limits.max_entries:
                     raise LimitExceeded(
@@ -200,17 +194,24 @@ class TopDown:
                 if not self._entry(entry, index, out, markers):
                     continue
                 if reader is None:
-                    reader = tarfmt.TarReader(
-                        stack.enter_context(self.open_layer(index, None)),
-                        where=f"layer {index} ({scan.name})",
-                        max_bytes=limits.max_layer_bytes,
-                        max_header_bytes=limits.max_header_bytes,
-                        hash_stream=False,
+                    stream = stack.enter_context(self.open_layer(index, None))
+                    reader = self._reader(
+                        stream, f"layer {index} ({scan.name})", limits.max_layer_bytes
                     )
                 reader.copy_at(entry.offset, entry.size, out)
                 out.write(tarfmt.padding(entry.size))
         for marker in markers:
             self._hide(marker, index)
+
+    def _reader(self, stream: BinaryIO, where: str, max_bytes: int) -> tarfmt.TarReader:
+        # Hashing is the read-ahead's (hash_into) or not needed (a known scan).
+        return tarfmt.TarReader(
+            stream,
+            where=where,
+            max_bytes=max_bytes,
+            max_header_bytes=self.limits.max_header_bytes,
+            hash_stream=False,
+        )
 
     def _entry(self, entry: Entry, k: int, out: BinaryIO, markers: list[Entry]) -> bool:
         """Handle one entry of layer ``k``; True if its body must follow in the stream."""

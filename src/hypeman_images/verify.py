@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .digest import Digest
-from .e2fsprogs import E2fsprogs, run_tool, tail
+from .e2fsprogs import E2fsprogs
 from .errors import CorruptDisk
-from .ext4 import check_and_hash
+from .ext4 import check_and_hash, e2fsck_findings
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,8 @@ def check_disk(tools: E2fsprogs, disk: Path, expected: str | None) -> Digest:
 
 def _fsck_clean(tools: E2fsprogs, disk: Path) -> None:
     # ext4.fsck's ToolError means a build went wrong; here the disk changed since.
-    proc = run_tool(tools, [str(tools.e2fsck), "-fn", str(disk)], what="e2fsck")
-    if proc.returncode != 0:
+    findings = e2fsck_findings(tools, disk, 15)
+    if findings is not None:
         raise CorruptDisk(
-            f"{disk}: e2fsck -fn found problems (exit {proc.returncode}): "
-            f"{tail(proc.stdout + proc.stderr, 15)}; remove the image and pull it again"
+            f"{disk}: e2fsck -fn found problems {findings}; remove the image and pull it again"
         )
