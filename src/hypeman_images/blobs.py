@@ -24,6 +24,7 @@ from .errors import DigestMismatch, HypemanError, NotFound
 from .fsutil import (
     TEMP_PREFIX,
     atomic_writer,
+    start_writeback,
     storage_error,
     write_atomic,
     writer_alive,
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
 REF_NAME = "org.opencontainers.image.ref.name"
+_WRITEBACK_EVERY = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -95,11 +97,18 @@ class BlobStore:
             final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise storage_error(exc, f"cannot store blob {descriptor.digest}") from exc
+        unsynced = 0
         with atomic_writer(final, mode=0o444) as handle:
             for chunk in stream:
                 handle.write(chunk)
                 if on_chunk:
                     on_chunk(len(chunk))
+                unsynced += len(chunk)
+                if unsynced >= _WRITEBACK_EVERY:
+                    # The blob's fsync then waits for its last MiBs only, not all of it.
+                    handle.flush()
+                    start_writeback(handle.fileno())
+                    unsynced = 0
             stream.verify()
         return final
 

@@ -20,7 +20,6 @@ Invariants of :func:`build_disk`:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import hashlib
@@ -42,7 +41,7 @@ from . import debugfs, ext4_fallback
 from .digest import Digest
 from .e2fsprogs import E2fsprogs, run_tool, tail, tool_env
 from .errors import StorageError, ToolError
-from .fsutil import fsync_dir, temp_prefix
+from .fsutil import fsync_dir, start_writeback, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -367,35 +366,17 @@ def _check_mke2fs(rc: int, stderr: bytes) -> None:
     raise ToolError(f"mke2fs failed (exit {rc}): {tail(stderr)}")
 
 
-_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
 _WRITEBACK_EVERY_S = 0.1
-
-
-def _sync_file_range() -> Callable[[int], int] | None:
-    """``sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)`` from libc, if it has one."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)  # a CDLL call drops the GIL
-        func = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return lambda fd: int(func(fd, 0, 0, _SYNC_FILE_RANGE_WRITE))
 
 
 @contextlib.contextmanager
 def _early_writeback(image: Path) -> Iterator[None]:
-    """Start writeback of ``image``'s dirty pages every 0.1 s while the block runs.
+    """:func:`fsutil.start_writeback` on ``image`` every 0.1 s while the block runs.
 
-    mke2fs fsyncs the disk when it closes it; with 24 GiB of RAM nothing has
-    been written back by then, so the whole disk went to the device after the
-    last tar byte (~0.35 s of an 851 MB image's build, issue 7). Asking for
-    writeback as mke2fs goes overlaps that I/O with the stream instead. Only
-    an optimisation: without sync_file_range nothing happens.
+    mke2fs writes the disk and fsyncs it when it closes it: without this the
+    whole disk went to the device after the last tar byte (~0.35 s of an
+    851 MB image's build, issue 7).
     """
-    sync = _sync_file_range()
-    if sync is None:
-        yield
-        return
     stop = threading.Event()
 
     def run() -> None:
@@ -405,7 +386,7 @@ def _early_writeback(image: Path) -> Iterator[None]:
             return
         try:
             while not stop.wait(_WRITEBACK_EVERY_S):
-                sync(fd)
+                start_writeback(fd)
         finally:
             os.close(fd)
 

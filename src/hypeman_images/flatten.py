@@ -117,9 +117,11 @@ _S_IFMT, _S_IFSOCK = 0o170000, 0o140000
 Xattrs = tuple[tuple[str, bytes], ...]
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed once made: a frozen dataclass's __init__ costs
+# six times as much, and one is made per tar entry (issue 7).
+@dataclass(slots=True)
 class Entry:
-    """One header of a layer, its path made safe.
+    """One header of a layer, its path made safe; read-only by convention.
 
     ``path`` is relative to the root without a leading ``/`` (``b""`` is the
     root). ``target`` is the raw symlink target, or the cleaned path a hard
@@ -475,14 +477,31 @@ class _Builder:
         non-directory there is ENOTDIR in umoci (``mkdir parent``) and here a
         :class:`LayerError`.
         """
-        node = self.root
         parent, _ = _split(path)
-        parts = self.resolve(parent, where)
+        if not parent:
+            return self.root
+        # resolve() then the walk below, in one walk while no symlink is met (nearly
+        # always). Directories made before a symlink are the same either way: they
+        # are the resolved path's head, which resolving again leaves as it is.
+        parts = parent.split(b"/")
+        node = self._make_dirs(parts, path, where, follow=False)
+        if node is None:
+            node = self._make_dirs(self._resolve_links(parts, where), path, where, follow=True)
+        assert node is not None
+        return node
+
+    def _make_dirs(
+        self, parts: list[bytes], path: bytes, where: str | _Where, *, follow: bool
+    ) -> _Dir | None:
+        """The directory at ``parts``, made where missing; ``None`` at a symlink unless told."""
+        node = self.root
         for i, part in enumerate(parts):
             child = node.children.get(part)
             if child is None:
                 child = node.children[part] = _Dir(*_IMPLICIT)
             elif isinstance(child, _Inode):
+                if not follow and child.entry.kind is Kind.SYMLINK:
+                    return None
                 what = child.entry.kind.value
                 raise LayerError(
                     f"{where}: {path!r} needs {b'/'.join(parts[: i + 1])!r} to be a directory, "
@@ -632,7 +651,7 @@ class TreeStats:
         return sum(max(1, math.ceil(n / block_size)) for n in self.directory_entry_bytes)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see Entry
 class Node:
     """One inode of the final tree, with every path that names it, sorted."""
 
@@ -791,6 +810,7 @@ def _stats(
     kept = [
         [(k, v) for k, v in n.entry.xattrs if xattr_action(k) is not XattrAction.DROP]
         for n in every
+        if n.entry.xattrs
     ]
     symlinks = [n for n in specials if n.entry.kind is Kind.SYMLINK]
     return TreeStats(
@@ -798,7 +818,7 @@ def _stats(
         directories=len(directories),
         regular_files=len(files),
         regular_bytes=sum(n.entry.size for n in files),
-        regular_blocks=sum(math.ceil(n.entry.size / BLOCK_SIZE) for n in files),
+        regular_blocks=sum(-(-n.entry.size // BLOCK_SIZE) for n in files),
         symlinks=len(symlinks),
         long_symlinks=sum(1 for n in symlinks if len(n.entry.target) > _FAST_SYMLINK_MAX),
         hard_links=sum(len(n.paths) - 1 for n in every),
@@ -854,6 +874,8 @@ def entry_header(entry: Entry, path: bytes, *, link_to: bytes | None = None) -> 
 
 def tar_xattrs(xattrs: Xattrs) -> Xattrs:
     """The xattrs mke2fs sets from the tar stream itself (the rest are fixups or dropped)."""
+    if not xattrs:
+        return xattrs
     return tuple((k, v) for k, v in xattrs if xattr_action(k) is XattrAction.TAR)
 
 

@@ -20,6 +20,7 @@ References: POSIX.1-2008 ``pax`` (ustar and extended headers); GNU tar manual
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -56,8 +57,13 @@ MAX_OCTAL_ID = 0o7777777
 MAX_OCTAL_SIZE = 0o77777777777
 _XATTR_PREFIX = "SCHILY.xattr."
 
+# A header's numeric fields, in one unpack: mode, uid, gid, size, mtime, checksum,
+# then (after typeflag, linkname, magic, version, uname, gname) devmajor, devminor.
+_NUMBERS = struct.Struct("100x8s8s8s12s12s8s1x100x6x2x32x32x8s8s")
+_NUMBER_NAMES = ("mode", "uid", "gid", "size", "mtime", "checksum", "devmajor", "devminor")
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)  # not frozen: see flatten.Entry
 class Header:
     """One logical tar entry, with PAX and GNU extensions already applied.
 
@@ -83,10 +89,10 @@ class Header:
 
 def _parse_number(field: bytes, what: str, where: str) -> int:
     """An octal (NUL/space padded) or GNU base-256 numeric field."""
-    # Fast path, nearly every field: octal digits, space-padded (int() strips
-    # whitespace) and NUL-terminated. Anything else raises and is read below.
+    # Fast path, nearly every field: octal digits padded with spaces and NULs
+    # (a checksum is "%06o\0 "). Anything else raises and is read below.
     try:
-        return int(field.rstrip(b"\0") or b"0", 8)
+        return int(field.strip(b" \0") or b"0", 8)
     except ValueError:
         pass
     if field and field[0] & 0x80:
@@ -95,23 +101,32 @@ def _parse_number(field: bytes, what: str, where: str) -> int:
         if field[0] & 0x40:
             value -= 1 << (8 * len(field) - 1)
         return value
-    text = field.strip(b" \0")
+    # "<digits>\0<garbage>" is still a number to GNU tar and Go; anything else is not.
+    head = field.split(b"\0", 1)[0].strip(b" ")
     try:
-        return int(text, 8) if text else 0
+        return int(head, 8) if head else 0
     except ValueError:
-        # "<digits>\0<garbage>" is still a number to GNU tar and Go; anything else is not.
-        head = field.split(b"\0", 1)[0].strip(b" ")
-        try:
-            return int(head, 8) if head else 0
-        except ValueError:
-            raise LayerError(
-                f"{where}: corrupt tar header: {what} field {field!r} is not octal"
-            ) from None
+        raise LayerError(
+            f"{where}: corrupt tar header: {what} field {field!r} is not octal"
+        ) from None
 
 
-def _cstring(field: bytes) -> bytes:
-    end = field.find(b"\0")
-    return field if end < 0 else field[:end]
+def _plain_numbers(block: bytes) -> list[int] | None:
+    """The header's numeric fields (:data:`_NUMBER_NAMES`) if all take the fast path.
+
+    :func:`_parse_number`'s fast path for the eight at once, as nearly every
+    header's are: one call per header, not eight (issue 7). ``None`` otherwise.
+    """
+    try:
+        return [int(f.strip(b" \0") or b"0", 8) for f in _NUMBERS.unpack_from(block)]
+    except ValueError:
+        return None
+
+
+def _sum(block: bytes) -> int:
+    """The sum of the bytes: a header's checksum. The NULs (most of a header) add
+    nothing, and dropping them first makes ``sum`` three times faster (issue 7)."""
+    return sum(block.translate(None, b"\0"))
 
 
 def _parse_pax(data: bytes, where: str) -> dict[str, bytes]:
@@ -298,9 +313,11 @@ class TarReader:
                 self._read(BLOCK)  # the second zero block (absent in some writers)
                 return
             where = self._where  # the entry number is added where an error is raised
-            self._check_sum(block, ordinal)
+            numbers = _plain_numbers(block)
+            if numbers is None or _sum(block) - sum(block[148:156]) + 256 != numbers[5]:
+                numbers = self._numbers(block, ordinal)
             typeflag = block[156:157]
-            size = _parse_number(block[124:136], "size", where)
+            size = numbers[3]
             if typeflag in (_PAX_LOCAL, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK):
                 data = self._read_block_payload(size)
                 if typeflag == _PAX_LOCAL:
@@ -315,7 +332,7 @@ class TarReader:
             records = {**pax_global, **pax} if pax_global else pax
             offset = self.size - (len(self._buf) - self._pos)
             header = self._header(
-                block, ordinal, size, records, long_name, long_link, where, offset
+                block, numbers, ordinal, records, long_name, long_link, where, offset
             )
             pax, long_name, long_link = {}, None, None
             # Header-only types carry no data whatever their size field says (Go's
@@ -331,7 +348,8 @@ class TarReader:
                 continue
             yield header
 
-    def _check_sum(self, block: bytes, ordinal: int) -> None:
+    def _numbers(self, block: bytes, ordinal: int) -> list[int]:
+        """The numeric fields the slow way, checksum first: each error names its field."""
         where = f"{self._where}, entry {ordinal}"
         field = block[148:156]
         stored = _parse_number(field, "checksum", where)
@@ -341,12 +359,17 @@ class TarReader:
             signed = unsigned - 2 * sum(b for b in block if b >= 128)
             if stored != signed:
                 raise LayerError(f"{where}: corrupt tar header (checksum mismatch)")
+        where = self._where
+        return [
+            _parse_number(f, what, where)
+            for f, what in zip(_NUMBERS.unpack_from(block), _NUMBER_NAMES, strict=True)
+        ]
 
     def _header(
         self,
         block: bytes,
+        numbers: list[int],
         ordinal: int,
-        size: int,
         pax: dict[str, bytes],
         long_name: bytes | None,
         long_link: bytes | None,
@@ -362,17 +385,15 @@ class TarReader:
             typeflag = REGULAR
         elif typeflag == _GNU_DUMPDIR:
             typeflag = DIRECTORY
-        name = _cstring(block[0:100])
+        name = block[0:100].partition(b"\0")[0]
         if block[257:263] == b"ustar\x00":  # POSIX ustar: a prefix field may hold the head
-            prefix = _cstring(block[345:500])
+            prefix = block[345:500].partition(b"\0")[0]
             if prefix:
                 name = prefix + b"/" + name
         if long_name is not None:
             name = long_name
-        linkname = long_link if long_link is not None else _cstring(block[157:257])
-        uid = _parse_number(block[108:116], "uid", where)
-        gid = _parse_number(block[116:124], "gid", where)
-        mtime = _parse_number(block[136:148], "mtime", where)
+        linkname = long_link if long_link is not None else block[157:257].partition(b"\0")[0]
+        mode, uid, gid, size, mtime, _, devmajor, devminor = numbers
         xattrs: list[tuple[str, bytes]] = []
         for key, value in pax.items():
             if key == "path":
@@ -392,19 +413,19 @@ class TarReader:
         if size < 0 or uid < 0 or gid < 0:
             raise LayerError(f"{where}: negative size, uid or gid in tar header")
         return Header(
-            ordinal=ordinal,
-            name=name,
-            typeflag=typeflag,
-            mode=_parse_number(block[100:108], "mode", where),
-            uid=uid,
-            gid=gid,
-            size=size if typeflag == REGULAR else 0,
-            mtime=mtime,
-            linkname=linkname,
-            devmajor=_parse_number(block[329:337], "devmajor", where),
-            devminor=_parse_number(block[337:345], "devminor", where),
-            xattrs=tuple(xattrs),
-            offset=offset,
+            ordinal,
+            name,
+            typeflag,
+            mode,
+            uid,
+            gid,
+            size if typeflag == REGULAR else 0,
+            mtime,
+            linkname,
+            devmajor,
+            devminor,
+            tuple(xattrs),
+            offset,
         )
 
 
@@ -418,10 +439,6 @@ def pax_record(key: bytes, value: bytes) -> bytes:
     if len(str(length)) + body_len != length:  # adding the digits added a digit
         length += 1
     return b"%d %s=%s\n" % (length, key, value)
-
-
-def _octal(value: int, width: int) -> bytes:
-    return b"%0*o\0" % (width - 1, value)
 
 
 def _is_utf8(value: bytes) -> bool:
@@ -458,28 +475,20 @@ def _block(
     devmajor: int,
     devminor: int,
 ) -> bytes:
-    header = b"".join(
-        (
-            name.ljust(100, b"\0"),
-            _octal(mode, 8),
-            _octal(uid, 8),
-            _octal(gid, 8),
-            _octal(size, 12),
-            _octal(mtime, 12),
-            b"        ",  # checksum: summed as spaces
-            typeflag,
-            linkname.ljust(100, b"\0"),
-            b"ustar\x0000",
-            b"\0" * 64,  # uname, gname: left empty so no reader maps names to ids
-            _octal(devmajor, 8),
-            _octal(devminor, 8),
-            prefix.ljust(155, b"\0"),
-            b"\0" * 12,
-        )
-    )
-    return header[:148] + b"%06o\0 " % sum(header) + header[156:]
+    # One format, not a join of fields: this runs once per entry of the image.
+    # The checksum field is summed as spaces; uname and gname stay empty so no
+    # reader maps names to ids.
+    head = b"%s%07o\0%07o\0%07o\0%011o\0%011o\0" % (
+        name.ljust(100, b"\0"), mode, uid, gid, size, mtime,
+    )  # fmt: skip
+    tail = b"%s%sustar\x0000%s%07o\0%07o\0%s%s" % (
+        typeflag, linkname.ljust(100, b"\0"), _NUL_64, devmajor, devminor,
+        prefix.ljust(155, b"\0"), _NUL_12,
+    )  # fmt: skip
+    return b"%s%06o\0 %s" % (head, _sum(head) + _sum(tail) + 256, tail)
 
 
+_NUL_64, _NUL_12 = b"\0" * 64, b"\0" * 12
 _PAX_NAME = b"././@PaxHeader"  # fixed so the output is deterministic; readers ignore it
 
 

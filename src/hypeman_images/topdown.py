@@ -115,6 +115,10 @@ class TopDown:
     sizes: dict[int, int] = field(default_factory=dict)
     _seen: dict[bytes, _Seen] = field(default_factory=dict, init=False)
     _made: dict[bytes, _Body | _DirMeta] = field(default_factory=dict, init=False)
+    # Directories whose every ancestor _parents passed in the layer being read. It
+    # holds for the whole layer: markers apply after it, and a directory that
+    # becomes something else within a layer is a Speculation.
+    _open: set[bytes] = field(default_factory=set, init=False)
 
     def run(
         self, out: BinaryIO, expect: Callable[[LayerScan], None] | None = None
@@ -145,6 +149,7 @@ class TopDown:
     # -- one layer ----------------------------------------------------------------------
 
     def _layer(self, index: int, out: BinaryIO, before: int) -> LayerScan:
+        self._open.clear()
         known = self.known.get(index)
         if known is not None:
             self._layer_known(known, out)
@@ -295,6 +300,8 @@ class TopDown:
         if root.hidden > k:
             return False
         parts = p.split(b"/")
+        if len(parts) == 1 or p.rpartition(b"/")[0] in self._open:
+            return True
         path = b""
         for depth, part in enumerate(parts[:-1]):
             path = path + b"/" + part if depth else part
@@ -302,10 +309,12 @@ class TopDown:
             if seen is None:
                 self._seen[path] = _Seen(_DIR, k)
                 self._write_dir(_implicit(path), out)
+                self._open.add(path)
                 continue
             if seen.kind == _DIR:
                 if seen.hidden > k:
                     return False
+                self._open.add(path)
                 continue
             if seen.layer > k:
                 return False  # replaced by a non-directory, or deleted, above
