@@ -140,6 +140,21 @@ def test_limits(limits: Limits, layers: Layers, field: str) -> None:
         flatten(layers, limits)
 
 
+def test_device_numbers_of_other_kinds_never_reach_the_stream() -> None:
+    # A file header's devmajor field means nothing, but a base-256 value there
+    # written back as octal would overflow its field and corrupt the stream.
+    data = bytearray(tarfmt.encode_header(b"f", tarfmt.REGULAR, size=1))
+    data[329:337] = b"\x80" + (1 << 40).to_bytes(7, "big")
+    data[148:156] = b"        "
+    data[148:156] = b"%06o\0 " % sum(data)
+    layer = bytes(data) + b"x" + b"\0" * 511 + tarfmt.END_OF_ARCHIVE
+    _, output = flatten([layer])
+    reader = tarfmt.TarReader(
+        io.BytesIO(output), where="output", max_bytes=1 << 40, max_header_bytes=1 << 20
+    )
+    assert {h.name: h.devmajor for h in reader} == {b"./": 0, b"f": 0}
+
+
 def test_giant_pax_header_is_refused_by_default() -> None:
     layer = build_tar([file("x", b"", pax={"comment": b"c" * (2 << 20)})])
     with pytest.raises(LimitExceeded, match="max_header_bytes"):

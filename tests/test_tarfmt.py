@@ -193,6 +193,44 @@ def test_header_only_types_ignore_size_field() -> None:
     assert [h.name for h, _ in got] == [b"l", b"after"]
 
 
+def _with_field(header: bytes, start: int, end: int, value: bytes) -> bytes:
+    """``header`` with bytes ``start:end`` replaced and the checksum made right again."""
+    data = bytearray(header)
+    data[start:end] = value.ljust(end - start, b"\0")
+    data[148:156] = b"        "
+    data[148:156] = b"%06o\0 " % sum(data)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("uid", b"  1750 \0", 0o1750),  # space-padded, as old writers did
+        ("uid", b"\x80\0\0\0\0\0\x10\x00", 4096),  # GNU base-256
+        ("mtime", b"17\0garbage", 0o17),  # digits then junk: still a number to GNU tar and Go
+    ],
+)
+def test_numeric_fields_off_the_fast_path(field: str, value: bytes, expected: int) -> None:
+    start, end = {"uid": (108, 116), "mtime": (136, 148)}[field]
+    header = _with_field(tarfmt.encode_header(b"a", tarfmt.REGULAR), start, end, value)
+    assert getattr(one(header + tarfmt.END_OF_ARCHIVE), field) == expected
+
+
+def test_corrupt_number_in_an_entry_names_its_field() -> None:
+    header = _with_field(tarfmt.encode_header(b"a", tarfmt.CHAR), 329, 337, b"nine")
+    with pytest.raises(LayerError, match="devmajor field"):
+        read_all(header)
+
+
+def test_pax_header_fields_other_than_size_are_not_read() -> None:
+    # The meta header's mode..devminor describe nothing; junk there (seen from some
+    # writers) must not stop the entry it belongs to.
+    blocks = tarfmt.encode_header(b"x" * 300, tarfmt.REGULAR)  # PAX header, its data, ustar
+    assert len(blocks) == 3 * tarfmt.BLOCK
+    junk = _with_field(blocks[:512], 329, 337, b"junk") + blocks[512:]
+    assert one(junk).name == b"x" * 300
+
+
 def test_missing_end_marker_is_accepted() -> None:
     data = build_tar([file("a", b"x"), symlink("s", "a"), hardlink("h", "a")])[:-1024]
     assert [h.ordinal for h, _ in read_all(data)] == [0, 1, 2]

@@ -113,6 +113,7 @@ _KIND_OF_TYPEFLAG = {
 }
 _TYPEFLAG_OF_KIND = {kind: flag for flag, kind in _KIND_OF_TYPEFLAG.items()}
 _S_IFMT, _S_IFSOCK = 0o170000, 0o140000
+_MAX_MAJOR, _MAX_MINOR = (1 << 12) - 1, (1 << 20) - 1  # the kernel's dev_t (MKDEV)
 
 Xattrs = tuple[tuple[str, bytes], ...]
 
@@ -292,6 +293,14 @@ def classify(
         target = clean_path(target, where=where, limits=limits)
     elif kind is Kind.SYMLINK and (not target or b"\0" in target):
         raise LayerError(f"{where}: symlink {path!r} has an empty or NUL-bearing target")
+    devmajor = devminor = 0  # what other kinds' headers say there describes nothing
+    if kind in (Kind.CHAR, Kind.BLOCK):
+        devmajor, devminor = header.devmajor, header.devminor
+        if not (0 <= devmajor <= _MAX_MAJOR and 0 <= devminor <= _MAX_MINOR):
+            raise LayerError(
+                f"{where}: device {path!r} has device number {devmajor}:{devminor}; Linux "
+                f"allows majors up to {_MAX_MAJOR} and minors up to {_MAX_MINOR}"
+            )
     mode, mtime = header.mode & 0o7777, header.mtime
     if len(shared) < SHARED_MAX:
         mode, mtime = shared.setdefault(mode, mode), shared.setdefault(mtime, mtime)
@@ -305,8 +314,8 @@ def classify(
         mtime=mtime,
         size=header.size,
         target=target,
-        devmajor=header.devmajor,
-        devminor=header.devminor,
+        devmajor=devmajor,
+        devminor=devminor,
         xattrs=header.xattrs,
         offset=header.offset,
     )

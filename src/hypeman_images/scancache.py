@@ -62,8 +62,9 @@ log = logging.getLogger(__name__)
 
 SCANS_DIR = "scans"
 # Bump on any change to what is stored or how (Entry's fields, the record, the
-# regions): files of another version are misses, rescanned and overwritten.
-FORMAT_VERSION = 1
+# regions, what pass 1 checks before it keeps an entry): files of another version
+# are misses, rescanned and overwritten. 2: device numbers checked, others zeroed.
+FORMAT_VERSION = 2
 _MAGIC = b"HMSCAN\r\n"
 _PREAMBLE = struct.Struct("<8sIII")  # magic, version, crc32 of the rest, header length
 # ordinal, kind code, mode, uid, gid, mtime, size, offset, devmajor, devminor, xattrs.

@@ -315,9 +315,14 @@ class TarReader:
             where = self._where  # the entry number is added where an error is raised
             numbers = _plain_numbers(block)
             if numbers is None or _sum(block) - sum(block[148:156]) + 256 != numbers[5]:
-                numbers = self._numbers(block, ordinal)
+                # The slow way; the other fields only for an entry (_header): a PAX or
+                # GNU header's fields beyond these two are read by nobody.
+                self._check_sum(block, ordinal)
+                numbers = None
+                size = _parse_number(block[124:136], "size", where)
+            else:
+                size = numbers[3]
             typeflag = block[156:157]
-            size = numbers[3]
             if typeflag in (_PAX_LOCAL, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK):
                 data = self._read_block_payload(size)
                 if typeflag == _PAX_LOCAL:
@@ -348,8 +353,7 @@ class TarReader:
                 continue
             yield header
 
-    def _numbers(self, block: bytes, ordinal: int) -> list[int]:
-        """The numeric fields the slow way, checksum first: each error names its field."""
+    def _check_sum(self, block: bytes, ordinal: int) -> None:
         where = f"{self._where}, entry {ordinal}"
         field = block[148:156]
         stored = _parse_number(field, "checksum", where)
@@ -359,16 +363,11 @@ class TarReader:
             signed = unsigned - 2 * sum(b for b in block if b >= 128)
             if stored != signed:
                 raise LayerError(f"{where}: corrupt tar header (checksum mismatch)")
-        where = self._where
-        return [
-            _parse_number(f, what, where)
-            for f, what in zip(_NUMBERS.unpack_from(block), _NUMBER_NAMES, strict=True)
-        ]
 
     def _header(
         self,
         block: bytes,
-        numbers: list[int],
+        numbers: list[int] | None,
         ordinal: int,
         pax: dict[str, bytes],
         long_name: bytes | None,
@@ -393,6 +392,11 @@ class TarReader:
         if long_name is not None:
             name = long_name
         linkname = long_link if long_link is not None else block[157:257].partition(b"\0")[0]
+        if numbers is None:  # not all plain octal: each error names its field
+            numbers = [
+                _parse_number(f, what, where)
+                for f, what in zip(_NUMBERS.unpack_from(block), _NUMBER_NAMES, strict=True)
+            ]
         mode, uid, gid, size, mtime, _, devmajor, devminor = numbers
         xattrs: list[tuple[str, bytes]] = []
         for key, value in pax.items():

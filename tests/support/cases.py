@@ -239,6 +239,9 @@ def symlink_chain(n: int) -> list[list[TarEntry]]:
 
 ERRORS: dict[str, tuple[Layers, type[Exception], str]] = {
     "bare_whiteout": ([[TarEntry("file", b"dir/.wh.")]], LayerError, "no valid name"),
+    # Linux's dev_t holds a 12-bit major and a 20-bit minor (MKDEV).
+    "device_major_too_big": ([[char_device("dev/x", 4096, 0)]], LayerError, "device number"),
+    "device_minor_too_big": ([[char_device("dev/x", 1, 1 << 20)]], LayerError, "device number"),
     "link_to_missing": ([[hardlink("l", "missing")]], LayerError, "no such file"),
     "link_to_dir": ([[d("dd"), hardlink("l", "dd")]], LayerError, "names a directory"),
     "link_before_target_same_layer": (
