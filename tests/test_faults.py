@@ -10,17 +10,20 @@ with the fault gone -- must succeed with a clean disk.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.disk import read_disk_tree
 from support.faultproxy import Fault, FaultProxy, fault_proxy
 from support.hostile import store_problems, unexpected_paths
 from support.images import Image, make_image, make_layer, push_image
@@ -193,6 +196,41 @@ def test_slow_manifest_times_out(
     assert len(proxy.requests("/manifests/")) == 2
     assert list((data_dir / "images").rglob("metadata.json")) == []
     assert_recovers(data_dir, proxy, image)
+
+
+def test_the_disk_is_made_while_the_layers_download(
+    faulty: tuple[RegistryServer, Image], proxy: FaultProxy, data_dir: Path
+) -> None:
+    """The one pass reads the top layer as it lands: mke2fs is at work while the bottom
+    layer's download hangs (then resumes), and the image is still "pulling" then."""
+    _, image = faulty
+    proxy.add(Fault(layer_path(image, 0), "stall", after_bytes=0, delay=2.0, times=1))
+    build = data_dir / "images" / proxy.host / "faults/app" / image.manifest_digest[7:]
+    done = threading.Event()
+    seen: list[str] = []
+
+    def watch() -> None:
+        while not done.is_set():
+            temps = list(build.glob(".tmp-rootfs*")) if build.is_dir() else []
+            if temps and record(data_dir, proxy, image)["status"] == "pulling":
+                seen.append(temps[0].name)
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with manager(data_dir, read_timeout=0.5, resume_attempts=2) as m:
+            pulled = m.pull(ref_of(proxy))
+    finally:
+        done.set()
+        watcher.join()
+    assert seen, "no disk was being made while a layer still downloaded"
+    assert pulled.record.status == "ready"
+    tree = read_disk_tree(pulled.disk)
+    assert tree["/etc/hostname"].sha256 == hashlib.sha256(b"faults\n").hexdigest()
+    assert tree["/data/blob"].size == 2 * MiB
+    assert store_problems(data_dir) == []
 
 
 @pytest.mark.parametrize("how", ["other-blob", "flipped-byte"])

@@ -252,6 +252,20 @@ def test_an_image_the_pass_cannot_decide_is_built_in_two_passes(
     assert got["/usr/lib/b"].sha256 == hashlib.sha256(b"b").hexdigest()  # through the symlink
 
 
+def test_a_layer_that_inflates_past_the_sizing_is_built_in_two_passes(
+    registry: RegistryServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 8 MiB of zeros gzip to ~8 KiB: far past ONE_PASS_MAX_RATIO times the blob.
+    zeros = b"\0" * (8 << 20)
+    ref = _push(registry, "topdown/zeros", [[d("data"), file("data/zeros", zeros)]])
+    with caplog.at_level(logging.INFO, logger="hypeman_images.convert"):
+        disk, stats = _pull(tmp_path / "data", ref)
+    assert "inflates past" in caplog.text and "building in two passes" in caplog.text
+    assert "one_pass_tried_s" in stats.stages
+    e2fsck_clean(disk)
+    assert read_disk_tree(disk)["/data/zeros"].sha256 == hashlib.sha256(zeros).hexdigest()
+
+
 def test_a_disk_too_small_for_the_tree_falls_back(
     alpine_ref: PushedImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -278,10 +292,10 @@ def test_a_bad_layer_fails_the_same_way_in_one_pass(
     assert leftovers == []
 
 
-def test_a_layer_larger_than_its_trailer_says_stops_the_pass_at_once() -> None:
-    # A lying gzip trailer sized the disk: the pass stops where the claim ends,
-    # not at the limits (the two-pass way then applies those, and gzip's check).
+def test_a_layer_larger_than_the_disk_was_sized_for_stops_the_pass_at_once() -> None:
+    # The pass stops where the disk's sizing ends, not at the limits (the
+    # two-pass way then applies those).
     tar = build_tar([file("big", b"\0" * 65536), file("after", b"x")])
     top = TopDown(lambda i, h: _Hashing(tar, h), ["L0"], sizes={0: 4096})
-    with pytest.raises(Speculation, match="inflates past the 4096 bytes"):
+    with pytest.raises(Speculation, match="inflates past the 4096 bytes the disk was sized"):
         top.run(io.BytesIO())

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 from .digest import Digest, VerifyingStream
 from .errors import DigestMismatch, HypemanError, NotFound
+from .feeds import LayerFeeds
 from .fsutil import (
     TEMP_PREFIX,
     atomic_writer,
@@ -85,11 +86,14 @@ class BlobStore:
         descriptor: Descriptor,
         chunks: Iterable[bytes],
         on_chunk: Callable[[int], None] | None = None,
+        feeds: LayerFeeds | None = None,
     ) -> Path:
         """Stream ``chunks`` into the cache; the blob appears only once verified.
 
         Raises :class:`DigestMismatch` (and keeps nothing) when the bytes do not
         hash to ``descriptor.digest`` or their count differs from its size.
+        ``feeds``: told where the bytes go and how far they are, for a reader
+        that follows the download (:mod:`feeds`).
         """
         final = self.path(descriptor.digest)
         stream = VerifyingStream(chunks, descriptor.digest, descriptor.size)
@@ -97,10 +101,17 @@ class BlobStore:
             final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise storage_error(exc, f"cannot store blob {descriptor.digest}") from exc
-        unsynced = 0
+        unsynced = written = 0
+        digest = descriptor.digest
         with atomic_writer(final, mode=0o444) as handle:
+            if feeds is not None:
+                feeds.begin(digest, Path(handle.name))
             for chunk in stream:
                 handle.write(chunk)
+                written += len(chunk)
+                if feeds is not None:
+                    handle.flush()
+                    feeds.wrote(digest, written)
                 if on_chunk:
                     on_chunk(len(chunk))
                 unsynced += len(chunk)

@@ -1,8 +1,9 @@
 """Cached layers → one merged tar stream → ``rootfs.ext4`` (DESIGN.md steps 4 and 5).
 
 Two ways, same tree. The one-pass way (:mod:`topdown`, for gzip and plain
-layers) reads each layer once, top layer first, straight into mke2fs, on a
-disk sized from the layers' uncompressed size and shrunk to the tree after.
+layers) reads each layer once, top layer first, straight into mke2fs, while
+the pull downloads it (:class:`Following`), on a disk sized from the manifest
+(:func:`one_pass_sizes`) and shrunk to the tree after.
 The two-pass way decompresses each layer twice at most: once to scan its
 headers (and check its diff_id), once to copy the bodies that survive into
 mke2fs's stdin. Its scan can run during the download, as a tap of
@@ -32,6 +33,7 @@ from .config import BuildOptions
 from .digest import Digest
 from .e2fsprogs import E2fsprogs, find_e2fsprogs
 from .ext4 import DiskResult, OutOfRoom, SizeInputs, build_disk, build_disk_one_pass
+from .feeds import FeedAborted, LayerFeeds
 from .flatten import LayerScan, Limits, Merger, Tree, TreeStats, merge, scan_layer, write_tar
 from .pull import PulledImage
 from .scancache import ScanCache
@@ -53,6 +55,41 @@ class DiskInfo:
     fallback_used: bool
     timings: dict[str, float] = field(default_factory=dict)
     one_pass: bool = False
+
+
+@dataclass
+class Following:
+    """A one-pass build that runs while its pull does (issue 7).
+
+    It reads the layers through ``feeds`` as they download (the disk is
+    sized from the manifest, :func:`one_pass_sizes`). Nothing of it lasts
+    unless the pull succeeded: :meth:`pulled`, called before the disk is
+    finished (and before the two-pass way reads the cache), waits for the
+    pull's end and raises if it failed. The pull's caller calls
+    :meth:`pull_ended` when it returns.
+    """
+
+    feeds: LayerFeeds
+    _ended: threading.Event = field(default_factory=threading.Event)
+    _error: BaseException | None = None
+
+    def pull_ended(self, error: BaseException | None = None) -> None:
+        """The pull returned, or failed with ``error``: readers waiting for bytes then fail."""
+        self._error = error
+        if error is not None:
+            self.feeds.abort(error)
+        self._ended.set()
+
+    @property
+    def ended(self) -> bool:
+        """Has the pull returned (either way)?"""
+        return self._ended.is_set()
+
+    def pulled(self) -> None:
+        """Wait for the pull; raise :class:`FeedAborted` if it failed."""
+        self._ended.wait()
+        if self._error is not None:
+            raise FeedAborted(f"the pull failed: {self._error}")
 
 
 def size_inputs(stats: TreeStats) -> SizeInputs:
@@ -222,10 +259,13 @@ _READ_AHEAD_BLOCKS = 16
 
 
 def _open_layer_to_emit(
-    blobs: BlobStore, layer: Descriptor, hash_into: Hasher | None = None
+    blobs: BlobStore,
+    layer: Descriptor,
+    hash_into: Hasher | None = None,
+    feeds: LayerFeeds | None = None,
 ) -> BinaryIO:
     return open_decompressed(
-        blobs.path(layer.digest),
+        feeds.open(layer.digest) if feeds is not None else blobs.path(layer.digest),
         layer.media_type,
         name=str(layer.digest),
         read_ahead=_READ_AHEAD_BLOCKS,
@@ -262,15 +302,40 @@ class _Counting:
         self._report(self.count)
 
 
+# The one-pass disk is sized before any layer is read, from the manifest: a gzip
+# layer is taken to hold at most this many times its compressed size of tar.
+# Debian's layers inflate ~3x, text-heavy ones ~10x; one past it (a big file of
+# zeros, a decompression bomb) stops the pass and is built the two-pass way.
+ONE_PASS_MAX_RATIO = 32
+
+
 def one_pass_candidate(layers: Sequence[Descriptor], options: BuildOptions) -> bool:
     """Will this image try the one-pass way? Known before the pull: the layers' media types.
 
-    gzip and uncompressed layers tell their uncompressed size (:func:`uncompressed_size`),
-    which sizes the disk before the stream; zstd frames need not.
+    gzip and uncompressed layers (:func:`one_pass_sizes`); zstd is left to the
+    two-pass way for now.
     """
     return options.one_pass and all(
         LAYER_COMPRESSION.get(layer.media_type) in ("gzip", "none") for layer in layers
     )
+
+
+def one_pass_sizes(layers: Sequence[Descriptor], limits: Limits) -> list[int]:
+    """The most tar each layer may inflate to in the one pass: the disk is sized for it.
+
+    From the manifest alone, so the disk is the same whatever the cache held
+    and the pass can start before the layers are downloaded: a plain layer's
+    own size, a gzip layer's times :data:`ONE_PASS_MAX_RATIO`, each within
+    ``limits.max_layer_bytes`` (past those, the limits speak anyway).
+    """
+    return [
+        min(
+            layer.size * (1 if LAYER_COMPRESSION.get(layer.media_type) == "none" else
+                          ONE_PASS_MAX_RATIO),
+            limits.max_layer_bytes,
+        )
+        for layer in layers
+    ]  # fmt: skip
 
 
 def uncompressed_size(path: Path, layer: Descriptor) -> int | None:
@@ -310,10 +375,24 @@ def _convert_one_pass(
     limits: Limits,
     scans: LayerScans,
     sizes: list[int],
+    following: Following | None,
 ) -> DiskInfo:
     """The one-pass way; raises :class:`Speculation` or :class:`OutOfRoom` to fall back."""
+    feeds = following.feeds if following is not None else None
     uncompressed = sum(sizes)
     layers = pulled.resolved.manifest.layers
+    tar_bytes: list[int] = []
+
+    def progress_total() -> int:
+        # The layers' real size once their blobs are all cached (gzip's trailers),
+        # for the progress shown; till then the bound the disk was sized for.
+        if not tar_bytes:
+            found = [uncompressed_size(blobs.path(layer.digest), layer) for layer in layers]
+            if None in found:
+                return uncompressed
+            tar_bytes.append(sum(size or 0 for size in found))
+        return tar_bytes[0]
+
     diff_ids = pulled.config.diff_ids
     # Layers scanned before (a new tag over cached layers) are not parsed or
     # hashed again; the pull re-hashed their blobs (pull._intact).
@@ -325,7 +404,7 @@ def _convert_one_pass(
         assert scan is not None
         known[index] = scan
     one_pass = TopDown(
-        lambda i, hasher: _open_layer_to_emit(blobs, layers[i], hasher),
+        lambda i, hasher: _open_layer_to_emit(blobs, layers[i], hasher, feeds),
         [str(layer.digest) for layer in layers],
         limits,
         known,
@@ -339,8 +418,12 @@ def _convert_one_pass(
         scan.check_diff_id(diff_ids[scan.index])
 
     def write_stream(out: BinaryIO) -> None:
-        with _sink(out, on_progress, uncompressed) as sink:
+        with _sink(out, on_progress, progress_total) as sink:
             made.extend(one_pass.run(sink, expect))
+            if following is not None:
+                # Nothing of a pull that failed may become a disk; mke2fs waits
+                # for the end of its stream meanwhile.
+                following.pulled()
         for scan in made:
             scans.add(scan)  # kept for the two-pass way if the check fails
         # mke2fs still finishes the disk after the last byte (~0.2 s on the 851 MB
@@ -386,13 +469,18 @@ def _disk_info(result: DiskResult, timings: dict[str, float], one_pass: bool) ->
 
 @contextlib.contextmanager
 def _sink(
-    out: BinaryIO, on_progress: Callable[[int, int], None] | None, total: int
+    out: BinaryIO, on_progress: Callable[[int, int], None] | None, total: Callable[[], int]
 ) -> Iterator[BinaryIO]:
-    """``out`` (mke2fs's stdin), counting for ``on_progress``; flushed at the end."""
+    """``out`` (mke2fs's stdin), counting for ``on_progress`` of ``total()``; flushed at the end."""
     sink: BinaryIO = out
     if on_progress is not None:
-        report, whole = on_progress, max(1, total)
-        sink = _Counting(out, lambda n: report(min(n, whole), whole))  # type: ignore[assignment]
+        report = on_progress
+
+        def counted(n: int) -> None:
+            whole = max(1, total())
+            report(min(n, whole), whole)
+
+        sink = _Counting(out, counted)  # type: ignore[assignment]
     yield sink
     sink.flush()
 
@@ -407,11 +495,14 @@ def convert(
     tools: E2fsprogs | None = None,
     limits: Limits | None = None,
     scans: LayerScans | None = None,
+    following: Following | None = None,
 ) -> DiskInfo:
     """Make ``dest`` from the pulled image's cached layers; atomically, or not at all.
 
     ``scans``: pass 1 already done during the pull, or found in the scan cache
     (see :class:`LayerScans`); what it lacks is scanned under its limits.
+    ``following``: the pull is still running; the one pass follows it (see
+    :class:`Following`).
     """
     limits = limits or (scans.limits if scans is not None else Limits())
     if scans is None:
@@ -420,22 +511,26 @@ def convert(
     timings: dict[str, float] = {}
     layers = pulled.resolved.manifest.layers
     if one_pass_candidate(layers, options) and tools.tar_input and tools.resize2fs is not None:
-        sizes = [uncompressed_size(blobs.path(layer.digest), layer) for layer in layers]
-        known_sizes = [size for size in sizes if size is not None]
-        # Past the limits, the two-pass way says so; no disk is sized for a claim like that.
-        within = sum(known_sizes) <= limits.max_image_bytes and all(
-            size <= limits.max_layer_bytes for size in known_sizes
-        )
-        if len(known_sizes) == len(sizes) and within:
-            t0 = time.monotonic()
-            try:
-                return _convert_one_pass(
-                    pulled, blobs, dest, options, on_progress, tools, limits, scans, known_sizes
-                )
-            except (Speculation, OutOfRoom) as exc:
-                log.info("%s: building in two passes: %s", pulled.resolved.digest, exc)
-                timings["one_pass_tried_s"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        try:
+            return _convert_one_pass(
+                pulled,
+                blobs,
+                dest,
+                options,
+                on_progress,
+                tools,
+                limits,
+                scans,
+                one_pass_sizes(layers, limits),
+                following,
+            )
+        except (Speculation, OutOfRoom) as exc:
+            log.info("%s: building in two passes: %s", pulled.resolved.digest, exc)
+            timings["one_pass_tried_s"] = time.monotonic() - t0
 
+    if following is not None:
+        following.pulled()  # the two-pass way reads the cached blobs
     t0 = time.monotonic()
     layer_scans = scan_layers(pulled, blobs, scans)
     tree = scans.merged(layer_scans) if limits == scans.limits else merge(layer_scans, limits)
@@ -444,7 +539,7 @@ def convert(
     timings["flatten_scan_s"] = time.monotonic() - t0
 
     def write_stream(out: BinaryIO) -> None:
-        with _sink(out, on_progress, tree.stats.regular_bytes) as sink:
+        with _sink(out, on_progress, lambda: tree.stats.regular_bytes) as sink:
             write_tar(tree, lambda i: _open_layer_to_emit(blobs, layers[i]), sink, limits)
 
     t0 = time.monotonic()

@@ -688,7 +688,7 @@ def _resize(tools: E2fsprogs, image: Path, blocks: int) -> None:
     ``-f``: resize2fs's own minimum is an estimate with a wide margin (it
     refused 196k blocks for a tree that fits in them); with every group
     keeping its inode table and the data allocated from the start, the
-    shrink is a truncation that takes ~10 ms.
+    shrink is a truncation (~0.1 s from the 610 groups of the 300 MB image).
     """
     assert tools.resize2fs is not None
     proc = run_tool(

@@ -10,22 +10,28 @@ the disk is in place.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .blobs import BlobStore
 from .config import BuildOptions
 from .digest import Digest
 from .errors import HypemanError
+from .feeds import LayerFeeds
 from .progress import Reporter
-from .pull import PulledImage, ResolvedImage, pull
+from .pull import PulledImage, ResolvedImage, fetch_config, pull
 from .reference import Reference
 from .registry import RegistryClient
 from .scancache import ScanCache
 from .store import DISK_NAME, ImageRecord, ImageStatus, ImageStore, StoredImage, now
+
+if TYPE_CHECKING:
+    from . import convert
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +109,55 @@ def build_resolved(
         probe = ThreadPoolExecutor(1, thread_name_prefix="probe")
         tools = probe.submit(find_e2fsprogs, options.mke2fs or "mke2fs")
         probe.shutdown(wait=False)  # its one thread ends with the probe; result() waits for it
+        following: convert.Following | None = None
+        converting = ThreadPoolExecutor(1, thread_name_prefix="convert")
         try:
             reporter.stage("pulling", f"{ref.familiar()} ({digest.short})")
             t0 = time.monotonic()
-            # An image built in one pass reads its layers after the download. Else
-            # pass 1 of flatten runs on each layer while it downloads (issue 7),
-            # unless the scan cache beside the blobs has that layer's scan.
+            # An image built in one pass reads its layers while they download, top
+            # layer first. Else pass 1 of flatten runs on each layer while it
+            # downloads (issue 7), unless the scan cache beside the blobs has it.
             one_pass = convert.one_pass_candidate(resolved.manifest.layers, options)
             scans = convert.LayerScans(options.limits, ScanCache.beside(blobs), tap=not one_pass)
-            pulled = pull(client, blobs, resolved, reporter, tap=scans)
+            dest = store.digest_dir(ref, digest) / DISK_NAME
+
+            def build(pulled: PulledImage) -> convert.DiskInfo:
+                return convert.convert(
+                    pulled,
+                    blobs=blobs,
+                    dest=dest,
+                    options=options,
+                    on_progress=progress,
+                    limits=options.limits,
+                    scans=scans,
+                    tools=tools.result(),
+                    following=following,
+                )
+
+            def progress(done: int, total: int) -> None:
+                # While the pull runs, the build says nothing: the image is "pulling".
+                if following is None or following.ended:
+                    reporter.converted(done, total)
+
+            early: Future[convert.DiskInfo] | None = None
+            if one_pass:
+                following = convert.Following(LayerFeeds())
+                config, config_bytes = fetch_config(client, blobs, resolved)
+                early = converting.submit(build, PulledImage(resolved, config, config_bytes, 0, 0))
+            try:
+                pulled = pull(
+                    client,
+                    blobs,
+                    resolved,
+                    reporter,
+                    tap=scans,
+                    feeds=following.feeds if following is not None else None,
+                )
+            except BaseException as exc:
+                if following is not None:
+                    following.pull_ended(exc)
+                    _settle(early)
+                raise
             stats.download_s = time.monotonic() - t0
             stats.downloaded_bytes = pulled.downloaded_bytes
             stats.cached_blobs = pulled.cached_blobs
@@ -120,16 +166,9 @@ def build_resolved(
 
             reporter.stage("converting", f"{len(resolved.manifest.layers)} layers → ext4")
             t0 = time.monotonic()
-            disk = convert.convert(
-                pulled,
-                blobs=blobs,
-                dest=store.digest_dir(ref, digest) / DISK_NAME,
-                options=options,
-                on_progress=reporter.converted,
-                limits=options.limits,
-                scans=scans,
-                tools=tools.result(),
-            )
+            if following is not None:
+                following.pull_ended()
+            disk = early.result() if early is not None else build(pulled)
             stats.convert_s = time.monotonic() - t0
             stats.stages.update(disk.timings)
 
@@ -139,6 +178,10 @@ def build_resolved(
         except Exception as exc:  # the build's top level: record, then re-raise
             set_status(record.evolve(status=ImageStatus.FAILED, error=f"internal error: {exc!r}"))
             raise
+        finally:
+            converting.shutdown(wait=True)
+            if following is not None:
+                following.feeds.close()
         # The disk is in place: from here on a failure (tagging, say) must not
         # demote the record, or a complete disk would sit beside a "failed" one.
         t0 = time.monotonic()
@@ -154,6 +197,13 @@ def build_resolved(
         stats.finish_s = time.monotonic() - t0
     reporter.stage("ready", ref.familiar())
     return store.find(ref)
+
+
+def _settle(early: Future[convert.DiskInfo] | None) -> None:
+    """Wait for a build that followed a failed pull to clean up; its own error is moot."""
+    if early is not None:
+        with contextlib.suppress(BaseException):
+            early.result()
 
 
 def _with_config(record: ImageRecord, pulled: PulledImage) -> ImageRecord:

@@ -31,6 +31,7 @@ from . import registry
 from .blobs import BlobStore
 from .digest import Digest
 from .errors import DigestMismatch, LayerError, LimitExceeded
+from .feeds import LayerFeeds
 from .reference import Reference
 from .registry import RegistryClient
 from .spec import (
@@ -182,23 +183,15 @@ def resolve(client: RegistryClient, ref: Reference, platform: Platform) -> Resol
     )
 
 
-def pull(
-    client: RegistryClient,
-    blobs: BlobStore,
-    resolved: ResolvedImage,
-    progress: LayerProgress | None = None,
-    on_bytes: Callable[[int], None] | None = None,
-    tap: LayerTap | None = None,
-) -> PulledImage:
-    """Copy the config and every layer of ``resolved`` into ``blobs``; parse the config.
+def fetch_config(
+    client: RegistryClient, blobs: BlobStore, resolved: ResolvedImage
+) -> tuple[ImageConfig, bytes]:
+    """Check the manifest's descriptors against the limits, then fetch and parse the config.
 
-    ``tap``, if given, is run once for each distinct layer it wants, on the bytes
-    as they download or on the cached blob (see :class:`LayerTap`); it runs while the
-    pull goes on, and the pull returns only once every tap has returned. Taps'
-    exceptions are logged, never raised: the pull's own errors are the ones
-    that count.
+    The first step of :func:`pull`, which does it again cheaply (the config is
+    cached by then); a caller that needs the diff_ids before the layers come
+    (the one-pass build that follows the download) calls it first.
     """
-    progress = progress or LayerProgress()
     manifest = resolved.manifest
     max_document, max_blob = client.config.max_manifest_bytes, client.config.max_blob_bytes
     for layer in manifest.layers:
@@ -229,6 +222,30 @@ def pull(
             f"the image config lists {len(config.diff_ids)} diff_ids but the manifest has "
             f"{len(manifest.layers)} layers; the image is malformed"
         )
+    return config, config_bytes
+
+
+def pull(
+    client: RegistryClient,
+    blobs: BlobStore,
+    resolved: ResolvedImage,
+    progress: LayerProgress | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    tap: LayerTap | None = None,
+    feeds: LayerFeeds | None = None,
+) -> PulledImage:
+    """Copy the config and every layer of ``resolved`` into ``blobs``; parse the config.
+
+    ``tap``, if given, is run once for each distinct layer it wants, on the bytes
+    as they download or on the cached blob (see :class:`LayerTap`); it runs while the
+    pull goes on, and the pull returns only once every tap has returned. Taps'
+    exceptions are logged, never raised: the pull's own errors are the ones
+    that count. ``feeds``, if given, is told where each layer's bytes are as
+    they arrive (:mod:`feeds`), and the layers download top layer first.
+    """
+    progress = progress or LayerProgress()
+    manifest = resolved.manifest
+    config, config_bytes = fetch_config(client, blobs, resolved)
 
     downloaded = 0
     cached = 0
@@ -266,6 +283,8 @@ def pull(
         # the tap had the layer's scan already: then its digest is checked here.
         if blobs.has(layer.digest) and (tap is None or tapped or _intact(blobs, layer)):
             progress.start(layer.digest, layer.size, cached=True)
+            if feeds is not None:
+                feeds.cached(layer.digest, blobs.path(layer.digest))
             if tapped:
                 start_tap(index, layer, lambda: blobs.open(layer.digest), only_if_idle=False)
             progress.done(layer.digest)
@@ -285,22 +304,29 @@ def pull(
                 pipe = tee
         try:
             with client.open_blob(resolved.ref, layer) as chunks:
-                blobs.ingest(layer, pipe.tee(chunks) if pipe else chunks, on_chunk=advance)
+                chunks = pipe.tee(chunks) if pipe else chunks
+                blobs.ingest(layer, chunks, on_chunk=advance, feeds=feeds)
         except BaseException as exc:
             if pipe is not None:
                 pipe.fail(exc)
             raise
+        if feeds is not None:
+            feeds.finish(layer.digest)
         if tapped and pipe is None:
             start_tap(index, layer, lambda: blobs.open(layer.digest), only_if_idle=False)
         progress.done(layer.digest)
         return layer.size
 
-    # Distinct layers only: an image may list the same blob twice.
-    unique = list({layer.digest: i for i, layer in enumerate(manifest.layers)}.values())
+    # Distinct layers only: an image may list the same blob twice. A build that
+    # follows the download reads the top layer first.
+    unique = sorted(
+        {layer.digest: i for i, layer in enumerate(manifest.layers)}.values(),
+        reverse=feeds is not None,
+    )
     pulled = False
     try:
         with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS, thread_name_prefix="pull") as pool:
-            for size in pool.map(fetch, sorted(unique)):
+            for size in pool.map(fetch, unique):
                 if size < 0:
                     cached += 1
                 else:

@@ -98,10 +98,10 @@ class TopDown:
     every byte of it to ``hasher`` (the diff_id), best in another thread
     (:func:`compression.open_decompressed`'s ``hash_into``); ``hasher`` is
     None for a layer in ``known``, whose scan (from the scan cache) is used
-    instead of its headers. ``sizes``: what each layer's uncompressed size is
-    said to be (the disk was sized from it); a layer that inflates past it
-    stops the pass at once, so a lying gzip trailer (a decompression bomb)
-    fills neither the disk nor the data dir's filesystem.
+    instead of its headers. ``sizes``: the most each layer may inflate to (the
+    disk was sized for it, :func:`convert.one_pass_sizes`); a layer that
+    inflates past it stops the pass at once, so a decompression bomb fills
+    neither the disk nor the data dir's filesystem.
 
     :meth:`run` writes the stream and returns the layers' scans (bottom layer
     first, as :func:`flatten.merge` takes them); :meth:`check` then compares
@@ -369,7 +369,7 @@ def _past(cap: int, limits: Limits, where: str) -> Iterator[None]:
     except LimitExceeded as exc:
         if cap < limits.max_layer_bytes and "max_layer_bytes" in str(exc):
             raise Speculation(
-                f"{where} inflates past the {cap} bytes its gzip trailer gives"
+                f"{where} inflates past the {cap} bytes the disk was sized for"
             ) from None
         raise
 
