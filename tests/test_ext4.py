@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from support.images import IMAGES_DIR
 
 from hypeman_images.debugfs import quote
 from hypeman_images.digest import Digest
-from hypeman_images.e2fsprogs import E2fsprogs, find_e2fsprogs
+from hypeman_images.e2fsprogs import TOOLS_FILE, E2fsprogs, find_e2fsprogs
 from hypeman_images.errors import StorageError, ToolError
 from hypeman_images.ext4 import BLOCK_SIZE, DiskResult, SizeInputs, build_disk, plan_disk
 
@@ -189,6 +190,41 @@ def test_an_unchanged_mke2fs_is_probed_once_a_replaced_one_again(tmp_path: Path)
     replacement.rename(wrapper)
     assert find_e2fsprogs(wrapper) is not first
     assert len(runs.read_text().splitlines()) == 2 * probes
+
+
+def test_the_probe_is_kept_for_the_next_process(tmp_path: Path) -> None:
+    real = shutil.which("mke2fs") or "/sbin/mke2fs"
+    runs = tmp_path / "runs"
+    wrapper = tmp_path / "mke2fs"
+    for tool in ("debugfs", "e2fsck", "dumpe2fs"):
+        (tmp_path / tool).symlink_to(shutil.which(tool) or f"/sbin/{tool}")
+    wrapper.write_text(f'#!/bin/sh\necho run >> {runs}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    kept = tmp_path / "cache" / TOOLS_FILE
+    kept.parent.mkdir()
+    first = find_e2fsprogs(wrapper, remember=kept)
+    probes = len(runs.read_text().splitlines())
+    assert kept.is_file()
+    # The next process, with nothing in memory, reads it and runs nothing.
+    script = (
+        "import sys; from pathlib import Path; from hypeman_images.e2fsprogs import "
+        "find_e2fsprogs; t = find_e2fsprogs(Path(sys.argv[1]), remember=Path(sys.argv[2])); "
+        "print(t.version_text, t.tar_input, t.debugfs)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(wrapper), str(kept)],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert out == [first.version_text, "True", str(tmp_path / "debugfs")]
+    assert len(runs.read_text().splitlines()) == probes
+    # A replaced binary, or a kept file that makes no sense, is probed again.
+    kept.write_text("{not json")
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(wrapper), str(kept)],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert out[1] == "True"
+    assert len(runs.read_text().splitlines()) > probes
 
 
 # ---------------------------------------------------------------- fixtures

@@ -102,6 +102,7 @@ def test_kill_mid_stage_then_restart_finishes(
         "cache/index.json",
         "cache/oci-layout",
         "cache/.lock",
+        "cache/e2fsprogs.json",
         f"{build}/.lock",
         f"{build}/metadata.json",
         f"{build}/rootfs.ext4",

@@ -16,6 +16,7 @@ the disk.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -27,11 +28,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ToolError
+from .errors import StorageError, ToolError
+from .fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
 TAR_INPUT_VERSION = (1, 47, 1)
+TOOLS_FILE = "e2fsprogs.json"  # in the blob cache's directory: the probe's answer, kept
 _SEARCH_DIRS = ("/sbin", "/usr/sbin")
 _VERSION = re.compile(rb"^mke2fs (\d+)\.(\d+)(?:\.(\d+))?\S* \(([^)]*)\)", re.MULTILINE)
 _NO_LIBARCHIVE = b"you need libarchive"
@@ -144,23 +147,29 @@ def _probe_tar_input(mke2fs: Path, env: Mapping[str, str]) -> str | None:
 
 
 # What find_e2fsprogs learnt, by installation: the probe costs two process
-# runs (~50 ms), which every build paid (issue 7). The key includes the
-# binary's inode, size and times, so an upgraded or replaced mke2fs is probed
-# again; a mke2fs that cannot read tar is never remembered (installing
+# runs (~50 ms, ~0.12 s after a page-cache drop beside a download), which every
+# build paid (issue 7), and the one-pass build waits for it. The key includes
+# the binary's inode, size and times, so an upgraded or replaced mke2fs is
+# probed again; a mke2fs that cannot read tar is never remembered (installing
 # libarchive fixes it without a restart).
 _found: dict[tuple[object, ...], E2fsprogs] = {}
 _found_lock = threading.Lock()
 
 
 def find_e2fsprogs(
-    mke2fs: str | Path = "mke2fs", *, env: Mapping[str, str] | None = None
+    mke2fs: str | Path = "mke2fs",
+    *,
+    env: Mapping[str, str] | None = None,
+    remember: Path | None = None,
 ) -> E2fsprogs:
     """Locate mke2fs and its siblings, read its version, and test ``-d -``.
 
     ``debugfs``, ``e2fsck`` and ``dumpe2fs`` are taken from mke2fs's own
     directory first, so an unpacked copy of another release is used whole.
     Raises :class:`ToolError` when a tool is missing or does not run. The
-    answer for an unchanged installation is remembered for the process.
+    answer for an unchanged installation is remembered for the process, and
+    in the file ``remember`` (if given) for the next ones: a CLI pull is a
+    process of its own.
     """
     extra = dict(env or {})
     mke2fs_path = _locate(mke2fs)
@@ -176,17 +185,55 @@ def find_e2fsprogs(
     )
     with _found_lock:
         known = _found.get(key)
+    if known is None and remember is not None:
+        known = _recall(remember, key, mke2fs_path, extra)
     if known is not None:
+        with _found_lock:
+            _found[key] = known
+        if remember is not None and not remember.exists():
+            _keep(remember, key, known)  # a data dir new to this process gets it too
         return known
     tools = _probe(mke2fs_path, extra)
     if tools.tar_input:
         with _found_lock:
             _found[key] = tools
+        if remember is not None:
+            _keep(remember, key, tools)
     return tools
 
 
+def _key_text(key: tuple[object, ...]) -> str:
+    return repr(tuple(str(part) if isinstance(part, Path) else part for part in key))
+
+
+def _recall(
+    path: Path, key: tuple[object, ...], mke2fs: Path, extra: dict[str, str]
+) -> E2fsprogs | None:
+    """The probe's answer kept in ``path`` for this installation, if any.
+
+    Only what the probe learnt is read back (mke2fs's version, that it reads
+    tar); the tools are located again, never taken from the file.
+    """
+    try:
+        doc = json.loads(path.read_text())
+        if doc["key"] != _key_text(key):
+            return None
+        major, minor, patch = (int(part) for part in doc["version"])
+        release = str(doc["release"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none kept, or torn, or from another version: probe again
+    return _tools(mke2fs, (major, minor, patch), release, None, extra)
+
+
+def _keep(path: Path, key: tuple[object, ...], tools: E2fsprogs) -> None:
+    doc = {"key": _key_text(key), "version": list(tools.version), "release": tools.release}
+    try:
+        write_atomic(path, json.dumps(doc).encode() + b"\n", durable=False)
+    except (OSError, StorageError) as exc:  # only a cache: the next process probes again
+        log.debug("cannot keep the e2fsprogs probe in %s: %s", path, exc)
+
+
 def _probe(mke2fs_path: Path, extra: dict[str, str]) -> E2fsprogs:
-    near = mke2fs_path.parent
     probe_env = {"PATH": os.environ.get("PATH", ""), "LC_ALL": "C", **extra}
     version, release = _run_version(mke2fs_path, probe_env)
     why_not: str | None
@@ -197,8 +244,19 @@ def _probe(mke2fs_path: Path, extra: dict[str, str]) -> E2fsprogs:
         )
     else:
         why_not = _probe_tar_input(mke2fs_path, probe_env)
+    return _tools(mke2fs_path, version, release, why_not, extra)
+
+
+def _tools(
+    mke2fs: Path,
+    version: tuple[int, int, int],
+    release: str,
+    why_not: str | None,
+    extra: dict[str, str],
+) -> E2fsprogs:
+    near = mke2fs.parent
     return E2fsprogs(
-        mke2fs=mke2fs_path,
+        mke2fs=mke2fs,
         debugfs=_locate("debugfs", near),
         e2fsck=_locate("e2fsck", near),
         dumpe2fs=_locate("dumpe2fs", near),

@@ -75,7 +75,7 @@ def build_resolved(
     # Imported here: converting needs isal, zstandard and the disk code, which a
     # re-pull of a ready digest (the CLI's fast path) never loads.
     from . import convert
-    from .e2fsprogs import find_e2fsprogs
+    from .e2fsprogs import TOOLS_FILE, find_e2fsprogs
 
     ref, digest = resolved.ref, resolved.digest
     with store.lock(ref, digest):
@@ -107,7 +107,9 @@ def build_resolved(
         set_status(record)
         # mke2fs's probe (two runs of it, the first time in a process) while the layers download.
         probe = ThreadPoolExecutor(1, thread_name_prefix="probe")
-        tools = probe.submit(find_e2fsprogs, options.mke2fs or "mke2fs")
+        tools = probe.submit(
+            find_e2fsprogs, options.mke2fs or "mke2fs", remember=blobs.root / TOOLS_FILE
+        )
         probe.shutdown(wait=False)  # its one thread ends with the probe; result() waits for it
         following: convert.Following | None = None
         converting = ThreadPoolExecutor(1, thread_name_prefix="convert")

@@ -555,7 +555,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
 
 
 _IMAGE_FILES = {"metadata.json", ".lock", "rootfs.ext4"}
-_CACHE_TOP = {"oci-layout", "index.json", ".lock", "blobs", "ingest", "scans"}
+_CACHE_TOP = {"oci-layout", "index.json", ".lock", "blobs", "ingest", "scans", "e2fsprogs.json"}
 _COMPONENT = re.compile(r"[a-z0-9][a-z0-9._-]*|[0-9a-zA-Z.-]+:[0-9]+|\[[0-9a-fA-F:.]+\](:[0-9]+)?")
 
 
