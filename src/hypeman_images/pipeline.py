@@ -181,6 +181,10 @@ def build_resolved(
             set_status(record.evolve(status=ImageStatus.FAILED, error=f"internal error: {exc!r}"))
             raise
         finally:
+            if following is not None and not following.ended:
+                # Failed between the pull and its end being said: the build must not
+                # wait for it forever (nor finish a disk for a failed record).
+                following.pull_ended(HypemanError("the build stopped before converting"))
             converting.shutdown(wait=True)
             if following is not None:
                 following.feeds.close()
