@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import hashlib
 import io
+import json
 import math
 import os
 import shutil
@@ -168,15 +169,20 @@ def tree(image: Path) -> dict[str, Node]:
     return out
 
 
-def test_an_unchanged_mke2fs_is_probed_once_a_replaced_one_again(tmp_path: Path) -> None:
-    # A copy of the real mke2fs behind a wrapper that counts its runs.
+def _counted_mke2fs(directory: Path) -> tuple[Path, Path]:
+    """The real mke2fs behind a wrapper that counts its runs (in the file returned second)."""
     real = shutil.which("mke2fs") or "/sbin/mke2fs"
-    runs = tmp_path / "runs"
-    wrapper = tmp_path / "mke2fs"
+    runs = directory / "runs"
+    wrapper = directory / "mke2fs"
     for tool in ("debugfs", "e2fsck", "dumpe2fs"):
-        (tmp_path / tool).symlink_to(shutil.which(tool) or f"/sbin/{tool}")
+        (directory / tool).symlink_to(shutil.which(tool) or f"/sbin/{tool}")
     wrapper.write_text(f'#!/bin/sh\necho run >> {runs}\nexec {real} "$@"\n')
     wrapper.chmod(0o755)
+    return wrapper, runs
+
+
+def test_an_unchanged_mke2fs_is_probed_once_a_replaced_one_again(tmp_path: Path) -> None:
+    wrapper, runs = _counted_mke2fs(tmp_path)
     first = find_e2fsprogs(wrapper)
     assert first.tar_input
     probes = len(runs.read_text().splitlines())
@@ -193,13 +199,7 @@ def test_an_unchanged_mke2fs_is_probed_once_a_replaced_one_again(tmp_path: Path)
 
 
 def test_the_probe_is_kept_for_the_next_process(tmp_path: Path) -> None:
-    real = shutil.which("mke2fs") or "/sbin/mke2fs"
-    runs = tmp_path / "runs"
-    wrapper = tmp_path / "mke2fs"
-    for tool in ("debugfs", "e2fsck", "dumpe2fs"):
-        (tmp_path / tool).symlink_to(shutil.which(tool) or f"/sbin/{tool}")
-    wrapper.write_text(f'#!/bin/sh\necho run >> {runs}\nexec {real} "$@"\n')
-    wrapper.chmod(0o755)
+    wrapper, runs = _counted_mke2fs(tmp_path)
     kept = tmp_path / "cache" / TOOLS_FILE
     kept.parent.mkdir()
     first = find_e2fsprogs(wrapper, remember=kept)
@@ -211,19 +211,15 @@ def test_the_probe_is_kept_for_the_next_process(tmp_path: Path) -> None:
         "find_e2fsprogs; t = find_e2fsprogs(Path(sys.argv[1]), remember=Path(sys.argv[2])); "
         "print(t.version_text, t.tar_input, t.debugfs)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(wrapper), str(kept)],
-        capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
+    argv = [sys.executable, "-c", script, str(wrapper), str(kept)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
     assert out == [first.version_text, "True", str(tmp_path / "debugfs")]
     assert len(runs.read_text().splitlines()) == probes
-    # A replaced binary, or a kept file that makes no sense, is probed again.
+    # A kept file that makes no sense is probed again (and rewritten).
     kept.write_text("{not json")
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(wrapper), str(kept)],
-        capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
     assert out[1] == "True"
+    assert json.loads(kept.read_text())["version"] == list(first.version)
     assert len(runs.read_text().splitlines()) > probes
 
 
