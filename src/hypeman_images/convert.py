@@ -328,24 +328,22 @@ def one_pass_sizes(layers: Sequence[Descriptor], limits: Limits) -> list[int]:
     own size, a gzip layer's times :data:`ONE_PASS_MAX_RATIO`, each within
     ``limits.max_layer_bytes`` (past those, the limits speak anyway).
     """
-    return [
-        min(
-            layer.size * (1 if LAYER_COMPRESSION.get(layer.media_type) == "none" else
-                          ONE_PASS_MAX_RATIO),
-            limits.max_layer_bytes,
-        )
-        for layer in layers
-    ]  # fmt: skip
+
+    def bound(layer: Descriptor) -> int:
+        ratio = 1 if LAYER_COMPRESSION.get(layer.media_type) == "none" else ONE_PASS_MAX_RATIO
+        return min(layer.size * ratio, limits.max_layer_bytes)
+
+    return [bound(layer) for layer in layers]
 
 
 def uncompressed_size(path: Path, layer: Descriptor) -> int | None:
     """The layer's uncompressed size from its cached blob alone; ``None`` if it does not say.
 
-    A plain tar is its own size. gzip's trailer ends with ISIZE, the input size
-    modulo 2**32 (RFC 1952 §2.3.1) -- of the last member only. A value below
-    half the blob's size is not believed (a multi-member stream, a layer past
-    4 GiB); a wrapped one can still be too small, and the one-pass disk then
-    runs out of room, which only costs the fallback.
+    Only for the progress shown (the disk is sized by :func:`one_pass_sizes`).
+    A plain tar is its own size. gzip's trailer ends with ISIZE, the input
+    size modulo 2**32 (RFC 1952 §2.3.1) -- of the last member only. A value
+    below half the blob's size is not believed (a multi-member stream, a
+    layer past 4 GiB).
     """
     kind = LAYER_COMPRESSION.get(layer.media_type)
     try:
