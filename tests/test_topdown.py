@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from support.cases import CASES, Layers, d
 from support.disk import compare_trees, e2fsck_clean, read_disk_tree
-from support.images import make_image, make_layer, push_image
+from support.images import Compression, make_image, make_layer, push_image
 from support.oracle import apply_layers
 from support.pushed import PushedImage
 from support.registry import RegistryServer
@@ -228,10 +228,25 @@ def test_one_pass_disk_holds_the_two_pass_tree(alpine_ref: PushedImage, tmp_path
     assert again.read_bytes() == first
 
 
-def _push(registry: RegistryServer, name: str, layers: Layers) -> str:
-    image = make_image([make_layer(list(layer)) for layer in layers])
+def _push(
+    registry: RegistryServer, name: str, layers: Layers, compression: Compression = "gzip"
+) -> str:
+    image = make_image([make_layer(list(layer), compression) for layer in layers])
     push_image(registry.url, name, "v1", image)
     return f"{registry.host}/{name}:v1"
+
+
+def test_zstd_and_plain_layers_are_built_in_one_pass_too(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    layers = CASES["whiteout_file"]
+    kinds: tuple[Compression, ...] = ("zstd", "none")
+    for compression in kinds:
+        ref = _push(registry, f"topdown/{compression}", layers, compression)
+        one, stats = _pull(tmp_path / f"one-{compression}", ref)
+        two, _ = _pull(tmp_path / f"two-{compression}", ref, one_pass=False)
+        assert "one_pass_s" in stats.stages, compression
+        assert compare_trees(read_disk_tree(two), read_disk_tree(one)) == []
 
 
 def test_an_image_the_pass_cannot_decide_is_built_in_two_passes(

@@ -76,9 +76,9 @@ class BuildOptions:
     default: hashing is the last step of a build, after mke2fs, and costs
     about 0.7 s per GB of disk on one core (13 % of an 851 MB image's pull,
     issue 7); ``e2fsck -fn`` checks every disk either way.
-    ``one_pass``: build gzip and uncompressed images reading each layer once
+    ``one_pass``: build images reading each layer once, as it downloads
     (:mod:`hypeman_images.topdown`), falling back to two passes where that
-    cannot decide; off, every image takes the two-pass path.
+    cannot decide; off, every image takes the two-pass path after the pull.
     """
 
     platform: Platform = field(default_factory=Platform.host)

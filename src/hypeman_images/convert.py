@@ -1,7 +1,7 @@
 """Cached layers → one merged tar stream → ``rootfs.ext4`` (DESIGN.md steps 4 and 5).
 
-Two ways, same tree. The one-pass way (:mod:`topdown`, for gzip and plain
-layers) reads each layer once, top layer first, straight into mke2fs, while
+Two ways, same tree. The one-pass way (:mod:`topdown`, the default) reads
+each layer once, top layer first, straight into mke2fs, while
 the pull downloads it (:class:`Following`), on a disk sized from the manifest
 (:func:`one_pass_sizes`) and shrunk to the tree after.
 The two-pass way decompresses each layer twice at most: once to scan its
@@ -312,11 +312,12 @@ ONE_PASS_MAX_RATIO = 32
 def one_pass_candidate(layers: Sequence[Descriptor], options: BuildOptions) -> bool:
     """Will this image try the one-pass way? Known before the pull: the layers' media types.
 
-    gzip and uncompressed layers (:func:`one_pass_sizes`); zstd is left to the
-    two-pass way for now.
+    Every layer type we read (gzip, zstd, plain): the disk is sized from the
+    manifest (:func:`one_pass_sizes`), never from what the layers say of
+    themselves.
     """
     return options.one_pass and all(
-        LAYER_COMPRESSION.get(layer.media_type) in ("gzip", "none") for layer in layers
+        LAYER_COMPRESSION.get(layer.media_type) in ("gzip", "zstd", "none") for layer in layers
     )
 
 
