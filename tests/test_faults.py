@@ -31,6 +31,7 @@ from support.registry import RegistryServer
 from support.tar import directory, file
 
 from hypeman_images.config import BuildOptions
+from hypeman_images.digest import Digest
 from hypeman_images.errors import (
     DigestMismatch,
     HypemanError,
@@ -40,8 +41,10 @@ from hypeman_images.errors import (
     TransientError,
 )
 from hypeman_images.manager import ImageManager
+from hypeman_images.reference import Reference
 from hypeman_images.registries import RegistryConfig
 from hypeman_images.registry import RegistryClient
+from hypeman_images.store import ImageRecord, ImageStatus, ImageStore
 
 CLI = str(Path(sys.executable).with_name("hypeman-images"))
 MiB = 1 << 20
@@ -231,6 +234,35 @@ def test_the_disk_is_made_while_the_layers_download(
     assert tree["/etc/hostname"].sha256 == hashlib.sha256(b"faults\n").hexdigest()
     assert tree["/data/blob"].size == 2 * MiB
     assert store_problems(data_dir) == []
+
+
+def test_a_failure_between_the_pull_and_converting_stops_the_following_build(
+    faulty: tuple[RegistryServer, Image],
+    proxy: FaultProxy,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The one pass runs beside the pull; if the build fails after the pull (here: the
+    "converting" record cannot be written), the pass must stop, not wait for ever."""
+    _, image = faulty
+    original = ImageStore.write
+
+    def write(self: ImageStore, ref: Reference, digest: Digest, record: ImageRecord,
+              **kw: bool) -> None:  # fmt: skip
+        if record.status is ImageStatus.CONVERTING:
+            raise StorageError("the data dir's filesystem is full (test)")
+        original(self, ref, digest, record, **kw)
+
+    monkeypatch.setattr(ImageStore, "write", write)
+    started = time.monotonic()
+    with manager(data_dir) as m, pytest.raises(StorageError, match="full"):
+        m.pull(ref_of(proxy))
+    assert time.monotonic() - started < 30
+    build = data_dir / "images" / proxy.host / "faults/app" / image.manifest_digest[7:]
+    assert not (build / "rootfs.ext4").exists()
+    assert list(build.glob(".tmp-*")) == []
+    monkeypatch.undo()
+    assert_recovers(data_dir, proxy, image)
 
 
 @pytest.mark.parametrize("how", ["other-blob", "flipped-byte"])
