@@ -385,6 +385,8 @@ def _convert_one_pass(
     def progress_total() -> int:
         # The layers' real size once their blobs are all cached (gzip's trailers),
         # for the progress shown; till then the bound the disk was sized for.
+        if following is not None and not following.ended:
+            return uncompressed  # nothing is shown while the pull runs: no trailer to read
         if not tar_bytes:
             found = [uncompressed_size(blobs.path(layer.digest), layer) for layer in layers]
             if None in found:

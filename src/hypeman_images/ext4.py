@@ -651,8 +651,8 @@ def build_disk_one_pass(
 ) -> DiskResult:
     """Like :func:`build_disk`, for a stream whose tree is known only once it is written.
 
-    The disk starts at :func:`one_pass_layout` for the layers' ``uncompressed``
-    size; after the stream, ``plan()`` returns the tree's size inputs and
+    The disk starts at :func:`one_pass_layout` for ``uncompressed``, the most
+    tar the layers may hold; after the stream, ``plan()`` returns the tree's size inputs and
     xattr fixups (or raises: the temp disk is removed and the error goes on),
     and ``resize2fs`` shrinks the disk to :func:`plan_disk` of them with the
     disk's own inodes per group. Raises :class:`OutOfRoom` if mke2fs ran out

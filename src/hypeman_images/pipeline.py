@@ -10,7 +10,6 @@ the disk is in place.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -146,20 +145,14 @@ def build_resolved(
                 following = convert.Following(LayerFeeds())
                 config, config_bytes = fetch_config(client, blobs, resolved)
                 early = converting.submit(build, PulledImage(resolved, config, config_bytes, 0, 0))
-            try:
-                pulled = pull(
-                    client,
-                    blobs,
-                    resolved,
-                    reporter,
-                    tap=scans,
-                    feeds=following.feeds if following is not None else None,
-                )
-            except BaseException as exc:
-                if following is not None:
-                    following.pull_ended(exc)
-                    _settle(early)
-                raise
+            pulled = pull(
+                client,
+                blobs,
+                resolved,
+                reporter,
+                tap=scans,
+                feeds=following.feeds if following is not None else None,
+            )
             stats.download_s = time.monotonic() - t0
             stats.downloaded_bytes = pulled.downloaded_bytes
             stats.cached_blobs = pulled.cached_blobs
@@ -182,9 +175,9 @@ def build_resolved(
             raise
         finally:
             if following is not None and not following.ended:
-                # Failed between the pull and its end being said: the build must not
-                # wait for it forever (nor finish a disk for a failed record).
-                following.pull_ended(HypemanError("the build stopped before converting"))
+                # The pull failed, or the build did before saying the pull ended: the
+                # following build must stop (not wait for ever, nor finish a disk).
+                following.pull_ended(HypemanError("the build failed before converting"))
             converting.shutdown(wait=True)
             if following is not None:
                 following.feeds.close()
@@ -203,13 +196,6 @@ def build_resolved(
         stats.finish_s = time.monotonic() - t0
     reporter.stage("ready", ref.familiar())
     return store.find(ref)
-
-
-def _settle(early: Future[convert.DiskInfo] | None) -> None:
-    """Wait for a build that followed a failed pull to clean up; its own error is moot."""
-    if early is not None:
-        with contextlib.suppress(BaseException):
-            early.result()
 
 
 def _with_config(record: ImageRecord, pulled: PulledImage) -> ImageRecord:
