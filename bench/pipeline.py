@@ -366,7 +366,7 @@ def _floor(pushed: Pushed, cache: Path, work: Path, out: InProcess) -> None:
         free_space=FREE_SPACE,
         mke2fs=tools,
         xattr_fixups=[(f.path, f.name, f.value) for f in tree.xattr_fixups],
-        compute_sha256=False,  # as a pull without --disk-digest
+        compute_sha256=True,  # as a pull does (disk_sha256 in metadata.json)
     )
     out.floor_build_disk_s = time.perf_counter() - started
     (work / "floor2.ext4").unlink()

@@ -201,7 +201,7 @@ def test_unprivileged_pull_keeps_owners(
 def test_same_digest_gives_byte_identical_disk(multilayer_ref: PushedImage, tmp_path: Path) -> None:
     disks = []
     for name in ("one", "two"):
-        result = pull(tmp_path / name, "--json", "--disk-digest", multilayer_ref.ref)
+        result = pull(tmp_path / name, "--json", multilayer_ref.ref)
         assert result.returncode == 0, result.stderr
         doc = json.loads(result.stdout)
         disk = Path(doc["disk"])
@@ -210,8 +210,8 @@ def test_same_digest_gives_byte_identical_disk(multilayer_ref: PushedImage, tmp_
     assert disks[0] == disks[1]
 
 
-def test_disk_digest_is_opt_in(alpine_ref: PushedImage, tmp_path: Path) -> None:
-    result = pull(tmp_path, "--json", alpine_ref.ref)
+def test_no_disk_digest_records_none(alpine_ref: PushedImage, tmp_path: Path) -> None:
+    result = pull(tmp_path, "--json", "--no-disk-digest", alpine_ref.ref)
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["disk_sha256"] is None

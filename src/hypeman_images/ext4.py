@@ -77,7 +77,7 @@ _INODE_MARGIN = 16
 # re-reads and re-checksums its directory's blocks. The disk is a read-only
 # lower layer: ``e2fsck -fn`` checks it before it is published, so per-block
 # checksums would only catch corruption after that, which ``e2fsck -fn`` or
-# the whole-file sha256 (``--disk-digest``: ``disk_sha256`` in metadata.json)
+# the whole-file sha256 (``disk_sha256`` in metadata.json)
 # catch too, when a consumer cares to check. The result is plain ext4 (as mke2fs
 # made it before 1.43), which every Linux mounts read-only. The sizing
 # (``_DIR_BLOCK_USABLE``) still reserves the 12-byte directory-block checksum

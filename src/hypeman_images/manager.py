@@ -248,7 +248,7 @@ class ImageManager:
 
         Raises :class:`CorruptDisk` when e2fsck finds a problem or the disk no
         longer hashes to the sha256 recorded when it was built; with ``record``,
-        a disk built without ``--disk-digest`` gets its sha256 recorded now.
+        a disk built with ``--no-disk-digest`` gets its sha256 recorded now.
         The digest's build lock is held throughout, so no build or delete of
         it runs meanwhile.
         """

@@ -1,11 +1,11 @@
 """Check a built disk again: ``e2fsck -fn``, and its sha256 against the one recorded.
 
 Every disk passed ``e2fsck -fn`` before it was published; its sha256 is in
-``metadata.json`` only when it was built with ``--disk-digest`` (hashing a disk
-costs ~0.7 s per GB, issue 7). A verification repeats the check, hashes the
-disk, compares the result with the recorded sha256 if there is one, and can
-record it for a disk built without (the first verification then sets what the
-next ones compare with). The two run side by side, as at build time.
+``metadata.json`` unless it was built with ``--no-disk-digest``. A
+verification repeats the check, hashes the disk, compares the result with the
+recorded sha256 if there is one, and can record it for a disk built without
+(the first verification then sets what the next ones compare with). The
+check and the hash run side by side, as at build time.
 """
 
 from __future__ import annotations
