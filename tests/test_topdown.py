@@ -11,6 +11,7 @@ cases, and real pulls compare one-pass disks with two-pass ones.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -93,9 +94,12 @@ def outcome(layers: Layers | Sequence[bytes]) -> bytes | None:
     tars = [t if isinstance(t, bytes) else build_tar(list(t)) for t in layers]
     try:
         stream, scans, top = one_pass(tars)
-        top.check(merge(scans))
+        tree = merge(scans)
+        top.check(tree)
     except Speculation:
         return None
+    # What sized the disk before the merge was done is the merge's, exactly.
+    assert top.planned() == (tree.stats, tree.xattr_fixups)
     return stream
 
 
@@ -135,6 +139,16 @@ def test_check_catches_a_stream_that_differs_from_the_plan() -> None:
     other = merge([scans[0]])  # the plan of the bottom layer alone
     with pytest.raises(Speculation, match="paths differ"):
         top.check(other)
+
+
+def test_check_catches_a_plan_that_differs_from_the_merge() -> None:
+    tars = [build_tar([d("a"), file("a/x", b"1")]), build_tar([file("a/y", b"2")])]
+    _, scans, top = one_pass(tars)
+    top.planned()
+    tree = merge(scans)
+    stats = dataclasses.replace(tree.stats, regular_bytes=tree.stats.regular_bytes + 1)
+    with pytest.raises(Speculation, match="stats or xattr fixups differ"):
+        top.check(dataclasses.replace(tree, stats=stats))
 
 
 def test_lower_directory_metadata_reaches_a_parent_the_layer_above_implied() -> None:

@@ -560,10 +560,17 @@ def _temp_disk(dest: Path) -> Iterator[Path]:
 
 
 def _finish(
-    tmp: Path, dest: Path, tools: E2fsprogs, layout: DiskLayout, compute_sha256: bool
+    tmp: Path,
+    dest: Path,
+    tools: E2fsprogs,
+    layout: DiskLayout,
+    compute_sha256: bool,
+    prove: Callable[[], None] | None = None,
 ) -> DiskResult:
-    """Check (and hash) the finished temp disk, move it to ``dest``, say what it is."""
+    """Check (and hash) the finished temp disk, ``prove()`` it, move it to ``dest``."""
     digest = check_and_hash(tools, tmp, compute_sha256)
+    if prove is not None:
+        prove()
     counts = superblock_counts(tmp)
     _commit(tmp, dest)
     blocks, free = counts.get("Block count", layout.blocks), counts.get("Free blocks", 0)
@@ -642,6 +649,7 @@ def build_disk_one_pass(
     uncompressed: int,
     write_stream: Callable[[BinaryIO], None],
     plan: Callable[[], tuple[SizeInputs, Sequence[tuple[bytes, str, bytes]]]],
+    prove: Callable[[], None],
     *,
     seed: Digest,
     free_space: int,
@@ -653,9 +661,10 @@ def build_disk_one_pass(
 
     The disk starts at :func:`one_pass_layout` for ``uncompressed``, the most
     tar the layers may hold; after the stream, ``plan()`` returns the tree's size inputs and
-    xattr fixups (or raises: the temp disk is removed and the error goes on),
-    and ``resize2fs`` shrinks the disk to :func:`plan_disk` of them with the
-    disk's own inodes per group. Raises :class:`OutOfRoom` if mke2fs ran out
+    xattr fixups, and ``resize2fs`` shrinks the disk to :func:`plan_disk` of
+    them with the disk's own inodes per group; ``prove()`` runs once the disk
+    is checked and hashed, before it is moved into place (either raising: the
+    temp disk is removed and the error goes on). Raises :class:`OutOfRoom` if mke2fs ran out
     of blocks or inodes or the shrink failed: the caller builds the two-pass
     way then.
     """
@@ -679,7 +688,7 @@ def build_disk_one_pass(
         per_group = superblock_counts(tmp)["Inodes per group"]
         final = plan_disk(inputs, free_space, inodes_per_group=per_group)
         _resize(mke2fs, tmp, final.blocks)
-        return _finish(tmp, dest, mke2fs, final, compute_sha256)
+        return _finish(tmp, dest, mke2fs, final, compute_sha256, prove)
 
 
 def _resize(tools: E2fsprogs, image: Path, blocks: int) -> None:

@@ -51,7 +51,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -702,6 +702,11 @@ def _round4(n: int) -> int:
     return (n + 3) & ~3
 
 
+def directory_entry_bytes(names: Iterable[bytes]) -> int:
+    """The linear entries of a directory holding ``names``, '.' and '..' included."""
+    return 24 + sum(8 + _round4(len(n)) for n in names)
+
+
 def _walk(root: _Dir) -> Iterator[tuple[bytes, _Dir | _Inode]]:
     """Every (path, node) in component-wise sorted order, parents first; no recursion."""
 
@@ -788,7 +793,7 @@ def _plan(builder: _Builder) -> Tree:
     for path, node in _walk(builder.root):
         if isinstance(node, _Dir):
             directories.append(Node((path,), _dir_entry(path, node), -1))
-            entry_bytes.append(24 + sum(8 + _round4(len(n)) for n in node.children))
+            entry_bytes.append(directory_entry_bytes(node.children))
         else:
             paths_of.setdefault(id(node), []).append(path)  # walk order is sorted order
             inodes[id(node)] = node
@@ -807,14 +812,18 @@ def _plan(builder: _Builder) -> Tree:
         tuple(directories),
         tuple(specials),
         tuple(files),
-        _stats(directories, specials, files, entry_bytes),
-        _fixups((*directories, *specials, *files)),
+        tree_stats(directories, specials, files, entry_bytes),
+        xattr_fixups((*directories, *specials, *files)),
     )
 
 
-def _stats(
-    directories: list[Node], specials: list[Node], files: list[Node], entry_bytes: list[int]
+def tree_stats(
+    directories: Sequence[Node],
+    specials: Sequence[Node],
+    files: Sequence[Node],
+    entry_bytes: Sequence[int],
 ) -> TreeStats:
+    """What :class:`Tree` says of its nodes; ``entry_bytes`` per directory, in their order."""
     every = (*directories, *specials, *files)
     kept = [
         [(k, v) for k, v in n.entry.xattrs if xattr_action(k) is not XattrAction.DROP]
@@ -837,13 +846,14 @@ def _stats(
     )
 
 
-def _fixups(nodes: Sequence[Node]) -> tuple[XattrFixup, ...]:
+def xattr_fixups(nodes: Iterable[Node], *, say_dropped: bool = True) -> tuple[XattrFixup, ...]:
+    """The xattrs of ``nodes`` set after mke2fs (:data:`XATTR_POLICY`), sorted by path."""
     out = []
     for node in nodes:
         for name, value in node.entry.xattrs:
             if xattr_action(name) is XattrAction.FIXUP:
                 out.append(XattrFixup(b"/" + node.primary, name, value))
-            elif xattr_action(name) is XattrAction.DROP:
+            elif say_dropped and xattr_action(name) is XattrAction.DROP:
                 log.info("dropping xattr %s of /%r (xattr policy)", name, node.primary)
     return tuple(sorted(out, key=lambda f: (f.path.split(b"/"), f.name)))
 

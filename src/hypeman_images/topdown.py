@@ -42,11 +42,17 @@ from .flatten import (
     Kind,
     LayerScan,
     Limits,
+    Node,
     Tree,
+    TreeStats,
+    XattrFixup,
     check_image_limits,
     classify,
+    directory_entry_bytes,
     entry_header,
     tar_xattrs,
+    tree_stats,
+    xattr_fixups,
 )
 
 
@@ -84,7 +90,7 @@ class _Body:
 
 @dataclass(slots=True)
 class _DirMeta:
-    """A directory's metadata as the entries written so far left it."""
+    """A directory's metadata as the entries written so far left it (all its xattrs)."""
 
     meta: tuple[int, int, int, int]
     xattrs: tuple[tuple[str, bytes], ...] = ()
@@ -119,6 +125,7 @@ class TopDown:
     # holds for the whole layer: markers apply after it, and a directory that
     # becomes something else within a layer is a Speculation.
     _open: set[bytes] = field(default_factory=set, init=False)
+    _plan: tuple[TreeStats, tuple[XattrFixup, ...]] | None = field(default=None, init=False)
 
     def run(
         self, out: BinaryIO, expect: Callable[[LayerScan], None] | None = None
@@ -269,7 +276,7 @@ class TopDown:
             return False
         made = self._made[e.path]
         assert isinstance(made, _DirMeta)
-        if made.xattrs:
+        if tar_xattrs(made.xattrs):
             # mke2fs only adds a repeated entry's xattrs; the merge replaces them.
             raise Speculation(f"layer {k}: {e.path!r} is set twice with tar-borne xattrs")
         seen.explicit, seen.layer = True, k
@@ -330,13 +337,59 @@ class TopDown:
             seen.hidden = max(seen.hidden, k)
 
     def _write_dir(self, e: Entry, out: BinaryIO) -> None:
-        self._made[e.path] = _DirMeta((e.mode, e.uid, e.gid, e.mtime), tar_xattrs(e.xattrs))
+        self._made[e.path] = _DirMeta((e.mode, e.uid, e.gid, e.mtime), e.xattrs)
         out.write(entry_header(e, e.path))
 
-    # -- the proof --------------------------------------------------------------------------
+    # -- the plan and its proof --------------------------------------------------------------
+
+    def planned(self) -> tuple[TreeStats, tuple[XattrFixup, ...]]:
+        """The stats and xattr fixups of the tree the stream made, for sizing the disk.
+
+        Counted from the paths written, the way :func:`flatten.merge` counts its
+        tree (the same functions over the same kind of nodes), so the disk can be
+        shrunk and hashed while the merge runs; :meth:`check` then requires them
+        to be the merge's.
+        """
+        if self._plan is not None:
+            return self._plan
+        children: dict[bytes, list[bytes]] = {}
+        paths_of: dict[int, list[bytes]] = {}
+        bodies: dict[int, _Body] = {}
+        directories: list[Node] = []
+        for path, made in self._made.items():
+            if path:
+                parent, _, name = path.rpartition(b"/")
+                children.setdefault(parent, []).append(name)
+            if isinstance(made, _DirMeta):
+                mode, uid, gid, mtime = made.meta
+                entry = Entry(-1, path, Kind.DIR, mode, uid, gid, mtime, xattrs=made.xattrs)
+                directories.append(Node((path,), entry, -1))
+            else:
+                paths_of.setdefault(id(made), []).append(path)
+                bodies[id(made)] = made
+        specials: list[Node] = []
+        files: list[Node] = []
+        for key, body in bodies.items():
+            # The merge's primary path of a hard-linked inode is the first in tree order.
+            paths = tuple(sorted(paths_of[key], key=_tree_order))
+            (files if body.entry.kind is Kind.FILE else specials).append(
+                Node(paths, body.entry, body.layer)
+            )
+        directories.sort(key=lambda node: _tree_order(node.primary))
+        entry_bytes = [directory_entry_bytes(children.get(d.primary, ())) for d in directories]
+        self._plan = (
+            tree_stats(directories, specials, files, entry_bytes),
+            xattr_fixups((*directories, *specials, *files), say_dropped=False),
+        )
+        return self._plan
 
     def check(self, tree: Tree) -> None:
-        """Raise :class:`Speculation` unless the stream made exactly ``tree``."""
+        """Raise :class:`Speculation` unless the stream made exactly ``tree``.
+
+        Its stats and xattr fixups too, if :meth:`planned` sized the disk.
+        """
+        if self._plan is not None and self._plan != (tree.stats, tree.xattr_fixups):
+            raise Speculation("the tree's stats or xattr fixups differ from the merge's")
         nodes = tree.nodes()
         if len(nodes) != len(self._made):
             extra = sorted(set(self._made) - set(nodes))[:3]
@@ -350,7 +403,7 @@ class TopDown:
             if isinstance(made, _DirMeta):
                 if e.kind is not Kind.DIR or made.meta != (e.mode, e.uid, e.gid, e.mtime):
                     raise Speculation(f"{path!r}: written as a directory {made.meta}, planned {e}")
-                if made.xattrs != tar_xattrs(e.xattrs):
+                if made.xattrs != e.xattrs:
                     raise Speculation(f"{path!r}: directory xattrs differ")
                 continue
             if made is None or made.layer != node.layer or made.entry.ordinal != e.ordinal:
@@ -376,6 +429,10 @@ def _past(cap: int, limits: Limits, where: str) -> Iterator[None]:
 
 def _parent(path: bytes) -> bytes:
     return path.rpartition(b"/")[0]
+
+
+def _tree_order(path: bytes) -> list[bytes]:
+    return path.split(b"/")
 
 
 def _implicit(path: bytes) -> Entry:
