@@ -10,14 +10,31 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from support.disk import compare_trees, e2fsck_clean, read_disk_tree
+from support.faultproxy import Fault, fault_proxy
+from support.images import (
+    DOCKER_CONFIG,
+    DOCKER_LAYER_GZIP,
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    alpine_3_20_3,
+    make_image,
+    make_index,
+    make_layer,
+    push_index,
+    push_manifest,
+)
+from support.oracle import apply_layers
 from support.push import push_image
 from support.pushed import PushedImage
+from support.registry import RegistryServer
+from support.tar import directory, file
 from support.users import UnprivilegedUser
 
 from hypeman_images.cli import main
@@ -37,6 +54,15 @@ def pull(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def metadata(data_dir: Path, image: PushedImage, digest: str) -> dict[str, object]:
     path = data_dir / "images" / image.registry.host / image.repository / digest[7:]
     doc: dict[str, object] = json.loads((path / "metadata.json").read_text())
+    return doc
+
+
+def inspect_json(data_dir: Path, ref: str) -> dict[str, object]:
+    shown = subprocess.run(
+        [CLI, "inspect", "--json", "--data-dir", str(data_dir), ref], capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    doc: dict[str, object] = json.loads(shown.stdout)
     return doc
 
 
@@ -115,6 +141,125 @@ def test_platform_option_picks_arm64(multiplatform_ref: PushedImage, data_dir: P
     assert doc["digest"] != multiplatform_ref.image.manifest_digest
 
 
+@pytest.fixture(scope="module")
+def docker_list_ref(registry: RegistryServer) -> PushedImage:
+    """``library/alpine:3.20.3-docker``: a Docker manifest list of schema 2 manifests.
+
+    Docker media types throughout, as ``docker push`` of a multi-arch build
+    serves them: the list, schema 2 manifests, a
+    ``vnd.docker.container.image.v1+json`` config and
+    ``vnd.docker.image.rootfs.diff.tar.gzip`` layers (alpine 3.20.3, amd64 and arm64).
+    """
+    amd64 = alpine_3_20_3("amd64", docker_media_types=True)
+    index = make_index([amd64, alpine_3_20_3("arm64", docker_media_types=True)], docker=True)
+    digest = push_index(registry.url, "library/alpine", "3.20.3-docker", index)
+    tree = apply_layers(layer.tar for layer in amd64.layers)
+    return PushedImage(registry, "library/alpine", "3.20.3-docker", digest, amd64, tree, index)
+
+
+def test_docker_manifest_list_and_schema2(docker_list_ref: PushedImage, data_dir: Path) -> None:
+    image = docker_list_ref.image
+    manifest = json.loads(image.manifest)
+    # What the registry serves is Docker's, not OCI's (else this test proves nothing).
+    assert docker_list_ref.index is not None and docker_list_ref.index.media_type == DOCKER_LIST
+    assert manifest["mediaType"] == DOCKER_MANIFEST
+    assert manifest["config"]["mediaType"] == DOCKER_CONFIG
+    assert [layer["mediaType"] for layer in manifest["layers"]] == [DOCKER_LAYER_GZIP]
+
+    result = pull(data_dir, docker_list_ref.ref)
+    assert result.returncode == 0, result.stderr
+    disk = Path(result.stdout.strip())
+    assert disk.parent.name == image.manifest_digest[7:]
+    check_disk(disk, docker_list_ref)
+    tree = read_disk_tree(disk)
+    assert (tree["/etc/shadow"].uid, tree["/etc/shadow"].gid, tree["/etc/shadow"].mode) == (
+        0,
+        42,
+        0o640,
+    )
+    assert os.readlink(disk.parent.parent / "3.20.3-docker") == image.manifest_digest[7:]
+
+    doc = metadata(data_dir, docker_list_ref, image.manifest_digest)
+    assert doc["status"] == "ready"
+    assert doc["digest"] == image.manifest_digest
+    assert doc["index_digest"] == docker_list_ref.manifest_digest
+    assert doc["manifest_media_type"] == DOCKER_MANIFEST
+    assert doc["config_digest"] == image.config_digest
+    assert doc["layers"] == [manifest["layers"][0]["digest"]]
+    assert doc["platform"] == "linux/amd64"
+    assert doc["cmd"] == ["/bin/sh"]
+
+
+def test_docker_schema2_manifest_by_tag(docker_list_ref: PushedImage, data_dir: Path) -> None:
+    # A single-platform `docker push`: the schema 2 manifest itself under a tag, no list.
+    image = docker_list_ref.image
+    registry = docker_list_ref.registry
+    tag = "3.20.3-docker-amd64"
+    push_manifest(registry.url, "library/alpine", tag, image.manifest, DOCKER_MANIFEST)
+    result = pull(data_dir, "--json", f"{registry.host}/library/alpine:{tag}")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["digest"] == image.manifest_digest
+    assert doc["manifest_media_type"] == DOCKER_MANIFEST
+    assert doc["index_digest"] is None
+    check_disk(Path(doc["disk"]), docker_list_ref)
+
+
+# Env in an order no sort would give, with a name set twice: the process sees the later value,
+# so the order is part of the image's meaning (OCI config.md, "Env").
+CONFIGURED_ENV = ["PATH=/usr/bin:/bin", "ZED=last-first", "ALPHA=a=b=c", "MODE=one", "MODE=two"]
+
+
+def test_metadata_carries_the_whole_config(registry: RegistryServer, data_dir: Path) -> None:
+    layer = make_layer([directory("srv"), file("srv/entry.sh", b"#!/bin/sh\n", mode=0o755)])
+    labels = {"org.opencontainers.image.title": "app", "com.example.zeta": "z", "a.first": "1"}
+    image = make_image(
+        [layer],
+        entrypoint=["/srv/entry.sh", "--flag"],
+        cmd=["serve", "--port", "8080"],
+        env=CONFIGURED_ENV,
+        working_dir="/srv",
+        user="1000:1000",
+        exposed_ports=["8080/tcp", "53/udp"],
+        volumes=["/var/lib/app", "/cache"],
+        labels=labels,
+        stop_signal="SIGQUIT",
+        created="2024-05-06T07:08:09Z",
+    )
+    digest = push_image(registry.url, "test/configured", "v1", image)
+    ref = f"{registry.host}/test/configured:v1"
+    result = pull(data_dir, ref)
+    assert result.returncode == 0, result.stderr
+    disk = Path(result.stdout.strip())
+
+    stored = json.loads((disk.parent / "metadata.json").read_text())
+    shown = inspect_json(data_dir, ref)
+    for doc in (stored, shown):
+        assert doc["name"] == ref
+        assert doc["digest"] == digest
+        assert doc["status"] == "ready"
+        assert doc["size_bytes"] == disk.stat().st_size
+        assert doc["entrypoint"] == ["/srv/entry.sh", "--flag"]
+        assert doc["cmd"] == ["serve", "--port", "8080"]
+        assert doc["env"] == CONFIGURED_ENV
+        assert doc["working_dir"] == "/srv"
+        assert doc["user"] == "1000:1000"
+        # Ports and volumes are JSON object keys in the config: no order to keep.
+        assert doc["exposed_ports"] == ["53/udp", "8080/tcp"]
+        assert doc["volumes"] == ["/cache", "/var/lib/app"]
+        assert doc["labels"] == labels
+        assert doc["stop_signal"] == "SIGQUIT"
+        assert doc["platform"] == "linux/amd64"
+        assert doc["layers"] == [layer.digest]
+        assert doc["config_digest"] == image.config_digest
+        assert doc["image_created"] == "2024-05-06T07:08:09Z"
+        created_at = doc["created_at"]
+        assert isinstance(created_at, str)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", created_at), created_at
+    assert shown["disk"] == str(disk)
+    assert shown["tags"] == ["v1"]
+
+
 def one_line_error(stderr: str) -> bool:
     """The failure is told in exactly one line, after any progress lines."""
     errors = [line for line in stderr.splitlines() if line.startswith("hypeman-images: error:")]
@@ -157,12 +302,35 @@ def test_unknown_repository_and_tag(alpine_ref: PushedImage, data_dir: Path) -> 
 def test_platform_missing_from_index(multiplatform_ref: PushedImage, data_dir: Path) -> None:
     result = pull(data_dir, "--platform", "linux/s390x", multiplatform_ref.ref)
     assert result.returncode == 6
-    assert "linux/amd64" in result.stderr and "linux/arm64" in result.stderr
+    assert one_line_error(result.stderr), result.stderr
+    error = result.stderr.splitlines()[-1]
+    assert "linux/s390x" in error
+    assert "linux/amd64" in error and "linux/arm64/v8" in error
     assert only_cache_left(data_dir)
 
 
-def test_ready_digest_is_reused_and_tag_moves(
-    alpine_ref: PushedImage, busybox_ref: PushedImage, data_dir: Path
+def test_registry_refusing_with_403_is_unauthorized(
+    alpine_ref: PushedImage, data_dir: Path
+) -> None:
+    # A registry (or a proxy in front of it) that forbids the repository outright:
+    # HTTP 403 with no challenge to answer.
+    with fault_proxy(alpine_ref.registry.url) as proxy:
+        proxy.add(Fault("/manifests/", "status", status=403, body=b'{"errors":[]}'))
+        ref = f"{proxy.host}/library/alpine:3.20.3"
+        result = pull(data_dir, ref)
+        as_json = pull(data_dir, "--json", ref)
+    assert result.returncode == 4, result.stderr
+    assert one_line_error(result.stderr), result.stderr
+    error = result.stderr.splitlines()[-1]
+    assert "refused" in error and "library/alpine" in error
+    assert f"hypeman-images login {proxy.host}" in error
+    assert as_json.returncode == 4
+    assert json.loads(as_json.stdout)["code"] == "registry_unauthorized"
+    assert only_cache_left(data_dir)
+
+
+def test_ready_digest_is_reused_when_pulled_by_digest(
+    alpine_ref: PushedImage, data_dir: Path
 ) -> None:
     with ImageManager(data_dir) as manager:
         first = manager.pull(alpine_ref.ref)
@@ -170,8 +338,49 @@ def test_ready_digest_is_reused_and_tag_moves(
         stats = BuildStats()
         again = manager.pull(alpine_ref.digest_ref, stats=stats)
         assert stats.reused and stats.downloaded_bytes == 0
+        assert again.disk == first.disk
         assert again.disk.stat().st_mtime_ns == disk_mtime
     assert main(["inspect", "--data-dir", str(data_dir), alpine_ref.ref]) == 0
+
+
+def test_tag_moves_onto_an_already_ready_digest(
+    alpine_ref: PushedImage, busybox_ref: PushedImage, data_dir: Path
+) -> None:
+    registry = alpine_ref.registry
+    a, b = alpine_ref.image, busybox_ref.image
+    push_image(registry.url, "retag/app", "t", a)
+    push_image(registry.url, "retag/app", "t2", b)
+    # Through a proxy that only watches, so what went over the wire is counted
+    # independently of the product's own statistics.
+    with fault_proxy(registry.url) as proxy:
+        host = proxy.host
+        assert pull(data_dir, f"{host}/retag/app:t").returncode == 0
+        assert pull(data_dir, f"{host}/retag/app:t2").returncode == 0
+        repo_dir = data_dir / "images" / host / "retag/app"
+        disk_b = repo_dir / b.manifest_digest[7:] / "rootfs.ext4"
+        mtime_b = disk_b.stat().st_mtime_ns
+        push_manifest(registry.url, "retag/app", "t", b.manifest, b.manifest_media_type)
+        proxy.log.clear()
+
+        result = pull(data_dir, f"{host}/retag/app:t")
+        assert result.returncode == 0, result.stderr
+        assert Path(result.stdout.strip()) == disk_b
+        assert proxy.requests("/blobs/") == [], "a ready digest needs no blob"
+        assert [r.path for r in proxy.requests("/manifests/")] == ["/v2/retag/app/manifests/t"]
+    assert os.readlink(repo_dir / "t") == b.manifest_digest[7:]
+    assert os.readlink(repo_dir / "t2") == b.manifest_digest[7:]
+    assert disk_b.stat().st_mtime_ns == mtime_b, "no rebuild"
+    # The README's rule: a disk goes with its last tag only through `rm`; a tag
+    # moved away by the registry leaves A's disk, reachable by its digest.
+    listed = subprocess.run(
+        [CLI, "list", "--json", "--data-dir", str(data_dir)], capture_output=True, text=True
+    )
+    assert listed.returncode == 0, listed.stderr
+    tags = {doc["digest"]: sorted(doc["tags"]) for doc in json.loads(listed.stdout)}
+    assert tags == {a.manifest_digest: [], b.manifest_digest: ["t", "t2"]}
+    old = inspect_json(data_dir, f"{host}/retag/app@{a.manifest_digest}")
+    assert old["status"] == "ready" and old["disk"]
+    assert Path(str(old["disk"])).is_file()
 
 
 def test_unprivileged_pull_keeps_owners(

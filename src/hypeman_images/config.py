@@ -21,14 +21,21 @@ DEFAULT_FREE_SPACE = 16 * 1024 * 1024
 
 
 def default_data_dir(env: Mapping[str, str] | None = None, euid: int | None = None) -> Path:
-    """The data dir the rules above give."""
+    """The data dir the rules above give (``--data-dir`` is the CLI's to apply).
+
+    An empty variable counts as unset; a relative ``XDG_DATA_HOME`` is ignored,
+    as the XDG Base Directory spec asks ("consider the path invalid").
+    """
     env = os.environ if env is None else env
     if env.get("HYPEMAN_DATA_DIR"):
         return Path(env["HYPEMAN_DATA_DIR"])
     if (os.geteuid() if euid is None else euid) == 0:
         return SYSTEM_DATA_DIR
-    xdg = env.get("XDG_DATA_HOME") or str(Path(env.get("HOME", "~")).expanduser() / ".local/share")
-    return Path(xdg) / "hypeman"
+    xdg = Path(env.get("XDG_DATA_HOME") or "")
+    if not xdg.is_absolute():
+        home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+        xdg = home / ".local/share"
+    return xdg / "hypeman"
 
 
 @dataclass(frozen=True)
