@@ -166,6 +166,7 @@ def full_backlog() -> Iterator[str]:
         listener.close()
 
 
+@pytest.mark.slow  # about 5 s of waiting: 8 timeouts of 0.3 s and the backoff between tries
 def test_a_connect_timeout_fires_with_a_clear_message(data_dir: Path) -> None:
     with full_backlog() as host:
         started = time.monotonic()
