@@ -288,6 +288,8 @@ def test_token_server_429_is_rate_limited() -> None:
 PUBLIC_REPO = "public/app"
 PRIVATE_REPO = "private/app"
 USERS = {"alice": "wonderland", "carol": "looking-glass"}
+# OAuth2 refresh tokens the token server knows (what `docker login` stores as identitytoken).
+REFRESH_TOKENS = {"rt-alice-8d1f0c": "alice"}
 SERVICE = "test-registry"
 ISSUER = "test-token-issuer"
 
@@ -295,13 +297,20 @@ ISSUER = "test-token-issuer"
 class TokenServer:
     """A distribution token server on 127.0.0.1: anonymous pulls of public repos,
     ``alice`` pulls of everything; counts the tokens it issues. Over HTTPS with
-    ``tls`` (certificate, key)."""
+    ``tls`` (certificate, key).
+
+    ``GET /token`` takes basic auth (``docs/spec/auth/token.md``); ``POST /token``
+    takes the OAuth2 grants of ``docs/spec/auth/oauth.md``: ``refresh_token``
+    (an identity token from ``REFRESH_TOKENS``) and ``password``, with
+    ``service`` and ``client_id`` required, and answers ``access_token``.
+    ``forms`` records each POST's form."""
 
     def __init__(
         self, tmp: Path, *, expires_in: int = 300, tls: tuple[Path, Path] | None = None
     ) -> None:
         self.expires_in = expires_in
         self.requests: list[tuple[str | None, str]] = []  # (user, scope)
+        self.forms: list[dict[str, str]] = []
         self.key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test token signer")])
         now = datetime.datetime.now(datetime.UTC)
@@ -323,6 +332,9 @@ class TokenServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 server._handle(self)
+
+            def do_POST(self) -> None:
+                server._handle_post(self)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
@@ -367,15 +379,48 @@ class TokenServer:
         assert isinstance(user, str)
         scope = query.get("scope", [""])[0]
         self.requests.append((user or None, scope))
+        token = self._grant(user, scope)
+        self._answer(handler, 200, {"token": token, "expires_in": self.expires_in})
+
+    def _handle_post(self, handler: BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        form = {k: v[0] for k, v in parse_qs(handler.rfile.read(length).decode()).items()}
+        self.forms.append(form)
+        grant = form.get("grant_type")
+        if not form.get("service") or not form.get("client_id"):
+            # oauth.md: both are required.
+            self._answer(handler, 400, {"error": "invalid_request"})
+            return
+        if grant == "refresh_token":
+            user = REFRESH_TOKENS.get(form.get("refresh_token", ""))
+        elif grant == "password":
+            name = form.get("username", "")
+            user = name if USERS.get(name) == form.get("password") else None
+        else:
+            self._answer(handler, 400, {"error": "unsupported_grant_type"})
+            return
+        if user is None:
+            self._answer(handler, 401, {"error": "invalid_grant"})
+            return
+        scope = form.get("scope", "")
+        self.requests.append((user, scope))
+        token = self._grant(user, scope)
+        answer = {"access_token": token, "scope": scope, "expires_in": self.expires_in}
+        self._answer(handler, 200, answer)
+
+    def _grant(self, user: str, scope: str) -> str:
+        """A token for ``scope``'s repository: pull if ``user`` may, else no access."""
         access: list[dict[str, object]] = []
         kind, _, rest = scope.partition(":")
         repo, _, _actions = rest.rpartition(":")
         if kind == "repository" and (user or repo.startswith("public/")):
             access.append({"type": "repository", "name": repo, "actions": ["pull"]})
-        body = json.dumps(
-            {"token": self.mint(access, str(user or "")), "expires_in": self.expires_in}
-        ).encode()
-        handler.send_response(200)
+        return self.mint(access, user)
+
+    @staticmethod
+    def _answer(handler: BaseHTTPRequestHandler, status: int, doc: Mapping[str, object]) -> None:
+        body = json.dumps(doc).encode()
+        handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
@@ -501,6 +546,54 @@ def test_credentialed_pull_of_a_private_repository(
         ("alice", f"repository:{PRIVATE_REPO}:pull"),
         ("alice", f"repository:{PUBLIC_REPO}:pull"),
     ]
+
+
+def _identity_config(tmp_path: Path, registry: str, token: str) -> ChainedCredentials:
+    """A docker config.json as ``docker login`` writes one for an OAuth2 identity."""
+    entry = {"auth": base64.b64encode(b"alice:").decode(), "identitytoken": token}
+    (tmp_path / "config.json").write_text(json.dumps({"auths": {registry: entry}}))
+    return default_credentials({"DOCKER_CONFIG": str(tmp_path)})
+
+
+def test_credentialed_pull_with_an_identity_token(
+    token_registry: TokenRegistry, tmp_path: Path
+) -> None:
+    host = token_registry.server.host
+    (refresh_token,) = REFRESH_TOKENS
+    credentials = _identity_config(tmp_path, host, refresh_token)
+    tokens = token_registry.tokens
+    tokens.requests.clear()
+    tokens.forms.clear()
+    with RegistryClient(credentials=credentials, config=FAST) as client:
+        _pull(client, token_registry.private)
+    # One POST (oauth.md's refresh_token grant), its access token reused for every blob.
+    assert tokens.forms == [
+        {
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+            "service": SERVICE,
+            "scope": f"repository:{PRIVATE_REPO}:pull",
+            "client_id": tokens.forms[0]["client_id"],
+        }
+    ]
+    assert tokens.forms[0]["client_id"]  # required by the spec; any name will do
+    assert tokens.requests == [("alice", f"repository:{PRIVATE_REPO}:pull")]
+
+
+def test_a_refused_identity_token_names_its_origin_not_the_token(
+    token_registry: TokenRegistry, tmp_path: Path
+) -> None:
+    host = token_registry.server.host
+    credentials = _identity_config(tmp_path, host, "rt-revoked-77aa")
+    with (
+        RegistryClient(credentials=credentials, config=FAST) as client,
+        pytest.raises(Unauthorized) as caught,
+    ):
+        client.get_manifest(token_registry.private)
+    message = str(caught.value)
+    assert f"its token server {urlsplit(token_registry.tokens.realm).netloc} refused" in message
+    assert f'{tmp_path / "config.json"} entry "{host}"' in message
+    assert "rt-revoked-77aa" not in message
 
 
 def test_wrong_password_names_registry_and_origin(

@@ -9,7 +9,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -31,9 +33,10 @@ from hypeman_images.boot import (
     find_kernel,
     kvm_works,
     qemu_command,
+    runner,
 )
 from hypeman_images.boot.initramfs import CpioEntry, base_initramfs, cpio_newc
-from hypeman_images.boot.kernel import has_pvh_entry, resolve_modules
+from hypeman_images.boot.kernel import Kernel, has_pvh_entry, resolve_modules
 from hypeman_images.boot.runspec import render_run_conf
 from hypeman_images.boot.vm import host_tsc_khz, run_vm
 from hypeman_images.errors import BootError, InvalidArgument
@@ -482,6 +485,54 @@ def test_a_kernel_that_does_not_boot_is_a_clear_error(
         )
 
 
+def _halting_pvh_kernel(path: Path) -> Path:
+    """A real kernel of four bytes: an ELF whose PVH entry (Xen ELF note 18, which QEMU
+    and Cloud Hypervisor boot) is ``cli; hlt; jmp .-1``. It runs, prints nothing, and
+    never powers off: a kernel that hangs before its console comes up."""
+    load = 0x100000
+    code = bytes([0xFA, 0xF4, 0xEB, 0xFD])
+    name = b"Xen\0"
+    note = struct.pack("<III", len(name), 4, 18) + name + struct.pack("<I", load)
+    header_size, ph_size = 52, 32
+    note_at = header_size + 2 * ph_size
+    code_at = note_at + len(note)
+    header = b"\x7fELF\x01\x01\x01" + bytes(9)  # ELF32, little-endian, SysV
+    header += struct.pack(
+        "<HHIIIIIHHHHHH", 2, 3, 1, load, header_size, 0, 0, header_size, ph_size, 2, 40, 0, 0
+    )
+    load_ph = struct.pack("<8I", 1, code_at, load, load, len(code), len(code), 5, 0x1000)
+    note_ph = struct.pack("<8I", 4, note_at, 0, 0, len(note), len(note), 4, 4)
+    path.write_bytes(header + load_ph + note_ph + note + code)
+    return path
+
+
+@pytest.mark.slow
+@needs_vm
+def test_a_kernel_that_hangs_silently_ends_at_the_timeout(
+    alpine_disk: Path, boot_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # A real QEMU running that kernel: the VM is alive, its console stays empty.
+    kernel = replace(find_kernel(), image=_halting_pvh_kernel(tmp_path / "vmlinux-halts"))
+    cache, work = boot_dirs
+    started = time.monotonic()
+    with pytest.raises(BootError) as info:
+        boot(
+            alpine_disk,
+            RunSpec(cmd=("true",)),
+            hypervisor="qemu",
+            accel="tcg",
+            timeout=4,
+            work_dir=work,
+            cache_dir=cache,
+            kernel=kernel,
+        )
+    assert 4 <= time.monotonic() - started < 12
+    assert str(info.value) == (
+        "the VM printed nothing within 4 s: the kernel did not boot (qemu/tcg)"
+    )
+    assert list(work.iterdir()) == []  # nothing of the boot is left behind
+
+
 @pytest.mark.slow
 @needs_vm
 def test_disk_is_read_only_and_writes_go_to_the_overlay(
@@ -492,12 +543,25 @@ def test_disk_is_read_only_and_writes_go_to_the_overlay(
         [
             "sh",
             "-c",
-            "touch /x && ls /x && echo data > /etc/new && cat /etc/new && grep ' / ' /proc/mounts",
+            "touch /x && ls /x && echo data > /etc/new && cat /etc/new; "
+            # The command's own view, then the init's (pid 1, outside the chroot).
+            "echo ---; cat /proc/mounts; echo ---; cat /proc/1/mounts",
         ]
     )
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[:2] == ["/x", "data"]
+    writes, own, init = result.output.split("---\n")
+    assert writes.splitlines() == ["/x", "data"]
     assert hashlib.sha256(alpine_disk.read_bytes()).hexdigest() == before
+    mounts = {fields[1]: fields for fields in (line.split() for line in own.splitlines())}
+    # / is the overlay: the disk below, a tmpfs on top for the writes.
+    assert mounts["/"][0] == mounts["/"][2] == "overlay"
+    assert "lowerdir=/lower" in mounts["/"][3] and "upperdir=/rw/upper" in mounts["/"][3]
+    for point, kind in [("/proc", "proc"), ("/sys", "sysfs"), ("/dev", "devtmpfs")]:
+        assert mounts[point][2] == kind, own
+    below = {fields[1]: fields for fields in (line.split() for line in init.splitlines())}
+    assert below["/lower"][:3] == ["/dev/vda", "/lower", "ext4"]
+    assert "ro" in below["/lower"][3].split(","), below["/lower"]
+    assert below["/rw"][2] == "tmpfs"
 
 
 @pytest.mark.slow
@@ -532,3 +596,106 @@ def test_kvm_probe_verdict_is_cached(boot_dirs: tuple[Path, Path]) -> None:
     t0 = time.monotonic()
     assert kvm_works("qemu", qemu, kernel, base, cache, work) == first
     assert time.monotonic() - t0 < 0.5
+
+
+# --- choosing the hypervisor -------------------------------------------------------------------
+#
+# Cloud Hypervisor is not packaged in Debian bookworm and cannot be installed here, so a
+# fake ``cloud-hypervisor`` script on PATH stands for it, and the KVM probe's verdict is
+# monkeypatched (on these machines /dev/kvm exists but cannot run the stock kernel).
+
+
+@pytest.fixture
+def fake_cloud_hypervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "cloud-hypervisor"
+    fake.write_text("#!/bin/sh\necho 'fake cloud-hypervisor' >&2\nexit 99\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return fake
+
+
+def _kvm_verdict(monkeypatch: pytest.MonkeyPatch, works: bool) -> list[tuple[str, str]]:
+    """Make the KVM probe answer ``works``; returns the (hypervisor, binary) it was asked for."""
+    asked: list[tuple[str, str]] = []
+
+    def probe(hypervisor: str, binary: str, *_: object) -> bool:
+        asked.append((hypervisor, binary))
+        return works
+
+    monkeypatch.setattr(runner, "kvm_works", probe)
+    return asked
+
+
+def _choose(tmp_path: Path, hypervisor: str | None = None, accel: str | None = None) -> Any:
+    kernel = Kernel("0-test", tmp_path / "vmlinuz", tmp_path / "modules")  # the probe is faked
+    return runner._choose_machine(hypervisor, accel, kernel, tmp_path, tmp_path, tmp_path)
+
+
+@pytest.mark.skipif(not shutil.which("qemu-system-x86_64"), reason="needs QEMU")
+@pytest.mark.parametrize(
+    ("kvm", "hypervisor", "accel", "chosen", "probed"),
+    [
+        (True, None, None, ("cloud-hypervisor", "kvm"), ["cloud-hypervisor"]),
+        (False, None, None, ("qemu", "tcg"), ["cloud-hypervisor", "qemu"]),
+        (True, None, "tcg", ("qemu", "tcg"), []),
+        (True, "qemu", None, ("qemu", "kvm"), ["qemu"]),
+        (False, "cloud-hypervisor", "kvm", ("cloud-hypervisor", "kvm"), []),
+    ],
+    ids=["kvm-works", "kvm-fails", "tcg-asked", "qemu-asked", "kvm-forced"],
+)
+def test_the_machine_is_chosen_by_the_kvm_probe(
+    fake_cloud_hypervisor: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    kvm: bool,
+    hypervisor: str | None,
+    accel: str | None,
+    chosen: tuple[str, str],
+    probed: list[str],
+) -> None:
+    asked = _kvm_verdict(monkeypatch, kvm)
+    machine = _choose(tmp_path, hypervisor, accel)
+    assert (machine.hypervisor, machine.accelerator) == chosen
+    qemu = shutil.which("qemu-system-x86_64")
+    fake = str(fake_cloud_hypervisor)
+    assert machine.binary == (fake if chosen[0] == "cloud-hypervisor" else qemu)
+    assert [h for h, _ in asked] == probed
+    assert all(b == fake for h, b in asked if h == "cloud-hypervisor")
+
+
+def test_cloud_hypervisor_without_kvm_is_a_clear_error(
+    fake_cloud_hypervisor: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _kvm_verdict(monkeypatch, False)
+    with pytest.raises(BootError, match="KVM does not work on this host, and Cloud Hypervisor"):
+        _choose(tmp_path, "cloud-hypervisor")
+    with pytest.raises(InvalidArgument, match="Cloud Hypervisor runs on KVM only"):
+        _choose(tmp_path, "cloud-hypervisor", "tcg")
+
+
+def test_cloud_hypervisor_not_installed_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on it
+    _kvm_verdict(monkeypatch, True)
+    with pytest.raises(BootError, match=r"cloud-hypervisor is not installed \(not on PATH\)"):
+        _choose(tmp_path, "cloud-hypervisor")
+
+
+@needs_vm
+def test_when_chosen_cloud_hypervisor_gets_the_vmlinux_and_the_disk(
+    fake_cloud_hypervisor: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _kvm_verdict(monkeypatch, True)
+    kernel = find_kernel()
+    machine = runner._choose_machine(None, None, kernel, tmp_path, tmp_path, tmp_path)
+    disk, initramfs = tmp_path / "rootfs.ext4", tmp_path / "initramfs.cpio"
+    argv = runner._vm_argv(machine, kernel, initramfs, disk, tmp_path, 256)
+    assert argv[0] == str(fake_cloud_hypervisor)
+    vmlinux = Path(argv[argv.index("--kernel") + 1])
+    assert has_pvh_entry(vmlinux.read_bytes())  # the ELF vmlinux, not the bzImage
+    assert argv[argv.index("--initramfs") + 1] == str(initramfs)
+    assert f"path={disk},readonly=on" in argv
+    assert "tsc_early_khz" not in argv[argv.index("--cmdline") + 1]  # KVM: no TCG workaround

@@ -8,8 +8,10 @@ code, the config's user, env and working dir, and the effect of whiteouts.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,7 +50,35 @@ def test_alpine_release(alpine_ref: PushedImage, data_dir: Path) -> None:
     result = boot(data_dir, alpine_ref.ref, "cat", "/etc/alpine-release")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "3.20.3\n"
-    assert "booted with" in result.stderr
+    # Which hypervisor and accelerator ran it, as the KVM probe decided.
+    said = re.search(
+        r"booted with (qemu|cloud-hypervisor) \((kvm|tcg)\); exit code 0$", result.stderr
+    )
+    assert said is not None, result.stderr
+    verdicts = {p.read_text().strip() for p in (data_dir / "boot").glob("kvm-probe-*")}
+    # Without a usable /dev/kvm nothing is probed: TCG.
+    assert said.group(2) in (verdicts or {"tcg"}), verdicts
+
+
+def test_a_hanging_command_ends_at_the_timeout_with_exit_11(
+    alpine_ref: PushedImage, data_dir: Path
+) -> None:
+    argv = [CLI, "boot", "--data-dir", str(data_dir), "--timeout", "5", alpine_ref.ref]
+    started = time.monotonic()
+    result = subprocess.run(
+        [*argv, "--", "sleep", "600"], capture_output=True, text=True, timeout=120
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 11, result.stderr  # README: the VM did not boot or run the command
+    # Under TCG on a loaded host the boot itself may use up the 5 s: either message is clear.
+    assert re.search(
+        r"hypeman-images: error: the (command did not finish|VM did not start the command) "
+        r"within 5 s .*\((qemu|cloud-hypervisor)/(kvm|tcg)\)",
+        result.stderr,
+    ), result.stderr
+    assert result.stdout == ""
+    # The pull, the KVM probe (at most 6 s) and the 5 s boot; never the 600 s of sleep.
+    assert elapsed < 60
 
 
 def test_exit_code_is_the_commands(alpine_ref: PushedImage, data_dir: Path) -> None:

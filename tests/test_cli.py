@@ -119,12 +119,19 @@ def test_unknown_tag_exits_3(alpine_ref: PushedImage, data_dir: Path) -> None:
     assert "not found" in result.stderr.lower()
 
 
-def test_verbose_logs_debug(data_dir: Path) -> None:
-    quiet = run("list", "--data-dir", str(data_dir))
-    loud = run("list", "-v", "--data-dir", str(data_dir))
-    assert quiet.returncode == loud.returncode == 0
-    assert "DEBUG" not in quiet.stderr
-    assert "DEBUG" in loud.stderr or loud.stderr == ""  # nothing to say is fine too
+def test_verbose_logs_debug(alpine_ref: PushedImage, data_dir: Path) -> None:
+    # An unknown tag: the command talks to the registry, then fails fast (exit 3).
+    host = alpine_ref.registry.host
+    ref = f"{host}/library/alpine:nope"
+    quiet = run("pull", "--data-dir", str(data_dir), ref)
+    loud = run("pull", "-v", "--data-dir", str(data_dir), ref)
+    assert quiet.returncode == loud.returncode == 3
+    assert "DEBUG" not in quiet.stderr and "INFO" not in quiet.stderr
+    # What -v adds: how the registry is spoken to (loopback is insecure: TLS is probed).
+    assert f"DEBUG hypeman_images.transport: {host}: insecure registry" in loud.stderr
+    assert f"INFO hypeman_images.schemes: {host}: insecure registry without TLS" in loud.stderr
+    # httpx's own request lines need -vv.
+    assert "httpx" not in loud.stderr
 
 
 def test_serve_refuses_a_readable_token_file(tmp_path: Path, data_dir: Path) -> None:

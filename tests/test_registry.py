@@ -49,7 +49,7 @@ from hypeman_images.registries import (
     RegistrySettings,
     load_registries_conf,
 )
-from hypeman_images.registry import RegistryClient, resolve, select_manifest
+from hypeman_images.registry import RegistryClient, _backoff, resolve, select_manifest
 from hypeman_images.spec import (
     MAX_DOCUMENT_BYTES,
     OCI_INDEX,
@@ -314,6 +314,34 @@ def test_500_forever_gives_up() -> None:
         c.get_manifest(REF)
     assert len(seen) == 4
     assert caught.value.status == 500
+
+
+def test_backoff_waits_stay_within_bounds_and_vary() -> None:
+    # Full jitter: attempt n waits uniformly in [0, min(max, base * 2**(n-1))].
+    config = RegistryConfig(backoff_base=0.5, backoff_max=3.0)
+    for attempt, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (30, 3.0)]:
+        waits = [_backoff(attempt, config) for _ in range(300)]
+        assert all(0.0 <= w <= ceiling for w in waits), (attempt, max(waits))
+        assert len(set(waits)) == len(waits)  # no two clients in step
+        # Spread over the whole range (each fails by chance with p = 0.75**300).
+        assert min(waits) < ceiling / 4 and max(waits) > ceiling * 3 / 4
+
+
+def test_retries_sleep_the_jittered_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A mock, as above; the sleeps are recorded instead of slept.
+    slept: list[float] = []
+    monkeypatch.setattr("hypeman_images.registry.time.sleep", slept.append)
+    config = RegistryConfig(backoff_base=0.5, backoff_max=1.5, max_attempts=4)
+    runs = []
+    for _ in range(20):
+        slept.clear()
+        transport, seen = _sequence(httpx.Response(503))
+        with RegistryClient(transport=transport, config=config) as c, pytest.raises(TransientError):
+            c.get_manifest(REF)
+        assert len(seen) == 4 and len(slept) == 3  # no sleep after the last attempt
+        assert all(0 <= w <= cap for w, cap in zip(slept, (0.5, 1.0, 1.5), strict=True))
+        runs.append(tuple(slept))
+    assert len(set(runs)) == len(runs)
 
 
 def test_connection_errors_are_transient_and_retried() -> None:
@@ -706,8 +734,11 @@ def test_registries_conf(tmp_path: Path) -> None:
         'location = "localhost:5000"\n'
         "insecure = false\n"
     )
-    config = RegistryConfig(max_attempts=7).with_registries_conf(path)
+    config = RegistryConfig(max_attempts=7, read_timeout=5).with_registries_conf(path)
     assert config.max_attempts == 7
+    # Keys the file does not set keep the config's values.
+    assert (config.connect_timeout, config.read_timeout) == (10.0, 5)
+    assert not config.allow_foreign_layers
     assert config.mirrors_for("docker.io") == (
         Mirror("mirror.lan:5000", insecure=True),
         Mirror("mirror2.example"),
@@ -724,6 +755,31 @@ def test_registries_conf(tmp_path: Path) -> None:
         ("mirror2.example", True),
         ("registry-1.docker.io", False),
     ]
+
+
+def test_registries_conf_timeouts_and_foreign_layers(tmp_path: Path) -> None:
+    path = tmp_path / "registries.conf"
+    path.write_text("connect-timeout = 2.5\nread-timeout = 30\nallow-foreign-layers = true\n")
+    config = RegistryConfig(connect_timeout=1, read_timeout=1).with_registries_conf(path)
+    assert (config.connect_timeout, config.read_timeout) == (2.5, 30.0)
+    assert config.allow_foreign_layers
+    assert load_registries_conf(path) == config
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("connect-timeout = 0", "'connect-timeout' must be a number of seconds above 0"),
+        ('read-timeout = "60"', "'read-timeout' must be a number of seconds"),
+        ("read-timeout = true", "'read-timeout' must be a number of seconds"),
+        ('allow-foreign-layers = "yes"', "'allow-foreign-layers' must be true or false"),
+    ],
+)
+def test_registries_conf_bad_scalars(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "registries.conf"
+    path.write_text(line + "\n")
+    with pytest.raises(InvalidArgument, match=message):
+        load_registries_conf(path)
 
 
 def test_registries_conf_errors(tmp_path: Path) -> None:
@@ -814,7 +870,10 @@ def test_foreign_layers_come_from_their_urls_only_when_allowed(
     descriptor = Descriptor(FOREIGN, digest, len(config_blob), urls=(where,))
     # A repository that lacks the blob, as registries lack foreign layers.
     ref = parse_reference(f"{alpine_ref.registry.host}/test/no-foreign-layers:v1")
-    with RegistryClient(config=FAST) as client, pytest.raises(NotFound, match="allow_foreign"):
+    with (
+        RegistryClient(config=FAST) as client,
+        pytest.raises(NotFound, match="--allow-foreign-layers"),
+    ):
         _download(client, ref, descriptor)
     allowed = RegistryConfig(backoff_base=0.0, allow_foreign_layers=True)
     with RegistryClient(config=allowed) as client:

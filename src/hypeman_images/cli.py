@@ -44,7 +44,7 @@ from .image import Image, image_of  # noqa: E402
 from .manager import DEFAULT_CONCURRENCY, ImageManager  # noqa: E402
 from .progress import PlainReporter, Reporter, RichReporter, human_size  # noqa: E402
 from .reference import DOCKER_HUB, parse_reference  # noqa: E402
-from .registries import RegistryConfig  # noqa: E402
+from .registries import RegistryConfig, check_timeout  # noqa: E402
 from .registry import RegistryClient  # noqa: E402
 from .spec import Platform  # noqa: E402
 from .store import ImageStatus  # noqa: E402
@@ -179,6 +179,30 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=[],
         help="certs.d-style directory: <dir>/<host:port>/ca.crt (repeatable)",
+    )
+    registry_defaults = RegistryConfig()
+    registry_flags.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"seconds to wait for a connection to a registry "
+        f"(default {registry_defaults.connect_timeout:g})",
+    )
+    registry_flags.add_argument(
+        "--read-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"seconds a registry may send nothing before the request fails and is retried "
+        f"(default {registry_defaults.read_timeout:g})",
+    )
+    registry_flags.add_argument(
+        "--allow-foreign-layers",
+        action="store_true",
+        default=None,
+        help="fetch non-distributable (foreign) layers from the URLs their image names "
+        "(default: refuse them)",
     )
     build_flags = _Parser(add_help=False)
     build_flags.add_argument(
@@ -339,6 +363,14 @@ def _registry_config(args: argparse.Namespace) -> RegistryConfig:
         config = replace(config, max_manifest_bytes=parse_size(args.max_manifest_size))
     if getattr(args, "max_blob_size", None):
         config = replace(config, max_blob_bytes=parse_size(args.max_blob_size))
+    # Flags win over registries.conf, which wins over the defaults.
+    if getattr(args, "connect_timeout", None) is not None:
+        timeout = check_timeout(args.connect_timeout, "--connect-timeout")
+        config = replace(config, connect_timeout=timeout)
+    if getattr(args, "read_timeout", None) is not None:
+        config = replace(config, read_timeout=check_timeout(args.read_timeout, "--read-timeout"))
+    if getattr(args, "allow_foreign_layers", None):
+        config = replace(config, allow_foreign_layers=True)
     return config
 
 

@@ -6,6 +6,9 @@ containers-registries.conf(5) v2::
 
     insecure-registries = ["build-box:5000"]      # TLS unverified, plain HTTP allowed
     certs-dirs = ["/etc/hypeman/certs.d"]          # <dir>/<host:port>/ca.crt, client.cert/key
+    connect-timeout = 10                           # seconds to connect
+    read-timeout = 60                              # seconds without a byte
+    allow-foreign-layers = false                   # fetch non-distributable layers' URLs
 
     [[registry]]
     location = "docker.io"
@@ -123,14 +126,12 @@ class RegistryConfig:
         return self.certs_dir_for(host) is not None or not self.is_insecure(host)
 
     def with_registries_conf(self, path: Path) -> RegistryConfig:
-        """This config with the contents of a registries.conf-like TOML file added."""
-        loaded = load_registries_conf(path)
-        return replace(
-            self,
-            insecure_registries=self.insecure_registries | loaded.insecure_registries,
-            certs_dirs=self.certs_dirs + loaded.certs_dirs,
-            registries={**self.registries, **loaded.registries},
-        )
+        """This config with the contents of a registries.conf-like TOML file added.
+
+        Lists and per-registry tables are merged; the scalar keys the file sets
+        (timeouts, ``allow-foreign-layers``) replace this config's values.
+        """
+        return _apply_conf(self, _read_toml(path), path)
 
 
 def _is_loopback(host: str) -> bool:
@@ -148,12 +149,20 @@ def _is_loopback(host: str) -> bool:
 
 def load_registries_conf(path: Path) -> RegistryConfig:
     """Parse a registries.conf-like TOML file (see the module docstring)."""
+    return _apply_conf(RegistryConfig(), _read_toml(path), path)
+
+
+def _read_toml(path: Path) -> Mapping[str, Any]:
     try:
-        doc = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except OSError as exc:
         raise InvalidArgument(f"cannot read {path}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgument(f"{path} is not valid TOML: {exc}") from exc
+
+
+def _apply_conf(base: RegistryConfig, doc: Mapping[str, Any], path: Path) -> RegistryConfig:
+    """``base`` with a parsed registries.conf's settings added (lists) or set (scalars)."""
     registries: dict[str, RegistrySettings] = {}
     for i, entry in enumerate(_tables(doc.get("registry", []), f"{path}: [[registry]]")):
         where = f"{path}: [[registry]] #{i + 1}"
@@ -170,11 +179,37 @@ def load_registries_conf(path: Path) -> RegistryConfig:
         if insecure is not None and not isinstance(insecure, bool):
             raise InvalidArgument(f"{where}: 'insecure' must be true or false")
         registries[location] = RegistrySettings(location, insecure, mirrors)
-    return RegistryConfig(
-        insecure_registries=frozenset(_strings(doc, "insecure-registries", str(path))),
-        certs_dirs=tuple(Path(p) for p in _strings(doc, "certs-dirs", str(path))),
-        registries=registries,
+    config = replace(
+        base,
+        insecure_registries=base.insecure_registries
+        | frozenset(_strings(doc, "insecure-registries", str(path))),
+        certs_dirs=base.certs_dirs + tuple(Path(p) for p in _strings(doc, "certs-dirs", str(path))),
+        registries={**base.registries, **registries},
     )
+    if "connect-timeout" in doc:
+        config = replace(config, connect_timeout=_seconds(doc, "connect-timeout", path))
+    if "read-timeout" in doc:
+        config = replace(config, read_timeout=_seconds(doc, "read-timeout", path))
+    if "allow-foreign-layers" in doc:
+        allow = doc["allow-foreign-layers"]
+        if not isinstance(allow, bool):
+            raise InvalidArgument(f"{path}: 'allow-foreign-layers' must be true or false")
+        config = replace(config, allow_foreign_layers=allow)
+    return config
+
+
+def check_timeout(value: float, name: str) -> float:
+    """``value`` if it is a usable timeout in seconds (finite, > 0); else InvalidArgument."""
+    if not (0 < value < float("inf")):
+        raise InvalidArgument(f"{name} must be a number of seconds above 0, not {value!r}")
+    return value
+
+
+def _seconds(table: Mapping[str, Any], key: str, path: Path) -> float:
+    value = table[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"{path}: '{key}' must be a number of seconds")
+    return check_timeout(float(value), f"{path}: '{key}'")
 
 
 def _tables(value: Any, where: str) -> Sequence[Mapping[str, Any]]:

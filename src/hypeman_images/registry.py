@@ -176,6 +176,10 @@ class RegistryClient:
         for endpoint in endpoints[:-1]:
             try:
                 return fetch(endpoint)
+            except NotFound as exc:
+                # A mirror that lacks an image is normal (containerd logs "trying next
+                # host - response was http.StatusNotFound" at info level too).
+                log.info("mirror %s lacks it, trying the next: %s", endpoint.host, exc)
             except HypemanError as exc:
                 log.warning("mirror %s failed for %s, trying the next: %s", endpoint.host, ref, exc)
         return fetch(endpoints[-1])
@@ -268,8 +272,9 @@ class RegistryClient:
         except NotFound as exc:
             if descriptor.media_type in _FOREIGN_TYPES and descriptor.urls:
                 raise NotFound(
-                    f"{exc.message}; it is a foreign layer, which its image says to fetch from "
-                    f"{descriptor.urls[0]}: allow that with the allow_foreign_layers option"
+                    f"{exc.message}; it is a foreign (non-distributable) layer, which its image "
+                    f"says to fetch from {descriptor.urls[0]}: allow that with "
+                    f"--allow-foreign-layers (allow-foreign-layers = true in registries.conf)"
                 ) from exc
             raise
 
@@ -379,6 +384,17 @@ class RegistryClient:
                 ) from exc
             if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
                 self._schemes.forget(endpoint.host)
+            if isinstance(exc, httpx.ConnectTimeout):
+                raise TransientError(
+                    f"{endpoint.host}: connect timed out after {self.config.connect_timeout:g} s "
+                    f"while fetching {subject} (--connect-timeout S to wait longer)"
+                ) from exc
+            if isinstance(exc, httpx.ReadTimeout):
+                raise TransientError(
+                    f"{endpoint.host}: read timed out: nothing received for "
+                    f"{self.config.read_timeout:g} s while fetching {subject} "
+                    f"(--read-timeout S to wait longer)"
+                ) from exc
             what = type(exc).__name__
             raise TransientError(
                 f"{endpoint.host}: {what} while fetching {subject}: {exc or 'no detail'}"

@@ -113,7 +113,8 @@ def error_for(response: httpx.Response, *, host: str, subject: str) -> HypemanEr
         hint = f"retry after {wait:.0f} s" if wait is not None else "retry later"
         return RateLimited(
             f"{host} is rate limiting requests (HTTP 429) while fetching {subject}; {hint}"
-            f"{detail}. Log in (hypeman-images login) or use a mirror to raise the limit.",
+            f"{detail.rstrip('.')}. Log in (hypeman-images login) or use a mirror to raise "
+            f"the limit.",
             retry_after=wait,
         )
     if status >= 500:

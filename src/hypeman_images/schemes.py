@@ -104,20 +104,26 @@ class Schemes:
             status = self._ping("http", host)
         except httpx.TransportError as exc:
             raise TransientError(
-                f"{host}: cannot connect over HTTPS ({_describe(https_error)}) "
-                f"or plain HTTP ({_describe(exc)})"
+                f"{host}: cannot connect over HTTPS ({self._describe(https_error)}) "
+                f"or plain HTTP ({self._describe(exc)})"
             ) from exc
         if status not in _REGISTRY_PING_STATUSES:
             raise TransientError(
-                f"{host}: cannot connect over HTTPS ({_describe(https_error)}), "
+                f"{host}: cannot connect over HTTPS ({self._describe(https_error)}), "
                 f"and plain HTTP answered GET /v2/ with {status}, not as a registry"
             )
         log.info(
             "%s: insecure registry, HTTPS unreachable (%s); using plain HTTP",
             host,
-            _describe(https_error),
+            self._describe(https_error),
         )
         return "http"
+
+    def _describe(self, exc: httpx.TransportError) -> str:
+        if isinstance(exc, httpx.ConnectTimeout):
+            # The setting's name, so a user on a slow link knows what to raise.
+            return f"connect timed out after {self._config.connect_timeout:g} s, --connect-timeout"
+        return f"{type(exc).__name__}: {exc or 'no detail'}"
 
     def _ping(self, scheme: str, host: str) -> int:
         """The status of ``GET <scheme>://host/v2/``, unauthenticated; the body is not read."""
@@ -145,10 +151,6 @@ def _tls_failure(exc: BaseException) -> str | None:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
-
-
-def _describe(exc: httpx.TransportError) -> str:
-    return f"{type(exc).__name__}: {exc or 'no detail'}"
 
 
 __all__ = ["Schemes"]
