@@ -311,6 +311,8 @@ def _mkfs(output: bytes, tmp_path: Path) -> Path:
         "dir_over_dir_keeps_children",
         "hardlinks_same_layer",
         "deep_path",
+        "sparse_files",
+        "sparse_gnu_format",
     ],
 )
 def test_mke2fs_accepts_stream(case: str, tmp_path: Path) -> None:

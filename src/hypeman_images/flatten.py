@@ -145,6 +145,22 @@ class Entry:
     offset: int = 0  # a regular file's body in the uncompressed layer (Header.offset)
 
 
+@dataclass(slots=True)
+class SparseEntry(Entry):
+    """A regular file stored sparse (GNU tar ``--sparse``): ``size`` is its real size.
+
+    A subclass, not a field of :class:`Entry`, so the ordinary entries of a
+    layer carry no extra slot. ``sparse`` is :attr:`tarfmt.Header.sparse`.
+    """
+
+    sparse: tarfmt.SparseMap = ()
+
+
+def sparse_map(entry: Entry) -> tarfmt.SparseMap | None:
+    """The data fragments of a sparse file's entry; ``None`` for any other entry."""
+    return entry.sparse if isinstance(entry, SparseEntry) else None
+
+
 @dataclass(frozen=True)
 class LayerScan:
     """What pass 1 learnt of one layer: its headers, size and diff_id."""
@@ -304,6 +320,12 @@ def classify(
     mode, mtime = header.mode & 0o7777, header.mtime
     if len(shared) < SHARED_MAX:
         mode, mtime = shared.setdefault(mode, mode), shared.setdefault(mtime, mtime)
+    if header.sparse is not None:
+        # Its size is the real one (holes included): what the disk gets and is sized for.
+        return SparseEntry(
+            header.ordinal, path, kind, mode, header.uid, header.gid, mtime, header.size,
+            offset=header.offset, xattrs=header.xattrs, sparse=header.sparse,
+        )  # fmt: skip
     return Entry(
         ordinal=header.ordinal,
         path=path,
@@ -952,7 +974,7 @@ def _copy_layer_files(
             _write_node(out, node)
             if size:
                 assert reader is not None
-                reader.copy_at(node.entry.offset, size, out)
+                reader.copy_at(node.entry.offset, size, out, sparse_map(node.entry))
                 out.write(tarfmt.padding(size))
             _write_links(out, node)
     finally:

@@ -46,6 +46,7 @@ from .flatten import (
     check_image_limits,
     classify,
     entry_header,
+    sparse_map,
     tar_xattrs,
 )
 
@@ -203,7 +204,7 @@ class TopDown:
                     reader = self._reader(
                         stream, f"layer {index} ({scan.name})", limits.max_layer_bytes
                     )
-                reader.copy_at(entry.offset, entry.size, out)
+                reader.copy_at(entry.offset, entry.size, out, sparse_map(entry))
                 out.write(tarfmt.padding(entry.size))
         for marker in markers:
             self._hide(marker, index)
