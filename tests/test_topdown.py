@@ -65,6 +65,7 @@ FALLS_BACK = {
     "symlink_parent_merged_usr",
     "symlink_parent_relative_clamped",
     "symlink_parent_same_layer",
+    "whiteout_before_dir_replacing_symlink",
     "whiteout_in_dir_replacing_symlink",
     "whiteout_through_symlink",
     "whiteout_through_symlink_of_same_layer",

@@ -76,12 +76,14 @@ _SOCKET = (
     "we skip the entry and log it, as GNU tar skips sockets ('socket ignored')"
 )
 _MARKERS_FIRST = (
-    "layer.md: whiteouts 'MUST only apply to resources in lower/parent layers', so we apply "
-    "a layer's markers before its other entries and resolve their directory in the lower "
-    "layers; umoci resolves each marker in tar order, through what the same layer made of "
-    "the path just before. The two agree unless a layer changes a symlink on the way to its "
-    "own whiteout, which no diff-generated layer does (KNOWN GAP: umoci's reading is the "
-    "better one here; following it needs umoci's per-layer upper-path tracking)"
+    "layer.md 'Whiteouts': 'Whiteout files MUST only apply to resources in lower/parent "
+    "layers' and the opaque marker 'is applied first, before creating the new version of "
+    "a/b, regardless of the ordering in which the whiteout file was encountered'. So a "
+    "layer's markers run before its other entries and resolve their directory in the "
+    "lower layers only. umoci resolves each marker in tar order, through what the same "
+    "layer made of the path just before, so its result depends on that order: with the "
+    "marker before 'a/' (case whiteout_before_dir_replacing_symlink) it deletes real/x "
+    "as we do, after it, not. The spec's order-independence decides for our reading"
 )
 KNOWN: dict[str, dict[str, str]] = {
     "whiteout_through_symlink_of_same_layer": {

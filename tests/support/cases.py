@@ -221,6 +221,12 @@ CASES: dict[str, Layers] = {
         [d("real"), file("real/x", b"x"), symlink("a", "real")],
         [d("a"), whiteout("a/x")],
     ],
+    # The same layer with the marker first: umoci now agrees (it deletes real/x), which
+    # shows its reading depends on the tar order that layer.md says must not matter.
+    "whiteout_before_dir_replacing_symlink": [
+        [d("real"), file("real/x", b"x"), symlink("a", "real")],
+        [whiteout("a/x"), d("a")],
+    ],
     "opaque_through_symlink": [
         [d("real"), file("real/old", b"old"), symlink("o", "real")],
         [opaque("o"), file("o/new", b"new")],
