@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -119,7 +120,11 @@ def test_errors(case: str) -> None:
     layers, exc, text = ERRORS[case]
     with pytest.raises(exc, match=text) as info:
         flatten(layers)
-    assert "layer" in str(info.value)
+    # Named so a user finds the entry: its layer, its number in the layer, its path.
+    message = str(info.value)
+    assert re.match(r"layer \d+(?: \([^)]*\))?, entry \d+", message), message
+    named = [repr(e.pax.get("path", e.name).strip(b"/"))[:40] for layer in layers for e in layer]
+    assert any(name in message for name in named), message
 
 
 @pytest.mark.parametrize(

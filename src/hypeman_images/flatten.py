@@ -184,15 +184,20 @@ class LayerScan:
 
 
 class _Where:
-    """``"layer 2 (sha256:...), entry 17"``, formatted only when an error needs it."""
+    """``"layer 2 (sha256:...), entry 17 (b'usr/bin/x')"``, formatted only for an error.
 
-    __slots__ = ("layer", "ordinal")
+    ``path`` (the entry's cleaned path) is known once the entry is classified:
+    the merge's errors name it, so a user finds the entry without counting.
+    """
 
-    def __init__(self, layer: str, ordinal: int) -> None:
-        self.layer, self.ordinal = layer, ordinal
+    __slots__ = ("layer", "ordinal", "path")
+
+    def __init__(self, layer: str, ordinal: int, path: bytes | None = None) -> None:
+        self.layer, self.ordinal, self.path = layer, ordinal, path
 
     def __str__(self) -> str:
-        return f"{self.layer}, entry {self.ordinal}"
+        named = "" if self.path is None else f" ({self.path[:200]!r})"
+        return f"{self.layer}, entry {self.ordinal}{named}"
 
 
 def clean_path(raw: bytes, *, where: str | _Where, limits: Limits) -> bytes:
@@ -553,15 +558,17 @@ class _Builder:
         for entry in scan.entries:
             if entry.kind is Kind.WHITEOUT:
                 parent, base = _split(entry.path)
-                holder = self.find(self.resolve(parent, _Where(where, entry.ordinal)))
+                holder = self.find(self.resolve(parent, _Where(where, entry.ordinal, entry.path)))
                 if isinstance(holder, _Dir):
                     holder.children.pop(base, None)  # absent: a no-op
             elif entry.kind is Kind.OPAQUE:
-                holder = self.find(self.resolve(entry.path, _Where(where, entry.ordinal)))
+                holder = self.find(
+                    self.resolve(entry.path, _Where(where, entry.ordinal, entry.path))
+                )
                 if isinstance(holder, _Dir):
                     holder.children.clear()
         for entry in scan.entries:
-            self.add(entry, scan.index, _Where(where, entry.ordinal))
+            self.add(entry, scan.index, _Where(where, entry.ordinal, entry.path))
 
     def add(self, entry: Entry, layer: int, where: _Where) -> None:
         if entry.kind in (Kind.WHITEOUT, Kind.OPAQUE):

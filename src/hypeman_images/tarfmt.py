@@ -366,17 +366,19 @@ class TarReader:
             self._pos = take
             n -= take
 
-    def _read_block_payload(self, size: int) -> bytes:
-        """The data of a meta entry (PAX, GNU long name), padding skipped."""
+    def _read_block_payload(self, size: int, ordinal: int) -> bytes:
+        """The data of a meta entry (PAX, GNU long name) of entry ``ordinal``, padding skipped."""
         if size > self._max_header_bytes:
             raise LimitExceeded(
-                f"{self._where}: an extended tar header of {size} bytes exceeds "
-                f"Limits.max_header_bytes={self._max_header_bytes}"
+                f"{self._where}, entry {ordinal}: an extended tar header of {size} bytes "
+                f"exceeds Limits.max_header_bytes={self._max_header_bytes}"
             )
         padded = size + (-size % BLOCK)
         data = self._read(padded)
         if data is None:
-            raise LayerError(f"{self._where}: tar stream ends inside an extended header")
+            raise LayerError(
+                f"{self._where}, entry {ordinal}: tar stream ends inside an extended header"
+            )
         return data[:size]
 
     # -- the public walk -------------------------------------------------------
@@ -484,7 +486,7 @@ class TarReader:
                 size = numbers[3]
             typeflag = block[156:157]
             if typeflag in (_PAX_LOCAL, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK):
-                data = self._read_block_payload(size)
+                data = self._read_block_payload(size, ordinal)
                 if typeflag == _PAX_LOCAL:
                     pax.update(_parse_pax(data, f"{where}, entry {ordinal}"))
                 elif typeflag == _PAX_GLOBAL:
