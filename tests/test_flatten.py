@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -119,7 +120,11 @@ def test_errors(case: str) -> None:
     layers, exc, text = ERRORS[case]
     with pytest.raises(exc, match=text) as info:
         flatten(layers)
-    assert "layer" in str(info.value)
+    # Named so a user finds the entry: its layer, its number in the layer, its path.
+    message = str(info.value)
+    assert re.match(r"layer \d+(?: \([^)]*\))?, entry \d+", message), message
+    named = [repr(e.pax.get("path", e.name).strip(b"/"))[:40] for layer in layers for e in layer]
+    assert any(name in message for name in named), message
 
 
 @pytest.mark.parametrize(
@@ -311,6 +316,8 @@ def _mkfs(output: bytes, tmp_path: Path) -> Path:
         "dir_over_dir_keeps_children",
         "hardlinks_same_layer",
         "deep_path",
+        "sparse_files",
+        "sparse_gnu_format",
     ],
 )
 def test_mke2fs_accepts_stream(case: str, tmp_path: Path) -> None:

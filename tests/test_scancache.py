@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+from support import sparse
 from support.hostile import diff_id_mismatch
 from support.images import Image, make_image, make_layer, sha256_digest
 from support.multilayer import CAP_NET_RAW
@@ -33,6 +34,7 @@ from support.tar import (
     file,
     hardlink,
     opaque,
+    raw,
     symlink,
     whiteout,
 )
@@ -240,6 +242,15 @@ def test_value_the_format_cannot_hold_is_not_saved(tmp_path: Path) -> None:
     assert not cache.save(LAYER, scan, Limits())
     assert not cache.path(BLOB).exists()
     assert list(tmp_path.rglob("*.tmp*")) == [] and list(tmp_path.rglob(".tmp-*")) == []
+
+
+def test_a_layer_with_sparse_files_is_not_saved(tmp_path: Path) -> None:
+    """The format has no place for a sparse map: such a layer is scanned each time."""
+    cache = ScanCache(tmp_path)
+    scan = scan_of(build_tar([raw(sparse.member("s", "pax-1.0"))]))
+    assert scan.entries[0].size == sparse.SIZE
+    assert not cache.save(LAYER, scan, Limits())
+    assert not cache.path(BLOB).exists()
 
 
 def test_save_then_load_overwrites_atomically(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import sparse
 from support.tar import build_tar, file, hardlink, symlink
 
 from hypeman_images import tarfmt
@@ -247,6 +248,173 @@ def test_layer_byte_limit() -> None:
         read_all(build_tar([file("a", b"x" * 10000)]), max_bytes=4096)
 
 
-def test_sparse_entries_are_refused() -> None:
-    with pytest.raises(LayerError, match="sparse"):
-        read_all(build_tar([file("a", b"", pax={"GNU.sparse.major": b"1"})]))
+# -- sparse files (GNU tar --sparse) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", sorted(sparse.FORMATS))
+def test_gnu_tar_sparse_files_read_as_the_original(fmt: str) -> None:
+    """Each format GNU tar writes: a regular file of the real size, holes as zeros,
+    in one pass (copy_body) and in a second one that seeks to the body (copy_at)."""
+    data = sparse.member("dir/sparse", fmt) + tarfmt.END_OF_ARCHIVE
+    ((header, body),) = read_all(data)
+    assert (header.name, header.typeflag, header.size) == (b"dir/sparse", b"0", sparse.SIZE)
+    assert (header.mode, header.mtime) == (0o640, 1000)
+    assert body == sparse.content()
+    again = io.BytesIO()
+    reader = tarfmt.TarReader(
+        io.BytesIO(data), where="test", max_bytes=1 << 40, max_header_bytes=1 << 20
+    )
+    reader.copy_at(header.offset, header.size, again, header.sparse)
+    assert again.getvalue() == body
+
+
+def test_gnu_tar_extracts_what_we_read(tmp_path: Path) -> None:
+    """The reference reader agrees: GNU tar itself gives back the same bytes."""
+    (tmp_path / "x.tar").write_bytes(sparse.member("s", "pax-1.0") + tarfmt.END_OF_ARCHIVE)
+    subprocess.run(["tar", "-xf", "x.tar"], cwd=tmp_path, check=True)
+    assert (tmp_path / "s").read_bytes() == one_body(tmp_path / "x.tar") == sparse.content()
+
+
+def one_body(path: Path) -> bytes:
+    ((_, body),) = read_all(path.read_bytes())
+    return body
+
+
+class _Counter(io.RawIOBase):
+    """A sink that keeps only how many bytes, and the largest write, it was given."""
+
+    def __init__(self) -> None:
+        self.total = self.largest = 0
+        self.nonzero = False
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        n = len(data)
+        self.total += n
+        self.largest = max(self.largest, n)
+        self.nonzero = self.nonzero or any(bytes(data[:16]))
+        return n
+
+
+def pax_sparse(name: str, stored: bytes, fragments: str, real: int, **extra: bytes) -> bytes:
+    """A PAX 0.1 sparse member written by hand: ``fragments`` is GNU.sparse.map."""
+    count = len(fragments.split(",")) // 2 if fragments else 0
+    pax = {
+        "GNU.sparse.major": b"0",
+        "GNU.sparse.minor": b"1",
+        "GNU.sparse.name": name.encode(),
+        "GNU.sparse.size": b"%d" % real,
+        "GNU.sparse.numblocks": b"%d" % count,
+        "GNU.sparse.map": fragments.encode(),
+        **extra,
+    }
+    return build_tar([file("GNUSparseFile.0/" + name, stored, pax=pax)])
+
+
+def pax_sparse_1_0(name: str, map_text: bytes, stored: bytes, real: int) -> bytes:
+    """A PAX 1.0 sparse member: the map is the data's first block(s)."""
+    pax = {
+        "GNU.sparse.major": b"1",
+        "GNU.sparse.minor": b"0",
+        "GNU.sparse.name": name.encode(),
+        "GNU.sparse.realsize": b"%d" % real,
+    }
+    padded = map_text + b"\0" * (-len(map_text) % 512)
+    return build_tar([file("GNUSparseFile.0/" + name, padded + stored, pax=pax)])
+
+
+def gnu_sparse(fragments: list[tuple[int, int]], stored: bytes, real: int, ext: int = 0) -> bytes:
+    """An old GNU 'S' member: up to 4 fragments in the header, then ``ext`` extension
+    blocks that each say another follows (the last one too: a map with no end)."""
+    block = bytearray(512)
+    block[0:6] = b"sparse"
+    block[100:108], block[108:116], block[116:124] = b"0000644\0", b"0000000\0", b"0000000\0"
+    block[124:136] = b"%011o\0" % len(stored)
+    block[136:148] = b"%011o\0" % 1000
+    block[156:157] = b"S"
+    block[257:265] = b"ustar  \0"
+    for i, (offset, length) in enumerate(fragments):
+        at = 386 + 24 * i
+        block[at : at + 24] = b"%011o\0%011o\0" % (offset, length)
+    block[482] = 1 if ext else 0
+    block[483:495] = b"%011o\0" % real
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    extension = bytearray(512)
+    extension[504] = 1
+    body = stored + b"\0" * (-len(stored) % 512)
+    return bytes(block) + bytes(extension) * ext + body + tarfmt.END_OF_ARCHIVE
+
+
+def test_a_sparse_file_of_many_gib_is_streamed_not_buffered() -> None:
+    """The >= 8 GiB path on a synthetic stream: 10 GiB of holes around 4 KiB of data
+    come out in chunks of at most 1 MiB, never as one buffer."""
+    real = 10 << 30
+    data = pax_sparse("big", b"d" * 4096, f"{real - 4096},4096", real)
+    reader = tarfmt.TarReader(
+        io.BytesIO(data), where="test", max_bytes=1 << 40, max_header_bytes=1 << 20
+    )
+    (header,) = list(_bodies(reader, sink := _Counter()))
+    assert header.size == real
+    assert sink.total == real and sink.largest <= 1 << 20
+    encoded = tarfmt.encode_header(b"big", tarfmt.REGULAR, size=real)
+    assert b"size=10737418240" in encoded  # the merged stream carries it in PAX
+
+
+def _bodies(reader: tarfmt.TarReader, sink: io.RawIOBase) -> list[tarfmt.Header]:
+    out = []
+    for header in reader:
+        reader.copy_body(sink)  # type: ignore[arg-type]
+        out.append(header)
+    return out
+
+
+def test_the_holes_count_against_the_layer_limit() -> None:
+    """A few bytes of layer cannot make a huge file: the holes count as uncompressed bytes."""
+    data = pax_sparse("bomb", b"x", "0,1", 1 << 40)
+    with pytest.raises(
+        LimitExceeded, match=r"test, entry 0 .*holes of sparse files.*max_layer_bytes"
+    ):
+        read_all(data, max_bytes=1 << 30)
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        (pax_sparse("s", b"ab", "10,1,5,1", 100), "overlaps or precedes"),
+        (pax_sparse("s", b"ab", "0,2,1,0", 100), "overlaps or precedes"),
+        (pax_sparse("s", b"ab", "0,1,99,1", 99), "runs past the real size 99"),
+        (pax_sparse("s", b"abc", "0,1,5,1", 100), "describes 2 bytes of data but .* stores 3"),
+        (pax_sparse("s", b"ab", "0,1,5", 100), "corrupt sparse map"),
+        (pax_sparse("s", b"ab", "0,1,x,1", 100), "not a number"),
+        (pax_sparse("s", b"", "", 100, **{"GNU.sparse.numblocks": b"3"}), "0 numbers for 3"),
+        (pax_sparse("s", b"", "", 5, **{"GNU.sparse.minor": b"7"}), "format b'0'.b'7'"),
+        (pax_sparse_1_0("s", b"2\n0\n1\n", b"a", 10), "runs past the entry's data"),
+        (pax_sparse_1_0("s", b"1\n0\n-1\n", b"a", 10), "not a number"),
+        (gnu_sparse([(0, 4), (2, 4)], b"abcdefgh", 100), "overlaps or precedes"),
+        (gnu_sparse([(0, 4), (98, 4)], b"abcdefgh", 100), "runs past the real size"),
+    ],
+    ids=[
+        "backwards", "overlap", "past-real-size", "data-mismatch", "odd-map", "not-number",
+        "count-mismatch", "unknown-version", "1.0-map-past-data", "1.0-negative", "gnu-overlap",
+        "gnu-past-real-size",
+    ],
+)  # fmt: skip
+def test_hostile_sparse_maps_are_refused_naming_layer_and_entry(data: bytes, says: str) -> None:
+    with pytest.raises(LayerError, match=says) as info:
+        read_all(data)
+    assert "test, entry 0" in str(info.value)
+    if "format" not in says:
+        assert "'s'" in str(info.value) or "sparse" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pax_sparse_1_0("s", b"99999999999999\n" + b"0\n" * 400, b"z" * 4096, 10),
+        gnu_sparse([(0, 1)], b"a", 10, ext=3),
+    ],
+    ids=["1.0", "gnu-extension-chain"],
+)
+def test_absurdly_long_sparse_maps_hit_the_header_limit(data: bytes) -> None:
+    with pytest.raises(LimitExceeded, match=r"test, entry 0 .*sparse map.*max_header_bytes"):
+        read_all(data, max_header_bytes=1024)

@@ -17,6 +17,7 @@ import hashlib
 import io
 import logging
 import os
+import random
 import shutil
 import subprocess
 import zlib
@@ -25,13 +26,14 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from support import sparse
 from support.cases import CASES, Layers, d
 from support.disk import compare_trees, e2fsck_clean, read_disk_tree
 from support.images import Compression, make_image, make_layer, push_image
 from support.oracle import apply_layers
 from support.pushed import PushedImage
 from support.registry import RegistryServer
-from support.tar import build_tar, file, hardlink, symlink
+from support.tar import build_tar, file, hardlink, raw, symlink
 from test_flatten import _stacks, flatten
 
 from hypeman_images import ext4
@@ -64,6 +66,7 @@ FALLS_BACK = {
     "symlink_parent_merged_usr",
     "symlink_parent_relative_clamped",
     "symlink_parent_same_layer",
+    "whiteout_before_dir_replacing_symlink",
     "whiteout_in_dir_replacing_symlink",
     "whiteout_through_symlink",
     "whiteout_through_symlink_of_same_layer",
@@ -293,6 +296,32 @@ def test_a_layer_that_inflates_past_the_sizing_is_built_in_two_passes(
     assert "one_pass_tried_s" in stats.stages
     e2fsck_clean(disk)
     assert read_disk_tree(disk)["/data/zeros"].sha256 == hashlib.sha256(zeros).hexdigest()
+
+
+def test_sparse_files_reach_the_disk_at_their_real_size_in_either_pass(
+    registry: RegistryServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Holes count as the bytes they become: a small sparse file fits the one pass's
+    sizing and goes through it; 11 MiB of holes in a ~20 KiB layer do not, and that
+    image is built in two passes, as a layer of zeros would be."""
+    noise = random.Random(3).randbytes(8192)
+    small = sparse.member("small", "pax-1.0", runs=((0, noise), (65536, noise[:4096])), size=90000)
+    ref = _push(registry, "topdown/sparse-small", [[raw(small)]])
+    disk, stats = _pull(tmp_path / "small", ref)
+    assert "one_pass_s" in stats.stages and "one_pass_tried_s" not in stats.stages
+    e2fsck_clean(disk)
+    want = sparse.content(((0, noise), (65536, noise[:4096])), 90000)
+    assert read_disk_tree(disk)["/small"].sha256 == hashlib.sha256(want).hexdigest()
+
+    ref = _push(registry, "topdown/sparse-big", CASES["sparse_files"])
+    with caplog.at_level(logging.INFO, logger="hypeman_images.convert"):
+        disk, stats = _pull(tmp_path / "big", ref)
+    assert "inflates past" in caplog.text and "building in two passes" in caplog.text
+    e2fsck_clean(disk)
+    tree = read_disk_tree(disk)
+    want_tree = apply_layers([build_tar(list(layer)) for layer in CASES["sparse_files"]])
+    assert compare_trees(want_tree, tree) == []
+    assert tree["/data/pax-0.0"].sha256 == hashlib.sha256(sparse.content()).hexdigest()
 
 
 def test_a_disk_too_small_for_the_tree_falls_back(

@@ -1,12 +1,16 @@
 """Edit a finished ext4 image with one ``debugfs -w -f <batch>`` run.
 
-debugfs reads its batch file line by line and splits each line with the ss
-library's parser (lib/ss/parse.c): whitespace separates arguments, a double
-quote starts and ends a quoted argument, and inside quotes ``""`` stands for
-one literal ``"``. There is no escape for a newline, so a path containing one
-cannot be named in a batch; :func:`quote` refuses it rather than let the line
-split into two commands. Values go through files (``ea_set -f``) so binary
-xattr values (``security.capability``) arrive byte for byte.
+debugfs reads its batch file line by line (``fgets``, then the first ``\n``
+and ``\r`` cut the line: debugfs.c ``source_file``) and splits each line with
+the ss library's parser (lib/ss/parse.c): whitespace separates arguments, a
+double quote starts and ends a quoted argument, and inside quotes ``""``
+stands for one literal ``"``; no other byte is special. There is no escape
+for a newline, so a command naming a path with a newline or carriage return
+cannot go in the batch file; ``debugfs -R REQUEST`` hands its argument to the
+same parser without cutting it, so such a command runs alone that way, in
+its place in the batch's order (verified with debugfs 1.47.0 and 1.47.2).
+Values go through files (``ea_set -f``) so binary xattr values
+(``security.capability``) arrive byte for byte.
 
 debugfs exits 0 even when a command fails; failures show only on stderr, so
 :func:`run_batch` treats any stderr line other than the version banner as an
@@ -16,6 +20,8 @@ error.
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,14 +31,18 @@ from .e2fsprogs import E2fsprogs, run_tool, tail
 from .errors import StorageError, ToolError
 from .fsutil import temp_prefix
 
+_LINE_BREAKS = (b"\n", b"\r")
+
 
 def quote(path: bytes) -> bytes:
-    """One debugfs argument naming ``path`` (absolute inside the image)."""
-    if b"\n" in path or b"\r" in path or b"\0" in path:
-        raise ToolError(
-            f"path {path!r} contains a newline or NUL, which debugfs's batch parser "
-            "cannot express; the disk cannot be finished without it"
-        )
+    """One debugfs argument naming ``path`` (absolute inside the image).
+
+    A newline or carriage return is kept: :func:`run_batch` runs such a
+    command with ``-R``. A NUL cannot be passed to debugfs at all (no
+    path holds one: flatten refuses it).
+    """
+    if b"\0" in path:
+        raise ToolError(f"path {path!r} contains a NUL byte, which debugfs cannot be given")
     if not path.startswith(b"/"):
         # A leading "/" also keeps debugfs from reading "<12>" as inode number 12.
         path = b"/" + path
@@ -77,6 +87,14 @@ class Batch:
         directory (a "/dev/null" argument makes an entry of that name in the
         root), so change into the parent first.
         """
+        if any(c in path for c in _LINE_BREAKS):
+            # The cd and the mknod would each run alone (see run_batch), so the
+            # mknod would not happen in the directory the cd chose.
+            raise ToolError(
+                f"device node {path!r}: a newline in its path cannot be given to debugfs's "
+                "mknod, which works in the current directory; the older-e2fsprogs fallback "
+                "cannot make it (e2fsprogs >= 1.47.1 can: mke2fs -d - makes device nodes)"
+            )
         parent, _, leaf = path.strip(b"/").rpartition(b"/")
         self.command("cd", b"/" + parent)
         args = [kind] if kind == "p" else [kind, str(major), str(minor)]
@@ -102,13 +120,36 @@ def _storage_error(exc: OSError, doing: str) -> StorageError:
 
 
 def run_batch(tools: E2fsprogs, image: Path, batch: Batch, *, fake_time: int) -> None:
-    """Apply ``batch`` to ``image`` in one debugfs run; :class:`ToolError` on any failure."""
-    if not batch.lines:
+    """Apply ``batch`` to ``image``; :class:`ToolError` on any failure.
+
+    One ``debugfs -w -f`` run for all of it, unless a command holds a line
+    break: that one runs alone with ``-R`` and the commands around it in
+    ``-f`` runs before and after, so the order stays the batch's.
+    """
+    run: list[bytes] = []
+    for line in batch.lines:
+        if any(c in line for c in _LINE_BREAKS):
+            _run_script(tools, image, batch.workdir, run, fake_time)
+            run = []
+            argv = [str(tools.debugfs), "-w", "-R", os.fsdecode(line), str(image)]
+            _check(run_tool(tools, argv, what="debugfs", fake_time=fake_time), image)
+        else:
+            run.append(line)
+    _run_script(tools, image, batch.workdir, run, fake_time)
+
+
+def _run_script(
+    tools: E2fsprogs, image: Path, workdir: Path, lines: list[bytes], fake_time: int
+) -> None:
+    if not lines:
         return
-    script = batch.workdir / "batch.debugfs"
-    _write(script, b"".join(line + b"\n" for line in batch.lines))
+    script = workdir / "batch.debugfs"
+    _write(script, b"".join(line + b"\n" for line in lines))
     argv = [str(tools.debugfs), "-w", "-f", str(script), str(image)]
-    proc = run_tool(tools, argv, what="debugfs", fake_time=fake_time)
+    _check(run_tool(tools, argv, what="debugfs", fake_time=fake_time), image)
+
+
+def _check(proc: subprocess.CompletedProcess[bytes], image: Path) -> None:
     errors = [line for line in proc.stderr.splitlines() if not line.startswith(b"debugfs ")]
     if proc.returncode != 0 or errors:
         said = tail(b"\n".join(errors) or proc.stderr)

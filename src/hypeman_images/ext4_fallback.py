@@ -57,7 +57,9 @@ class _Replay:
 
     structure: list[tuple[str, bytes, tuple[str, ...]]] = field(default_factory=list)
     meta: dict[bytes, _Meta] = field(default_factory=dict)
-    devices: dict[bytes, int] = field(default_factory=dict)  # path -> link count
+    # Inodes whose hard links debugfs makes (``ln``), not the staging: device nodes
+    # (they exist only in the image) and symlinks. path -> link count.
+    linked: dict[bytes, int] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -147,7 +149,7 @@ def _type_bits(member: tarfile.TarInfo) -> int:
 
 def _remove_existing(pfd: int, leaf: bytes, path: bytes, replay: _Replay) -> None:
     """A repeated non-directory entry replaces what was there (mke2fs does the same)."""
-    if replay.devices.pop(path, None) is not None:
+    if replay.linked.pop(path, None) is not None:
         replay.structure = [s for s in replay.structure if s[1] != path]
     with contextlib.suppress(FileNotFoundError):
         os.unlink(leaf, dir_fd=pfd)
@@ -194,7 +196,7 @@ def _stage_member(
             replay.structure.append(
                 ("mknod", path, (kind, str(member.devmajor), str(member.devminor)))
             )
-            replay.devices[path] = 1
+            replay.linked[path] = 1
         elif member.islnk():
             _stage_hardlink(root_fd, pfd, leaf, path, _normalise(member.linkname), replay)
     finally:
@@ -204,9 +206,13 @@ def _stage_member(
 def _stage_hardlink(
     root_fd: int, pfd: int, leaf: bytes, path: bytes, target: bytes, replay: _Replay
 ) -> None:
-    if target in replay.devices:  # device nodes exist only in the image
+    target_meta = replay.meta.get(target)
+    if target in replay.linked or (target_meta is not None and stat.S_ISLNK(target_meta.mode)):
+        # Device nodes exist only in the image; a hard link to a symlink would be
+        # staged fine, but mke2fs -d DIR copies it as a second symlink (its hard-link
+        # table skips S_ISLNK: misc/create_inode.c __populate_fs).
         replay.structure.append(("ln", target, (path.decode(*_ENC),)))
-        replay.devices[target] += 1
+        replay.linked[target] = replay.linked.get(target, 1) + 1
         return
     tfd, tleaf = _parent(root_fd, target)
     try:
@@ -241,7 +247,7 @@ def _queue(replay: _Replay, batch: Batch) -> set[tuple[bytes, str]]:
             batch.command("ln", path, args[0].encode(*_ENC))
         else:
             batch.mknod(path, args[0], int(args[1]), int(args[2]))
-    for path, count in replay.devices.items():
+    for path, count in replay.linked.items():
         if count > 1:  # debugfs ln does not touch the link count
             batch.set_field(b"/" + path, "links_count", str(count))
     done: set[tuple[bytes, str]] = set()

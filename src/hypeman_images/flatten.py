@@ -145,6 +145,22 @@ class Entry:
     offset: int = 0  # a regular file's body in the uncompressed layer (Header.offset)
 
 
+@dataclass(slots=True)
+class SparseEntry(Entry):
+    """A regular file stored sparse (GNU tar ``--sparse``): ``size`` is its real size.
+
+    A subclass, not a field of :class:`Entry`, so the ordinary entries of a
+    layer carry no extra slot. ``sparse`` is :attr:`tarfmt.Header.sparse`.
+    """
+
+    sparse: tarfmt.SparseMap = ()
+
+
+def sparse_map(entry: Entry) -> tarfmt.SparseMap | None:
+    """The data fragments of a sparse file's entry; ``None`` for any other entry."""
+    return entry.sparse if isinstance(entry, SparseEntry) else None
+
+
 @dataclass(frozen=True)
 class LayerScan:
     """What pass 1 learnt of one layer: its headers, size and diff_id."""
@@ -168,15 +184,20 @@ class LayerScan:
 
 
 class _Where:
-    """``"layer 2 (sha256:...), entry 17"``, formatted only when an error needs it."""
+    """``"layer 2 (sha256:...), entry 17 (b'usr/bin/x')"``, formatted only for an error.
 
-    __slots__ = ("layer", "ordinal")
+    ``path`` (the entry's cleaned path) is known once the entry is classified:
+    the merge's errors name it, so a user finds the entry without counting.
+    """
 
-    def __init__(self, layer: str, ordinal: int) -> None:
-        self.layer, self.ordinal = layer, ordinal
+    __slots__ = ("layer", "ordinal", "path")
+
+    def __init__(self, layer: str, ordinal: int, path: bytes | None = None) -> None:
+        self.layer, self.ordinal, self.path = layer, ordinal, path
 
     def __str__(self) -> str:
-        return f"{self.layer}, entry {self.ordinal}"
+        named = "" if self.path is None else f" ({self.path[:200]!r})"
+        return f"{self.layer}, entry {self.ordinal}{named}"
 
 
 def clean_path(raw: bytes, *, where: str | _Where, limits: Limits) -> bytes:
@@ -304,6 +325,12 @@ def classify(
     mode, mtime = header.mode & 0o7777, header.mtime
     if len(shared) < SHARED_MAX:
         mode, mtime = shared.setdefault(mode, mode), shared.setdefault(mtime, mtime)
+    if header.sparse is not None:
+        # Its size is the real one (holes included): what the disk gets and is sized for.
+        return SparseEntry(
+            header.ordinal, path, kind, mode, header.uid, header.gid, mtime, header.size,
+            offset=header.offset, xattrs=header.xattrs, sparse=header.sparse,
+        )  # fmt: skip
     return Entry(
         ordinal=header.ordinal,
         path=path,
@@ -531,15 +558,17 @@ class _Builder:
         for entry in scan.entries:
             if entry.kind is Kind.WHITEOUT:
                 parent, base = _split(entry.path)
-                holder = self.find(self.resolve(parent, _Where(where, entry.ordinal)))
+                holder = self.find(self.resolve(parent, _Where(where, entry.ordinal, entry.path)))
                 if isinstance(holder, _Dir):
                     holder.children.pop(base, None)  # absent: a no-op
             elif entry.kind is Kind.OPAQUE:
-                holder = self.find(self.resolve(entry.path, _Where(where, entry.ordinal)))
+                holder = self.find(
+                    self.resolve(entry.path, _Where(where, entry.ordinal, entry.path))
+                )
                 if isinstance(holder, _Dir):
                     holder.children.clear()
         for entry in scan.entries:
-            self.add(entry, scan.index, _Where(where, entry.ordinal))
+            self.add(entry, scan.index, _Where(where, entry.ordinal, entry.path))
 
     def add(self, entry: Entry, layer: int, where: _Where) -> None:
         if entry.kind in (Kind.WHITEOUT, Kind.OPAQUE):
@@ -962,7 +991,7 @@ def _copy_layer_files(
             _write_node(out, node)
             if size:
                 assert reader is not None
-                reader.copy_at(node.entry.offset, size, out)
+                reader.copy_at(node.entry.offset, size, out, sparse_map(node.entry))
                 out.write(tarfmt.padding(size))
             _write_links(out, node)
     finally:

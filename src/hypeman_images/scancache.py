@@ -54,7 +54,7 @@ from typing import Any
 from .blobs import BlobStore
 from .digest import Digest
 from .errors import HypemanError, StorageError
-from .flatten import SHARED_MAX, Entry, Kind, LayerScan, Limits, clean_path
+from .flatten import SHARED_MAX, Entry, Kind, LayerScan, Limits, SparseEntry, clean_path
 from .fsutil import TEMP_PREFIX, storage_error, write_atomic, writer_alive
 from .spec import LAYER_COMPRESSION, Descriptor
 
@@ -359,6 +359,11 @@ class ScanCache:
         value the format cannot hold) is logged and the build goes on.
         """
         final = self.path(layer.digest)
+        if any(isinstance(e, SparseEntry) for e in scan.entries):
+            # The format has no place for a sparse map (GNU tar --sparse, rare in
+            # images); such a layer is scanned again each time instead.
+            log.debug("scan cache: not saving %s: it holds sparse files", layer.digest)
+            return False
         try:
             data = encode(scan, layer, limits)
         except (struct.error, UnicodeEncodeError) as exc:

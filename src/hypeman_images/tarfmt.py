@@ -1,4 +1,4 @@
-"""Tar headers, read and written by hand: ustar, PAX (``x``/``g``) and GNU long names.
+"""Tar headers, read and written by hand: ustar, PAX (``x``/``g``), GNU long names, sparse files.
 
 Reading: :class:`TarReader` walks an uncompressed tar stream once, front to back,
 hashing every byte it reads (the diff_id is the sha256 of the uncompressed
@@ -13,8 +13,17 @@ extended header when a value does not fit ustar. Python's ``tarfile`` is not
 used for either direction: it encodes PAX values as UTF-8 text, which corrupts
 binary xattr values, and its parser costs several times what inflating does.
 
+Sparse files (GNU tar ``--sparse``) are read in every format Go's
+``archive/tar`` reads, which containerd, docker and umoci use: the old GNU
+``S`` type (map in the header and its extension blocks), PAX 0.0
+(``GNU.sparse.offset``/``numbytes`` records), 0.1 (``GNU.sparse.map``) and 1.0
+(``GNU.sparse.major/minor/name/realsize``, the map at the start of the data).
+Such an entry is a regular file of its real size; its body is the stored data
+with the holes put back as zeros, streamed (:meth:`TarReader.copy_body`).
+
 References: POSIX.1-2008 ``pax`` (ustar and extended headers); GNU tar manual
-"Basic Tar Format" (``L``/``K``, base-256 numbers); libarchive ``tar(5)``.
+"Basic Tar Format" (``L``/``K``, base-256 numbers) and "Storing Sparse Files"
+(formats 0.0, 0.1, 1.0); libarchive ``tar(5)``; Go ``archive/tar/reader.go``.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ BLOCK = 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
 _ZERO_BLOCK = b"\0" * BLOCK
 _CHUNK = 1 << 20
+_ZEROS = memoryview(bytes(_CHUNK))  # the holes of sparse files, written a chunk at a time
 
 # Type flags (POSIX ustar, plus the GNU and PAX meta types).
 REGULAR = b"0"
@@ -56,6 +66,14 @@ _HEADER_ONLY = (HARDLINK, SYMLINK, CHAR, BLOCKDEV, DIRECTORY, FIFO)
 MAX_OCTAL_ID = 0o7777777
 MAX_OCTAL_SIZE = 0o77777777777
 _XATTR_PREFIX = "SCHILY.xattr."
+
+# A sparse file's data fragments: (offset in the file, length), ascending, disjoint.
+SparseMap = tuple[tuple[int, int], ...]
+# Header.sparse of an entry whose map is still to be read (TarReader._sparse).
+_UNREAD: SparseMap = ((-1, -1),)
+_SPARSE_PAIR = ("GNU.sparse.offset", "GNU.sparse.numbytes")  # PAX 0.0, one record each
+_SPARSE_MAP = "GNU.sparse.map"
+_GNU_MAGIC = b"ustar  \0"  # magic + version of the GNU format (the old ``S`` type's)
 
 # A header's numeric fields, in one unpack: mode, uid, gid, size, mtime, checksum,
 # then (after typeflag, linkname, magic, version, uname, gname) devmajor, devminor.
@@ -85,6 +103,9 @@ class Header:
     devminor: int
     xattrs: tuple[tuple[str, bytes], ...]
     offset: int = 0  # where the body starts in the stream (after every header block)
+    # A sparse file's data fragments; ``size`` is then its real size, holes included,
+    # and the body at ``offset`` holds only the fragments' bytes, one after another.
+    sparse: SparseMap | None = None
 
 
 def _parse_number(field: bytes, what: str, where: str) -> int:
@@ -130,8 +151,14 @@ def _sum(block: bytes) -> int:
 
 
 def _parse_pax(data: bytes, where: str) -> dict[str, bytes]:
-    """PAX records ``"<len> <key>=<value>\\n"``; values stay raw bytes."""
+    """PAX records ``"<len> <key>=<value>\\n"``; values stay raw bytes.
+
+    A later record replaces an earlier one of the same key, except the
+    repeated ``GNU.sparse.offset``/``numbytes`` pairs of sparse format 0.0,
+    which are joined into one ``GNU.sparse.map`` value as Go's reader does.
+    """
     records: dict[str, bytes] = {}
+    pairs: list[bytes] = []
     pos = 0
     while pos < len(data):
         if data[pos] == 0:  # padding some writers leave at the end
@@ -147,9 +174,107 @@ def _parse_pax(data: bytes, where: str) -> dict[str, bytes]:
         key, sep, value = data[space + 1 : end - 1].partition(b"=")
         if not sep:
             raise LayerError(f"{where}: corrupt PAX record without '=' at offset {pos}")
-        records[key.decode("utf-8", "surrogateescape")] = value
+        name = key.decode("utf-8", "surrogateescape")
+        if name in _SPARSE_PAIR:
+            # An offset, then its length, and so on (GNU tar's order; Go checks it too).
+            if name != _SPARSE_PAIR[len(pairs) % 2] or b"," in value:
+                raise LayerError(f"{where}: corrupt PAX sparse map: {name}={value!r} out of order")
+            pairs.append(value)
+        else:
+            records[name] = value
         pos = end
+    if pairs:
+        records[_SPARSE_MAP] = b",".join(pairs)
     return records
+
+
+def _sparse_format(pax: dict[str, bytes], where: str, ordinal: int) -> int | None:
+    """0 (formats 0.0, 0.1), 1 (1.0), or ``None``: not a sparse file (as Go decides).
+
+    Go reads an unknown version as a plain file whose data is the stored
+    fragments and their map; that would put the map inside the file, so an
+    unknown version is refused instead.
+    """
+    major, minor = pax.get("GNU.sparse.major"), pax.get("GNU.sparse.minor")
+    if major is None and minor is None:
+        return 0 if pax.get(_SPARSE_MAP) is not None else None
+    if major == b"0" and minor in (b"0", b"1"):
+        return 0
+    if major == b"1" and minor == b"0":
+        return 1
+    raise LayerError(
+        f"{where}, entry {ordinal}: GNU sparse format {major!r}.{minor!r} is not one GNU tar "
+        "writes (0.0, 0.1, 1.0)"
+    )
+
+
+def _decimal(text: bytes, where: str) -> int:
+    if not text.isdigit():
+        raise LayerError(f"{where}: corrupt sparse map: {text[:40]!r} is not a number")
+    return int(text)
+
+
+def _map_0_x(pax: dict[str, bytes], where: str) -> list[tuple[int, int]]:
+    """Formats 0.0 (joined by :func:`_parse_pax`) and 0.1: ``GNU.sparse.map`` as
+    ``offset,length,...`` with ``GNU.sparse.numblocks`` pairs."""
+    count = _decimal(pax.get("GNU.sparse.numblocks", b""), where)
+    raw = pax.get(_SPARSE_MAP, b"")
+    numbers = [_decimal(n, where) for n in raw.split(b",")] if raw else []
+    if len(numbers) != 2 * count:
+        raise LayerError(
+            f"{where}: corrupt sparse map: {len(numbers)} numbers for {count} fragments"
+        )
+    return list(zip(numbers[::2], numbers[1::2], strict=True))
+
+
+def _gnu_fragments(
+    block: bytes, start: int, count: int, out: list[tuple[int, int]], where: str
+) -> None:
+    for at in range(start, start + 24 * count, 24):
+        if block[at] == 0:  # GNU tar, BSD tar and Go stop at the first empty slot
+            return
+        out.append(
+            (
+                _parse_number(block[at : at + 12], "sparse offset", where),
+                _parse_number(block[at + 12 : at + 24], "sparse length", where),
+            )
+        )
+
+
+def _check_map(fragments: list[tuple[int, int]], real: int, stored: int, where: str) -> SparseMap:
+    """The fragments, checked as BSD tar and Go check them, empty ones dropped.
+
+    Each must start at or after the end of the one before (no overlap, never
+    backwards) and end within the real size, and together they must account
+    for exactly the stored data.
+    """
+    if real < 0:
+        raise LayerError(f"{where}: sparse file with a negative real size")
+    end = total = 0
+    for start, length in fragments:
+        if start < end:
+            raise LayerError(
+                f"{where}: sparse map fragment at {start} overlaps or precedes the one ending "
+                f"at {end}"
+            )
+        end = start + length
+        if end > real:
+            raise LayerError(
+                f"{where}: sparse map fragment {start}+{length} runs past the real size {real}"
+            )
+        total += length
+    if total != stored:
+        raise LayerError(
+            f"{where}: sparse map describes {total} bytes of data but the entry stores {stored}"
+        )
+    return tuple((start, length) for start, length in fragments if length)
+
+
+def _write_zeros(out: BinaryIO, n: int) -> None:
+    while n > 0:
+        take = min(n, _CHUNK)
+        out.write(_ZEROS[:take])
+        n -= take
 
 
 def _pax_int(value: bytes, key: str, where: str) -> int:
@@ -189,6 +314,9 @@ class TarReader:
         self._pos = 0
         self._body_left = 0  # bytes of the current body not yet consumed, padding included
         self._data_left = 0  # of which data (the rest is padding)
+        self._fragments: SparseMap | None = None  # the current entry's, if it is sparse
+        self._real = 0  # and then its real size
+        self._holes = 0  # bytes the holes of sparse files add, counted against max_bytes
         self.size = 0
 
     # -- raw byte access -------------------------------------------------------
@@ -198,16 +326,20 @@ class TarReader:
         if not chunk:
             return False
         self.size += len(chunk)
-        if self.size > self._max_bytes:
-            raise LimitExceeded(
-                f"{self._where}: uncompressed size exceeds Limits.max_layer_bytes="
-                f"{self._max_bytes}; raise that limit if the image is trusted"
-            )
+        if self.size + self._holes > self._max_bytes:
+            self._too_big()
         if self._hash is not None:
             self._hash.update(chunk)
         self._buf = self._buf[self._pos :] + chunk if self._pos < len(self._buf) else chunk
         self._pos = 0
         return True
+
+    def _too_big(self, where: str = "") -> None:
+        holes = " (holes of sparse files included)" if self._holes else ""
+        raise LimitExceeded(
+            f"{where or self._where}: uncompressed size{holes} exceeds Limits.max_layer_bytes="
+            f"{self._max_bytes}; raise that limit if the image is trusted"
+        )
 
     def _read(self, n: int) -> bytes | None:
         """Exactly ``n`` bytes; ``None`` at a clean end of stream; error if cut short."""
@@ -234,24 +366,37 @@ class TarReader:
             self._pos = take
             n -= take
 
-    def _read_block_payload(self, size: int) -> bytes:
-        """The data of a meta entry (PAX, GNU long name), padding skipped."""
+    def _read_block_payload(self, size: int, ordinal: int) -> bytes:
+        """The data of a meta entry (PAX, GNU long name) of entry ``ordinal``, padding skipped."""
         if size > self._max_header_bytes:
             raise LimitExceeded(
-                f"{self._where}: an extended tar header of {size} bytes exceeds "
-                f"Limits.max_header_bytes={self._max_header_bytes}"
+                f"{self._where}, entry {ordinal}: an extended tar header of {size} bytes "
+                f"exceeds Limits.max_header_bytes={self._max_header_bytes}"
             )
         padded = size + (-size % BLOCK)
         data = self._read(padded)
         if data is None:
-            raise LayerError(f"{self._where}: tar stream ends inside an extended header")
+            raise LayerError(
+                f"{self._where}, entry {ordinal}: tar stream ends inside an extended header"
+            )
         return data[:size]
 
     # -- the public walk -------------------------------------------------------
 
     def copy_body(self, out: BinaryIO) -> None:
-        """Copy the current entry's data to ``out`` in large chunks; padding is skipped."""
-        n = self._data_left
+        """Copy the current entry's data to ``out`` in large chunks; padding is skipped.
+
+        A sparse file's data comes out at its real size: the stored fragments
+        with zeros in the holes between and after them.
+        """
+        if self._fragments is None:
+            self._copy(self._data_left, out)
+        else:
+            self._expand(self._fragments, self._real, out)
+        self._body_left -= self._data_left
+        self._data_left = 0
+
+    def _copy(self, n: int, out: BinaryIO) -> None:
         while n > 0:
             if self._pos >= len(self._buf) and not self._fill():
                 raise LayerError(f"{self._where}: tar stream is truncated inside a file body")
@@ -259,31 +404,48 @@ class TarReader:
             out.write(memoryview(self._buf)[self._pos : self._pos + take])
             self._pos += take
             n -= take
-        self._body_left -= self._data_left
-        self._data_left = 0
 
-    def copy_at(self, offset: int, size: int, out: BinaryIO) -> None:
+    def _expand(self, fragments: SparseMap, real: int, out: BinaryIO) -> None:
+        """The stored fragments at their offsets, zeros around them, up to ``real`` bytes."""
+        pos = 0
+        for start, length in fragments:
+            _write_zeros(out, start - pos)
+            self._copy(length, out)
+            pos = start + length
+        _write_zeros(out, real - pos)
+
+    def copy_at(
+        self, offset: int, size: int, out: BinaryIO, sparse: SparseMap | None = None
+    ) -> None:
         """Copy the ``size`` bytes at stream ``offset`` (ahead of what was read) to ``out``.
 
         For a second pass that knows where each body is (:attr:`Header.offset`
         from the first): what lies before is read and dropped unparsed. The
         block before ``offset`` must still be a regular file's ustar header
         (the body of a PAX or GNU entry never starts where a file's does), a
-        cheap check that the stream is the one the offsets came from.
+        cheap check that the stream is the one the offsets came from. For a
+        sparse file (``sparse``, :attr:`Header.sparse`; ``size`` its real
+        size) the block before may be its map, so only the position is checked.
         """
         here = self.size - (len(self._buf) - self._pos)
-        if offset - BLOCK < here:
+        if offset - (BLOCK if sparse is None else 0) < here:
             raise LayerError(f"{self._where}: body offset {offset} is behind the stream at {here}")
-        self._skip(offset - BLOCK - here)
-        block = self._read(BLOCK)
-        if block is None or block[156:157] not in _REGULAR_FLAGS:
-            raise LayerError(
-                f"{self._where}: no regular file's header before offset {offset}; the layer "
-                "differs from the one scanned (the blob changed under us)"
-            )
-        self._data_left = size
-        self._body_left = size
-        self.copy_body(out)
+        if sparse is None:
+            self._skip(offset - BLOCK - here)
+            block = self._read(BLOCK)
+            if block is None or block[156:157] not in _REGULAR_FLAGS:
+                raise LayerError(
+                    f"{self._where}: no regular file's header before offset {offset}; the layer "
+                    "differs from the one scanned (the blob changed under us)"
+                )
+            self._data_left = self._body_left = size
+            self._copy(size, out)
+        else:
+            self._skip(offset - here)
+            self._data_left = self._body_left = sum(length for _, length in sparse)
+            self._expand(sparse, size, out)
+        self._body_left -= self._data_left
+        self._data_left = 0
 
     def hexdigest(self) -> str:
         """sha256 of every byte read so far (the whole stream once iteration ended)."""
@@ -324,11 +486,11 @@ class TarReader:
                 size = numbers[3]
             typeflag = block[156:157]
             if typeflag in (_PAX_LOCAL, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK):
-                data = self._read_block_payload(size)
+                data = self._read_block_payload(size, ordinal)
                 if typeflag == _PAX_LOCAL:
-                    pax.update(_parse_pax(data, where))
+                    pax.update(_parse_pax(data, f"{where}, entry {ordinal}"))
                 elif typeflag == _PAX_GLOBAL:
-                    pax_global.update(_parse_pax(data, where))
+                    pax_global.update(_parse_pax(data, f"{where}, entry {ordinal}"))
                 elif typeflag == _GNU_LONGNAME:
                     long_name = data.rstrip(b"\0")
                 else:
@@ -342,11 +504,13 @@ class TarReader:
             pax, long_name, long_link = {}, None, None
             # Header-only types carry no data whatever their size field says (Go's
             # archive/tar, which containerd and docker use, reads them that way).
-            if header.typeflag == REGULAR:
-                body = header.size
+            stored = header.size  # 0 unless a regular file
+            if header.sparse is not None:
+                stored = self._sparse(header, block, records)
             else:
-                body = 0 if typeflag in _HEADER_ONLY else size
-            self._data_left = header.size
+                self._fragments = None
+            body = stored if header.typeflag == REGULAR else 0 if typeflag in _HEADER_ONLY else size
+            self._data_left = stored
             self._body_left = body + (-body % BLOCK)
             ordinal += 1
             if typeflag == _GNU_VOLUME:
@@ -376,10 +540,13 @@ class TarReader:
         offset: int,
     ) -> Header:
         typeflag = block[156:157]
-        if typeflag == _GNU_SPARSE or (pax and any(k.startswith("GNU.sparse.") for k in pax)):
-            raise LayerError(f"{where}: sparse tar entries are not supported")
+        sparse: SparseMap | None = None
+        if typeflag == _GNU_SPARSE or (pax and _sparse_format(pax, where, ordinal) is not None):
+            sparse, typeflag = _UNREAD, REGULAR  # the map is read by TarReader._sparse
         if typeflag == _GNU_MULTIVOL:
-            raise LayerError(f"{where}: multi-volume tar entries are not supported")
+            raise LayerError(
+                f"{where}, entry {ordinal}: multi-volume tar entries are not supported"
+            )
         if typeflag in _REGULAR_FLAGS:
             typeflag = REGULAR
         elif typeflag == _GNU_DUMPDIR:
@@ -414,8 +581,12 @@ class TarReader:
                 mtime = _pax_int(value, key, where)
             elif key.startswith(_XATTR_PREFIX):
                 xattrs.append((key[len(_XATTR_PREFIX) :], value))
+        if sparse is not None and pax.get("GNU.sparse.name"):
+            name = pax["GNU.sparse.name"]  # formats 0.1 and 1.0 store a made-up ustar name
         if size < 0 or uid < 0 or gid < 0:
-            raise LayerError(f"{where}: negative size, uid or gid in tar header")
+            raise LayerError(
+                f"{where}, entry {ordinal} ({name!r}): negative size, uid or gid in tar header"
+            )
         return Header(
             ordinal,
             name,
@@ -430,7 +601,86 @@ class TarReader:
             devminor,
             tuple(xattrs),
             offset,
+            sparse,
         )
+
+    # -- sparse files ------------------------------------------------------------------
+
+    def _sparse(self, header: Header, block: bytes, pax: dict[str, bytes]) -> int:
+        """Read and check the map of sparse ``header``; the length of its stored data.
+
+        Sets the header's real size, map and data offset. The map is header
+        data, so its encoded size is held to ``max_header_bytes``; the holes
+        count against ``max_bytes`` like the stream's own bytes, so a small
+        layer cannot make a huge file.
+        """
+        where = f"{self._where}, entry {header.ordinal} ({header.name!r})"
+        stored = header.size
+        if block[156:157] == _GNU_SPARSE:
+            real, fragments = self._gnu_map(block, where)
+        else:
+            sized = pax.get("GNU.sparse.size", pax.get("GNU.sparse.realsize"))
+            real = stored if sized is None else _pax_int(sized, "GNU.sparse.size", where)
+            if _sparse_format(pax, where, header.ordinal) == 1:
+                fragments, used = self._map_1_0(stored, where)
+                stored -= used
+            else:
+                fragments = _map_0_x(pax, where)
+        kept = _check_map(fragments, real, stored, where)
+        self._holes += real - stored
+        if self.size + self._holes > self._max_bytes:
+            self._too_big(where)
+        header.size, header.sparse = real, kept
+        header.offset = self.size - (len(self._buf) - self._pos)
+        self._fragments, self._real = kept, real
+        return stored
+
+    def _gnu_map(self, block: bytes, where: str) -> tuple[int, list[tuple[int, int]]]:
+        """The old GNU format: 4 fragments in the header, 21 in each extension block."""
+        if block[257:265] != _GNU_MAGIC:
+            # STAR uses the same type flag for another layout; Go refuses it too.
+            raise LayerError(f"{where}: a sparse ('S') entry outside the GNU tar format")
+        real = _parse_number(block[483:495], "realsize", where)
+        fragments: list[tuple[int, int]] = []
+        _gnu_fragments(block, 386, 4, fragments, where)
+        extended, spent = block[482], 0
+        while extended:
+            spent += BLOCK
+            if spent > self._max_header_bytes:
+                raise LimitExceeded(
+                    f"{where}: a sparse map of over {self._max_header_bytes} bytes exceeds "
+                    "Limits.max_header_bytes"
+                )
+            ext = self._read(BLOCK)
+            if ext is None:
+                raise LayerError(f"{where}: tar stream ends inside a sparse map")
+            _gnu_fragments(ext, 0, 21, fragments, where)
+            extended = ext[504]
+        return real, fragments
+
+    def _map_1_0(self, stored: int, where: str) -> tuple[list[tuple[int, int]], int]:
+        """Format 1.0: decimal lines at the start of the data (count, then offset and
+        length per fragment), padded to a block; the map and the blocks it used."""
+        data = bytearray()
+        lines, wanted = 0, 1
+        while lines < wanted:
+            if len(data) + BLOCK > min(stored, self._max_header_bytes):
+                if len(data) + BLOCK > stored:
+                    raise LayerError(f"{where}: the sparse map runs past the entry's data")
+                raise LimitExceeded(
+                    f"{where}: a sparse map of over {self._max_header_bytes} bytes exceeds "
+                    "Limits.max_header_bytes"
+                )
+            block = self._read(BLOCK)
+            if block is None:
+                raise LayerError(f"{where}: tar stream ends inside a sparse map")
+            data += block
+            lines += block.count(b"\n")
+            if wanted == 1 and lines:
+                count = _decimal(bytes(data).split(b"\n", 1)[0], where)
+                wanted = 1 + 2 * count
+        numbers = [_decimal(n, where) for n in bytes(data).split(b"\n", wanted)[1:wanted]]
+        return list(zip(numbers[::2], numbers[1::2], strict=True)), len(data)
 
 
 # -- writing ---------------------------------------------------------------------

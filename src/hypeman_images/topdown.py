@@ -50,6 +50,7 @@ from .flatten import (
     classify,
     directory_entry_bytes,
     entry_header,
+    sparse_map,
     tar_xattrs,
     tree_stats,
     xattr_fixups,
@@ -210,7 +211,7 @@ class TopDown:
                     reader = self._reader(
                         stream, f"layer {index} ({scan.name})", limits.max_layer_bytes
                     )
-                reader.copy_at(entry.offset, entry.size, out)
+                reader.copy_at(entry.offset, entry.size, out, sparse_map(entry))
                 out.write(tarfmt.padding(entry.size))
         for marker in markers:
             self._hide(marker, index)

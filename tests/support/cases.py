@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from hypeman_images.errors import LayerError
 
+from . import sparse
 from .tar import (
     TarEntry,
     block_device,
@@ -20,6 +21,7 @@ from .tar import (
     file,
     hardlink,
     opaque,
+    raw,
     symlink,
     whiteout,
 )
@@ -219,6 +221,12 @@ CASES: dict[str, Layers] = {
         [d("real"), file("real/x", b"x"), symlink("a", "real")],
         [d("a"), whiteout("a/x")],
     ],
+    # The same layer with the marker first: umoci now agrees (it deletes real/x), which
+    # shows its reading depends on the tar order that layer.md says must not matter.
+    "whiteout_before_dir_replacing_symlink": [
+        [d("real"), file("real/x", b"x"), symlink("a", "real")],
+        [whiteout("a/x"), d("a")],
+    ],
     "opaque_through_symlink": [
         [d("real"), file("real/old", b"old"), symlink("o", "real")],
         [opaque("o"), file("o/new", b"new")],
@@ -228,6 +236,21 @@ CASES: dict[str, Layers] = {
         [hardlink("libc-link", "lib/libc.so"), hardlink("lib/again", "/lib/libc.so")],
     ],
     "hardlink_to_symlink_itself": [[file("t", b"t"), symlink("s", "t"), hardlink("l", "s")]],
+    # Files with holes as GNU tar --sparse --format=posix stores them (all three PAX
+    # formats), each a regular file of its real size on the disk: one all hole, one
+    # starting with a hole, one hard-linked, one replaced by the layer above.
+    "sparse_files": [
+        [
+            d("data"),
+            *(raw(sparse.member(f"data/{fmt}", fmt)) for fmt in ("pax-0.0", "pax-0.1", "pax-1.0")),
+            raw(sparse.member("data/all-hole", "pax-1.0", runs=(), size=2 << 20)),
+            raw(sparse.member("data/hole-first", "pax-0.1", runs=((1 << 21, b"x" * 4096),))),
+            hardlink("data/link", "data/pax-1.0"),
+        ],
+        [file("data/pax-0.1", b"no longer sparse")],
+    ],
+    # The old GNU format (type 'S', the map in the header): umoci refuses it (test_umoci).
+    "sparse_gnu_format": [[raw(sparse.member("gnu-sparse", "gnu"))]],
 }
 
 

@@ -160,7 +160,8 @@ def read_with_debugfs(image: Path | str) -> dict[str, Node]:
     paths = sorted(entries)
     stats = _sections(_debugfs(image, [f'stat "{p}"' for p in paths]))
     with tempfile.TemporaryDirectory(prefix="debugfs-") as tmp:
-        files = [p for p in paths if stat.S_ISREG(entries[p][1])]
+        # Slow symlinks (targets of 60+ bytes) keep their target in a data block: dumped too.
+        files = [p for p in paths if stat.S_ISREG(entries[p][1]) or stat.S_ISLNK(entries[p][1])]
         _debugfs(image, [f'dump "{p}" "{tmp}/{i}"' for i, p in enumerate(files)])
         contents = {p: Path(tmp, str(i)).read_bytes() for i, p in enumerate(files)}
     tree = {"/": _debugfs_node(root_stat, None, b"")}
@@ -178,14 +179,16 @@ def _field(pattern: str, text: str) -> str:
 
 def _debugfs_node(text: str, entry: tuple[int, int, int, int, int] | None, content: bytes) -> Node:
     mode_ = int(_field(r"Mode:\s+(\d+)", text), 8)
-    uid, gid = int(_field(r"User:\s+(\d+)", text)), int(_field(r"Group:\s+(\d+)", text))
+    # debugfs prints ids as signed 32-bit numbers (gid 2**32-2 as -2).
+    uid = int(_field(r"User:\s+(-?\d+)", text)) & 0xFFFFFFFF
+    gid = int(_field(r"Group:\s+(-?\d+)", text)) & 0xFFFFFFFF
     inode = int(_field(r"Inode: (\d+)", text))
     kind = _FMT[stat.S_IFMT(entry[1])] if entry else "dir"
     mtime = int(_field(r"\bmtime: 0x([0-9a-f]+)", text), 16)
     target = None
     if kind == "symlink":
         fast = re.search(r'Fast link dest: "(.*)"$', text, flags=re.M)
-        target = fast.group(1) if fast else None
+        target = fast.group(1) if fast else content.decode("utf-8", "surrogateescape")
     rdev = None
     if kind in ("char", "block"):
         dev = re.search(r"Device major/minor number: (\d+):(\d+)", text)

@@ -48,6 +48,7 @@ _TYPES: dict[bytes, NodeType] = {
     tarfile.REGTYPE: "file",
     tarfile.AREGTYPE: "file",
     tarfile.CONTTYPE: "file",
+    tarfile.GNUTYPE_SPARSE: "file",  # tarfile expands the holes of every GNU sparse format
     tarfile.DIRTYPE: "dir",
     tarfile.SYMTYPE: "symlink",
     tarfile.CHRTYPE: "char",

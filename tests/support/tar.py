@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 BLOCK = 512
 
-EntryKind = Literal["file", "dir", "symlink", "hardlink", "char", "block", "fifo"]
+EntryKind = Literal["file", "dir", "symlink", "hardlink", "char", "block", "fifo", "raw"]
 
 _TYPEFLAG: dict[str, bytes] = {
     "file": b"0",
@@ -103,6 +103,11 @@ def fifo(name: str | bytes, **kw: Any) -> TarEntry:
     return TarEntry("fifo", _b(name), **kw)
 
 
+def raw(member: bytes) -> TarEntry:
+    """Tar bytes written as they are: a member another tool made (GNU tar's sparse files)."""
+    return TarEntry("raw", b"", content=member)
+
+
 def whiteout(path: str | bytes, **kw: Any) -> TarEntry:
     """``dir/.wh.name``: deletes ``dir/name`` from lower layers (image-spec layer.md)."""
     parent, _, base = _b(path).rstrip(b"/").rpartition(b"/")
@@ -178,6 +183,8 @@ def _needs_binary_charset(value: bytes) -> bool:
 
 def encode_entry(entry: TarEntry) -> bytes:
     """The bytes of one member: an optional PAX header, the ustar header, the data."""
+    if entry.kind == "raw":
+        return entry.content
     size = len(entry.content) if entry.kind == "file" else 0
     records: list[bytes] = []
     if len(entry.name) > 100:
