@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import secrets
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +16,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 from support.pushed import PushedImage
-from support.service import serve_in_thread, wait_for_status
+from support.service import serve_in_thread, serve_process, wait_for_status
 
 from hypeman_images import ImageManager
 from hypeman_images.api import openapi_document
@@ -247,3 +249,46 @@ def test_openapi_in_repo_matches_served(
         f"docs/openapi.json is stale; regenerate: {REGENERATE}"
     )
     assert set(served["paths"]) == {"/images", "/images/{name}", "/healthz", "/metrics"}
+
+
+@pytest.mark.slow
+def test_serve_verbose_never_logs_the_token(
+    alpine_ref: PushedImage, data_dir: Path, tmp_path: Path, client: httpx.Client
+) -> None:
+    """``serve -v`` logs every request and debug lines, but never the bearer token."""
+    token = f"tok-{secrets.token_hex(16)}"
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    log = tmp_path / "serve.log"
+    good = {"Authorization": f"Bearer {token}"}
+    with serve_process(data_dir, log, "-v", "--token-file", str(token_file)) as served:
+        base = served.url
+        answers = []
+        # Unauthenticated, and the token where it does not belong (Basic, no scheme).
+        for headers in ({}, {"Authorization": f"Basic {token}"}, {"Authorization": token}):
+            answers.append(client.get(f"{base}/images", headers=headers))
+            answers.append(client.post(f"{base}/images", headers=headers, json={"name": "x"}))
+        assert {a.status_code for a in answers} == {401}
+        # Authenticated: a whole build, a listing, an unknown and an invalid name.
+        created = client.post(f"{base}/images", headers=good, json={"name": alpine_ref.ref})
+        assert created.status_code == 202, created.text
+        deadline = time.monotonic() + 60
+        while client.get(f"{base}/images/{alpine_ref.ref}", headers=good).json()["status"] != (
+            "ready"
+        ):
+            assert time.monotonic() < deadline, served.output()
+            time.sleep(0.1)
+        answers.append(client.get(f"{base}/images", headers=good))
+        answers.append(client.get(f"{base}/images/nope:1", headers=good))
+        answers.append(client.post(f"{base}/images", headers=good, json={"name": "../x"}))
+        answers.append(client.get(f"{base}/metrics", headers=good))
+        assert [a.status_code for a in answers[-4:]] == [200, 404, 400, 200]
+    output = served.output()
+    # -v took effect: access lines and debug lines are there to look through.
+    assert '"POST /images HTTP/1.1" 401' in output and '"POST /images HTTP/1.1" 202' in output
+    assert "DEBUG" in output, output[-2000:]
+    assert token not in output
+    assert all(token not in a.text for a in answers)
+    for meta in data_dir.rglob("metadata.json"):
+        assert token not in meta.read_text()

@@ -159,7 +159,9 @@ def test_fan_out_reaches_every_attached_reporter() -> None:
 def test_pause_hook_reads_one_variable_and_checks_it() -> None:
     assert PauseHook.from_env({}).stage is None
     assert PauseHook.from_env({PAUSE_ENV: "mke2fs"}).stage == "mke2fs"
-    with pytest.raises(InvalidArgument, match="pulling, flattening, mke2fs, tagging"):
+    with pytest.raises(
+        InvalidArgument, match="resolving, pulling, flattening, mke2fs, metadata, tagging"
+    ):
         PauseHook.from_env({PAUSE_ENV: "nowhere"})
 
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import re
+import select
 import socket
+import struct
 import subprocess
+import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +20,8 @@ from support.pushed import PushedImage
 from support.service import CLI
 
 ANSI = re.compile(r"\x1b\[")
-COMMANDS = ("pull", "list", "inspect", "rm", "gc", "verify", "serve")
+COMMANDS = ("pull", "list", "inspect", "rm", "gc", "verify", "serve", "boot", "login", "logout")
+NO_JSON = {"serve", "login", "logout"}  # they print no data
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -41,7 +48,7 @@ def test_each_command_explains_itself_with_an_example(command: str) -> None:
     assert result.returncode == 0
     assert "examples:" in result.stdout
     assert f"hypeman-images {command}" in result.stdout.split("examples:")[1]
-    assert ("--json" in result.stdout) == (command != "serve")
+    assert ("--json" in result.stdout) == (command not in NO_JSON)
 
 
 @pytest.mark.parametrize(
@@ -54,6 +61,52 @@ def test_usage_errors_exit_2_with_one_line(args: tuple[str, ...]) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1, result.stderr
     assert "error:" in result.stderr and "--help" in result.stderr
+
+
+def run_in_terminal(*args: str) -> tuple[int, str, str]:
+    """Run the CLI with its stderr on a pseudo-terminal (100x30); stdout stays a pipe.
+
+    Returns the exit code, what was drawn on the terminal and stdout.
+    """
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100"}
+    env.pop("NO_COLOR", None)
+    with subprocess.Popen(
+        [CLI, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env
+    ) as process:
+        os.close(slave)
+        screen = bytearray()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the last writer of the terminal is gone
+                break
+            if not chunk:
+                break
+            screen += chunk
+        os.close(master)
+        assert process.stdout is not None
+        out = process.stdout.read().decode()
+        code = process.wait(30)
+    return code, screen.decode(errors="replace"), out
+
+
+def test_pull_on_a_terminal_draws_progress_bars(alpine_ref: PushedImage, data_dir: Path) -> None:
+    code, screen, out = run_in_terminal("pull", "--data-dir", str(data_dir), alpine_ref.ref)
+    assert code == 0, screen
+    layer = alpine_ref.image.layers[0].digest
+    assert ANSI.search(screen), "rich draws with escape sequences on a terminal"
+    assert "━" in screen, "a bar"
+    assert layer[7:19] in screen and "converting" in screen
+    assert re.search(r"\d+(\.\d+)?/\d+(\.\d+)? [KM]B", screen), "bytes done / total"
+    assert f"layer {layer[7:19]}: downloading" not in screen, "not the plain lines of a pipe"
+    # stdout, a pipe, stays plain: the disk's path only.
+    assert not ANSI.search(out) and Path(out.strip()).is_file()
 
 
 def test_pull_piped_is_plain_and_json_everywhere(alpine_ref: PushedImage, data_dir: Path) -> None:

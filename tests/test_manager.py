@@ -24,6 +24,7 @@ from support.tar import file
 
 from hypeman_images import Image, ImageManager, ImageStatus
 from hypeman_images.errors import Conflict, InvalidReference, NotFound
+from hypeman_images.metrics import parse
 from hypeman_images.pipeline import BuildStats, build_resolved
 from hypeman_images.progress import PlainReporter
 from hypeman_images.store import StoredImage
@@ -254,6 +255,55 @@ def test_gc_removes_failed_builds_and_unneeded_blobs(
     assert {str(d) for d in blobs_before} > needed
     # A second gc finds nothing more.
     assert manager.gc() == type(report)(0, 0, 0)
+
+
+def test_gc_removes_an_orphaned_build_dir_and_counts_it(
+    manager: ImageManager, busybox_ref: PushedImage
+) -> None:
+    ready = manager.pull(busybox_ref.ref)
+    # A build dir with no metadata.json (a build that died before its first record,
+    # or a record lost by hand): nothing can resume it, so gc takes it whole.
+    orphan = ready.directory.parent.parent / "orphan" / ("ab" * 32)
+    orphan.mkdir(parents=True)
+    (orphan / ".lock").touch()
+    (orphan / "rootfs.ext4").write_bytes(b"x" * (1 << 20))
+    report = manager.gc()
+    assert not orphan.exists()
+    assert report.directories_removed == 1
+    assert report.bytes_freed >= 1 << 20
+    assert report.blobs_removed == 0  # busybox's blobs stay
+    [left] = manager.list()
+    assert left.status is ImageStatus.READY and left.disk == ready.disk
+    e2fsck_clean(ready.disk)
+
+
+def test_gc_during_a_build_keeps_its_blobs_and_the_build_finishes(
+    data_dir: Path, alpine_ref: PushedImage
+) -> None:
+    observed = Observed()
+    with ImageManager(data_dir, builder=observed) as manager:
+        manager.pull(alpine_ref.ref)
+        manager.delete(alpine_ref.ref)  # its blobs are now cached but unreferenced
+        cached = set(manager.blobs.digests())
+        assert {str(d) for d in cached} >= {alpine_ref.image.config_digest}
+        observed.started.clear()
+        observed.release.clear()  # hold the next build
+        manager.create(alpine_ref.ref)
+        assert observed.started.wait(10)  # the build is running, held before its pipeline
+        report = manager.gc()
+        assert report.blobs_removed == 0
+        assert set(manager.blobs.digests()) == cached
+        pulled_before = parse(manager.metrics.render(manager.gauges()))
+        observed.release.set()
+        done = manager.wait(alpine_ref.ref, timeout=60)
+        assert done.status is ImageStatus.READY, done.error
+        assert done.disk is not None
+        e2fsck_clean(done.disk)
+        pulled = parse(manager.metrics.render(manager.gauges()))
+        # Every blob came from the cache gc kept: nothing was downloaded again.
+        key = "hypeman_images_pulled_bytes_total"
+        assert pulled[key] == pulled_before[key]
+    assert observed.builds == 2
 
 
 def test_recover_resumes_an_interrupted_build_and_restores_the_tag(

@@ -39,8 +39,9 @@ from support.users import UnprivilegedUser
 
 from hypeman_images.cli import main
 from hypeman_images.digest import Digest
+from hypeman_images.flatten import Limits
 from hypeman_images.manager import ImageManager
-from hypeman_images.pipeline import BuildStats
+from hypeman_images.pipeline import BuildStats, room_for_content
 
 CLI = str(Path(sys.executable).with_name("hypeman-images"))
 
@@ -537,3 +538,39 @@ def test_two_pass_flag_builds_the_same_tree_on_an_exactly_sized_disk(
     check_disk(Path(two["disk"]), alpine_ref)
     # The one-pass disk keeps inodes for as many entries as its tar could hold.
     assert two["size_bytes"] < one["size_bytes"] <= two["size_bytes"] + (8 << 20)
+
+
+GiB = 1 << 30
+
+
+def test_room_for_content_leaves_the_download_mke2fs_metadata_and_free_space() -> None:
+    # 100 GiB free, 4 GiB still to download, 16 MiB of free space asked in the disk.
+    left = 96 * GiB
+    assert room_for_content(100 * GiB, 4 * GiB, 16 << 20) == left - left // 16 - (16 << 20)
+    assert room_for_content(GiB, 2 * GiB, 0) == 0  # the download alone does not fit
+    assert room_for_content(64 << 20, 0, 64 << 20) == 0
+
+
+@pytest.mark.parametrize(
+    ("free", "layer", "image"),
+    [
+        # A host with room: the defaults speak, sized for big CUDA/ML images (~20 GB).
+        (500 * GiB, 32 * GiB, 64 * GiB),
+        # 40 GiB free: a layer may take 32 GiB, the image only what fits.
+        (40 * GiB, 32 * GiB, 40 * GiB - 40 * GiB // 16),
+        # 8 GiB free: both stop where the disk would be full.
+        (8 * GiB, 8 * GiB - GiB // 2, 8 * GiB - GiB // 2),
+    ],
+    ids=["roomy-host", "40GiB-free", "8GiB-free"],
+)
+def test_the_limits_a_bomb_meets_are_the_defaults_lowered_to_the_free_space(
+    free: int, layer: int, image: int
+) -> None:
+    """Where a build stops a bomb: ``tests/test_faults.py`` runs one into the lowered limit.
+
+    Inflating a bomb to the defaults themselves (tens of GiB) takes minutes, so
+    the arithmetic is what is checked here for them.
+    """
+    limits = Limits().within(room_for_content(free, 0, 0))
+    assert (limits.max_layer_bytes, limits.max_image_bytes) == (layer, image)
+    assert limits.max_entries == Limits().max_entries  # only the byte limits move

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -22,7 +23,7 @@ from support.push import push_manifest
 from support.pushed import PushedImage
 from support.service import CLI, serve_process, wait_for_status
 
-from hypeman_images.builds import PAUSE_ENV
+from hypeman_images.builds import PAUSE_ENV, PAUSE_STAGES
 
 pytestmark = pytest.mark.slow
 
@@ -48,40 +49,79 @@ def every_file(data_dir: Path) -> set[str]:
     }
 
 
-@pytest.mark.parametrize("stage", ["pulling", "flattening", "mke2fs", "tagging"])
+# Per stage: the status metadata.json shows while the build is parked there (None:
+# no record yet), and the status GET /images/{name} shows (None: 404, nothing
+# accepted yet). The API says ready only once every tag is set, so "metadata"
+# and "tagging" still answer converting.
+STAGES = {
+    "resolving": (None, None),
+    "pulling": ("pulling", "pulling"),
+    "flattening": ("converting", "converting"),
+    "mke2fs": ("converting", "converting"),
+    "metadata": ("converting", "converting"),
+    "tagging": ("ready", "converting"),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
 def test_kill_mid_stage_then_restart_finishes(
     stage: str, alpine_ref: PushedImage, data_dir: Path, tmp_path: Path
 ) -> None:
+    assert set(STAGES) == set(PAUSE_STAGES), "every stage the hook knows is killed here"
+    on_disk, live = STAGES[stage]
     log = tmp_path / "serve.log"
+    directory = (
+        data_dir / "images" / alpine_ref.registry.host / alpine_ref.repository
+    ) / alpine_ref.manifest_digest[7:]
+    disk = directory / "rootfs.ext4"
     with (
         serve_process(data_dir, log, env={PAUSE_ENV: stage}) as served,
         httpx.Client(timeout=30) as client,
+        ThreadPoolExecutor(1) as pool,
     ):
-        response = client.post(f"{served.url}/images", json={"name": alpine_ref.ref})
-        assert response.status_code == 202, response.text
+        # From a thread: parked at "resolving", the POST is answered only after the kill.
+        posted = pool.submit(
+            httpx.post, f"{served.url}/images", json={"name": alpine_ref.ref}, timeout=60
+        )
         served.wait_for_output(f"paused at {stage}")
-        record, directory = state(data_dir, alpine_ref)
-        disk = directory / "rootfs.ext4"
-        expected_status = {
-            "pulling": "pulling",
-            "flattening": "converting",
-            "mke2fs": "converting",
-            "tagging": "ready",
-        }[stage]
-        assert record["status"] == expected_status
+        shown = client.get(f"{served.url}/images/{alpine_ref.ref}")
+        if live is None:
+            assert shown.status_code == 404, shown.text
+        else:
+            assert shown.status_code == 200, shown.text
+            assert shown.json()["status"] == live
+            response = posted.result(10)
+            assert response.status_code == 202, response.text
+        if on_disk is None:
+            assert not directory.exists(), "nothing is recorded before the name is resolved"
+        else:
+            assert state(data_dir, alpine_ref)[0]["status"] == on_disk
         if stage == "mke2fs":
             assert not disk.exists()
             temps = [
                 p for p in directory.iterdir() if p.name.startswith(".") and "rootfs" in p.name
             ]
             assert temps, "mke2fs's temp disk should exist"
+        if stage == "metadata":
+            # The disk is in place and "ready" is written, but only to a temp file.
+            assert disk.is_file()
+            [temp] = directory.glob(".tmp-metadata.json.*")
+            assert json.loads(temp.read_text())["status"] == "ready"
         served.kill()
+        if live is None:
+            with pytest.raises(httpx.TransportError):
+                posted.result(10)  # the asker learns the request was not taken
 
     tag = directory.parent / alpine_ref.tag
     assert not tag.exists(), "no tag link before the build was ready and linked"
     no_ready_without_a_valid_disk(data_dir)
 
     with serve_process(data_dir, log) as served, httpx.Client(timeout=30) as client:
+        if live is None:
+            # Nothing was accepted, so nothing resumes: the asker asks again.
+            assert client.get(f"{served.url}/images/{alpine_ref.ref}").status_code == 404
+            again = client.post(f"{served.url}/images", json={"name": alpine_ref.ref})
+            assert again.status_code == 202, again.text
         ready = wait_for_status(client, served.url, alpine_ref.ref, {"ready", "failed"})
         assert ready["status"] == "ready", ready["error"]
         assert ready["tags"] == [alpine_ref.tag]
@@ -108,6 +148,40 @@ def test_kill_mid_stage_then_restart_finishes(
         f"{build}/rootfs.ext4",
         tag.relative_to(data_dir).as_posix(),
     }
+
+
+def test_kill_with_a_build_queued_then_restart_finishes_both(
+    alpine_ref: PushedImage, busybox_ref: PushedImage, data_dir: Path, tmp_path: Path
+) -> None:
+    # One build at a time: alpine is parked mid-download, busybox waits behind it.
+    # Only busybox's "pending" record says it was asked for; the restart must build it.
+    log = tmp_path / "serve.log"
+    with (
+        serve_process(data_dir, log, "--concurrency", "1", env={PAUSE_ENV: "pulling"}) as served,
+        httpx.Client(timeout=30) as client,
+    ):
+        assert client.post(f"{served.url}/images", json={"name": alpine_ref.ref}).status_code == 202
+        served.wait_for_output("paused at pulling")
+        queued = client.post(f"{served.url}/images", json={"name": busybox_ref.ref})
+        assert queued.status_code == 202, queued.text
+        assert (queued.json()["status"], queued.json()["queue_position"]) == ("pending", 1)
+        shown = client.get(f"{served.url}/images/{busybox_ref.ref}").json()
+        assert (shown["status"], shown["queue_position"]) == ("pending", 1)
+        assert state(data_dir, busybox_ref)[0]["status"] == "pending"
+        assert state(data_dir, alpine_ref)[0]["status"] == "pulling"
+        served.kill()
+
+    with serve_process(data_dir, log, "--concurrency", "1") as served, httpx.Client() as client:
+        for image in (alpine_ref, busybox_ref):
+            ready = wait_for_status(client, served.url, image.ref, {"ready", "failed"})
+            assert ready["status"] == "ready", ready["error"]
+            assert ready["tags"] == [image.tag]
+    no_ready_without_a_valid_disk(data_dir)
+    for image in (alpine_ref, busybox_ref):
+        record, directory = state(data_dir, image)
+        assert record["status"] == "ready"
+        assert os.readlink(directory.parent / image.tag) == image.manifest_digest[7:]
+        e2fsck_clean(directory / "rootfs.ext4")
 
 
 def test_killed_cli_pull_resumes_with_pull(

@@ -202,6 +202,16 @@ def test_scan_for_another_blob_or_limits_is_a_miss(layer: Descriptor, limits: Li
         decode(data, layer, 0, limits)
 
 
+def test_a_scan_is_good_under_byte_limits_lowered_to_its_size_not_below() -> None:
+    # Builds lower the byte limits to the room their disk has: that must not turn
+    # every cached scan into a miss, yet a layer over today's limit never loads.
+    scan = scan_of(build_tar(awkward_entries()))
+    data = encode(scan, LAYER, Limits())
+    assert decode(data, LAYER, 0, Limits().within(scan.size)) == scan
+    with pytest.raises(ValueError, match="size"):
+        decode(data, LAYER, 0, Limits().within(scan.size - 1))
+
+
 DOCTORED: dict[str, Entry] = {
     "parent-path": Entry(0, b"../etc/passwd", Kind.FILE),
     "inner-parent": Entry(0, b"a/../../etc", Kind.FILE),

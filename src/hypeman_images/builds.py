@@ -37,11 +37,15 @@ from .store import ImageRecord, ImageStatus, StoredImage
 log = logging.getLogger(__name__)
 
 PAUSE_ENV = "HYPEMAN_TEST_PAUSE_AT"
+# resolving: the manifest GET of a request (or of a recovered build); a new
+#   request has written nothing yet and its POST is still unanswered.
 # pulling: a layer is half-way into the blob cache's ingest dir.
 # flattening: the record says converting; nothing of the disk exists yet.
 # mke2fs: mke2fs is writing the temp disk from the tar stream.
+# metadata: the disk is in place and the "ready" metadata.json is written to its
+#   temp file, not yet renamed over the "converting" one.
 # tagging: metadata.json says ready, the tag link is not made yet.
-PAUSE_STAGES = ("pulling", "flattening", "mke2fs", "tagging")
+PAUSE_STAGES = ("resolving", "pulling", "flattening", "mke2fs", "metadata", "tagging")
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
         help="largest manifest, index or config accepted (default 4M)",
     )
     registry_flags.add_argument(
-        "--max-blob-size", default=None, help="largest compressed layer accepted (default 64G)"
+        "--max-blob-size", default=None, help="largest compressed layer accepted (default 32G)"
     )
     registry_flags.add_argument(
         "--certs-dir",

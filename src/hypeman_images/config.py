@@ -86,6 +86,10 @@ class BuildOptions:
     ``one_pass``: build images reading each layer once, as it downloads
     (:mod:`hypeman_images.topdown`), falling back to two passes where that
     cannot decide; off, every image takes the two-pass path after the pull.
+    ``check_space``: lower the byte limits to what the data dir's filesystem
+    has room for when a build starts (:func:`pipeline.room_for_content`), so a
+    decompression bomb fails with :class:`LimitExceeded` before its bytes fill
+    the host's disk. Off only to test what a disk filled by others does.
     """
 
     platform: Platform = field(default_factory=Platform.host)
@@ -94,3 +98,4 @@ class BuildOptions:
     disk_digest: bool = True
     limits: Limits = field(default_factory=Limits)
     one_pass: bool = True
+    check_space: bool = True

@@ -52,7 +52,7 @@ import enum
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 from . import tarfmt
@@ -81,11 +81,23 @@ class Limits:
     """
 
     max_entries: int = 2_000_000  # per image, all layers together
-    max_layer_bytes: int = 64 * GiB  # uncompressed
-    max_image_bytes: int = 256 * GiB  # uncompressed, all layers together
+    # The byte limits fit the biggest images people run (CUDA/ML images reach
+    # ~20 GB uncompressed, their biggest layers ~10 GB) with room to spare, and
+    # stop a bomb after a bounded amount of work. The pipeline lowers both to
+    # what the data dir has room for at the start of a build (:meth:`within`).
+    max_layer_bytes: int = 32 * GiB  # uncompressed
+    max_image_bytes: int = 64 * GiB  # uncompressed, all layers together
     max_header_bytes: int = 1 << 20  # one PAX extended header or GNU long name
     max_path_bytes: int = 4096  # Linux PATH_MAX
     max_link_bytes: int = 4096  # symlink targets and hard-link names
+
+    def within(self, budget: int) -> Limits:
+        """These limits with both byte limits lowered to ``budget`` where they are above it."""
+        return replace(
+            self,
+            max_layer_bytes=min(self.max_layer_bytes, budget),
+            max_image_bytes=min(self.max_image_bytes, budget),
+        )
 
 
 class Kind(enum.Enum):

@@ -113,13 +113,13 @@ class ImageManager:
     ) -> None:
         self.data = DataDir(data_dir)
         self.options = options or BuildOptions()
-        self.store = ImageStore(self.data.images)
+        self._pause = pause or PauseHook()
+        self.store = ImageStore(self.data.images, on_temp_written=self._metadata_written)
         self.blobs = BlobStore(self.data.cache)
         self.metrics = Metrics()
         self._client_factory = client_factory
         self._client: RegistryClient | None = None
         self._builder = builder
-        self._pause = pause or PauseHook()
         # Guards the job table against create/delete/gc interleaving; always taken
         # before the queue's own lock, never after it.
         self._lock = threading.RLock()
@@ -453,6 +453,7 @@ class ImageManager:
                 future = self._resolving[key] = Future()
         if owner:
             try:
+                self._pause.reached("resolving")
                 future.set_result(resolve(self.client, ref, platform))
             except BaseException as exc:  # handed to every waiter, re-raised below
                 future.set_exception(exc)
@@ -551,6 +552,11 @@ class ImageManager:
                     job.update(job.result.record)
                 self._queue.retire(job)
 
+    def _metadata_written(self, record: ImageRecord) -> None:
+        """The store wrote a record's temp file: the crash tests' "metadata" stage."""
+        if record.status is ImageStatus.READY:
+            self._pause.reached("metadata")
+
     def _tag_target(self, name: Reference, built: Digest, before: Digest | None) -> Digest | None:
         """Where tag ``name`` should point once ``built`` is ready (None: leave it).
 
@@ -566,6 +572,7 @@ class ImageManager:
 
     def _resolve_again(self, job: Job) -> ResolvedImage:
         """A recovered build: fetch its manifest by digest (verified against it)."""
+        self._pause.reached("resolving")
         resolved = resolve(self.client, job.ref, job.options.platform)
         job.resolved = resolved
         return resolved

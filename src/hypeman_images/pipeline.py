@@ -11,17 +11,21 @@ the disk is in place.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .blobs import BlobStore
 from .config import BuildOptions
 from .digest import Digest
-from .errors import HypemanError
+from .errors import HypemanError, LimitExceeded
 from .feeds import LayerFeeds
+from .flatten import Limits
+from .fsutil import storage_error
 from .progress import Reporter
 from .pull import PulledImage, ResolvedImage, fetch_config, pull
 from .reference import Reference
@@ -52,6 +56,61 @@ class BuildStats:
 def initial_record(ref: Reference, digest: Digest, status: ImageStatus) -> ImageRecord:
     """The record of a build that has just been asked for."""
     return ImageRecord(name=ref.pinned(), digest=str(digest), status=status, created_at=now())
+
+
+# mke2fs's own metadata (inode tables, bitmaps, directories) on top of the
+# content: the disk layouts ext4.py makes spend less than a sixteenth on it.
+_METADATA_SHARE = 16
+
+
+def room_for_content(free: int, downloading: int, free_space: int) -> int:
+    """The most uncompressed image content a build may write with ``free`` bytes free.
+
+    ``downloading``: the compressed bytes still to fetch into the blob cache,
+    which lives on the same filesystem; ``free_space``: the free space asked
+    for inside the disk. What is left, less mke2fs's metadata share, is what
+    the layers may inflate to before the disk could no longer fit (never
+    negative). A snapshot, not a reservation: two builds that start together
+    each see the whole of it.
+    """
+    left = free - downloading
+    return max(0, left - left // _METADATA_SHARE - free_space)
+
+
+def build_limits(
+    resolved: ResolvedImage, blobs: BlobStore, store: ImageStore, options: BuildOptions
+) -> Limits:
+    """``options.limits``, with the byte limits lowered to what the data dir has room for."""
+    if not options.check_space:
+        return options.limits
+    try:
+        free = shutil.disk_usage(store.root).free
+    except OSError as exc:
+        raise storage_error(exc, f"cannot read the free space of {store.root}") from exc
+    layers = resolved.manifest.layers
+    downloading = sum(layer.size for layer in layers if not blobs.has(layer.digest))
+    room = room_for_content(free, downloading, options.free_space)
+    log.debug("%s: room for %d bytes of content (%d free)", resolved.ref, room, free)
+    return options.limits.within(room)
+
+
+def _explained(
+    exc: LimitExceeded, limits: Limits, options: BuildOptions, root: Path
+) -> HypemanError:
+    """Say so when the byte limit that stopped a build was lowered for lack of disk space."""
+    lowered = [
+        name
+        for name in ("max_layer_bytes", "max_image_bytes")
+        if getattr(limits, name) < getattr(options.limits, name) and name in exc.message
+    ]
+    if not lowered:
+        return exc
+    room = limits.max_image_bytes
+    return LimitExceeded(
+        f"{exc.message} -- but here that limit is lower than configured: the filesystem "
+        f"of {root} has room for only {room} bytes ({room / 2**20:.0f} MiB) of image "
+        "content; free space there or use a data dir on a bigger disk"
+    )
 
 
 def build_resolved(
@@ -104,6 +163,7 @@ def build_resolved(
                 on_status(ref, new)
 
         set_status(record)
+        limits = build_limits(resolved, blobs, store, options)
         # mke2fs's probe (two runs of it, the first time in a process) while the layers download.
         probe = ThreadPoolExecutor(1, thread_name_prefix="probe")
         tools = probe.submit(
@@ -118,8 +178,14 @@ def build_resolved(
             # An image built in one pass reads its layers while they download, top
             # layer first. Else pass 1 of flatten runs on each layer while it
             # downloads (issue 7), unless the scan cache beside the blobs has it.
-            one_pass = convert.one_pass_candidate(resolved.manifest.layers, options)
-            scans = convert.LayerScans(options.limits, ScanCache.beside(blobs), tap=not one_pass)
+            # The one pass writes each layer as it reads it, up to the size the disk
+            # was planned for; take it only when all of that fits (else pass 1 counts
+            # the layers, writing nothing, before mke2fs starts).
+            one_pass = convert.one_pass_candidate(resolved.manifest.layers, options) and (
+                sum(convert.one_pass_sizes(resolved.manifest.layers, limits))
+                <= limits.max_image_bytes
+            )
+            scans = convert.LayerScans(limits, ScanCache.beside(blobs), tap=not one_pass)
             dest = store.digest_dir(ref, digest) / DISK_NAME
 
             def build(pulled: PulledImage) -> convert.DiskInfo:
@@ -129,7 +195,7 @@ def build_resolved(
                     dest=dest,
                     options=options,
                     on_progress=progress,
-                    limits=options.limits,
+                    limits=limits,
                     scans=scans,
                     tools=tools.result(),
                     following=following,
@@ -167,6 +233,12 @@ def build_resolved(
             stats.convert_s = time.monotonic() - t0
             stats.stages.update(disk.timings)
 
+        except LimitExceeded as exc:
+            explained = _explained(exc, limits, options, store.root)
+            set_status(record.evolve(status=ImageStatus.FAILED, error=explained.message))
+            if explained is exc:
+                raise
+            raise explained from exc
         except HypemanError as exc:
             set_status(record.evolve(status=ImageStatus.FAILED, error=exc.message))
             raise
@@ -219,4 +291,4 @@ def _with_config(record: ImageRecord, pulled: PulledImage) -> ImageRecord:
     )
 
 
-__all__ = ["BuildStats", "build_resolved", "initial_record"]
+__all__ = ["BuildStats", "build_limits", "build_resolved", "initial_record", "room_for_content"]

@@ -81,7 +81,7 @@ class RegistryConfig:
     resume_attempts: int = 5
     chunk_size: int = MiB
     max_manifest_bytes: int = MAX_DOCUMENT_BYTES
-    max_blob_bytes: int = 64 * 1024 * MiB
+    max_blob_bytes: int = 32 * 1024 * MiB  # = Limits.max_layer_bytes: no bigger layer could be used
     insecure_registries: frozenset[str] = frozenset()
     ca_bundle: Path | None = None
     certs_dirs: tuple[Path, ...] = ()

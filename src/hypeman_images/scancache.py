@@ -32,7 +32,9 @@ version, CRC-32 of everything after them, length of the JSON header --:
 
 Writes are atomic (temp name, rename) but not fsynced: whatever is wrong with
 a file -- torn by a crash, truncated, another version, another blob, other
-limits, or not even well-formed -- makes it a miss; the layer is scanned
+limits, or not even well-formed -- makes it a miss (the byte limits aside: a
+scan whose size is within today's ``max_layer_bytes`` is good whatever they
+were when it was made, as builds lower them to their disk's room); the layer is scanned
 again and the file overwritten. The loader also checks what pass 1
 guarantees (clean paths and hard-link names, lengths within the limits), so a
 doctored file cannot hand :func:`flatten.merge` a path pass 1 would refuse.
@@ -250,7 +252,9 @@ def _header(header: Any, layer: Descriptor, limits: Limits) -> dict[str, Any]:
         raise _Invalid(f"made for blob {header.get('blob')!r}")
     if header.get("compression") != LAYER_COMPRESSION.get(layer.media_type):
         raise _Invalid(f"made for {header.get('compression')!r} content")
-    if header.get("limits") != dataclasses.asdict(limits):
+    if not isinstance(header.get("limits"), dict) or _shaping(header["limits"]) != _shaping(
+        dataclasses.asdict(limits)
+    ):
         raise _Invalid("made under other limits")
     count, size, regions = header.get("entries"), header.get("size"), header.get("regions")
     if type(count) is not int or not 0 <= count <= limits.max_entries:
@@ -264,6 +268,16 @@ def _header(header: Any, layer: Descriptor, limits: Limits) -> dict[str, Any]:
     if not isinstance(header.get("diff_id"), str):
         raise _Invalid("diff_id")
     return header
+
+
+# The byte limits do not change what a scan holds, only whether it may be
+# used: a build lowers them to its disk's room (pipeline.build_limits), so they
+# are checked against the scan's size below instead of being part of the key.
+_BYTE_LIMITS = ("max_layer_bytes", "max_image_bytes")
+
+
+def _shaping(limits: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in limits.items() if name not in _BYTE_LIMITS}
 
 
 def _framed(region: bytes, count: int) -> list[bytes]:

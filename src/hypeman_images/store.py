@@ -32,10 +32,10 @@ from .digest import SHA256_HEX, Digest
 from .errors import InvalidReference, NotFound
 from .fsutil import (
     TEMP_PREFIX,
+    atomic_writer,
     replace_symlink,
     storage_error,
     temp_name,
-    write_atomic,
     writer_alive,
 )
 from .reference import Reference
@@ -141,8 +141,13 @@ class StoredImage:
 class ImageStore:
     """Image records under ``<data>/images``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self, root: Path, *, on_temp_written: Callable[[ImageRecord], None] | None = None
+    ) -> None:
+        """``on_temp_written`` is called with each record once its temp file is written
+        and flushed, before the rename that publishes it (the crash tests' hook)."""
         self.root = root
+        self._on_temp_written = on_temp_written
         self._records = threading.Lock()  # record writes of this process, one at a time
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -242,7 +247,11 @@ class ImageStore:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise storage_error(exc, f"cannot create {directory}") from exc
-        write_atomic(directory / METADATA_NAME, record.to_json())
+        with atomic_writer(directory / METADATA_NAME) as handle:
+            handle.write(record.to_json())
+            if self._on_temp_written is not None:
+                handle.flush()
+                self._on_temp_written(record)
 
     @contextlib.contextmanager
     def lock(self, ref: Reference, digest: Digest) -> Iterator[None]:
