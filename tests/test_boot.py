@@ -471,18 +471,25 @@ def test_a_kernel_that_does_not_boot_is_a_clear_error(
     junk = tmp_path / "vmlinuz-junk"
     junk.write_bytes(b"\0" * 4096)
     kernel = replace(real, image=junk)
-    cache, work = boot_dirs
     with pytest.raises(BootError, match=r"stopped before the command finished|did not boot"):
-        boot(
-            alpine_disk,
-            RunSpec(cmd=("true",)),
-            hypervisor="qemu",
-            accel="tcg",
-            timeout=20,
-            work_dir=work,
-            cache_dir=cache,
-            kernel=kernel,
-        )
+        _boot_true_with(kernel, alpine_disk, boot_dirs, timeout=20)
+
+
+def _boot_true_with(
+    kernel: Kernel, disk: Path, boot_dirs: tuple[Path, Path], *, timeout: float
+) -> None:
+    """Boot ``disk`` with ``kernel`` under QEMU/TCG to run ``true``."""
+    cache, work = boot_dirs
+    boot(
+        disk,
+        RunSpec(cmd=("true",)),
+        hypervisor="qemu",
+        accel="tcg",
+        timeout=timeout,
+        work_dir=work,
+        cache_dir=cache,
+        kernel=kernel,
+    )
 
 
 def _halting_pvh_kernel(path: Path) -> Path:
@@ -513,24 +520,14 @@ def test_a_kernel_that_hangs_silently_ends_at_the_timeout(
 ) -> None:
     # A real QEMU running that kernel: the VM is alive, its console stays empty.
     kernel = replace(find_kernel(), image=_halting_pvh_kernel(tmp_path / "vmlinux-halts"))
-    cache, work = boot_dirs
     started = time.monotonic()
     with pytest.raises(BootError) as info:
-        boot(
-            alpine_disk,
-            RunSpec(cmd=("true",)),
-            hypervisor="qemu",
-            accel="tcg",
-            timeout=4,
-            work_dir=work,
-            cache_dir=cache,
-            kernel=kernel,
-        )
+        _boot_true_with(kernel, alpine_disk, boot_dirs, timeout=4)
     assert 4 <= time.monotonic() - started < 12
     assert str(info.value) == (
         "the VM printed nothing within 4 s: the kernel did not boot (qemu/tcg)"
     )
-    assert list(work.iterdir()) == []  # nothing of the boot is left behind
+    assert list(boot_dirs[1].iterdir()) == []  # nothing of the boot is left behind
 
 
 @pytest.mark.slow

@@ -645,18 +645,23 @@ class TarReader:
         _gnu_fragments(block, 386, 4, fragments, where)
         extended, spent = block[482], 0
         while extended:
+            ext = self._map_block(spent, where)
             spent += BLOCK
-            if spent > self._max_header_bytes:
-                raise LimitExceeded(
-                    f"{where}: a sparse map of over {self._max_header_bytes} bytes exceeds "
-                    "Limits.max_header_bytes"
-                )
-            ext = self._read(BLOCK)
-            if ext is None:
-                raise LayerError(f"{where}: tar stream ends inside a sparse map")
             _gnu_fragments(ext, 0, 21, fragments, where)
             extended = ext[504]
         return real, fragments
+
+    def _map_block(self, used: int, where: str) -> bytes:
+        """The next block of a sparse map of which ``used`` bytes were read before it."""
+        if used + BLOCK > self._max_header_bytes:
+            raise LimitExceeded(
+                f"{where}: a sparse map of over {self._max_header_bytes} bytes exceeds "
+                "Limits.max_header_bytes"
+            )
+        block = self._read(BLOCK)
+        if block is None:
+            raise LayerError(f"{where}: tar stream ends inside a sparse map")
+        return block
 
     def _map_1_0(self, stored: int, where: str) -> tuple[list[tuple[int, int]], int]:
         """Format 1.0: decimal lines at the start of the data (count, then offset and
@@ -664,16 +669,9 @@ class TarReader:
         data = bytearray()
         lines, wanted = 0, 1
         while lines < wanted:
-            if len(data) + BLOCK > min(stored, self._max_header_bytes):
-                if len(data) + BLOCK > stored:
-                    raise LayerError(f"{where}: the sparse map runs past the entry's data")
-                raise LimitExceeded(
-                    f"{where}: a sparse map of over {self._max_header_bytes} bytes exceeds "
-                    "Limits.max_header_bytes"
-                )
-            block = self._read(BLOCK)
-            if block is None:
-                raise LayerError(f"{where}: tar stream ends inside a sparse map")
+            if len(data) + BLOCK > stored:
+                raise LayerError(f"{where}: the sparse map runs past the entry's data")
+            block = self._map_block(len(data), where)
             data += block
             lines += block.count(b"\n")
             if wanted == 1 and lines:
