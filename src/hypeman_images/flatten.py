@@ -295,14 +295,17 @@ def classify(
     parent, base = _split(path)
     # Every marker name below contains ".wh."; most paths do not (a fast test first).
     if WHITEOUT_PREFIX in path:
-        if base == OPAQUE_MARKER and not parent.startswith(_AUFS_META_PREFIX):
-            return Entry(header.ordinal, parent, Kind.OPAQUE)
-        if any(part.startswith(_AUFS_META_PREFIX) for part in path.split(b"/")):
+        parents = parent.split(b"/")
+        aufs = any(part.startswith(_AUFS_META_PREFIX) for part in parents)
+        if aufs or (base.startswith(_AUFS_META_PREFIX) and base != OPAQUE_MARKER):
             # AUFS bookkeeping from old docker; containerd skips it too (archive/tar.go).
             log.debug("%s: skipping AUFS metadata %r", where, path)
             return None
-        if any(part.startswith(WHITEOUT_PREFIX) for part in parent.split(b"/")):
+        if any(part.startswith(WHITEOUT_PREFIX) for part in parents):
+            # Markers included: a ".wh.x/.wh..wh..opq" would make a directory ".wh.x".
             raise LayerError(f"{where}: {path!r} lies inside a whiteout name; no tool writes that")
+        if base == OPAQUE_MARKER:
+            return Entry(header.ordinal, parent, Kind.OPAQUE)
         if base.startswith(WHITEOUT_PREFIX):
             # Recognised by name whatever the type flag: some tools store whiteouts as
             # hard links or character devices (image-spec layer.md "Whiteouts").

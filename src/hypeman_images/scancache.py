@@ -21,7 +21,7 @@ It is made of, after an 8-byte magic and three little-endian u32 -- format
 version, CRC-32 of everything after them, length of the JSON header --:
 
 - a JSON header: ``blob`` (digest), ``compression``, ``diff_id`` (verified),
-  ``size`` (uncompressed bytes), ``limits`` (every :class:`Limits` field),
+  ``size`` (uncompressed bytes), ``limits`` (the :class:`Limits` fields but the byte limits),
   ``entries`` (count) and ``regions`` (the byte length of each below);
 - one fixed-size record per entry (:data:`_RECORD`: the integer fields, the
   kind's code and the number of xattrs);
@@ -34,8 +34,9 @@ Writes are atomic (temp name, rename) but not fsynced: whatever is wrong with
 a file -- torn by a crash, truncated, another version, another blob, other
 limits, or not even well-formed -- makes it a miss (the byte limits aside: a
 scan whose size is within today's ``max_layer_bytes`` is good whatever they
-were when it was made, as builds lower them to their disk's room); the layer is scanned
-again and the file overwritten. The loader also checks what pass 1
+were when it was made, as builds lower them to their disk's room, and the
+file does not record them); the layer is scanned again and the file
+overwritten. The loader also checks what pass 1
 guarantees (clean paths and hard-link names, lengths within the limits), so a
 doctored file cannot hand :func:`flatten.merge` a path pass 1 would refuse.
 """
@@ -145,7 +146,9 @@ def encode(scan: LayerScan, layer: Descriptor, limits: Limits) -> bytes:
         "compression": LAYER_COMPRESSION.get(layer.media_type),
         "diff_id": str(scan.diff_id),
         "size": scan.size,
-        "limits": dataclasses.asdict(limits),
+        # Not the byte limits: builds lower them to their disk's room, and the same
+        # scan must make the same file whatever room the build that made it had.
+        "limits": _shaping(dataclasses.asdict(limits)),
         "entries": len(scan.entries),
         "regions": [len(r) for r in regions],
     }

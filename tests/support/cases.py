@@ -293,4 +293,9 @@ ERRORS: dict[str, tuple[Layers, type[Exception], str]] = {
     ),
     "component_too_long": ([[file("n" * 256, b"")]], LayerError, "ext4 allows 255"),
     "inside_whiteout_name": ([[file(".wh.x/y", b"")]], LayerError, "inside a whiteout"),
+    "opaque_marker_inside_whiteout_name": (
+        [[TarEntry("char", b".wh./.wh..wh..opq")]],
+        LayerError,
+        "inside a whiteout",
+    ),
 }
