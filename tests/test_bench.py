@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -104,3 +106,21 @@ def test_run_measures_a_child_tree(tmp_path: Path) -> None:
 def test_run_reports_failure() -> None:
     with pytest.raises(measure.CommandFailed, match="exited 3"):
         measure.run([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
+
+
+@pytest.mark.slow
+def test_boot_bench_prints_its_figures() -> None:
+    # bench/boot.py as a user runs it (QEMU under TCG: the same on every machine).
+    script = Path(__file__).resolve().parent.parent / "bench" / "boot.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "-n", "1", "--hypervisor", "qemu", "--accel", "tcg"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^machine\s+qemu/tcg$", result.stdout, re.M), result.stdout
+    first = re.search(r"to first output\s+([\d.]+) s", result.stdout)
+    off = re.search(r"to power-off\s+([\d.]+) s", result.stdout)
+    assert first and off, result.stdout
+    assert 0 < float(first.group(1)) <= float(off.group(1))
