@@ -59,6 +59,7 @@ from support.push import push_blob, push_manifest  # noqa: E402
 from support.registry import start_registry  # noqa: E402
 
 from hypeman_images.compression import open_decompressed  # noqa: E402
+from hypeman_images.config import BuildOptions  # noqa: E402
 from hypeman_images.convert import size_inputs  # noqa: E402
 from hypeman_images.digest import Digest  # noqa: E402
 from hypeman_images.e2fsprogs import find_e2fsprogs, tool_env  # noqa: E402
@@ -218,12 +219,28 @@ def _self_rss(output: bytes) -> int:
     return 0
 
 
-def ours(pushed: Pushed, work: Path) -> Measured:
+@dataclass(frozen=True)
+class Ours:
+    """How ours is run: the default (the disk's sha256 recorded) or ``--no-disk-digest``."""
+
+    disk_digest: bool = True
+
+    @property
+    def flags(self) -> list[str]:
+        return [] if self.disk_digest else ["--no-disk-digest"]
+
+    @property
+    def options(self) -> BuildOptions:
+        return BuildOptions(disk_digest=self.disk_digest)
+
+
+def ours(pushed: Pushed, work: Path, how: Ours) -> Measured:
     """``hypeman-images pull`` into a fresh data dir under ``work``."""
     data = work / "data"
     device = measure.DeviceWrites(work)
     device.start()
-    result = measure.run([*cli(), "pull", "--no-progress", "--data-dir", str(data), pushed.ref])
+    argv = [*cli(), "pull", "--no-progress", *how.flags, "--data-dir", str(data), pushed.ref]
+    result = measure.run(argv)
     return Measured(result, {}, measure.disk_usage(data), device.stop(), _self_rss(result.output))
 
 
@@ -249,20 +266,20 @@ class InProcess:
     io_floor_s: float = 0.0
 
 
-def _pull(data: Path, ref: str) -> tuple[BuildStats, float]:
+def _pull(data: Path, ref: str, how: Ours) -> tuple[BuildStats, float]:
     stats = BuildStats()
     started = time.perf_counter()
-    with ImageManager(data) as manager:
+    with ImageManager(data, options=how.options) as manager:
         manager.pull(ref, stats=stats)
     return stats, time.perf_counter() - started
 
 
-def in_process(pushed: Pushed, work: Path) -> InProcess:
+def in_process(pushed: Pushed, work: Path, how: Ours) -> InProcess:
     """Cold pull with the stage split, then re-pull, retag, decompress and floor."""
     out = InProcess()
     data = work / "data"
     measure.drop_caches()
-    stats, total = _pull(data, pushed.ref)
+    stats, total = _pull(data, pushed.ref, how)
     out.split = {
         "resolve": stats.resolve_s,
         "download": stats.download_s,
@@ -286,7 +303,7 @@ def in_process(pushed: Pushed, work: Path) -> InProcess:
         "finish": stats.finish_s,
         "total": total,
     }
-    again, out.repull_s = _pull(data, pushed.ref)
+    again, out.repull_s = _pull(data, pushed.ref, how)
     assert again.reused, "a second pull of a ready digest rebuilt it"
     # The first CLI start after the cold pull reads the interpreter's and the
     # libraries' files from disk (the page cache was dropped); the median of
@@ -297,9 +314,9 @@ def in_process(pushed: Pushed, work: Path) -> InProcess:
     # Settled first: the writeback of the disks just built would otherwise slow it.
     os.sync()
     measure.drop_caches()
-    retag, out.retag_s = _pull(data, pushed.retag_ref)
+    retag, out.retag_s = _pull(data, pushed.retag_ref, how)
     out.retag_downloaded, out.retag_cached_blobs = retag.downloaded_bytes, retag.cached_blobs
-    _floor(pushed, data / "cache", work, out)
+    _floor(pushed, data / "cache", work, out, how)
     return out
 
 
@@ -308,7 +325,7 @@ def _blob(cache: Path, digest: str) -> Path:
     return cache / "blobs" / algorithm / encoded
 
 
-def _floor(pushed: Pushed, cache: Path, work: Path, out: InProcess) -> None:
+def _floor(pushed: Pushed, cache: Path, work: Path, out: InProcess, how: Ours) -> None:
     """Decompress-only time, then mke2fs on the flattened tar held in memory."""
     paths = [_blob(cache, x.digest) for x in pushed.layers]
     for path in paths:
@@ -366,7 +383,7 @@ def _floor(pushed: Pushed, cache: Path, work: Path, out: InProcess) -> None:
         free_space=FREE_SPACE,
         mke2fs=tools,
         xattr_fixups=[(f.path, f.name, f.value) for f in tree.xattr_fixups],
-        compute_sha256=True,  # as a pull does (disk_sha256 in metadata.json)
+        compute_sha256=how.disk_digest,  # as the pull measured does (disk_sha256)
     )
     out.floor_build_disk_s = time.perf_counter() - started
     (work / "floor2.ext4").unlink()
@@ -410,7 +427,7 @@ def scratch(parent: Path, name: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def bench_image(pushed: Pushed, runs: int, work: Path) -> ImageResult:
+def bench_image(pushed: Pushed, runs: int, work: Path, how: Ours) -> ImageResult:
     """``runs`` alternating cold runs of both pipelines, then the in-process figures."""
     result = ImageResult(pushed.name, layers.describe(pushed.layers))
     for i in range(runs):
@@ -421,10 +438,10 @@ def bench_image(pushed: Pushed, runs: int, work: Path) -> ImageResult:
                 if which == "reference":
                     result.reference.append(reference(pushed, folder))
                 else:
-                    result.ours.append(ours(pushed, folder))
+                    result.ours.append(ours(pushed, folder, how))
             print(f"  {pushed.name} run {i + 1} {which}: {_last(result, which):.2f} s", flush=True)
     with scratch(work, "inproc") as folder:
-        result.extra = in_process(pushed, folder)
+        result.extra = in_process(pushed, folder, how)
     return result
 
 
@@ -547,7 +564,13 @@ def main() -> int:
         help="limit the loopback to RATE (tc's units, e.g. 800mbit: ~100 MB/s) once the "
         "images are pushed, as a registry across a network would be",
     )
+    parser.add_argument(
+        "--no-disk-digest",
+        action="store_true",
+        help="run ours with --no-disk-digest (the disk's sha256 not recorded)",
+    )
     args = parser.parse_args()
+    how = Ours(disk_digest=not args.no_disk_digest)
     names = ["minbase"] if args.quick else args.images.split(",")
     runs = 1 if args.quick else args.runs
     compileall.compile_dir(ROOT / "src", quiet=1)
@@ -564,10 +587,12 @@ def main() -> int:
         with link_rate(args.link_rate):
             for image in pushed:
                 print(f"bench: {image.name}: {layers.describe(image.layers)}", flush=True)
-                results.append(bench_image(image, runs, work))
+                results.append(bench_image(image, runs, work, how))
     text = report(results, dropped, runs)
     if args.link_rate:
         text = f"loopback limited to {args.link_rate} (tc tbf)\n" + text
+    if not how.disk_digest:
+        text = "ours: --no-disk-digest (the disk's sha256 not recorded)\n" + text
     print()
     print(text)
     if args.json:

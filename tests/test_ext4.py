@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+from support import stock_e2fsprogs
 from support import tar as t
 from support.images import IMAGES_DIR
 
@@ -30,8 +31,6 @@ from hypeman_images.errors import StorageError, ToolError
 from hypeman_images.ext4 import BLOCK_SIZE, DiskResult, SizeInputs, build_disk, plan_disk
 
 IMAGES = IMAGES_DIR
-OLD_VERSION = "1.47.0-2+b2"
-OLD_CACHE = Path.home() / ".cache" / "hypeman-tests" / "e2fsprogs-1.47.0"
 SEED = Digest.of(b"test seed")
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="loop mounts and tmpfs need root")
@@ -237,22 +236,10 @@ def tools() -> E2fsprogs:
 @pytest.fixture(scope="session")
 def old_tools() -> E2fsprogs:
     """Debian 12's stock e2fsprogs 1.47.0 (no tar input), unpacked into a cache dir."""
-    mke2fs = OLD_CACHE / "sbin" / "mke2fs"
-    libdir = OLD_CACHE / "lib" / "x86_64-linux-gnu"
-    if not mke2fs.exists():
-        if shutil.which("apt-get") is None:
-            pytest.skip("apt-get is needed to fetch e2fsprogs 1.47.0")
-        debs = OLD_CACHE.parent / "debs-1.47.0"
-        debs.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["apt-get", "download", f"e2fsprogs={OLD_VERSION}", f"libext2fs2={OLD_VERSION}"],
-            cwd=debs,
-            check=True,
-            capture_output=True,
-        )
-        for deb in debs.glob("*.deb"):
-            subprocess.run(["dpkg", "-x", str(deb), str(OLD_CACHE)], check=True)
-    return find_e2fsprogs(mke2fs, env={"LD_LIBRARY_PATH": str(libdir)})
+    stock_e2fsprogs.unpacked()
+    return find_e2fsprogs(
+        stock_e2fsprogs.SBIN / "mke2fs", env={"LD_LIBRARY_PATH": str(stock_e2fsprogs.LIBDIR)}
+    )
 
 
 # ---------------------------------------------------------------- trees

@@ -1,21 +1,20 @@
 """The older-e2fsprogs fallback through the whole pipeline: pull → stage → mke2fs -d DIR → debugfs.
 
-The fallback is forced with a ``--mke2fs`` that reports 1.46.6 to ``-V`` (as
-Ubuntu 22.04's does) and is the real mke2fs otherwise, so the build takes the
-path an installation without ``mke2fs -d -`` takes. Each flatten case is
-pushed to the test registry, pulled by the product, and the disk is read back
-with debugfs (no root, no mount) and compared with the oracle, the slow model
-of layer.md that every other flatten test uses. test_ext4 has the same
-fallback against the real Debian 1.47.0 at the disk level.
+The product is pointed at Debian 12's stock e2fsprogs 1.47.0 (``--mke2fs``,
+through scripts that give the stock tools their own libext2fs), which has no
+``mke2fs -d -``, so the build takes the path such an installation takes. Each
+flatten case is pushed to the test registry, pulled by the product, and the
+disk is read back with debugfs (no root, no mount) and compared with the
+oracle, the slow model of layer.md that every other flatten test uses.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
+from support import stock_e2fsprogs
 from support.cases import CASES
 from support.disk import compare_trees, e2fsck_clean, read_disk_tree, read_with_debugfs
 from support.images import make_image, make_layer
@@ -38,20 +37,8 @@ NEEDS_MOUNT = {"odd_names", "deep_path"}
 
 @pytest.fixture(scope="module")
 def old_mke2fs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """mke2fs that says it is 1.46.6: no tar input, so the product takes the fallback."""
-    real = shutil.which("mke2fs") or "/sbin/mke2fs"
-    wrapper = tmp_path_factory.mktemp("old-e2fsprogs") / "mke2fs"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        'if [ "$1" = "-V" ]; then\n'
-        '  echo "mke2fs 1.46.6 (1-Feb-2023)" >&2\n'
-        '  echo "\tUsing EXT2FS Library version 1.46.6" >&2\n'
-        "  exit 0\n"
-        "fi\n"
-        f'exec {real} "$@"\n'
-    )
-    wrapper.chmod(0o755)
-    return wrapper
+    """The stock 1.47.0 mke2fs (and its siblings), as ``--mke2fs`` takes them."""
+    return stock_e2fsprogs.wrappers(tmp_path_factory.mktemp("stock-e2fsprogs"))
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +57,8 @@ def test_fallback_pipeline_gives_the_oracle_tree(
     push_image(registry.url, repo, "v1", make_image([make_layer(list(layer)) for layer in layers]))
     stats = BuildStats()
     image = manager.pull(f"{registry.host}/{repo}:v1", stats=stats)
-    # Built by the 1.46 tools, which cannot read tar: only the fallback could.
-    assert "1.46.6" in image.record.tool_versions["e2fsprogs"]
+    # Built by the stock 1.47.0 tools, which cannot read tar: only the fallback could.
+    assert "1.47.0" in image.record.tool_versions["e2fsprogs"]
     assert "one_pass_s" not in stats.stages
     e2fsck_clean(image.disk)
     if case in NEEDS_MOUNT:
