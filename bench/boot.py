@@ -20,9 +20,16 @@ from pathlib import Path
 
 from hypeman_images.boot import RunSpec, boot
 
-IMAGES = Path(
-    os.environ.get("HYPEMAN_TEST_IMAGES") or Path(__file__).resolve().parents[2] / "shared/images"
-)
+
+def _images_dir() -> Path:
+    """The real test images, found as the tests find them (tests/support/images.py)."""
+    if os.environ.get("HYPEMAN_TEST_IMAGES"):
+        return Path(os.environ["HYPEMAN_TEST_IMAGES"])
+    beside = Path(__file__).resolve().parents[2] / "shared" / "images"
+    return beside if beside.is_dir() else Path("/work/shared/images")
+
+
+IMAGES = _images_dir()
 ALPINE = IMAGES / "alpine-minirootfs-3.20.3-x86_64.tar.gz"
 PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

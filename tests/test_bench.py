@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import layers
 import measure
+from support.images import IMAGES_DIR
 
 
 def _tar(path: Path, entries: list[tuple[str, str | bytes | None]]) -> Path:
@@ -113,7 +114,18 @@ def test_boot_bench_prints_its_figures() -> None:
     # bench/boot.py as a user runs it (QEMU under TCG: the same on every machine).
     script = Path(__file__).resolve().parent.parent / "bench" / "boot.py"
     result = subprocess.run(
-        [sys.executable, str(script), "-n", "1", "--hypervisor", "qemu", "--accel", "tcg"],
+        [
+            sys.executable,
+            str(script),
+            "-n",
+            "1",
+            "--hypervisor",
+            "qemu",
+            "--accel",
+            "tcg",
+            "--tarball",
+            str(IMAGES_DIR / "alpine-minirootfs-3.20.3-x86_64.tar.gz"),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

@@ -217,7 +217,7 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="record the disk's sha256 in metadata.json (default; --no-disk-digest saves "
-        "about 0.5 s per GB of disk)",
+        "about 0.8 s per GB of disk)",
     )
     build_flags.add_argument(
         "--two-pass",

@@ -82,7 +82,7 @@ class BuildOptions:
     ``disk_digest``: record the disk's sha256 in metadata.json (issue 3: two
     builds of a digest can be compared, and ``verify`` checks a disk against
     it). Hashing is the last step of a build, after mke2fs, on one core beside
-    ``e2fsck -fn``: about 0.5 s per GB of disk; off, the record is ``null``.
+    ``e2fsck -fn``: about 0.8 s per GB of disk; off, the record is ``null``.
     ``one_pass``: build images reading each layer once, as it downloads
     (:mod:`hypeman_images.topdown`), falling back to two passes where that
     cannot decide; off, every image takes the two-pass path after the pull.
