@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,6 +406,31 @@ def test_stream_error_kills_mke2fs_and_cleans_up(tmp_path: Path, tools: E2fsprog
     with pytest.raises(RuntimeError, match="layer went away"):
         build(tmp_path / "rootfs.ext4", [t.directory("etc")], tools, writer=broken)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_stream_error_kills_a_wrapped_mke2fs_whole(tmp_path: Path) -> None:
+    # A --mke2fs wrapper that runs the real one as a child (no exec), late: killing
+    # only the wrapper left the real mke2fs to start after the temp disk was
+    # removed, and mke2fs creates a missing image file (test_load's leftover).
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    out.mkdir()
+    real = shutil.which("mke2fs") or "/sbin/mke2fs"
+    for tool in ("debugfs", "e2fsck", "dumpe2fs", "resize2fs"):
+        (bin_dir / tool).symlink_to(shutil.which(tool) or f"/sbin/{tool}")
+    wrapper = bin_dir / "mke2fs"
+    wrapper.write_text(f'#!/bin/sh\nsh -c \'sleep 0.5; exec {real} "$@"\' sh "$@"\nexit $?\n')
+    wrapper.chmod(0o755)
+    wrapped = find_e2fsprogs(wrapper)
+
+    def broken(out: BinaryIO) -> None:
+        time.sleep(0.2)  # the wrapper has started its child by now
+        raise RuntimeError("layer went away")
+
+    with pytest.raises(RuntimeError, match="layer went away"):
+        build(out / "rootfs.ext4", [t.directory("etc")], wrapped, writer=broken)
+    time.sleep(1.5)  # past the wrapper's delay: a surviving mke2fs would have run
+    assert list(out.iterdir()) == []
 
 
 @needs_root

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import re
+import signal
 import struct
 import subprocess
 import tempfile
@@ -427,6 +428,10 @@ def run_mke2fs_stream(
                 stderr=output,
                 env=env,
                 bufsize=_STDIN_BUFFER,
+                # Its own process group, killed whole: a --mke2fs wrapper script that
+                # does not exec would otherwise leave the real mke2fs running, which
+                # re-creates the temp disk we removed (mke2fs creates a missing image).
+                process_group=0,
             )
         except OSError as exc:
             raise ToolError(f"cannot run mke2fs ({argv[0]}): {exc.strerror}") from exc
@@ -442,7 +447,8 @@ def run_mke2fs_stream(
             except BrokenPipeError:
                 broken = True
         except BaseException:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
         finally:
