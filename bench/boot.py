@@ -11,26 +11,20 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from support.images import IMAGES_DIR
+
 from hypeman_images.boot import RunSpec, boot
 
-
-def _images_dir() -> Path:
-    """The real test images, found as the tests find them (tests/support/images.py)."""
-    if os.environ.get("HYPEMAN_TEST_IMAGES"):
-        return Path(os.environ["HYPEMAN_TEST_IMAGES"])
-    beside = Path(__file__).resolve().parents[2] / "shared" / "images"
-    return beside if beside.is_dir() else Path("/work/shared/images")
-
-
-IMAGES = _images_dir()
-ALPINE = IMAGES / "alpine-minirootfs-3.20.3-x86_64.tar.gz"
+ALPINE = IMAGES_DIR / "alpine-minirootfs-3.20.3-x86_64.tar.gz"
 PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
