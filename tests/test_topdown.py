@@ -15,6 +15,7 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import json
 import logging
 import os
 import random
@@ -333,6 +334,27 @@ def test_a_disk_too_small_for_the_tree_falls_back(
     assert "one_pass_tried_s" in stats.stages
     e2fsck_clean(disk)
     assert read_disk_tree(disk)["/etc/alpine-release"].type == "file"
+
+
+def test_a_proof_that_fails_after_the_hash_falls_back_and_leaves_no_temp_disk(
+    alpine_ref: PushedImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The proof now comes after the disk was shrunk and hashed: a stream the merge
+    # disagrees with must still never become the disk.
+    proved: list[bool] = []
+
+    def disagree(self: TopDown, tree: object) -> None:
+        proved.append(True)
+        raise Speculation("the merge planned another tree (test)")
+
+    monkeypatch.setattr(TopDown, "check", disagree)
+    disk, stats = _pull(tmp_path / "data", alpine_ref.ref)
+    assert proved and "one_pass_tried_s" in stats.stages
+    e2fsck_clean(disk)
+    assert read_disk_tree(disk)["/etc/alpine-release"].type == "file"
+    assert sorted(p.name for p in disk.parent.iterdir()) == [".lock", "metadata.json", disk.name]
+    doc = json.loads((disk.parent / "metadata.json").read_text())
+    assert doc["disk_sha256"] == "sha256:" + hashlib.sha256(disk.read_bytes()).hexdigest()
 
 
 def test_a_bad_layer_fails_the_same_way_in_one_pass(
