@@ -10,6 +10,7 @@ with the fault gone -- must succeed with a clean disk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -481,7 +482,11 @@ def test_process_killed_during_mke2fs_leaves_nothing_gc_cannot_remove(
     """SIGKILL of the whole pull while mke2fs runs: a crash, not an error path."""
     _, image = faulty
     marker = tmp_path / "mke2fs-started"
-    script = fake_mke2fs(tmp_path / "bin", f"head -c 65536 >/dev/null; touch {marker}; sleep 60")
+    # Its pid in the marker: mke2fs runs in a process group of its own, which a kill of
+    # the pull's group does not reach (it would see EOF and end; this one sleeps).
+    script = fake_mke2fs(
+        tmp_path / "bin", f"head -c 65536 >/dev/null; echo $$ > {marker}; exec sleep 60"
+    )
     process = subprocess.Popen(
         [CLI, "pull", "--no-progress", "--data-dir", str(data_dir), "--mke2fs", str(script),
          ref_of(proxy)],
@@ -490,14 +495,18 @@ def test_process_killed_during_mke2fs_leaves_nothing_gc_cannot_remove(
         start_new_session=True,
     )  # fmt: skip
     try:
+        # mke2fs starts while the layers still download (the one pass follows
+        # them); the kill waits for the pull to end, so it lands mid-mke2fs.
         deadline = time.monotonic() + 60
-        while not marker.exists():
+        while not (marker.exists() and record(data_dir, proxy, image)["status"] == "converting"):
             assert process.poll() is None, "the pull ended before mke2fs started"
             assert time.monotonic() < deadline
             time.sleep(0.05)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        with contextlib.suppress(ValueError, ProcessLookupError, FileNotFoundError):
+            os.kill(int(marker.read_text()), signal.SIGKILL)
     doc = record(data_dir, proxy, image)
     assert doc["status"] == "converting"
     with manager(data_dir) as m:
