@@ -309,15 +309,22 @@ class _Counting:
 ONE_PASS_MAX_RATIO = 32
 
 
-def one_pass_candidate(layers: Sequence[Descriptor], options: BuildOptions) -> bool:
-    """Will this image try the one-pass way? Known before the pull: the layers' media types.
+def one_pass_candidate(layers: Sequence[Descriptor], options: BuildOptions, limits: Limits) -> bool:
+    """Will this image try the one-pass way? Known before the pull, from the manifest.
 
     Every layer type we read (gzip, zstd, plain): the disk is sized from the
     manifest (:func:`one_pass_sizes`), never from what the layers say of
-    themselves.
+    themselves. The one pass writes each layer as it reads it, up to that
+    size: it is taken only when all of it fits within ``limits`` (which a
+    build lowers to its disk's room); else pass 1 counts the layers, writing
+    nothing, before mke2fs starts.
     """
-    return options.one_pass and all(
-        LAYER_COMPRESSION.get(layer.media_type) in ("gzip", "zstd", "none") for layer in layers
+    return (
+        options.one_pass
+        and all(
+            LAYER_COMPRESSION.get(layer.media_type) in ("gzip", "zstd", "none") for layer in layers
+        )
+        and sum(one_pass_sizes(layers, limits)) <= limits.max_image_bytes
     )
 
 
@@ -515,7 +522,7 @@ def convert(
     tools = tools or find_e2fsprogs(options.mke2fs or "mke2fs")
     timings: dict[str, float] = {}
     layers = pulled.resolved.manifest.layers
-    if one_pass_candidate(layers, options) and tools.tar_input and tools.resize2fs is not None:
+    if one_pass_candidate(layers, options, limits) and tools.tar_input and tools.resize2fs:
         t0 = time.monotonic()
         try:
             return _convert_one_pass(

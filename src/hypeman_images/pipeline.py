@@ -178,13 +178,7 @@ def build_resolved(
             # An image built in one pass reads its layers while they download, top
             # layer first. Else pass 1 of flatten runs on each layer while it
             # downloads (issue 7), unless the scan cache beside the blobs has it.
-            # The one pass writes each layer as it reads it, up to the size the disk
-            # was planned for; take it only when all of that fits (else pass 1 counts
-            # the layers, writing nothing, before mke2fs starts).
-            one_pass = convert.one_pass_candidate(resolved.manifest.layers, options) and (
-                sum(convert.one_pass_sizes(resolved.manifest.layers, limits))
-                <= limits.max_image_bytes
-            )
+            one_pass = convert.one_pass_candidate(resolved.manifest.layers, options, limits)
             scans = convert.LayerScans(limits, ScanCache.beside(blobs), tap=not one_pass)
             dest = store.digest_dir(ref, digest) / DISK_NAME
 
