@@ -41,6 +41,23 @@ def test_a_reader_follows_the_download_and_ends_with_it(tmp_path: Path) -> None:
     feeds.close()
 
 
+def test_a_blob_says_its_ends_only_once_it_is_all_there(tmp_path: Path) -> None:
+    feeds = LayerFeeds()
+    assert feeds.ends(DIGEST) is None  # not begun
+    path = tmp_path / ".tmp-blob"
+    path.write_bytes(b"head and most of it")
+    feeds.begin(DIGEST, path)
+    feeds.wrote(DIGEST, 19)
+    assert feeds.ends(DIGEST) is None  # more may come: the tail is not the blob's yet
+    with path.open("ab") as blob:
+        blob.write(b", tail")
+    feeds.wrote(DIGEST, 25)
+    feeds.finish(DIGEST)
+    assert feeds.ends(DIGEST) == (b"head", b"tail", 25)
+    feeds.close()
+    assert feeds.ends(DIGEST) is None
+
+
 def test_a_cached_blob_reads_at_once(tmp_path: Path) -> None:
     path = tmp_path / "blob"
     path.write_bytes(b"cached bytes")

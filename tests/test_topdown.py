@@ -299,6 +299,31 @@ def test_a_layer_that_inflates_past_the_sizing_is_built_in_two_passes(
     assert read_disk_tree(disk)["/data/zeros"].sha256 == hashlib.sha256(zeros).hexdigest()
 
 
+def test_a_cached_layer_past_the_sizing_is_not_tried_in_one_pass(
+    registry: RegistryServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With its blob whole in the cache, the layer's gzip trailer (or its cached
+    scan) says at once that it inflates past the disk's sizing: the pass stops
+    before writing any of it, instead of after the disk's worth."""
+    zeros = b"\0" * (8 << 20)
+    ref = _push(registry, "topdown/zeros-again", [[d("data"), file("data/zeros", zeros)]])
+    data = tmp_path / "data"
+    _pull(data, ref)
+    with ImageManager(data) as manager:
+        manager.delete(ref)
+    for what, said in (("scan", "its scan says 8"), ("trailer", "its blob says at least 8")):
+        if what == "trailer":
+            with ImageManager(data) as manager:
+                manager.delete(ref)
+            shutil.rmtree(data / "cache" / "scans")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="hypeman_images.convert"):
+            disk, stats = _pull(data, ref)
+        assert said in caplog.text and "building in two passes" in caplog.text, what
+        assert stats.cached_blobs == 1
+        assert read_disk_tree(disk)["/data/zeros"].sha256 == hashlib.sha256(zeros).hexdigest()
+
+
 def test_sparse_files_reach_the_disk_at_their_real_size_in_either_pass(
     registry: RegistryServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

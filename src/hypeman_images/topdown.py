@@ -159,17 +159,22 @@ class TopDown:
     def _layer(self, index: int, out: BinaryIO, before: int) -> LayerScan:
         self._open.clear()
         known = self.known.get(index)
-        if known is not None:
-            self._layer_known(known, out)
-            return known
         name = self.names[index]
         where = f"layer {index} ({name})" if name else f"layer {index}"
         limits = self.limits
+        cap = min(limits.max_layer_bytes, self.sizes.get(index, limits.max_layer_bytes))
+        if known is not None:
+            if cap < known.size and cap < limits.max_layer_bytes:  # past the limits: they speak
+                raise Speculation(
+                    f"{where} inflates past the {cap} bytes the disk was sized for: its scan "
+                    f"says {known.size}"
+                )
+            self._layer_known(known, out)
+            return known
         markers: list[Entry] = []
         found: list[Entry] = []
         shared: dict[int, int] = {}
         hasher = hashlib.sha256()
-        cap = min(limits.max_layer_bytes, self.sizes.get(index, limits.max_layer_bytes))
         with self.open_layer(index, hasher) as stream, _past(cap, limits, where):
             reader = self._reader(stream, where, cap)
             for header in reader:
