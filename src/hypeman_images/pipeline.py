@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import gcpause
+from . import collector
 from .blobs import BlobStore
 from .config import BuildOptions
 from .digest import Digest
@@ -137,7 +137,7 @@ def build_resolved(
     from .e2fsprogs import TOOLS_FILE, find_e2fsprogs
 
     ref, digest = resolved.ref, resolved.digest
-    with store.lock(ref, digest), gcpause.paused():
+    with store.lock(ref, digest), collector.collect_rarely():
         existing = store.read(ref, digest)
         ready = existing is not None and existing.status is ImageStatus.READY
         if ready and (store.digest_dir(ref, digest) / DISK_NAME).is_file():
