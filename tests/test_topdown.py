@@ -22,7 +22,7 @@ import random
 import shutil
 import subprocess
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -37,7 +37,7 @@ from support.registry import RegistryServer
 from support.tar import build_tar, file, hardlink, raw, symlink
 from test_flatten import _stacks, flatten
 
-from hypeman_images import ext4
+from hypeman_images import ext4, topdown
 from hypeman_images.compression import Hasher
 from hypeman_images.config import BuildOptions
 from hypeman_images.convert import uncompressed_size
@@ -304,14 +304,15 @@ def test_a_cached_layer_past_the_sizing_is_not_tried_in_one_pass(
 ) -> None:
     """With its blob whole in the cache, the layer's gzip trailer (or its cached
     scan) says at once that it inflates past the disk's sizing: the pass stops
-    before writing any of it, instead of after the disk's worth."""
-    zeros = b"\0" * (8 << 20)
+    before writing any of it, instead of after the disk's worth. (64 MiB of
+    zeros: ~64 KiB of gzip, so the sizing is more than the reader's first chunk.)"""
+    zeros = b"\0" * (64 << 20)
     ref = _push(registry, "topdown/zeros-again", [[d("data"), file("data/zeros", zeros)]])
     data = tmp_path / "data"
     _pull(data, ref)
     with ImageManager(data) as manager:
         manager.delete(ref)
-    for what, said in (("scan", "its scan says 8"), ("trailer", "its blob says at least 8")):
+    for what, said in (("scan", "its scan says 6"), ("trailer", "its blob says at least 6")):
         if what == "trailer":
             with ImageManager(data) as manager:
                 manager.delete(ref)
@@ -404,3 +405,38 @@ def test_a_layer_larger_than_the_disk_was_sized_for_stops_the_pass_at_once() -> 
     top = TopDown(lambda i, h: _Hashing(tar, h), ["L0"], sizes={0: 4096})
     with pytest.raises(Speculation, match="inflates past the 4096 bytes the disk was sized"):
         top.run(io.BytesIO())
+
+
+def test_a_blob_that_says_it_is_past_the_sizing_stops_the_pass_when_it_is_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The blob is asked as the layer opens and then every STATED_EVERY bytes read, until
+    it answers: the pass stops at the first answer past the sizing, long before it
+    reads that far (a decompression bomb), and asks no more once one fits."""
+    monkeypatch.setattr(topdown, "STATED_EVERY", 8192)
+    tar = build_tar([file(f"f{i}", b"x" * 3000) for i in range(20)])
+    asked: list[int] = []
+
+    def downloads_then_says(at_least: int) -> Callable[[int], int | None]:
+        def stated(index: int) -> int | None:
+            asked.append(index)
+            return None if len(asked) < 3 else at_least
+
+        return stated
+
+    top = TopDown(
+        lambda i, h: _Hashing(tar, h), ["L0"], sizes={0: 1 << 20},
+        stated=downloads_then_says(2 << 20),
+    )  # fmt: skip
+    out = io.BytesIO()
+    with pytest.raises(Speculation, match="its blob says at least 2097152"):
+        top.run(out)
+    assert len(asked) == 3 and len(out.getvalue()) < 3 * 8192 + 4 * 3584  # stopped early
+
+    asked.clear()
+    top = TopDown(
+        lambda i, h: _Hashing(tar, h), ["L0"], sizes={0: 1 << 20},
+        stated=downloads_then_says(len(tar)),
+    )  # fmt: skip
+    top.run(io.BytesIO())
+    assert len(asked) == 3  # answered and fitting: not asked again

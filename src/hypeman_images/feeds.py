@@ -21,7 +21,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import BinaryIO, NamedTuple, cast
 
 from .digest import Digest
 from .errors import HypemanError
@@ -29,6 +29,14 @@ from .errors import HypemanError
 
 class FeedAborted(HypemanError):
     """A layer's bytes will not come: its download, or the pull, failed."""
+
+
+class BlobEnds(NamedTuple):
+    """A whole blob's first and last 4 bytes (fewer if it is shorter) and its size."""
+
+    head: bytes
+    tail: bytes
+    size: int
 
 
 @dataclass
@@ -99,14 +107,14 @@ class LayerFeeds:
         """A reader of the blob from its first byte, waiting for the bytes still to come."""
         return cast(BinaryIO, io.BufferedReader(_Follow(self, digest), 1 << 20))
 
-    def ends(self, digest: Digest) -> tuple[bytes, bytes, int] | None:
+    def ends(self, digest: Digest) -> BlobEnds | None:
         """The blob's first and last 4 bytes and its size, if all its bytes are there."""
         with self._changed:
             feed = self._feeds.get(digest)
             if feed is None or feed.fd < 0 or not feed.done or self._error is not None:
                 return None
             fd, size = feed.fd, feed.written
-        return os.pread(fd, 4, 0), os.pread(fd, 4, max(0, size - 4)), size
+        return BlobEnds(os.pread(fd, 4, 0), os.pread(fd, 4, max(0, size - 4)), size)
 
     def _read(self, digest: Digest, offset: int, buffer: memoryview) -> int:
         with self._changed:

@@ -56,6 +56,9 @@ from .flatten import (
     xattr_fixups,
 )
 
+# How often a layer still downloading is asked what its blob says (see TopDown.stated).
+STATED_EVERY = 4 << 20
+
 
 class Speculation(Exception):
     """The single pass met what only the two-pass merge decides; says what and where."""
@@ -108,7 +111,10 @@ class TopDown:
     instead of its headers. ``sizes``: the most each layer may inflate to (the
     disk was sized for it, :func:`convert.one_pass_sizes`); a layer that
     inflates past it stops the pass at once, so a decompression bomb fills
-    neither the disk nor the data dir's filesystem.
+    neither the disk nor the data dir's filesystem. ``stated(i)``, if given,
+    is the least layer ``i`` inflates to as its whole blob says (a gzip
+    trailer; ``None`` while it downloads): asked as the layer opens and every
+    :data:`STATED_EVERY` bytes read till it answers, it stops the pass sooner.
 
     :meth:`run` writes the stream and returns the layers' scans (bottom layer
     first, as :func:`flatten.merge` takes them); :meth:`check` then compares
@@ -120,6 +126,7 @@ class TopDown:
     limits: Limits = field(default_factory=Limits)
     known: dict[int, LayerScan] = field(default_factory=dict)
     sizes: dict[int, int] = field(default_factory=dict)
+    stated: Callable[[int], int | None] | None = None
     _seen: dict[bytes, _Seen] = field(default_factory=dict, init=False)
     _made: dict[bytes, _Body | _DirMeta] = field(default_factory=dict, init=False)
     # Directories whose every ancestor _parents passed in the layer being read. It
@@ -127,6 +134,8 @@ class TopDown:
     # becomes something else within a layer is a Speculation.
     _open: set[bytes] = field(default_factory=set, init=False)
     _plan: tuple[TreeStats, tuple[XattrFixup, ...]] | None = field(default=None, init=False)
+    # The bodies a hard link shares (by id; kept alive so no id is reused).
+    _linked: dict[int, _Body] = field(default_factory=dict, init=False)
 
     def run(
         self, out: BinaryIO, expect: Callable[[LayerScan], None] | None = None
@@ -175,9 +184,12 @@ class TopDown:
         found: list[Entry] = []
         shared: dict[int, int] = {}
         hasher = hashlib.sha256()
+        stated, ask_at = self.stated if cap < limits.max_layer_bytes else None, 0
         with self.open_layer(index, hasher) as stream, _past(cap, limits, where):
             reader = self._reader(stream, where, cap)
             for header in reader:
+                if stated is not None and reader.size >= ask_at:
+                    stated, ask_at = _asked(stated, index, cap, where), ask_at + STATED_EVERY
                 if header.ordinal >= limits.max_entries:
                     raise LimitExceeded(
                         f"{where}: more than Limits.max_entries={limits.max_entries} entries"
@@ -304,6 +316,7 @@ class TopDown:
             raise Speculation(f"layer {k}: hard link {e.path!r} -> {e.target!r} reaches below")
         self._seen[e.path] = _Seen(_NONDIR, k)
         self._made[e.path] = body
+        self._linked[id(body)] = body
         out.write(entry_header(body.entry, e.path, link_to=e.target))
         return True
 
@@ -359,9 +372,10 @@ class TopDown:
         if self._plan is not None:
             return self._plan
         children: dict[bytes, list[bytes]] = {}
-        paths_of: dict[int, list[bytes]] = {}
-        bodies: dict[int, _Body] = {}
+        linked: dict[int, list[bytes]] = {}  # only hard-linked bodies have several paths
         directories: list[Node] = []
+        specials: list[Node] = []
+        files: list[Node] = []
         for path, made in self._made.items():
             if path:
                 parent, _, name = path.rpartition(b"/")
@@ -370,17 +384,13 @@ class TopDown:
                 mode, uid, gid, mtime = made.meta
                 entry = Entry(-1, path, Kind.DIR, mode, uid, gid, mtime, xattrs=made.xattrs)
                 directories.append(Node((path,), entry, -1))
+            elif id(made) in self._linked:
+                linked.setdefault(id(made), []).append(path)
             else:
-                paths_of.setdefault(id(made), []).append(path)
-                bodies[id(made)] = made
-        specials: list[Node] = []
-        files: list[Node] = []
-        for key, body in bodies.items():
+                _add_body(files, specials, made, (path,))
+        for key, paths in linked.items():
             # The merge's primary path of a hard-linked inode is the first in tree order.
-            paths = tuple(sorted(paths_of[key], key=_tree_order))
-            (files if body.entry.kind is Kind.FILE else specials).append(
-                Node(paths, body.entry, body.layer)
-            )
+            _add_body(files, specials, self._linked[key], tuple(sorted(paths, key=_tree_order)))
         directories.sort(key=lambda node: _tree_order(node.primary))
         entry_bytes = [directory_entry_bytes(children.get(d.primary, ())) for d in directories]
         self._plan = (
@@ -431,6 +441,28 @@ def _past(cap: int, limits: Limits, where: str) -> Iterator[None]:
                 f"{where} inflates past the {cap} bytes the disk was sized for"
             ) from None
         raise
+
+
+def _asked(
+    stated: Callable[[int], int | None], index: int, cap: int, where: str
+) -> Callable[[int], int | None] | None:
+    """Raise :class:`Speculation` if layer ``index``'s blob says it is past ``cap``;
+    what to ask next time (``None`` once it answered)."""
+    at_least = stated(index)
+    if at_least is not None and at_least > cap:
+        raise Speculation(
+            f"{where} inflates past the {cap} bytes the disk was sized for: its blob says "
+            f"at least {at_least}"
+        )
+    return stated if at_least is None else None
+
+
+def _add_body(
+    files: list[Node], specials: list[Node], body: _Body, paths: tuple[bytes, ...]
+) -> None:
+    (files if body.entry.kind is Kind.FILE else specials).append(
+        Node(paths, body.entry, body.layer)
+    )
 
 
 def _parent(path: bytes) -> bytes:
