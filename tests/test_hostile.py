@@ -514,8 +514,10 @@ def test_a_million_tiny_entries(registry: RegistryServer, data_dir: Path) -> Non
     """1,000,000 empty files (9 MiB of gzip): converted within the default limits.
 
     Runs the CLI in a subprocess to measure its peak RSS: memory grows with
-    the entry count (about 1 KiB per entry, for the scans and the tree), which
-    is what ``Limits.max_entries`` bounds.
+    the entry count (~600 B per entry at the peak, the planning beside the
+    scans and the tree: 602 MiB), which is what ``Limits.max_entries`` bounds.
+    The layer inflates ~110x, past the one pass's sizing: its gzip trailer
+    says so as soon as the blob is whole, and the pass falls back at once.
     """
     from support.hostile import million_entries_layer
     from support.images import Layer, make_image, push_image
@@ -532,15 +534,16 @@ def test_a_million_tiny_entries(registry: RegistryServer, data_dir: Path) -> Non
     )
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-c", measure, CLI, "pull", "--no-progress", "--data-dir", str(data_dir),
-         f"{registry.host}/hostile/million:v1"],
+        [sys.executable, "-c", measure, CLI, "pull", "-v", "--no-progress", "--data-dir",
+         str(data_dir), f"{registry.host}/hostile/million:v1"],
         capture_output=True, text=True,
     )  # fmt: skip
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     peak_kib = int(result.stderr.strip().splitlines()[-1])
     print(f"1M entries: {elapsed:.1f} s, peak RSS {peak_kib >> 10} MiB")
-    assert peak_kib < 2 * 1024 * 1024, f"peak RSS {peak_kib >> 10} MiB"
+    assert peak_kib < 800 * 1024, f"peak RSS {peak_kib >> 10} MiB"
+    assert "building in two passes" in result.stderr and "its blob says at least" in result.stderr
     disk = Path(result.stdout.strip())
     counts = subprocess.run(["dumpe2fs", "-h", str(disk)], capture_output=True, text=True).stdout
     inodes = int(re.search(r"Inode count:\s+(\d+)", counts)[1])  # type: ignore[index]
