@@ -394,10 +394,10 @@ def _stated_size(ends: BlobEnds, layer: Descriptor) -> int | None:
 
 
 def _stated_by_blob(blobs: BlobStore, layer: Descriptor, feeds: LayerFeeds | None) -> int | None:
-    """What the layer's whole blob says it inflates to (at least); ``None`` while it
-    downloads, or if it says nothing."""
+    """The least the layer inflates to, as its whole blob says (0 if it says nothing);
+    ``None`` while it downloads."""
     ends = feeds.ends(layer.digest) if feeds is not None else _file_ends(blobs.path(layer.digest))
-    return _stated_size(ends, layer) if ends is not None else None
+    return (_stated_size(ends, layer) or 0) if ends is not None else None
 
 
 def _convert_one_pass(
