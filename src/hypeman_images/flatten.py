@@ -854,9 +854,10 @@ def _plan(builder: _Builder) -> Tree:
         if id(node) in builder.linked:
             linked.setdefault(id(node), []).append(path)
         else:
-            _add_inode(files, specials, node, (path,))
+            place_node(Node((path,), node.entry, node.layer), files, specials)
     for key, paths in linked.items():
-        _add_inode(files, specials, builder.linked[key], tuple(paths))
+        inode = builder.linked[key]
+        place_node(Node(tuple(paths), inode.entry, inode.layer), files, specials)
     specials.sort(key=lambda n: n.primary.split(b"/"))
     files.sort(key=lambda n: (n.layer, n.entry.ordinal))
     return Tree(
@@ -868,11 +869,9 @@ def _plan(builder: _Builder) -> Tree:
     )
 
 
-def _add_inode(
-    files: list[Node], specials: list[Node], inode: _Inode, paths: tuple[bytes, ...]
-) -> None:
-    node = Node(paths, inode.entry, inode.layer)
-    (files if inode.entry.kind is Kind.FILE else specials).append(node)
+def place_node(node: Node, files: list[Node], specials: list[Node]) -> None:
+    """Put a non-directory node among a tree's ``files`` (regular ones) or ``specials``."""
+    (files if node.entry.kind is Kind.FILE else specials).append(node)
 
 
 def tree_stats(

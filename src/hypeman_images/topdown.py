@@ -50,6 +50,7 @@ from .flatten import (
     classify,
     directory_entry_bytes,
     entry_header,
+    place_node,
     sparse_map,
     tar_xattrs,
     tree_stats,
@@ -174,10 +175,7 @@ class TopDown:
         cap = min(limits.max_layer_bytes, self.sizes.get(index, limits.max_layer_bytes))
         if known is not None:
             if cap < known.size and cap < limits.max_layer_bytes:  # past the limits: they speak
-                raise Speculation(
-                    f"{where} inflates past the {cap} bytes the disk was sized for: its scan "
-                    f"says {known.size}"
-                )
+                raise _past_sizing(where, cap, f"its scan says {known.size}")
             self._layer_known(known, out)
             return known
         markers: list[Entry] = []
@@ -387,10 +385,11 @@ class TopDown:
             elif id(made) in self._linked:
                 linked.setdefault(id(made), []).append(path)
             else:
-                _add_body(files, specials, made, (path,))
+                place_node(Node((path,), made.entry, made.layer), files, specials)
         for key, paths in linked.items():
             # The merge's primary path of a hard-linked inode is the first in tree order.
-            _add_body(files, specials, self._linked[key], tuple(sorted(paths, key=_tree_order)))
+            body, ordered = self._linked[key], tuple(sorted(paths, key=_tree_order))
+            place_node(Node(ordered, body.entry, body.layer), files, specials)
         directories.sort(key=lambda node: _tree_order(node.primary))
         entry_bytes = [directory_entry_bytes(children.get(d.primary, ())) for d in directories]
         self._plan = (
@@ -437,10 +436,14 @@ def _past(cap: int, limits: Limits, where: str) -> Iterator[None]:
         yield
     except LimitExceeded as exc:
         if cap < limits.max_layer_bytes and "max_layer_bytes" in str(exc):
-            raise Speculation(
-                f"{where} inflates past the {cap} bytes the disk was sized for"
-            ) from None
+            raise _past_sizing(where, cap) from None
         raise
+
+
+def _past_sizing(where: str, cap: int, said: str = "") -> Speculation:
+    """The one pass stops: layer ``where`` is bigger than the disk was sized for."""
+    because = f": {said}" if said else ""
+    return Speculation(f"{where} inflates past the {cap} bytes the disk was sized for{because}")
 
 
 def _asked(
@@ -450,19 +453,8 @@ def _asked(
     what to ask next time (``None`` once it answered)."""
     at_least = stated(index)
     if at_least is not None and at_least > cap:
-        raise Speculation(
-            f"{where} inflates past the {cap} bytes the disk was sized for: its blob says "
-            f"at least {at_least}"
-        )
+        raise _past_sizing(where, cap, f"its blob says at least {at_least}")
     return stated if at_least is None else None
-
-
-def _add_body(
-    files: list[Node], specials: list[Node], body: _Body, paths: tuple[bytes, ...]
-) -> None:
-    (files if body.entry.kind is Kind.FILE else specials).append(
-        Node(paths, body.entry, body.layer)
-    )
 
 
 def _parent(path: bytes) -> bytes:
