@@ -9,10 +9,12 @@ hold exactly one ready disk that passes ``e2fsck -fn`` and the blobs it needs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import pytest
 from support.disk import e2fsck_clean
 from support.push import push_manifest
 from support.pushed import PushedImage
-from support.service import CLI, serve_process, wait_for_status
+from support.service import CLI, ServeProcess, serve_process, wait_for_status
 
 from hypeman_images.builds import PAUSE_ENV, PAUSE_STAGES
 
@@ -61,6 +63,22 @@ STAGES = {
     "metadata": ("converting", "converting"),
     "tagging": ("ready", "converting"),
 }
+
+
+@contextlib.contextmanager
+def parked_at_pulling(
+    data_dir: Path, log: Path, image: PushedImage, *flags: str
+) -> Iterator[tuple[ServeProcess, httpx.Client]]:
+    """``serve`` (with ``flags``) that accepted a build of ``image`` and is parked
+    half-way through its download."""
+    with (
+        serve_process(data_dir, log, *flags, env={PAUSE_ENV: "pulling"}) as served,
+        httpx.Client(timeout=30) as client,
+    ):
+        posted = client.post(f"{served.url}/images", json={"name": image.ref})
+        assert posted.status_code == 202, posted.text
+        served.wait_for_output("paused at pulling")
+        yield served, client
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -156,12 +174,7 @@ def test_kill_with_a_build_queued_then_restart_finishes_both(
     # One build at a time: alpine is parked mid-download, busybox waits behind it.
     # Only busybox's "pending" record says it was asked for; the restart must build it.
     log = tmp_path / "serve.log"
-    with (
-        serve_process(data_dir, log, "--concurrency", "1", env={PAUSE_ENV: "pulling"}) as served,
-        httpx.Client(timeout=30) as client,
-    ):
-        assert client.post(f"{served.url}/images", json={"name": alpine_ref.ref}).status_code == 202
-        served.wait_for_output("paused at pulling")
+    with parked_at_pulling(data_dir, log, alpine_ref, "--concurrency", "1") as (served, client):
         queued = client.post(f"{served.url}/images", json={"name": busybox_ref.ref})
         assert queued.status_code == 202, queued.text
         assert (queued.json()["status"], queued.json()["queue_position"]) == ("pending", 1)
@@ -222,12 +235,7 @@ def test_recovered_build_keeps_the_free_space_it_was_asked_with(
     # The first server builds with 48 MiB of free space and dies; the second one,
     # started with the default, must finish the build as it was first asked.
     log = tmp_path / "serve.log"
-    with (
-        serve_process(data_dir, log, "--free-space", "48M", env={PAUSE_ENV: "pulling"}) as served,
-        httpx.Client(timeout=30) as client,
-    ):
-        assert client.post(f"{served.url}/images", json={"name": alpine_ref.ref}).status_code == 202
-        served.wait_for_output("paused at pulling")
+    with parked_at_pulling(data_dir, log, alpine_ref, "--free-space", "48M") as (served, _):
         served.kill()
     assert state(data_dir, alpine_ref)[0]["free_space_bytes"] == 48 << 20
     with serve_process(data_dir, log) as served, httpx.Client(timeout=30) as client:
