@@ -58,12 +58,12 @@ import measure  # noqa: E402
 from support.push import push_blob, push_manifest  # noqa: E402
 from support.registry import start_registry  # noqa: E402
 
-from hypeman_images.compression import open_decompressed  # noqa: E402
-from hypeman_images.config import BuildOptions  # noqa: E402
-from hypeman_images.convert import size_inputs  # noqa: E402
-from hypeman_images.digest import Digest  # noqa: E402
-from hypeman_images.e2fsprogs import find_e2fsprogs, tool_env  # noqa: E402
-from hypeman_images.ext4 import (  # noqa: E402
+from hypeman_images.build.convert import size_inputs  # noqa: E402
+from hypeman_images.build.manager import ImageManager  # noqa: E402
+from hypeman_images.build.options import BuildOptions  # noqa: E402
+from hypeman_images.build.pipeline import BuildStats  # noqa: E402
+from hypeman_images.disk.e2fsprogs import find_e2fsprogs, tool_env  # noqa: E402
+from hypeman_images.disk.ext4 import (  # noqa: E402
     FIXED_TIME,
     MKE2FS_CONF,
     build_disk,
@@ -71,9 +71,9 @@ from hypeman_images.ext4 import (  # noqa: E402
     plan_disk,
     run_mke2fs_stream,
 )
-from hypeman_images.flatten import merge, scan_layer, write_tar  # noqa: E402
-from hypeman_images.manager import ImageManager  # noqa: E402
-from hypeman_images.pipeline import BuildStats  # noqa: E402
+from hypeman_images.layers.compression import open_decompressed  # noqa: E402
+from hypeman_images.layers.flatten import merge, scan_layer, write_tar  # noqa: E402
+from hypeman_images.oci.digest import Digest  # noqa: E402
 
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -202,7 +202,7 @@ _CLI = (
     "import atexit, resource, sys\n"
     "atexit.register(lambda: print("
     f"'{_SELF_RSS}%d' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))\n"
-    "from hypeman_images.cli import main\n"
+    "from hypeman_images.cli.app import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
 

@@ -9,7 +9,7 @@ from _common import run
 
 with atheris.instrument_imports():
     from hypeman_images.errors import HypemanError
-    from hypeman_images.spec import (
+    from hypeman_images.oci.spec import (
         INDEX_TYPES,
         MANIFEST_TYPES,
         media_type_of,

@@ -8,8 +8,8 @@ import atheris
 from _common import run
 
 with atheris.instrument_imports():
-    from hypeman_images.compression import open_decompressed
-    from hypeman_images.flatten import Limits, merge, scan_layer
+    from hypeman_images.layers.compression import open_decompressed
+    from hypeman_images.layers.flatten import Limits, merge, scan_layer
 
 LIMITS = Limits(max_entries=10_000, max_layer_bytes=16 << 20, max_header_bytes=64 << 10)
 TYPES = (

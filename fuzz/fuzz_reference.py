@@ -8,9 +8,9 @@ import atheris
 from _common import run
 
 with atheris.instrument_imports():
-    from hypeman_images.digest import Digest
-    from hypeman_images.reference import parse_reference
-    from hypeman_images.store import ImageStore
+    from hypeman_images.oci.digest import Digest
+    from hypeman_images.oci.reference import parse_reference
+    from hypeman_images.store.images import ImageStore
 
 ROOT = Path("/nonexistent/images")
 

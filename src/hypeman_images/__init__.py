@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .errors import HypemanError
-    from .image import Image
-    from .manager import GcReport, ImageManager, RecoveryReport
-    from .store import ImageStatus
+    from hypeman_images.build.image import Image
+    from hypeman_images.build.manager import GcReport, ImageManager, RecoveryReport
+    from hypeman_images.errors import HypemanError
+    from hypeman_images.store.images import ImageStatus
 
 __version__ = "0.1.0"
 
@@ -22,11 +22,11 @@ __version__ = "0.1.0"
 # CLI loads only what its command needs (issue 7: start-up time).
 _LAZY = {
     "HypemanError": "errors",
-    "Image": "image",
-    "GcReport": "manager",
-    "ImageManager": "manager",
-    "RecoveryReport": "manager",
-    "ImageStatus": "store",
+    "Image": "build.image",
+    "GcReport": "build.manager",
+    "ImageManager": "build.manager",
+    "RecoveryReport": "build.manager",
+    "ImageStatus": "store.images",
 }
 
 

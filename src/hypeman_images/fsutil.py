@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TypeGuard, cast
 
-from .errors import StorageError
+from hypeman_images.errors import StorageError
 
 TEMP_PREFIX = ".tmp-"
 

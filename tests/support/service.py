@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import uvicorn
 
-from hypeman_images.api import create_app
-from hypeman_images.manager import ImageManager
+from hypeman_images.build.manager import ImageManager
+from hypeman_images.service.api import create_app
 
 from .images import make_image, make_layer, push_image
 from .registry import RegistryServer, free_port

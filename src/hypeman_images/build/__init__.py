@@ -1,0 +1,12 @@
+"""One image from name to disk, and the machinery that runs many of them.
+
+Owns resolving and pulling (``pull``), converting layers into a disk
+(``convert``), the end-to-end build of one image and its record
+(``pipeline``), the build queue (``queue``), the :class:`ImageManager` facade
+(``manager``), the build options and data dir (``options``), progress
+reporting (``progress``), metrics (``metrics``), the facade's ``Image`` view
+(``image``) and the collector settings builds run under (``collector``).
+
+May import: ``errors``, ``fsutil``, ``oci``, ``registry``, ``store``,
+``layers``, ``disk``.
+"""

@@ -1,0 +1,673 @@
+"""The one seam the CLI and the API use: create, list, get, delete, gc, recover.
+
+:class:`ImageManager` owns a data dir (image store + blob cache), the registry
+client and a :class:`~hypeman_images.build.queue.BuildQueue`. ``create`` resolves
+the name to a digest with one manifest GET (concurrent requests for the same
+name share it), then joins the build already queued for that digest or queues
+a new one, and returns at once. ``pull`` is ``create`` plus waiting.
+
+Deleting an image whose build is queued or running is refused with
+:class:`~hypeman_images.errors.Conflict` (HTTP 409): cancelling would need
+every stage (download threads, mke2fs) to stop cooperatively, and a refusal
+is simple to reason about. Wait for the build to end, then delete.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from hypeman_images.build.image import Image, image_of, image_view
+from hypeman_images.build.metrics import Metrics, QueueGauges
+from hypeman_images.build.options import BuildOptions, DataDir
+from hypeman_images.build.pipeline import BuildStats, build_resolved, initial_record
+from hypeman_images.build.progress import Reporter
+from hypeman_images.build.pull import ResolvedImage, resolve
+from hypeman_images.build.queue import BuildKey, BuildQueue, Job, PauseHook, PausingReporter
+from hypeman_images.errors import Conflict, HypemanError, NotFound
+from hypeman_images.layers.scancache import ScanCache
+from hypeman_images.oci.digest import Digest
+from hypeman_images.oci.reference import Reference, parse_reference
+from hypeman_images.oci.spec import Platform
+from hypeman_images.registry.client import RegistryClient
+from hypeman_images.store.blobs import BlobStore
+from hypeman_images.store.housekeeping import (
+    blobs_needed,
+    build_dirs,
+    idle_lock,
+    read_record,
+    remove_dangling_tags,
+    sweep_build_dir,
+    tree_size,
+)
+from hypeman_images.store.images import DISK_NAME, ImageRecord, ImageStatus, ImageStore, StoredImage
+
+if TYPE_CHECKING:
+    from hypeman_images.disk.verify import Verified
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONCURRENCY = 2
+
+
+class Builder(Protocol):
+    """The shape of :func:`pipeline.build_resolved`: a seam for tests to observe builds."""
+
+    def __call__(
+        self,
+        resolved: ResolvedImage,
+        *,
+        client: RegistryClient,
+        blobs: BlobStore,
+        store: ImageStore,
+        options: BuildOptions,
+        reporter: Reporter,
+        on_status: Callable[[Reference, ImageRecord], None] | None,
+        stats: BuildStats,
+    ) -> StoredImage: ...
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What ``gc`` removed; ``bytes_freed`` counts blobs, build dirs, scans and temp files."""
+
+    blobs_removed: int
+    bytes_freed: int
+    directories_removed: int = 0
+    scans_removed: int = 0
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What ``recover`` found: builds resumed, tag links restored, bytes of leftovers freed."""
+
+    resumed: tuple[str, ...]
+    retagged: tuple[str, ...]
+    bytes_freed: int
+
+
+class ImageManager:
+    """Images in one data dir, built by a queue of at most ``concurrency`` builds.
+
+    ``client_factory`` makes the registry client (tests pass their own); it is
+    called once, on first use. ``builder`` is the pipeline (a seam for tests).
+    ``pause`` is the crash-test hook of :mod:`hypeman_images.build.queue`.
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        options: BuildOptions | None = None,
+        client_factory: Callable[[], RegistryClient] = RegistryClient,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        builder: Builder = build_resolved,
+        pause: PauseHook | None = None,
+    ) -> None:
+        self.data = DataDir(data_dir)
+        self.options = options or BuildOptions()
+        self._pause = pause or PauseHook()
+        self.store = ImageStore(self.data.images, on_temp_written=self._metadata_written)
+        self.blobs = BlobStore(self.data.cache)
+        self.metrics = Metrics()
+        self._client_factory = client_factory
+        self._client: RegistryClient | None = None
+        self._builder = builder
+        # Guards the job table against create/delete/gc interleaving; always taken
+        # before the queue's own lock, never after it.
+        self._lock = threading.RLock()
+        # The digest each tag was last resolved to here: a slow build of an older
+        # digest must not move a tag back after a newer one was asked for.
+        self._latest: dict[str, Digest] = {}
+        self._resolving: dict[tuple[str, Platform], Future[ResolvedImage]] = {}
+        self._queue = BuildQueue(self._run, concurrency)
+
+    @property
+    def client(self) -> RegistryClient:
+        """The registry client, made on first use."""
+        with self._lock:
+            if self._client is None:
+                self._client = self._client_factory()
+            return self._client
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop starting builds; wait up to ``timeout`` for running ones; release connections.
+
+        Builds still running after ``timeout`` die with the process and are
+        resumed by the next :meth:`recover`.
+        """
+        if self._queue.close(timeout):
+            with self._lock:
+                if self._client is not None:
+                    self._client.close()
+                    self._client = None
+        else:
+            log.warning("builds still running at shutdown; they resume at the next start")
+
+    def __enter__(self) -> ImageManager:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        # Unwinding an error (Ctrl-C included): don't wait for builds to finish.
+        self.close(timeout=0 if kind is not None else None)
+
+    # -- requests ---------------------------------------------------------------
+
+    def create(self, name: str | Reference, *, options: BuildOptions | None = None) -> Image:
+        """Ask for ``name`` to be built; return at once (pending, or ready if already built).
+
+        The name is resolved to its digest first (one manifest GET); unknown
+        names raise :class:`NotFound` here rather than failing later.
+        """
+        ref = _parse(name)
+        image, _ = self._submit(ref, options or self.options, None, None)
+        return image
+
+    def pull(
+        self,
+        name: str | Reference,
+        *,
+        options: BuildOptions | None = None,
+        reporter: Reporter | None = None,
+        stats: BuildStats | None = None,
+    ) -> StoredImage:
+        """Build ``name`` through the queue and wait; return the ready image or raise."""
+        ref = _parse(name)
+        reporter = reporter or Reporter()
+        stats = stats if stats is not None else BuildStats()
+        reporter.stage("resolving", ref.familiar())
+        image, job = self._submit(ref, options or self.options, reporter, stats)
+        if job is None:
+            reporter.stage("ready", f"{ref.familiar()} (already built)")
+            return self.store.find(ref.with_digest(Digest.parse(image.digest)))
+        job.wait()
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    def wait(self, name: str | Reference, timeout: float | None = None) -> Image:
+        """Block until the build ``name`` names ends (or ``timeout``); return its image."""
+        ref = _parse(name)
+        with self._lock:
+            job = self._job_for(ref)
+        if job is not None:
+            job.wait(timeout)
+        return self.get(ref)
+
+    def get(self, name: str | Reference) -> Image:
+        """The image ``name`` names (tag or digest), building or built; NotFound otherwise.
+
+        By tag, a build in progress for that tag wins over the ready digest the
+        tag still points at: it is what the asker is waiting for.
+        """
+        ref = _parse(name)
+        with self._lock:
+            job = self._job_for(ref)
+            if job is not None:
+                return self._job_image(job, str(ref))
+        return self._stored_image(self._find(ref), str(ref))
+
+    def delete(self, name: str | Reference) -> list[str]:
+        """Delete by tag (the disk goes with its last tag) or by digest (with all its tags).
+
+        Raises :class:`Conflict` while a build of that name or digest is queued
+        or running, :class:`NotFound` for an unknown name. Returns what was removed.
+        """
+        ref = _parse(name)
+        with self._lock:
+            job = self._job_for(ref)
+            if job is not None:
+                raise Conflict(
+                    f"{ref.familiar()} is being built ({job.status}); "
+                    "wait until it is ready or failed, then delete it"
+                )
+            stored = self._find(ref)
+            with idle_lock(stored.directory) as free:
+                if not free:
+                    raise Conflict(
+                        f"{ref.familiar()} is being built by another process; try again later"
+                    )
+                if stored.tags or ref.digest is not None:
+                    removed = self.store.remove(ref)
+                else:  # a failed or interrupted build has no tag link to go through
+                    self.store.remove_directory(stored.directory)
+                    removed = [f"{stored.repository}@{stored.record.digest}"]
+            self.blobs.untag(set(removed))
+            return removed
+
+    def verify(self, name: str | Reference, *, record: bool = False) -> Verified:
+        """Check the ready disk ``name`` names again: ``e2fsck -fn`` and its sha256.
+
+        Raises :class:`CorruptDisk` when e2fsck finds a problem or the disk no
+        longer hashes to the sha256 recorded when it was built; with ``record``,
+        a disk built with ``--no-disk-digest`` gets its sha256 recorded now.
+        The digest's build lock is held throughout, so no build or delete of
+        it runs meanwhile.
+        """
+        # Imported here: only this call needs the disk code.
+        from hypeman_images.disk.e2fsprogs import find_e2fsprogs
+        from hypeman_images.disk.verify import Verified, check_disk
+
+        ref = _parse(name)
+
+        def ready(record: ImageRecord | None) -> ImageRecord:
+            if record is None or record.status is not ImageStatus.READY:
+                status = record.status if record is not None else "gone"
+                raise Conflict(f"{ref.familiar()} is {status}, not ready: nothing to verify yet")
+            return record
+
+        # Checked before the build lock too: a build in progress holds it for minutes.
+        stored = self._find(ref)
+        digest = Digest.parse(ready(stored.record).digest)
+        key = parse_reference(f"{stored.repository}@{digest}")
+        tools = find_e2fsprogs(self.options.mke2fs or "mke2fs")
+        with self.store.lock(key, digest):
+            current = ready(self.store.read(key, digest))
+            disk = self.store.digest_dir(key, digest) / DISK_NAME
+            sha256 = str(check_disk(tools, disk, current.disk_sha256))
+            recorded_now = record and current.disk_sha256 is None
+            if recorded_now:
+                self.store.update(key, digest, lambda r: r.evolve(disk_sha256=sha256))
+        return Verified(
+            str(ref), str(digest), disk, sha256, current.disk_sha256, recorded_now=recorded_now
+        )
+
+    def list(self) -> list[Image]:
+        """Every image in the store and in the queue, by repository and age."""
+        jobs = {job.key: job for job in self._queue.jobs()}
+        images: list[Image] = []
+        for stored in self.store.scan():
+            key = _key_of(stored)
+            job = jobs.pop(key, None) if key is not None else None
+            images.append(self._job_image(job) if job else self._stored_image(stored))
+        images.extend(self._job_image(job) for job in jobs.values())
+        return sorted(images, key=lambda i: (i.repository, i.created_at, i.digest))
+
+    def gc(self) -> GcReport:
+        """Remove what no image needs: failed or unreadable build dirs, their blobs, leftovers.
+
+        Blobs of ready and of queued, running or interrupted builds are kept.
+        """
+        with self._lock:
+            active = {job.key for job in self._queue.jobs()}
+            keep: set[Digest] = set()
+            freed = removed_dirs = 0
+            for directory, repository in build_dirs(self.store.root):
+                key = BuildKey(repository, Digest("sha256", directory.name))
+                record = read_record(directory)
+                if key in active:
+                    keep |= blobs_needed(record)
+                    continue
+                with idle_lock(directory) as free:
+                    if free and (record is None or record.status is ImageStatus.FAILED):
+                        freed += tree_size(directory)
+                        self.store.remove_directory(directory)
+                        removed_dirs += 1
+                        continue
+                    if free:
+                        freed += sweep_build_dir(directory)
+                keep |= blobs_needed(record)
+            remove_dangling_tags(self.store.root)
+            freed += self.store.sweep()
+            result = self.blobs.gc(keep)
+            # After the blobs: a scan whose blob just went goes too.
+            scans_removed, scans_freed = ScanCache.beside(self.blobs).gc(self.blobs)
+        return GcReport(
+            result.blobs_removed,
+            result.bytes_freed + freed + scans_freed,
+            removed_dirs,
+            scans_removed,
+        )
+
+    def recover(self) -> RecoveryReport:
+        """Resume builds a crash interrupted and clean what it left; call once at start.
+
+        Records in pending/pulling/converting whose build lock nobody holds
+        are queued again from their name and digest (the manifest is fetched
+        again by digest, which gives the same build); a ready record whose tag
+        link is missing gets it; temp files and half-deleted dirs of dead
+        writers go. A build another live process holds is left to it.
+        """
+        resumed: list[str] = []
+        retagged: list[str] = []
+        with self._lock:
+            freed = self.store.sweep() + self.blobs.sweep_ingest()
+            freed += ScanCache.beside(self.blobs).sweep()
+            for stored in sorted(self.store.scan(), key=lambda s: s.record.created_at):
+                record = stored.record
+                with idle_lock(stored.directory) as free:
+                    if not free:
+                        continue
+                    freed += sweep_build_dir(stored.directory)
+                try:
+                    ref = parse_reference(record.name)
+                    digest = Digest.parse(record.digest)
+                except HypemanError as exc:
+                    log.warning("cannot recover %s: %s", stored.directory, exc)
+                    continue
+                if ref.name != stored.repository or digest.encoded != stored.directory.name:
+                    log.warning("ignoring %s: its record names %s", stored.directory, record.name)
+                    continue
+                names = [ref, *_pending_tags(record, ref)]
+                broken = record.status is ImageStatus.READY and not stored.disk.is_file()
+                if record.status.active or broken:
+                    # Rebuild as first asked: the free space changes the disk's bytes.
+                    options = self.options
+                    if record.free_space_bytes is not None:
+                        options = replace(options, free_space=record.free_space_bytes)
+                    job = Job(BuildKey(ref.name, digest), ref.with_digest(digest), options)
+                    for name in names[1:]:
+                        job.add_name(name)  # every tag that asked, not only the first
+                    job.recovered = True
+                    self._queue.submit(job)
+                    resumed.append(record.name)
+                elif record.status is ImageStatus.READY:
+                    # The crash fell between "ready" and the tag links. A link that
+                    # exists was moved on purpose since, and stays.
+                    for name in names:
+                        if name.tag is not None and self.store.tag_target(name) is None:
+                            self.store.set_tag(name, digest)
+                            retagged.append(str(name))
+                    self.store.update(ref, digest, _without_pending_tags)
+        if resumed or retagged:
+            log.info("recovery: resumed %s; retagged %s", resumed, retagged)
+        return RecoveryReport(tuple(resumed), tuple(retagged), freed)
+
+    def gauges(self) -> QueueGauges:
+        """Queue length and running builds, for metrics."""
+        waiting, running = self._queue.counts()
+        return QueueGauges(waiting, running)
+
+    # -- internals --------------------------------------------------------------
+
+    def _submit(
+        self,
+        ref: Reference,
+        options: BuildOptions,
+        reporter: Reporter | None,
+        stats: BuildStats | None,
+    ) -> tuple[Image, Job | None]:
+        """Join or queue the build ``ref`` resolves to; ``None`` job when already built."""
+        self.store.validate(ref)
+        if ref.digest is not None:
+            # A digest-pinned name whose disk is ready needs no network at all.
+            ready = self._ready(ref, self.store.locate(ref, ref.digest))
+            if ready is not None:
+                self._reused(stats)
+                return self._stored_image(ready, str(ref)), None
+        resolved = self._resolve(ref, options.platform)
+        digest = resolved.digest
+        key = BuildKey(ref.name, digest)
+        with self._lock:
+            if ref.tag is not None:
+                self._latest[str(ref.with_tag(ref.tag))] = digest
+            job = self._queue.get(key)
+            if job is not None:
+                job.add_name(resolved.ref)
+                self._remember_tag(job, resolved.ref)
+                if reporter is not None:
+                    job.reporter.attach(reporter)
+                return self._job_image(job, str(ref)), job
+            ready = self._ready(ref, digest)
+            if ready is not None:
+                self.store.set_tag(resolved.ref, digest)
+                self._reused(stats)
+                return self._stored_image(self.store.find(resolved.ref), str(ref)), None
+            self._write_pending(resolved, options)
+            job = Job(key, resolved.ref, options, resolved=resolved, stats=stats)
+            if reporter is not None:
+                job.reporter.attach(reporter)
+            self._queue.submit(job)
+            return self._job_image(job, str(ref)), job
+
+    def _remember_tag(self, job: Job, ref: Reference) -> None:
+        """Note a tag that joined ``job`` in its record, so a crash does not forget it."""
+        if ref.tag is None:
+            return
+        tag = ref.pinned()
+        if tag == job.ref.pinned():
+            return
+
+        def add(record: ImageRecord) -> ImageRecord:
+            if tag == record.name or tag in record.pending_tags:
+                return record
+            return record.evolve(pending_tags=[*record.pending_tags, tag])
+
+        self.store.update(job.ref, job.key.digest, add)
+
+    def _resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
+        """One manifest GET per name however many ask at once."""
+        key = (str(ref), platform)
+        with self._lock:
+            future = self._resolving.get(key)
+            owner = future is None
+            if future is None:
+                future = self._resolving[key] = Future()
+        if owner:
+            try:
+                self._pause.reached("resolving")
+                future.set_result(resolve(self.client, ref, platform))
+            except BaseException as exc:  # handed to every waiter, re-raised below
+                future.set_exception(exc)
+            finally:
+                with self._lock:
+                    del self._resolving[key]
+        return future.result()
+
+    def _ready(self, ref: Reference, digest: Digest) -> StoredImage | None:
+        record = self.store.read(ref, digest)
+        if record is None or record.status is not ImageStatus.READY:
+            return None
+        if not (self.store.digest_dir(ref, digest) / DISK_NAME).is_file():
+            return None
+        return self.store.find(ref.with_digest(digest))
+
+    def _reused(self, stats: BuildStats | None) -> None:
+        self.metrics.image_reused()
+        if stats is not None:
+            stats.reused = True
+
+    def _write_pending(self, resolved: ResolvedImage, options: BuildOptions) -> None:
+        """Record the request on disk first, so a crash before the build starts resumes it."""
+        ref, digest = resolved.ref, resolved.digest
+        existing = self.store.read(ref, digest)
+        if existing is not None and existing.status.active:
+            return  # an interrupted build or another process's: the build lock sorts it out
+        if self._ready(ref, digest) is not None:
+            return  # another process finished it since we looked: never demote a ready build
+        fresh = initial_record(ref, digest, ImageStatus.PENDING)
+        record = (
+            existing.evolve(
+                status=ImageStatus.PENDING, error=None, name=fresh.name, pending_tags=[]
+            )
+            if existing is not None
+            else fresh
+        )
+        # Name the blobs now: a gc while the build waits must keep what is cached.
+        manifest = resolved.manifest
+        record = record.evolve(
+            config_digest=str(manifest.config.digest),
+            layers=[str(layer.digest) for layer in manifest.layers],
+            free_space_bytes=options.free_space,
+            index_digest=str(resolved.index_digest) if resolved.index_digest else None,
+        )
+        self.store.write(ref, digest, record, keep_pending=False)  # a new round of asking
+
+    def _run(self, job: Job) -> None:
+        """A queue worker's body: build ``job`` and set every tag that asked for it."""
+        self.metrics.build_started()
+        started = time.monotonic()
+        ok = False
+
+        def on_status(ref: Reference, record: ImageRecord) -> None:
+            if record.status is ImageStatus.READY:
+                # Shown as ready only below, once every tag that asked points at it.
+                self._pause.reached("tagging")
+                return
+            job.update(record)
+
+        # A recovered build leaves alone a tag link that was moved meanwhile.
+        before = {str(n): self.store.tag_target(n) for n in job.names} if job.recovered else {}
+        try:
+            resolved = job.resolved or self._resolve_again(job)
+            job.result = self._builder(
+                resolved,
+                client=self.client,
+                blobs=self.blobs,
+                store=self.store,
+                options=job.options,
+                reporter=PausingReporter(job.reporter, self._pause),
+                on_status=on_status,
+                stats=job.stats,
+            )
+            ok = True
+        except HypemanError as exc:
+            self._record_failure(job, exc)
+            raise
+        finally:
+            if job.stats.reused:
+                self.metrics.image_reused()
+            self.metrics.build_finished(
+                "success" if ok else "failure",
+                time.monotonic() - started,
+                job.stats.downloaded_bytes,
+                job.stats.cached_blobs,
+            )
+            with self._lock:
+                if ok:
+                    for name in job.names:
+                        target = self._tag_target(name, job.key.digest, before.get(str(name)))
+                        if target is not None:
+                            self.store.set_tag(name, target)
+                    self.store.update(job.ref, job.key.digest, _without_pending_tags)
+                    job.result = self.store.find(job.ref)
+                    job.update(job.result.record)
+                self._queue.retire(job)
+
+    def _metadata_written(self, record: ImageRecord) -> None:
+        """The store wrote a record's temp file: the crash tests' "metadata" stage."""
+        if record.status is ImageStatus.READY:
+            self._pause.reached("metadata")
+
+    def _tag_target(self, name: Reference, built: Digest, before: Digest | None) -> Digest | None:
+        """Where tag ``name`` should point once ``built`` is ready (None: leave it).
+
+        The newest request for a tag wins over a build that merely finished later;
+        a recovered build keeps a link that was moved to another digest meanwhile.
+        """
+        if before is not None and before != built:
+            return before
+        wanted = self._latest.get(str(name), built)
+        if wanted == built:
+            return built
+        return wanted if self._ready(name, wanted) is not None else None
+
+    def _resolve_again(self, job: Job) -> ResolvedImage:
+        """A recovered build: fetch its manifest by digest (verified against it)."""
+        self._pause.reached("resolving")
+        resolved = resolve(self.client, job.ref, job.options.platform)
+        job.resolved = resolved
+        return resolved
+
+    def _record_failure(self, job: Job, exc: HypemanError) -> None:
+        """Failures before the pipeline wrote anything (e.g. re-resolving) still end the record."""
+        directory = self.store.digest_dir(job.ref, job.key.digest)
+        record = self.store.read(job.ref, job.key.digest)
+        if record is None or not record.status.active:
+            return
+        with idle_lock(directory) as free:
+            if free:
+                failed = record.evolve(status=ImageStatus.FAILED, error=exc.message)
+                self.store.write(job.ref, job.key.digest, failed)
+                job.update(failed)
+
+    def _job_for(self, ref: Reference) -> Job | None:
+        found = [job for job in self._queue.jobs() if job.answers(ref)]
+        return found[-1] if found else None
+
+    def _find(self, ref: Reference) -> StoredImage:
+        """The stored image by digest or tag link; else the newest record built under that name."""
+        try:
+            return self.store.find(ref)
+        except NotFound:
+            if ref.digest is not None:
+                raise
+            # Failed and interrupted builds have no tag link; their record has the name.
+            # (A ready one without its link was untagged on purpose.)
+            named = [
+                s
+                for s in self.store.scan()
+                if s.record.name == str(ref) and s.record.status is not ImageStatus.READY
+            ]
+            if not named:
+                raise
+            return max(named, key=lambda s: s.record.updated_at or s.record.created_at)
+
+    def _job_image(self, job: Job, name: str | None = None) -> Image:
+        record = (
+            job.record
+            or self.store.read(job.ref, job.key.digest)
+            or initial_record(job.ref, job.key.digest, job.status)
+        )
+        if job.status is ImageStatus.FAILED and record.status is not ImageStatus.FAILED:
+            record = record.evolve(status=ImageStatus.FAILED, error=str(job.error))
+        directory = self.store.digest_dir(job.ref, job.key.digest)
+        return image_view(
+            record,
+            job.key.repository,
+            (),
+            directory,
+            name=name,
+            status=job.status,
+            queue_position=self._queue.position(job),
+        )
+
+    def _stored_image(self, stored: StoredImage, name: str | None = None) -> Image:
+        return image_of(stored, name)
+
+
+def _pending_tags(record: ImageRecord, ref: Reference) -> list[Reference]:
+    """The tags besides ``ref`` that asked for the record's build; odd entries skipped."""
+    tags = []
+    for text in record.pending_tags:
+        try:
+            tag = parse_reference(text)
+        except HypemanError:
+            log.warning("ignoring pending tag %r of %s: not a name", text, record.name)
+            continue
+        if tag.name == ref.name and tag.tag is not None and tag.digest is None:
+            tags.append(tag)
+    return tags
+
+
+def _without_pending_tags(record: ImageRecord) -> ImageRecord:
+    return record.evolve(pending_tags=[]) if record.pending_tags else record
+
+
+def _parse(name: str | Reference) -> Reference:
+    return parse_reference(name) if isinstance(name, str) else name
+
+
+def _key_of(stored: StoredImage) -> BuildKey | None:
+    try:
+        return BuildKey(stored.repository, Digest.parse(stored.record.digest))
+    except HypemanError:
+        return None
+
+
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "Builder",
+    "GcReport",
+    "Image",
+    "ImageManager",
+    "RecoveryReport",
+]

@@ -1,0 +1,296 @@
+"""One image, end to end: reference → registry → blob cache → flatten → ext4 → store.
+
+:func:`build_resolved` is the whole pipeline of DESIGN.md for one resolved
+reference (``pull.resolve`` does the resolving). It is synchronous and knows
+nothing of queues; the manager runs it in workers.
+Every stage records itself in ``metadata.json`` so that a crash leaves a
+record the next start can resume from, and ``ready`` is written only after
+the disk is in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hypeman_images.build import collector
+from hypeman_images.build.options import BuildOptions
+from hypeman_images.build.progress import Reporter
+from hypeman_images.build.pull import PulledImage, ResolvedImage, fetch_config, pull
+from hypeman_images.errors import HypemanError, LimitExceeded
+from hypeman_images.fsutil import storage_error
+from hypeman_images.layers.flatten import Limits
+from hypeman_images.layers.scancache import ScanCache
+from hypeman_images.oci.digest import Digest
+from hypeman_images.oci.reference import Reference
+from hypeman_images.registry.client import RegistryClient
+from hypeman_images.store.blobs import BlobStore
+from hypeman_images.store.feeds import LayerFeeds
+from hypeman_images.store.images import (
+    DISK_NAME,
+    ImageRecord,
+    ImageStatus,
+    ImageStore,
+    StoredImage,
+    now,
+)
+
+if TYPE_CHECKING:
+    from hypeman_images.build import convert
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildStats:
+    """What one build did, for logs, metrics and benchmarks (seconds and bytes)."""
+
+    resolve_s: float = 0.0
+    download_s: float = 0.0
+    convert_s: float = 0.0
+    finish_s: float = 0.0
+    downloaded_bytes: int = 0
+    cached_blobs: int = 0
+    reused: bool = False
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+def initial_record(ref: Reference, digest: Digest, status: ImageStatus) -> ImageRecord:
+    """The record of a build that has just been asked for."""
+    return ImageRecord(name=ref.pinned(), digest=str(digest), status=status, created_at=now())
+
+
+# mke2fs's own metadata (inode tables, bitmaps, directories) on top of the
+# content: the disk layouts ext4.py makes spend less than a sixteenth on it.
+_METADATA_SHARE = 16
+
+
+def room_for_content(free: int, downloading: int, free_space: int) -> int:
+    """The most uncompressed image content a build may write with ``free`` bytes free.
+
+    ``downloading``: the compressed bytes still to fetch into the blob cache,
+    which lives on the same filesystem; ``free_space``: the free space asked
+    for inside the disk. What is left, less mke2fs's metadata share, is what
+    the layers may inflate to before the disk could no longer fit (never
+    negative). A snapshot, not a reservation: two builds that start together
+    each see the whole of it.
+    """
+    left = free - downloading
+    return max(0, left - left // _METADATA_SHARE - free_space)
+
+
+def build_limits(
+    resolved: ResolvedImage, blobs: BlobStore, store: ImageStore, options: BuildOptions
+) -> Limits:
+    """``options.limits``, with the byte limits lowered to what the data dir has room for."""
+    if not options.check_space:
+        return options.limits
+    try:
+        free = shutil.disk_usage(store.root).free
+    except OSError as exc:
+        raise storage_error(exc, f"cannot read the free space of {store.root}") from exc
+    layers = resolved.manifest.layers
+    downloading = sum(layer.size for layer in layers if not blobs.has(layer.digest))
+    room = room_for_content(free, downloading, options.free_space)
+    log.debug("%s: room for %d bytes of content (%d free)", resolved.ref, room, free)
+    return options.limits.within(room)
+
+
+def _explained(
+    exc: LimitExceeded, limits: Limits, options: BuildOptions, root: Path
+) -> HypemanError:
+    """Say so when the byte limit that stopped a build was lowered for lack of disk space."""
+    lowered = [
+        name
+        for name in ("max_layer_bytes", "max_image_bytes")
+        if getattr(limits, name) < getattr(options.limits, name) and name in exc.message
+    ]
+    if not lowered:
+        return exc
+    room = limits.max_image_bytes
+    return LimitExceeded(
+        f"{exc.message} -- but here that limit is lower than configured: the filesystem "
+        f"of {root} has room for only {room} bytes ({room / 2**20:.0f} MiB) of image "
+        "content; free space there or use a data dir on a bigger disk"
+    )
+
+
+def build_resolved(
+    resolved: ResolvedImage,
+    *,
+    client: RegistryClient,
+    blobs: BlobStore,
+    store: ImageStore,
+    options: BuildOptions,
+    reporter: Reporter,
+    on_status: Callable[[Reference, ImageRecord], None] | None,
+    stats: BuildStats,
+) -> StoredImage:
+    """Build a resolved image into a ready disk (or reuse one) and point its tag at it.
+
+    Runs under the digest's build lock, so one build per digest across
+    processes. Raises a :class:`HypemanError` subclass on failure, after
+    recording the failure in the digest's metadata.
+    """
+    # Imported here: converting needs isal, zstandard and the disk code, which a
+    # re-pull of a ready digest (the CLI's fast path) never loads.
+    from hypeman_images.build import convert
+    from hypeman_images.disk.e2fsprogs import TOOLS_FILE, find_e2fsprogs
+
+    ref, digest = resolved.ref, resolved.digest
+    with store.lock(ref, digest), collector.collect_rarely():
+        existing = store.read(ref, digest)
+        ready = existing is not None and existing.status is ImageStatus.READY
+        if ready and (store.digest_dir(ref, digest) / DISK_NAME).is_file():
+            # A ready digest needs no download and no rebuild: only the tag may move.
+            stats.reused = True
+            store.set_tag(ref, digest)
+            reporter.stage("ready", f"{ref.familiar()} (already built)")
+            return store.find(ref)
+
+        record = initial_record(ref, digest, ImageStatus.PULLING)
+        if existing is not None:
+            record = existing.evolve(status=ImageStatus.PULLING, error=None, name=record.name)
+        # Name the blobs from the start, so a gc during the download keeps them.
+        record = record.evolve(
+            config_digest=str(resolved.manifest.config.digest),
+            layers=[str(layer.digest) for layer in resolved.manifest.layers],
+            free_space_bytes=options.free_space,
+            index_digest=str(resolved.index_digest) if resolved.index_digest else None,
+        )
+
+        def set_status(new: ImageRecord) -> None:
+            store.write(ref, digest, new)
+            if on_status:
+                on_status(ref, new)
+
+        set_status(record)
+        limits = build_limits(resolved, blobs, store, options)
+        # mke2fs's probe (two runs of it, the first time in a process) while the layers download.
+        probe = ThreadPoolExecutor(1, thread_name_prefix="probe")
+        tools = probe.submit(
+            find_e2fsprogs, options.mke2fs or "mke2fs", remember=blobs.root / TOOLS_FILE
+        )
+        probe.shutdown(wait=False)  # its one thread ends with the probe; result() waits for it
+        following: convert.Following | None = None
+        converting = ThreadPoolExecutor(1, thread_name_prefix="convert")
+        try:
+            reporter.stage("pulling", f"{ref.familiar()} ({digest.short})")
+            t0 = time.monotonic()
+            # An image built in one pass reads its layers while they download, top
+            # layer first. Else pass 1 of flatten runs on each layer while it
+            # downloads (issue 7), unless the scan cache beside the blobs has it.
+            one_pass = convert.one_pass_candidate(resolved.manifest.layers, options, limits)
+            scans = convert.LayerScans(limits, ScanCache.beside(blobs), tap=not one_pass)
+            dest = store.digest_dir(ref, digest) / DISK_NAME
+
+            def build(pulled: PulledImage) -> convert.DiskInfo:
+                return convert.convert(
+                    pulled,
+                    blobs=blobs,
+                    dest=dest,
+                    options=options,
+                    on_progress=progress,
+                    limits=limits,
+                    scans=scans,
+                    tools=tools.result(),
+                    following=following,
+                )
+
+            def progress(done: int, total: int) -> None:
+                # While the pull runs, the build says nothing: the image is "pulling".
+                if following is None or following.ended:
+                    reporter.converted(done, total)
+
+            early: Future[convert.DiskInfo] | None = None
+            if one_pass:
+                following = convert.Following(LayerFeeds())
+                config, config_bytes = fetch_config(client, blobs, resolved)
+                early = converting.submit(build, PulledImage(resolved, config, config_bytes, 0, 0))
+            pulled = pull(
+                client,
+                blobs,
+                resolved,
+                reporter,
+                tap=scans,
+                feeds=following.feeds if following is not None else None,
+            )
+            stats.download_s = time.monotonic() - t0
+            stats.downloaded_bytes = pulled.downloaded_bytes
+            stats.cached_blobs = pulled.cached_blobs
+            record = _with_config(record, pulled).evolve(status=ImageStatus.CONVERTING)
+            set_status(record)
+
+            reporter.stage("converting", f"{len(resolved.manifest.layers)} layers → ext4")
+            t0 = time.monotonic()
+            if following is not None:
+                following.pull_ended()
+            disk = early.result() if early is not None else build(pulled)
+            stats.convert_s = time.monotonic() - t0
+            stats.stages.update(disk.timings)
+
+        except LimitExceeded as exc:
+            explained = _explained(exc, limits, options, store.root)
+            set_status(record.evolve(status=ImageStatus.FAILED, error=explained.message))
+            if explained is exc:
+                raise
+            raise explained from exc
+        except HypemanError as exc:
+            set_status(record.evolve(status=ImageStatus.FAILED, error=exc.message))
+            raise
+        except Exception as exc:  # the build's top level: record, then re-raise
+            set_status(record.evolve(status=ImageStatus.FAILED, error=f"internal error: {exc!r}"))
+            raise
+        finally:
+            if following is not None and not following.ended:
+                # The pull failed, or the build did before saying the pull ended: the
+                # following build must stop (not wait for ever, nor finish a disk).
+                following.pull_ended(HypemanError("the build failed before converting"))
+            converting.shutdown(wait=True)
+            if following is not None:
+                following.feeds.close()
+        # The disk is in place: from here on a failure (tagging, say) must not
+        # demote the record, or a complete disk would sit beside a "failed" one.
+        t0 = time.monotonic()
+        record = record.evolve(
+            status=ImageStatus.READY,
+            size_bytes=disk.size_bytes,
+            content_bytes=disk.content_bytes,
+            disk_sha256=disk.sha256,
+            tool_versions=disk.tool_versions,
+        )
+        set_status(record)
+        store.set_tag(ref, digest)
+        stats.finish_s = time.monotonic() - t0
+    reporter.stage("ready", ref.familiar())
+    return store.find(ref)
+
+
+def _with_config(record: ImageRecord, pulled: PulledImage) -> ImageRecord:
+    config = pulled.config
+    manifest = pulled.resolved.manifest
+    return record.evolve(
+        entrypoint=list(config.entrypoint) if config.entrypoint is not None else None,
+        cmd=list(config.cmd) if config.cmd is not None else None,
+        env=list(config.env),
+        working_dir=config.working_dir,
+        user=config.user,
+        exposed_ports=list(config.exposed_ports),
+        volumes=list(config.volumes),
+        labels=dict(config.labels),
+        stop_signal=config.stop_signal,
+        platform=str(config.platform),
+        config_digest=str(manifest.config.digest),
+        manifest_media_type=pulled.resolved.media_type,
+        layers=[str(layer.digest) for layer in manifest.layers],
+        image_created=config.created,
+    )
+
+
+__all__ = ["BuildStats", "build_limits", "build_resolved", "initial_record", "room_for_content"]

@@ -1,0 +1,55 @@
+"""Check a built disk again: ``e2fsck -fn``, and its sha256 against the one recorded.
+
+Every disk passed ``e2fsck -fn`` before it was published; its sha256 is in
+``metadata.json`` unless it was built with ``--no-disk-digest``. A
+verification repeats the check, hashes the disk, compares the result with the
+recorded sha256 if there is one, and can record it for a disk built without
+(the first verification then sets what the next ones compare with). The
+check and the hash run side by side, as at build time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hypeman_images.disk.e2fsprogs import E2fsprogs
+from hypeman_images.disk.ext4 import check_and_hash, e2fsck_findings
+from hypeman_images.errors import CorruptDisk
+from hypeman_images.oci.digest import Digest
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A disk that passed: its sha256 now, and how it compares with the record."""
+
+    name: str
+    digest: str  # the image's (manifest) digest
+    disk: Path
+    sha256: str
+    recorded: str | None  # what metadata.json held before this check (equal to sha256 if set)
+    recorded_now: bool = False  # this check wrote sha256 into metadata.json
+
+
+def check_disk(tools: E2fsprogs, disk: Path, expected: str | None) -> Digest:
+    """``e2fsck -fn`` and the sha256 of ``disk``; :class:`CorruptDisk` if either fails.
+
+    ``expected`` is the recorded ``sha256:<hex>``, if any.
+    """
+    digest = check_and_hash(tools, disk, compute_sha256=True, check=_fsck_clean)
+    assert digest is not None
+    if expected is not None and str(digest) != expected:
+        raise CorruptDisk(
+            f"{disk} hashes to {digest}, not to the {expected} recorded when it was built: "
+            "it changed since; remove the image and pull it again"
+        )
+    return digest
+
+
+def _fsck_clean(tools: E2fsprogs, disk: Path) -> None:
+    # ext4.fsck's ToolError means a build went wrong; here the disk changed since.
+    findings = e2fsck_findings(tools, disk, 15)
+    if findings is not None:
+        raise CorruptDisk(
+            f"{disk}: e2fsck -fn found problems {findings}; remove the image and pull it again"
+        )

@@ -1,0 +1,11 @@
+"""Talking to registries: the OCI Distribution client and everything it needs.
+
+Owns the HTTP client (``client``), the registries configuration read from
+``registries.conf`` (``config``), the transport and its TLS/plain-HTTP
+choice (``transport``, ``schemes``), the bearer/basic challenge flow
+(``auth``), credential sources (``credentials``), resumable blob downloads
+(``download``) and decoding the registry's error bodies (``responses``) —
+go-containerregistry's ``remote``, ``transport`` and ``authn``.
+
+May import: ``errors``, ``fsutil``, ``oci``.
+"""

@@ -1,0 +1,520 @@
+"""A client for the OCI Distribution API v2: manifests and blobs, pull only.
+
+``RegistryClient`` speaks HTTP through one ``httpx.Client`` (the transport is
+the seam tests swap), authenticates through :mod:`.auth`, and turns every
+failure into the exception tree at this boundary:
+
+* 404 and ``MANIFEST_UNKNOWN``/``NAME_UNKNOWN``/``BLOB_UNKNOWN`` → ``NotFound``;
+* 401/403 → ``Unauthorized`` naming the registry and the credential's origin;
+* 429 → ``RateLimited`` at once, never retried;
+* 5xx, timeouts and dropped connections → ``TransientError``, retried up to
+  ``config.max_attempts`` times with exponential backoff and full jitter;
+* other 4xx → ``RegistryError(status, codes)`` with the registry's messages.
+
+Manifests are read with a size cap and checked against their digest here;
+blobs are streamed raw and the caller checks them (a ``VerifyingStream``),
+while this module resumes a dropped download with ``Range`` so that the
+caller sees every byte exactly once. Mirrors configured for a registry are
+tried first, the registry itself last. Each host's scheme is decided by
+:mod:`.schemes` on its first request (an insecure host is probed once).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TypeVar
+
+import httpx
+
+from hypeman_images.errors import (
+    DigestMismatch,
+    HypemanError,
+    LimitExceeded,
+    NotFound,
+    RegistryError,
+    TransientError,
+)
+from hypeman_images.oci.digest import Digest
+from hypeman_images.oci.reference import Reference
+from hypeman_images.oci.spec import (
+    ACCEPT_MANIFESTS,
+    Descriptor,
+    Index,
+    Manifest,
+    Platform,
+    media_type_of,
+    parse_manifest_or_index,
+)
+from hypeman_images.registry.auth import RegistryAuth, TokenCache, pull_scope
+from hypeman_images.registry.config import RegistryConfig
+from hypeman_images.registry.credentials import (
+    CachedCredentials,
+    Credential,
+    CredentialSource,
+    StaticCredentials,
+)
+from hypeman_images.registry.download import Download
+from hypeman_images.registry.responses import error_for, log_rate_limit
+from hypeman_images.registry.schemes import Schemes
+from hypeman_images.registry.transport import HostTransport
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
+USER_AGENT = "hypeman-images/0.1"
+# buildkit marks attestation manifests in an index this way (platform unknown/unknown).
+_REFERENCE_TYPE = "vnd.docker.reference.type"
+_FOREIGN_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    }
+)
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    """A manifest or index exactly as the registry sent it, with its verified digest."""
+
+    data: bytes
+    media_type: str
+    digest: Digest
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where requests for a registry go: the registry itself or one of its mirrors.
+
+    ``registry`` is the name credentials are looked up under; ``host`` the API
+    host, whose scheme the client decides when it first sends there.
+    """
+
+    registry: str
+    host: str
+    mirror: bool = False
+
+    def path(self, repository: str, rest: str) -> str:
+        """The API path of ``rest`` (``manifests/<tag>``, ``blobs/<digest>``) in ``repository``."""
+        return f"/v2/{repository}/{rest}"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A reference resolved over the network.
+
+    ``reference`` carries the digest the name pointed to (the index's, for a
+    multi-platform image); ``manifest``/``fetched`` are the chosen platform's
+    image manifest, and ``index`` the index it came from, if any.
+    """
+
+    reference: Reference
+    manifest: Manifest
+    fetched: FetchedManifest
+    index: FetchedManifest | None = None
+
+
+class RegistryClient:
+    """Pull manifests and blobs from Distribution API v2 registries. Thread-safe.
+
+    ``transport`` replaces the network (an ``httpx.MockTransport`` in tests);
+    without it, a per-host transport applies ``config``'s TLS settings.
+    """
+
+    def __init__(
+        self,
+        *,
+        credentials: CredentialSource | None = None,
+        transport: httpx.BaseTransport | None = None,
+        config: RegistryConfig | None = None,
+    ) -> None:
+        self.config = config or RegistryConfig()
+        # Looked up once per (registry, repository) for the client's life, not per request.
+        self._credentials = CachedCredentials(credentials) if credentials else None
+        self._tokens = TokenCache()
+        timeout = httpx.Timeout(self.config.read_timeout, connect=self.config.connect_timeout)
+        self._http = httpx.Client(
+            transport=transport or HostTransport(self.config),
+            timeout=timeout,
+            follow_redirects=True,
+            headers={"User-Agent": USER_AGENT},
+        )
+        self._schemes = Schemes(self.config, self._http)
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every connection."""
+        self._http.close()
+
+    # -- endpoints -----------------------------------------------------------------
+
+    def endpoints(self, ref: Reference) -> list[Endpoint]:
+        """The mirrors configured for ``ref``'s registry, then the registry itself."""
+        out = [
+            Endpoint(m.location, m.location, mirror=True)
+            for m in self.config.mirrors_for(ref.registry)
+        ]
+        out.append(Endpoint(ref.registry, ref.api_host))
+        return out
+
+    def _first_success(self, ref: Reference, fetch: Callable[[Endpoint], T]) -> T:
+        endpoints = self.endpoints(ref)
+        for endpoint in endpoints[:-1]:
+            try:
+                return fetch(endpoint)
+            except NotFound as exc:
+                # A mirror that lacks an image is normal (containerd logs "trying next
+                # host - response was http.StatusNotFound" at info level too).
+                log.info("mirror %s lacks it, trying the next: %s", endpoint.host, exc)
+            except HypemanError as exc:
+                log.warning("mirror %s failed for %s, trying the next: %s", endpoint.host, ref, exc)
+        return fetch(endpoints[-1])
+
+    def check_login(self, registry: str, credential: Credential) -> None:
+        """Check ``credential`` against ``registry`` as ``docker login`` does (``GET /v2/``).
+
+        Returns quietly if accepted; raises ``Unauthorized`` (naming the registry,
+        never the secret) if refused, or the usual errors if the registry fails.
+        """
+        ref = Reference(registry, "_")  # only for the API host of docker.io
+        endpoint = Endpoint(registry, ref.api_host)
+        auth = RegistryAuth(
+            registry=registry,
+            scope="",  # docker login asks for a token without a scope
+            credentials=StaticCredentials({registry: credential}),
+            cache=TokenCache(),
+            send=self._send_token_request,
+        )
+
+        def attempt() -> None:
+            self._send(endpoint, None, "/v2/", {}, "the API version check", auth=auth).close()
+
+        self._retrying(attempt, endpoint, "login")
+
+    # -- manifests -----------------------------------------------------------------
+
+    def get_manifest(self, ref: Reference) -> FetchedManifest:
+        """Fetch the manifest or index ``ref`` names, by digest if it has one, else by tag.
+
+        By digest, the bytes must hash to it; by tag, the digest is computed and
+        must equal ``Docker-Content-Digest`` when the registry sends one.
+        """
+        return self._first_success(ref, lambda endpoint: self._get_manifest(endpoint, ref))
+
+    def _get_manifest(self, endpoint: Endpoint, ref: Reference) -> FetchedManifest:
+        target = str(ref.digest) if ref.digest else ref.tag or "latest"
+        subject = f"manifest {ref}"
+        path = endpoint.path(ref.repository, f"manifests/{target}")
+        headers = {"Accept": ", ".join(ACCEPT_MANIFESTS)}
+
+        def attempt() -> tuple[bytes, str | None, str | None]:
+            response = self._send(endpoint, ref, path, headers, subject)
+            with self._translating(endpoint, subject):
+                try:
+                    data = _read_document(response, subject, self.config.max_manifest_bytes)
+                finally:
+                    response.close()
+            return (
+                data,
+                response.headers.get("Content-Type"),
+                response.headers.get("Docker-Content-Digest"),
+            )
+
+        data, header_type, header_digest = self._retrying(attempt, endpoint, subject)
+        digest = _check_manifest_digest(data, ref, header_digest, endpoint)
+        limit = self.config.max_manifest_bytes
+        return FetchedManifest(data, media_type_of(data, header_type, limit), digest)
+
+    # -- blobs ---------------------------------------------------------------------
+
+    @contextmanager
+    def open_blob(self, ref: Reference, descriptor: Descriptor) -> Iterator[Iterator[bytes]]:
+        """Stream the raw bytes of a blob of ``ref``'s repository, in chunks of ≥ 1 MiB.
+
+        Unverified: wrap the chunks in a ``VerifyingStream``. A connection that
+        drops mid-way is resumed with ``Range`` (``config.resume_attempts`` times).
+        Foreign layers come from their ``urls`` only if ``allow_foreign_layers``.
+        """
+        subject = f"blob {descriptor.digest} of {ref.name}"
+        download: Download | None = None
+        if self.config.allow_foreign_layers and descriptor.media_type in _FOREIGN_TYPES:
+            download = self._open_foreign(descriptor, subject)
+        if download is None:
+            download = self._first_success(
+                ref, lambda endpoint: self._open_blob(endpoint, ref, descriptor, subject)
+            )
+        try:
+            yield download.chunks()
+        finally:
+            download.close()
+
+    def _open_blob(
+        self, endpoint: Endpoint, ref: Reference, descriptor: Descriptor, subject: str
+    ) -> Download:
+        path = endpoint.path(ref.repository, f"blobs/{descriptor.digest}")
+        opener = self._ranged_opener(endpoint, ref, path, subject)
+        try:
+            return Download(opener, descriptor.size, self.config, subject)
+        except NotFound as exc:
+            if descriptor.media_type in _FOREIGN_TYPES and descriptor.urls:
+                raise NotFound(
+                    f"{exc.message}; it is a foreign (non-distributable) layer, which its image "
+                    f"says to fetch from {descriptor.urls[0]}: allow that with "
+                    f"--allow-foreign-layers (allow-foreign-layers = true in registries.conf)"
+                ) from exc
+            raise
+
+    def _ranged_opener(
+        self, endpoint: Endpoint, ref: Reference | None, url: str, subject: str
+    ) -> Callable[[int], httpx.Response]:
+        """A function that (re)opens ``url`` (or API path) from a byte offset, for resuming."""
+
+        def opener(offset: int) -> httpx.Response:
+            # Identity encoding: the digest covers the bytes as stored, not a re-encoding.
+            headers = {"Accept-Encoding": "identity"}
+            if offset:
+                headers["Range"] = f"bytes={offset}-"
+            return self._retrying(
+                lambda: self._send(endpoint, ref, url, headers, subject), endpoint, subject
+            )
+
+        return opener
+
+    def _open_foreign(self, descriptor: Descriptor, subject: str) -> Download | None:
+        for url in descriptor.urls:
+            parsed = httpx.URL(url)
+            if parsed.scheme not in ("http", "https"):
+                continue
+            host = parsed.netloc.decode("ascii")
+            endpoint = Endpoint(host, host)
+            opener = self._ranged_opener(endpoint, None, url, subject)
+            try:
+                return Download(opener, descriptor.size, self.config, subject)
+            except HypemanError as exc:
+                log.warning("foreign layer URL %s failed: %s", url, exc)
+        return None
+
+    # -- one request ---------------------------------------------------------------
+
+    def _send(
+        self,
+        endpoint: Endpoint,
+        ref: Reference | None,
+        url: str,
+        headers: dict[str, str],
+        subject: str,
+        *,
+        auth: RegistryAuth | None = None,
+    ) -> httpx.Response:
+        """One GET, auth included; a 2xx response (open, streaming) or an error.
+
+        ``url`` is absolute (a foreign layer's) or an API path on the endpoint's
+        host, whose scheme is decided here (an insecure host's first request
+        probes it). Without ``ref`` and ``auth``, no credentials are sent.
+        """
+        if url.startswith("/"):
+            try:
+                scheme = self._schemes.scheme(endpoint.host)
+            except TransientError as exc:
+                raise TransientError(f"{exc.message} while fetching {subject}") from exc
+            url = f"{scheme}://{endpoint.host}{url}"
+        if auth is None and ref is not None:
+            auth = RegistryAuth(
+                registry=endpoint.registry,
+                scope=pull_scope(ref.repository),
+                credentials=self._credentials,
+                repository=ref.repository,
+                cache=self._tokens,
+                send=self._send_token_request,
+            )
+        request = self._http.build_request("GET", url, headers=headers)
+        with self._translating(endpoint, subject):
+            response = self._http.send(request, auth=auth or httpx.USE_CLIENT_DEFAULT, stream=True)
+        log_rate_limit(response, endpoint.host)
+        if response.is_success:
+            return response
+        if response.status_code in (401, 403) and auth is not None:
+            response.close()
+            raise auth.refused()
+        raise error_for(response, host=endpoint.registry, subject=subject)
+
+    def _send_token_request(self, request: httpx.Request) -> httpx.Response:
+        # Transport errors propagate to _send's translation, as part of that request.
+        return self._http.send(request, stream=True)
+
+    @contextmanager
+    def _translating(self, endpoint: Endpoint, subject: str) -> Iterator[None]:
+        """Turn httpx's exceptions into ours (``raise … from``)."""
+        try:
+            yield
+        except httpx.TooManyRedirects as exc:
+            raise RegistryError(f"{endpoint.host}: too many redirects fetching {subject}") from exc
+        except httpx.TransportError as exc:
+            untrusted = _cause(exc, ssl.SSLCertVerificationError)
+            if untrusted is not None:
+                raise RegistryError(
+                    f"{endpoint.host}: TLS certificate not trusted ({untrusted.verify_message})"
+                    f"; trust its CA with --certs-dir DIR (DIR/{endpoint.host}/ca.crt, as in "
+                    f"certs.d) or --ca-bundle FILE, or mark the registry insecure "
+                    f"(--insecure-registry {endpoint.host}) to skip verification"
+                ) from exc
+            plain = _cause(exc, ssl.SSLError)
+            reason = getattr(plain, "reason", None)
+            if reason == "WRONG_VERSION_NUMBER" and self.config.verifies_tls(endpoint.host):
+                # It answered our TLS hello in plain text: a plain-HTTP registry. (An
+                # insecure host's decision is forgotten below, and the retry probes.)
+                raise RegistryError(
+                    f"{endpoint.host}: does not speak TLS ({reason}); plain HTTP is used "
+                    f"only for insecure registries: mark it with --insecure-registry "
+                    f"{endpoint.host} if that is what it is"
+                ) from exc
+            if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+                self._schemes.forget(endpoint.host)
+            if isinstance(exc, httpx.ConnectTimeout):
+                raise TransientError(
+                    f"{endpoint.host}: connect timed out after {self.config.connect_timeout:g} s "
+                    f"while fetching {subject} (--connect-timeout S to wait longer)"
+                ) from exc
+            if isinstance(exc, httpx.ReadTimeout):
+                raise TransientError(
+                    f"{endpoint.host}: read timed out: nothing received for "
+                    f"{self.config.read_timeout:g} s while fetching {subject} "
+                    f"(--read-timeout S to wait longer)"
+                ) from exc
+            what = type(exc).__name__
+            raise TransientError(
+                f"{endpoint.host}: {what} while fetching {subject}: {exc or 'no detail'}"
+            ) from exc
+
+    def _retrying(self, call: Callable[[], T], endpoint: Endpoint, subject: str) -> T:
+        """Run ``call``, retrying ``TransientError`` with backoff; nothing else is retried."""
+        attempts = max(1, self.config.max_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                return call()
+            except TransientError as exc:
+                if attempt == attempts:
+                    raise TransientError(
+                        f"{exc.message} (gave up after {attempts} attempts)", exc.status, exc.codes
+                    ) from exc
+                delay = _backoff(attempt, self.config)
+                log.info("%s; retrying in %.1f s (%d/%d)", exc, delay, attempt, attempts)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+def _cause(exc: BaseException, kind: type[E]) -> E | None:
+    """The first exception of ``kind`` in ``exc``'s cause/context chain (httpx wraps httpcore)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _backoff(attempt: int, config: RegistryConfig) -> float:
+    """Full-jitter exponential backoff (the AWS architecture blog's variant)."""
+    ceiling = min(config.backoff_max, config.backoff_base * 2 ** (attempt - 1))
+    return random.uniform(0, ceiling)
+
+
+def _read_document(response: httpx.Response, subject: str, limit: int) -> bytes:
+    length = response.headers.get("Content-Length")
+    if length and length.isdigit() and int(length) > limit:
+        raise LimitExceeded(
+            f"{subject} is {length} bytes, over the {limit} byte limit for manifests"
+        )
+    data = bytearray()
+    for chunk in response.iter_bytes():
+        data += chunk
+        if len(data) > limit:
+            raise LimitExceeded(f"{subject} exceeds the {limit} byte limit for manifests")
+    return bytes(data)
+
+
+def _check_manifest_digest(
+    data: bytes, ref: Reference, header: str | None, endpoint: Endpoint
+) -> Digest:
+    if ref.digest is not None:
+        actual = Digest.of(data, ref.digest.algorithm)
+        if actual != ref.digest:
+            raise DigestMismatch(
+                f"{endpoint.host} sent a manifest for {ref} that hashes to {actual}"
+            )
+        return ref.digest
+    digest = Digest.of(data)
+    if header:
+        try:
+            claimed = Digest.parse(header.strip())
+        except HypemanError:
+            log.debug("%s: ignoring malformed Docker-Content-Digest %r", endpoint.host, header)
+            return digest
+        if Digest.of(data, claimed.algorithm) != claimed:
+            raise DigestMismatch(
+                f"{endpoint.host} sent a manifest for {ref} whose Docker-Content-Digest "
+                f"{claimed} does not match its bytes"
+            )
+    return digest
+
+
+def select_manifest(index: Index, platform: Platform) -> Descriptor:
+    """The image manifest for ``platform``, skipping attestation and unknown entries."""
+    usable = tuple(
+        d
+        for d in index.manifests
+        if d.annotations.get(_REFERENCE_TYPE) != "attestation-manifest"
+        and not (d.platform and d.platform.os == "unknown")
+    )
+    return Index(index.media_type, usable).select(platform)
+
+
+def resolve(client: RegistryClient, ref: Reference, platform: Platform) -> Resolved:
+    """Fetch ``ref``'s manifest; through an index, pick ``platform``'s.
+
+    Raises ``PlatformNotFound`` (listing what is offered) when the index lacks it,
+    ``UnsupportedManifest`` for schema 1 and other unknown formats.
+    """
+    top = client.get_manifest(ref)
+    limit = client.config.max_manifest_bytes
+    parsed = parse_manifest_or_index(top.data, top.media_type, limit)
+    resolved = ref.with_digest(top.digest)
+    if isinstance(parsed, Manifest):
+        return Resolved(resolved, parsed, top)
+    chosen = select_manifest(parsed, platform)
+    fetched = client.get_manifest(ref.with_digest(chosen.digest))
+    manifest = parse_manifest_or_index(fetched.data, fetched.media_type, limit)
+    if not isinstance(manifest, Manifest):
+        raise RegistryError(f"{ref}: the index entry for {platform} is itself an index")
+    return Resolved(resolved, manifest, fetched, top)
+
+
+__all__ = [
+    "Endpoint",
+    "FetchedManifest",
+    "RegistryClient",
+    "Resolved",
+    "resolve",
+    "select_manifest",
+]

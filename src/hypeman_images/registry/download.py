@@ -1,0 +1,147 @@
+"""A blob download that survives dropped connections.
+
+A registry (or the storage it redirects to) may cut a long download; the
+client resumes it with ``Range: bytes=N-`` (RFC 9110 §14.2) so that the
+caller sees every byte exactly once and its digest check still holds. A
+server that ignores Range answers 200: the bytes already delivered are then
+skipped. Resumptions are bounded by ``RegistryConfig.resume_attempts``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import httpx
+
+from hypeman_images.errors import RegistryError, TransientError
+from hypeman_images.registry.config import RegistryConfig
+
+log = logging.getLogger(__name__)
+
+
+class Download:
+    """A blob download that resumes with ``Range`` after a dropped connection."""
+
+    def __init__(
+        self,
+        opener: Callable[[int], httpx.Response],
+        size: int | None,
+        config: RegistryConfig,
+        subject: str,
+    ) -> None:
+        self._opener = opener
+        self._size = size
+        self._config = config
+        self._subject = subject
+        self._response: httpx.Response | None = opener(0)
+
+    def close(self) -> None:
+        """Release the current response's connection."""
+        if self._response is not None:
+            self._response.close()
+            self._response = None
+
+    def chunks(self) -> Iterator[bytes]:
+        """The blob's raw bytes, resuming after drops; each byte exactly once."""
+        offset = 0
+        resumes = 0
+        while True:
+            response = self._response
+            assert response is not None
+            try:
+                for chunk in _raw_chunks(response, self._config.chunk_size):
+                    offset += len(chunk)
+                    yield chunk
+                if self._size is None or offset >= self._size:
+                    return
+                cause: Exception = TransientError(f"connection closed after {offset} bytes")
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                cause = exc
+            self.close()
+            resumes += 1
+            if resumes > self._config.resume_attempts:
+                raise TransientError(
+                    f"{self._subject}: download kept failing, gave up after "
+                    f"{self._config.resume_attempts} resumptions: {cause}"
+                ) from cause
+            log.info("%s: resuming at byte %d after: %s", self._subject, offset, cause)
+            self._response = self._resume(offset)
+
+    def _resume(self, offset: int) -> httpx.Response:
+        response = self._opener(offset)
+        if response.status_code == 206:
+            start = _content_range_start(response.headers.get("Content-Range", ""))
+            if start != offset:
+                response.close()
+                raise RegistryError(
+                    f"{self._subject}: asked to resume at byte {offset}, got a range starting "
+                    f"at {start}"
+                )
+            return response
+        # 200: the server ignored Range; skip what was already delivered.
+        skip = offset
+        stream = _raw_chunks(response, self._config.chunk_size)
+        rest = b""
+        try:
+            while skip > 0:
+                chunk = next(stream)
+                if len(chunk) > skip:
+                    rest = chunk[skip:]
+                skip -= min(skip, len(chunk))
+        except StopIteration:
+            response.close()
+            raise TransientError(f"{self._subject}: shorter on retry than before") from None
+        return _prepend(response, rest, stream)
+
+
+def _raw_chunks(response: httpx.Response, size: int) -> Iterator[bytes]:
+    """The body undecoded (a blob's bytes are what its digest names, whatever
+    ``Content-Encoding`` says); a transport may hand over a response already read."""
+    if response.is_stream_consumed:
+        content = response.content
+        return iter([content[i : i + size] for i in range(0, len(content), size)])
+    return _coalesce(response.iter_raw(), size)
+
+
+def _coalesce(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
+    """The network's (<= 64 KiB) reads joined into chunks of at least ``size`` bytes.
+
+    One copy per byte; httpx's own ``iter_raw(size)`` copies each byte about
+    three times, holding the GIL that the layer scans need (issue 7: ~0.2 s of
+    an 851 MB image's pass 1).
+    """
+    parts: list[bytes] = []
+    have = 0
+    for chunk in chunks:
+        parts.append(chunk)
+        have += len(chunk)
+        if have >= size:
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
+            parts, have = [], 0
+    if parts:
+        yield b"".join(parts)
+
+
+def _prepend(response: httpx.Response, head: bytes, rest: Iterator[bytes]) -> httpx.Response:
+    """A response whose ``iter_raw`` yields ``head`` then the remainder of ``rest``."""
+
+    class _Stream(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            if head:
+                yield head
+            yield from rest
+
+        def close(self) -> None:
+            response.close()
+
+    return httpx.Response(response.status_code, headers=response.headers, stream=_Stream())
+
+
+def _content_range_start(value: str) -> int | None:
+    # "bytes 100-999/1000" (RFC 9110 §14.4)
+    unit, _, spec = value.partition(" ")
+    if unit != "bytes":
+        return None
+    start = spec.split("-", 1)[0]
+    return int(start) if start.isdigit() else None

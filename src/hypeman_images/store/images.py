@@ -1,0 +1,468 @@
+"""The image store: built disks and their metadata, on disk, no database.
+
+Layout under the data dir (DESIGN.md, "image store")::
+
+    images/<registry>/<repository>/<digest-hex>/rootfs.ext4
+    images/<registry>/<repository>/<digest-hex>/metadata.json
+    images/<registry>/<repository>/<tag> -> <digest-hex>
+
+``metadata.json`` is the record of a build at every stage; it says ``ready``
+only after ``rootfs.ext4`` has been renamed into place. A tag link is swapped
+by rename, and only ever points at a ready build. State is rebuilt by
+scanning, so a crash leaves nothing that the next start cannot understand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import json
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from hypeman_images.errors import InvalidReference, NotFound
+from hypeman_images.fsutil import (
+    TEMP_PREFIX,
+    atomic_writer,
+    replace_symlink,
+    storage_error,
+    temp_name,
+    writer_alive,
+)
+from hypeman_images.oci.digest import SHA256_HEX, Digest
+from hypeman_images.oci.reference import Reference
+from hypeman_images.oci.spec import Platform
+
+log = logging.getLogger(__name__)
+
+DISK_NAME = "rootfs.ext4"
+METADATA_NAME = "metadata.json"
+LOCK_NAME = ".lock"
+DELETING_PREFIX = ".deleting-"
+
+
+class ImageStatus(enum.StrEnum):
+    """Where a build is: ``pending → pulling → converting → ready | failed``."""
+
+    PENDING = "pending"
+    PULLING = "pulling"
+    CONVERTING = "converting"
+    READY = "ready"
+    FAILED = "failed"
+
+    @property
+    def active(self) -> bool:
+        """True while a build is queued or running."""
+        return self in (ImageStatus.PENDING, ImageStatus.PULLING, ImageStatus.CONVERTING)
+
+
+def now() -> str:
+    """The current time as RFC 3339 UTC, as metadata records it."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """The contents of ``metadata.json``: one image digest of one repository."""
+
+    name: str
+    digest: str
+    status: ImageStatus
+    created_at: str
+    error: str | None = None
+    size_bytes: int | None = None
+    content_bytes: int | None = None
+    disk_sha256: str | None = None
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
+    env: list[str] = field(default_factory=list)
+    working_dir: str = ""
+    user: str = ""
+    exposed_ports: list[str] = field(default_factory=list)
+    volumes: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    stop_signal: str | None = None
+    platform: str | None = None
+    config_digest: str | None = None
+    manifest_media_type: str | None = None
+    layers: list[str] = field(default_factory=list)
+    image_created: str | None = None
+    tool_versions: dict[str, str] = field(default_factory=dict)
+    free_space_bytes: int | None = None
+    index_digest: str | None = None
+    updated_at: str | None = None
+    # Tags besides ``name`` that asked for this digest while it was being built,
+    # so that a build recovered after a crash sets them too; cleared once set.
+    pending_tags: list[str] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        """Canonical JSON bytes for metadata.json."""
+        doc = asdict(self)
+        doc["status"] = str(self.status)
+        return json.dumps(doc, indent=2, sort_keys=False).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ImageRecord:
+        """Parse metadata.json, ignoring fields a newer version may have added."""
+        doc: dict[str, Any] = json.loads(data)
+        known = {f for f in cls.__dataclass_fields__}
+        doc = {k: v for k, v in doc.items() if k in known}
+        doc["status"] = ImageStatus(doc["status"])
+        return cls(**doc)
+
+    def evolve(self, **changes: Any) -> ImageRecord:
+        """A copy with ``changes`` and a fresh ``updated_at``."""
+        return replace(self, updated_at=now(), **changes)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """A record found on disk, with where it lives and which tags point at it."""
+
+    record: ImageRecord
+    repository: str
+    directory: Path
+    tags: tuple[str, ...]
+
+    @property
+    def disk(self) -> Path:
+        """The ext4 image (exists only when the record is ready)."""
+        return self.directory / DISK_NAME
+
+
+class ImageStore:
+    """Image records under ``<data>/images``."""
+
+    def __init__(
+        self, root: Path, *, on_temp_written: Callable[[ImageRecord], None] | None = None
+    ) -> None:
+        """``on_temp_written`` is called with each record once its temp file is written
+        and flushed, before the rename that publishes it (the crash tests' hook)."""
+        self.root = root
+        self._on_temp_written = on_temp_written
+        self._records = threading.Lock()  # record writes of this process, one at a time
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot create the image store at {root}") from exc
+
+    # Paths. Registry and repository come from a parsed Reference, whose grammar
+    # admits no '..', no empty component and no absolute path, so joining is safe.
+
+    def repo_dir(self, ref: Reference) -> Path:
+        """``images/<registry>/<repository>``.
+
+        Tags, digest directories and nested repositories share one namespace in
+        this layout (``a:b``'s tag link is where repository ``a/b`` would live),
+        so a repository whose path runs through a tag link or a digest directory
+        is refused rather than stored inside another image (where deleting one
+        would delete the other).
+        """
+        path = self.root / ref.registry
+        for component in ref.repository.split("/"):
+            if SHA256_HEX.fullmatch(component):
+                raise InvalidReference(
+                    f"repository {ref.name}: a 64-hex-digit path component cannot be stored "
+                    "beside digest directories"
+                )
+            path = path / component
+            if path.is_symlink():
+                raise InvalidReference(
+                    f"repository {ref.name} collides with the local tag {path.name!r} of "
+                    f"{path.parent.relative_to(self.root).as_posix()}; remove that tag first"
+                )
+        return path
+
+    def digest_dir(self, ref: Reference, digest: Digest) -> Path:
+        """``images/<registry>/<repository>/<digest-hex>``."""
+        return self.repo_dir(ref) / digest.encoded
+
+    def _tag_link(self, ref: Reference) -> Path:
+        assert ref.tag is not None
+        if SHA256_HEX.fullmatch(ref.tag):
+            raise InvalidReference(
+                f"tag {ref.tag!r} looks like a digest; the store cannot tell them apart"
+            )
+        link = self.repo_dir(ref) / ref.tag
+        if link.is_dir() and not link.is_symlink():
+            raise InvalidReference(
+                f"tag {ref.tag!r} of {ref.name} collides with the local repository "
+                f"{ref.name}/{ref.tag}; remove that repository's images first"
+            )
+        return link
+
+    def validate(self, ref: Reference) -> None:
+        """Refuse, before any network call, a name this layout cannot store."""
+        self.repo_dir(ref)
+        if ref.tag is not None:
+            self._tag_link(ref)
+
+    # Records.
+
+    def read(self, ref: Reference, digest: Digest) -> ImageRecord | None:
+        """The record of ``digest`` in ``ref``'s repository, if any."""
+        return read_record(self.digest_dir(ref, digest))
+
+    def write(
+        self, ref: Reference, digest: Digest, record: ImageRecord, *, keep_pending: bool = True
+    ) -> None:
+        """Publish ``record`` atomically (temp + fsync + rename).
+
+        Tags the record on disk lists in ``pending_tags`` are kept (unless not
+        ``keep_pending``): :meth:`update` may have added them while the
+        writer's copy was being made.
+        """
+        with self._records:
+            current = self.read(ref, digest) if keep_pending else None
+            if current is not None:
+                extra = [t for t in current.pending_tags if t not in record.pending_tags]
+                if extra:
+                    record = record.evolve(pending_tags=[*record.pending_tags, *extra])
+            self._publish(ref, digest, record)
+
+    def update(
+        self, ref: Reference, digest: Digest, change: Callable[[ImageRecord], ImageRecord]
+    ) -> ImageRecord | None:
+        """Rewrite the record as ``change`` makes it, none writing between; None if absent."""
+        with self._records:
+            current = self.read(ref, digest)
+            if current is None:
+                return None
+            record = change(current)
+            if record != current:
+                self._publish(ref, digest, record)
+            return record
+
+    def _publish(self, ref: Reference, digest: Digest, record: ImageRecord) -> None:
+        directory = self.digest_dir(ref, digest)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot create {directory}") from exc
+        with atomic_writer(directory / METADATA_NAME) as handle:
+            handle.write(record.to_json())
+            if self._on_temp_written is not None:
+                handle.flush()
+                self._on_temp_written(record)
+
+    @contextlib.contextmanager
+    def lock(self, ref: Reference, digest: Digest) -> Iterator[None]:
+        """Hold the build lock of one digest: one build per digest across processes."""
+        directory = self.digest_dir(ref, digest)
+        while True:
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise storage_error(exc, f"cannot lock {directory}") from exc
+            with open(fd, "a+b") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                # A delete or gc may have renamed the directory away while we waited:
+                # then we hold a lock nobody else can see; take the new one instead.
+                if not _same_file(handle.fileno(), directory / LOCK_NAME):
+                    continue
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                return
+
+    # Tags.
+
+    def set_tag(self, ref: Reference, digest: Digest) -> None:
+        """Point ``ref``'s tag at a ready digest, by rename."""
+        if ref.tag is None:
+            return
+        replace_symlink(self._tag_link(ref), digest.encoded)
+
+    def tag_target(self, ref: Reference) -> Digest | None:
+        """The digest a local tag points at."""
+        if ref.tag is None:
+            return None
+        try:
+            target = os.readlink(self._tag_link(ref))
+        except (FileNotFoundError, OSError):
+            return None
+        return Digest("sha256", target) if SHA256_HEX.fullmatch(target) else None
+
+    # Lookup.
+
+    def locate(self, ref: Reference, digest: Digest) -> Digest:
+        """The build directory's digest for ``digest``, which may name an image index.
+
+        Users pin images by whatever digest ``docker pull`` printed, often an
+        index's; builds are keyed by the platform manifest's. Among builds of
+        that index, the host platform's wins.
+        """
+        if (self.digest_dir(ref, digest) / METADATA_NAME).exists():
+            return digest
+        repo, host = self.repo_dir(ref), str(Platform.host())
+        names: list[str] = []
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            names = os.listdir(repo)
+        matches = []
+        for name in names:
+            record = read_record(repo / name) if SHA256_HEX.fullmatch(name) else None
+            if record is not None and record.index_digest == str(digest):
+                matches.append((record.platform != host, name))
+        return Digest("sha256", min(matches)[1]) if matches else digest
+
+    def find(self, ref: Reference) -> StoredImage:
+        """The local image a reference names (by digest, else by tag); NotFound otherwise."""
+        digest = self.locate(ref, ref.digest) if ref.digest else self.tag_target(ref)
+        if digest is not None:
+            record = self.read(ref, digest)
+            if record is not None:
+                return self._stored(ref, digest, record)
+        raise NotFound(f"no local image {ref.familiar()}; pull it first (hypeman-images pull)")
+
+    def _stored(self, ref: Reference, digest: Digest, record: ImageRecord) -> StoredImage:
+        directory = self.digest_dir(ref, digest)
+        return StoredImage(record, ref.name, directory, self._tags_of(directory))
+
+    def _tags_of(self, directory: Path) -> tuple[str, ...]:
+        tags = []
+        for entry in directory.parent.iterdir():
+            if entry.is_symlink() and os.readlink(entry) == directory.name:
+                tags.append(entry.name)
+        return tuple(sorted(tags))
+
+    def scan(self) -> Iterator[StoredImage]:
+        """Every record in the store, found by walking the digest directories."""
+        for directory in digest_dirs(self.root):
+            record = read_record(directory)
+            if record is None:
+                continue  # no record yet (a build just started), just deleted, or unreadable
+            repository = directory.parent.relative_to(self.root).as_posix()
+            yield StoredImage(record, repository, directory, self._tags_of(directory))
+
+    # Removal.
+
+    def remove(self, ref: Reference) -> list[str]:
+        """Delete by tag (the digest goes when no tag is left) or by digest (all its tags).
+
+        Returns the names removed. Directories vanish by rename before deletion,
+        so a reader never sees a half-deleted build.
+        """
+        stored = self.find(ref)
+        removed: list[str] = []
+        if ref.digest is None:
+            link = self._tag_link(ref)
+            link.unlink(missing_ok=True)
+            removed.append(str(ref.with_tag(ref.tag)))
+            if self._tags_of(stored.directory):
+                return removed
+        else:
+            for tag in stored.tags:
+                (stored.directory.parent / tag).unlink(missing_ok=True)
+                removed.append(f"{stored.repository}:{tag}")
+        self.remove_directory(stored.directory)
+        removed.append(f"{stored.repository}@{stored.record.digest}")
+        return removed
+
+    def remove_directory(self, directory: Path) -> None:
+        """Make a digest directory vanish atomically, then delete it."""
+        doomed = directory.with_name(f"{DELETING_PREFIX}{temp_name(directory).name}")
+        try:
+            os.replace(directory, doomed)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise storage_error(exc, f"cannot remove {directory}") from exc
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def sweep(self) -> int:
+        """Remove leftovers of interrupted work: temp files, half-deleted directories.
+
+        Returns bytes freed. Only files whose writer is gone are touched.
+        """
+        freed = 0
+        for top, dirs, files in os.walk(self.root):
+            for name in [*dirs, *files]:
+                if not name.startswith((TEMP_PREFIX, DELETING_PREFIX)) or writer_alive(name):
+                    continue
+                path = Path(top) / name
+                freed += tree_size(path)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            dirs[:] = [d for d in dirs if not d.startswith((TEMP_PREFIX, DELETING_PREFIX))]
+        return freed
+
+
+def read_record(directory: Path) -> ImageRecord | None:
+    """The record in a digest directory; None when there is none or it is unreadable."""
+    path = directory / METADATA_NAME
+    try:
+        return ImageRecord.from_json(path.read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return None
+
+
+def digest_dirs(root: Path) -> Iterator[Path]:
+    """Every build directory under the image store ``root``, in sorted order.
+
+    ``os.walk`` skips what vanishes mid-walk (a delete or gc running beside
+    it), and never descends into temp, half-deleted or digest directories.
+    """
+    for top, dirs, _ in os.walk(root):
+        dirs.sort()
+        keep = []
+        for name in dirs:
+            if name.startswith((TEMP_PREFIX, DELETING_PREFIX)):
+                continue
+            path = Path(top) / name
+            if path.is_symlink():
+                continue
+            if SHA256_HEX.fullmatch(name):
+                yield path
+            else:
+                keep.append(name)
+        dirs[:] = keep
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of the files at or under ``path``; what vanishes counts as nothing."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return path.lstat().st_size
+    except FileNotFoundError:
+        return 0
+    total = 0
+    for top, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += (Path(top) / name).lstat().st_size
+    return total
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+__all__ = [
+    "ImageRecord",
+    "ImageStatus",
+    "ImageStore",
+    "StoredImage",
+    "digest_dirs",
+    "now",
+    "read_record",
+    "tree_size",
+]

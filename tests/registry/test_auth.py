@@ -1,0 +1,763 @@
+"""The auth challenge flow: header parsing, and bearer/basic against mocks.
+
+Real token and htpasswd registries are exercised in ``test_auth_registry`` below
+(same file, further down); these first tests pin the protocol details with an
+``httpx.MockTransport`` because they are about exact requests and headers.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import re
+import secrets
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import jwt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from support.images import make_image, make_layer, push_image
+from support.registry import RegistryServer, self_signed_cert, start_registry
+
+from hypeman_images.errors import RateLimited, Unauthorized
+from hypeman_images.oci.digest import VerifyingStream
+from hypeman_images.oci.reference import Reference, parse_reference
+from hypeman_images.oci.spec import OCI_MANIFEST, Manifest, parse_manifest_or_index
+from hypeman_images.registry.auth import Challenge, TokenCache, parse_challenges
+from hypeman_images.registry.client import RegistryClient
+from hypeman_images.registry.config import RegistryConfig
+from hypeman_images.registry.credentials import (
+    ChainedCredentials,
+    Credential,
+    StaticCredentials,
+    default_credentials,
+    login,
+)
+
+FAST = RegistryConfig(backoff_base=0.0, max_attempts=2)
+MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST}).encode()
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        pytest.param(
+            'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+            'scope="repository:library/alpine:pull"',
+            [
+                Challenge(
+                    "bearer",
+                    {
+                        "realm": "https://auth.docker.io/token",
+                        "service": "registry.docker.io",
+                        "scope": "repository:library/alpine:pull",
+                    },
+                )
+            ],
+            id="docker-hub",
+        ),
+        pytest.param(
+            'Bearer realm="https://ghcr.io/token",scope="repository:a/b:pull,push",'
+            'service="ghcr.io"',
+            [
+                Challenge(
+                    "bearer",
+                    {
+                        "realm": "https://ghcr.io/token",
+                        "scope": "repository:a/b:pull,push",
+                        "service": "ghcr.io",
+                    },
+                )
+            ],
+            id="comma-in-quotes",
+        ),
+        pytest.param(
+            'Basic realm="Registry Realm", Bearer realm="https://x/t" , service=x',
+            [
+                Challenge("basic", {"realm": "Registry Realm"}),
+                Challenge("bearer", {"realm": "https://x/t", "service": "x"}),
+            ],
+            id="two-challenges-unquoted-value",
+        ),
+        pytest.param(
+            'BEARER Realm = "a\\"b"',
+            [Challenge("bearer", {"realm": 'a"b'})],
+            id="case-spaces-escape",
+        ),
+        pytest.param("Negotiate", [Challenge("negotiate", {})], id="no-params"),
+        pytest.param("", [], id="empty"),
+    ],
+)
+def test_parse_challenges(header: str, expected: list[Challenge]) -> None:
+    assert parse_challenges(header) == expected
+
+
+class FakeRegistry:
+    """A mock registry with a token server: counts token requests, checks tokens."""
+
+    def __init__(self, *, lifetime: int | None = 300, user: tuple[str, str] | None = None) -> None:
+        self.lifetime = lifetime
+        self.user = user
+        self.token_requests: list[httpx.Request] = []
+        self.issued = 0
+        self.valid: set[str] = set()
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.example":
+            return self._token(request)
+        auth = request.headers.get("Authorization", "")
+        if auth.removeprefix("Bearer ") not in self.valid:
+            challenge = (
+                'Bearer realm="https://auth.example/token",service="registry.example",'
+                f'scope="repository:{request.url.path.split("/")[2]}:pull"'
+            )
+            return httpx.Response(401, headers={"WWW-Authenticate": challenge})
+        return httpx.Response(200, content=MANIFEST, headers={"Content-Type": OCI_MANIFEST})
+
+    def _token(self, request: httpx.Request) -> httpx.Response:
+        self.token_requests.append(request)
+        if self.user is not None:
+            expected = "Basic " + base64.b64encode(":".join(self.user).encode()).decode()
+            if request.headers.get("Authorization") != expected:
+                return httpx.Response(401)
+        self.issued += 1
+        token = f"t{self.issued}"
+        self.valid.add(token)
+        body: dict[str, object] = {"access_token": token}
+        if self.lifetime is not None:
+            body["expires_in"] = self.lifetime
+        return httpx.Response(200, json=body)
+
+
+def _client(fake: FakeRegistry, credentials: StaticCredentials | None = None) -> RegistryClient:
+    return RegistryClient(
+        transport=httpx.MockTransport(fake.handler), credentials=credentials, config=FAST
+    )
+
+
+def test_bearer_token_fetched_once_and_reused() -> None:
+    # A mock: exact request shapes are the subject; test_auth_registry uses a real one.
+    fake = FakeRegistry()
+    with _client(fake) as client:
+        for _ in range(3):
+            client.get_manifest(Reference("registry.example", "a/b", "t"))
+    assert len(fake.token_requests) == 1
+    params = fake.token_requests[0].url.params
+    assert params["scope"] == "repository:a/b:pull"
+    assert params["service"] == "registry.example"
+    assert "Authorization" not in fake.token_requests[0].headers
+
+
+def test_a_token_per_repository() -> None:
+    fake = FakeRegistry()
+    with _client(fake) as client:
+        client.get_manifest(Reference("registry.example", "a/b", "t"))
+        client.get_manifest(Reference("registry.example", "c/d", "t"))
+        client.get_manifest(Reference("registry.example", "a/b", "u"))
+    scopes = [r.url.params["scope"] for r in fake.token_requests]
+    assert scopes == ["repository:a/b:pull", "repository:c/d:pull"]
+
+
+def test_token_refreshed_after_expiry() -> None:
+    now = [1000.0]
+    fake = FakeRegistry(lifetime=None)  # the spec's default: 60 s
+    with _client(fake) as client:
+        client._tokens = TokenCache(clock=lambda: now[0])
+        ref = Reference("registry.example", "a/b", "t")
+        client.get_manifest(ref)
+        now[0] += 30
+        client.get_manifest(ref)
+        assert len(fake.token_requests) == 1
+        now[0] += 31
+        client.get_manifest(ref)
+    assert len(fake.token_requests) == 2
+
+
+def test_basic_credentials_sent_to_the_token_server() -> None:
+    fake = FakeRegistry(user=("alice", "s3cret"))
+    credentials = StaticCredentials({"registry.example": Credential("alice", "s3cret", origin="t")})
+    with _client(fake, credentials) as client:
+        client.get_manifest(Reference("registry.example", "a/b", "t"))
+    assert fake.token_requests[0].url.params["account"] == "alice"
+
+
+def test_refused_token_is_unauthorized_naming_origin_not_secret() -> None:
+    fake = FakeRegistry(user=("alice", "right"))
+    credentials = StaticCredentials(
+        {"registry.example": Credential("alice", "wrong-pw", origin="~/.docker/config.json")}
+    )
+    with _client(fake, credentials) as client, pytest.raises(Unauthorized) as caught:
+        client.get_manifest(Reference("registry.example", "a/b", "t"))
+    message = str(caught.value)
+    assert "registry.example" in message
+    assert "~/.docker/config.json" in message and "alice" in message
+    assert "wrong-pw" not in message
+
+
+def test_anonymous_refusal_suggests_login() -> None:
+    fake = FakeRegistry(user=("alice", "right"))
+    with _client(fake) as client, pytest.raises(Unauthorized, match=r"login registry\.example"):
+        client.get_manifest(Reference("registry.example", "a/b", "t"))
+
+
+def test_identity_token_uses_oauth_refresh_grant() -> None:
+    seen: list[httpx.Request] = []
+    fake = FakeRegistry()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.example":
+            seen.append(request)
+        return fake.handler(request)
+
+    credentials = StaticCredentials(
+        {"registry.example": Credential(identity_token="refresh-me", origin="t")}
+    )
+    with RegistryClient(
+        transport=httpx.MockTransport(handler), credentials=credentials, config=FAST
+    ) as client:
+        client.get_manifest(Reference("registry.example", "a/b", "t"))
+    assert seen[0].method == "POST"
+    form = dict(x.split("=", 1) for x in seen[0].content.decode().split("&"))
+    assert form["grant_type"] == "refresh_token" and form["refresh_token"] == "refresh-me"
+
+
+def _basic_registry(user: str, password: str) -> Callable[[httpx.Request], httpx.Response]:
+    expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.headers.get("Authorization") != expected:
+            return httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="r"'})
+        return httpx.Response(200, content=MANIFEST)
+
+    return handler
+
+
+def test_basic_challenge_then_preemptive() -> None:
+    sent: list[bool] = []
+    inner = _basic_registry("bob", "pw")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append("Authorization" in request.headers)  # the flow re-sends the same object
+        return inner(request)
+
+    credentials = StaticCredentials({"registry.example": Credential("bob", "pw", origin="t")})
+    with RegistryClient(
+        transport=httpx.MockTransport(handler), credentials=credentials, config=FAST
+    ) as client:
+        client.get_manifest(Reference("registry.example", "a/b", "t"))
+        client.get_manifest(Reference("registry.example", "a/b", "t"))
+    assert sent == [False, True, True]
+
+
+def test_token_server_429_is_rate_limited() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.example":
+            return httpx.Response(429, headers={"Retry-After": "7"})
+        return httpx.Response(
+            401, headers={"WWW-Authenticate": 'Bearer realm="https://auth.example/token"'}
+        )
+
+    with (
+        RegistryClient(transport=httpx.MockTransport(handler), config=FAST) as client,
+        pytest.raises(RateLimited, match="retry after 7 s"),
+    ):
+        client.get_manifest(Reference("registry.example", "a/b", "t"))
+
+
+# -- against a real docker-registry ------------------------------------------------------
+#
+# Token auth the way Docker Hub and ghcr.io do it: docker-registry 2.8 with
+# ``auth: token`` trusts JWTs whose header carries the signing certificate
+# (``x5c``) chained to ``rootcertbundle`` (distribution's
+# ``registry/auth/token/token.go``, ``VerifySigningKey``), issued by the small
+# server below as ``docs/spec/auth/jwt.md`` describes.
+
+PUBLIC_REPO = "public/app"
+PRIVATE_REPO = "private/app"
+USERS = {"alice": "wonderland", "carol": "looking-glass"}
+# OAuth2 refresh tokens the token server knows (what `docker login` stores as identitytoken).
+REFRESH_TOKENS = {"rt-alice-8d1f0c": "alice"}
+SERVICE = "test-registry"
+ISSUER = "test-token-issuer"
+
+
+class TokenServer:
+    """A distribution token server on 127.0.0.1: anonymous pulls of public repos,
+    ``alice`` pulls of everything; counts the tokens it issues. Over HTTPS with
+    ``tls`` (certificate, key).
+
+    ``GET /token`` takes basic auth (``docs/spec/auth/token.md``); ``POST /token``
+    takes the OAuth2 grants of ``docs/spec/auth/oauth.md``: ``refresh_token``
+    (an identity token from ``REFRESH_TOKENS``) and ``password``, with
+    ``service`` and ``client_id`` required, and answers ``access_token``.
+    ``forms`` records each POST's form."""
+
+    def __init__(
+        self, tmp: Path, *, expires_in: int = 300, tls: tuple[Path, Path] | None = None
+    ) -> None:
+        self.expires_in = expires_in
+        self.requests: list[tuple[str | None, str]] = []  # (user, scope)
+        self.forms: list[dict[str, str]] = []
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test token signer")])
+        now = datetime.datetime.now(datetime.UTC)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.bundle = tmp / "token-root.pem"
+        self.bundle.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server._handle(self)
+
+            def do_POST(self) -> None:
+                server._handle_post(self)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        scheme = "http"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+            scheme = "https"
+        self.realm = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/token"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def mint(self, access: Sequence[Mapping[str, object]], subject: str = "") -> str:
+        now = int(time.time())
+        claims = {
+            "iss": ISSUER,
+            "sub": subject,
+            "aud": SERVICE,
+            "exp": now + self.expires_in,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": secrets.token_hex(8),
+            "access": access,
+        }
+        x5c = [base64.b64encode(self.cert.public_bytes(serialization.Encoding.DER)).decode()]
+        return jwt.encode(claims, self.key, algorithm="ES256", headers={"x5c": x5c})
+
+    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        query = parse_qs(urlsplit(handler.path).query)
+        user = self._user(handler.headers.get("Authorization"))
+        if user is False:
+            handler.send_response(401)
+            handler.end_headers()
+            return
+        assert isinstance(user, str)
+        scope = query.get("scope", [""])[0]
+        self.requests.append((user or None, scope))
+        token = self._grant(user, scope)
+        self._answer(handler, 200, {"token": token, "expires_in": self.expires_in})
+
+    def _handle_post(self, handler: BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        form = {k: v[0] for k, v in parse_qs(handler.rfile.read(length).decode()).items()}
+        self.forms.append(form)
+        grant = form.get("grant_type")
+        if not form.get("service") or not form.get("client_id"):
+            # oauth.md: both are required.
+            self._answer(handler, 400, {"error": "invalid_request"})
+            return
+        if grant == "refresh_token":
+            user = REFRESH_TOKENS.get(form.get("refresh_token", ""))
+        elif grant == "password":
+            name = form.get("username", "")
+            user = name if USERS.get(name) == form.get("password") else None
+        else:
+            self._answer(handler, 400, {"error": "unsupported_grant_type"})
+            return
+        if user is None:
+            self._answer(handler, 401, {"error": "invalid_grant"})
+            return
+        scope = form.get("scope", "")
+        self.requests.append((user, scope))
+        token = self._grant(user, scope)
+        answer = {"access_token": token, "scope": scope, "expires_in": self.expires_in}
+        self._answer(handler, 200, answer)
+
+    def _grant(self, user: str, scope: str) -> str:
+        """A token for ``scope``'s repository: pull if ``user`` may, else no access."""
+        access: list[dict[str, object]] = []
+        kind, _, rest = scope.partition(":")
+        repo, _, _actions = rest.rpartition(":")
+        if kind == "repository" and (user or repo.startswith("public/")):
+            access.append({"type": "repository", "name": repo, "actions": ["pull"]})
+        return self.mint(access, user)
+
+    @staticmethod
+    def _answer(handler: BaseHTTPRequestHandler, status: int, doc: Mapping[str, object]) -> None:
+        body = json.dumps(doc).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    @staticmethod
+    def _user(header: str | None) -> str | bool:
+        """The authenticated user, "" for anonymous, False for wrong credentials."""
+        if not header:
+            return ""
+        user, _, password = base64.b64decode(header.removeprefix("Basic ")).decode().partition(":")
+        return user if USERS.get(user) == password else False
+
+
+@dataclass
+class TokenRegistry:
+    server: RegistryServer
+    tokens: TokenServer
+    public: Reference
+    private: Reference
+
+
+@pytest.fixture(scope="module")
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRegistry]:
+    yield from _token_registry(tmp_path_factory.mktemp("token-registry"), tls=False)
+
+
+@pytest.fixture(scope="module")
+def https_token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRegistry]:
+    """The same over HTTPS (registry and token server) with a self-signed certificate."""
+    yield from _token_registry(tmp_path_factory.mktemp("https-token-registry"), tls=True)
+
+
+def _token_registry(tmp: Path, *, tls: bool) -> Iterator[TokenRegistry]:
+    cert = self_signed_cert(tmp) if tls else None
+    tokens = TokenServer(tmp, tls=cert)
+    auth = {
+        "token": {
+            "realm": tokens.realm,
+            "service": SERVICE,
+            "issuer": ISSUER,
+            "rootcertbundle": str(tokens.bundle),
+        }
+    }
+    try:
+        with start_registry(tmp, auth=auth, tls=cert) as server:
+            admin = tokens.mint(
+                [
+                    {"type": "repository", "name": repo, "actions": ["pull", "push"]}
+                    for repo in (PUBLIC_REPO, PRIVATE_REPO)
+                ]
+            )
+            image = make_image([make_layer(b"\1" * 4096, "gzip")])
+            headers = {"Authorization": f"Bearer {admin}"}
+            with httpx.Client(headers=headers, verify=False) as pusher:
+                for repo in (PUBLIC_REPO, PRIVATE_REPO):
+                    push_image(server.url, repo, "v1", image, client=pusher)
+            tokens.requests.clear()
+            yield TokenRegistry(
+                server,
+                tokens,
+                parse_reference(f"{server.host}/{PUBLIC_REPO}:v1"),
+                parse_reference(f"{server.host}/{PRIVATE_REPO}:v1"),
+            )
+    finally:
+        tokens.close()
+
+
+def _pull(client: RegistryClient, ref: Reference) -> None:
+    """Manifest and every blob, verified."""
+    fetched = client.get_manifest(ref)
+    manifest = parse_manifest_or_index(fetched.data, fetched.media_type)
+    assert isinstance(manifest, Manifest)
+    for descriptor in (manifest.config, *manifest.layers):
+        with client.open_blob(ref, descriptor) as chunks:
+            stream = VerifyingStream(chunks, descriptor.digest, descriptor.size)
+            for _ in stream:
+                pass
+        stream.verify()
+
+
+def _docker_config(tmp_path: Path, registry: str, user: str, password: str) -> ChainedCredentials:
+    login(registry, user, password, config_path=tmp_path / "config.json")
+    return default_credentials({"DOCKER_CONFIG": str(tmp_path)})
+
+
+def test_anonymous_pull_of_a_public_repository(token_registry: TokenRegistry) -> None:
+    token_registry.tokens.requests.clear()
+    with RegistryClient(config=FAST) as client:
+        _pull(client, token_registry.public)
+    # One token for the manifest and both blobs: same scope, reused.
+    assert token_registry.tokens.requests == [(None, f"repository:{PUBLIC_REPO}:pull")]
+
+
+def test_anonymous_pull_of_a_private_repository_is_unauthorized(
+    token_registry: TokenRegistry,
+) -> None:
+    with RegistryClient(config=FAST) as client, pytest.raises(Unauthorized) as caught:
+        client.get_manifest(token_registry.private)
+    assert token_registry.server.host in str(caught.value)
+    assert PRIVATE_REPO in str(caught.value)
+
+
+@pytest.mark.parametrize("over", ["http", "https-insecure"])
+def test_credentialed_pull_of_a_private_repository(
+    over: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    fixture = "token_registry" if over == "http" else "https_token_registry"
+    registry: TokenRegistry = request.getfixturevalue(fixture)
+    host = registry.server.host
+    config = FAST
+    if over == "https-insecure":
+        # Neither certificate is trusted: the registry is marked insecure, and the
+        # realm is on loopback (insecure by default), so neither is verified.
+        assert registry.tokens.realm.startswith("https://127.0.0.1:")
+        config = replace(FAST, insecure_registries=frozenset({host}))
+    credentials = _docker_config(tmp_path, host, "alice", "wonderland")
+    registry.tokens.requests.clear()
+    with RegistryClient(credentials=credentials, config=config) as client:
+        _pull(client, registry.private)
+        _pull(client, registry.public)
+    assert registry.tokens.requests == [
+        ("alice", f"repository:{PRIVATE_REPO}:pull"),
+        ("alice", f"repository:{PUBLIC_REPO}:pull"),
+    ]
+
+
+def _identity_config(tmp_path: Path, registry: str, token: str) -> ChainedCredentials:
+    """A docker config.json as ``docker login`` writes one for an OAuth2 identity."""
+    entry = {"auth": base64.b64encode(b"alice:").decode(), "identitytoken": token}
+    (tmp_path / "config.json").write_text(json.dumps({"auths": {registry: entry}}))
+    return default_credentials({"DOCKER_CONFIG": str(tmp_path)})
+
+
+def test_credentialed_pull_with_an_identity_token(
+    token_registry: TokenRegistry, tmp_path: Path
+) -> None:
+    host = token_registry.server.host
+    (refresh_token,) = REFRESH_TOKENS
+    credentials = _identity_config(tmp_path, host, refresh_token)
+    tokens = token_registry.tokens
+    tokens.requests.clear()
+    tokens.forms.clear()
+    with RegistryClient(credentials=credentials, config=FAST) as client:
+        _pull(client, token_registry.private)
+    # One POST (oauth.md's refresh_token grant), its access token reused for every blob.
+    assert tokens.forms == [
+        {
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+            "service": SERVICE,
+            "scope": f"repository:{PRIVATE_REPO}:pull",
+            "client_id": tokens.forms[0]["client_id"],
+        }
+    ]
+    assert tokens.forms[0]["client_id"]  # required by the spec; any name will do
+    assert tokens.requests == [("alice", f"repository:{PRIVATE_REPO}:pull")]
+
+
+def test_a_refused_identity_token_names_its_origin_not_the_token(
+    token_registry: TokenRegistry, tmp_path: Path
+) -> None:
+    host = token_registry.server.host
+    credentials = _identity_config(tmp_path, host, "rt-revoked-77aa")
+    with (
+        RegistryClient(credentials=credentials, config=FAST) as client,
+        pytest.raises(Unauthorized) as caught,
+    ):
+        client.get_manifest(token_registry.private)
+    message = str(caught.value)
+    assert f"its token server {urlsplit(token_registry.tokens.realm).netloc} refused" in message
+    assert f'{tmp_path / "config.json"} entry "{host}"' in message
+    assert "rt-revoked-77aa" not in message
+
+
+def test_wrong_password_names_registry_and_origin(
+    token_registry: TokenRegistry, tmp_path: Path
+) -> None:
+    credentials = _docker_config(tmp_path, token_registry.server.host, "alice", "not-it-123")
+    with (
+        RegistryClient(credentials=credentials, config=FAST) as client,
+        pytest.raises(Unauthorized) as caught,
+    ):
+        client.get_manifest(token_registry.private)
+    message = str(caught.value)
+    assert token_registry.server.host in message
+    assert f'{tmp_path / "config.json"} entry "{token_registry.server.host}"' in message
+    assert "alice" in message
+    assert "not-it-123" not in message
+
+
+# -- credentials per namespace or repository (containers-auth.json(5)) ---------------------
+
+
+def _auth_json(tmp_path: Path, auths: Mapping[str, tuple[str, str]]) -> ChainedCredentials:
+    """podman's ``$REGISTRY_AUTH_FILE`` with ``auths`` (key → user, password); no docker config."""
+    entries = {
+        key: {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
+        for key, (user, password) in auths.items()
+    }
+    path = tmp_path / "auth.json"
+    path.write_text(json.dumps({"auths": entries}))
+    return default_credentials(
+        {"REGISTRY_AUTH_FILE": str(path), "DOCKER_CONFIG": str(tmp_path / "no-docker")}
+    )
+
+
+@pytest.mark.parametrize(
+    ("keys", "users"),
+    [
+        (
+            {
+                "": ("mallory", "Wrong-host-pw"),  # refused by the token server if ever sent
+                "/private": ("alice", "wonderland"),
+                "/public/app": ("carol", "looking-glass"),
+            },
+            ("alice", "carol"),
+        ),
+        (
+            # "host/privat" must not apply to "host/private/app" (as "quay.io/team"
+            # to "quay.io/teamx/app"): the host-level key answers instead.
+            {
+                "": ("carol", "looking-glass"),
+                "/privat": ("mallory", "Wrong-ns-pw"),
+                "/pub": ("mallory", "Wrong-ns-pw"),
+                "/private/ap": ("mallory", "Wrong-repo-pw"),
+            },
+            ("carol", "carol"),
+        ),
+    ],
+    ids=["most-specific-key-wins", "keys-match-whole-components"],
+)
+def test_each_repository_gets_its_namespaced_credential(
+    keys: dict[str, tuple[str, str]],
+    users: tuple[str, str],
+    token_registry: TokenRegistry,
+    tmp_path: Path,
+) -> None:
+    host = token_registry.server.host
+    credentials = _auth_json(tmp_path, {host + suffix: user for suffix, user in keys.items()})
+    token_registry.tokens.requests.clear()
+    with RegistryClient(credentials=credentials, config=FAST) as client:
+        _pull(client, token_registry.private)
+        _pull(client, token_registry.public)
+    assert token_registry.tokens.requests == [
+        (users[0], f"repository:{PRIVATE_REPO}:pull"),
+        (users[1], f"repository:{PUBLIC_REPO}:pull"),
+    ]
+
+
+def test_a_refused_namespaced_credential_names_its_key(
+    token_registry: TokenRegistry, tmp_path: Path
+) -> None:
+    host = token_registry.server.host
+    credentials = _auth_json(
+        tmp_path,
+        {host: ("alice", "wonderland"), f"{host}/private": ("alice", "Stale-pw-42")},
+    )
+    with RegistryClient(credentials=credentials, config=FAST) as client:
+        with pytest.raises(Unauthorized) as caught:
+            client.get_manifest(token_registry.private)
+        client.get_manifest(token_registry.public)  # the host key still serves public/app
+    message = str(caught.value)
+    assert f'auth.json entry "{host}/private"' in message and "alice" in message
+    assert "Stale-pw-42" not in message
+
+
+def test_token_reused_until_expiry_then_refreshed(token_registry: TokenRegistry) -> None:
+    now = [0.0]
+    token_registry.tokens.requests.clear()
+    with RegistryClient(config=FAST) as client:
+        client._tokens = TokenCache(clock=lambda: now[0])
+        client.get_manifest(token_registry.public)
+        now[0] += token_registry.tokens.expires_in / 2
+        client.get_manifest(token_registry.public)
+        assert len(token_registry.tokens.requests) == 1
+        now[0] += token_registry.tokens.expires_in
+        client.get_manifest(token_registry.public)
+    assert len(token_registry.tokens.requests) == 2
+
+
+# -- basic auth (htpasswd) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reference]:
+    # htpasswd (apache2-utils) makes the bcrypt entries docker-registry requires.
+    tmp = tmp_path_factory.mktemp("basic-registry")
+    htpasswd = tmp / "htpasswd"
+    entry = subprocess.run(
+        ["htpasswd", "-Bbn", "bob", "builder"], capture_output=True, text=True, check=True
+    ).stdout
+    htpasswd.write_text(entry)
+    auth = {"htpasswd": {"realm": "test realm", "path": str(htpasswd)}}
+    with start_registry(tmp, auth=auth) as server:
+        image = make_image([make_layer(b"\2" * 4096, "gzip")])
+        with httpx.Client(auth=("bob", "builder")) as pusher:
+            push_image(server.url, "team/app", "v1", image, client=pusher)
+        yield parse_reference(f"{server.host}/team/app:v1")
+
+
+def test_basic_auth_pull(basic_registry: Reference, tmp_path: Path) -> None:
+    credentials = _docker_config(tmp_path, basic_registry.registry, "bob", "builder")
+    with RegistryClient(credentials=credentials, config=FAST) as client:
+        _pull(client, basic_registry)
+
+
+@pytest.mark.parametrize("password", [None, "Pw-7f3k9"], ids=["anonymous", "wrong-password"])
+def test_basic_auth_refused(
+    basic_registry: Reference, tmp_path: Path, password: str | None
+) -> None:
+    credentials = (
+        _docker_config(tmp_path, basic_registry.registry, "bob", password) if password else None
+    )
+    with (
+        RegistryClient(credentials=credentials, config=FAST) as client,
+        pytest.raises(Unauthorized, match=re.escape(basic_registry.registry)) as caught,
+    ):
+        client.get_manifest(basic_registry)
+    assert "Pw-7f3k9" not in str(caught.value)
+
+
+# -- checking a login ----------------------------------------------------------------------
+
+
+def test_check_login_against_a_token_registry(token_registry: TokenRegistry) -> None:
+    host = token_registry.server.host
+    with RegistryClient(config=FAST) as client:
+        client.check_login(host, Credential("alice", "wonderland", origin="hypeman-images login"))
+        with pytest.raises(Unauthorized, match=re.escape(host)) as caught:
+            client.check_login(host, Credential("alice", "Pw-0x9q", origin="hypeman-images login"))
+    assert "Pw-0x9q" not in str(caught.value)
+
+
+def test_check_login_against_a_basic_registry(basic_registry: Reference) -> None:
+    host = basic_registry.registry
+    with RegistryClient(config=FAST) as client:
+        client.check_login(host, Credential("bob", "builder", origin="flag"))
+        with pytest.raises(Unauthorized):
+            client.check_login(host, Credential("bob", "nope", origin="flag"))

@@ -1,0 +1,105 @@
+"""The blob cache is a valid OCI layout, and only verified blobs become visible."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from hypeman_images.errors import DigestMismatch, NotFound
+from hypeman_images.oci.digest import Digest
+from hypeman_images.oci.spec import OCI_MANIFEST, Descriptor
+from hypeman_images.store.blobs import BlobStore
+
+
+def descriptor(data: bytes, media_type: str = "application/octet-stream") -> Descriptor:
+    return Descriptor(media_type, Digest.of(data), len(data))
+
+
+def test_layout_files(tmp_path: Path) -> None:
+    BlobStore(tmp_path / "cache")
+    layout = json.loads((tmp_path / "cache/oci-layout").read_text())
+    assert layout == {"imageLayoutVersion": "1.0.0"}
+    index = json.loads((tmp_path / "cache/index.json").read_text())
+    assert index["schemaVersion"] == 2 and index["manifests"] == []
+
+
+def test_ingest_streams_and_verifies(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    data = os.urandom(3 << 20)
+    desc = descriptor(data)
+    seen: list[int] = []
+    path = store.ingest(
+        desc, (data[i : i + 65536] for i in range(0, len(data), 65536)), seen.append
+    )
+    assert path == tmp_path / "blobs/sha256" / desc.digest.encoded
+    assert path.read_bytes() == data
+    assert sum(seen) == len(data)
+    assert store.has(desc.digest)
+    assert list(store.digests()) == [desc.digest]
+
+
+def test_wrong_bytes_leave_nothing(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    desc = descriptor(b"the real content")
+    with pytest.raises(DigestMismatch):
+        store.ingest(desc, [b"something else!!"])
+    assert not store.has(desc.digest)
+    assert list((tmp_path / "blobs/sha256").iterdir()) == []
+
+
+def test_interrupted_stream_leaves_nothing(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    desc = descriptor(b"x" * 100)
+
+    def broken():  # type: ignore[no-untyped-def]
+        yield b"x" * 50
+        raise ConnectionError("dropped")
+
+    with pytest.raises(ConnectionError):
+        store.ingest(desc, broken())
+    assert not store.has(desc.digest)
+    assert list((tmp_path / "blobs/sha256").iterdir()) == []
+
+
+def test_open_missing_blob(tmp_path: Path) -> None:
+    with pytest.raises(NotFound):
+        BlobStore(tmp_path).open(Digest.of(b"nope"))
+
+
+def test_rotten_blob_is_detected_and_removed(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    desc = descriptor(b"fine")
+    path = store.put(desc, b"fine")
+    path.chmod(0o644)
+    path.write_bytes(b"rot!")
+    with pytest.raises(DigestMismatch, match="corrupt"):
+        store.verify(desc.digest)
+    assert not store.has(desc.digest)
+
+
+def test_index_tags_and_gc(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    keep = descriptor(b'{"keep": 1}', OCI_MANIFEST)
+    drop = descriptor(b'{"drop": 1}', OCI_MANIFEST)
+    store.put(keep, b'{"keep": 1}')
+    store.put(drop, b'{"drop": 1}')
+    store.tag(keep, "r/a:1")
+    store.tag(drop, "r/a:2")
+    store.tag(drop, "r/a:1")  # re-tagging replaces the old entry of that name
+    names = [m["annotations"]["org.opencontainers.image.ref.name"] for m in _index(tmp_path)]
+    assert sorted(names) == ["r/a:1", "r/a:2"]
+
+    (tmp_path / "blobs/sha256" / ".tmp-x.999999999.abcd").write_bytes(b"stale")
+    result = store.gc({keep.digest})
+    assert result.blobs_removed == 1
+    assert result.bytes_freed == len(b'{"drop": 1}') + len(b"stale")
+    assert store.has(keep.digest) and not store.has(drop.digest)
+    assert all(m["digest"] == str(keep.digest) for m in _index(tmp_path))
+
+
+def _index(root: Path) -> list[dict[str, object]]:
+    manifests: list[dict[str, object]] = json.loads((root / "index.json").read_text())["manifests"]
+    return manifests

@@ -1,0 +1,186 @@
+"""The image store: atomic records, tag links swapped by rename, deletes by tag or digest."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hypeman_images.errors import InvalidReference, NotFound
+from hypeman_images.oci.digest import Digest
+from hypeman_images.oci.reference import parse_reference
+from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, now
+
+D1 = Digest("sha256", "1" * 64)
+D2 = Digest("sha256", "2" * 64)
+
+
+def ready(store: ImageStore, name: str, digest: Digest) -> None:
+    ref = parse_reference(name)
+    record = ImageRecord(name=name, digest=str(digest), status=ImageStatus.READY, created_at=now())
+    store.write(ref, digest, record)
+    (store.digest_dir(ref, digest) / "rootfs.ext4").write_bytes(b"disk")
+    store.set_tag(ref, digest)
+
+
+def test_layout_on_disk(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    ready(store, "127.0.0.1:5000/library/alpine:3.20", D1)
+    repo = tmp_path / "127.0.0.1:5000/library/alpine"
+    assert (repo / D1.encoded / "metadata.json").is_file()
+    assert (repo / D1.encoded / "rootfs.ext4").is_file()
+    assert os.readlink(repo / "3.20") == D1.encoded
+    found = store.find(parse_reference("127.0.0.1:5000/library/alpine:3.20"))
+    assert found.record.status is ImageStatus.READY
+    assert found.tags == ("3.20",)
+    by_digest = store.find(parse_reference(f"127.0.0.1:5000/library/alpine@{D1}"))
+    assert by_digest.directory == found.directory
+
+
+def test_tag_moves_by_rename(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    ready(store, "r.io/a:latest", D1)
+    ready(store, "r.io/a:latest", D2)
+    assert store.tag_target(parse_reference("r.io/a:latest")) == D2
+    leftovers = [p for p in (tmp_path / "r.io/a").iterdir() if p.name.startswith(".tmp-")]
+    assert leftovers == []
+
+
+def test_remove_by_tag_keeps_disk_while_another_tag_points_at_it(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    ready(store, "r.io/a:1", D1)
+    ready(store, "r.io/a:2", D1)
+    assert store.remove(parse_reference("r.io/a:1")) == ["r.io/a:1"]
+    assert (tmp_path / "r.io/a" / D1.encoded / "rootfs.ext4").exists()
+    removed = store.remove(parse_reference("r.io/a:2"))
+    assert removed == ["r.io/a:2", f"r.io/a@{D1}"]
+    assert not (tmp_path / "r.io/a" / D1.encoded).exists()
+
+
+def test_remove_by_digest_removes_all_tags(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    ready(store, "r.io/a:1", D1)
+    ready(store, "r.io/a:2", D1)
+    store.remove(parse_reference(f"r.io/a@{D1}"))
+    assert sorted(p.name for p in (tmp_path / "r.io/a").iterdir()) == []
+
+
+def test_unknown_image(tmp_path: Path) -> None:
+    with pytest.raises(NotFound, match="pull it first"):
+        ImageStore(tmp_path).find(parse_reference("r.io/nothing:here"))
+
+
+def test_digest_shaped_tag_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidReference, match="looks like a digest"):
+        ImageStore(tmp_path).set_tag(parse_reference("r.io/a:" + "a" * 64), D1)
+
+
+def test_scan_finds_records_without_tags_and_sweep_cleans(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    ref = parse_reference("r.io/a:1")
+    store.write(ref, D1, ImageRecord("r.io/a:1", str(D1), ImageStatus.CONVERTING, now()))
+    stale = store.digest_dir(ref, D1) / ".tmp-rootfs.ext4.999999999.0000"
+    stale.write_bytes(b"x" * 10)
+    [found] = list(store.scan())
+    assert found.record.status is ImageStatus.CONVERTING and found.tags == ()
+    assert store.sweep() == 10
+    assert not stale.exists()
+
+
+def test_record_round_trip() -> None:
+    record = ImageRecord(
+        "r.io/a:1", str(D1), ImageStatus.READY, now(), env=["A=1", "B=2"], cmd=["sh"]
+    )
+    assert ImageRecord.from_json(record.to_json()) == record
+
+
+def test_nested_repository_cannot_hide_inside_a_tag(tmp_path: Path) -> None:
+    # ``r.io/a:b``'s tag link sits where repository ``r.io/a/b`` would live.
+    store = ImageStore(tmp_path)
+    ready(store, "r.io/a:b", D1)
+    with pytest.raises(InvalidReference, match="collides with the local tag 'b'"):
+        store.digest_dir(parse_reference("r.io/a/b:latest"), D2)
+    assert store.find(parse_reference("r.io/a:b")).record.status is ImageStatus.READY
+
+
+def test_tag_cannot_shadow_a_nested_repository(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    ready(store, "r.io/a/b:latest", D1)
+    with pytest.raises(InvalidReference, match="collides with the local repository"):
+        store.validate(parse_reference("r.io/a:b"))
+    assert store.find(parse_reference("r.io/a/b:latest")).record.status is ImageStatus.READY
+
+
+def test_digest_shaped_repository_component_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidReference, match="64-hex-digit"):
+        ImageStore(tmp_path).repo_dir(parse_reference("r.io/" + "c" * 64 + "/x"))
+
+
+def test_scan_survives_directories_vanishing_mid_walk(tmp_path: Path) -> None:
+    import threading
+
+    store = ImageStore(tmp_path)
+    ready(store, "r.io/a:1", D1)
+    stop = threading.Event()
+
+    def churn() -> None:
+        n = 0
+        while not stop.is_set():
+            doomed = tmp_path / "r.io" / f".deleting-x.{n}.1234"
+            with contextlib.suppress(FileNotFoundError):  # sweep may take it first
+                (doomed / "deep" / "er").mkdir(parents=True)
+                shutil.rmtree(doomed)
+            n += 1
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        for _ in range(300):
+            assert [s.record.digest for s in store.scan()] == [str(D1)]
+            store.sweep()
+    finally:
+        stop.set()
+        worker.join()
+
+
+def test_lock_follows_a_directory_renamed_while_waiting(tmp_path: Path) -> None:
+    import threading
+
+    store = ImageStore(tmp_path)
+    ref = parse_reference("r.io/a:1")
+    inside = threading.Event()
+    entered: list[bool] = []
+
+    def second() -> None:
+        with store.lock(ref, D1):
+            entered.append((store.digest_dir(ref, D1) / ".lock").exists())
+
+    with store.lock(ref, D1):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        inside.wait(0.2)
+        store.remove_directory(store.digest_dir(ref, D1))
+    waiter.join(5)
+    assert entered == [True], "the waiter must hold the lock of the directory that exists"
+
+
+def test_a_writer_with_a_stale_copy_keeps_the_pending_tags_others_added(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    ref = parse_reference("127.0.0.1:5000/app:1")
+    build = ImageRecord(name=str(ref), digest=str(D1), status=ImageStatus.PULLING, created_at=now())
+    store.write(ref, D1, build)
+    also = "127.0.0.1:5000/app:latest"
+    added = store.update(ref, D1, lambda r: r.evolve(pending_tags=[*r.pending_tags, also]))
+    assert added is not None and added.pending_tags == [also]
+    # The build's own copy never saw the new tag; writing it must not drop it.
+    store.write(ref, D1, build.evolve(status=ImageStatus.CONVERTING))
+    record = store.read(ref, D1)
+    assert record is not None and record.status is ImageStatus.CONVERTING
+    assert record.pending_tags == [also]
+    # A fresh request starts a new round: nothing carried over.
+    store.write(ref, D1, build.evolve(status=ImageStatus.PENDING), keep_pending=False)
+    assert store.read(ref, D1).pending_tags == []  # type: ignore[union-attr]
+    assert store.update(parse_reference("127.0.0.1:5000/app:1"), D2, lambda r: r) is None
