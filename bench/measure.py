@@ -159,5 +159,5 @@ def median(values: Sequence[float]) -> float:
 
 
 def mb(n: float) -> str:
-    """``123.4 MB`` (decimal megabytes, as the issue quotes sizes)."""
+    """``123.4 MB`` (decimal megabytes, as docs/performance.md quotes sizes)."""
     return f"{n / 1e6:,.1f} MB"

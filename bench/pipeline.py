@@ -1,8 +1,9 @@
 """hypeman-images pull vs. the reference pipeline (skopeo → umoci → mkfs.ext4 -d), side by side.
 
-Issue 7. Starts docker-registry on 127.0.0.1, pushes Debian images made with
-mmdebstrap (see ``bench/layers.py``; cached under ``~/.cache/hypeman-bench/``),
-then for each image, alternating, on a cold page cache each time:
+The figures of docs/performance.md come from here. Starts docker-registry on
+127.0.0.1, pushes Debian images made with mmdebstrap (see ``bench/layers.py``;
+cached under ``~/.cache/hypeman-bench/``), then for each image, alternating,
+on a cold page cache each time:
 
 * reference: ``skopeo copy docker://… oci:DIR:tag``; ``umoci unpack``;
   ``mkfs.ext4 -O ^has_journal -d bundle/rootfs`` sized du + 10 % + 64 MiB;
@@ -18,7 +19,7 @@ decompress the layers.
 
 The package's bytecode is compiled first (``compileall``), as an installed
 package's is: with ``PYTHONDONTWRITEBYTECODE`` set, every CLI run would
-otherwise compile ~40 modules (~50 ms of the re-pull).
+otherwise compile its modules, a cost the re-pull's figure would carry.
 
     .venv/bin/python bench/pipeline.py                 # minbase, python, large; 3 runs
     .venv/bin/python bench/pipeline.py --quick         # minbase, 1 run (CI smoke)
@@ -366,8 +367,8 @@ def _floor(pushed: Pushed, cache: Path, work: Path, out: InProcess, how: Ours) -
 
     measure.drop_caches()
     started = time.perf_counter()
-    # Through our pull's own pipe into mke2fs (1 MiB pipe and buffer): with
-    # subprocess.run(input=...), 4 KiB writes, this floor was ~0.3 s slower.
+    # Through our pull's own pipe into mke2fs (1 MiB pipe and buffer), not
+    # subprocess.run(input=...), whose 4 KiB writes would make the floor slower.
     run_mke2fs_stream(argv, env, feed)
     os.sync()  # our pull fsyncs its disk; so does the floor
     out.floor_mke2fs_s = time.perf_counter() - started

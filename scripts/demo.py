@@ -11,7 +11,7 @@ The README promises the boot, so the demo fails (exit 1, one clear line)
 when it cannot boot: checked before anything starts (a kernel, QEMU or
 Cloud Hypervisor, busybox), and again if the VM does not run the command.
 ``--data-dir DIR`` keeps the store in DIR (as it is) instead of
-``./demo-data`` (emptied first); tests/test_demo.py uses it.
+``./demo-data`` (emptied first); tests/system/test_demo.py uses it.
 
 The image builders are the test suite's (tests/support), so the demo and the
 tests push images the same way.

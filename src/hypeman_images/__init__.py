@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 # The facade's names load on first use (PEP 562): ``import hypeman_images`` (and
 # every submodule import, which runs this file first) then costs nothing, so the
-# CLI loads only what its command needs (issue 7: start-up time).
+# CLI loads only what its command needs (start-up time; docs/performance.md).
 _LAZY = {
     "HypemanError": "errors",
     "Image": "build.image",

@@ -1,7 +1,8 @@
 """Atomic file publication: the one way files become visible in the data dir.
 
 Every file that others can see appears by rename of a fsynced temp file in the
-same directory, and links are swapped by rename too (STYLE.md, "Integrity").
+same directory, and links are swapped by rename too (docs/design.md, "On-disk
+layout": the rules that keep the store consistent through crashes).
 """
 
 from __future__ import annotations
@@ -59,10 +60,11 @@ def _sync_file_range() -> Callable[..., int] | None:
 def start_writeback(fd: int) -> None:
     """Start writing the file's dirty pages to the device, without waiting for them.
 
-    With much RAM the kernel writes nothing back for 30 s, so a big file's
-    fsync writes it all at once, after the last byte: calling this as a file
-    grows overlaps that I/O with the writing instead. Only an optimisation:
-    without ``sync_file_range`` (not Linux) nothing happens.
+    With much RAM the kernel writes nothing back for 30 s
+    (``dirty_expire_centisecs``, Documentation/admin-guide/sysctl/vm.rst), so a
+    big file's fsync writes it all at once, after the last byte: calling this as
+    a file grows overlaps that I/O with the writing instead. Only an
+    optimisation: without ``sync_file_range`` (not Linux) nothing happens.
     """
     func = _sync_file_range()
     if func is not None:

@@ -69,7 +69,8 @@ def test_a_hanging_command_ends_at_the_timeout_with_exit_11(
         [*argv, "--", "sleep", "600"], capture_output=True, text=True, timeout=120
     )
     elapsed = time.monotonic() - started
-    assert result.returncode == 11, result.stderr  # README: the VM did not boot or run the command
+    # Exit 11 (docs/cli.md, "Exit codes"): the VM did not boot or run the command.
+    assert result.returncode == 11, result.stderr
     # Under TCG on a loaded host the boot itself may use up the 5 s: either message is clear.
     assert re.search(
         r"hypeman-images: error: the (command did not finish|VM did not start the command) "

@@ -1,4 +1,4 @@
-"""Where the data dir is by default, and what overrides it (README, "Configuration")."""
+"""Where the data dir is by default, and what overrides it (docs/configuration.md)."""
 
 from __future__ import annotations
 

@@ -371,7 +371,7 @@ def test_tag_moves_onto_an_already_ready_digest(
     assert os.readlink(repo_dir / "t") == b.manifest_digest[7:]
     assert os.readlink(repo_dir / "t2") == b.manifest_digest[7:]
     assert disk_b.stat().st_mtime_ns == mtime_b, "no rebuild"
-    # The README's rule: a disk goes with its last tag only through `rm`; a tag
+    # The rule of docs/cli.md: a disk goes with its last tag only through `rm`; a tag
     # moved away by the registry leaves A's disk, reachable by its digest.
     listed = subprocess.run(
         [CLI, "list", "--json", "--data-dir", str(data_dir)], capture_output=True, text=True

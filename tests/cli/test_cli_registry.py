@@ -174,7 +174,7 @@ def test_a_connect_timeout_fires_with_a_clear_message(data_dir: Path) -> None:
             "pull", "--data-dir", str(data_dir), "--connect-timeout", "0.3", f"{host}/app:1"
         )
         elapsed = time.monotonic() - started
-    # Exit 1: transient failures after the retries (README, exit codes).
+    # Exit 1: transient failures after the retries (docs/cli.md, "Exit codes").
     assert result.returncode == 1, result.stderr
     assert "connect timed out after 0.3 s" in result.stderr
     assert "--connect-timeout" in result.stderr

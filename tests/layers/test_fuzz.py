@@ -285,7 +285,7 @@ def test_atheris_target_runs_clean(target: str, tmp_path: Path) -> None:
 
     A failure here is a crash (an exception other than HypemanError) or a target
     that no longer starts; its input is written to ``tmp_path``. The long run is
-    in the README (Development).
+    in fuzz/README.md.
     """
     result = subprocess.run(
         [

@@ -366,7 +366,7 @@ def test_a_disk_too_small_for_the_tree_falls_back(
 def test_a_proof_that_fails_after_the_hash_falls_back_and_leaves_no_temp_disk(
     alpine_ref: PushedImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The proof now comes after the disk was shrunk and hashed: a stream the merge
+    # The proof comes after the disk was shrunk and hashed: a stream the merge
     # disagrees with must still never become the disk.
     proved: list[bool] = []
 

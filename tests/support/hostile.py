@@ -15,7 +15,7 @@ manifests) are served by the fault proxy in front of it (``served``).
 The second half holds the checks: :func:`store_problems` (every ready image
 has a valid disk, tags point only at ready builds, no temp files, every cached
 blob matches its digest) and :func:`unexpected_paths` (the data dir holds only
-the layout DESIGN.md describes).
+the layout docs/design.md describes).
 """
 
 from __future__ import annotations
@@ -569,7 +569,7 @@ _COMPONENT = re.compile(r"[a-z0-9][a-z0-9._-]*|[0-9a-zA-Z.-]+:[0-9]+|\[[0-9a-fA-
 
 
 def unexpected_paths(data_dir: Path) -> list[str]:
-    """Paths the data-dir layout (DESIGN.md, "image store") does not account for."""
+    """Paths the data-dir layout (docs/design.md, "On-disk layout") does not account for."""
     bad: list[str] = []
     for path in sorted(data_dir.rglob("*")):
         rel = path.relative_to(data_dir)
@@ -605,7 +605,7 @@ def _e2fsck_ok(disk: Path) -> bool:
 
 
 def store_problems(data_dir: Path, *, fsck: bool = True) -> list[str]:
-    """What is inconsistent in a data dir: the invariants of DESIGN.md, checked from outside.
+    """What is inconsistent in a data dir: the invariants of docs/design.md, checked from outside.
 
     - a ``ready`` record has its ``rootfs.ext4``, of the recorded size, clean under e2fsck;
     - a record that is not ready has no ``rootfs.ext4``;

@@ -4,7 +4,7 @@ A fault proxy (tests/support/faultproxy.py) sits between the client and the
 real registry. After every fault the data dir must be consistent
 (:func:`support.hostile.store_problems`: no ready image without a valid disk,
 no tag on a build that is not ready, no temp file, every cached blob intact),
-``gc`` must leave only the layout DESIGN.md describes, and the next pull --
+``gc`` must leave only the layout docs/design.md describes, and the next pull --
 with the fault gone -- must succeed with a clean disk.
 """
 

@@ -7,7 +7,7 @@ attack contained in the disk. Either way:
 
 - nothing is written outside the data dir (a canary dir the names aim at is
   unchanged, no ``pwned`` file appears anywhere under the test's tmp dir);
-- the data dir holds only the layout DESIGN.md describes, and it is
+- the data dir holds only the layout docs/design.md describes, and it is
   consistent (:func:`support.hostile.store_problems`), also after ``gc``;
 - nothing leaks: open fds and threads are back to their count, no temp file
   is left, and Python's peak allocation stays far below the bombs' size.
@@ -514,8 +514,9 @@ def test_a_million_tiny_entries(registry: RegistryServer, data_dir: Path) -> Non
     """1,000,000 empty files (9 MiB of gzip): converted within the default limits.
 
     Runs the CLI in a subprocess to measure its peak RSS: memory grows with
-    the entry count (~600 B per entry at the peak, the planning beside the
-    scans and the tree: 602 MiB), which is what ``Limits.max_entries`` bounds.
+    the entry count (at the peak, the planning beside the scans and the tree;
+    the figures are in docs/performance.md), which is what
+    ``Limits.max_entries`` bounds.
     The layer inflates ~110x, past the one pass's sizing: its gzip trailer
     says so as soon as the blob is whole, and the pass falls back at once.
     """

@@ -4,9 +4,10 @@ QEMU boots the compressed ``vmlinuz`` (a bzImage) directly. Cloud Hypervisor
 direct-boots an ELF ``vmlinux`` through its PVH entry point (the Xen
 ``XEN_ELFNOTE_PHYS32_ENTRY`` note, present because Debian builds with
 ``CONFIG_PVH=y``); bzImage support in Cloud Hypervisor has come and gone
-(cloud-hypervisor issue #5766), so we unpack the vmlinux from the bzImage
-ourselves: the setup header's ``payload_offset``/``payload_length`` locate
-the compressed kernel (Documentation/arch/x86/boot.rst, protocol 2.08+).
+(https://github.com/cloud-hypervisor/cloud-hypervisor/issues/5766), so we
+unpack the vmlinux from the bzImage ourselves: the setup header's
+``payload_offset``/``payload_length`` locate the compressed kernel
+(Documentation/arch/x86/boot.rst, protocol 2.08+).
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 A build makes several Python objects per layer entry (headers, entries, the
 tree's nodes: hundreds of thousands for a large image) and puts none of them
 in a reference cycle, so reference counting frees them all and the young
-collections, one per 700 new objects by default, walk them for nothing: the
-large image of ``bench/`` builds ~3 % sooner with collections fifty thousand
-objects apart, as fast as with none (issue 7). Not none: the service's event
+collections, one per 700 new objects by default, walk them for nothing: with
+collections fifty thousand objects apart the large image of ``bench/`` builds
+as fast as with none (docs/performance.md). Not none: the service's event
 loop goes on making cyclic garbage (exceptions, futures) while builds run,
 possibly back to back.
 

@@ -79,10 +79,11 @@ class BuildOptions:
 
     ``limits`` are the safety limits against hostile layers (entries, sizes,
     header and path lengths); the defaults fit every real image.
-    ``disk_digest``: record the disk's sha256 in metadata.json (issue 3: two
-    builds of a digest can be compared, and ``verify`` checks a disk against
-    it). Hashing is the last step of a build, after mke2fs, on one core beside
-    ``e2fsck -fn``: about 0.8 s per GB of disk; off, the record is ``null``.
+    ``disk_digest``: record the disk's sha256 in metadata.json (reproducibility:
+    two builds of a digest can be compared, and ``verify`` checks a disk against
+    it; docs/design.md). Hashing is the last step of a build, after mke2fs, on
+    one core beside ``e2fsck -fn``, so its cost grows with the disk's size (see
+    docs/performance.md); off, the record is ``null``.
     ``one_pass``: build images reading each layer once, as it downloads
     (:mod:`hypeman_images.layers.onepass`), falling back to two passes where that
     cannot decide; off, every image takes the two-pass path after the pull.

@@ -108,8 +108,8 @@ def _coalesce(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
     """The network's (<= 64 KiB) reads joined into chunks of at least ``size`` bytes.
 
     One copy per byte; httpx's own ``iter_raw(size)`` copies each byte about
-    three times, holding the GIL that the layer scans need (issue 7: ~0.2 s of
-    an 851 MB image's pass 1).
+    three times, holding the GIL that the layer scans need (the cost on a large
+    image is in docs/performance.md).
     """
     parts: list[bytes] = []
     have = 0

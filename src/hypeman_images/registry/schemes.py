@@ -15,7 +15,7 @@ request to such a host decides with one ``GET /v2/``, answered or not:
 * any HTTP answer over TLS, whatever its status: HTTPS (unverified);
 * a failed TLS handshake (the server answered in plain text, closed or reset
   the connection, or offered nothing we accept): plain HTTP, at once, so a
-  plain-HTTP registry on loopback pays one refused handshake (about 1 ms);
+  plain-HTTP registry on loopback pays one refused handshake;
 * no connection at all (refused, unreachable, timed out; a port-less host
   may serve HTTPS on 443 and HTTP on 80): plain HTTP if ``GET /v2/`` over it
   answers 200 or 401, as the Distribution API's version check does; else a

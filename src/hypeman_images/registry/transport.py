@@ -59,8 +59,8 @@ class HostTransport(httpx.BaseTransport):
 
     def _ssl_context(self, host: str) -> ssl.SSLContext:
         if not self._config.verifies_tls(host):
-            # create_default_context() would spend ~25 ms loading CAs nobody checks,
-            # on every loopback pull's probe; this context has its defaults otherwise.
+            # create_default_context() would load the system's CAs, which nobody checks
+            # here, on every loopback pull's probe; this context has its defaults otherwise.
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE

@@ -1,6 +1,6 @@
 """The image store: built disks and their metadata, on disk, no database.
 
-Layout under the data dir (DESIGN.md, "image store")::
+Layout under the data dir (docs/design.md, "On-disk layout")::
 
     images/<registry>/<repository>/<digest-hex>/rootfs.ext4
     images/<registry>/<repository>/<digest-hex>/metadata.json
