@@ -203,7 +203,7 @@ _CLI = (
     "import atexit, resource, sys\n"
     "atexit.register(lambda: print("
     f"'{_SELF_RSS}%d' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))\n"
-    "from hypeman_images.cli.app import main\n"
+    "from hypeman_images.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
 

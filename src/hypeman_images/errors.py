@@ -22,10 +22,16 @@ by class, never by searching the message::
     ├── Conflict                the image is being built; retry later (exit 1, HTTP 409)
     ├── StorageError            the data dir cannot be written (full disk, permissions)
     │                                                               (exit 10, HTTP 507)
+    ├── CorruptDisk             a built disk fails e2fsck or its sha256 (exit 12, HTTP 500)
+    ├── ServiceError            ``serve`` cannot listen on its address (exit 13, HTTP 500)
     └── BootError               the VM did not boot or run the command (exit 11, HTTP 500)
 
-Foreign exceptions (``httpx``, ``OSError``, ``CalledProcessError``) are
-translated at the module that meets them, with ``raise ... from exc``.
+Each class's ``exit_code`` is the one source of the CLI's exit codes:
+:func:`exit_codes` walks the tree into the table that ``hypeman-images --help``
+prints (tests/cli/test_cli.py) and tests/test_errors.py holds this drawing
+to the classes. Foreign exceptions (``httpx``, ``OSError``,
+``CalledProcessError``) are translated at the module that meets them, with
+``raise ... from exc``.
 """
 
 from __future__ import annotations
@@ -35,10 +41,13 @@ class HypemanError(Exception):
     """Root of every error the library raises on purpose.
 
     ``exit_code`` is what the CLI exits with; ``http_status`` is what the API answers;
-    ``code`` is the stable machine-readable name both print in JSON errors.
+    ``code`` is the stable machine-readable name both print in JSON errors;
+    ``summary`` is a few words for the exit-code table (:func:`exit_codes`), and a
+    class that changes ``exit_code`` sets its own (tests/test_errors.py).
     """
 
     code: str = "internal_error"
+    summary: str = "other failure"
     exit_code: int = 1
     http_status: int = 500
 
@@ -54,6 +63,7 @@ class InvalidReference(HypemanError):
     """The image name does not follow the reference grammar."""
 
     code = "invalid_name"
+    summary = "invalid image name"
     exit_code = 2
     http_status = 400
 
@@ -62,6 +72,7 @@ class InvalidArgument(HypemanError):
     """A user-supplied value other than an image name is malformed."""
 
     code = "invalid_argument"
+    summary = "bad usage or argument"
     exit_code = 2
     http_status = 400
 
@@ -70,6 +81,7 @@ class NotFound(HypemanError):
     """The repository, tag, digest or local image does not exist."""
 
     code = "not_found"
+    summary = "not found"
     exit_code = 3
     http_status = 404
 
@@ -78,6 +90,7 @@ class PlatformNotFound(NotFound):
     """An image index offers no manifest for the requested platform."""
 
     code = "platform_not_found"
+    summary = "platform not in the index"
     exit_code = 6
 
 
@@ -85,6 +98,7 @@ class Unauthorized(HypemanError):
     """The registry refused the request for lack of valid credentials."""
 
     code = "registry_unauthorized"
+    summary = "unauthorized"
     exit_code = 4
     http_status = 401
 
@@ -93,6 +107,7 @@ class RateLimited(HypemanError):
     """The registry answered 429. Never retried silently."""
 
     code = "rate_limited"
+    summary = "rate limited"
     exit_code = 5
     http_status = 429
 
@@ -105,6 +120,7 @@ class RegistryError(HypemanError):
     """The registry failed in a way not covered by a more specific class."""
 
     code = "registry_error"
+    summary = "registry error"
     exit_code = 1
     http_status = 502
 
@@ -126,6 +142,7 @@ class UnsupportedManifest(RegistryError):
     """The manifest format is one this tool does not accept (e.g. schema 1)."""
 
     code = "unsupported_manifest"
+    summary = "unsupported manifest"
     exit_code = 7
     http_status = 422
 
@@ -134,6 +151,7 @@ class DigestMismatch(HypemanError):
     """Content did not hash to the digest that named it."""
 
     code = "digest_mismatch"
+    summary = "digest mismatch"
     exit_code = 8
     http_status = 502
 
@@ -142,6 +160,7 @@ class LayerError(HypemanError):
     """A layer is corrupt, inconsistent with the config, or hostile."""
 
     code = "bad_layer"
+    summary = "bad layer"
     exit_code = 7
     http_status = 422
 
@@ -150,6 +169,7 @@ class LimitExceeded(HypemanError):
     """A configured safety limit (sizes, entry counts) was exceeded."""
 
     code = "limit_exceeded"
+    summary = "safety limit exceeded"
     exit_code = 7
     http_status = 422
 
@@ -158,6 +178,7 @@ class ToolError(HypemanError):
     """An external tool (mke2fs, e2fsck, debugfs) is missing, too old or failed."""
 
     code = "tool_error"
+    summary = "e2fsprogs missing or failing"
     exit_code = 9
     http_status = 500
 
@@ -166,6 +187,7 @@ class Conflict(HypemanError):
     """The request clashes with work in progress, e.g. deleting an image while it builds."""
 
     code = "conflict"
+    summary = "conflict with a build in progress"
     exit_code = 1
     http_status = 409
 
@@ -174,6 +196,7 @@ class StorageError(HypemanError):
     """The data directory cannot be written: full disk, permissions, I/O errors."""
 
     code = "storage_error"
+    summary = "data dir not writable or full"
     exit_code = 10
     http_status = 507
 
@@ -182,6 +205,7 @@ class CorruptDisk(HypemanError):
     """A built disk fails its check: ``e2fsck -fn``, or the sha256 recorded when it was built."""
 
     code = "corrupt_disk"
+    summary = "disk fails verify"
     exit_code = 12
     http_status = 500
 
@@ -190,6 +214,7 @@ class ServiceError(HypemanError):
     """``serve`` cannot start: its address is taken or not usable on this host."""
 
     code = "service_error"
+    summary = "cannot listen"
     exit_code = 13
 
 
@@ -197,5 +222,35 @@ class BootError(HypemanError):
     """The VM did not boot, or did not run the image's command to completion."""
 
     code = "boot_error"
+    summary = "boot failed"
     exit_code = 11
     http_status = 500
+
+
+EXIT_OK = 0
+# 128 + SIGINT: the shell's convention for a process that Ctrl-C ended.
+EXIT_INTERRUPTED = 130
+
+
+def exit_codes() -> list[tuple[int, str]]:
+    """The CLI's exit codes with what each means, in ascending order.
+
+    Walks the classes of this module (the tree in its docstring; classes that
+    other modules derive keep their parent's code, and the table does not
+    depend on what was imported); a code that several classes share lists each
+    class's ``summary`` once, in the tree's order. Success and
+    Ctrl-C, which are no errors, complete the table. ``--help`` prints it, and
+    the README's table can be generated or checked from it.
+    """
+    meanings: dict[int, list[str]] = {EXIT_OK: ["ok"], EXIT_INTERRUPTED: ["interrupted"]}
+
+    def walk(cls: type[HypemanError]) -> None:
+        summaries = meanings.setdefault(cls.exit_code, [])
+        if cls.summary not in summaries:
+            summaries.append(cls.summary)
+        for sub in cls.__subclasses__():
+            if sub.__module__ == __name__:
+                walk(sub)
+
+    walk(HypemanError)
+    return [(code, ", ".join(meanings[code])) for code in sorted(meanings)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import pty
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 from support.pushed import PushedImage
 from support.service import CLI
+
+from hypeman_images.errors import exit_codes
 
 ANSI = re.compile(r"\x1b\[")
 COMMANDS = ("pull", "list", "inspect", "rm", "gc", "verify", "serve", "boot", "login", "logout")
@@ -40,6 +43,16 @@ def test_top_level_help_lists_commands_and_exit_codes() -> None:
     for command in COMMANDS:
         assert command in result.stdout
     assert "exit codes:" in result.stdout and "3 not found" in result.stdout
+
+
+def test_the_exit_code_table_in_help_is_the_one_of_errors_py() -> None:
+    """``--help`` prints errors.exit_codes(), not a list of its own that could drift."""
+    result = run("--help")
+    lines = result.stdout.split("exit codes:\n", 1)[1].splitlines()
+    rows = [re.fullmatch(r" +(\d+) (.+)", line) for line in lines]
+    printed = [(int(row[1]), row[2]) for row in itertools.takewhile(bool, rows) if row]
+    assert printed == exit_codes()
+    assert (0, "ok") in printed and (130, "interrupted") in printed
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -32,7 +32,8 @@ from support.registry import RegistryServer, start_registry
 from support.service import CLI
 from support.tar import directory, file
 
-from hypeman_images.cli.app import _parser, _registry_config
+from hypeman_images.cli.config import registry_config
+from hypeman_images.cli.parser import build_parser
 from hypeman_images.oci.spec import OCI_MANIFEST
 from hypeman_images.registry.config import RegistryConfig
 
@@ -189,7 +190,7 @@ def test_flags_win_over_registries_conf(tmp_path: Path) -> None:
     base = ["pull", "--registries-conf", str(conf)]
 
     def config(*flags: str) -> RegistryConfig:
-        return _registry_config(_parser().parse_args([*base, *flags, "alpine"]))
+        return registry_config(build_parser().parse_args([*base, *flags, "alpine"]))
 
     assert (config().connect_timeout, config().read_timeout) == (5, 7)
     assert not config().allow_foreign_layers
@@ -199,7 +200,7 @@ def test_flags_win_over_registries_conf(tmp_path: Path) -> None:
     # Every command that talks to registries takes them.
     for command, *rest in (["boot", "alpine"], ["serve"], ["login", "ghcr.io"]):
         flags = ["--read-timeout", "3", "--allow-foreign-layers"]
-        config_of = _registry_config(_parser().parse_args([command, *flags, *rest]))
+        config_of = registry_config(build_parser().parse_args([command, *flags, *rest]))
         assert (config_of.read_timeout, config_of.allow_foreign_layers) == (3, True)
 
 

@@ -1,9 +1,25 @@
 """The ``hypeman-images`` command line: parser, handlers and exit codes.
 
+``app.main`` is the entry point; ``parser`` declares the commands and
+``helptext`` their prose; the handlers live by area (``images``, ``boot``,
+``login``, ``serve``) and build the library's objects through ``config``;
+``output`` prints. Modules only the ``serve`` and ``boot`` commands need
+(uvicorn, the API, the VM machinery) are imported inside their handlers, so
+that every other command starts without them.
+
 May import: everything below it (``service``, ``build``, ``boot`` and what
 they may import).
 """
 
-from hypeman_images.cli.app import main
+import sys
+
+# httpx's __init__ imports its own command-line tool (httpx._main: click,
+# pygments, rich.syntax...) whenever click is installed, and falls back to a
+# stub on ImportError. We never run it, and blocking it takes a sizeable part
+# of every command's start-up away. It is done here, before any module of this
+# package can import httpx, and only when the CLI is loaded, never by the library.
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
+from hypeman_images.cli.app import main  # noqa: E402
 
 __all__ = ["main"]

@@ -1,0 +1,90 @@
+"""The help's prose: the description, each command's examples, the exit-code table.
+
+The exit-code table is generated from :mod:`hypeman_images.errors`, the one
+source of the codes (tests/cli/test_cli.py compares what ``--help``
+prints with it); so are the codes the examples mention.
+"""
+
+from __future__ import annotations
+
+from hypeman_images.cli.output import PROG
+from hypeman_images.errors import Conflict, CorruptDisk, exit_codes
+
+DESCRIPTION = "Turn OCI container images into bootable ext4 disks for microVMs."
+
+
+def epilog() -> str:
+    """The top-level help's closing text: where to look next, then the exit codes."""
+    table = "\n".join(f"  {code:>3} {meaning}" for code, meaning in exit_codes())
+    return (
+        f"Run '{PROG} COMMAND --help' for a command's options and examples.\n\nexit codes:\n{table}"
+    )
+
+
+EXAMPLES = {
+    "pull": f"""\
+examples:
+  {PROG} pull alpine:3.20
+  {PROG} pull --platform linux/arm64 ghcr.io/org/app@sha256:<hex>
+  {PROG} pull --json localhost:5000/app:1 | jq -r .disk""",
+    "list": f"""\
+examples:
+  {PROG} list
+  {PROG} list --json | jq '.[] | select(.status == "ready") | .name'""",
+    "inspect": f"""\
+examples:
+  {PROG} inspect alpine:3.20
+  {PROG} inspect --json docker.io/library/alpine@sha256:<hex>""",
+    "rm": f"""\
+A tag's disk is deleted with the last tag that points at it; a digest goes
+with all its tags. An image that is being built cannot be removed (exit {Conflict.exit_code}).
+
+examples:
+  {PROG} rm alpine:3.20
+  {PROG} rm docker.io/library/alpine@sha256:<hex>""",
+    "gc": f"""\
+Removes cached blobs no ready or in-progress image needs, the directories of
+failed builds, and temp files left by interrupted ones.
+
+examples:
+  {PROG} gc
+  {PROG} gc --json""",
+    "verify": f"""\
+Runs e2fsck -fn on the image's disk again and hashes it. If the disk's sha256
+was recorded (at pull, unless --no-disk-digest; or verify --record later), it must still
+match: a disk that fails either check exits {CorruptDisk.exit_code}; remove it and pull again.
+
+examples:
+  {PROG} verify alpine:3.20
+  {PROG} verify --record --json docker.io/library/alpine@sha256:<hex>""",
+    "boot": f"""\
+Boots the image's disk (pulled first if it is not local) in a microVM: Cloud
+Hypervisor when it is on PATH, else QEMU microvm with KVM where KVM works and
+TCG where it does not. Prints the command's output and exits with its code.
+
+examples:
+  {PROG} boot alpine:3.20
+  {PROG} boot alpine:3.20 -- cat /etc/alpine-release
+  {PROG} boot --print-command alpine:3.20""",
+    "login": f"""\
+Stores the credential where docker and podman look (a credential helper if
+one is configured, else ~/.docker/config.json, mode 0600) after checking it.
+
+examples:
+  {PROG} login -u me registry.example.com
+  echo "$TOKEN" | {PROG} login -u me --password-stdin ghcr.io""",
+    "logout": f"""\
+examples:
+  {PROG} logout registry.example.com""",
+    "serve": f"""\
+Serves POST/GET /images, GET/DELETE /images/{{name}}, /healthz, /metrics and
+/openapi.json. Builds interrupted by a crash or restart are resumed at start.
+The token file holds one bearer token and must not be readable by group or
+others (chmod 600).
+
+examples:
+  {PROG} serve --listen 127.0.0.1:8080
+  {PROG} serve --listen 0.0.0.0:8080 --token-file /etc/hypeman/token --concurrency 4
+  curl -H "Authorization: Bearer $(cat token)" -d '{{"name":"alpine"}}' \\
+       -H 'Content-Type: application/json' http://127.0.0.1:8080/images""",
+}
