@@ -41,7 +41,7 @@ from hypeman_images.build.options import BuildOptions, default_data_dir, parse_s
 from hypeman_images.build.progress import PlainReporter, Reporter, RichReporter, human_size  # noqa: E402
 from hypeman_images.build.queue import PauseHook  # noqa: E402
 from hypeman_images.errors import HypemanError, InvalidArgument, ServiceError  # noqa: E402
-from hypeman_images.layers.flatten import Limits  # noqa: E402
+from hypeman_images.layers.limits import Limits  # noqa: E402
 from hypeman_images.oci.reference import DOCKER_HUB, parse_reference  # noqa: E402
 from hypeman_images.oci.spec import Platform  # noqa: E402
 from hypeman_images.registry.client import RegistryClient  # noqa: E402
