@@ -73,7 +73,9 @@ from hypeman_images.disk.ext4 import (  # noqa: E402
     run_mke2fs_stream,
 )
 from hypeman_images.layers.compression import open_decompressed  # noqa: E402
-from hypeman_images.layers.flatten import merge, scan_layer, write_tar  # noqa: E402
+from hypeman_images.layers.emit import write_tar  # noqa: E402
+from hypeman_images.layers.merge import merge  # noqa: E402
+from hypeman_images.layers.scan import scan_layer  # noqa: E402
 from hypeman_images.oci.digest import Digest  # noqa: E402
 
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"

@@ -9,7 +9,9 @@ from _common import run
 
 with atheris.instrument_imports():
     from hypeman_images.layers.compression import open_decompressed
-    from hypeman_images.layers.flatten import Limits, merge, scan_layer
+    from hypeman_images.layers.limits import Limits
+    from hypeman_images.layers.merge import merge
+    from hypeman_images.layers.scan import scan_layer
 
 LIMITS = Limits(max_entries=10_000, max_layer_bytes=16 << 20, max_header_bytes=64 << 10)
 TYPES = (

@@ -40,7 +40,7 @@ from support.users import UnprivilegedUser
 from hypeman_images.build.manager import ImageManager
 from hypeman_images.build.pipeline import BuildStats, room_for_content
 from hypeman_images.cli import main
-from hypeman_images.layers.flatten import Limits
+from hypeman_images.layers.limits import Limits
 from hypeman_images.oci.digest import Digest
 
 CLI = str(Path(sys.executable).with_name("hypeman-images"))

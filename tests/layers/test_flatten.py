@@ -26,8 +26,14 @@ from support.oracle import apply_layers
 from support.tar import TarEntry, build_tar, file, hardlink, opaque, symlink, whiteout
 
 from hypeman_images.errors import LayerError, LimitExceeded
-from hypeman_images.layers import tarfmt
-from hypeman_images.layers.flatten import Limits, Merger, Tree, merge, scan_layer, write_tar
+from hypeman_images.layers.emit import write_tar
+from hypeman_images.layers.limits import Limits
+from hypeman_images.layers.merge import Merger, merge
+from hypeman_images.layers.plan import Tree
+from hypeman_images.layers.scan import scan_layer
+from hypeman_images.layers.tar import BLOCKDEV, CHAR, HARDLINK, REGULAR, SYMLINK
+from hypeman_images.layers.tarread import TarReader
+from hypeman_images.layers.tarwrite import END_OF_ARCHIVE, encode_header
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "flatten"
 
@@ -53,7 +59,7 @@ def listing(tree: Tree, output: bytes) -> str:
     hard links print ``= primary``. Non-printable bytes are escaped as in Python.
     """
     rows: list[tuple[list[bytes], str]] = []
-    reader = tarfmt.TarReader(
+    reader = TarReader(
         io.BytesIO(output), where="output", max_bytes=1 << 40, max_header_bytes=1 << 20
     )
     for h in reader:
@@ -62,15 +68,15 @@ def listing(tree: Tree, output: bytes) -> str:
             h.typeflag, {b"5": "dir", b"6": "fifo"}.get(h.typeflag, "?")
         )
         extra = ""
-        if h.typeflag == tarfmt.REGULAR:
+        if h.typeflag == REGULAR:
             body = io.BytesIO()
             reader.copy_body(body)
             extra = f"{h.size} {hashlib.sha256(body.getvalue()).hexdigest()[:16]}"
-        elif h.typeflag == tarfmt.SYMLINK:
+        elif h.typeflag == SYMLINK:
             extra = "-> " + repr(h.linkname)[2:-1]
-        elif h.typeflag == tarfmt.HARDLINK:
+        elif h.typeflag == HARDLINK:
             extra = "= " + _show(h.linkname)
-        elif h.typeflag in (tarfmt.CHAR, tarfmt.BLOCKDEV):
+        elif h.typeflag in (CHAR, BLOCKDEV):
             extra = f"{h.devmajor},{h.devminor}"
         xattrs = " ".join(f"{k}={v.hex()}" for k, v in h.xattrs)
         line = f"{_show(path)}  {kind} {h.mode:04o} {h.uid}:{h.gid} t={h.mtime} {extra} {xattrs}"
@@ -148,13 +154,13 @@ def test_limits(limits: Limits, layers: Layers, field: str) -> None:
 def test_device_numbers_of_other_kinds_never_reach_the_stream() -> None:
     # A file header's devmajor field means nothing, but a base-256 value there
     # written back as octal would overflow its field and corrupt the stream.
-    data = bytearray(tarfmt.encode_header(b"f", tarfmt.REGULAR, size=1))
+    data = bytearray(encode_header(b"f", REGULAR, size=1))
     data[329:337] = b"\x80" + (1 << 40).to_bytes(7, "big")
     data[148:156] = b"        "
     data[148:156] = b"%06o\0 " % sum(data)
-    layer = bytes(data) + b"x" + b"\0" * 511 + tarfmt.END_OF_ARCHIVE
+    layer = bytes(data) + b"x" + b"\0" * 511 + END_OF_ARCHIVE
     _, output = flatten([layer])
-    reader = tarfmt.TarReader(
+    reader = TarReader(
         io.BytesIO(output), where="output", max_bytes=1 << 40, max_header_bytes=1 << 20
     )
     assert {h.name: h.devmajor for h in reader} == {b"./": 0, b"f": 0}
@@ -405,7 +411,7 @@ def test_pull_scans_merge_as_they_arrive_out_of_order() -> None:
 
 
 def test_entries_of_a_layer_share_their_modes_and_mtimes_up_to_a_bound() -> None:
-    from hypeman_images.layers.flatten import SHARED_MAX
+    from hypeman_images.layers.scan import SHARED_MAX
 
     same = [file(f"f{i}", b"", mode=0o644, mtime=1_700_000_000) for i in range(50)]
     scan = scan_layer(io.BytesIO(build_tar(same)), 0)

@@ -11,8 +11,12 @@ import io
 
 import pytest
 
-from hypeman_images.layers import tarfmt
-from hypeman_images.layers.flatten import merge, scan_layer, write_tar
+from hypeman_images.layers.emit import write_tar
+from hypeman_images.layers.merge import merge
+from hypeman_images.layers.scan import scan_layer
+from hypeman_images.layers.tar import REGULAR
+from hypeman_images.layers.tarread import TarReader
+from hypeman_images.layers.tarwrite import END_OF_ARCHIVE, encode_header, padding
 
 SIZE = (8 << 30) + 12345  # one past the octal limit of ustar's size field, and then some
 CHUNK = 1 << 20
@@ -24,8 +28,8 @@ class SyntheticLayer(io.RawIOBase):
     MARKER = b"end of the big file"
 
     def __init__(self) -> None:
-        header = tarfmt.encode_header(b"big", tarfmt.REGULAR, size=SIZE, mode=0o644)
-        tail = self.MARKER + tarfmt.padding(SIZE) + tarfmt.END_OF_ARCHIVE
+        header = encode_header(b"big", REGULAR, size=SIZE, mode=0o644)
+        tail = self.MARKER + padding(SIZE) + END_OF_ARCHIVE
         self._parts = [(header, 0), (b"", SIZE - len(self.MARKER)), (tail, 0)]
         self._index = 0
         self._offset = 0
@@ -78,7 +82,7 @@ def test_file_over_8_gib_streams_through_scan_merge_and_emit() -> None:
     write_tar(tree, lambda _: io.BufferedReader(SyntheticLayer(), CHUNK), sink)  # type: ignore[arg-type]
     # The emitted stream is the same tar again: root dir, then the file with its PAX size.
     assert b"size=%d" % SIZE in sink.head
-    reader = tarfmt.TarReader(
+    reader = TarReader(
         io.BytesIO(sink.head), where="out", max_bytes=1 << 40, max_header_bytes=1 << 20
     )
     big = next(h for h in reader if h.name.rstrip(b"/") not in (b"", b"."))  # stops at its header

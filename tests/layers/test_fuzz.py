@@ -39,7 +39,9 @@ from support.tar import TarEntry, build_tar
 
 from hypeman_images.errors import HypemanError
 from hypeman_images.layers.compression import open_decompressed
-from hypeman_images.layers.flatten import Limits, merge, scan_layer
+from hypeman_images.layers.limits import Limits
+from hypeman_images.layers.merge import merge
+from hypeman_images.layers.scan import scan_layer
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import parse_reference
 from hypeman_images.oci.spec import (

@@ -5,7 +5,7 @@ raises :class:`Speculation` (the build then takes the two-pass way), or the
 stream it wrote, applied the way mke2fs applies a tar (repeated directories
 update metadata, repeated files replace, hard links share the inode of the
 moment), is the tree the oracle makes of the layers -- and its own check
-against :func:`flatten.merge` agrees. Real mke2fs reads the streams of the
+against :func:`merge.merge` agrees. Real mke2fs reads the streams of the
 cases, and real pulls compare one-pass disks with two-pass ones.
 """
 
@@ -45,7 +45,8 @@ from hypeman_images.disk import ext4
 from hypeman_images.errors import LayerError
 from hypeman_images.layers import onepass as topdown
 from hypeman_images.layers.compression import Hasher
-from hypeman_images.layers.flatten import LayerScan, merge
+from hypeman_images.layers.entries import LayerScan
+from hypeman_images.layers.merge import merge
 from hypeman_images.layers.onepass import Speculation, TopDown
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.spec import Descriptor

@@ -46,7 +46,9 @@ from hypeman_images.build.pipeline import BuildStats
 from hypeman_images.errors import LayerError
 from hypeman_images.fsutil import temp_name
 from hypeman_images.layers import scancache
-from hypeman_images.layers.flatten import Entry, Kind, LayerScan, Limits, scan_layer
+from hypeman_images.layers.entries import Entry, Kind, LayerScan
+from hypeman_images.layers.limits import Limits
+from hypeman_images.layers.scan import scan_layer
 from hypeman_images.layers.scancache import FORMAT_VERSION, ScanCache, decode, encode
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.spec import Descriptor
@@ -121,7 +123,7 @@ def test_round_trip_of_awkward_entries() -> None:
 
 
 def test_round_trip_of_values_no_tar_here_spells() -> None:
-    """An xattr name that is not UTF-8 (tarfmt keeps it as surrogate escapes), big numbers."""
+    """An xattr name that is not UTF-8 (tarheader keeps it as surrogate escapes), big numbers."""
     scan = handmade(
         Entry(0, b"", Kind.DIR, mode=0o755, mtime=-(2**40)),
         Entry(
@@ -146,7 +148,7 @@ def test_empty_layer_round_trips() -> None:
 
 
 def test_every_entry_field_and_kind_is_recorded() -> None:
-    """A field added to flatten.Entry must be added here too, and FORMAT_VERSION bumped."""
+    """A field added to entries.Entry must be added here too, and FORMAT_VERSION bumped."""
     assert tuple(f.name for f in dataclasses.fields(Entry)) == scancache.ENTRY_FIELDS
     assert sorted(scancache.KIND_CODES, key=str) == sorted(Kind, key=str)
     assert len(scancache.KIND_CODES) == len(set(scancache.KIND_CODES))

@@ -15,11 +15,12 @@ from support import sparse
 from support.tar import build_tar, file, hardlink, symlink
 
 from hypeman_images.errors import LayerError, LimitExceeded
-from hypeman_images.layers import tarfmt
+from hypeman_images.layers import tarheader, tarread, tarwrite
+from hypeman_images.layers.tar import BLOCK, CHAR, HARDLINK, REGULAR, SYMLINK
 
 
-def read_all(data: bytes, **kw: int) -> list[tuple[tarfmt.Header, bytes]]:
-    reader = tarfmt.TarReader(
+def read_all(data: bytes, **kw: int) -> list[tuple[tarheader.Header, bytes]]:
+    reader = tarread.TarReader(
         io.BytesIO(data),
         where="test",
         max_bytes=kw.get("max_bytes", 1 << 40),
@@ -33,7 +34,7 @@ def read_all(data: bytes, **kw: int) -> list[tuple[tarfmt.Header, bytes]]:
     return out
 
 
-def one(data: bytes) -> tarfmt.Header:
+def one(data: bytes) -> tarheader.Header:
     (header, _), *_ = read_all(data)
     return header
 
@@ -45,13 +46,13 @@ def one(data: bytes) -> tarfmt.Header:
 )
 def test_pax_record_length_counts_itself(pax_record: bytes) -> None:
     key, _, value = pax_record[3:-1].partition(b"=")
-    record = tarfmt.pax_record(key, value)
+    record = tarwrite.pax_record(key, value)
     assert int(record.split(b" ")[0]) == len(record)
 
 
 @pytest.mark.parametrize("n", [1, 5, 6, 7, 90, 91, 92, 93, 994, 995, 996, 9990])
 def test_pax_record_lengths_at_digit_boundaries(n: int) -> None:
-    record = tarfmt.pax_record(b"k", b"v" * n)
+    record = tarwrite.pax_record(b"k", b"v" * n)
     assert int(record.split(b" ")[0]) == len(record)
 
 
@@ -84,9 +85,9 @@ def test_writer_reader_round_trip(
     xattrs: list[tuple[str, bytes]],
 ) -> None:
     data = (
-        tarfmt.encode_header(
+        tarwrite.encode_header(
             name,
-            tarfmt.SYMLINK,
+            SYMLINK,
             mode=mode,
             uid=uid,
             gid=gid,
@@ -94,7 +95,7 @@ def test_writer_reader_round_trip(
             linkname=link,
             xattrs=tuple(xattrs),
         )
-        + tarfmt.END_OF_ARCHIVE
+        + tarwrite.END_OF_ARCHIVE
     )
     h = one(data)
     assert (h.name, h.linkname, h.uid, h.gid, h.mtime, h.mode) == (
@@ -110,10 +111,10 @@ def test_writer_reader_round_trip(
 
 def test_python_tarfile_reads_our_output() -> None:
     data = (
-        tarfmt.encode_header(b"d/" * 100 + b"f", tarfmt.REGULAR, size=3, uid=1 << 22, mtime=5)
+        tarwrite.encode_header(b"d/" * 100 + b"f", REGULAR, size=3, uid=1 << 22, mtime=5)
         + b"abc"
-        + tarfmt.padding(3)
-        + tarfmt.END_OF_ARCHIVE
+        + tarwrite.padding(3)
+        + tarwrite.END_OF_ARCHIVE
     )
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         (member,) = tar.getmembers()
@@ -121,9 +122,9 @@ def test_python_tarfile_reads_our_output() -> None:
 
 
 def test_large_size_goes_to_pax() -> None:
-    header = tarfmt.encode_header(b"big", tarfmt.REGULAR, size=10 << 30)
+    header = tarwrite.encode_header(b"big", REGULAR, size=10 << 30)
     assert b"size=10737418240" in header
-    reader = tarfmt.TarReader(
+    reader = tarread.TarReader(
         io.BytesIO(header), where="t", max_bytes=1 << 40, max_header_bytes=1 << 20
     )
     assert next(iter(reader)).size == 10 << 30  # the body is never read
@@ -158,14 +159,14 @@ def test_reads_gnu_tar_long_names_and_base256(tmp_path: Path) -> None:
 
 def test_ustar_prefix_is_joined() -> None:
     name = b"p" * 120 + b"/" + b"n" * 90
-    header = tarfmt.encode_header(name, tarfmt.REGULAR)
+    header = tarwrite.encode_header(name, REGULAR)
     assert len(header) == 512  # fits the split, no PAX header
     assert one(header).name == name
 
 
 def test_non_utf8_long_name_announces_binary_charset() -> None:
     name = b"\xff" * 150
-    header = tarfmt.encode_header(name, tarfmt.REGULAR)
+    header = tarwrite.encode_header(name, REGULAR)
     assert b"hdrcharset=BINARY" in header
     assert one(header).name == name
 
@@ -185,7 +186,7 @@ def test_truncated_body_is_a_layer_error() -> None:
 
 def test_header_only_types_ignore_size_field() -> None:
     # Some writers put the target's size in a hard link header; no body follows.
-    data = bytearray(tarfmt.encode_header(b"l", tarfmt.HARDLINK, linkname=b"a"))
+    data = bytearray(tarwrite.encode_header(b"l", HARDLINK, linkname=b"a"))
     data[124:136] = b"%011o\0" % 1000
     data[148:156] = b"        "
     data[148:156] = b"%06o\0 " % sum(data)
@@ -213,12 +214,12 @@ def _with_field(header: bytes, start: int, end: int, value: bytes) -> bytes:
 )
 def test_numeric_fields_off_the_fast_path(field: str, value: bytes, expected: int) -> None:
     start, end = {"uid": (108, 116), "mtime": (136, 148)}[field]
-    header = _with_field(tarfmt.encode_header(b"a", tarfmt.REGULAR), start, end, value)
-    assert getattr(one(header + tarfmt.END_OF_ARCHIVE), field) == expected
+    header = _with_field(tarwrite.encode_header(b"a", REGULAR), start, end, value)
+    assert getattr(one(header + tarwrite.END_OF_ARCHIVE), field) == expected
 
 
 def test_corrupt_number_in_an_entry_names_its_field() -> None:
-    header = _with_field(tarfmt.encode_header(b"a", tarfmt.CHAR), 329, 337, b"nine")
+    header = _with_field(tarwrite.encode_header(b"a", CHAR), 329, 337, b"nine")
     with pytest.raises(LayerError, match="devmajor field"):
         read_all(header)
 
@@ -226,8 +227,8 @@ def test_corrupt_number_in_an_entry_names_its_field() -> None:
 def test_pax_header_fields_other_than_size_are_not_read() -> None:
     # The meta header's mode..devminor describe nothing; junk there (seen from some
     # writers) must not stop the entry it belongs to.
-    blocks = tarfmt.encode_header(b"x" * 300, tarfmt.REGULAR)  # PAX header, its data, ustar
-    assert len(blocks) == 3 * tarfmt.BLOCK
+    blocks = tarwrite.encode_header(b"x" * 300, REGULAR)  # PAX header, its data, ustar
+    assert len(blocks) == 3 * BLOCK
     junk = _with_field(blocks[:512], 329, 337, b"junk") + blocks[512:]
     assert one(junk).name == b"x" * 300
 
@@ -238,7 +239,7 @@ def test_missing_end_marker_is_accepted() -> None:
 
 
 def test_giant_gnu_long_name_hits_header_limit() -> None:
-    header = tarfmt.encode_header(b"././@LongLink", b"L", size=5 << 20)
+    header = tarwrite.encode_header(b"././@LongLink", b"L", size=5 << 20)
     with pytest.raises(LimitExceeded, match="max_header_bytes"):
         read_all(header + b"\0" * (5 << 20))
 
@@ -255,13 +256,13 @@ def test_layer_byte_limit() -> None:
 def test_gnu_tar_sparse_files_read_as_the_original(fmt: str) -> None:
     """Each format GNU tar writes: a regular file of the real size, holes as zeros,
     in one pass (copy_body) and in a second one that seeks to the body (copy_at)."""
-    data = sparse.member("dir/sparse", fmt) + tarfmt.END_OF_ARCHIVE
+    data = sparse.member("dir/sparse", fmt) + tarwrite.END_OF_ARCHIVE
     ((header, body),) = read_all(data)
     assert (header.name, header.typeflag, header.size) == (b"dir/sparse", b"0", sparse.SIZE)
     assert (header.mode, header.mtime) == (0o640, 1000)
     assert body == sparse.content()
     again = io.BytesIO()
-    reader = tarfmt.TarReader(
+    reader = tarread.TarReader(
         io.BytesIO(data), where="test", max_bytes=1 << 40, max_header_bytes=1 << 20
     )
     reader.copy_at(header.offset, header.size, again, header.sparse)
@@ -270,7 +271,7 @@ def test_gnu_tar_sparse_files_read_as_the_original(fmt: str) -> None:
 
 def test_gnu_tar_extracts_what_we_read(tmp_path: Path) -> None:
     """The reference reader agrees: GNU tar itself gives back the same bytes."""
-    (tmp_path / "x.tar").write_bytes(sparse.member("s", "pax-1.0") + tarfmt.END_OF_ARCHIVE)
+    (tmp_path / "x.tar").write_bytes(sparse.member("s", "pax-1.0") + tarwrite.END_OF_ARCHIVE)
     subprocess.run(["tar", "-xf", "x.tar"], cwd=tmp_path, check=True)
     assert (tmp_path / "s").read_bytes() == one_body(tmp_path / "x.tar") == sparse.content()
 
@@ -342,7 +343,7 @@ def gnu_sparse(fragments: list[tuple[int, int]], stored: bytes, real: int, ext: 
     extension = bytearray(512)
     extension[504] = 1
     body = stored + b"\0" * (-len(stored) % 512)
-    return bytes(block) + bytes(extension) * ext + body + tarfmt.END_OF_ARCHIVE
+    return bytes(block) + bytes(extension) * ext + body + tarwrite.END_OF_ARCHIVE
 
 
 def test_a_sparse_file_of_many_gib_is_streamed_not_buffered() -> None:
@@ -350,17 +351,17 @@ def test_a_sparse_file_of_many_gib_is_streamed_not_buffered() -> None:
     come out in chunks of at most 1 MiB, never as one buffer."""
     real = 10 << 30
     data = pax_sparse("big", b"d" * 4096, f"{real - 4096},4096", real)
-    reader = tarfmt.TarReader(
+    reader = tarread.TarReader(
         io.BytesIO(data), where="test", max_bytes=1 << 40, max_header_bytes=1 << 20
     )
     (header,) = list(_bodies(reader, sink := _Counter()))
     assert header.size == real
     assert sink.total == real and sink.largest <= 1 << 20
-    encoded = tarfmt.encode_header(b"big", tarfmt.REGULAR, size=real)
+    encoded = tarwrite.encode_header(b"big", REGULAR, size=real)
     assert b"size=10737418240" in encoded  # the merged stream carries it in PAX
 
 
-def _bodies(reader: tarfmt.TarReader, sink: io.RawIOBase) -> list[tarfmt.Header]:
+def _bodies(reader: tarread.TarReader, sink: io.RawIOBase) -> list[tarheader.Header]:
     out = []
     for header in reader:
         reader.copy_body(sink)  # type: ignore[arg-type]

@@ -35,7 +35,7 @@ from typing import Any
 import zstandard
 
 from hypeman_images.errors import DigestMismatch, HypemanError, LayerError, LimitExceeded
-from hypeman_images.layers.flatten import Limits
+from hypeman_images.layers.limits import Limits
 
 from .images import OCI_MANIFEST, Image, Layer, make_image, make_layer, sha256_digest
 from .push import push_blob, push_image

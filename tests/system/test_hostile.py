@@ -46,7 +46,7 @@ from support.registry import RegistryServer
 from hypeman_images.build.manager import ImageManager
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.errors import HypemanError
-from hypeman_images.layers.flatten import Limits
+from hypeman_images.layers.limits import Limits
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.registry.config import RegistryConfig
 from hypeman_images.store.images import StoredImage

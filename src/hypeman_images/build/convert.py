@@ -38,17 +38,13 @@ from hypeman_images.disk.ext4 import (
     build_disk_one_pass,
 )
 from hypeman_images.layers.compression import Hasher, open_decompressed, sniff
-from hypeman_images.layers.flatten import (
-    LayerScan,
-    Limits,
-    Merger,
-    Tree,
-    TreeStats,
-    merge,
-    scan_layer,
-    write_tar,
-)
+from hypeman_images.layers.emit import write_tar
+from hypeman_images.layers.entries import LayerScan
+from hypeman_images.layers.limits import Limits
+from hypeman_images.layers.merge import Merger, merge
 from hypeman_images.layers.onepass import Speculation, TopDown
+from hypeman_images.layers.plan import Tree, TreeStats
+from hypeman_images.layers.scan import scan_layer
 from hypeman_images.layers.scancache import ScanCache
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.spec import LAYER_COMPRESSION, Descriptor
@@ -133,7 +129,7 @@ class LayerScans:
     a blob listed twice) from the cached blob, checks every diff_id, and only
     then saves new scans to the cache. Use one instance per pull.
 
-    Scans are merged (:class:`flatten.Merger`) as soon as every layer below
+    Scans are merged (:class:`merge.Merger`) as soon as every layer below
     them is in, in whichever thread delivered the last of them, so that after
     the last scan only its own layer and the planning are left to do (issue 7:
     ~0.1 s of the 851 MB image's 0.2 s merge came off the critical path).

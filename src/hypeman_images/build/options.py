@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hypeman_images.errors import InvalidArgument
-from hypeman_images.layers.flatten import Limits
+from hypeman_images.layers.limits import Limits
 from hypeman_images.oci.spec import Platform
 
 SYSTEM_DATA_DIR = Path("/var/lib/hypeman")

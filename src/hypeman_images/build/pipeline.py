@@ -25,7 +25,7 @@ from hypeman_images.build.progress import Reporter
 from hypeman_images.build.pull import PulledImage, ResolvedImage, fetch_config, pull
 from hypeman_images.errors import HypemanError, LimitExceeded
 from hypeman_images.fsutil import storage_error
-from hypeman_images.layers.flatten import Limits
+from hypeman_images.layers.limits import Limits
 from hypeman_images.layers.scancache import ScanCache
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference

@@ -21,7 +21,7 @@ from hypeman_images.cli.login import login, logout
 from hypeman_images.cli.output import PROG
 from hypeman_images.cli.serve import DEFAULT_LISTEN, serve
 from hypeman_images.errors import InvalidArgument
-from hypeman_images.layers.flatten import Limits
+from hypeman_images.layers.limits import Limits
 from hypeman_images.registry.config import RegistryConfig
 
 

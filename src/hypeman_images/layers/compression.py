@@ -243,9 +243,10 @@ class _ReadAhead(io.RawIOBase):
     ISA-L and zstd drop the GIL while they decode, so the decoding of a layer
     overlaps whatever its reader does with the bytes; so does hashlib, and
     ``hash_into`` gets every decoded byte in this thread (the one-pass build's
-    diff_id: its sha256 stays off the thread that parses). A read of a block's
-    size gets the block itself, not a copy. An error reaches the reader where
-    it happened in the stream; closing stops the thread, then closes ``inner``.
+    diff_id: the sha256 of every uncompressed byte, off the thread that
+    parses). A read of a block's size gets the block itself, not a copy. An
+    error reaches the reader where it happened in the stream; closing stops
+    the thread, then closes ``inner``.
     """
 
     BLOCK = 1 << 20
@@ -258,8 +259,8 @@ class _ReadAhead(io.RawIOBase):
         self._pos = 0
         self._eof = False
         self._hash = hash_into
-        # The hash gets a thread of its own: in the decoder's, it made that thread
-        # the one-pass build's slowest (inflate + sha256; docs/performance.md).
+        # The hash gets a thread of its own: in the decoder's, inflate + sha256 made
+        # that thread the one-pass build's slowest.
         self._hash_queue: queue.Queue[bytes] | None = None
         self._threads = [threading.Thread(target=self._decode, name="read-ahead", daemon=True)]
         if hash_into is not None:

@@ -1,6 +1,6 @@
 """All layers in one pass, top layer first: mke2fs's stream while each layer is read once.
 
-The two-pass path (:mod:`flatten`) reads every layer to plan the tree, then
+The two-pass path (:mod:`merge`, :mod:`emit`) reads every layer to plan the tree, then
 again to copy the bodies, so mke2fs waits for the whole first pass (issue 7).
 Reading the layers from the top down makes one pass enough for ordinary
 images: an entry of a lower layer survives unless a layer above deleted or
@@ -19,7 +19,7 @@ The pass follows the plain cases only. Whatever it cannot decide alone -- a
 symlinked parent (``lib/x`` over ``lib -> usr/lib``), a type change within a
 layer, a hard link to a file of a lower layer or to one a layer above
 replaced -- raises :class:`Speculation`, and so does any difference between
-what it wrote and the tree :func:`flatten.merge` plans from the same scans
+what it wrote and the tree :func:`merge.merge` plans from the same scans
 (:meth:`TopDown.check`): the caller then discards the disk and builds it the
 two-pass way, which is the reference. The result is therefore always the
 merge's tree; the single pass only makes it sooner.
@@ -34,27 +34,22 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from hypeman_images.errors import LimitExceeded
-from hypeman_images.layers import tarfmt
+from hypeman_images.layers import tarread, tarwrite
 from hypeman_images.layers.compression import Hasher
-from hypeman_images.layers.flatten import (
-    Entry,
-    Kind,
-    LayerScan,
-    Limits,
+from hypeman_images.layers.emit import entry_header
+from hypeman_images.layers.entries import Entry, Kind, LayerScan, sparse_map
+from hypeman_images.layers.limits import Limits, check_image_limits
+from hypeman_images.layers.plan import (
     Node,
     Tree,
     TreeStats,
-    XattrFixup,
-    check_image_limits,
-    classify,
     directory_entry_bytes,
-    entry_header,
     place_node,
-    sparse_map,
-    tar_xattrs,
     tree_stats,
     xattr_fixups,
 )
+from hypeman_images.layers.scan import classify
+from hypeman_images.layers.xattrs import XattrFixup, tar_xattrs
 from hypeman_images.oci.digest import Digest
 
 # How often a layer still downloading is asked what its blob says (see TopDown.stated).
@@ -67,7 +62,7 @@ class Speculation(Exception):
 
 # What the layers read so far left at a path.
 _DIR, _NONDIR, _GONE = 0, 1, 2
-_IMPLICIT_DIR = (0o755, 0, 0, 0)  # flatten's implicit parent: 0755 root:root, mtime 0
+_IMPLICIT_DIR = (0o755, 0, 0, 0)  # merge's implicit parent: 0755 root:root, mtime 0
 
 
 class _Seen:
@@ -118,7 +113,7 @@ class TopDown:
     :data:`STATED_EVERY` bytes read till it answers, it stops the pass sooner.
 
     :meth:`run` writes the stream and returns the layers' scans (bottom layer
-    first, as :func:`flatten.merge` takes them); :meth:`check` then compares
+    first, as :func:`merge.merge` takes them); :meth:`check` then compares
     what the stream made with the merge's tree.
     """
 
@@ -161,7 +156,7 @@ class TopDown:
             size += scan.size
             check_image_limits(entries, size, index, self.limits)
             scans.append(scan)
-        out.write(tarfmt.END_OF_ARCHIVE)
+        out.write(tarwrite.END_OF_ARCHIVE)
         return scans[::-1]
 
     # -- one layer ----------------------------------------------------------------------
@@ -200,7 +195,7 @@ class TopDown:
                 found.append(entry)
                 if self._entry(entry, index, out, markers):
                     reader.copy_body(out)
-                    out.write(tarfmt.padding(entry.size))
+                    out.write(tarwrite.padding(entry.size))
             reader.drain()
         for marker in markers:
             self._hide(marker, index)
@@ -217,7 +212,7 @@ class TopDown:
         index, limits = scan.index, self.limits
         markers: list[Entry] = []
         with contextlib.ExitStack() as stack:
-            reader: tarfmt.TarReader | None = None
+            reader: tarread.TarReader | None = None
             for entry in scan.entries:
                 if not self._entry(entry, index, out, markers):
                     continue
@@ -227,13 +222,13 @@ class TopDown:
                         stream, f"layer {index} ({scan.name})", limits.max_layer_bytes
                     )
                 reader.copy_at(entry.offset, entry.size, out, sparse_map(entry))
-                out.write(tarfmt.padding(entry.size))
+                out.write(tarwrite.padding(entry.size))
         for marker in markers:
             self._hide(marker, index)
 
-    def _reader(self, stream: BinaryIO, where: str, max_bytes: int) -> tarfmt.TarReader:
+    def _reader(self, stream: BinaryIO, where: str, max_bytes: int) -> tarread.TarReader:
         # Hashing is the read-ahead's (hash_into) or not needed (a known scan).
-        return tarfmt.TarReader(
+        return tarread.TarReader(
             stream,
             where=where,
             max_bytes=max_bytes,
@@ -362,7 +357,7 @@ class TopDown:
     def planned(self) -> tuple[TreeStats, tuple[XattrFixup, ...]]:
         """The stats and xattr fixups of the tree the stream made, for sizing the disk.
 
-        Counted from the paths written, the way :func:`flatten.merge` counts its
+        Counted from the paths written, the way :func:`merge.merge` counts its
         tree (the same functions over the same kind of nodes), so the disk can be
         shrunk and hashed while the merge runs; :meth:`check` then requires them
         to be the merge's.

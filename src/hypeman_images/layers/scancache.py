@@ -1,7 +1,7 @@
 """Pass 1's layer scans kept by blob digest, so a cached layer is scanned once.
 
-A :class:`flatten.LayerScan` is a function of the layer blob's bytes (and of
-the :class:`flatten.Limits` it ran under), so once pass 1 has read a blob and
+A :class:`entries.LayerScan` is a function of the layer blob's bytes (and of
+the :class:`limits.Limits` it ran under), so once pass 1 has read a blob and
 its diff_id has matched an image config, the scan can be kept beside the blob
 and reused by every later image that lists the same blob: a new tag of an
 image, or a new image on shared base layers. containerd does the same with the
@@ -14,8 +14,9 @@ Files live in the blob cache but outside its OCI layout's ``blobs/``::
     <cache>/scans/sha256/<blob hex>
 
 The format is a versioned binary file that loads without running code (never
-pickle: the data dir may be less trusted than the code) and fast: a small
-fraction of the pass 1 it saves (docs/performance.md).
+pickle: the data dir may be less trusted than the code) and fast: one
+fixed-size record per entry and its strings in regions of their own, so
+loading a scan costs a small fraction of the pass 1 it saves.
 It is made of, after an 8-byte magic and three little-endian u32 -- format
 version, CRC-32 of everything after them, length of the JSON header --:
 
@@ -27,7 +28,7 @@ version, CRC-32 of everything after them, length of the JSON header --:
 - the paths, each followed by a NUL (a path never contains one);
 - the link targets, likewise;
 - the xattrs, in entry order: name length, value length, name (UTF-8 with
-  surrogate escapes, as :mod:`tarfmt` decoded it), value.
+  surrogate escapes, as :mod:`tarheader` decoded it), value.
 
 Writes are atomic (temp name, rename) but not fsynced: whatever is wrong with
 a file -- torn by a crash, truncated, another version, another blob, other
@@ -37,7 +38,7 @@ were when it was made, as builds lower them to their disk's room, and the
 file does not record them); the layer is scanned again and the file
 overwritten. The loader also checks what pass 1
 guarantees (clean paths and hard-link names, lengths within the limits), so a
-doctored file cannot hand :func:`flatten.merge` a path pass 1 would refuse.
+doctored file cannot hand :func:`merge.merge` a path pass 1 would refuse.
 """
 
 from __future__ import annotations
@@ -55,15 +56,10 @@ from typing import Any
 
 from hypeman_images.errors import HypemanError, StorageError
 from hypeman_images.fsutil import TEMP_PREFIX, storage_error, write_atomic, writer_alive
-from hypeman_images.layers.flatten import (
-    SHARED_MAX,
-    Entry,
-    Kind,
-    LayerScan,
-    Limits,
-    SparseEntry,
-    clean_path,
-)
+from hypeman_images.layers.entries import Entry, Kind, LayerScan, SparseEntry
+from hypeman_images.layers.limits import Limits
+from hypeman_images.layers.paths import clean_path
+from hypeman_images.layers.scan import SHARED_MAX
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.spec import LAYER_COMPRESSION, Descriptor
 from hypeman_images.store.blobs import BlobStore
@@ -82,7 +78,7 @@ _PREAMBLE = struct.Struct("<8sIII")  # magic, version, crc32 of the rest, header
 # either; a scan with a value that does not fit (a PAX uid over 2^32) is not saved.
 _RECORD = struct.Struct("<IBHIIqQQIIH")
 _XATTR = struct.Struct("<II")  # name length, value length
-# The Entry fields, in the order Entry() takes them; a test holds them to flatten.Entry.
+# The Entry fields, in the order Entry() takes them; a test holds them to entries.Entry.
 ENTRY_FIELDS = (
     "ordinal",
     "path",
@@ -122,7 +118,7 @@ def encode(scan: LayerScan, layer: Descriptor, limits: Limits) -> bytes:
     """The file that records ``scan`` of ``layer``'s blob, made under ``limits``.
 
     Raises :class:`struct.error` for a value the format cannot hold, or
-    :class:`UnicodeEncodeError` for an xattr name :mod:`tarfmt` could not have made.
+    :class:`UnicodeEncodeError` for an xattr name :mod:`tarheader` could not have made.
     """
     records = bytearray()
     xattrs = bytearray()
@@ -299,7 +295,7 @@ def _framed(region: bytes, count: int) -> list[bytes]:
 
 
 def _check_paths(region: bytes, paths: list[bytes], limits: Limits) -> None:
-    """Every path is one :func:`flatten.clean_path` could return, all tested at once.
+    """Every path is one :func:`paths.clean_path` could return, all tested at once.
 
     In the NUL-framed region, that is: no leading or trailing slash, no empty
     segment, no ``.`` or ``..`` segment (one scan for each separator-dot pair,
