@@ -4,7 +4,7 @@
 only when libarchive can be ``dlopen``'d at run time (misc/create_inode_libarchive.c
 prints "you need libarchive to be able to process tarballs" otherwise). An
 older or libarchive-less mke2fs still works, through the slower staging
-fallback in :mod:`hypeman_images.disk.ext4`; :class:`E2fsprogs` says which path a
+fallback in :mod:`hypeman_images.disk.fallback`; :class:`E2fsprogs` says which path a
 build takes and why.
 
 Every tool runs with an environment built from scratch (:func:`tool_env`):
@@ -147,11 +147,11 @@ def _probe_tar_input(mke2fs: Path, env: Mapping[str, str]) -> str | None:
 
 
 # What find_e2fsprogs learnt, by installation: the probe costs two process
-# runs (~50 ms, ~0.12 s after a page-cache drop beside a download), which every
-# build paid (issue 7), and the one-pass build waits for it. The key includes
-# the binary's inode, size and times, so an upgraded or replaced mke2fs is
-# probed again; a mke2fs that cannot read tar is never remembered (installing
-# libarchive fixes it without a restart).
+# runs, which every build would pay, and the one-pass build waits for it
+# (README.md, "Performance"). The key includes the binary's inode, size and
+# times, so an upgraded or replaced mke2fs is probed again; a mke2fs that
+# cannot read tar is never remembered (installing libarchive fixes it without
+# a restart).
 _found: dict[tuple[object, ...], E2fsprogs] = {}
 _found_lock = threading.Lock()
 
