@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hypeman_images.build.image import Image
-    from hypeman_images.build.manager import GcReport, ImageManager, RecoveryReport
+    from hypeman_images.build.maintenance import GcReport, RecoveryReport
+    from hypeman_images.build.manager import ImageManager
     from hypeman_images.errors import HypemanError
     from hypeman_images.store.images import ImageStatus
 
@@ -19,13 +20,13 @@ __version__ = "0.1.0"
 
 # The facade's names load on first use (PEP 562): ``import hypeman_images`` (and
 # every submodule import, which runs this file first) then costs nothing, so the
-# CLI loads only what its command needs (issue 7: start-up time).
+# CLI loads only what its command needs (README.md, "Performance": start-up).
 _LAZY = {
     "HypemanError": "errors",
     "Image": "build.image",
-    "GcReport": "build.manager",
+    "GcReport": "build.maintenance",
     "ImageManager": "build.manager",
-    "RecoveryReport": "build.manager",
+    "RecoveryReport": "build.maintenance",
     "ImageStatus": "store.images",
 }
 
