@@ -2,7 +2,7 @@
 
 Usage: ``python bench/mke2fs_floor.py LAYER.tar.gz [--mke2fs PATH]``. Prints the
 seconds to gunzip the layer to /dev/null, and to pipe the decompressed tar
-(held in memory) through :func:`hypeman_images.disk.ext4.build_disk` (mke2fs,
+(held in memory) through :func:`hypeman_images.disk.mke2fs.build_disk` (mke2fs,
 e2fsck -fn and the sha256 included), with the disk's size and slack.
 """
 
@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "disk"))
 
 from test_ext4 import inputs_of
 
 from hypeman_images.disk.e2fsprogs import find_e2fsprogs
-from hypeman_images.disk.ext4 import build_disk
+from hypeman_images.disk.mke2fs import build_disk
 from hypeman_images.oci.digest import Digest
 
 

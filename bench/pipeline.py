@@ -13,7 +13,7 @@ Then, in this process: the per-stage split of ours (``BuildStats``), the
 re-pull of a ready digest, a new tag over cached layers, and the floor:
 ``mke2fs -d -`` fed the already-flattened tar of the same image from memory
 through a 1 MiB pipe in 1 MiB writes, as our pull feeds it (bare, and through
-``ext4.build_disk``, which adds the xattr fix-ups, ``e2fsck -fn`` beside the
+``mke2fs.build_disk``, which adds the xattr fix-ups, ``e2fsck -fn`` beside the
 sha256, and the fsync our pull also pays), beside the time to merely
 decompress the layers.
 
@@ -64,14 +64,14 @@ from hypeman_images.build.manager import ImageManager  # noqa: E402
 from hypeman_images.build.options import BuildOptions  # noqa: E402
 from hypeman_images.build.pipeline import BuildStats  # noqa: E402
 from hypeman_images.disk.e2fsprogs import find_e2fsprogs, tool_env  # noqa: E402
-from hypeman_images.disk.ext4 import (  # noqa: E402
+from hypeman_images.disk.mke2fs import (  # noqa: E402
     FIXED_TIME,
     MKE2FS_CONF,
     build_disk,
     mke2fs_argv,
-    plan_disk,
     run_mke2fs_stream,
 )
+from hypeman_images.disk.sizing import plan_disk  # noqa: E402
 from hypeman_images.layers.compression import open_decompressed  # noqa: E402
 from hypeman_images.layers.emit import write_tar  # noqa: E402
 from hypeman_images.layers.merge import merge  # noqa: E402

@@ -27,7 +27,8 @@ from support.images import IMAGES_DIR
 
 from hypeman_images.disk.debugfs import quote
 from hypeman_images.disk.e2fsprogs import TOOLS_FILE, E2fsprogs, find_e2fsprogs
-from hypeman_images.disk.ext4 import BLOCK_SIZE, DiskResult, SizeInputs, build_disk, plan_disk
+from hypeman_images.disk.mke2fs import DiskResult, build_disk
+from hypeman_images.disk.sizing import BLOCK_SIZE, SizeInputs, plan_disk
 from hypeman_images.errors import StorageError, ToolError
 from hypeman_images.oci.digest import Digest
 

@@ -41,7 +41,7 @@ from hypeman_images.build.convert import uncompressed_size
 from hypeman_images.build.manager import ImageManager
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.pipeline import BuildStats
-from hypeman_images.disk import ext4
+from hypeman_images.disk import check, mke2fs, sizing
 from hypeman_images.errors import LayerError
 from hypeman_images.layers import onepass as topdown
 from hypeman_images.layers.compression import Hasher
@@ -236,7 +236,7 @@ def test_one_pass_disk_holds_the_two_pass_tree(alpine_ref: PushedImage, tmp_path
     e2fsck_clean(one)
     # Shrunk to the tree: the inode tables of the full groups (8 MiB per 128 MiB
     # group, unwritten) are all it has more than the two-pass disk.
-    counts = ext4.superblock_counts(one)
+    counts = check.superblock_counts(one)
     assert one.stat().st_size == counts["Block count"] * 4096
     assert one.stat().st_size <= two.stat().st_size + 8 * 2**20
     # The same image gives the same bytes, whatever the cache holds.
@@ -356,8 +356,8 @@ def test_sparse_files_reach_the_disk_at_their_real_size_in_either_pass(
 def test_a_disk_too_small_for_the_tree_falls_back(
     alpine_ref: PushedImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tiny = ext4.DiskLayout(blocks=256, inodes=64, content_blocks=0)
-    monkeypatch.setattr(ext4, "one_pass_layout", lambda uncompressed, free_space=0: tiny)
+    tiny = sizing.DiskLayout(blocks=256, inodes=64, content_blocks=0)
+    monkeypatch.setattr(mke2fs, "one_pass_layout", lambda uncompressed, free_space=0: tiny)
     disk, stats = _pull(tmp_path / "data", alpine_ref.ref)
     assert "one_pass_tried_s" in stats.stages
     e2fsck_clean(disk)

@@ -52,7 +52,7 @@ from hypeman_images.oci.spec import (
     Platform,
     parse_manifest_or_index,
 )
-from hypeman_images.registry.client import RegistryClient, _backoff, resolve, select_manifest
+from hypeman_images.registry.client import RegistryClient, resolve, select_manifest
 from hypeman_images.registry.config import (
     Mirror,
     RegistryConfig,
@@ -60,6 +60,7 @@ from hypeman_images.registry.config import (
     load_registries_conf,
 )
 from hypeman_images.registry.credentials import Credential, StaticCredentials
+from hypeman_images.registry.retry import backoff
 
 FAST = RegistryConfig(backoff_base=0.0, max_attempts=3)
 AMD64 = Platform("linux", "amd64")
@@ -320,7 +321,7 @@ def test_backoff_waits_stay_within_bounds_and_vary() -> None:
     # Full jitter: attempt n waits uniformly in [0, min(max, base * 2**(n-1))].
     config = RegistryConfig(backoff_base=0.5, backoff_max=3.0)
     for attempt, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (30, 3.0)]:
-        waits = [_backoff(attempt, config) for _ in range(300)]
+        waits = [backoff(attempt, config) for _ in range(300)]
         assert all(0.0 <= w <= ceiling for w in waits), (attempt, max(waits))
         assert len(set(waits)) == len(waits)  # no two clients in step
         # Spread over the whole range (each fails by chance with p = 0.75**300).
@@ -330,7 +331,7 @@ def test_backoff_waits_stay_within_bounds_and_vary() -> None:
 def test_retries_sleep_the_jittered_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     # A mock, as above; the sleeps are recorded instead of slept.
     slept: list[float] = []
-    monkeypatch.setattr("hypeman_images.registry.client.time.sleep", slept.append)
+    monkeypatch.setattr("hypeman_images.registry.retry.time.sleep", slept.append)
     config = RegistryConfig(backoff_base=0.5, backoff_max=1.5, max_attempts=4)
     runs = []
     for _ in range(20):

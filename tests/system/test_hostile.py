@@ -398,7 +398,7 @@ def test_bearer_token_checked_in_constant_time(
 ) -> None:
     import hmac
 
-    import hypeman_images.service.api as api
+    import hypeman_images.service.auth as auth
 
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
@@ -407,7 +407,7 @@ def test_bearer_token_checked_in_constant_time(
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(api.hmac, "compare_digest", spy)
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
     host, _ = api_server
     for token, expected in (
         ("", 401),

@@ -139,18 +139,10 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def run_vm(argv: Sequence[str], *, nonce: str, timeout: float) -> VmRun:
-    """Run the VMM ``argv`` until it exits, or kill its process group at ``timeout``.
-
-    The console is watched for the init's markers (``HYPEMAN_BEGIN_<nonce>``,
-    ``HYPEMAN_EXIT_<nonce>=``): once the exit marker is seen the VM gets
-    :data:`POWEROFF_GRACE` seconds to power off before it is killed.
-    """
-    begin = f"HYPEMAN_BEGIN_{nonce}\n".encode()
-    exit_marker = f"HYPEMAN_EXIT_{nonce}=".encode()
-    start = time.monotonic()
+def _start(argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    """The VMM in its own session (and process group), its stdout and stderr piped."""
     try:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -159,12 +151,45 @@ def run_vm(argv: Sequence[str], *, nonce: str, timeout: float) -> VmRun:
         )
     except OSError as exc:
         raise BootError(f"cannot start {argv[0]}: {exc}") from exc
-    assert proc.stdout is not None and proc.stderr is not None
-    console = bytearray()
-    stderr = bytearray()
+
+
+@dataclass
+class _Markers:
+    """When the init's markers showed on the console (seconds since the VMM started)."""
+
+    begin: bytes
+    exit_marker: bytes
     begin_seen: float | None = None
     first_output: float | None = None
     exit_seen: float | None = None
+
+    def watch(self, console: bytearray, now: float) -> None:
+        """Note the markers (and the command's first output) ``console`` shows by ``now``."""
+        if self.begin_seen is None and self.begin in console:
+            self.begin_seen = now
+        if self.begin_seen is not None and self.first_output is None:
+            after = console[console.index(self.begin) + len(self.begin) :]
+            # The init prints "\n" before the exit marker; anything else is output.
+            head = bytes(after[: len(self.exit_marker) + 1])
+            if head and not (b"\n" + self.exit_marker).startswith(head):
+                self.first_output = now
+        if self.exit_seen is None and self.exit_marker in console:
+            self.exit_seen = now
+
+
+def run_vm(argv: Sequence[str], *, nonce: str, timeout: float) -> VmRun:
+    """Run the VMM ``argv`` until it exits, or kill its process group at ``timeout``.
+
+    The console is watched for the init's markers (``HYPEMAN_BEGIN_<nonce>``,
+    ``HYPEMAN_EXIT_<nonce>=``): once the exit marker is seen the VM gets
+    :data:`POWEROFF_GRACE` seconds to power off before it is killed.
+    """
+    markers = _Markers(f"HYPEMAN_BEGIN_{nonce}\n".encode(), f"HYPEMAN_EXIT_{nonce}=".encode())
+    start = time.monotonic()
+    proc = _start(argv)
+    assert proc.stdout is not None and proc.stderr is not None
+    console = bytearray()
+    stderr = bytearray()
     kvm_failed = False
     timed_out = False
     killed = False
@@ -174,6 +199,7 @@ def run_vm(argv: Sequence[str], *, nonce: str, timeout: float) -> VmRun:
     try:
         while selector.get_map():
             now = time.monotonic() - start
+            exit_seen = markers.exit_seen
             deadline = timeout if exit_seen is None else min(timeout, exit_seen + POWEROFF_GRACE)
             if now >= deadline or kvm_failed:
                 timed_out = exit_seen is None and not kvm_failed
@@ -187,20 +213,10 @@ def run_vm(argv: Sequence[str], *, nonce: str, timeout: float) -> VmRun:
                     continue
                 buffer: bytearray = key.data
                 buffer += chunk
-                now = time.monotonic() - start
                 if buffer is stderr:
                     kvm_failed = any(m in stderr for m in _KVM_FAILURES)
                     continue
-                if begin_seen is None and begin in console:
-                    begin_seen = now
-                if begin_seen is not None and first_output is None:
-                    after = console[console.index(begin) + len(begin) :]
-                    # The init prints "\n" before the exit marker; anything else is output.
-                    head = bytes(after[: len(exit_marker) + 1])
-                    if head and not (b"\n" + exit_marker).startswith(head):
-                        first_output = now
-                if exit_seen is None and exit_marker in console:
-                    exit_seen = now
+                markers.watch(console, time.monotonic() - start)
         if not killed:
             try:
                 proc.wait(timeout=POWEROFF_GRACE)
@@ -219,10 +235,10 @@ def run_vm(argv: Sequence[str], *, nonce: str, timeout: float) -> VmRun:
         stderr=bytes(stderr),
         returncode=proc.returncode,
         killed=killed,
-        exit_seen=exit_seen,
+        exit_seen=markers.exit_seen,
         ended=time.monotonic() - start,
         timed_out=timed_out,
-        begin_seen=begin_seen,
-        first_output=first_output,
+        begin_seen=markers.begin_seen,
+        first_output=markers.first_output,
         kvm_failed=kvm_failed,
     )

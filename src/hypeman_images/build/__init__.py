@@ -3,9 +3,11 @@
 Owns resolving and pulling (``pull``), converting layers into a disk
 (``convert``), the end-to-end build of one image and its record
 (``pipeline``), the build queue (``queue``), the :class:`ImageManager` facade
-(``manager``), the build options and data dir (``options``), progress
-reporting (``progress``), metrics (``metrics``), the facade's ``Image`` view
-(``image``) and the collector settings builds run under (``collector``).
+(``manager``) with the records of its requests (``records``) and the data
+dir's upkeep: gc, recovery, verification (``maintenance``), the build options
+and data dir (``options``), progress reporting (``progress``), metrics
+(``metrics``), the facade's ``Image`` view (``image``) and the collector
+settings builds run under (``collector``).
 
 May import: ``errors``, ``fsutil``, ``oci``, ``registry``, ``store``,
 ``layers``, ``disk``.

@@ -30,13 +30,13 @@ from typing import BinaryIO
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.pull import PulledImage
 from hypeman_images.disk.e2fsprogs import E2fsprogs, find_e2fsprogs
-from hypeman_images.disk.ext4 import (
+from hypeman_images.disk.mke2fs import (
     DiskResult,
     OutOfRoom,
-    SizeInputs,
     build_disk,
     build_disk_one_pass,
 )
+from hypeman_images.disk.sizing import SizeInputs
 from hypeman_images.layers.compression import Hasher, open_decompressed, sniff
 from hypeman_images.layers.emit import write_tar
 from hypeman_images.layers.entries import LayerScan

@@ -19,34 +19,39 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from hypeman_images.build.image import Image, image_of, image_view
+from hypeman_images.build.maintenance import (
+    GcReport,
+    RecoveryReport,
+    collect_garbage,
+    recover_builds,
+    verify_image,
+)
 from hypeman_images.build.metrics import Metrics, QueueGauges
 from hypeman_images.build.options import BuildOptions, DataDir
 from hypeman_images.build.pipeline import BuildStats, build_resolved, initial_record
 from hypeman_images.build.progress import Reporter
 from hypeman_images.build.pull import ResolvedImage, resolve
 from hypeman_images.build.queue import BuildKey, BuildQueue, Job, PauseHook, PausingReporter
-from hypeman_images.errors import Conflict, HypemanError, NotFound
-from hypeman_images.layers.scancache import ScanCache
+from hypeman_images.build.records import (
+    find_image,
+    ready_image,
+    record_failure,
+    remember_tag,
+    without_pending_tags,
+    write_pending,
+)
+from hypeman_images.errors import Conflict, HypemanError
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.oci.spec import Platform
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.store.blobs import BlobStore
-from hypeman_images.store.housekeeping import (
-    blobs_needed,
-    build_dirs,
-    idle_lock,
-    read_record,
-    remove_dangling_tags,
-    sweep_build_dir,
-    tree_size,
-)
-from hypeman_images.store.images import DISK_NAME, ImageRecord, ImageStatus, ImageStore, StoredImage
+from hypeman_images.store.housekeeping import idle_lock
+from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, StoredImage
 
 if TYPE_CHECKING:
     from hypeman_images.disk.verify import Verified
@@ -71,25 +76,6 @@ class Builder(Protocol):
         on_status: Callable[[Reference, ImageRecord], None] | None,
         stats: BuildStats,
     ) -> StoredImage: ...
-
-
-@dataclass(frozen=True)
-class GcReport:
-    """What ``gc`` removed; ``bytes_freed`` counts blobs, build dirs, scans and temp files."""
-
-    blobs_removed: int
-    bytes_freed: int
-    directories_removed: int = 0
-    scans_removed: int = 0
-
-
-@dataclass(frozen=True)
-class RecoveryReport:
-    """What ``recover`` found: builds resumed, tag links restored, bytes of leftovers freed."""
-
-    resumed: tuple[str, ...]
-    retagged: tuple[str, ...]
-    bytes_freed: int
 
 
 class ImageManager:
@@ -213,7 +199,7 @@ class ImageManager:
             job = self._job_for(ref)
             if job is not None:
                 return self._job_image(job, str(ref))
-        return self._stored_image(self._find(ref), str(ref))
+        return self._stored_image(find_image(self.store, ref), str(ref))
 
     def delete(self, name: str | Reference) -> list[str]:
         """Delete by tag (the disk goes with its last tag) or by digest (with all its tags).
@@ -229,7 +215,7 @@ class ImageManager:
                     f"{ref.familiar()} is being built ({job.status}); "
                     "wait until it is ready or failed, then delete it"
                 )
-            stored = self._find(ref)
+            stored = find_image(self.store, ref)
             with idle_lock(stored.directory) as free:
                 if not free:
                     raise Conflict(
@@ -252,33 +238,9 @@ class ImageManager:
         The digest's build lock is held throughout, so no build or delete of
         it runs meanwhile.
         """
-        # Imported here: only this call needs the disk code.
-        from hypeman_images.disk.e2fsprogs import find_e2fsprogs
-        from hypeman_images.disk.verify import Verified, check_disk
-
         ref = _parse(name)
-
-        def ready(record: ImageRecord | None) -> ImageRecord:
-            if record is None or record.status is not ImageStatus.READY:
-                status = record.status if record is not None else "gone"
-                raise Conflict(f"{ref.familiar()} is {status}, not ready: nothing to verify yet")
-            return record
-
-        # Checked before the build lock too: a build in progress holds it for minutes.
-        stored = self._find(ref)
-        digest = Digest.parse(ready(stored.record).digest)
-        key = parse_reference(f"{stored.repository}@{digest}")
-        tools = find_e2fsprogs(self.options.mke2fs or "mke2fs")
-        with self.store.lock(key, digest):
-            current = ready(self.store.read(key, digest))
-            disk = self.store.digest_dir(key, digest) / DISK_NAME
-            sha256 = str(check_disk(tools, disk, current.disk_sha256))
-            recorded_now = record and current.disk_sha256 is None
-            if recorded_now:
-                self.store.update(key, digest, lambda r: r.evolve(disk_sha256=sha256))
-        return Verified(
-            str(ref), str(digest), disk, sha256, current.disk_sha256, recorded_now=recorded_now
-        )
+        mke2fs = self.options.mke2fs or "mke2fs"
+        return verify_image(self.store, ref, find_image(self.store, ref), mke2fs, record=record)
 
     def list(self) -> list[Image]:
         """Every image in the store and in the queue, by repository and age."""
@@ -298,34 +260,7 @@ class ImageManager:
         """
         with self._lock:
             active = {job.key for job in self._queue.jobs()}
-            keep: set[Digest] = set()
-            freed = removed_dirs = 0
-            for directory, repository in build_dirs(self.store.root):
-                key = BuildKey(repository, Digest("sha256", directory.name))
-                record = read_record(directory)
-                if key in active:
-                    keep |= blobs_needed(record)
-                    continue
-                with idle_lock(directory) as free:
-                    if free and (record is None or record.status is ImageStatus.FAILED):
-                        freed += tree_size(directory)
-                        self.store.remove_directory(directory)
-                        removed_dirs += 1
-                        continue
-                    if free:
-                        freed += sweep_build_dir(directory)
-                keep |= blobs_needed(record)
-            remove_dangling_tags(self.store.root)
-            freed += self.store.sweep()
-            result = self.blobs.gc(keep)
-            # After the blobs: a scan whose blob just went goes too.
-            scans_removed, scans_freed = ScanCache.beside(self.blobs).gc(self.blobs)
-        return GcReport(
-            result.blobs_removed,
-            result.bytes_freed + freed + scans_freed,
-            removed_dirs,
-            scans_removed,
-        )
+            return collect_garbage(self.store, self.blobs, active)
 
     def recover(self) -> RecoveryReport:
         """Resume builds a crash interrupted and clean what it left; call once at start.
@@ -336,50 +271,13 @@ class ImageManager:
         link is missing gets it; temp files and half-deleted dirs of dead
         writers go. A build another live process holds is left to it.
         """
-        resumed: list[str] = []
-        retagged: list[str] = []
         with self._lock:
-            freed = self.store.sweep() + self.blobs.sweep_ingest()
-            freed += ScanCache.beside(self.blobs).sweep()
-            for stored in sorted(self.store.scan(), key=lambda s: s.record.created_at):
-                record = stored.record
-                with idle_lock(stored.directory) as free:
-                    if not free:
-                        continue
-                    freed += sweep_build_dir(stored.directory)
-                try:
-                    ref = parse_reference(record.name)
-                    digest = Digest.parse(record.digest)
-                except HypemanError as exc:
-                    log.warning("cannot recover %s: %s", stored.directory, exc)
-                    continue
-                if ref.name != stored.repository or digest.encoded != stored.directory.name:
-                    log.warning("ignoring %s: its record names %s", stored.directory, record.name)
-                    continue
-                names = [ref, *_pending_tags(record, ref)]
-                broken = record.status is ImageStatus.READY and not stored.disk.is_file()
-                if record.status.active or broken:
-                    # Rebuild as first asked: the free space changes the disk's bytes.
-                    options = self.options
-                    if record.free_space_bytes is not None:
-                        options = replace(options, free_space=record.free_space_bytes)
-                    job = Job(BuildKey(ref.name, digest), ref.with_digest(digest), options)
-                    for name in names[1:]:
-                        job.add_name(name)  # every tag that asked, not only the first
-                    job.recovered = True
-                    self._queue.submit(job)
-                    resumed.append(record.name)
-                elif record.status is ImageStatus.READY:
-                    # The crash fell between "ready" and the tag links. A link that
-                    # exists was moved on purpose since, and stays.
-                    for name in names:
-                        if name.tag is not None and self.store.tag_target(name) is None:
-                            self.store.set_tag(name, digest)
-                            retagged.append(str(name))
-                    self.store.update(ref, digest, _without_pending_tags)
-        if resumed or retagged:
-            log.info("recovery: resumed %s; retagged %s", resumed, retagged)
-        return RecoveryReport(tuple(resumed), tuple(retagged), freed)
+            report = recover_builds(self.store, self.blobs, self.options, self._queue.submit)
+        if report.resumed or report.retagged:
+            log.info(
+                "recovery: resumed %s; retagged %s", list(report.resumed), list(report.retagged)
+            )
+        return report
 
     def gauges(self) -> QueueGauges:
         """Queue length and running builds, for metrics."""
@@ -399,7 +297,7 @@ class ImageManager:
         self.store.validate(ref)
         if ref.digest is not None:
             # A digest-pinned name whose disk is ready needs no network at all.
-            ready = self._ready(ref, self.store.locate(ref, ref.digest))
+            ready = ready_image(self.store, ref, self.store.locate(ref, ref.digest))
             if ready is not None:
                 self._reused(stats)
                 return self._stored_image(ready, str(ref)), None
@@ -412,36 +310,21 @@ class ImageManager:
             job = self._queue.get(key)
             if job is not None:
                 job.add_name(resolved.ref)
-                self._remember_tag(job, resolved.ref)
+                remember_tag(self.store, job, resolved.ref)
                 if reporter is not None:
                     job.reporter.attach(reporter)
                 return self._job_image(job, str(ref)), job
-            ready = self._ready(ref, digest)
+            ready = ready_image(self.store, ref, digest)
             if ready is not None:
                 self.store.set_tag(resolved.ref, digest)
                 self._reused(stats)
                 return self._stored_image(self.store.find(resolved.ref), str(ref)), None
-            self._write_pending(resolved, options)
+            write_pending(self.store, resolved, options)
             job = Job(key, resolved.ref, options, resolved=resolved, stats=stats)
             if reporter is not None:
                 job.reporter.attach(reporter)
             self._queue.submit(job)
             return self._job_image(job, str(ref)), job
-
-    def _remember_tag(self, job: Job, ref: Reference) -> None:
-        """Note a tag that joined ``job`` in its record, so a crash does not forget it."""
-        if ref.tag is None:
-            return
-        tag = ref.pinned()
-        if tag == job.ref.pinned():
-            return
-
-        def add(record: ImageRecord) -> ImageRecord:
-            if tag == record.name or tag in record.pending_tags:
-                return record
-            return record.evolve(pending_tags=[*record.pending_tags, tag])
-
-        self.store.update(job.ref, job.key.digest, add)
 
     def _resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
         """One manifest GET per name however many ask at once."""
@@ -462,44 +345,10 @@ class ImageManager:
                     del self._resolving[key]
         return future.result()
 
-    def _ready(self, ref: Reference, digest: Digest) -> StoredImage | None:
-        record = self.store.read(ref, digest)
-        if record is None or record.status is not ImageStatus.READY:
-            return None
-        if not (self.store.digest_dir(ref, digest) / DISK_NAME).is_file():
-            return None
-        return self.store.find(ref.with_digest(digest))
-
     def _reused(self, stats: BuildStats | None) -> None:
         self.metrics.image_reused()
         if stats is not None:
             stats.reused = True
-
-    def _write_pending(self, resolved: ResolvedImage, options: BuildOptions) -> None:
-        """Record the request on disk first, so a crash before the build starts resumes it."""
-        ref, digest = resolved.ref, resolved.digest
-        existing = self.store.read(ref, digest)
-        if existing is not None and existing.status.active:
-            return  # an interrupted build or another process's: the build lock sorts it out
-        if self._ready(ref, digest) is not None:
-            return  # another process finished it since we looked: never demote a ready build
-        fresh = initial_record(ref, digest, ImageStatus.PENDING)
-        record = (
-            existing.evolve(
-                status=ImageStatus.PENDING, error=None, name=fresh.name, pending_tags=[]
-            )
-            if existing is not None
-            else fresh
-        )
-        # Name the blobs now: a gc while the build waits must keep what is cached.
-        manifest = resolved.manifest
-        record = record.evolve(
-            config_digest=str(manifest.config.digest),
-            layers=[str(layer.digest) for layer in manifest.layers],
-            free_space_bytes=options.free_space,
-            index_digest=str(resolved.index_digest) if resolved.index_digest else None,
-        )
-        self.store.write(ref, digest, record, keep_pending=False)  # a new round of asking
 
     def _run(self, job: Job) -> None:
         """A queue worker's body: build ``job`` and set every tag that asked for it."""
@@ -530,7 +379,7 @@ class ImageManager:
             )
             ok = True
         except HypemanError as exc:
-            self._record_failure(job, exc)
+            record_failure(self.store, job, exc)
             raise
         finally:
             if job.stats.reused:
@@ -547,7 +396,7 @@ class ImageManager:
                         target = self._tag_target(name, job.key.digest, before.get(str(name)))
                         if target is not None:
                             self.store.set_tag(name, target)
-                    self.store.update(job.ref, job.key.digest, _without_pending_tags)
+                    self.store.update(job.ref, job.key.digest, without_pending_tags)
                     job.result = self.store.find(job.ref)
                     job.update(job.result.record)
                 self._queue.retire(job)
@@ -568,7 +417,7 @@ class ImageManager:
         wanted = self._latest.get(str(name), built)
         if wanted == built:
             return built
-        return wanted if self._ready(name, wanted) is not None else None
+        return wanted if ready_image(self.store, name, wanted) is not None else None
 
     def _resolve_again(self, job: Job) -> ResolvedImage:
         """A recovered build: fetch its manifest by digest (verified against it)."""
@@ -577,39 +426,9 @@ class ImageManager:
         job.resolved = resolved
         return resolved
 
-    def _record_failure(self, job: Job, exc: HypemanError) -> None:
-        """Failures before the pipeline wrote anything (e.g. re-resolving) still end the record."""
-        directory = self.store.digest_dir(job.ref, job.key.digest)
-        record = self.store.read(job.ref, job.key.digest)
-        if record is None or not record.status.active:
-            return
-        with idle_lock(directory) as free:
-            if free:
-                failed = record.evolve(status=ImageStatus.FAILED, error=exc.message)
-                self.store.write(job.ref, job.key.digest, failed)
-                job.update(failed)
-
     def _job_for(self, ref: Reference) -> Job | None:
         found = [job for job in self._queue.jobs() if job.answers(ref)]
         return found[-1] if found else None
-
-    def _find(self, ref: Reference) -> StoredImage:
-        """The stored image by digest or tag link; else the newest record built under that name."""
-        try:
-            return self.store.find(ref)
-        except NotFound:
-            if ref.digest is not None:
-                raise
-            # Failed and interrupted builds have no tag link; their record has the name.
-            # (A ready one without its link was untagged on purpose.)
-            named = [
-                s
-                for s in self.store.scan()
-                if s.record.name == str(ref) and s.record.status is not ImageStatus.READY
-            ]
-            if not named:
-                raise
-            return max(named, key=lambda s: s.record.updated_at or s.record.created_at)
 
     def _job_image(self, job: Job, name: str | None = None) -> Image:
         record = (
@@ -634,24 +453,6 @@ class ImageManager:
         return image_of(stored, name)
 
 
-def _pending_tags(record: ImageRecord, ref: Reference) -> list[Reference]:
-    """The tags besides ``ref`` that asked for the record's build; odd entries skipped."""
-    tags = []
-    for text in record.pending_tags:
-        try:
-            tag = parse_reference(text)
-        except HypemanError:
-            log.warning("ignoring pending tag %r of %s: not a name", text, record.name)
-            continue
-        if tag.name == ref.name and tag.tag is not None and tag.digest is None:
-            tags.append(tag)
-    return tags
-
-
-def _without_pending_tags(record: ImageRecord) -> ImageRecord:
-    return record.evolve(pending_tags=[]) if record.pending_tags else record
-
-
 def _parse(name: str | Reference) -> Reference:
     return parse_reference(name) if isinstance(name, str) else name
 
@@ -666,8 +467,6 @@ def _key_of(stored: StoredImage) -> BuildKey | None:
 __all__ = [
     "DEFAULT_CONCURRENCY",
     "Builder",
-    "GcReport",
     "Image",
     "ImageManager",
-    "RecoveryReport",
 ]

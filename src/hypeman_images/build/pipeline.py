@@ -67,7 +67,7 @@ def initial_record(ref: Reference, digest: Digest, status: ImageStatus) -> Image
 
 
 # mke2fs's own metadata (inode tables, bitmaps, directories) on top of the
-# content: the disk layouts ext4.py makes spend less than a sixteenth on it.
+# content: the disk layouts disk/sizing.py makes spend less than a sixteenth on it.
 _METADATA_SHARE = 16
 
 

@@ -1,9 +1,10 @@
 """Making and checking disk images from a merged tree.
 
-Owns ext4 sizing and running ``mke2fs -d -`` (``ext4``), finding a usable
-e2fsprogs (``e2fsprogs``), the ``debugfs`` fix-ups (``debugfs``), the staged
-fallback for e2fsprogs older than 1.47.1 (``fallback``) and checking a
-finished disk (``verify``). It knows nothing of registries or layers: it takes
+Owns ext4 sizing (``sizing``), running ``mke2fs -d -`` (``mke2fs``), finding
+a usable e2fsprogs (``e2fsprogs``), the ``debugfs`` fix-ups (``debugfs``), the
+staged fallback for e2fsprogs older than 1.47.1 (``fallback``), checking a
+finished disk (``check``; again later: ``verify``) and putting it in place
+whole (``publish``). It knows nothing of registries or layers: it takes
 a tar stream and the numbers to size the disk by.
 
 May import: ``errors``, ``fsutil``, ``oci``.

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from hypeman_images.disk.check import check_and_hash, e2fsck_findings
 from hypeman_images.disk.e2fsprogs import E2fsprogs
-from hypeman_images.disk.ext4 import check_and_hash, e2fsck_findings
 from hypeman_images.errors import CorruptDisk
 from hypeman_images.oci.digest import Digest
 
@@ -47,7 +47,7 @@ def check_disk(tools: E2fsprogs, disk: Path, expected: str | None) -> Digest:
 
 
 def _fsck_clean(tools: E2fsprogs, disk: Path) -> None:
-    # ext4.fsck's ToolError means a build went wrong; here the disk changed since.
+    # check.fsck's ToolError means a build went wrong; here the disk changed since.
     findings = e2fsck_findings(tools, disk, 15)
     if findings is not None:
         raise CorruptDisk(

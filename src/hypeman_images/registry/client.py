@@ -8,7 +8,8 @@ failure into the exception tree at this boundary:
 * 401/403 → ``Unauthorized`` naming the registry and the credential's origin;
 * 429 → ``RateLimited`` at once, never retried;
 * 5xx, timeouts and dropped connections → ``TransientError``, retried up to
-  ``config.max_attempts`` times with exponential backoff and full jitter;
+  ``config.max_attempts`` times with exponential backoff and full jitter
+  (:mod:`.retry`, which also translates httpx's exceptions);
 * other 4xx → ``RegistryError(status, codes)`` with the registry's messages.
 
 Manifests are read with a size cap and checked against their digest here;
@@ -22,9 +23,6 @@ tried first, the registry itself last. Each host's scheme is decided by
 from __future__ import annotations
 
 import logging
-import random
-import ssl
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,13 +60,13 @@ from hypeman_images.registry.credentials import (
 )
 from hypeman_images.registry.download import Download
 from hypeman_images.registry.responses import error_for, log_rate_limit
+from hypeman_images.registry.retry import retrying, translating
 from hypeman_images.registry.schemes import Schemes
 from hypeman_images.registry.transport import HostTransport
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-E = TypeVar("E", bound=BaseException)
 USER_AGENT = "hypeman-images/0.1"
 # buildkit marks attestation manifests in an index this way (platform unknown/unknown).
 _REFERENCE_TYPE = "vnd.docker.reference.type"
@@ -208,7 +206,7 @@ class RegistryClient:
         def attempt() -> None:
             self._send(endpoint, None, "/v2/", {}, "the API version check", auth=auth).close()
 
-        self._retrying(attempt, endpoint, "login")
+        retrying(attempt, self.config)
 
     # -- manifests -----------------------------------------------------------------
 
@@ -228,7 +226,7 @@ class RegistryClient:
 
         def attempt() -> tuple[bytes, str | None, str | None]:
             response = self._send(endpoint, ref, path, headers, subject)
-            with self._translating(endpoint, subject):
+            with translating(endpoint.host, subject, self.config, self._schemes):
                 try:
                     data = _read_document(response, subject, self.config.max_manifest_bytes)
                 finally:
@@ -239,7 +237,7 @@ class RegistryClient:
                 response.headers.get("Docker-Content-Digest"),
             )
 
-        data, header_type, header_digest = self._retrying(attempt, endpoint, subject)
+        data, header_type, header_digest = retrying(attempt, self.config)
         digest = _check_manifest_digest(data, ref, header_digest, endpoint)
         limit = self.config.max_manifest_bytes
         return FetchedManifest(data, media_type_of(data, header_type, limit), digest)
@@ -293,9 +291,7 @@ class RegistryClient:
             headers = {"Accept-Encoding": "identity"}
             if offset:
                 headers["Range"] = f"bytes={offset}-"
-            return self._retrying(
-                lambda: self._send(endpoint, ref, url, headers, subject), endpoint, subject
-            )
+            return retrying(lambda: self._send(endpoint, ref, url, headers, subject), self.config)
 
         return opener
 
@@ -347,7 +343,7 @@ class RegistryClient:
                 send=self._send_token_request,
             )
         request = self._http.build_request("GET", url, headers=headers)
-        with self._translating(endpoint, subject):
+        with translating(endpoint.host, subject, self.config, self._schemes):
             response = self._http.send(request, auth=auth or httpx.USE_CLIENT_DEFAULT, stream=True)
         log_rate_limit(response, endpoint.host)
         if response.is_success:
@@ -360,84 +356,6 @@ class RegistryClient:
     def _send_token_request(self, request: httpx.Request) -> httpx.Response:
         # Transport errors propagate to _send's translation, as part of that request.
         return self._http.send(request, stream=True)
-
-    @contextmanager
-    def _translating(self, endpoint: Endpoint, subject: str) -> Iterator[None]:
-        """Turn httpx's exceptions into ours (``raise … from``)."""
-        try:
-            yield
-        except httpx.TooManyRedirects as exc:
-            raise RegistryError(f"{endpoint.host}: too many redirects fetching {subject}") from exc
-        except httpx.TransportError as exc:
-            untrusted = _cause(exc, ssl.SSLCertVerificationError)
-            if untrusted is not None:
-                raise RegistryError(
-                    f"{endpoint.host}: TLS certificate not trusted ({untrusted.verify_message})"
-                    f"; trust its CA with --certs-dir DIR (DIR/{endpoint.host}/ca.crt, as in "
-                    f"certs.d) or --ca-bundle FILE, or mark the registry insecure "
-                    f"(--insecure-registry {endpoint.host}) to skip verification"
-                ) from exc
-            plain = _cause(exc, ssl.SSLError)
-            reason = getattr(plain, "reason", None)
-            if reason == "WRONG_VERSION_NUMBER" and self.config.verifies_tls(endpoint.host):
-                # It answered our TLS hello in plain text: a plain-HTTP registry. (An
-                # insecure host's decision is forgotten below, and the retry probes.)
-                raise RegistryError(
-                    f"{endpoint.host}: does not speak TLS ({reason}); plain HTTP is used "
-                    f"only for insecure registries: mark it with --insecure-registry "
-                    f"{endpoint.host} if that is what it is"
-                ) from exc
-            if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-                self._schemes.forget(endpoint.host)
-            if isinstance(exc, httpx.ConnectTimeout):
-                raise TransientError(
-                    f"{endpoint.host}: connect timed out after {self.config.connect_timeout:g} s "
-                    f"while fetching {subject} (--connect-timeout S to wait longer)"
-                ) from exc
-            if isinstance(exc, httpx.ReadTimeout):
-                raise TransientError(
-                    f"{endpoint.host}: read timed out: nothing received for "
-                    f"{self.config.read_timeout:g} s while fetching {subject} "
-                    f"(--read-timeout S to wait longer)"
-                ) from exc
-            what = type(exc).__name__
-            raise TransientError(
-                f"{endpoint.host}: {what} while fetching {subject}: {exc or 'no detail'}"
-            ) from exc
-
-    def _retrying(self, call: Callable[[], T], endpoint: Endpoint, subject: str) -> T:
-        """Run ``call``, retrying ``TransientError`` with backoff; nothing else is retried."""
-        attempts = max(1, self.config.max_attempts)
-        for attempt in range(1, attempts + 1):
-            try:
-                return call()
-            except TransientError as exc:
-                if attempt == attempts:
-                    raise TransientError(
-                        f"{exc.message} (gave up after {attempts} attempts)", exc.status, exc.codes
-                    ) from exc
-                delay = _backoff(attempt, self.config)
-                log.info("%s; retrying in %.1f s (%d/%d)", exc, delay, attempt, attempts)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
-
-
-def _cause(exc: BaseException, kind: type[E]) -> E | None:
-    """The first exception of ``kind`` in ``exc``'s cause/context chain (httpx wraps httpcore)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, kind):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def _backoff(attempt: int, config: RegistryConfig) -> float:
-    """Full-jitter exponential backoff (the AWS architecture blog's variant)."""
-    ceiling = min(config.backoff_max, config.backoff_base * 2 ** (attempt - 1))
-    return random.uniform(0, ceiling)
 
 
 def _read_document(response: httpx.Response, subject: str, limit: int) -> bytes:

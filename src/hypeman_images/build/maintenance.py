@@ -1,0 +1,187 @@
+"""The data dir's upkeep: gc, recovery after a crash, and verifying a ready disk.
+
+:class:`~hypeman_images.build.manager.ImageManager` runs gc and recovery
+under its own lock, and passes what only it knows: the builds queued or
+running (whose blobs gc keeps) and how to queue a build again (for recovery).
+Neither touches a build dir whose build lock another live process holds;
+verification holds that lock while it checks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from hypeman_images.build.options import BuildOptions
+from hypeman_images.build.queue import BuildKey, Job
+from hypeman_images.build.records import pending_tags, without_pending_tags
+from hypeman_images.errors import Conflict, HypemanError
+from hypeman_images.layers.scancache import ScanCache
+from hypeman_images.oci.digest import Digest
+from hypeman_images.oci.reference import Reference, parse_reference
+from hypeman_images.store.blobs import BlobStore
+from hypeman_images.store.housekeeping import (
+    blobs_needed,
+    build_dirs,
+    idle_lock,
+    read_record,
+    remove_dangling_tags,
+    sweep_build_dir,
+    tree_size,
+)
+from hypeman_images.store.images import (
+    DISK_NAME,
+    ImageRecord,
+    ImageStatus,
+    ImageStore,
+    StoredImage,
+)
+
+if TYPE_CHECKING:
+    from hypeman_images.disk.verify import Verified
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What ``gc`` removed; ``bytes_freed`` counts blobs, build dirs, scans and temp files."""
+
+    blobs_removed: int
+    bytes_freed: int
+    directories_removed: int = 0
+    scans_removed: int = 0
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What ``recover`` found: builds resumed, tag links restored, bytes of leftovers freed."""
+
+    resumed: tuple[str, ...]
+    retagged: tuple[str, ...]
+    bytes_freed: int
+
+
+def collect_garbage(store: ImageStore, blobs: BlobStore, active: set[BuildKey]) -> GcReport:
+    """Remove what no image needs: failed or unreadable build dirs, their blobs, leftovers.
+
+    Blobs of ready builds, of interrupted ones and of the ``active`` (queued
+    or running) builds are kept.
+    """
+    keep: set[Digest] = set()
+    freed = removed_dirs = 0
+    for directory, repository in build_dirs(store.root):
+        key = BuildKey(repository, Digest("sha256", directory.name))
+        record = read_record(directory)
+        if key in active:
+            keep |= blobs_needed(record)
+            continue
+        with idle_lock(directory) as free:
+            if free and (record is None or record.status is ImageStatus.FAILED):
+                freed += tree_size(directory)
+                store.remove_directory(directory)
+                removed_dirs += 1
+                continue
+            if free:
+                freed += sweep_build_dir(directory)
+        keep |= blobs_needed(record)
+    remove_dangling_tags(store.root)
+    freed += store.sweep()
+    result = blobs.gc(keep)
+    # After the blobs: a scan whose blob just went goes too.
+    scans_removed, scans_freed = ScanCache.beside(blobs).gc(blobs)
+    return GcReport(
+        result.blobs_removed,
+        result.bytes_freed + freed + scans_freed,
+        removed_dirs,
+        scans_removed,
+    )
+
+
+def recover_builds(
+    store: ImageStore,
+    blobs: BlobStore,
+    options: BuildOptions,
+    submit: Callable[[Job], object],
+) -> RecoveryReport:
+    """Queue again (``submit``) the builds a crash interrupted; restore missing tag links.
+
+    Records in pending/pulling/converting whose build lock nobody holds are
+    queued again from their name and digest, with the free space first asked
+    for (the manifest is fetched again by digest, which gives the same build);
+    a ready record whose tag link is missing gets it; temp files and
+    half-deleted dirs of dead writers go.
+    """
+    resumed: list[str] = []
+    retagged: list[str] = []
+    freed = store.sweep() + blobs.sweep_ingest()
+    freed += ScanCache.beside(blobs).sweep()
+    for stored in sorted(store.scan(), key=lambda s: s.record.created_at):
+        record = stored.record
+        with idle_lock(stored.directory) as free:
+            if not free:
+                continue
+            freed += sweep_build_dir(stored.directory)
+        try:
+            ref = parse_reference(record.name)
+            digest = Digest.parse(record.digest)
+        except HypemanError as exc:
+            log.warning("cannot recover %s: %s", stored.directory, exc)
+            continue
+        if ref.name != stored.repository or digest.encoded != stored.directory.name:
+            log.warning("ignoring %s: its record names %s", stored.directory, record.name)
+            continue
+        names = [ref, *pending_tags(record, ref)]
+        broken = record.status is ImageStatus.READY and not stored.disk.is_file()
+        if record.status.active or broken:
+            # Rebuild as first asked: the free space changes the disk's bytes.
+            asked = options
+            if record.free_space_bytes is not None:
+                asked = replace(options, free_space=record.free_space_bytes)
+            job = Job(BuildKey(ref.name, digest), ref.with_digest(digest), asked)
+            for name in names[1:]:
+                job.add_name(name)  # every tag that asked, not only the first
+            job.recovered = True
+            submit(job)
+            resumed.append(record.name)
+        elif record.status is ImageStatus.READY:
+            # The crash fell between "ready" and the tag links. A link that
+            # exists was moved on purpose since, and stays.
+            for name in names:
+                if name.tag is not None and store.tag_target(name) is None:
+                    store.set_tag(name, digest)
+                    retagged.append(str(name))
+            store.update(ref, digest, without_pending_tags)
+    return RecoveryReport(tuple(resumed), tuple(retagged), freed)
+
+
+def verify_image(
+    store: ImageStore, ref: Reference, stored: StoredImage, mke2fs: str, *, record: bool
+) -> Verified:
+    """Check the ready disk of ``stored`` (found for ``ref``) again; see ``ImageManager.verify``."""
+    # Imported here: only this call needs the disk code.
+    from hypeman_images.disk.e2fsprogs import find_e2fsprogs
+    from hypeman_images.disk.verify import Verified, check_disk
+
+    def ready(record: ImageRecord | None) -> ImageRecord:
+        if record is None or record.status is not ImageStatus.READY:
+            status = record.status if record is not None else "gone"
+            raise Conflict(f"{ref.familiar()} is {status}, not ready: nothing to verify yet")
+        return record
+
+    # Checked before the build lock too: a build in progress holds it for minutes.
+    digest = Digest.parse(ready(stored.record).digest)
+    key = parse_reference(f"{stored.repository}@{digest}")
+    tools = find_e2fsprogs(mke2fs)
+    with store.lock(key, digest):
+        current = ready(store.read(key, digest))
+        disk = store.digest_dir(key, digest) / DISK_NAME
+        sha256 = str(check_disk(tools, disk, current.disk_sha256))
+        recorded_now = record and current.disk_sha256 is None
+        if recorded_now:
+            store.update(key, digest, lambda r: r.evolve(disk_sha256=sha256))
+    return Verified(
+        str(ref), str(digest), disk, sha256, current.disk_sha256, recorded_now=recorded_now
+    )

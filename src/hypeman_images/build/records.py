@@ -1,0 +1,128 @@
+"""What a build request reads and writes in the image store's records.
+
+A request is written down as a pending record before its build is queued
+(:func:`write_pending`), naming its blobs so that gc keeps them, so a crash
+before the build starts resumes it; a tag that joins a queued build is noted
+in the record too (:func:`remember_tag`), and set once the build is ready.
+A failure before the pipeline wrote anything still ends the record
+(:func:`record_failure`). Lookups by name also find failed and interrupted
+builds, which have no tag link (:func:`find_image`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hypeman_images.build.options import BuildOptions
+from hypeman_images.build.pipeline import initial_record
+from hypeman_images.build.pull import ResolvedImage
+from hypeman_images.build.queue import Job
+from hypeman_images.errors import HypemanError, NotFound
+from hypeman_images.oci.digest import Digest
+from hypeman_images.oci.reference import Reference, parse_reference
+from hypeman_images.store.housekeeping import idle_lock
+from hypeman_images.store.images import DISK_NAME, ImageRecord, ImageStatus, ImageStore, StoredImage
+
+log = logging.getLogger(__name__)
+
+
+def ready_image(store: ImageStore, ref: Reference, digest: Digest) -> StoredImage | None:
+    """The image ``ref`` names at ``digest`` if its record is ready and its disk is there."""
+    record = store.read(ref, digest)
+    if record is None or record.status is not ImageStatus.READY:
+        return None
+    if not (store.digest_dir(ref, digest) / DISK_NAME).is_file():
+        return None
+    return store.find(ref.with_digest(digest))
+
+
+def find_image(store: ImageStore, ref: Reference) -> StoredImage:
+    """The stored image by digest or tag link; else the newest record built under that name."""
+    try:
+        return store.find(ref)
+    except NotFound:
+        if ref.digest is not None:
+            raise
+        # Failed and interrupted builds have no tag link; their record has the name.
+        # (A ready one without its link was untagged on purpose.)
+        named = [
+            s
+            for s in store.scan()
+            if s.record.name == str(ref) and s.record.status is not ImageStatus.READY
+        ]
+        if not named:
+            raise
+        return max(named, key=lambda s: s.record.updated_at or s.record.created_at)
+
+
+def write_pending(store: ImageStore, resolved: ResolvedImage, options: BuildOptions) -> None:
+    """Record the request on disk first, so a crash before the build starts resumes it."""
+    ref, digest = resolved.ref, resolved.digest
+    existing = store.read(ref, digest)
+    if existing is not None and existing.status.active:
+        return  # an interrupted build or another process's: the build lock sorts it out
+    if ready_image(store, ref, digest) is not None:
+        return  # another process finished it since we looked: never demote a ready build
+    fresh = initial_record(ref, digest, ImageStatus.PENDING)
+    record = (
+        existing.evolve(status=ImageStatus.PENDING, error=None, name=fresh.name, pending_tags=[])
+        if existing is not None
+        else fresh
+    )
+    # Name the blobs now: a gc while the build waits must keep what is cached.
+    manifest = resolved.manifest
+    record = record.evolve(
+        config_digest=str(manifest.config.digest),
+        layers=[str(layer.digest) for layer in manifest.layers],
+        free_space_bytes=options.free_space,
+        index_digest=str(resolved.index_digest) if resolved.index_digest else None,
+    )
+    store.write(ref, digest, record, keep_pending=False)  # a new round of asking
+
+
+def remember_tag(store: ImageStore, job: Job, ref: Reference) -> None:
+    """Note a tag that joined ``job`` in its record, so a crash does not forget it."""
+    if ref.tag is None:
+        return
+    tag = ref.pinned()
+    if tag == job.ref.pinned():
+        return
+
+    def add(record: ImageRecord) -> ImageRecord:
+        if tag == record.name or tag in record.pending_tags:
+            return record
+        return record.evolve(pending_tags=[*record.pending_tags, tag])
+
+    store.update(job.ref, job.key.digest, add)
+
+
+def record_failure(store: ImageStore, job: Job, exc: HypemanError) -> None:
+    """Failures before the pipeline wrote anything (e.g. re-resolving) still end the record."""
+    directory = store.digest_dir(job.ref, job.key.digest)
+    record = store.read(job.ref, job.key.digest)
+    if record is None or not record.status.active:
+        return
+    with idle_lock(directory) as free:
+        if free:
+            failed = record.evolve(status=ImageStatus.FAILED, error=exc.message)
+            store.write(job.ref, job.key.digest, failed)
+            job.update(failed)
+
+
+def pending_tags(record: ImageRecord, ref: Reference) -> list[Reference]:
+    """The tags besides ``ref`` that asked for the record's build; odd entries skipped."""
+    tags = []
+    for text in record.pending_tags:
+        try:
+            tag = parse_reference(text)
+        except HypemanError:
+            log.warning("ignoring pending tag %r of %s: not a name", text, record.name)
+            continue
+        if tag.name == ref.name and tag.tag is not None and tag.digest is None:
+            tags.append(tag)
+    return tags
+
+
+def without_pending_tags(record: ImageRecord) -> ImageRecord:
+    """``record`` with no tags left waiting for its build (they point at it now)."""
+    return record.evolve(pending_tags=[]) if record.pending_tags else record
