@@ -59,10 +59,10 @@ import measure  # noqa: E402
 from support.push import push_blob, push_manifest  # noqa: E402
 from support.registry import start_registry  # noqa: E402
 
-from hypeman_images.build.convert import size_inputs  # noqa: E402
 from hypeman_images.build.manager import ImageManager  # noqa: E402
 from hypeman_images.build.options import BuildOptions  # noqa: E402
 from hypeman_images.build.pipeline import BuildStats  # noqa: E402
+from hypeman_images.build.stream import size_inputs  # noqa: E402
 from hypeman_images.disk.e2fsprogs import find_e2fsprogs, tool_env  # noqa: E402
 from hypeman_images.disk.mke2fs import (  # noqa: E402
     FIXED_TIME,

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hypeman_images.build.image import Image
-    from hypeman_images.build.manager import GcReport, ImageManager, RecoveryReport
+    from hypeman_images.build.maintenance import GcReport, RecoveryReport
+    from hypeman_images.build.manager import ImageManager
     from hypeman_images.errors import HypemanError
     from hypeman_images.store.images import ImageStatus
 
@@ -23,9 +24,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "HypemanError": "errors",
     "Image": "build.image",
-    "GcReport": "build.manager",
+    "GcReport": "build.maintenance",
     "ImageManager": "build.manager",
-    "RecoveryReport": "build.manager",
+    "RecoveryReport": "build.maintenance",
     "ImageStatus": "store.images",
 }
 

@@ -37,8 +37,8 @@ from support.registry import RegistryServer
 from support.tar import build_tar, file, hardlink, raw, symlink
 from test_flatten import _stacks, flatten
 
-from hypeman_images.build.convert import uncompressed_size
 from hypeman_images.build.manager import ImageManager
+from hypeman_images.build.onepass import uncompressed_size
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.pipeline import BuildStats
 from hypeman_images.disk import check, mke2fs, sizing

@@ -10,11 +10,11 @@ the disk is in place.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,16 +22,14 @@ from typing import TYPE_CHECKING
 from hypeman_images.build import collector
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.progress import Reporter
-from hypeman_images.build.pull import PulledImage, ResolvedImage, fetch_config, pull
+from hypeman_images.build.pull import PulledImage, ResolvedImage, pull
 from hypeman_images.errors import HypemanError, LimitExceeded
 from hypeman_images.fsutil import storage_error
 from hypeman_images.layers.limits import Limits
-from hypeman_images.layers.scancache import ScanCache
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.store.blobs import BlobStore
-from hypeman_images.store.feeds import LayerFeeds
 from hypeman_images.store.images import (
     DISK_NAME,
     ImageRecord,
@@ -42,7 +40,8 @@ from hypeman_images.store.images import (
 )
 
 if TYPE_CHECKING:
-    from hypeman_images.build import convert
+    from hypeman_images.build.convert import Conversion
+    from hypeman_images.build.stream import DiskInfo
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +139,7 @@ def build_resolved(
     """
     # Imported here: converting needs isal, zstandard and the disk code, which a
     # re-pull of a ready digest (the CLI's fast path) never loads.
-    from hypeman_images.build import convert
-    from hypeman_images.disk.e2fsprogs import TOOLS_FILE, find_e2fsprogs
+    from hypeman_images.build.convert import Conversion
 
     ref, digest = resolved.ref, resolved.digest
     with store.lock(ref, digest), collector.collect_rarely():
@@ -154,122 +152,123 @@ def build_resolved(
             reporter.stage("ready", f"{ref.familiar()} (already built)")
             return store.find(ref)
 
-        record = initial_record(ref, digest, ImageStatus.PULLING)
-        if existing is not None:
-            record = existing.evolve(status=ImageStatus.PULLING, error=None, name=record.name)
-        # Name the blobs from the start, so a gc during the download keeps them.
-        record = record.evolve(
-            config_digest=str(resolved.manifest.config.digest),
-            layers=[str(layer.digest) for layer in resolved.manifest.layers],
-            free_space_bytes=options.free_space,
-            index_digest=str(resolved.index_digest) if resolved.index_digest else None,
-        )
-
-        def set_status(new: ImageRecord) -> None:
-            store.write(ref, digest, new)
-            if on_status:
-                on_status(ref, new)
-
-        set_status(record)
+        record = _Record(store, ref, digest, on_status, _pulling(resolved, existing, options))
         limits = build_limits(resolved, blobs, store, options)
-        # mke2fs's probe (two runs of it, the first time in a process) while the layers download.
-        probe = ThreadPoolExecutor(1, thread_name_prefix="probe")
-        tools = probe.submit(
-            find_e2fsprogs, options.mke2fs or "mke2fs", remember=blobs.root / TOOLS_FILE
+        dest = store.digest_dir(ref, digest) / DISK_NAME
+        conversion = Conversion(
+            resolved, blobs=blobs, dest=dest, options=options, limits=limits, reporter=reporter
         )
-        probe.shutdown(wait=False)  # its one thread ends with the probe; result() waits for it
-        following: convert.Following | None = None
-        converting = ThreadPoolExecutor(1, thread_name_prefix="convert")
-        try:
-            reporter.stage("pulling", f"{ref.familiar()} ({digest.short})")
-            t0 = time.monotonic()
-            # An image built in one pass reads its layers while they download, top
-            # layer first. Else pass 1 of flatten runs on each layer while it
-            # downloads (issue 7), unless the scan cache beside the blobs has it.
-            one_pass = convert.one_pass_candidate(resolved.manifest.layers, options, limits)
-            scans = convert.LayerScans(limits, ScanCache.beside(blobs), tap=not one_pass)
-            dest = store.digest_dir(ref, digest) / DISK_NAME
-
-            def build(pulled: PulledImage) -> convert.DiskInfo:
-                return convert.convert(
-                    pulled,
-                    blobs=blobs,
-                    dest=dest,
-                    options=options,
-                    on_progress=progress,
-                    limits=limits,
-                    scans=scans,
-                    tools=tools.result(),
-                    following=following,
-                )
-
-            def progress(done: int, total: int) -> None:
-                # While the pull runs, the build says nothing: the image is "pulling".
-                if following is None or following.ended:
-                    reporter.converted(done, total)
-
-            early: Future[convert.DiskInfo] | None = None
-            if one_pass:
-                following = convert.Following(LayerFeeds())
-                config, config_bytes = fetch_config(client, blobs, resolved)
-                early = converting.submit(build, PulledImage(resolved, config, config_bytes, 0, 0))
-            pulled = pull(
-                client,
-                blobs,
-                resolved,
-                reporter,
-                tap=scans,
-                feeds=following.feeds if following is not None else None,
-            )
-            stats.download_s = time.monotonic() - t0
-            stats.downloaded_bytes = pulled.downloaded_bytes
-            stats.cached_blobs = pulled.cached_blobs
-            record = _with_config(record, pulled).evolve(status=ImageStatus.CONVERTING)
-            set_status(record)
-
-            reporter.stage("converting", f"{len(resolved.manifest.layers)} layers → ext4")
-            t0 = time.monotonic()
-            if following is not None:
-                following.pull_ended()
-            disk = early.result() if early is not None else build(pulled)
-            stats.convert_s = time.monotonic() - t0
-            stats.stages.update(disk.timings)
-
-        except LimitExceeded as exc:
-            explained = _explained(exc, limits, options, store.root)
-            set_status(record.evolve(status=ImageStatus.FAILED, error=explained.message))
-            if explained is exc:
-                raise
-            raise explained from exc
-        except HypemanError as exc:
-            set_status(record.evolve(status=ImageStatus.FAILED, error=exc.message))
-            raise
-        except Exception as exc:  # the build's top level: record, then re-raise
-            set_status(record.evolve(status=ImageStatus.FAILED, error=f"internal error: {exc!r}"))
-            raise
-        finally:
-            if following is not None and not following.ended:
-                # The pull failed, or the build did before saying the pull ended: the
-                # following build must stop (not wait for ever, nor finish a disk).
-                following.pull_ended(HypemanError("the build failed before converting"))
-            converting.shutdown(wait=True)
-            if following is not None:
-                following.feeds.close()
+        # The failure is recorded before the conversion closes (and waits for its threads).
+        with conversion, record.failures(limits, options):
+            disk = _pull_and_convert(resolved, conversion, client, blobs, reporter, record, stats)
         # The disk is in place: from here on a failure (tagging, say) must not
         # demote the record, or a complete disk would sit beside a "failed" one.
         t0 = time.monotonic()
-        record = record.evolve(
-            status=ImageStatus.READY,
-            size_bytes=disk.size_bytes,
-            content_bytes=disk.content_bytes,
-            disk_sha256=disk.sha256,
-            tool_versions=disk.tool_versions,
+        record.set(
+            record.current.evolve(
+                status=ImageStatus.READY,
+                size_bytes=disk.size_bytes,
+                content_bytes=disk.content_bytes,
+                disk_sha256=disk.sha256,
+                tool_versions=disk.tool_versions,
+            )
         )
-        set_status(record)
         store.set_tag(ref, digest)
         stats.finish_s = time.monotonic() - t0
     reporter.stage("ready", ref.familiar())
     return store.find(ref)
+
+
+def _pull_and_convert(
+    resolved: ResolvedImage,
+    conversion: Conversion,
+    client: RegistryClient,
+    blobs: BlobStore,
+    reporter: Reporter,
+    record: _Record,
+    stats: BuildStats,
+) -> DiskInfo:
+    """The pull, with the conversion beside it; then the disk, from the conversion."""
+    ref, digest = resolved.ref, resolved.digest
+    reporter.stage("pulling", f"{ref.familiar()} ({digest.short})")
+    t0 = time.monotonic()
+    conversion.start(client)
+    pulled = pull(client, blobs, resolved, conversion.observer)
+    stats.download_s = time.monotonic() - t0
+    stats.downloaded_bytes = pulled.downloaded_bytes
+    stats.cached_blobs = pulled.cached_blobs
+    record.set(_with_config(record.current, pulled).evolve(status=ImageStatus.CONVERTING))
+
+    reporter.stage("converting", f"{len(resolved.manifest.layers)} layers → ext4")
+    t0 = time.monotonic()
+    disk = conversion.finish(pulled)
+    stats.convert_s = time.monotonic() - t0
+    stats.stages.update(disk.timings)
+    return disk
+
+
+def _pulling(
+    resolved: ResolvedImage, existing: ImageRecord | None, options: BuildOptions
+) -> ImageRecord:
+    """The record of a build that starts pulling (over an earlier record, if any)."""
+    ref, digest = resolved.ref, resolved.digest
+    record = initial_record(ref, digest, ImageStatus.PULLING)
+    if existing is not None:
+        record = existing.evolve(status=ImageStatus.PULLING, error=None, name=record.name)
+    # Name the blobs from the start, so a gc during the download keeps them.
+    return record.evolve(
+        config_digest=str(resolved.manifest.config.digest),
+        layers=[str(layer.digest) for layer in resolved.manifest.layers],
+        free_space_bytes=options.free_space,
+        index_digest=str(resolved.index_digest) if resolved.index_digest else None,
+    )
+
+
+class _Record:
+    """A build's record of its digest, from ``first``: each change written, then announced."""
+
+    def __init__(
+        self,
+        store: ImageStore,
+        ref: Reference,
+        digest: Digest,
+        on_status: Callable[[Reference, ImageRecord], None] | None,
+        first: ImageRecord,
+    ) -> None:
+        self._store = store
+        self._ref = ref
+        self._digest = digest
+        self._on_status = on_status
+        self.current = first
+        self.set(first)
+
+    def set(self, record: ImageRecord) -> None:
+        """Write ``record`` and tell ``on_status``."""
+        self.current = record
+        self._store.write(self._ref, self._digest, record)
+        if self._on_status:
+            self._on_status(self._ref, record)
+
+    @contextlib.contextmanager
+    def failures(self, limits: Limits, options: BuildOptions) -> Iterator[None]:
+        """Record any failure inside as the build's (``failed``, and why), then re-raise it."""
+        try:
+            yield
+        except LimitExceeded as exc:
+            explained = _explained(exc, limits, options, self._store.root)
+            self._failed(explained.message)
+            if explained is exc:
+                raise
+            raise explained from exc
+        except HypemanError as exc:
+            self._failed(exc.message)
+            raise
+        except Exception as exc:  # the build's top level: record, then re-raise
+            self._failed(f"internal error: {exc!r}")
+            raise
+
+    def _failed(self, error: str) -> None:
+        self.set(self.current.evolve(status=ImageStatus.FAILED, error=error))
 
 
 def _with_config(record: ImageRecord, pulled: PulledImage) -> ImageRecord:

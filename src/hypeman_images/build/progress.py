@@ -10,7 +10,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, TextIO
 
-from hypeman_images.build.pull import LayerProgress
+from hypeman_images.build.pull import PullObserver
 from hypeman_images.oci.digest import Digest
 
 if TYPE_CHECKING:
@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     from rich.progress import TaskID
 
 
-class Reporter(LayerProgress):
-    """Stage changes and conversion progress, on top of per-layer downloads."""
+class Reporter(PullObserver):
+    """Stage changes and conversion progress, on top of a pull's per-layer downloads."""
 
     def stage(self, stage: str, detail: str = "") -> None:
         """The build entered ``stage`` (pulling, converting, …)."""
@@ -38,7 +38,6 @@ class PlainReporter(Reporter):
         self.out = out or sys.stderr
         self._lock = threading.Lock()
         self._last_convert = 0.0
-        self._said_total = False
         self._said_total = False
 
     def _say(self, line: str) -> None:

@@ -5,18 +5,21 @@ normalised reference into a resolved one (digest always present: the platform
 manifest's). Blobs already in the cache are not fetched again; the others are
 downloaded in parallel, each verified against its digest on the way in.
 
-A *tap* (``pull(..., tap=...)``) sees every layer's compressed bytes while
-they arrive -- a tee from the download, in its own thread -- or, for a layer
-already cached (or downloaded while every tap worker was busy), reads the
-cached blob, so that the flattener's first pass overlaps with the downloads
-instead of following them (issue 7). A layer the tap does not want (its scan
-is known already) is not tapped at all. The tap is
-an optimisation only: what it makes is used after the pull verified every
-digest, and if it fails, the caller does that work again from the cache.
+One :class:`PullObserver` watches a pull: the progress shown, and a
+conversion that reads the layers beside it. Its *tap* sees every layer's
+compressed bytes while they arrive -- a tee from the download, in its own
+thread -- or, for a layer already cached (or downloaded while every tap
+worker was busy), reads the cached blob, so that the flattener's first pass
+overlaps with the downloads instead of following them. A layer the tap does
+not want (its scan is known already) is not tapped at all. Its *feeds* let a
+one-pass build read each layer as it lands in the blob cache. Both are
+optimisations only: what they make is used after the pull verified every
+digest, and if they fail, the caller does that work again from the cache.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -25,7 +28,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol, cast
+from typing import BinaryIO, cast
 
 from hypeman_images.errors import DigestMismatch, LayerError, LimitExceeded
 from hypeman_images.oci.digest import Digest
@@ -48,33 +51,62 @@ log = logging.getLogger(__name__)
 DOWNLOAD_WORKERS = 4
 # Downloads at once for a build that follows them (``feeds``), which reads the
 # layers top first, one after the other: on a link that the downloads fill, four
-# at once gave the top layer a quarter of it and the build waited (851 MB image
-# at 100 MB/s: 4.9 s; two at once 3.9 s; one 3.55 s, the download alone 3.05 s).
-# Not one: a registry that caps each connection would then be four times slower.
+# at once give the top layer a quarter of it and the build waits for it; the
+# fewer at once, the sooner the top layer is whole. Not one: a registry that
+# caps each connection would then be four times slower.
 FOLLOWED_DOWNLOAD_WORKERS = 2
-# Chunks (>= 1 MiB each) a tap may lag behind its download before the download waits.
-# 4, not 8: with four layers in flight the queues were ~30 MiB of the peak RSS
-# (issue 7), and a deeper queue did not make the pull faster.
+# Chunks (>= 1 MiB each) a tap may lag behind its download before the download
+# waits. Few: with four layers in flight the queues are a large share of the
+# peak RSS, and a deeper queue does not make the pull faster.
 TAP_QUEUE_CHUNKS = 4
 # Taps running at once. A tap is CPU-bound (inflate, sha256, header parsing),
-# so more of them than cores only adds buffers (~10 MiB each) and GIL hand-offs;
-# a layer that finds them all busy downloads untapped and is read back from the
-# cache when one frees (issue 7: peak RSS grew with the number of layers).
+# so more of them than cores only adds buffers (~10 MiB each) and GIL hand-offs,
+# and the peak RSS would grow with the number of layers; a layer that finds them
+# all busy downloads untapped and is read back from the cache when one frees.
 TAP_WORKERS = min(DOWNLOAD_WORKERS, max(2, os.cpu_count() or 2))
 
 
-class LayerTap(Protocol):
-    """Reads one layer's compressed bytes (in a thread of its own) while they are pulled.
+class PullObserver:
+    """What one pull reports, blob by blob, and who reads its layers beside it.
 
-    ``stream`` ends at the blob's end; reading it fails if the download does.
-    The tap must close it (closing early is fine: the download goes on).
+    Every part is optional: each event is a no-op here, and nothing is tapped
+    or followed. The events come from the pull's download threads, several
+    blobs at once.
+
+    ``feeds``: told where each layer's bytes are as they land in the blob
+    cache (:mod:`store.feeds`), for a build that follows the downloads; the
+    layers then download top layer first, :data:`FOLLOWED_DOWNLOAD_WORKERS`
+    at once.
     """
 
-    def wants(self, index: int, layer: Descriptor) -> bool:
-        """Asked once per distinct layer, before its download: False leaves it untapped."""
-        ...
+    feeds: LayerFeeds | None = None
 
-    def __call__(self, index: int, layer: Descriptor, stream: BinaryIO) -> None: ...
+    def start(self, digest: Digest, size: int, cached: bool) -> None:
+        """A blob download begins (or is skipped because ``cached``)."""
+
+    def advance(self, digest: Digest, nbytes: int) -> None:
+        """``nbytes`` more of the blob arrived."""
+
+    def done(self, digest: Digest) -> None:
+        """The blob is verified and in the cache."""
+
+    def wants(self, index: int, layer: Descriptor) -> bool:
+        """Should :meth:`tap` read this layer? Asked once per distinct layer, before its download.
+
+        A cached blob that no tap reads is re-hashed by the pull instead
+        (:func:`_intact`): nothing else may read it whole.
+        """
+        return False
+
+    def tap(self, index: int, layer: Descriptor, stream: BinaryIO) -> None:
+        """Read a wanted layer's compressed bytes, in a thread of its own, while they are pulled.
+
+        ``stream`` ends at the blob's end; reading it fails if the download
+        does. The tap must close it (closing early is fine: the download goes
+        on). Its exceptions are logged, never raised: the pull's own errors are
+        the ones that count.
+        """
+        stream.close()
 
 
 class _ChunkPipe(io.RawIOBase):
@@ -164,19 +196,6 @@ class PulledImage:
     cached_blobs: int
 
 
-class LayerProgress:
-    """Callbacks a front end implements to show downloads; all optional no-ops here."""
-
-    def start(self, digest: Digest, size: int, cached: bool) -> None:
-        """A blob download begins (or is skipped because ``cached``)."""
-
-    def advance(self, digest: Digest, nbytes: int) -> None:
-        """``nbytes`` more of the blob arrived."""
-
-    def done(self, digest: Digest) -> None:
-        """The blob is verified and in the cache."""
-
-
 def resolve(client: RegistryClient, ref: Reference, platform: Platform) -> ResolvedImage:
     """Fetch the manifest ``ref`` names; follow an index to ``platform``'s manifest."""
     found = registry.resolve(client, ref, platform)
@@ -235,120 +254,129 @@ def pull(
     client: RegistryClient,
     blobs: BlobStore,
     resolved: ResolvedImage,
-    progress: LayerProgress | None = None,
-    on_bytes: Callable[[int], None] | None = None,
-    tap: LayerTap | None = None,
-    feeds: LayerFeeds | None = None,
+    observer: PullObserver | None = None,
 ) -> PulledImage:
     """Copy the config and every layer of ``resolved`` into ``blobs``; parse the config.
 
-    ``tap``, if given, is run once for each distinct layer it wants, on the bytes
-    as they download or on the cached blob (see :class:`LayerTap`); it runs while the
-    pull goes on, and the pull returns only once every tap has returned. Taps'
-    exceptions are logged, never raised: the pull's own errors are the ones
-    that count. ``feeds``, if given, is told where each layer's bytes are as
-    they arrive (:mod:`feeds`), and the layers download top layer first.
+    ``observer`` is told of each blob's progress, and its tap is run once for
+    each distinct layer it wants, on the bytes as they download or on the
+    cached blob (see :class:`PullObserver`); the taps run while the pull goes
+    on, and the pull returns only once every tap has returned.
     """
-    progress = progress or LayerProgress()
-    manifest = resolved.manifest
+    observer = observer if observer is not None else PullObserver()
     config, config_bytes = fetch_config(client, blobs, resolved)
-
-    downloaded = 0
-    cached = 0
-
-    taps: list[Future[None]] = []
-    tap_pool = ThreadPoolExecutor(max_workers=TAP_WORKERS, thread_name_prefix="tap")
-    tap_lock = threading.Lock()
-    taps_pending = 0  # submitted and not finished: running, or queued for a worker
-
-    def run_tap(index: int, layer: Descriptor, stream: BinaryIO) -> None:
-        nonlocal taps_pending
-        assert tap is not None
-        try:
-            tap(index, layer, stream)
-        finally:
-            with tap_lock:
-                taps_pending -= 1
-
-    def start_tap(
-        index: int, layer: Descriptor, stream: Callable[[], BinaryIO], *, only_if_idle: bool
-    ) -> bool:
-        """Submit a tap; with ``only_if_idle``, only if a worker is free to run it now."""
-        nonlocal taps_pending
-        with tap_lock:
-            if only_if_idle and taps_pending >= TAP_WORKERS:
-                return False
-            taps_pending += 1
-        taps.append(tap_pool.submit(run_tap, index, layer, stream()))
-        return True
-
-    def fetch(index: int) -> int:
-        layer = manifest.layers[index]
-        tapped = tap is not None and tap.wants(index, layer)
-        # A pass reads a cached blob whole (pass 1, checking its diff_id) unless
-        # the tap had the layer's scan already: then its digest is checked here.
-        if blobs.has(layer.digest) and (tap is None or tapped or _intact(blobs, layer)):
-            progress.start(layer.digest, layer.size, cached=True)
-            if feeds is not None:
-                feeds.cached(layer.digest, blobs.path(layer.digest))
-            if tapped:
-                start_tap(index, layer, lambda: blobs.open(layer.digest), only_if_idle=False)
-            progress.done(layer.digest)
-            return -1
-
-        def advance(nbytes: int) -> None:
-            progress.advance(layer.digest, nbytes)
-            if on_bytes:
-                on_bytes(nbytes)
-
-        progress.start(layer.digest, layer.size, cached=False)
-        pipe = None
-        # A tee only into a tap that runs now: a queued one would stall the download.
-        if tapped:
-            tee = _ChunkPipe()
-            if start_tap(index, layer, lambda: cast(BinaryIO, tee), only_if_idle=True):
-                pipe = tee
-        try:
-            with client.open_blob(resolved.ref, layer) as chunks:
-                chunks = pipe.tee(chunks) if pipe else chunks
-                blobs.ingest(layer, chunks, on_chunk=advance, feeds=feeds)
-        except BaseException as exc:
-            if pipe is not None:
-                pipe.fail(exc)
-            raise
-        if feeds is not None:
-            feeds.finish(layer.digest)
-        if tapped and pipe is None:
-            start_tap(index, layer, lambda: blobs.open(layer.digest), only_if_idle=False)
-        progress.done(layer.digest)
-        return layer.size
-
+    followed = observer.feeds is not None
     # Distinct layers only: an image may list the same blob twice. A build that
     # follows the download reads the top layer first.
-    unique = sorted(
-        {layer.digest: i for i, layer in enumerate(manifest.layers)}.values(),
-        reverse=feeds is not None,
-    )
-    pulled = False
-    try:
-        workers = DOWNLOAD_WORKERS if feeds is None else FOLLOWED_DOWNLOAD_WORKERS
+    layers = resolved.manifest.layers
+    unique = sorted({layer.digest: i for i, layer in enumerate(layers)}.values(), reverse=followed)
+    downloaded = cached = 0
+    with _Taps(observer) as taps:
+        fetch = _Fetch(client, blobs, resolved.ref, observer, taps)
+        workers = FOLLOWED_DOWNLOAD_WORKERS if followed else DOWNLOAD_WORKERS
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pull") as pool:
-            for size in pool.map(fetch, unique):
+            for size in pool.map(lambda index: fetch(index, layers[index]), unique):
                 if size < 0:
                     cached += 1
                 else:
                     downloaded += size
-        pulled = True
-    finally:
-        # A failed pull raises anyway: taps still queued for the cache are dropped.
-        tap_pool.shutdown(wait=True, cancel_futures=not pulled)
-        for future in taps:
-            if not future.cancelled() and future.exception() is not None:
-                log.debug("layer tap failed: %r", future.exception())
     descriptor = _manifest_descriptor(resolved)
     blobs.put(descriptor, resolved.manifest_bytes)
     blobs.tag(descriptor, resolved.ref.pinned())
     return PulledImage(resolved, config, config_bytes, downloaded, cached)
+
+
+class _Taps:
+    """The threads that run one pull's taps, at most :data:`TAP_WORKERS` at once.
+
+    Leaving the ``with`` block waits for them; after a failed pull, taps still
+    queued (for a cached blob) are dropped, as the pull raises anyway.
+    """
+
+    def __init__(self, observer: PullObserver) -> None:
+        self._observer = observer
+        self._pool = ThreadPoolExecutor(max_workers=TAP_WORKERS, thread_name_prefix="tap")
+        self._futures: list[Future[None]] = []
+        self._lock = threading.Lock()
+        self._pending = 0  # submitted and not finished: running, or queued for a worker
+
+    def start(
+        self, index: int, layer: Descriptor, stream: Callable[[], BinaryIO], *, only_if_idle: bool
+    ) -> bool:
+        """Submit a tap; with ``only_if_idle``, only if a worker is free to run it now."""
+        with self._lock:
+            if only_if_idle and self._pending >= TAP_WORKERS:
+                return False
+            self._pending += 1
+        self._futures.append(self._pool.submit(self._run, index, layer, stream()))
+        return True
+
+    def _run(self, index: int, layer: Descriptor, stream: BinaryIO) -> None:
+        try:
+            self._observer.tap(index, layer, stream)
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def __enter__(self) -> _Taps:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=kind is not None)
+        for future in self._futures:
+            if not future.cancelled() and future.exception() is not None:
+                log.debug("layer tap failed: %r", future.exception())
+
+
+@dataclass(frozen=True)
+class _Fetch:
+    """Brings one layer into the cache, telling the observer, tapping it if it wants."""
+
+    client: RegistryClient
+    blobs: BlobStore
+    ref: Reference
+    observer: PullObserver
+    taps: _Taps
+
+    def __call__(self, index: int, layer: Descriptor) -> int:
+        """The bytes downloaded; -1 if the blob was cached."""
+        blobs, observer = self.blobs, self.observer
+        tapped = observer.wants(index, layer)
+        # A pass reads a cached blob whole (pass 1, checking its diff_id) unless
+        # the tap had the layer's scan already: then its digest is checked here.
+        if blobs.has(layer.digest) and (tapped or _intact(blobs, layer)):
+            observer.start(layer.digest, layer.size, cached=True)
+            if observer.feeds is not None:
+                observer.feeds.cached(layer.digest, blobs.path(layer.digest))
+            if tapped:
+                self._tap_cached(index, layer)
+            observer.done(layer.digest)
+            return -1
+        observer.start(layer.digest, layer.size, cached=False)
+        pipe = None
+        # A tee only into a tap that runs now: a queued one would stall the download.
+        if tapped:
+            tee = _ChunkPipe()
+            if self.taps.start(index, layer, lambda: cast(BinaryIO, tee), only_if_idle=True):
+                pipe = tee
+        try:
+            with self.client.open_blob(self.ref, layer) as chunks:
+                chunks = pipe.tee(chunks) if pipe else chunks
+                advance = functools.partial(observer.advance, layer.digest)
+                blobs.ingest(layer, chunks, on_chunk=advance, feeds=observer.feeds)
+        except BaseException as exc:
+            if pipe is not None:
+                pipe.fail(exc)
+            raise
+        if observer.feeds is not None:
+            observer.feeds.finish(layer.digest)
+        if tapped and pipe is None:
+            self._tap_cached(index, layer)
+        observer.done(layer.digest)
+        return layer.size
+
+    def _tap_cached(self, index: int, layer: Descriptor) -> None:
+        self.taps.start(index, layer, lambda: self.blobs.open(layer.digest), only_if_idle=False)
 
 
 def _intact(blobs: BlobStore, layer: Descriptor) -> bool:
@@ -356,8 +384,8 @@ def _intact(blobs: BlobStore, layer: Descriptor) -> bool:
 
     For a layer whose scan came from the scan cache: nothing else in the pull
     reads the whole blob (pass 1 would, checking its diff_id), and the emit
-    pass stops after the last body it needs, before gzip's own CRC. ~0.2 s of
-    sha256 for 300 MB of blobs, in the download threads.
+    pass stops after the last body it needs, before gzip's own CRC. Hashing a
+    blob costs far less than inflating it, and runs in the download threads.
     """
     try:
         blobs.verify(layer.digest)

@@ -4,7 +4,7 @@
 only when libarchive can be ``dlopen``'d at run time (misc/create_inode_libarchive.c
 prints "you need libarchive to be able to process tarballs" otherwise). An
 older or libarchive-less mke2fs still works, through the slower staging
-fallback in :mod:`hypeman_images.disk.ext4`; :class:`E2fsprogs` says which path a
+fallback in :mod:`hypeman_images.disk.fallback`; :class:`E2fsprogs` says which path a
 build takes and why.
 
 Every tool runs with an environment built from scratch (:func:`tool_env`):

@@ -1,7 +1,7 @@
 """All layers in one pass, top layer first: mke2fs's stream while each layer is read once.
 
 The two-pass path (:mod:`merge`, :mod:`emit`) reads every layer to plan the tree, then
-again to copy the bodies, so mke2fs waits for the whole first pass (issue 7).
+again to copy the bodies, so mke2fs waits for the whole first pass.
 Reading the layers from the top down makes one pass enough for ordinary
 images: an entry of a lower layer survives unless a layer above deleted or
 replaced it, and the layers above are done by then. Each survivor goes to
@@ -105,7 +105,7 @@ class TopDown:
     (:func:`compression.open_decompressed`'s ``hash_into``); ``hasher`` is
     None for a layer in ``known``, whose scan (from the scan cache) is used
     instead of its headers. ``sizes``: the most each layer may inflate to (the
-    disk was sized for it, :func:`convert.one_pass_sizes`); a layer that
+    disk was sized for it, :func:`build.onepass.one_pass_sizes`); a layer that
     inflates past it stops the pass at once, so a decompression bomb fills
     neither the disk nor the data dir's filesystem. ``stated(i)``, if given,
     is the least layer ``i`` inflates to as its whole blob says (a gzip

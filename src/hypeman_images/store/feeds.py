@@ -1,9 +1,9 @@
 """Layers readable while they download: the one-pass build starts before the pull ends.
 
-The one-pass build (:mod:`topdown`) reads the layers top first, each once,
-from start to end: nothing it needs comes from the end of a blob, so it can
-follow a download as the bytes land in the blob cache's temp file, a few
-MiB behind the network, instead of waiting for the last layer (issue 7).
+The one-pass build (:mod:`layers.onepass`) reads the layers top first, each
+once, from start to end: nothing it needs comes from the end of a blob, so it
+can follow a download as the bytes land in the blob cache's temp file, a few
+MiB behind the network, instead of waiting for the last layer.
 
 :class:`LayerFeeds` is the meeting point. The pull says where each layer's
 bytes are (:meth:`begin`, :meth:`wrote`, :meth:`finish`, :meth:`cached`) or
@@ -11,7 +11,7 @@ that they will not come (:meth:`fail`, :meth:`abort`); :meth:`open` gives the
 build a reader that blocks until the next bytes are there, and raises if the
 download failed. The bytes are unverified until the pull returns: the build
 reads them like any hostile input, and its disk is kept only if the pull
-verified every digest (the caller's gate).
+verified every digest (the caller's gate: ``build.onepass.PullEnd``).
 """
 
 from __future__ import annotations
