@@ -46,7 +46,7 @@ def list_images(args: argparse.Namespace) -> int:
         if image.queue_position:
             status += f" (#{image.queue_position})"
         short = image.digest.partition(":")[2][:12]
-        tags = ",".join(image.tags) or "-"
+        tags = ",".join(image.local_names) or "-"
         rows.append((image.repository, tags, short, status, size, image.created_at))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -66,7 +66,7 @@ def inspect(args: argparse.Namespace) -> int:
         ("digest", image.digest),
         ("status", image.status),
         ("error", image.error),
-        ("tags", ", ".join(image.tags) or "-"),
+        ("tags", ", ".join(image.local_names) or "-"),
         ("platform", image.platform),
         ("size", human_size(image.size_bytes) if image.size_bytes else None),
         ("entrypoint", json.dumps(image.entrypoint)),
