@@ -296,3 +296,21 @@ def test_serve_verbose_never_logs_the_token(
     assert all(token not in a.text for a in answers)
     for meta in data_dir.rglob("metadata.json"):
         assert token not in meta.read_text()
+
+
+def test_the_tags_filter_is_a_deep_object(
+    api: tuple[str, ImageManager], client: httpx.Client
+) -> None:
+    base, _ = api
+    # The SDK's form (hypeman/_qs.py: brackets, URL-encoded) and the same written plainly.
+    for query in (
+        "tags%5Bteam%5D=a&tags%5Benv%5D=b",
+        "tags[team]=a&tags[env]=b",
+        "tags[team]=a&tags[team]=a",
+    ):
+        response = client.get(f"{base}/images?{query}")
+        assert (response.status_code, response.json()) == (200, []), query
+    for query in ("tags=team", "tags[team]=a&tags[team]=b"):
+        response = client.get(f"{base}/images?{query}")
+        assert response.status_code == 400, query
+        assert response.json()["code"] == "invalid_argument"
