@@ -251,7 +251,8 @@ def test_openapi_in_repo_matches_served(
         f"docs/openapi.json is stale; regenerate: {REGENERATE}"
     )
     assert set(served["paths"]) == {
-        "/images", "/images/{name}", "/images/{name}/tag", "/capabilities", "/healthz", "/metrics",
+        "/images", "/images/{name}", "/images/{name}/tag", "/capabilities",
+        "/health", "/healthz", "/metrics",
     }  # fmt: skip
 
 

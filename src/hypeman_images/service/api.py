@@ -8,7 +8,7 @@
     DELETE /images/{name}      → 204           409 while it builds
     POST   /images/{name}/tag  {"target"} → 200 Image   409 until it is ready
     GET    /capabilities       → 200 the images part of hypeman's capabilities
-    GET    /healthz            → 200 {"status": "ok"}
+    GET    /healthz, /health   → 200 {"status": "ok"}
     GET    /metrics            → Prometheus text
     GET    /openapi.json       → this API's OpenAPI document (kept in docs/openapi.json)
 
@@ -16,7 +16,7 @@ Errors are ``{"code", "message"}`` (and ``details`` for a malformed body)
 with the status the exception class names (:mod:`hypeman_images.errors`);
 this is the one place that maps them, and it gives the API's advice
 (``api_message``), never the CLI's. With a token configured, every route but
-``/healthz`` and ``/openapi.json`` wants ``Authorization: Bearer``
+``/healthz``, ``/health`` and ``/openapi.json`` wants ``Authorization: Bearer``
 (:mod:`.auth`). The routes are in :mod:`.routes`, the bodies in :mod:`.models`.
 
 ``python -m hypeman_images.service.api`` prints the OpenAPI document.

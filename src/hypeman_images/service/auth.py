@@ -1,6 +1,6 @@
 """The API's own bearer token (``serve --token-file``), not a registry's credentials.
 
-With a token configured, every route but ``/healthz`` and ``/openapi.json``
+With a token configured, every route but ``/healthz``, ``/health`` and ``/openapi.json``
 depends on :func:`bearer_auth`'s check, which compares in constant time
 (``hmac.compare_digest``) and raises :class:`Unauthenticated` on a missing or
 wrong token; the app answers that with 401 and ``WWW-Authenticate``.

@@ -55,6 +55,7 @@ def add_image_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> No
         dependencies=auth,
         responses=_responses(400, 401, 404, 409, 424, 429, 502),
         summary="Pull and convert an image (returns at once)",
+        operation_id="createImage",
     )
     def create_image(body: CreateImageRequest) -> ImageModel:
         credentials = body.credentials.credential() if body.credentials else None
@@ -69,6 +70,7 @@ def add_image_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> No
         dependencies=auth,
         responses=_responses(400, 401),
         summary="List images",
+        operation_id="listImages",
         openapi_extra={"parameters": [_TAGS_PARAMETER]},
     )
     def list_images(request: Request) -> list[ImageModel]:
@@ -83,6 +85,7 @@ def add_image_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> No
         dependencies=auth,
         responses=_responses(400, 401, 404),
         summary="Get an image by tag or digest reference, or image ID",
+        operation_id="getImage",
     )
     def get_image(name: str) -> ImageModel:
         return image_model(manager.get(name))
@@ -93,6 +96,7 @@ def add_image_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> No
         dependencies=auth,
         responses=_responses(400, 401, 404, 409),
         summary="Delete an image by tag (its disk goes with the last tag), digest or ID",
+        operation_id="deleteImage",
     )
     def delete_image(name: str) -> Response:
         manager.delete(name)
@@ -104,6 +108,7 @@ def add_image_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> No
         dependencies=auth,
         responses=_responses(400, 401, 404, 409),
         summary="Create or move a local tag to a ready image, without pulling",
+        operation_id="tagImage",
     )
     def tag_image(name: str, body: TagImageRequest) -> ImageModel:
         return image_model(manager.tag(name, body.target))
@@ -134,6 +139,7 @@ def add_service_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> 
         dependencies=auth,
         responses=_responses(401),
         summary="What this server can do: the images part of hypeman's capabilities",
+        operation_id="getCapabilities",
     )
     def capabilities() -> Capabilities:
         host = Platform.host()
@@ -149,6 +155,12 @@ def add_service_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> 
         )
 
     @app.get("/healthz", response_model=Health, summary="Liveness")
+    @app.get(
+        "/health",
+        response_model=Health,
+        summary="Liveness (hypeman's path)",
+        operation_id="getHealth",
+    )
     def healthz() -> Health:
         return Health(status="ok")
 
