@@ -10,7 +10,6 @@ skipped with a seek, so they stay holes in the output file too.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
@@ -197,7 +196,7 @@ def write_sparse(
 def truncate(out: BinaryIO, size: int) -> None:
     """Set the image file's length (the data area may end in a hole)."""
     try:
+        out.truncate(size)
         out.flush()
-        os.ftruncate(out.fileno(), size)
     except OSError as exc:
         raise StorageError(f"erofs: cannot size the image: {exc}") from exc

@@ -39,15 +39,21 @@ Stored = tuple[int, bytes, bytes]
 
 
 def split_name(name: bytes, where: str) -> tuple[int, bytes]:
-    """``(e_name_index, suffix)`` for a full xattr name; refuses names with no index."""
+    """``(e_name_index, suffix)`` for a full xattr name; refuses names with no index.
+
+    A name is at most 255 bytes with its prefix (``XATTR_NAME_MAX``): longer
+    ones could be stored but never read back through ``getxattr(2)``.
+    """
+    if len(name) > 255:
+        raise ErofsInputError(f"{where}: xattr name {name[:40]!r}... over 255 bytes")
     for prefix, index, whole in PREFIXES:
         if whole and name == prefix:
             return index, b""
-        if not whole and name.startswith(prefix) and 0 < len(name) - len(prefix) <= 255:
+        if not whole and name.startswith(prefix) and len(name) > len(prefix):
             return index, name[len(prefix) :]
     raise ErofsInputError(
         f"{where}: xattr {name!r} has no EROFS name index "
-        "(user., trusted., security., system.posix_acl_*; suffix 1..255 bytes)"
+        "(user., trusted., security., system.posix_acl_*) or an empty suffix"
     )
 
 
