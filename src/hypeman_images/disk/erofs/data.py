@@ -61,7 +61,10 @@ class DataArea:
             return
         self.flush()
         self.pos += n
-        self._out.seek(self.pos)
+        try:
+            self._out.seek(self.pos)
+        except OSError as exc:
+            raise StorageError(f"erofs: cannot seek the output: {exc}") from exc
 
     def pad_block(self) -> None:
         """Zero-fill to the next block boundary."""
@@ -81,18 +84,22 @@ class DataArea:
 
 
 class BodyReader:
-    """Exactly ``size`` bytes from a file object or an iterable of chunks."""
+    """Exactly ``size`` bytes from a file object or an iterable of chunks.
+
+    Chunks are handed on as memoryview slices, never copied, so a large
+    chunk costs one write whatever the reads are cut into.
+    """
 
     def __init__(self, body: Body, size: int, where: str) -> None:
         self._chunks = _chunks(body)
         self._left = size
-        self._pending = b""
+        self._pending = memoryview(b"")
         self._where = where
 
-    def read(self, n: int) -> bytes:
+    def read(self, n: int) -> memoryview:
         """Up to ``n`` bytes (fewer only at a chunk's end); refuses a short body."""
         if not self._pending:
-            self._pending = next(self._chunks, b"")
+            self._pending = memoryview(next(self._chunks, b""))
             if not self._pending:
                 raise ErofsInputError(f"{self._where}: body ended {self._left} bytes early")
         out, self._pending = self._pending[:n], self._pending[n:]
@@ -102,7 +109,7 @@ class BodyReader:
     def copy(self, n: int, area: DataArea) -> None:
         """Move ``n`` bytes of the body into the data area."""
         while n:
-            chunk = self.read(min(n, _READ))
+            chunk = self.read(n)
             area.write(chunk)
             n -= len(chunk)
 
@@ -116,7 +123,7 @@ class BodyReader:
 
     def close(self) -> None:
         """Refuse a body longer than its entry said."""
-        if self._pending or next(self._chunks, b""):
+        if self._pending or any(self._chunks):
             raise ErofsInputError(f"{self._where}: body longer than its size")
 
 
