@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
-from hypeman_images.disk.erofs import dirs
 from hypeman_images.disk.erofs.data import DataArea
+from hypeman_images.disk.erofs.dirs import encode_block, plan
 from hypeman_images.disk.erofs.format import (
     BLOCK_SIZE,
     FLAT_INLINE,
@@ -57,7 +57,7 @@ def plan_dirs_and_links(nodes: list[Node], build: BuildTime, first_block: int) -
     for node in nodes:
         if node.kind is Kind.DIR:
             assert node.children is not None
-            layout = dirs.plan([b".", b"..", *node.children])
+            layout = plan([b".", b"..", *node.children])
             node.dir_layout, node.size = layout, layout.size
             tail = layout.tail
             node.extra = bytes(tail)  # a stand-in of the tail's length until nids are known
@@ -99,7 +99,7 @@ def dir_blocks(node: Node) -> Iterator[bytes]:
     for start, end in layout.blocks:
         names = layout.names[start:end]
         found = [targets.get(n) or _child(node, n) for n in names]
-        yield dirs.encode_block(names, found)
+        yield encode_block(names, found)
 
 
 def _child(node: Node, name: bytes) -> tuple[int, int]:

@@ -28,7 +28,6 @@ import uuid
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from hypeman_images.disk.erofs import metadata
 from hypeman_images.disk.erofs.checksum import crc32c_raw
 from hypeman_images.disk.erofs.data import (
     Body,
@@ -52,6 +51,15 @@ from hypeman_images.disk.erofs.format import (
     pack_super,
 )
 from hypeman_images.disk.erofs.inodes import Node
+from hypeman_images.disk.erofs.metadata import (
+    build_time,
+    check_size,
+    meta_area,
+    place_records,
+    plan_dirs_and_links,
+    share_xattrs,
+    write_outside_blocks,
+)
 from hypeman_images.disk.erofs.model import (
     Entry,
     ErofsInputError,
@@ -199,22 +207,22 @@ class ErofsWriter:
             raise ErofsInputError("erofs: finish twice, or with no root")
         self._done = True
         nodes = self._nodes
-        build = metadata.build_time(nodes)
-        shared = metadata.share_xattrs(nodes)
+        build = build_time(nodes)
+        shared = share_xattrs(nodes)
         area = self._area
-        outside = metadata.plan_dirs_and_links(nodes, build, area.block)
+        outside = plan_dirs_and_links(nodes, build, area.block)
         xattr_blkaddr = area.block + outside
         meta_blkaddr = xattr_blkaddr + -(-len(shared.area) // BLOCK_SIZE)
-        meta_blocks = metadata.place_records(nodes, build)
+        meta_blocks = place_records(nodes, build)
         blocks = meta_blkaddr + meta_blocks
-        metadata.check_size(blocks)
+        check_size(blocks)
         root_nid = nodes[0].nid
         assert root_nid <= U16_MAX
-        metadata.write_outside_blocks(nodes, area)
+        write_outside_blocks(nodes, area)
         area.write(shared.area)
         area.pad_block()
         assert area.block == meta_blkaddr
-        area.write(metadata.meta_area(nodes, build, shared, meta_blocks))
+        area.write(meta_area(nodes, build, shared, meta_blocks))
         area.flush()
         fs_uuid = uuid.uuid5(_UUID_NAMESPACE, f"erofs-uuid:{self._seed}")
         sb = pack_super(
