@@ -27,16 +27,22 @@ _MAX_CHUNK_BITS = 18  # 1 GiB chunks at most (EROFS_CHUNK_FORMAT_BLKBITS_MASK al
 
 
 class DataArea:
-    """A sequential writer from a block boundary, tracking its position."""
+    """A sequential writer from a block boundary, tracking its position.
+
+    The output is emptied first: runs of zeros are seeks, which read as
+    zeros only in a file that held nothing there before.
+    """
 
     def __init__(self, out: BinaryIO, start: int) -> None:
         self._out = out
         self._buf = bytearray()
         self.pos = start  # where the next byte lands, buffer included
         try:
+            out.seek(0)
+            out.truncate(0)
             out.seek(start)
         except OSError as exc:
-            raise StorageError(f"erofs: cannot seek the output: {exc}") from exc
+            raise StorageError(f"erofs: cannot empty the output: {exc}") from exc
 
     @property
     def block(self) -> int:
