@@ -67,7 +67,16 @@ CASES: dict[str, Case] = {
     "xattr twice": add(ROOT, f(b"a", xattrs=((b"user.a", b"1"), (b"user.a", b"2")))),
     "add after finish": lambda w: (w.add(ROOT), w.finish(), w.add(f(b"a"))),  # type: ignore[func-returns-value]
     "finish without root": lambda w: w.finish(),  # type: ignore[func-returns-value]
+    "finish after a failure": lambda w: _failed_then(w, lambda: w.finish()),
+    "add after a failure": lambda w: _failed_then(w, lambda: w.add(f(b"b"))),
 }
+
+
+def _failed_then(w: ErofsWriter, then: Callable[[], object]) -> None:
+    w.add(ROOT)
+    with pytest.raises(ErofsInputError):
+        w.add(f(b"a", size=5), io.BytesIO(b"123"))
+    then()
 
 
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))

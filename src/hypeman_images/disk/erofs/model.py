@@ -1,10 +1,15 @@
 """What the EROFS writer takes: one :class:`Entry` per path, parents first.
 
-The model is the writer's own (``disk`` may not import ``layers``): a merged
-tree is adapted to it by emitting each directory, then each inode's first
-path with its body, then a :attr:`Kind.HARDLINK` entry for every other path
-of that inode. :func:`check_entry` refuses what the format cannot hold, with
-:class:`ErofsInputError`; limits on sizes and counts are the caller's.
+The model is the writer's own (``disk`` may not import ``layers``). The
+merged tree of ``layers.flatten`` maps onto it in one small function in
+``build``: each ``Node`` of ``tree.directories`` (root first), then of
+``tree.specials`` and ``tree.files`` (the files in layer order, each with a
+bounded reader over its body in the layer stream), gives an :class:`Entry`
+for its primary path (``Kind`` values match by name; ``LINK`` becomes
+``HARDLINK``; xattr names are encoded with ``os.fsencode``; a sparse
+member's map is ``sparse``), followed by a ``HARDLINK`` entry for each other
+path of the node. :func:`check_entry` refuses what the format cannot hold,
+with :class:`ErofsInputError`; limits on sizes and counts are the caller's.
 """
 
 from __future__ import annotations

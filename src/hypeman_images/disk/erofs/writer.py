@@ -114,9 +114,20 @@ class ErofsWriter:
         self._done = False
 
     def add(self, entry: Entry, body: Body | None = None) -> None:
-        """Add one path; ``body`` is a regular file's content (a file object or chunks)."""
+        """Add one path; ``body`` is a regular file's content (a file object or chunks).
+
+        After an error the writer is spent: the image is incomplete, and
+        :meth:`add` and :meth:`finish` refuse to go on.
+        """
         if self._done:
-            raise ErofsInputError("erofs: add after finish")
+            raise ErofsInputError("erofs: the writer has finished or failed")
+        try:
+            self._add(entry, body)
+        except BaseException:
+            self._done = True
+            raise
+
+    def _add(self, entry: Entry, body: Body | None) -> None:
         check_entry(entry)
         where = f"erofs: {entry.path!r}"
         if body is not None and entry.kind is not Kind.FILE:
@@ -204,7 +215,7 @@ class ErofsWriter:
     def finish(self) -> ErofsResult:
         """Write directories, xattrs, inodes and the superblock; the image is complete."""
         if self._done or not self._nodes:
-            raise ErofsInputError("erofs: finish twice, or with no root")
+            raise ErofsInputError("erofs: finish after finish or a failure, or with no root")
         self._done = True
         nodes = self._nodes
         build = build_time(nodes)
