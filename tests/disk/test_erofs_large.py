@@ -28,7 +28,7 @@ def hundred_thousand() -> list[Item]:
     return items
 
 
-@pytest.mark.slow  # about 12 s alone, near 20 s on a busy 2-core machine
+@pytest.mark.slow  # writes, reads back and mounts 100k entries
 def test_100k_entries(tmp_path: Path) -> None:
     items = hundred_thousand()
     assert len(items) > 100_000

@@ -2,9 +2,11 @@
 
 Owns ext4 sizing and running ``mke2fs -d -`` (``ext4``), finding a usable
 e2fsprogs (``e2fsprogs``), the ``debugfs`` fix-ups (``debugfs``), the staged
-fallback for e2fsprogs older than 1.47.1 (``fallback``) and checking a
-finished disk (``verify``). It knows nothing of registries or layers: it takes
-a tar stream and the numbers to size the disk by.
+fallback for e2fsprogs older than 1.47.1 (``fallback``), checking a
+finished disk (``verify``) and writing EROFS images itself, without an
+external tool (``erofs``). It knows nothing of registries or layers: it takes
+a tar stream and the numbers to size the disk by, or (EROFS) entries in its
+own model, ``erofs.Entry``.
 
 May import: ``errors``, ``fsutil``, ``oci``.
 """
