@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,10 +41,10 @@ from hypeman_images.store.housekeeping import (
     blobs_needed,
     build_dirs,
     idle_lock,
+    quarantine_unreadable,
     read_record,
     remove_dangling_tags,
     sweep_build_dir,
-    tree_size,
 )
 from hypeman_images.store.images import DISK_NAME, ImageRecord, ImageStatus, ImageStore, StoredImage
 
@@ -306,14 +306,16 @@ class ImageManager:
                 if key in active:
                     keep |= blobs_needed(record)
                     continue
-                with idle_lock(directory) as free:
-                    if free and (record is None or record.status is ImageStatus.FAILED):
-                        freed += tree_size(directory)
-                        self.store.remove_directory(directory)
-                        removed_dirs += 1
-                        continue
-                    if free:
-                        freed += sweep_build_dir(directory)
+                try:
+                    with idle_lock(directory) as free:
+                        if free and (record is None or record.status is ImageStatus.FAILED):
+                            freed += self.store.remove_directory(directory)
+                            removed_dirs += 1
+                            continue
+                        if free:
+                            freed += sweep_build_dir(directory, self.store.quarantine)
+                except HypemanError as exc:  # one build dir must not stop gc: its blobs stay
+                    log.warning("gc: skipping %s: %s", directory, exc)
                 keep |= blobs_needed(record)
             remove_dangling_tags(self.store.root)
             freed += self.store.sweep()
@@ -341,45 +343,59 @@ class ImageManager:
         with self._lock:
             freed = self.store.sweep() + self.blobs.sweep_ingest()
             freed += ScanCache.beside(self.blobs).sweep()
+            quarantine_unreadable(self.store)
             for stored in sorted(self.store.scan(), key=lambda s: s.record.created_at):
-                record = stored.record
-                with idle_lock(stored.directory) as free:
-                    if not free:
-                        continue
-                    freed += sweep_build_dir(stored.directory)
                 try:
-                    ref = parse_reference(record.name)
-                    digest = Digest.parse(record.digest)
-                except HypemanError as exc:
+                    freed += self._recover_one(stored, resumed, retagged)
+                except (HypemanError, OSError) as exc:
+                    # One record must not keep the service from starting; the next start
+                    # tries it again (SECURITY.md, "Deep trees and leftovers").
                     log.warning("cannot recover %s: %s", stored.directory, exc)
-                    continue
-                if ref.name != stored.repository or digest.encoded != stored.directory.name:
-                    log.warning("ignoring %s: its record names %s", stored.directory, record.name)
-                    continue
-                names = [ref, *_pending_tags(record, ref)]
-                broken = record.status is ImageStatus.READY and not stored.disk.is_file()
-                if record.status.active or broken:
-                    # Rebuild as first asked: the free space changes the disk's bytes.
-                    options = self.options
-                    if record.free_space_bytes is not None:
-                        options = replace(options, free_space=record.free_space_bytes)
-                    job = Job(BuildKey(ref.name, digest), ref.with_digest(digest), options)
-                    for name in names[1:]:
-                        job.add_name(name)  # every tag that asked, not only the first
-                    job.recovered = True
-                    self._queue.submit(job)
-                    resumed.append(record.name)
-                elif record.status is ImageStatus.READY:
-                    # The crash fell between "ready" and the tag links. A link that
-                    # exists was moved on purpose since, and stays.
-                    for name in names:
-                        if name.tag is not None and self.store.tag_target(name) is None:
-                            self.store.set_tag(name, digest)
-                            retagged.append(str(name))
-                    self.store.update(ref, digest, _without_pending_tags)
         if resumed or retagged:
             log.info("recovery: resumed %s; retagged %s", resumed, retagged)
         return RecoveryReport(tuple(resumed), tuple(retagged), freed)
+
+    def _recover_one(
+        self, stored: StoredImage, resumed: MutableSequence[str], retagged: MutableSequence[str]
+    ) -> int:
+        """Recover one record (see :meth:`recover`); returns the bytes of leftovers freed."""
+        freed = 0
+        record = stored.record
+        with idle_lock(stored.directory) as free:
+            if not free:
+                return freed
+            freed = sweep_build_dir(stored.directory, self.store.quarantine)
+        try:
+            ref = parse_reference(record.name)
+            digest = Digest.parse(record.digest)
+        except HypemanError as exc:
+            log.warning("cannot recover %s: %s", stored.directory, exc)
+            return freed
+        if ref.name != stored.repository or digest.encoded != stored.directory.name:
+            log.warning("ignoring %s: its record names %s", stored.directory, record.name)
+            return freed
+        names = [ref, *_pending_tags(record, ref)]
+        broken = record.status is ImageStatus.READY and not stored.disk.is_file()
+        if record.status.active or broken:
+            # Rebuild as first asked: the free space changes the disk's bytes.
+            options = self.options
+            if record.free_space_bytes is not None:
+                options = replace(options, free_space=record.free_space_bytes)
+            job = Job(BuildKey(ref.name, digest), ref.with_digest(digest), options)
+            for name in names[1:]:
+                job.add_name(name)  # every tag that asked, not only the first
+            job.recovered = True
+            self._queue.submit(job)
+            resumed.append(record.name)
+        elif record.status is ImageStatus.READY:
+            # The crash fell between "ready" and the tag links. A link that
+            # exists was moved on purpose since, and stays.
+            for name in names:
+                if name.tag is not None and self.store.tag_target(name) is None:
+                    self.store.set_tag(name, digest)
+                    retagged.append(str(name))
+            self.store.update(ref, digest, _without_pending_tags)
+        return freed
 
     def gauges(self) -> QueueGauges:
         """Queue length and running builds, for metrics."""

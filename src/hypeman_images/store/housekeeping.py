@@ -12,22 +12,22 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from hypeman_images.errors import HypemanError
-from hypeman_images.fsutil import TEMP_PREFIX, storage_error, writer_alive
-from hypeman_images.oci.digest import Digest
+from hypeman_images.fsutil import TEMP_PREFIX, discard, quarantine, storage_error, writer_alive
+from hypeman_images.oci.digest import SHA256_HEX, Digest
 from hypeman_images.store.images import (
+    DELETING_PREFIX,
     DISK_NAME,
     LOCK_NAME,
     METADATA_NAME,
     ImageRecord,
     ImageStatus,
+    ImageStore,
     digest_dirs,
     read_record,
-    tree_size,
 )
 
 
@@ -39,14 +39,40 @@ def build_dirs(root: Path) -> Iterator[tuple[Path, str]]:
 
 
 def remove_dangling_tags(root: Path) -> None:
-    """Tag links whose build directory is gone (e.g. a failed rebuild that gc removed)."""
+    """Tag links whose build directory is gone (e.g. a failed rebuild that gc removed).
+
+    Only links that look like tags (a digest's hex) are touched, and the walk
+    enters neither build directories nor leftovers, whatever their depth.
+    """
     for top, dirs, files in os.walk(root):
         for name in [*dirs, *files]:
             path = Path(top) / name
             if name.startswith(TEMP_PREFIX) or not path.is_symlink() or path.exists():
                 continue
-            path.unlink(missing_ok=True)
-        dirs[:] = [d for d in dirs if not (Path(top) / d).is_symlink()]
+            with contextlib.suppress(OSError):
+                if SHA256_HEX.fullmatch(os.readlink(path)):
+                    path.unlink()
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith((TEMP_PREFIX, DELETING_PREFIX))
+            and not SHA256_HEX.fullmatch(d)
+            and not (Path(top) / d).is_symlink()
+        ]
+
+
+def quarantine_unreadable(store: ImageStore) -> None:
+    """Move each idle build dir whose ``metadata.json`` cannot be read to the quarantine.
+
+    Nothing can resume or show such a build, and it must not stop recovery
+    (SECURITY.md, "Deep trees and leftovers"); it is kept for a person to read.
+    """
+    for directory, repository in build_dirs(store.root):
+        if read_record(directory) is not None or not (directory / METADATA_NAME).exists():
+            continue
+        with idle_lock(directory) as free:
+            if free:
+                quarantine(directory, store.quarantine, f"{repository}/{directory.name}")
 
 
 @contextlib.contextmanager
@@ -76,11 +102,12 @@ def idle_lock(directory: Path) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def sweep_build_dir(directory: Path) -> int:
+def sweep_build_dir(directory: Path, quarantine: Path | None = None) -> int:
     """Remove everything but the disk, the record and the lock from an idle build dir.
 
     What else is there was left by a dead build: mke2fs's temp disk
     (``.rootfs.ext4.*.tmp``), the fallback's staging dir, metadata temp files.
+    What cannot be removed is logged and moved to ``quarantine``. Bytes freed.
     """
     freed = 0
     for entry in directory.iterdir():
@@ -88,11 +115,8 @@ def sweep_build_dir(directory: Path) -> int:
             continue
         if entry.name.startswith(TEMP_PREFIX) and writer_alive(entry.name):
             continue
-        freed += tree_size(entry)
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        label = f"{directory.parent.name}/{directory.name}/{entry.name}"
+        freed += discard(entry, quarantine, label)
     return freed
 
 
@@ -116,8 +140,8 @@ __all__ = [
     "blobs_needed",
     "build_dirs",
     "idle_lock",
+    "quarantine_unreadable",
     "read_record",
     "remove_dangling_tags",
     "sweep_build_dir",
-    "tree_size",
 ]
