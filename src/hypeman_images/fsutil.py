@@ -142,6 +142,45 @@ def replace_symlink(link: Path, target: str) -> None:
         raise storage_error(exc, f"cannot update tag link {link}") from exc
 
 
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, proc(5) field 22), if known."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        return fields[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def process_id() -> str:
+    """This process, as ``<pid>:<start time>``: unlike a pid alone, never reused."""
+    return _process_id(os.getpid())  # keyed by pid: a forked child is another process
+
+
+@functools.cache
+def _process_id(pid: int) -> str:
+    return f"{pid}:{_start_time(pid) or ''}"
+
+
+def process_alive(ident: str) -> bool:
+    """Is the process :func:`process_id` named still running (the same one, not a reuse)?"""
+    pid_text, _, started = ident.partition(":")
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return ident == process_id()
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = _start_time(pid)
+    return not started or now is None or now == started
+
+
 def writer_alive(name: str) -> bool:
     """Is the process that made this temp name (``….<pid>.<random>``) still running?
 

@@ -6,6 +6,7 @@ the pipeline — is wrapped where a test must observe or hold builds.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -29,7 +30,10 @@ from hypeman_images.build.metrics import parse
 from hypeman_images.build.pipeline import BuildStats, build_resolved
 from hypeman_images.build.progress import PlainReporter
 from hypeman_images.errors import Conflict, InvalidReference, NotFound
-from hypeman_images.store.images import ImageRecord, StoredImage, now
+from hypeman_images.fsutil import process_alive, process_id
+from hypeman_images.oci.digest import Digest
+from hypeman_images.oci.reference import parse_reference
+from hypeman_images.store.images import ImageRecord, ImageStore, StoredImage, now
 
 
 class Observed:
@@ -459,3 +463,50 @@ def test_corrupt_records_are_quarantined_and_recovery_goes_on(data_dir: Path) ->
     assert sorted(q[-64:] for q in quarantined) == sorted(d.name for d in corrupt.values())
     assert all("127.0.0.1:1_deep_image_" in q for q in quarantined)
     assert (good.parent / "v1").is_symlink()
+
+
+# -- a build whose process died shows as interrupted; gc and the next pull settle it --
+
+
+def test_a_build_whose_process_died_shows_interrupted_and_gc_removes_it(data_dir: Path) -> None:
+    # The record says converting, nobody holds its lock, its writer is gone: what
+    # `kill -9` of a CLI pull leaves (tests/system/test_recovery.py does it for real).
+    dead = stored_build(data_dir, ImageStatus.CONVERTING, "d" * 64)
+    record = json.loads((dead / "metadata.json").read_text())
+    (dead / "metadata.json").write_text(json.dumps({**record, "writer": f"{DEAD}:1"}))
+    with open(dead / ".tmp-rootfs.ext4.999999999.abcd", "wb") as disk:
+        disk.write(b"\1" * 8192)
+        disk.truncate(1 << 30)  # mke2fs's sparse temp disk: 1 GiB long, 8 KiB allocated
+    # A build queued in a live process (this one) and one another process is running.
+    queued = stored_build(data_dir, ImageStatus.PENDING, "e" * 64)
+    running = stored_build(data_dir, ImageStatus.PULLING, "f" * 64)
+    queued_record = json.loads((queued / "metadata.json").read_text())
+    (queued / "metadata.json").write_text(json.dumps({**queued_record, "writer": process_id()}))
+    with open(running / ".lock", "a+b") as held, ImageManager(data_dir) as manager:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another open file: as another process's lock
+        shown = {image.digest[7:8]: image for image in manager.list()}
+        assert shown["d"].status is ImageStatus.FAILED
+        assert shown["d"].error is not None and shown["d"].error.startswith("interrupted")
+        assert manager.get(f"127.0.0.1:1/deep/image@sha256:{'d' * 64}").status == "failed"
+        assert (shown["e"].status, shown["f"].status) == ("pending", "pulling")
+        # The record on disk is left as it was, for serve's recovery to resume.
+        assert json.loads((dead / "metadata.json").read_text())["status"] == "converting"
+
+        report = manager.gc()
+        assert report.directories_removed == 1 and not dead.exists()
+        assert 8192 <= report.bytes_freed < 1 << 20  # the blocks freed, not the sparse size
+        assert sorted(image.digest[7:8] for image in manager.list()) == ["e", "f"]
+
+
+def test_a_record_says_which_live_process_wrote_it(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    ref = parse_reference("r.io/a:1")
+    digest = Digest("sha256", "1" * 64)
+    store.write(ref, digest, ImageRecord("r.io/a:1", str(digest), ImageStatus.PULLING, now()))
+    written = store.read(ref, digest)
+    assert written is not None and written.writer == process_id()
+    assert process_alive(written.writer)
+    assert not process_alive(f"{os.getpid()}:0")  # this pid, but another start: a reuse
+    assert not process_alive(f"{DEAD}:1")
+    done = store.update(ref, digest, lambda r: r.evolve(status=ImageStatus.READY))
+    assert done is not None and store.read(ref, digest).writer is None  # type: ignore[union-attr]

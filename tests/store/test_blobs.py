@@ -92,10 +92,13 @@ def test_index_tags_and_gc(tmp_path: Path) -> None:
     names = [m["annotations"]["org.opencontainers.image.ref.name"] for m in _index(tmp_path)]
     assert sorted(names) == ["r/a:1", "r/a:2"]
 
-    (tmp_path / "blobs/sha256" / ".tmp-x.999999999.abcd").write_bytes(b"stale")
+    stale = tmp_path / "blobs/sha256" / ".tmp-x.999999999.abcd"
+    stale.write_bytes(b"stale")
+    # What gc frees is the blocks the files held, not the bytes in them.
+    allocated = sum(p.stat().st_blocks * 512 for p in (stale, store.path(drop.digest)))
     result = store.gc({keep.digest})
     assert result.blobs_removed == 1
-    assert result.bytes_freed == len(b'{"drop": 1}') + len(b"stale")
+    assert result.bytes_freed == allocated > 0
     assert store.has(keep.digest) and not store.has(drop.digest)
     assert all(m["digest"] == str(keep.digest) for m in _index(tmp_path))
 

@@ -38,12 +38,15 @@ from hypeman_images.oci.spec import Platform
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.store.blobs import BlobStore
 from hypeman_images.store.housekeeping import (
+    abandoned,
     blobs_needed,
     build_dirs,
     idle_lock,
+    interrupted,
     quarantine_unreadable,
     read_record,
     remove_dangling_tags,
+    settled,
     sweep_build_dir,
 )
 from hypeman_images.store.images import DISK_NAME, ImageRecord, ImageStatus, ImageStore, StoredImage
@@ -292,9 +295,11 @@ class ImageManager:
         return sorted(images, key=lambda i: (i.repository, i.created_at, i.digest))
 
     def gc(self) -> GcReport:
-        """Remove what no image needs: failed or unreadable build dirs, their blobs, leftovers.
+        """Remove what no image needs: failed, interrupted or unreadable build dirs, their
+        blobs, leftovers. ``bytes_freed`` counts allocated blocks (sparse disks as they are).
 
-        Blobs of ready and of queued, running or interrupted builds are kept.
+        Blobs of ready builds and of builds queued or running (here or in another
+        live process) are kept.
         """
         with self._lock:
             active = {job.key for job in self._queue.jobs()}
@@ -308,7 +313,7 @@ class ImageManager:
                     continue
                 try:
                     with idle_lock(directory) as free:
-                        if free and (record is None or record.status is ImageStatus.FAILED):
+                        if free and abandoned(record):
                             freed += self.store.remove_directory(directory)
                             removed_dirs += 1
                             continue
@@ -386,6 +391,7 @@ class ImageManager:
                 job.add_name(name)  # every tag that asked, not only the first
             job.recovered = True
             self._queue.submit(job)
+            self.store.update(ref, digest, lambda r: r.evolve())  # ours now (its writer)
             resumed.append(record.name)
         elif record.status is ImageStatus.READY:
             # The crash fell between "ready" and the tag links. A link that
@@ -495,8 +501,9 @@ class ImageManager:
         """Record the request on disk first, so a crash before the build starts resumes it."""
         ref, digest = resolved.ref, resolved.digest
         existing = self.store.read(ref, digest)
-        if existing is not None and existing.status.active:
-            return  # an interrupted build or another process's: the build lock sorts it out
+        directory = self.store.digest_dir(ref, digest)
+        if existing is not None and existing.status.active and not interrupted(directory, existing):
+            return  # another live process's build: the build lock sorts it out
         if self._ready(ref, digest) is not None:
             return  # another process finished it since we looked: never demote a ready build
         fresh = initial_record(ref, digest, ImageStatus.PENDING)
@@ -647,7 +654,7 @@ class ImageManager:
         )
 
     def _stored_image(self, stored: StoredImage, name: str | None = None) -> Image:
-        return image_of(stored, name)
+        return image_of(settled(stored), name)
 
 
 def _pending_tags(record: ImageRecord, ref: Reference) -> list[Reference]:

@@ -55,7 +55,13 @@ from pathlib import Path
 from typing import Any
 
 from hypeman_images.errors import HypemanError, StorageError
-from hypeman_images.fsutil import TEMP_PREFIX, storage_error, write_atomic, writer_alive
+from hypeman_images.fsutil import (
+    TEMP_PREFIX,
+    allocated_bytes,
+    storage_error,
+    write_atomic,
+    writer_alive,
+)
 from hypeman_images.layers.flatten import (
     SHARED_MAX,
     Entry,
@@ -440,13 +446,13 @@ class ScanCache:
 
 def _remove(path: Path) -> int:
     try:
-        size = path.lstat().st_size
+        info = path.lstat()
         path.unlink()
     except FileNotFoundError:
         return 0
     except OSError as exc:
         raise storage_error(exc, f"cannot remove {path}") from exc
-    return size
+    return allocated_bytes(info)
 
 
 __all__ = ["FORMAT_VERSION", "SCANS_DIR", "ScanCache", "decode", "encode"]

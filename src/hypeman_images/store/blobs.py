@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 from hypeman_images.errors import DigestMismatch, HypemanError, NotFound
 from hypeman_images.fsutil import (
     TEMP_PREFIX,
+    allocated_bytes,
     atomic_writer,
     start_writeback,
     storage_error,
@@ -202,8 +203,9 @@ class BlobStore:
         for stale in list(self._temp_files()):
             if not writer_alive(stale.name):
                 with contextlib.suppress(FileNotFoundError):
-                    freed += stale.stat().st_size
+                    info = stale.lstat()
                     stale.unlink()
+                    freed += allocated_bytes(info)
         return freed
 
     def gc(self, keep: set[Digest]) -> GcResult:
@@ -215,8 +217,9 @@ class BlobStore:
                     continue
                 path = self.path(digest)
                 with contextlib.suppress(FileNotFoundError):
-                    freed += path.stat().st_size
+                    info = path.lstat()
                     path.unlink()
+                    freed += allocated_bytes(info)
                     removed += 1
             freed += self.sweep_ingest()
             manifests = self._read_index()

@@ -13,10 +13,18 @@ import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from hypeman_images.errors import HypemanError
-from hypeman_images.fsutil import TEMP_PREFIX, discard, quarantine, storage_error, writer_alive
+from hypeman_images.fsutil import (
+    TEMP_PREFIX,
+    discard,
+    process_alive,
+    quarantine,
+    storage_error,
+    writer_alive,
+)
 from hypeman_images.oci.digest import SHA256_HEX, Digest
 from hypeman_images.store.images import (
     DELETING_PREFIX,
@@ -26,6 +34,7 @@ from hypeman_images.store.images import (
     ImageRecord,
     ImageStatus,
     ImageStore,
+    StoredImage,
     digest_dirs,
     read_record,
 )
@@ -120,6 +129,45 @@ def sweep_build_dir(directory: Path, quarantine: Path | None = None) -> int:
     return freed
 
 
+INTERRUPTED = (
+    "interrupted: the process that was building it ended before it finished; "
+    "pull it again (serve resumes it when it starts), or gc removes it"
+)
+
+
+def writer_gone(record: ImageRecord) -> bool:
+    """A queued or running record whose writing process is gone (or unknown: older records)."""
+    return record.status.active and (record.writer is None or not process_alive(record.writer))
+
+
+def abandoned(record: ImageRecord | None) -> bool:
+    """What gc removes from an idle build dir: no readable record, failed, or interrupted."""
+    return record is None or record.status is ImageStatus.FAILED or writer_gone(record)
+
+
+def interrupted(directory: Path, record: ImageRecord) -> bool:
+    """Is ``record`` a build nobody will finish: writer gone and build lock free?"""
+    if not writer_gone(record):
+        return False
+    try:
+        with idle_lock(directory) as free:
+            return free
+    except HypemanError:
+        return False  # cannot tell (e.g. no permission to open the lock): as recorded
+
+
+def settled(stored: StoredImage) -> StoredImage:
+    """``stored`` as it is: an interrupted build shows as failed with :data:`INTERRUPTED`.
+
+    Only the view changes; the record stays, for ``serve``'s recovery to resume
+    (SECURITY.md, "Interrupted builds").
+    """
+    if not interrupted(stored.directory, stored.record):
+        return stored
+    record = replace(stored.record, status=ImageStatus.FAILED, error=INTERRUPTED)
+    return replace(stored, record=record)
+
+
 def blobs_needed(record: ImageRecord | None) -> set[Digest]:
     """The blobs a record needs: its manifest, config and layers."""
     if record is None or record.status is ImageStatus.FAILED:
@@ -137,11 +185,16 @@ def blobs_needed(record: ImageRecord | None) -> set[Digest]:
 
 
 __all__ = [
+    "INTERRUPTED",
+    "abandoned",
     "blobs_needed",
     "build_dirs",
     "idle_lock",
+    "interrupted",
     "quarantine_unreadable",
     "read_record",
     "remove_dangling_tags",
+    "settled",
     "sweep_build_dir",
+    "writer_gone",
 ]

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hypeman_images.errors import InvalidReference, NotFound
@@ -28,6 +28,7 @@ from hypeman_images.fsutil import (
     TEMP_PREFIX,
     atomic_writer,
     discard,
+    process_id,
     replace_symlink,
     storage_error,
     temp_name,
@@ -173,6 +174,9 @@ class ImageStore:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise storage_error(exc, f"cannot create {directory}") from exc
+        writer = process_id() if record.status.active else None
+        if record.writer != writer:
+            record = replace(record, writer=writer)
         with atomic_writer(directory / METADATA_NAME) as handle:
             handle.write(record.to_json())
             if self._on_temp_written is not None:

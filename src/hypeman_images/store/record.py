@@ -69,6 +69,9 @@ class ImageRecord:
     # Tags besides ``name`` that asked for this digest while it was being built,
     # so that a build recovered after a crash sets them too; cleared once set.
     pending_tags: list[str] = field(default_factory=list)
+    # The process that wrote a queued or running status (fsutil.process_id), so that
+    # others tell a build waiting in a live process from one whose process died.
+    writer: str | None = None
 
     def to_json(self) -> bytes:
         """Canonical JSON bytes for metadata.json."""
