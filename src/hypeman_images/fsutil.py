@@ -284,6 +284,29 @@ def _unlink_at(fd: int, name: str) -> int:
     return allocated_bytes(info)
 
 
+def own_directory(path: Path) -> None:
+    """Make sure ``path`` is a real directory of the data dir, creating it if need be.
+
+    The store's own directories are never symlinks: through one, a disk could
+    be written, or gc delete, outside the data dir (SECURITY.md, "Symlinks in
+    the data dir"). Raises :class:`StorageError` saying what to do.
+    """
+    with contextlib.suppress(OSError):  # what is there is judged below
+        os.mkdir(path)
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        raise storage_error(exc, f"cannot create {path}") from exc
+    if stat.S_ISLNK(info.st_mode):
+        raise StorageError(
+            f"{path} is a symlink; the data dir's own directories must be real directories "
+            "(a link could put disks or let gc delete files outside the data dir): replace it "
+            "with a directory, or point --data-dir at the real location"
+        )
+    if not stat.S_ISDIR(info.st_mode):
+        raise StorageError(f"{path} is not a directory; move it away so the store can use it")
+
+
 def quarantine(path: Path, into: Path, label: str) -> Path | None:
     """Move ``path`` out of the way into the directory ``into`` (made if need be).
 
@@ -294,11 +317,11 @@ def quarantine(path: Path, into: Path, label: str) -> Path | None:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = into / f"{stamp}.{secrets.token_hex(3)}.{label.replace('/', '_')}"
     try:
-        into.mkdir(parents=True, exist_ok=True)
+        own_directory(into)
         os.rename(path, target)
     except FileNotFoundError:
         return None
-    except OSError as exc:
+    except (OSError, StorageError) as exc:
         log.warning("cannot move %s into the quarantine %s: %s", path, into, exc)
         return None
     log.warning("moved %s to %s", path, target)

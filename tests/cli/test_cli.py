@@ -240,3 +240,16 @@ def test_a_relative_data_dir_works_for_an_image_with_xattrs(
     disk = Path(pulled.stdout.strip())
     assert disk.is_absolute() and disk.is_relative_to(tmp_path / "data")
     assert disk.is_file()
+
+
+def test_gc_refuses_a_symlinked_blob_directory_and_deletes_nothing(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("not a blob")
+    data = tmp_path / "data"
+    (data / "cache" / "blobs").mkdir(parents=True)
+    (data / "cache" / "blobs" / "sha256").symlink_to(elsewhere)
+    gc = run("gc", "--data-dir", str(data))
+    assert gc.returncode == 10, gc.stderr
+    assert "is a symlink" in gc.stderr and "replace it with a directory" in gc.stderr
+    assert (elsewhere / "notes.txt").read_text() == "not a blob"

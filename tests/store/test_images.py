@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hypeman_images.errors import InvalidReference, NotFound
+from hypeman_images.errors import InvalidReference, NotFound, StorageError
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import parse_reference
 from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, now, read_record
@@ -216,3 +216,34 @@ def test_corrupt_records_are_refused_whole(tmp_path: Path, doc: bytes) -> None:
         ImageRecord.from_json(doc)
     (tmp_path / "metadata.json").write_bytes(doc)
     assert read_record(tmp_path) is None
+
+
+def test_a_symlinked_store_directory_is_refused(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images").symlink_to(elsewhere)
+    with pytest.raises(StorageError, match="is a symlink"):
+        ImageStore(data / "images")
+
+
+@pytest.mark.parametrize(
+    "link", ["r.io", "r.io/team", "r.io/team/app", f"r.io/team/app/{D1.encoded}"]
+)
+def test_a_symlinked_registry_or_repository_is_refused(tmp_path: Path, link: str) -> None:
+    # Disks are written under images/<registry>/<repository>/<digest>: a link on the
+    # way would put them (and their deletion) outside the data dir.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    store = ImageStore(tmp_path / "images")
+    (tmp_path / "images" / link).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "images" / link).symlink_to(elsewhere)
+    ref = parse_reference("r.io/team/app:v1")
+    with pytest.raises(StorageError, match="is a symlink"):
+        ready(store, "r.io/team/app:v1", D1)
+    if D1.encoded not in link:  # refused before any network call too
+        with pytest.raises(StorageError, match="is a symlink"):
+            store.validate(ref)
+    assert list(elsewhere.iterdir()) == []
+    assert list(store.scan()) == []

@@ -390,6 +390,9 @@ class ScanCache:
         value the format cannot hold) is logged and the build goes on.
         """
         final = self.path(layer.digest)
+        if self.root.is_symlink() or final.parent.is_symlink():
+            log.warning("scan cache: not saving %s: %s is a symlink", layer.digest, final.parent)
+            return False
         if any(isinstance(e, SparseEntry) for e in scan.entries):
             # The format has no place for a sparse map (GNU tar --sparse, rare in
             # images); such a layer is scanned again each time instead.
@@ -410,6 +413,8 @@ class ScanCache:
         return True
 
     def _files(self) -> Iterator[Path]:
+        if self.root.is_symlink():
+            return  # not ours to clean: gc deletes only inside the data dir
         with contextlib.suppress(FileNotFoundError):
             for alg_dir in sorted(self.root.iterdir()):
                 if alg_dir.is_dir() and not alg_dir.is_symlink():

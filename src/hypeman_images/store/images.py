@@ -23,11 +23,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hypeman_images.errors import InvalidReference, NotFound
+from hypeman_images.errors import InvalidReference, NotFound, StorageError
 from hypeman_images.fsutil import (
     TEMP_PREFIX,
     atomic_writer,
     discard,
+    own_directory,
     process_id,
     replace_symlink,
     storage_error,
@@ -77,9 +78,10 @@ class ImageStore:
         self._on_temp_written = on_temp_written
         self._records = threading.Lock()  # record writes of this process, one at a time
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            root.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise storage_error(exc, f"cannot create the image store at {root}") from exc
+        own_directory(root)  # never a symlink: disks would be written through it
 
     # Paths. Registry and repository come from a parsed Reference, whose grammar
     # admits no '..', no empty component and no absolute path, so joining is safe.
@@ -94,6 +96,7 @@ class ImageStore:
         would delete the other).
         """
         path = self.root / ref.registry
+        _not_a_link(path)
         for component in ref.repository.split("/"):
             if SHA256_HEX.fullmatch(component):
                 raise InvalidReference(
@@ -101,16 +104,19 @@ class ImageStore:
                     "beside digest directories"
                 )
             path = path / component
-            if path.is_symlink():
+            if path.is_symlink() and SHA256_HEX.fullmatch(os.readlink(path)):
                 raise InvalidReference(
                     f"repository {ref.name} collides with the local tag {path.name!r} of "
                     f"{path.parent.relative_to(self.root).as_posix()}; remove that tag first"
                 )
+            _not_a_link(path)
         return path
 
     def digest_dir(self, ref: Reference, digest: Digest) -> Path:
         """``images/<registry>/<repository>/<digest-hex>``."""
-        return self.repo_dir(ref) / digest.encoded
+        path = self.repo_dir(ref) / digest.encoded
+        _not_a_link(path)
+        return path
 
     def _tag_link(self, ref: Reference) -> Path:
         assert ref.tag is not None
@@ -369,6 +375,16 @@ def digest_dirs(root: Path) -> Iterator[Path]:
             else:
                 keep.append(name)
         dirs[:] = keep
+
+
+def _not_a_link(path: Path) -> None:
+    """Refuse a symlink where the layout has a directory (SECURITY.md, "Symlinks in the
+    data dir"); a missing one is made later, by ``mkdir``, as a real directory."""
+    if path.is_symlink():
+        raise StorageError(
+            f"{path} is a symlink; the image store does not follow links in its own "
+            "directories (disks would land outside the data dir): replace it with a directory"
+        )
 
 
 def _same_file(fd: int, path: Path) -> bool:
