@@ -55,7 +55,13 @@ from pathlib import Path
 from typing import Any
 
 from hypeman_images.errors import HypemanError, StorageError
-from hypeman_images.fsutil import TEMP_PREFIX, storage_error, write_atomic, writer_alive
+from hypeman_images.fsutil import (
+    TEMP_PREFIX,
+    allocated_bytes,
+    storage_error,
+    write_atomic,
+    writer_alive,
+)
 from hypeman_images.layers.entries import Entry, Kind, LayerScan, SparseEntry
 from hypeman_images.layers.limits import Limits
 from hypeman_images.layers.paths import clean_path
@@ -379,6 +385,9 @@ class ScanCache:
         value the format cannot hold) is logged and the build goes on.
         """
         final = self.path(layer.digest)
+        if self.root.is_symlink() or final.parent.is_symlink():
+            log.warning("scan cache: not saving %s: %s is a symlink", layer.digest, final.parent)
+            return False
         if any(isinstance(e, SparseEntry) for e in scan.entries):
             # The format has no place for a sparse map (GNU tar --sparse, rare in
             # images); such a layer is scanned again each time instead.
@@ -399,6 +408,8 @@ class ScanCache:
         return True
 
     def _files(self) -> Iterator[Path]:
+        if self.root.is_symlink():
+            return  # not ours to clean: gc deletes only inside the data dir
         with contextlib.suppress(FileNotFoundError):
             for alg_dir in sorted(self.root.iterdir()):
                 if alg_dir.is_dir() and not alg_dir.is_symlink():
@@ -435,13 +446,13 @@ class ScanCache:
 
 def _remove(path: Path) -> int:
     try:
-        size = path.lstat().st_size
+        info = path.lstat()
         path.unlink()
     except FileNotFoundError:
         return 0
     except OSError as exc:
         raise storage_error(exc, f"cannot remove {path}") from exc
-    return size
+    return allocated_bytes(info)
 
 
 __all__ = ["FORMAT_VERSION", "SCANS_DIR", "ScanCache", "decode", "encode"]
