@@ -194,7 +194,8 @@ def _from_api(
             response.close()
             return found or None
         what = f"the referrers of {subject} in {repo.name}"
-        doc = _parse(_read(response, client, what), what, strict=False)
+        doc = _json(_read(response, client, what), what)
+        _check_index(doc, what, strict=False)
         found.extend(doc["manifests"])
         following = _next_link(response)
         if following is None:
@@ -224,13 +225,16 @@ def _read_index(
     except NotFound:
         return None
     kind = response.headers.get("Content-Type", "").split(";")[0].strip()
-    data = _read(response, client, f"{repo.name}:{tag}")
-    doc = _parse(data, f"{repo.name}:{tag}", strict=strict)
-    if doc.get("mediaType", kind) != OCI_INDEX:
+    what = f"{repo.name}:{tag}"
+    doc = _json(_read(response, client, what), what)
+    said = doc.get("mediaType", kind) if isinstance(doc, dict) else kind
+    if said != OCI_INDEX:
         raise RegistryError(
-            f"{repo.name}:{tag} holds a {doc.get('mediaType') or kind}, not the OCI index the "
-            "referrers tag schema puts there; leaving it as it is"
+            f"{what} holds a {said}, not the OCI index the referrers tag schema puts there; "
+            "not writing over it"
         )
+    _check_index(doc, what, strict=strict)
+    assert isinstance(doc, dict)
     return doc
 
 
@@ -249,14 +253,11 @@ def _read(response: httpx.Response, client: RegistryClient, what: str) -> bytes:
     return bytes(data)
 
 
-def _parse(data: bytes, what: str, *, strict: bool) -> dict[str, Any]:
+def _json(data: bytes, what: str) -> Any:
     try:
-        doc = json.loads(data)
+        return json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise RegistryError(f"{what} is not valid JSON; not writing over it") from exc
-    _check_index(doc, what, strict=strict)
-    assert isinstance(doc, dict)
-    return doc
 
 
 def _check_index(doc: Any, what: str, *, strict: bool = True) -> None:
