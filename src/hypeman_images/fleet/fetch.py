@@ -144,6 +144,7 @@ def fetch_disk(
                 )
             findings = e2fsck_findings(tools, tmp, 15)
             if findings is not None:
+                findings = findings.replace(str(tmp), "disk")  # the temp file is gone by then
                 raise DiskArtifactInvalid(
                     f"disk artifact {artifact.digest}: e2fsck -fn found problems {findings}"
                 )
@@ -270,9 +271,12 @@ def _inflate(
 def _check_header(source: _Source, chunk: Chunk) -> str | None:
     head = source.peek(_FRAME_HEADER_MAX)
     declared = zstandard.get_frame_parameters(head).content_size
-    if declared != chunk.size:
-        said = "no size" if declared == zstandard.CONTENTSIZE_UNKNOWN else f"{declared} bytes"
-        return f"declares {said} in its zstd frame, not the {chunk.size} its manifest says"
+    if declared == zstandard.CONTENTSIZE_UNKNOWN:
+        return "declares no content size in its zstd frame header"
+    if declared > chunk.size:
+        return f"would inflate to {declared} bytes, past its declared {chunk.size}: a bomb"
+    if declared < chunk.size:
+        return f"is truncated: its zstd frame holds {declared} of its declared {chunk.size} bytes"
     return None
 
 
@@ -289,7 +293,7 @@ def _write(
             if stop.is_set():
                 raise _Stopped
             if written + len(piece) > chunk.size:
-                return f"inflates past its declared {chunk.size} bytes: refused as a bomb"
+                return f"inflates past its declared {chunk.size} bytes: a bomb"
             if not (skip_zeros and _is_zero(piece)):
                 _pwrite_all(fd, piece, chunk.offset + written)
             written += len(piece)
