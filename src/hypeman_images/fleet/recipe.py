@@ -122,8 +122,8 @@ class Recipe:
 
         A tag per recipe, next to the referrers tag ``<alg>-<hex>`` of the
         same subject, so that a lost update of that shared index never loses
-        this artifact (docs/disk-artifacts.md, "Finding"). 94 characters for
-        sha256, within the 128 a tag may have.
+        this artifact (docs/disk-artifacts.md, "Finding"). At most 94
+        characters, within the 128 a tag may have.
         """
         return f"{self.source.algorithm}-{self.source.encoded[:64]}.{self.format}.{self.key[:16]}"
 

@@ -4,7 +4,9 @@ Owns the HTTP client (``client``), the registries configuration read from
 ``registries.conf`` (``config``), the transport and its TLS/plain-HTTP
 choice (``transport``, ``schemes``), the bearer/basic challenge flow
 (``auth``), credential sources (``credentials``), resumable blob downloads
-(``download``) and decoding the registry's error bodies (``responses``) —
+(``download``), decoding the registry's error bodies (``responses``), blob
+and manifest writes (``push``) and the referrers of a manifest, through the
+API or the tag-schema index clients keep (``referrers``) —
 go-containerregistry's ``remote``, ``transport`` and ``authn``.
 
 May import: ``errors``, ``fsutil``, ``oci``.
