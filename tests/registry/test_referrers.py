@@ -215,3 +215,19 @@ def test_the_api_answer_is_used_page_by_page(repo: Reference, registry: Registry
         with RegistryClient(config=FAST) as c:
             listing = list_referrers(c, replace(repo, registry=proxy.host), subject)
     assert listing.source == "api" and listing.entries == (one, two)
+
+
+def test_a_read_that_meets_a_torn_tag_is_read_again(
+    repo: Reference, registry: RegistryServer
+) -> None:
+    """distribution 2.8 rewrites a tag's link in place: a racing read gets a 500 (seen under
+    the many-writers test); the update reads again instead of failing or writing blind."""
+    subject = subject_for().digest
+    entry = referrer_in(registry.url, repo, "disk")
+    tag = fallback_tag(subject)
+    with fault_proxy(registry.url) as proxy, RegistryClient(config=FAST) as c:
+        proxy.add(Fault(f"/manifests/{tag}", "status", status=500, times=2))  # FAST: 2 tries
+        assert add_referrer(c, replace(repo, registry=proxy.host), subject, entry, settle=0)
+        assert len(proxy.requests(f"/manifests/{tag}", "PUT")) == 1
+    index = index_of(registry.url, repo, subject)
+    assert index is not None and index["manifests"] == [entry.to_json()]

@@ -191,6 +191,8 @@ def _fill(
             for future in futures:
                 future.cancel()
             pool.shutdown(wait=True)
+            if not isinstance(caught, Exception):
+                raise  # an interrupt stays one
             raise _first_failure(futures) or caught from None
     return Digest("sha256", hasher.hexdigest())
 

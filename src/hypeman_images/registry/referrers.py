@@ -36,7 +36,13 @@ from typing import Any, Literal
 
 import httpx
 
-from hypeman_images.errors import HypemanError, LimitExceeded, NotFound, RegistryError
+from hypeman_images.errors import (
+    HypemanError,
+    LimitExceeded,
+    NotFound,
+    RegistryError,
+    TransientError,
+)
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
 from hypeman_images.oci.spec import OCI_INDEX, OCI_MANIFEST
@@ -139,7 +145,18 @@ def add_referrer(
     tag = fallback_tag(subject)
     wrote_at: float | None = None
     for attempt in range(1, attempts + 1):
-        doc = _read_index(client, repo, tag, strict=True)
+        backoff = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (attempt - 1))
+        try:
+            doc = _read_index(client, repo, tag, strict=True)
+        except TransientError as exc:
+            # distribution 2.8 rewrites a tag's link file in place: a read racing
+            # another writer's PUT can meet it empty and answer 500. Nothing was
+            # read, so nothing is written; read again.
+            if attempt == attempts:
+                raise
+            log.info("%s:%s could not be read (%s); reading it again", repo.name, tag, exc)
+            sleep(random.uniform(0, backoff))
+            continue
         manifests: list[Any] = [] if doc is None else doc["manifests"]
         if any(raw.get("digest") == str(entry.digest) for raw in manifests):
             since = None if wrote_at is None else time.monotonic() - wrote_at
@@ -154,7 +171,6 @@ def add_referrer(
         data = encode_index({**base, "manifests": [*manifests, entry.to_json()]})
         put_manifest(client, repo, tag, data, OCI_INDEX)
         wrote_at = time.monotonic()
-        backoff = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (attempt - 1))
         sleep(random.uniform(0, backoff))
     log.warning(
         "%s:%s: entry %s kept being overwritten by other writers; gave up after %d reads",
