@@ -176,7 +176,7 @@ def test_concurrent_pushes_for_one_subject_all_end_in_the_index(
             start.wait()
             pushed = push_disk(
                 client, repo, ext4_disk, subject, recipe, RUNTIME,  # type: ignore[arg-type]
-                chunk_size=4 * CHUNK, settle=0.3,
+                chunk_size=4 * CHUNK, settle=1.0,
             )  # fmt: skip
             results.append(f"{pushed.indexed} {pushed.digest}")
 

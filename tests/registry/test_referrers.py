@@ -121,7 +121,7 @@ def test_an_index_it_cannot_read_is_never_written_over(
 def _race(
     registry: RegistryServer, repo: Reference, settle: float
 ) -> tuple[list[bool], dict[str, Any]]:
-    """Two writers read the empty index at once; their PUTs land 0.1 s and 0.4 s later."""
+    """Two writers read the empty index at once; their PUTs land 0.3 s and 0.8 s later."""
     subject = subject_for().digest
     tag = fallback_tag(subject)
     entries = [referrer_in(registry.url, repo, "early"), referrer_in(registry.url, repo, "late")]
@@ -137,7 +137,7 @@ def _race(
 
     threads = [
         threading.Thread(target=write, args=(entry, delay))
-        for entry, delay in zip(entries, (0.1, 0.4), strict=True)
+        for entry, delay in zip(entries, (0.3, 0.8), strict=True)
     ]
     for thread in threads:
         thread.start()
@@ -152,7 +152,7 @@ def test_a_lost_update_is_repaired_once_the_index_settles(
     repo: Reference, registry: RegistryServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level("INFO", "hypeman_images.registry.referrers")
-    results, listed = _race(registry, repo, settle=0.8)
+    results, listed = _race(registry, repo, settle=1.2)
     assert results == [True, True] and sorted(listed) == ["early", "late"]
     assert "lost entry" in caplog.text  # the late PUT did drop the first entry for a while
 
@@ -173,7 +173,7 @@ def test_many_writers_at_once_all_stay(repo: Reference, registry: RegistryServer
     def write(entry: Any) -> None:
         with RegistryClient(config=FAST) as c:
             start.wait()
-            results.append(add_referrer(c, repo, subject, entry, settle=0.3, attempts=20))
+            results.append(add_referrer(c, repo, subject, entry, settle=1.0, attempts=20))
 
     threads = [threading.Thread(target=write, args=(e,)) for e in entries]
     for thread in threads:

@@ -217,5 +217,5 @@ def add_in_process(host: str, repository: str, subject: str, raw: dict[str, Any]
     with RegistryClient(config=FAST) as client:
         return add_referrer(
             client, Reference(host, repository), Digest.parse(subject), entry,
-            settle=0.3, attempts=20,
+            settle=1.0, attempts=20,
         )  # fmt: skip
