@@ -8,10 +8,10 @@ and writing overlap and memory holds a piece of each chunk in flight, never
 a whole one. A chunk that inflates past its declared size stops at once (a
 decompression bomb); one that inflates short is truncated. Blocks of zeros
 are not written: the temp file starts as a hole of the disk's size, as
-mke2fs's own output is sparse. Meanwhile this thread hashes the disk in order, re-reading
-each chunk once it has landed (from the page cache), so the whole-disk
-sha256 is ready when the last chunk is: it must equal the config's
-``disk_sha256``, and then ``e2fsck -fn`` must find nothing.
+mke2fs's own output is sparse. Meanwhile the calling thread hashes the disk
+in order, re-reading each chunk once it has landed (from the page cache),
+so the whole-disk sha256 is ready when the last chunk is: it must equal the
+config's ``disk_sha256``, and then ``e2fsck -fn`` must find nothing.
 
 Dropped connections resume with ``Range`` inside the registry client; a
 chunk that still fails for a transient reason is fetched again (its bytes
