@@ -132,6 +132,11 @@ def pull_scope(repository: str) -> str:
     return f"repository:{repository}:pull"
 
 
+def push_scope(repository: str) -> str:
+    """The token scope for pushing to ``repository``: a push reads back what it writes."""
+    return f"repository:{repository}:pull,push"
+
+
 class TokenCache:
     """Bearer tokens per (host, scope) until they expire, and each host's scheme.
 

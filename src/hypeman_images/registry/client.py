@@ -23,7 +23,7 @@ tried first, the registry itself last. Each host's scheme is decided by
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -310,6 +310,53 @@ class RegistryClient:
         return None
 
     # -- one request ---------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        ref: Reference,
+        url: str,
+        *,
+        scope: str,
+        subject: str,
+        headers: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        expect: Collection[int] = (),
+    ) -> httpx.Response:
+        """One request to ``ref``'s registry itself (never a mirror), authorised for ``scope``.
+
+        For callers that write (:mod:`.push`, :mod:`.referrers`): ``url`` is an
+        API path or an absolute URL the registry handed out (an upload's
+        ``Location``). A 2xx answer, or one whose status is in ``expect``, is
+        returned open (the caller closes it); anything else raises as every
+        request of this client does, transient failures retried (``content`` is
+        bytes, so a retry sends it whole again).
+        """
+        endpoint = Endpoint(ref.registry, ref.api_host)
+        auth = RegistryAuth(
+            registry=endpoint.registry,
+            scope=scope,
+            credentials=self._credentials,
+            repository=ref.repository,
+            cache=self._tokens,
+            send=self._send_token_request,
+        )
+
+        def attempt() -> httpx.Response:
+            full = url
+            if url.startswith("/"):
+                full = f"{self._schemes.scheme(endpoint.host)}://{endpoint.host}{url}"
+            request = self._http.build_request(method, full, headers=headers, content=content)
+            with translating(endpoint.host, subject, self.config, self._schemes):
+                response = self._http.send(request, auth=auth, stream=True)
+            if response.is_success or response.status_code in expect:
+                return response
+            if response.status_code in (401, 403):
+                response.close()
+                raise auth.refused()
+            raise error_for(response, host=endpoint.registry, subject=subject)
+
+        return retrying(attempt, self.config)
 
     def _send(
         self,
