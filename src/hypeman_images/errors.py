@@ -178,6 +178,7 @@ class DiskArtifactInvalid(HypemanError):
     code = "invalid_disk_artifact"
     exit_code = 7
     http_status = 422
+    summary = "bad disk artifact"
 
 
 class LimitExceeded(HypemanError):
