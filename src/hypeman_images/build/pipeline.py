@@ -25,7 +25,7 @@ from hypeman_images.build.progress import Reporter
 from hypeman_images.build.pull import PulledImage, ResolvedImage, pull
 from hypeman_images.errors import HypemanError, LimitExceeded
 from hypeman_images.fsutil import storage_error
-from hypeman_images.layers.limits import Limits
+from hypeman_images.layers.limits import Limits, check_layer_count
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
 from hypeman_images.registry.client import RegistryClient
@@ -160,6 +160,7 @@ def build_resolved(
         )
         # The failure is recorded before the conversion closes (and waits for its threads).
         with conversion, record.failures(limits, options):
+            check_layer_count(len(resolved.manifest.layers), limits)  # before any download
             disk = _pull_and_convert(resolved, conversion, client, blobs, reporter, record, stats)
         # The disk is in place: from here on a failure (tagging, say) must not
         # demote the record, or a complete disk would sit beside a "failed" one.
