@@ -30,10 +30,12 @@ ALLOWED: dict[str, set[str]] = {
     "store": BASE | {"oci"},
     "disk": BASE | {"oci"},
     "layers": BASE | {"oci", "store"},
-    "build": BASE | {"oci", "registry", "store", "layers", "disk"},
-    "service": BASE | {"oci", "registry", "store", "layers", "disk", "build"},
+    "fleet": BASE | {"oci", "registry", "store", "disk"},
+    "build": BASE | {"oci", "registry", "store", "layers", "disk", "fleet"},
+    "service": BASE | {"oci", "registry", "store", "layers", "disk", "build", "fleet"},
     "boot": BASE,
-    "cli": BASE | {"oci", "registry", "store", "layers", "disk", "build", "service", "boot"},
+    "cli": BASE
+    | {"oci", "registry", "store", "layers", "disk", "build", "service", "boot", "fleet"},
 }
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80

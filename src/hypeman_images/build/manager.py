@@ -54,7 +54,7 @@ from hypeman_images.oci.spec import Platform
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.registry.credentials import Credential
 from hypeman_images.store.blobs import BlobStore
-from hypeman_images.store.housekeeping import idle_lock
+from hypeman_images.store.housekeeping import idle_lock, settled
 from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, StoredImage
 
 if TYPE_CHECKING:
@@ -474,7 +474,7 @@ class ImageManager:
         )
 
     def _stored_image(self, stored: StoredImage, name: str | None = None) -> Image:
-        return image_of(stored, name)
+        return image_of(settled(stored), name)
 
 
 def _parse(name: str | Reference) -> Reference:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -33,9 +33,7 @@ from typing import TypeVar
 import httpx
 
 from hypeman_images.errors import (
-    DigestMismatch,
     HypemanError,
-    LimitExceeded,
     NotFound,
     RegistryError,
     TransientError,
@@ -61,7 +59,12 @@ from hypeman_images.registry.credentials import (
     StaticCredentials,
 )
 from hypeman_images.registry.download import Download
-from hypeman_images.registry.responses import error_for, log_rate_limit
+from hypeman_images.registry.responses import (
+    check_manifest_digest,
+    error_for,
+    log_rate_limit,
+    read_document,
+)
 from hypeman_images.registry.retry import retrying, translating
 from hypeman_images.registry.schemes import Schemes
 from hypeman_images.registry.transport import HostTransport
@@ -258,7 +261,7 @@ class RegistryClient:
             response = self._send(endpoint, ref, path, headers, subject)
             with translating(endpoint.host, subject, self.config, self._schemes):
                 try:
-                    data = _read_document(response, subject, self.config.max_manifest_bytes)
+                    data = read_document(response, subject, self.config.max_manifest_bytes)
                 finally:
                     response.close()
             return (
@@ -268,7 +271,7 @@ class RegistryClient:
             )
 
         data, header_type, header_digest = retrying(attempt, self.config)
-        digest = _check_manifest_digest(data, ref, header_digest, endpoint)
+        digest = check_manifest_digest(data, ref, header_digest, endpoint.host)
         limit = self.config.max_manifest_bytes
         return FetchedManifest(data, media_type_of(data, header_type, limit), digest)
 
@@ -344,6 +347,53 @@ class RegistryClient:
 
     # -- one request ---------------------------------------------------------------
 
+    def request(
+        self,
+        method: str,
+        ref: Reference,
+        url: str,
+        *,
+        scope: str,
+        subject: str,
+        headers: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        expect: Collection[int] = (),
+    ) -> httpx.Response:
+        """One request to ``ref``'s registry itself (never a mirror), authorised for ``scope``.
+
+        For callers that write (:mod:`.push`, :mod:`.referrers`): ``url`` is an
+        API path or an absolute URL the registry handed out (an upload's
+        ``Location``). A 2xx answer, or one whose status is in ``expect``, is
+        returned open (the caller closes it); anything else raises as every
+        request of this client does, transient failures retried (``content`` is
+        bytes, so a retry sends it whole again).
+        """
+        endpoint = Endpoint(ref.registry, ref.api_host)
+        auth = RegistryAuth(
+            registry=endpoint.registry,
+            scope=scope,
+            credentials=self._credentials,
+            repository=ref.repository,
+            cache=self._tokens,
+            send=self._send_token_request,
+        )
+
+        def attempt() -> httpx.Response:
+            full = url
+            if url.startswith("/"):
+                full = f"{self._schemes.scheme(endpoint.host)}://{endpoint.host}{url}"
+            request = self._http.build_request(method, full, headers=headers, content=content)
+            with translating(endpoint.host, subject, self.config, self._schemes):
+                response = self._http.send(request, auth=auth, stream=True)
+            if response.is_success or response.status_code in expect:
+                return response
+            if response.status_code in (401, 403):
+                response.close()
+                raise auth.refused()
+            raise error_for(response, host=endpoint.registry, subject=subject)
+
+        return retrying(attempt, self.config)
+
     def _send(
         self,
         endpoint: Endpoint,
@@ -392,45 +442,6 @@ class RegistryClient:
     def _send_token_request(self, request: httpx.Request) -> httpx.Response:
         # Transport errors propagate to _send's translation, as part of that request.
         return self._http.send(request, stream=True)
-
-
-def _read_document(response: httpx.Response, subject: str, limit: int) -> bytes:
-    length = response.headers.get("Content-Length")
-    if length and length.isdigit() and int(length) > limit:
-        raise LimitExceeded(
-            f"{subject} is {length} bytes, over the {limit} byte limit for manifests"
-        )
-    data = bytearray()
-    for chunk in response.iter_bytes():
-        data += chunk
-        if len(data) > limit:
-            raise LimitExceeded(f"{subject} exceeds the {limit} byte limit for manifests")
-    return bytes(data)
-
-
-def _check_manifest_digest(
-    data: bytes, ref: Reference, header: str | None, endpoint: Endpoint
-) -> Digest:
-    if ref.digest is not None:
-        actual = Digest.of(data, ref.digest.algorithm)
-        if actual != ref.digest:
-            raise DigestMismatch(
-                f"{endpoint.host} sent a manifest for {ref} that hashes to {actual}"
-            )
-        return ref.digest
-    digest = Digest.of(data)
-    if header:
-        try:
-            claimed = Digest.parse(header.strip())
-        except HypemanError:
-            log.debug("%s: ignoring malformed Docker-Content-Digest %r", endpoint.host, header)
-            return digest
-        if Digest.of(data, claimed.algorithm) != claimed:
-            raise DigestMismatch(
-                f"{endpoint.host} sent a manifest for {ref} whose Docker-Content-Digest "
-                f"{claimed} does not match its bytes"
-            )
-    return digest
 
 
 def select_manifest(index: Index, platform: Platform) -> Descriptor:
