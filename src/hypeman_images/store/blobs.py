@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from hypeman_images.fsutil import (
 )
 from hypeman_images.oci.digest import Digest, VerifyingStream
 from hypeman_images.oci.spec import OCI_INDEX, Descriptor
+from hypeman_images.store.access import BLOB_MODE, FILE_MODE
 from hypeman_images.store.feeds import LayerFeeds
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ class BlobStore:
             raise storage_error(exc, f"cannot store blob {descriptor.digest}") from exc
         unsynced = written = 0
         digest = descriptor.digest
-        with atomic_writer(final, mode=0o444) as handle:
+        with atomic_writer(final, mode=BLOB_MODE) as handle:
             if feeds is not None:
                 feeds.begin(digest, Path(handle.name))
             for chunk in stream:
@@ -154,7 +156,7 @@ class BlobStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with open(self.root / ".lock", "a+b") as lock:
+        with open(self.root / ".lock", "a+b", opener=_private) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -231,3 +233,8 @@ def _digest_in(entry: dict[str, Any], keep: set[Digest]) -> bool:
         return Digest.parse(str(entry.get("digest"))) in keep
     except HypemanError:
         return False
+
+
+def _private(path: str, flags: int) -> int:
+    """``open``'s opener for files made in the cache: never readable by others."""
+    return os.open(path, flags, FILE_MODE)
