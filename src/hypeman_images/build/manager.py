@@ -49,6 +49,7 @@ from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.oci.spec import Platform
 from hypeman_images.registry.client import RegistryClient
+from hypeman_images.store.access import prepare_data_dir
 from hypeman_images.store.blobs import BlobStore
 from hypeman_images.store.housekeeping import idle_lock, settled
 from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, StoredImage
@@ -84,6 +85,8 @@ class ImageManager:
     ``client_factory`` makes the registry client (tests pass their own); it is
     called once, on first use. ``builder`` is the pipeline (a seam for tests).
     ``pause`` is the crash-test hook of :mod:`hypeman_images.build.queue`.
+    The data dir is made private, or shared with ``data_dir_group``
+    (:func:`~hypeman_images.store.access.prepare_data_dir`).
     Use as a context manager, or call :meth:`close`.
     """
 
@@ -96,8 +99,10 @@ class ImageManager:
         concurrency: int = DEFAULT_CONCURRENCY,
         builder: Builder = build_resolved,
         pause: PauseHook | None = None,
+        data_dir_group: int | None = None,
     ) -> None:
         self.data = DataDir(data_dir)
+        prepare_data_dir(self.data.root, data_dir_group)
         self.options = options or BuildOptions()
         self._pause = pause or PauseHook()
         self.store = ImageStore(self.data.images, on_temp_written=self._metadata_written)

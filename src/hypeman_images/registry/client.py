@@ -12,7 +12,10 @@ failure into the exception tree at this boundary:
   (:mod:`.retry`, which also translates httpx's exceptions);
 * other 4xx → ``RegistryError(status, codes)`` with the registry's messages.
 
-Manifests are read with a size cap and checked against their digest here;
+Every response body is under the low-speed limit (:mod:`.speed`), and
+resolving a name under ``config.manifest_timeout`` (retries, mirrors and the
+index included). Manifests are read with a size cap and checked against
+their digest here;
 blobs are streamed raw and the caller checks them (a ``VerifyingStream``),
 while this module resumes a dropped download with ``Range`` so that the
 caller sees every byte exactly once. Mirrors configured for a registry are
@@ -23,6 +26,7 @@ tried first, the registry itself last. Each host's scheme is decided by
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +66,7 @@ from hypeman_images.registry.download import Download
 from hypeman_images.registry.responses import error_for, log_rate_limit
 from hypeman_images.registry.retry import retrying, translating
 from hypeman_images.registry.schemes import Schemes
+from hypeman_images.registry.speed import SpeedLimitedTransport
 from hypeman_images.registry.transport import HostTransport
 
 log = logging.getLogger(__name__)
@@ -141,7 +146,11 @@ class RegistryClient:
         self._tokens = TokenCache()
         timeout = httpx.Timeout(self.config.read_timeout, connect=self.config.connect_timeout)
         self._http = httpx.Client(
-            transport=transport or HostTransport(self.config),
+            transport=SpeedLimitedTransport(
+                transport or HostTransport(self.config),
+                self.config.low_speed_limit,
+                self.config.low_speed_time,
+            ),
             timeout=timeout,
             follow_redirects=True,
             headers={"User-Agent": USER_AGENT},
@@ -210,25 +219,42 @@ class RegistryClient:
 
     # -- manifests -----------------------------------------------------------------
 
-    def get_manifest(self, ref: Reference) -> FetchedManifest:
+    def get_manifest(self, ref: Reference, deadline: float | None = None) -> FetchedManifest:
         """Fetch the manifest or index ``ref`` names, by digest if it has one, else by tag.
 
         By digest, the bytes must hash to it; by tag, the digest is computed and
         must equal ``Docker-Content-Digest`` when the registry sends one.
+        ``deadline`` (``time.monotonic()``; default ``config.manifest_timeout``
+        from now) bounds every attempt on every endpoint: past it, a
+        ``TransientError`` that is not retried.
         """
-        return self._first_success(ref, lambda endpoint: self._get_manifest(endpoint, ref))
+        if deadline is None:
+            deadline = time.monotonic() + self.config.manifest_timeout
+        return self._first_success(
+            ref, lambda endpoint: self._get_manifest(endpoint, ref, deadline)
+        )
 
-    def _get_manifest(self, endpoint: Endpoint, ref: Reference) -> FetchedManifest:
+    def _get_manifest(self, endpoint: Endpoint, ref: Reference, deadline: float) -> FetchedManifest:
         target = str(ref.digest) if ref.digest else ref.tag or "latest"
         subject = f"manifest {ref}"
         path = endpoint.path(ref.repository, f"manifests/{target}")
         headers = {"Accept": ", ".join(ACCEPT_MANIFESTS)}
 
-        def attempt() -> tuple[bytes, str | None, str | None]:
-            response = self._send(endpoint, ref, path, headers, subject)
+        def expired() -> TransientError:
+            return TransientError(
+                f"{endpoint.host}: no whole answer for {subject} within the "
+                f"{self.config.manifest_timeout:g} s manifest deadline "
+                f"(--manifest-timeout S to wait longer)"
+            )
+
+        def fetch() -> tuple[bytes, str | None, str | None]:
+            timeout = _within(deadline, self.config, expired)
+            response = self._send(endpoint, ref, path, headers, subject, timeout=timeout)
             with translating(endpoint.host, subject, self.config, self._schemes):
                 try:
-                    data = _read_document(response, subject, self.config.max_manifest_bytes)
+                    data = _read_document(
+                        response, subject, self.config.max_manifest_bytes, deadline, expired
+                    )
                 finally:
                     response.close()
             return (
@@ -237,7 +263,16 @@ class RegistryClient:
                 response.headers.get("Docker-Content-Digest"),
             )
 
-        data, header_type, header_digest = retrying(attempt, self.config)
+        def attempt() -> tuple[bytes, str | None, str | None]:
+            try:
+                return fetch()
+            except TransientError as exc:
+                # A timeout cut short to fit the deadline: the deadline is the cause.
+                if time.monotonic() < deadline:
+                    raise
+                raise expired() from exc
+
+        data, header_type, header_digest = retrying(attempt, self.config, deadline)
         digest = _check_manifest_digest(data, ref, header_digest, endpoint)
         limit = self.config.max_manifest_bytes
         return FetchedManifest(data, media_type_of(data, header_type, limit), digest)
@@ -367,6 +402,7 @@ class RegistryClient:
         subject: str,
         *,
         auth: RegistryAuth | None = None,
+        timeout: httpx.Timeout | None = None,
     ) -> httpx.Response:
         """One GET, auth included; a 2xx response (open, streaming) or an error.
 
@@ -389,7 +425,9 @@ class RegistryClient:
                 cache=self._tokens,
                 send=self._send_token_request,
             )
-        request = self._http.build_request("GET", url, headers=headers)
+        request = self._http.build_request(
+            "GET", url, headers=headers, timeout=timeout or httpx.USE_CLIENT_DEFAULT
+        )
         with translating(endpoint.host, subject, self.config, self._schemes):
             response = self._http.send(request, auth=auth or httpx.USE_CLIENT_DEFAULT, stream=True)
         log_rate_limit(response, endpoint.host)
@@ -405,7 +443,25 @@ class RegistryClient:
         return self._http.send(request, stream=True)
 
 
-def _read_document(response: httpx.Response, subject: str, limit: int) -> bytes:
+def _within(
+    deadline: float, config: RegistryConfig, expired: Callable[[], TransientError]
+) -> httpx.Timeout:
+    """The timeouts of one request that must end by ``deadline``; ``expired()`` if it has passed."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise expired()
+    return httpx.Timeout(
+        min(config.read_timeout, remaining), connect=min(config.connect_timeout, remaining)
+    )
+
+
+def _read_document(
+    response: httpx.Response,
+    subject: str,
+    limit: int,
+    deadline: float,
+    expired: Callable[[], TransientError],
+) -> bytes:
     length = response.headers.get("Content-Length")
     if length and length.isdigit() and int(length) > limit:
         raise LimitExceeded(
@@ -416,6 +472,8 @@ def _read_document(response: httpx.Response, subject: str, limit: int) -> bytes:
         data += chunk
         if len(data) > limit:
             raise LimitExceeded(f"{subject} exceeds the {limit} byte limit for manifests")
+        if time.monotonic() > deadline:
+            raise expired()
     return bytes(data)
 
 
@@ -458,17 +516,20 @@ def select_manifest(index: Index, platform: Platform) -> Descriptor:
 def resolve(client: RegistryClient, ref: Reference, platform: Platform) -> Resolved:
     """Fetch ``ref``'s manifest; through an index, pick ``platform``'s.
 
+    Both fetches share one deadline, ``config.manifest_timeout`` from now.
+
     Raises ``PlatformNotFound`` (listing what is offered) when the index lacks it,
     ``UnsupportedManifest`` for schema 1 and other unknown formats.
     """
-    top = client.get_manifest(ref)
+    deadline = time.monotonic() + client.config.manifest_timeout
+    top = client.get_manifest(ref, deadline)
     limit = client.config.max_manifest_bytes
     parsed = parse_manifest_or_index(top.data, top.media_type, limit)
     resolved = ref.with_digest(top.digest)
     if isinstance(parsed, Manifest):
         return Resolved(resolved, parsed, top)
     chosen = select_manifest(parsed, platform)
-    fetched = client.get_manifest(ref.with_digest(chosen.digest))
+    fetched = client.get_manifest(ref.with_digest(chosen.digest), deadline)
     manifest = parse_manifest_or_index(fetched.data, fetched.media_type, limit)
     if not isinstance(manifest, Manifest):
         raise RegistryError(f"{ref}: the index entry for {platform} is itself an index")
