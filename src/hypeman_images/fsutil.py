@@ -106,8 +106,14 @@ def is_storage_failure(exc: BaseException) -> TypeGuard[OSError]:
     return isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError)
 
 
+# Files the data dir holds are never readable by others (store/access.py says who may).
+FILE_MODE = 0o640
+
+
 @contextlib.contextmanager
-def atomic_writer(final: Path, mode: int = 0o644, *, durable: bool = True) -> Iterator[BinaryIO]:
+def atomic_writer(
+    final: Path, mode: int = FILE_MODE, *, durable: bool = True
+) -> Iterator[BinaryIO]:
     """Write ``final`` through a temp file: fsync, then rename into place.
 
     On any exception the temp file is removed and ``final`` is untouched.
@@ -132,7 +138,7 @@ def atomic_writer(final: Path, mode: int = 0o644, *, durable: bool = True) -> It
         raise
 
 
-def write_atomic(final: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
+def write_atomic(final: Path, data: bytes, mode: int = FILE_MODE, *, durable: bool = True) -> None:
     """Publish ``data`` at ``final`` atomically."""
     with atomic_writer(final, mode, durable=durable) as handle:
         handle.write(data)

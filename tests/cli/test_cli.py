@@ -232,9 +232,20 @@ def test_serve_on_a_taken_port_says_so_and_touches_nothing(data_dir: Path) -> No
     assert "serving on" not in result.stderr  # it never claimed to serve
 
 
-def test_serve_on_an_address_this_host_lacks(data_dir: Path) -> None:
+def test_serve_on_an_address_this_host_lacks(tmp_path: Path, data_dir: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    token.chmod(0o600)  # without a token, serve refuses any address but loopback first
     # 192.0.2.0/24 is TEST-NET-1 (RFC 5737): never assigned to a local interface.
-    result = run("serve", "--data-dir", str(data_dir), "--listen", "192.0.2.1:8080")
+    result = run(
+        "serve",
+        "--data-dir",
+        str(data_dir),
+        "--token-file",
+        str(token),
+        "--listen",
+        "192.0.2.1:8080",
+    )
     assert result.returncode == 13
     assert "no interface of this host has that address" in result.stderr
 

@@ -53,6 +53,7 @@ from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.oci.spec import Platform
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.registry.credentials import Credential
+from hypeman_images.store.access import prepare_data_dir
 from hypeman_images.store.blobs import BlobStore
 from hypeman_images.store.housekeeping import idle_lock, settled
 from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, StoredImage
@@ -71,6 +72,8 @@ class ImageManager:
     ``client_factory`` makes the registry client (tests pass their own); it is
     called once, on first use. ``builder`` is the pipeline (a seam for tests).
     ``pause`` is the crash-test hook of :mod:`hypeman_images.build.queue`.
+    The data dir is made private, or shared with ``data_dir_group``
+    (:func:`~hypeman_images.store.access.prepare_data_dir`).
     Use as a context manager, or call :meth:`close`.
     """
 
@@ -83,8 +86,10 @@ class ImageManager:
         concurrency: int = DEFAULT_CONCURRENCY,
         builder: Builder = build_resolved,
         pause: PauseHook | None = None,
+        data_dir_group: int | None = None,
     ) -> None:
         self.data = DataDir(data_dir)
+        prepare_data_dir(self.data.root, data_dir_group)
         self.options = options or BuildOptions()
         self._pause = pause or PauseHook()
         self.store = ImageStore(self.data.images, on_temp_written=self._metadata_written)
@@ -154,13 +159,11 @@ class ImageManager:
     ) -> Image:
         """Ask for ``name`` to be built; return at once (pending, or ready if already built).
 
-        The name is resolved to its digest first (one manifest GET); unknown
-        names raise :class:`NotFound` here rather than failing later.
-        ``platform`` (a :class:`Platform`, or text as ``docker --platform``
-        takes it) overrides the options'; ``labels`` replace the image's
-        (hypeman's ``tags``); ``credentials`` are borrowed for this pull only
-        (:mod:`.request`). A build of that digest already in progress with
-        other credentials (or none) is a :class:`Conflict`.
+        The name is resolved to its digest first (one manifest GET); unknown names
+        raise :class:`NotFound` here. ``platform`` (a :class:`Platform`, or text as
+        ``docker --platform`` takes it) overrides the options'; ``labels`` replace
+        the image's (hypeman's ``tags``); ``credentials`` are borrowed for this pull
+        only (:mod:`.request`): a build in flight with others is a :class:`Conflict`.
         """
         ref = _parse(name)
         request = image_request(

@@ -12,6 +12,7 @@ from dataclasses import replace
 from hypeman_images.build.manager import DEFAULT_CONCURRENCY, ImageManager
 from hypeman_images.build.options import BuildOptions, default_data_dir, parse_size
 from hypeman_images.build.queue import PauseHook
+from hypeman_images.cli.guards import data_dir_group, transfer_config
 from hypeman_images.errors import InvalidArgument
 from hypeman_images.oci.spec import Platform
 from hypeman_images.registry.client import RegistryClient
@@ -43,7 +44,7 @@ def registry_config(args: argparse.Namespace) -> RegistryConfig:
         config = replace(config, read_timeout=check_timeout(args.read_timeout, "--read-timeout"))
     if getattr(args, "allow_foreign_layers", None):
         config = replace(config, allow_foreign_layers=True)
-    return config
+    return transfer_config(config, args)
 
 
 def build_options(args: argparse.Namespace) -> BuildOptions:
@@ -85,4 +86,5 @@ def open_manager(
         client_factory=lambda: open_client(args),
         concurrency=concurrency or DEFAULT_CONCURRENCY,
         pause=PauseHook.from_env(),  # the documented crash-test hook; unset in real use
+        data_dir_group=data_dir_group(args),
     )

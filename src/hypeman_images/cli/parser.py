@@ -15,6 +15,11 @@ from hypeman_images import __version__
 from hypeman_images.build.manager import DEFAULT_CONCURRENCY
 from hypeman_images.build.progress import human_size
 from hypeman_images.cli.boot import boot_image
+from hypeman_images.cli.guards import (
+    add_data_dir_group_flag,
+    add_service_flags,
+    add_transfer_flags,
+)
 from hypeman_images.cli.helptext import DESCRIPTION, EXAMPLES, epilog
 from hypeman_images.cli.images import gc, inspect, list_images, pull, remove, verify
 from hypeman_images.cli.login import login, logout
@@ -45,6 +50,7 @@ def _common_flags() -> UsageParser:
         "else $XDG_DATA_HOME/hypeman)",
     )
     common.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
+    add_data_dir_group_flag(common)
     return common
 
 
@@ -104,6 +110,7 @@ def _registry_flags() -> UsageParser:
         help="fetch non-distributable (foreign) layers from the URLs their image names "
         "(default: refuse them)",
     )
+    add_transfer_flags(flags)
     return flags
 
 
@@ -255,5 +262,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CONCURRENCY,
         help=f"builds run at once (default {DEFAULT_CONCURRENCY})",
     )
+    add_service_flags(p)
     p.set_defaults(run=serve)
     return parser

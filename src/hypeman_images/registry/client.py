@@ -12,7 +12,10 @@ failure into the exception tree at this boundary:
   (:mod:`.retry`, which also translates httpx's exceptions);
 * other 4xx → ``RegistryError(status, codes)`` with the registry's messages.
 
-Manifests are read with a size cap and checked against their digest here;
+Every response body is under the low-speed limit (:mod:`.speed`), and
+resolving a name under ``config.manifest_timeout`` (retries, mirrors and the
+index included). Manifests are read with a size cap and checked against
+their digest here;
 blobs are streamed raw and the caller checks them (a ``VerifyingStream``),
 while this module resumes a dropped download with ``Range`` so that the
 caller sees every byte exactly once. Mirrors configured for a registry are
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,12 +42,10 @@ from hypeman_images.errors import (
     RegistryError,
     TransientError,
 )
-from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
 from hypeman_images.oci.spec import (
     ACCEPT_MANIFESTS,
     Descriptor,
-    Index,
     Manifest,
     Platform,
     media_type_of,
@@ -59,6 +61,7 @@ from hypeman_images.registry.credentials import (
     StaticCredentials,
 )
 from hypeman_images.registry.download import Download
+from hypeman_images.registry.manifests import FetchedManifest, Resolved, select_manifest
 from hypeman_images.registry.responses import (
     check_manifest_digest,
     error_for,
@@ -67,14 +70,13 @@ from hypeman_images.registry.responses import (
 )
 from hypeman_images.registry.retry import retrying, translating
 from hypeman_images.registry.schemes import Schemes
+from hypeman_images.registry.speed import SpeedLimitedTransport
 from hypeman_images.registry.transport import HostTransport
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 USER_AGENT = "hypeman-images/0.1"
-# buildkit marks attestation manifests in an index this way (platform unknown/unknown).
-_REFERENCE_TYPE = "vnd.docker.reference.type"
 _FOREIGN_TYPES = frozenset(
     {
         "application/vnd.oci.image.layer.nondistributable.v1.tar",
@@ -83,15 +85,6 @@ _FOREIGN_TYPES = frozenset(
         "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
     }
 )
-
-
-@dataclass(frozen=True)
-class FetchedManifest:
-    """A manifest or index exactly as the registry sent it, with its verified digest."""
-
-    data: bytes
-    media_type: str
-    digest: Digest
 
 
 @dataclass(frozen=True)
@@ -109,21 +102,6 @@ class Endpoint:
     def path(self, repository: str, rest: str) -> str:
         """The API path of ``rest`` (``manifests/<tag>``, ``blobs/<digest>``) in ``repository``."""
         return f"/v2/{repository}/{rest}"
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """A reference resolved over the network.
-
-    ``reference`` carries the digest the name pointed to (the index's, for a
-    multi-platform image); ``manifest``/``fetched`` are the chosen platform's
-    image manifest, and ``index`` the index it came from, if any.
-    """
-
-    reference: Reference
-    manifest: Manifest
-    fetched: FetchedManifest
-    index: FetchedManifest | None = None
 
 
 class RegistryClient:
@@ -150,7 +128,11 @@ class RegistryClient:
         self._tokens = TokenCache()
         timeout = httpx.Timeout(self.config.read_timeout, connect=self.config.connect_timeout)
         self._http = httpx.Client(
-            transport=transport or HostTransport(self.config),
+            transport=SpeedLimitedTransport(
+                transport or HostTransport(self.config),
+                self.config.low_speed_limit,
+                self.config.low_speed_time,
+            ),
             timeout=timeout,
             follow_redirects=True,
             headers={"User-Agent": USER_AGENT},
@@ -243,25 +225,42 @@ class RegistryClient:
 
     # -- manifests -----------------------------------------------------------------
 
-    def get_manifest(self, ref: Reference) -> FetchedManifest:
+    def get_manifest(self, ref: Reference, deadline: float | None = None) -> FetchedManifest:
         """Fetch the manifest or index ``ref`` names, by digest if it has one, else by tag.
 
         By digest, the bytes must hash to it; by tag, the digest is computed and
         must equal ``Docker-Content-Digest`` when the registry sends one.
+        ``deadline`` (``time.monotonic()``; default ``config.manifest_timeout``
+        from now) bounds every attempt on every endpoint: past it, a
+        ``TransientError`` that is not retried.
         """
-        return self._first_success(ref, lambda endpoint: self._get_manifest(endpoint, ref))
+        if deadline is None:
+            deadline = time.monotonic() + self.config.manifest_timeout
+        return self._first_success(
+            ref, lambda endpoint: self._get_manifest(endpoint, ref, deadline)
+        )
 
-    def _get_manifest(self, endpoint: Endpoint, ref: Reference) -> FetchedManifest:
+    def _get_manifest(self, endpoint: Endpoint, ref: Reference, deadline: float) -> FetchedManifest:
         target = str(ref.digest) if ref.digest else ref.tag or "latest"
         subject = f"manifest {ref}"
         path = endpoint.path(ref.repository, f"manifests/{target}")
         headers = {"Accept": ", ".join(ACCEPT_MANIFESTS)}
 
-        def attempt() -> tuple[bytes, str | None, str | None]:
-            response = self._send(endpoint, ref, path, headers, subject)
+        def expired() -> TransientError:
+            return TransientError(
+                f"{endpoint.host}: no whole answer for {subject} within the "
+                f"{self.config.manifest_timeout:g} s manifest deadline "
+                f"(--manifest-timeout S to wait longer)"
+            )
+
+        def fetch() -> tuple[bytes, str | None, str | None]:
+            timeout = _within(deadline, self.config, expired)
+            response = self._send(endpoint, ref, path, headers, subject, timeout=timeout)
             with translating(endpoint.host, subject, self.config, self._schemes):
                 try:
-                    data = read_document(response, subject, self.config.max_manifest_bytes)
+                    data = read_document(
+                        response, subject, self.config.max_manifest_bytes, deadline, expired
+                    )
                 finally:
                     response.close()
             return (
@@ -270,7 +269,16 @@ class RegistryClient:
                 response.headers.get("Docker-Content-Digest"),
             )
 
-        data, header_type, header_digest = retrying(attempt, self.config)
+        def attempt() -> tuple[bytes, str | None, str | None]:
+            try:
+                return fetch()
+            except TransientError as exc:
+                # A timeout cut short to fit the deadline: the deadline is the cause.
+                if time.monotonic() < deadline:
+                    raise
+                raise expired() from exc
+
+        data, header_type, header_digest = retrying(attempt, self.config, deadline)
         digest = check_manifest_digest(data, ref, header_digest, endpoint.host)
         limit = self.config.max_manifest_bytes
         return FetchedManifest(data, media_type_of(data, header_type, limit), digest)
@@ -403,6 +411,7 @@ class RegistryClient:
         subject: str,
         *,
         auth: RegistryAuth | None = None,
+        timeout: httpx.Timeout | None = None,
     ) -> httpx.Response:
         """One GET, auth included; a 2xx response (open, streaming) or an error.
 
@@ -428,7 +437,9 @@ class RegistryClient:
                 send=self._send_token_request,
                 registry_token=self._registry_token(endpoint.registry),
             )
-        request = self._http.build_request("GET", url, headers=headers)
+        request = self._http.build_request(
+            "GET", url, headers=headers, timeout=timeout or httpx.USE_CLIENT_DEFAULT
+        )
         with translating(endpoint.host, subject, self.config, self._schemes):
             response = self._http.send(request, auth=auth or httpx.USE_CLIENT_DEFAULT, stream=True)
         log_rate_limit(response, endpoint.host)
@@ -444,31 +455,35 @@ class RegistryClient:
         return self._http.send(request, stream=True)
 
 
-def select_manifest(index: Index, platform: Platform) -> Descriptor:
-    """The image manifest for ``platform``, skipping attestation and unknown entries."""
-    usable = tuple(
-        d
-        for d in index.manifests
-        if d.annotations.get(_REFERENCE_TYPE) != "attestation-manifest"
-        and not (d.platform and d.platform.os == "unknown")
+def _within(
+    deadline: float, config: RegistryConfig, expired: Callable[[], TransientError]
+) -> httpx.Timeout:
+    """The timeouts of one request that must end by ``deadline``; ``expired()`` if it has passed."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise expired()
+    return httpx.Timeout(
+        min(config.read_timeout, remaining), connect=min(config.connect_timeout, remaining)
     )
-    return Index(index.media_type, usable).select(platform)
 
 
 def resolve(client: RegistryClient, ref: Reference, platform: Platform) -> Resolved:
     """Fetch ``ref``'s manifest; through an index, pick ``platform``'s.
 
+    Both fetches share one deadline, ``config.manifest_timeout`` from now.
+
     Raises ``PlatformNotFound`` (listing what is offered) when the index lacks it,
     ``UnsupportedManifest`` for schema 1 and other unknown formats.
     """
-    top = client.get_manifest(ref)
+    deadline = time.monotonic() + client.config.manifest_timeout
+    top = client.get_manifest(ref, deadline)
     limit = client.config.max_manifest_bytes
     parsed = parse_manifest_or_index(top.data, top.media_type, limit)
     resolved = ref.with_digest(top.digest)
     if isinstance(parsed, Manifest):
         return Resolved(resolved, parsed, top)
     chosen = select_manifest(parsed, platform)
-    fetched = client.get_manifest(ref.with_digest(chosen.digest))
+    fetched = client.get_manifest(ref.with_digest(chosen.digest), deadline)
     manifest = parse_manifest_or_index(fetched.data, fetched.media_type, limit)
     if not isinstance(manifest, Manifest):
         raise RegistryError(f"{ref}: the index entry for {platform} is itself an index")

@@ -12,6 +12,7 @@ import email.utils
 import json
 import logging
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -139,8 +140,14 @@ def error_for(response: httpx.Response, *, host: str, subject: str) -> HypemanEr
     )
 
 
-def read_document(response: httpx.Response, subject: str, limit: int) -> bytes:
-    """A manifest's bytes, read whole but never past ``limit``."""
+def read_document(
+    response: httpx.Response,
+    subject: str,
+    limit: int,
+    deadline: float,
+    expired: Callable[[], TransientError],
+) -> bytes:
+    """A manifest's bytes, read whole but never past ``limit`` nor ``deadline``."""
     length = response.headers.get("Content-Length")
     if length and length.isdigit() and int(length) > limit:
         raise LimitExceeded(
@@ -151,6 +158,8 @@ def read_document(response: httpx.Response, subject: str, limit: int) -> bytes:
         data += chunk
         if len(data) > limit:
             raise LimitExceeded(f"{subject} exceeds the {limit} byte limit for manifests")
+        if time.monotonic() > deadline:
+            raise expired()
     return bytes(data)
 
 

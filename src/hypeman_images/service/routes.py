@@ -2,7 +2,8 @@
 
 Endpoints are plain ``def``: FastAPI runs them on its threadpool, where the
 manager's blocking calls belong. The order routes are added in is the order
-of the paths in the OpenAPI document.
+of the paths in the OpenAPI document. ``POST /images`` waits on the registry,
+so it runs on a pool of its own instead (:mod:`.offload`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from hypeman_images.service.models import (
     TagImageRequest,
     image_model,
 )
+from hypeman_images.service.offload import offload
 
 # hypeman's list filter: ``tags`` as an OpenAPI deepObject, ``?tags[team]=a&tags[env]=b``,
 # which is how its SDK encodes a map (hypeman/_qs.py, nested_format "brackets").
@@ -57,10 +59,14 @@ def add_image_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> No
         summary="Pull and convert an image (returns at once)",
         operation_id="createImage",
     )
-    def create_image(body: CreateImageRequest) -> ImageModel:
+    async def create_image(body: CreateImageRequest) -> ImageModel:
         credentials = body.credentials.credential() if body.credentials else None
-        image = manager.create(
-            body.name, platform=body.platform, labels=body.tags, credentials=credentials
+        image = await offload(app).run(
+            manager.create,
+            body.name,
+            platform=body.platform,
+            labels=body.tags,
+            credentials=credentials,
         )
         return image_model(image)
 

@@ -33,6 +33,7 @@ from hypeman_images.fsutil import (
 )
 from hypeman_images.oci.digest import Digest, VerifyingStream
 from hypeman_images.oci.spec import OCI_INDEX, Descriptor
+from hypeman_images.store.access import BLOB_MODE, FILE_MODE
 from hypeman_images.store.feeds import LayerFeeds
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class BlobStore:
         own_directory(final.parent)
         unsynced = written = 0
         digest = descriptor.digest
-        with atomic_writer(final, mode=0o444) as handle:
+        with atomic_writer(final, mode=BLOB_MODE) as handle:
             if feeds is not None:
                 feeds.begin(digest, Path(handle.name))
             for chunk in stream:
@@ -169,7 +170,7 @@ class BlobStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with open(self.root / ".lock", "a+b") as lock:
+        with open(self.root / ".lock", "a+b", opener=_private) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -248,3 +249,8 @@ def _digest_in(entry: dict[str, Any], keep: set[Digest]) -> bool:
         return Digest.parse(str(entry.get("digest"))) in keep
     except HypemanError:
         return False
+
+
+def _private(path: str, flags: int) -> int:
+    """``open``'s opener for files made in the cache: never readable by others."""
+    return os.open(path, flags, FILE_MODE)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from hypeman_images.errors import InvalidReference, NotFound, StorageError
 from hypeman_images.fsutil import (
+    FILE_MODE,
     TEMP_PREFIX,
     atomic_writer,
     discard,
@@ -200,7 +201,9 @@ class ImageStore:
         while True:
             try:
                 directory.mkdir(parents=True, exist_ok=True)
-                fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = os.open(
+                    directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE
+                )
             except OSError as exc:
                 raise storage_error(exc, f"cannot lock {directory}") from exc
             with open(fd, "a+b") as handle:
