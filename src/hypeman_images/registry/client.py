@@ -36,11 +36,8 @@ from typing import TypeVar
 import httpx
 
 from hypeman_images.errors import (
-    DigestMismatch,
     HypemanError,
-    LimitExceeded,
     NotFound,
-    RegistryError,
     TransientError,
 )
 from hypeman_images.oci.digest import Digest
@@ -48,11 +45,7 @@ from hypeman_images.oci.reference import Reference
 from hypeman_images.oci.spec import (
     ACCEPT_MANIFESTS,
     Descriptor,
-    Index,
-    Manifest,
-    Platform,
     media_type_of,
-    parse_manifest_or_index,
 )
 from hypeman_images.registry.auth import RegistryAuth, TokenCache, pull_scope
 from hypeman_images.registry.config import RegistryConfig
@@ -63,6 +56,7 @@ from hypeman_images.registry.credentials import (
     StaticCredentials,
 )
 from hypeman_images.registry.download import Download
+from hypeman_images.registry.manifests import check_manifest_digest, read_document
 from hypeman_images.registry.responses import error_for, log_rate_limit
 from hypeman_images.registry.retry import retrying, translating
 from hypeman_images.registry.schemes import Schemes
@@ -74,7 +68,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 USER_AGENT = "hypeman-images/0.1"
 # buildkit marks attestation manifests in an index this way (platform unknown/unknown).
-_REFERENCE_TYPE = "vnd.docker.reference.type"
 _FOREIGN_TYPES = frozenset(
     {
         "application/vnd.oci.image.layer.nondistributable.v1.tar",
@@ -109,21 +102,6 @@ class Endpoint:
     def path(self, repository: str, rest: str) -> str:
         """The API path of ``rest`` (``manifests/<tag>``, ``blobs/<digest>``) in ``repository``."""
         return f"/v2/{repository}/{rest}"
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """A reference resolved over the network.
-
-    ``reference`` carries the digest the name pointed to (the index's, for a
-    multi-platform image); ``manifest``/``fetched`` are the chosen platform's
-    image manifest, and ``index`` the index it came from, if any.
-    """
-
-    reference: Reference
-    manifest: Manifest
-    fetched: FetchedManifest
-    index: FetchedManifest | None = None
 
 
 class RegistryClient:
@@ -252,7 +230,7 @@ class RegistryClient:
             response = self._send(endpoint, ref, path, headers, subject, timeout=timeout)
             with translating(endpoint.host, subject, self.config, self._schemes):
                 try:
-                    data = _read_document(
+                    data = read_document(
                         response, subject, self.config.max_manifest_bytes, deadline, expired
                     )
                 finally:
@@ -273,7 +251,7 @@ class RegistryClient:
                 raise expired() from exc
 
         data, header_type, header_digest = retrying(attempt, self.config, deadline)
-        digest = _check_manifest_digest(data, ref, header_digest, endpoint)
+        digest = check_manifest_digest(data, ref, header_digest, endpoint)
         limit = self.config.max_manifest_bytes
         return FetchedManifest(data, media_type_of(data, header_type, limit), digest)
 
@@ -455,92 +433,8 @@ def _within(
     )
 
 
-def _read_document(
-    response: httpx.Response,
-    subject: str,
-    limit: int,
-    deadline: float,
-    expired: Callable[[], TransientError],
-) -> bytes:
-    length = response.headers.get("Content-Length")
-    if length and length.isdigit() and int(length) > limit:
-        raise LimitExceeded(
-            f"{subject} is {length} bytes, over the {limit} byte limit for manifests"
-        )
-    data = bytearray()
-    for chunk in response.iter_bytes():
-        data += chunk
-        if len(data) > limit:
-            raise LimitExceeded(f"{subject} exceeds the {limit} byte limit for manifests")
-        if time.monotonic() > deadline:
-            raise expired()
-    return bytes(data)
-
-
-def _check_manifest_digest(
-    data: bytes, ref: Reference, header: str | None, endpoint: Endpoint
-) -> Digest:
-    if ref.digest is not None:
-        actual = Digest.of(data, ref.digest.algorithm)
-        if actual != ref.digest:
-            raise DigestMismatch(
-                f"{endpoint.host} sent a manifest for {ref} that hashes to {actual}"
-            )
-        return ref.digest
-    digest = Digest.of(data)
-    if header:
-        try:
-            claimed = Digest.parse(header.strip())
-        except HypemanError:
-            log.debug("%s: ignoring malformed Docker-Content-Digest %r", endpoint.host, header)
-            return digest
-        if Digest.of(data, claimed.algorithm) != claimed:
-            raise DigestMismatch(
-                f"{endpoint.host} sent a manifest for {ref} whose Docker-Content-Digest "
-                f"{claimed} does not match its bytes"
-            )
-    return digest
-
-
-def select_manifest(index: Index, platform: Platform) -> Descriptor:
-    """The image manifest for ``platform``, skipping attestation and unknown entries."""
-    usable = tuple(
-        d
-        for d in index.manifests
-        if d.annotations.get(_REFERENCE_TYPE) != "attestation-manifest"
-        and not (d.platform and d.platform.os == "unknown")
-    )
-    return Index(index.media_type, usable).select(platform)
-
-
-def resolve(client: RegistryClient, ref: Reference, platform: Platform) -> Resolved:
-    """Fetch ``ref``'s manifest; through an index, pick ``platform``'s.
-
-    Both fetches share one deadline, ``config.manifest_timeout`` from now.
-
-    Raises ``PlatformNotFound`` (listing what is offered) when the index lacks it,
-    ``UnsupportedManifest`` for schema 1 and other unknown formats.
-    """
-    deadline = time.monotonic() + client.config.manifest_timeout
-    top = client.get_manifest(ref, deadline)
-    limit = client.config.max_manifest_bytes
-    parsed = parse_manifest_or_index(top.data, top.media_type, limit)
-    resolved = ref.with_digest(top.digest)
-    if isinstance(parsed, Manifest):
-        return Resolved(resolved, parsed, top)
-    chosen = select_manifest(parsed, platform)
-    fetched = client.get_manifest(ref.with_digest(chosen.digest), deadline)
-    manifest = parse_manifest_or_index(fetched.data, fetched.media_type, limit)
-    if not isinstance(manifest, Manifest):
-        raise RegistryError(f"{ref}: the index entry for {platform} is itself an index")
-    return Resolved(resolved, manifest, fetched, top)
-
-
 __all__ = [
     "Endpoint",
     "FetchedManifest",
     "RegistryClient",
-    "Resolved",
-    "resolve",
-    "select_manifest",
 ]
