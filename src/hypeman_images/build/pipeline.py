@@ -58,6 +58,10 @@ class BuildStats:
     cached_blobs: int = 0
     reused: bool = False
     stages: dict[str, float] = field(default_factory=dict)
+    # A disk cache asked: "hit", "miss" or "fallback" (why: an error's code).
+    disk_cache: str | None = None
+    disk_cache_reason: str | None = None
+    fetched_bytes: int = 0
 
 
 def initial_record(ref: Reference, digest: Digest, status: ImageStatus) -> ImageRecord:
@@ -140,6 +144,7 @@ def build_resolved(
     # Imported here: converting needs isal, zstandard and the disk code, which a
     # re-pull of a ready digest (the CLI's fast path) never loads.
     from hypeman_images.build.convert import Conversion
+    from hypeman_images.build.diskcache import built_fields, fetch_cached
 
     ref, digest = resolved.ref, resolved.digest
     with store.lock(ref, digest), collector.collect_rarely():
@@ -155,6 +160,17 @@ def build_resolved(
         record = _Record(store, ref, digest, on_status, _pulling(resolved, existing, options))
         limits = build_limits(resolved, blobs, store, options)
         dest = store.digest_dir(ref, digest) / DISK_NAME
+        if options.disk_cache is not None and options.disk_cache.looks:
+            with record.failures(limits, options):
+                fetched = fetch_cached(
+                    resolved, client=client, blobs=blobs, dest=dest, options=options,
+                    limits=limits, record=record.current, reporter=reporter, stats=stats,
+                )  # fmt: skip
+            if fetched is not None:  # the disk is in place: as a built one, from here on
+                record.set(fetched)
+                store.set_tag(ref, digest)
+                reporter.stage("ready", f"{ref.familiar()} (from the disk cache)")
+                return store.find(ref)
         conversion = Conversion(
             resolved, blobs=blobs, dest=dest, options=options, limits=limits, reporter=reporter
         )
@@ -171,6 +187,7 @@ def build_resolved(
                 content_bytes=disk.content_bytes,
                 disk_sha256=disk.sha256,
                 tool_versions=disk.tool_versions,
+                **built_fields(disk.one_pass, disk.fallback_used),
             )
         )
         store.set_tag(ref, digest)
@@ -197,7 +214,7 @@ def _pull_and_convert(
     stats.download_s = time.monotonic() - t0
     stats.downloaded_bytes = pulled.downloaded_bytes
     stats.cached_blobs = pulled.cached_blobs
-    record.set(_with_config(record.current, pulled).evolve(status=ImageStatus.CONVERTING))
+    record.set(with_config(record.current, pulled).evolve(status=ImageStatus.CONVERTING))
 
     reporter.stage("converting", f"{len(resolved.manifest.layers)} layers → ext4")
     t0 = time.monotonic()
@@ -271,7 +288,8 @@ class _Record:
         self.set(self.current.evolve(status=ImageStatus.FAILED, error=error))
 
 
-def _with_config(record: ImageRecord, pulled: PulledImage) -> ImageRecord:
+def with_config(record: ImageRecord, pulled: PulledImage) -> ImageRecord:
+    """``record`` with what the image config says: how to run the image, its layers."""
     config = pulled.config
     manifest = pulled.resolved.manifest
     return record.evolve(
@@ -292,4 +310,11 @@ def _with_config(record: ImageRecord, pulled: PulledImage) -> ImageRecord:
     )
 
 
-__all__ = ["BuildStats", "build_limits", "build_resolved", "initial_record", "room_for_content"]
+__all__ = [
+    "BuildStats",
+    "build_limits",
+    "build_resolved",
+    "initial_record",
+    "room_for_content",
+    "with_config",
+]

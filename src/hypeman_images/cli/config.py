@@ -13,6 +13,7 @@ from hypeman_images.build.manager import DEFAULT_CONCURRENCY, ImageManager
 from hypeman_images.build.options import BuildOptions, default_data_dir, parse_size
 from hypeman_images.build.queue import PauseHook
 from hypeman_images.errors import InvalidArgument
+from hypeman_images.fleet.cache import CacheMode, DiskCache
 from hypeman_images.oci.spec import Platform
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.registry.config import RegistryConfig, check_timeout
@@ -67,6 +68,7 @@ def build_options(args: argparse.Namespace) -> BuildOptions:
         limits = replace(limits, max_layer_bytes=parse_size(args.max_layer_size))
     if args.max_image_size:
         limits = replace(limits, max_image_bytes=parse_size(args.max_image_size))
+    options = replace(options, disk_cache=disk_cache(args))
     return replace(options, limits=limits)
 
 
@@ -86,3 +88,16 @@ def open_manager(
         concurrency=concurrency or DEFAULT_CONCURRENCY,
         pause=PauseHook.from_env(),  # the documented crash-test hook; unset in real use
     )
+
+
+def disk_cache(args: argparse.Namespace) -> DiskCache | None:
+    """The disk cache: ``--disk-cache`` (default ``$HYPEMAN_DISK_CACHE``), else
+    registries.conf's ``disk-cache``; an empty flag turns it off. The mode likewise."""
+    conf = registry_config(args)
+    text = getattr(args, "disk_cache", None)
+    if text is None:
+        text = conf.disk_cache
+    if not text:
+        return None
+    mode = getattr(args, "disk_cache_mode", None) or conf.disk_cache_mode or CacheMode.BOTH
+    return DiskCache.parse(text, mode)
