@@ -47,9 +47,10 @@ def test_a_disk_built_once_is_fetched_by_another_host_without_its_layers(
     assert metrics['hypeman_images_disk_cache_pushes_total{outcome="success"}'] == 2
     assert metrics['hypeman_images_disk_cache_bytes_total{direction="pushed"}'] > 0
 
-    with fault_proxy(registry.url) as proxy, host(
-        tmp_path / "b", repo, config=through(proxy.host, registry.host)
-    ) as b:
+    with (
+        fault_proxy(registry.url) as proxy,
+        host(tmp_path / "b", repo, config=through(proxy.host, registry.host)) as b,
+    ):
         fetched = [b.pull(image.ref) for image in images]
         checked = [b.verify(image.ref) for image in images]
         metrics = parse(b.metrics.render(b.gauges()))

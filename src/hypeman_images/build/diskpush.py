@@ -1,7 +1,8 @@
 """Disks built here, shared through the disk cache: after a build, in the background, or by hand.
 
 After a build that made its disk here (not one fetched from the cache, not a
-re-tag of a ready digest), :meth:`DiskPushes.built` queues its push on a small
+re-tag of a ready digest, not one whose lookup found the cache refusing or
+down), :meth:`DiskPushes.built` queues its push on a small
 executor of its own beside the build queue: the image is ``ready`` before the
 push starts, and a push that fails (no push rights, a full registry) is one
 warning and a metric, never a failed image. :meth:`DiskPushes.drain` waits for
@@ -23,7 +24,14 @@ from typing import TYPE_CHECKING
 
 from hypeman_images.build.metrics import Metrics
 from hypeman_images.build.queue import Job
-from hypeman_images.errors import Conflict, HypemanError
+from hypeman_images.errors import (
+    Conflict,
+    HypemanError,
+    RateLimited,
+    RegistryError,
+    TransientError,
+    Unauthorized,
+)
 from hypeman_images.fleet.cache import DiskCache
 from hypeman_images.fsutil import storage_error
 from hypeman_images.oci.digest import Digest
@@ -41,6 +49,12 @@ log = logging.getLogger(__name__)
 # One push at a time: it reads the disk once and compresses on two threads
 # (fleet.pack), beside builds that want the same cores.
 PUSH_WORKERS = 1
+# A lookup that failed for these reasons met a cache repository that refuses or
+# is down: a push would only fail again. After any other fallback (an artifact
+# that failed a check) the push replaces what was wrong with a good disk.
+_UNREACHABLE = frozenset(
+    cls.code for cls in (Unauthorized, RateLimited, RegistryError, TransientError)
+)
 
 
 class DiskPushes:
@@ -67,8 +81,11 @@ class DiskPushes:
         cache, stored, resolved = job.options.disk_cache, job.result, job.resolved
         if cache is None or not cache.pushes or stored is None or resolved is None:
             return
-        if job.stats.reused or job.stats.disk_cache == "hit":
+        stats = job.stats
+        if stats.reused or stats.disk_cache == "hit":
             return  # nothing was built: the disk is in the cache already, or was pushed before
+        if stats.disk_cache == "fallback" and stats.disk_cache_reason in _UNREACHABLE:
+            return
         subject = Descriptor(resolved.media_type, resolved.digest, len(resolved.manifest_bytes))
         with self._lock:
             if self._closed:
