@@ -22,6 +22,7 @@ A disk built here records its recipe (:func:`built_fields`), which is what
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from hypeman_images.disk.sizing import BLOCK_SIZE
 from hypeman_images.errors import DiskArtifactInvalid, HypemanError, InvalidArgument, NotFound
 from hypeman_images.fleet.cache import DiskCache
 from hypeman_images.fleet.config import Runtime
-from hypeman_images.fleet.fetch import fetch_disk
+from hypeman_images.fleet.fetch import FetchedDisk, fetch_disk
 from hypeman_images.fleet.lookup import FoundDisk, find_disk
 from hypeman_images.fleet.recipe import DiskFormat, Recipe
 from hypeman_images.fsutil import TEMP_PREFIX, storage_error, writer_alive
@@ -140,21 +141,32 @@ def fetch_cached(
     options: BuildOptions,
     limits: Limits,
     record: ImageRecord,
+    publish: Callable[[ImageRecord], None],
     reporter: Reporter,
     stats: BuildStats,
 ) -> ImageRecord | None:
     """Put the cached disk of ``resolved`` at ``dest``; its ready record, or None to build.
 
     Call with the digest's build lock held and ``options.disk_cache`` set.
-    ``record`` is the build's current one. Never leaves a temp file; raises
-    only for a ``required`` cache (or a bug).
+    ``record`` is the build's current one; ``publish`` writes the record that
+    says where the disk comes from, before the disk is renamed into place (as
+    a build's says ``converting`` before its disk is). Never leaves a temp
+    file; raises only for a ``required`` cache (or a bug).
     """
     cache = options.disk_cache
     assert cache is not None and cache.looks
     try:
-        return _fetch(
+        found = _fetch(
             resolved, cache, client, blobs, dest, options, limits, record, reporter, stats
         )
+        if found is None:
+            return None
+        fetched, arriving = found
+        with fetched:
+            blobs.put(subject_of(resolved), resolved.manifest_bytes)
+            publish(arriving)
+            fetched.commit()
+        return arriving.evolve(status=ImageStatus.READY)
     except HypemanError as exc:
         if cache.required:
             raise
@@ -176,7 +188,8 @@ def _fetch(
     record: ImageRecord,
     reporter: Reporter,
     stats: BuildStats,
-) -> ImageRecord | None:
+) -> tuple[FetchedDisk, ImageRecord] | None:
+    """The verified disk in its temp file, and its record (``converting``, from the cache)."""
     tools = find_e2fsprogs(options.mke2fs or "mke2fs", remember=blobs.root / TOOLS_FILE)
     _sweep_temp_disks(dest)
     # The image config, read as a build reads it: the record's run-time fields
@@ -197,20 +210,17 @@ def _fetch(
         )
     reporter.stage("fetching", f"disk {artifact.digest.short} from {cache}")
     bound = limits.max_image_bytes + limits.max_image_bytes // _METADATA_SHARE + options.free_space
-    with fetch_disk(
-        client, cache.repository, artifact, dest, tools, max_disk_bytes=bound
-    ) as fetched:
-        try:
-            counts = superblock_counts(fetched.path)
-        except OSError as exc:
-            raise storage_error(exc, f"cannot read the fetched disk {fetched.path}") from exc
-        blobs.put(subject_of(resolved), resolved.manifest_bytes)
-        fetched.commit()
+    fetched = fetch_disk(client, cache.repository, artifact, dest, tools, max_disk_bytes=bound)
+    try:
+        counts = superblock_counts(fetched.path)
+    except OSError as exc:
+        fetched.discard()
+        raise storage_error(exc, f"cannot read the fetched disk {fetched.path}") from exc
     stats.disk_cache = "hit"
     stats.fetched_bytes = sum(chunk.blob.size for chunk in artifact.chunks)
     recipe = artifact.config.recipe
-    return expected.evolve(
-        status=ImageStatus.READY,
+    return fetched, expected.evolve(
+        status=ImageStatus.CONVERTING,
         error=None,
         size_bytes=artifact.config.disk_size,
         content_bytes=(counts["Block count"] - counts["Free blocks"]) * BLOCK_SIZE,

@@ -164,7 +164,8 @@ def build_resolved(
             with record.failures(limits, options):
                 fetched = fetch_cached(
                     resolved, client=client, blobs=blobs, dest=dest, options=options,
-                    limits=limits, record=record.current, reporter=reporter, stats=stats,
+                    limits=limits, record=record.current, publish=record.set,
+                    reporter=reporter, stats=stats,
                 )  # fmt: skip
             if fetched is not None:  # the disk is in place: as a built one, from here on
                 record.set(fetched)
