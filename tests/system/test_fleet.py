@@ -16,6 +16,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 from support.disk import e2fsck_clean
 from support.faultproxy import fault_proxy
@@ -23,7 +24,7 @@ from support.fleet import cache_repo, index_of
 from support.hosts import host, record_of, shared_part, temp_files, through
 from support.pushed import PushedImage
 from support.registry import RegistryServer
-from support.service import CLI
+from support.service import CLI, serve_process, wait_for_status
 
 from hypeman_images.build.metrics import parse
 from hypeman_images.fleet.artifact import ARTIFACT_TYPE
@@ -129,6 +130,28 @@ def test_two_hosts_pushing_the_same_disk_at_once_keep_the_index_valid(
         got = reader.pull(alpine_ref.ref)
     assert got.record.source_artifact == pushed[0]["digest"]
     e2fsck_clean(got.disk)
+
+
+def test_serve_takes_the_disk_cache_and_counts_it(
+    registry: RegistryServer, busybox_ref: PushedImage, tmp_path: Path
+) -> None:
+    repo = cache_repo(registry.host, "serve")
+    with host(tmp_path / "a", repo, mode=CacheMode.PUSH) as a:
+        a.pull(busybox_ref.ref)
+    log = tmp_path / "serve.log"
+    with (
+        serve_process(tmp_path / "b", log, "--disk-cache", repo.name) as served,
+        httpx.Client(timeout=30) as client,
+    ):
+        posted = client.post(f"{served.url}/images", json={"name": busybox_ref.ref})
+        assert posted.status_code == 202, posted.text
+        ready = wait_for_status(client, served.url, busybox_ref.ref, {"ready", "failed"})
+        assert ready["status"] == "ready", ready["error"]
+        metrics = parse(client.get(f"{served.url}/metrics").text)
+    assert metrics['hypeman_images_disk_cache_lookups_total{result="hit"}'] == 1
+    assert metrics["hypeman_images_pulled_bytes_total"] == 0, "no layer was downloaded"
+    [disk] = (tmp_path / "b").rglob("rootfs.ext4")
+    assert record_of(disk)["source"] == "disk-cache"
 
 
 @pytest.mark.slow
