@@ -86,6 +86,12 @@ def storage_error(exc: OSError, what: str) -> StorageError:
         return StorageError(
             f"{what}: the filesystem is full ({exc.strerror}); free space and retry"
         )
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        # Not the data dir's fault: the process (or the host) is out of descriptors.
+        return StorageError(
+            f"{what}: too many open files ({exc.strerror}); raise the open-file limit "
+            "(ulimit -n, or LimitNOFILE= in a systemd unit) and retry"
+        )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StorageError(
             f"{what}: permission denied ({exc.strerror}); check the data dir's owner "

@@ -105,9 +105,10 @@ class BuildOptions:
     (:mod:`hypeman_images.layers.onepass`), falling back to two passes where that
     cannot decide; off, every image takes the two-pass path after the pull.
     ``check_space``: lower the byte limits to what the data dir's filesystem
-    has room for when a build starts (:func:`pipeline.room_for_content`), so a
-    decompression bomb fails with :class:`LimitExceeded` before its bytes fill
-    the host's disk. Off only to test what a disk filled by others does.
+    has room for when a build starts (:func:`pipeline.room_for_content`), so an
+    image too big for it (a decompression bomb too) fails with
+    :class:`StorageError` before its bytes fill the host's disk. Off only to
+    test what a disk filled by others does.
     ``disk_cache``: the repository where built disks are shared, looked up
     before a build and pushed to after one (:mod:`hypeman_images.build.diskcache`).
     """

@@ -285,11 +285,12 @@ def _header(header: Any, layer: Descriptor, limits: Limits) -> dict[str, Any]:
 # The byte limits do not change what a scan holds, only whether it may be
 # used: a build lowers them to its disk's room (pipeline.build_limits), so they
 # are checked against the scan's size below instead of being part of the key.
-_BYTE_LIMITS = ("max_layer_bytes", "max_image_bytes")
+# The layer count is the image's, never one layer's.
+_NOT_SHAPING = ("max_layer_bytes", "max_image_bytes", "max_layers")
 
 
 def _shaping(limits: dict[str, Any]) -> dict[str, Any]:
-    return {name: value for name, value in limits.items() if name not in _BYTE_LIMITS}
+    return {name: value for name, value in limits.items() if name not in _NOT_SHAPING}
 
 
 def _framed(region: bytes, count: int) -> list[bytes]:
