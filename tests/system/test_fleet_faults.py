@@ -268,3 +268,24 @@ def test_a_fetch_killed_half_way(
     assert (directory / "rootfs.ext4").read_bytes() == built.disk
     assert temp_files(data) == []
     assert sorted(p.name for p in directory.iterdir()) == [".lock", "metadata.json", "rootfs.ext4"]
+
+
+@pytest.mark.parametrize(("status", "why"), [(403, "denied"), (507, "full")])
+def test_a_push_refused_is_a_warning_and_a_metric(
+    status: int, why: str, registry: RegistryServer, alpine_ref: PushedImage, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    repo = cache_repo(registry.host, f"push-{why}")
+    with fault_proxy(registry.url) as proxy:
+        proxy.add(Fault(f"/v2/{repo.repository}/blobs/uploads", "status", "POST", status=status))
+        cache = Reference(proxy.host, repo.repository)
+        with caplog.at_level(logging.WARNING), host(tmp_path / "b", cache) as b:
+            stored = b.pull(alpine_ref.ref)
+            assert stored.record.status == "ready"  # before the push is even tried
+    metrics = parse(b.metrics.render(b.gauges()))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "was not pushed" in warnings[0], warnings
+    assert metrics['hypeman_images_disk_cache_pushes_total{outcome="failure"}'] == 1
+    assert metrics['hypeman_images_disk_cache_lookups_total{result="miss"}'] == 1
+    assert record_of(stored.disk)["status"] == "ready"
+    e2fsck_clean(stored.disk)
