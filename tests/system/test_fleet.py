@@ -11,8 +11,6 @@ refusing or failing, and a fetch killed half-way are in test_fleet_faults.py.
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import subprocess
 from pathlib import Path
 
@@ -87,17 +85,6 @@ def test_pull_only_and_push_only_hosts(
         assert third.pull(alpine_ref.ref).record.source == "disk-cache"
 
 
-def _push_by_hand(data_dir: str, cache: str, image: str, out: str) -> None:
-    with open(out, "wb") as sink:
-        code = subprocess.run(
-            [CLI, "disk", "push", "--json", "--data-dir", data_dir, "--disk-cache", cache, image],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            check=False,
-        ).returncode
-    os._exit(code)
-
-
 def test_two_hosts_pushing_the_same_disk_at_once_keep_the_index_valid(
     registry: RegistryServer, alpine_ref: PushedImage, tmp_path: Path
 ) -> None:
@@ -105,21 +92,20 @@ def test_two_hosts_pushing_the_same_disk_at_once_keep_the_index_valid(
     for name in ("a", "b"):
         with host(tmp_path / name, None) as manager:
             manager.pull(alpine_ref.ref)
-    context = multiprocessing.get_context("fork")
+    # Two CLI processes, started together: each reads the fallback index and writes it back.
+    argv = ["disk", "push", "--json", "--disk-cache", repo.name, alpine_ref.ref]
     pushers = [
-        context.Process(
-            target=_push_by_hand,
-            args=(str(tmp_path / n), repo.name, alpine_ref.ref, str(tmp_path / f"{n}.out")),
+        subprocess.Popen(
+            [CLI, *argv, "--data-dir", str(tmp_path / name)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        for n in ("a", "b")
+        for name in ("a", "b")
     ]
-    for pusher in pushers:
-        pusher.start()
-    for pusher in pushers:
-        pusher.join(120)
-    outputs = [(tmp_path / f"{n}.out").read_text() for n in ("a", "b")]
-    assert [p.exitcode for p in pushers] == [0, 0], outputs
-    pushed = [json.loads(text) for text in outputs]
+    outputs = [pusher.communicate(timeout=120) for pusher in pushers]
+    assert [p.returncode for p in pushers] == [0, 0], outputs
+    pushed = [json.loads(out) for out, _ in outputs]
     assert pushed[0]["digest"] == pushed[1]["digest"], "the same disk is the same artifact"
     index = index_of(registry.url, repo, Digest.parse(alpine_ref.manifest_digest))
     assert index is not None and index["schemaVersion"] == 2
