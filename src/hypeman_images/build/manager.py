@@ -22,6 +22,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from hypeman_images.build.diskpush import DiskPushes
 from hypeman_images.build.image import Image, image_of, image_view
 from hypeman_images.build.maintenance import (
     GcReport,
@@ -44,7 +45,7 @@ from hypeman_images.build.records import (
     without_pending_tags,
     write_pending,
 )
-from hypeman_images.errors import Conflict, HypemanError
+from hypeman_images.errors import Conflict, HypemanError, InvalidArgument
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.oci.spec import Platform
@@ -56,6 +57,7 @@ from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, St
 
 if TYPE_CHECKING:
     from hypeman_images.disk.verify import Verified
+    from hypeman_images.fleet.push import PushedDisk
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,8 @@ class ImageManager:
         self._latest: dict[str, Digest] = {}
         self._resolving: dict[tuple[str, Platform], Future[ResolvedImage]] = {}
         self._queue = BuildQueue(self._run, concurrency)
+        # Disks built here go to the disk cache off the queue: ready is not delayed.
+        self._pushes = DiskPushes(lambda: self.client, self.blobs, self.metrics)
 
     @property
     def client(self) -> RegistryClient:
@@ -132,9 +136,10 @@ class ImageManager:
         """Stop starting builds; wait up to ``timeout`` for running ones; release connections.
 
         Builds still running after ``timeout`` die with the process and are
-        resumed by the next :meth:`recover`.
+        resumed by the next :meth:`recover`; so do pushes to the disk cache, which
+        are waited for as long again (an unfinished push leaves nothing visible).
         """
-        if self._queue.close(timeout):
+        if self._queue.close(timeout) and self._pushes.drain(timeout):
             with self._lock:
                 if self._client is not None:
                     self._client.close()
@@ -246,6 +251,17 @@ class ImageManager:
         ref = _parse(name)
         mke2fs = self.options.mke2fs or "mke2fs"
         return verify_image(self.store, ref, find_image(self.store, ref), mke2fs, record=record)
+
+    def push_disk(self, name: str | Reference) -> PushedDisk:
+        """Push the ready disk ``name`` names to the disk cache the options name, now.
+
+        Raises :class:`InvalidArgument` without a disk cache, and the
+        registry's errors (:class:`Unauthorized` without push rights, ...).
+        """
+        cache = self.options.disk_cache
+        if cache is None:
+            raise InvalidArgument("no disk cache to push to: name one with --disk-cache")
+        return self._pushes.push(cache, find_image(self.store, _parse(name)))
 
     def list(self) -> list[Image]:
         """Every image in the store and in the queue, by repository and age."""
@@ -389,6 +405,10 @@ class ImageManager:
         finally:
             if job.stats.reused:
                 self.metrics.image_reused()
+            stats = job.stats
+            self.metrics.disk_cache_used(
+                stats.disk_cache, stats.disk_cache_reason, stats.fetched_bytes
+            )
             self.metrics.build_finished(
                 "success" if ok else "failure",
                 time.monotonic() - started,
@@ -404,6 +424,7 @@ class ImageManager:
                     self.store.update(job.ref, job.key.digest, without_pending_tags)
                     job.result = self.store.find(job.ref)
                     job.update(job.result.record)
+                    self._pushes.built(job)
                 self._queue.retire(job)
 
     def _metadata_written(self, record: ImageRecord) -> None:
