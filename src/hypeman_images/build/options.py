@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hypeman_images.errors import InvalidArgument
+from hypeman_images.fleet.cache import DiskCache
 from hypeman_images.layers.limits import Limits
 from hypeman_images.oci.spec import Platform
 
@@ -108,6 +109,8 @@ class BuildOptions:
     image too big for it (a decompression bomb too) fails with
     :class:`StorageError` before its bytes fill the host's disk. Off only to
     test what a disk filled by others does.
+    ``disk_cache``: the repository where built disks are shared, looked up
+    before a build and pushed to after one (:mod:`hypeman_images.build.diskcache`).
     """
 
     platform: Platform = field(default_factory=Platform.host)
@@ -117,3 +120,4 @@ class BuildOptions:
     limits: Limits = field(default_factory=Limits)
     one_pass: bool = True
     check_space: bool = True
+    disk_cache: DiskCache | None = None

@@ -59,6 +59,10 @@ class BuildStats:
     cached_blobs: int = 0
     reused: bool = False
     stages: dict[str, float] = field(default_factory=dict)
+    # A disk cache asked: "hit", "miss" or "fallback" (why: an error's code).
+    disk_cache: str | None = None
+    disk_cache_reason: str | None = None
+    fetched_bytes: int = 0
 
 
 def initial_record(ref: Reference, digest: Digest, status: ImageStatus) -> ImageRecord:
@@ -229,6 +233,7 @@ def build_resolved(
     # Imported here: converting needs isal, zstandard and the disk code, which a
     # re-pull of a ready digest (the CLI's fast path) never loads.
     from hypeman_images.build.convert import Conversion
+    from hypeman_images.build.diskcache import built_fields, fetch_cached
 
     ref, digest = resolved.ref, resolved.digest
     with store.lock(ref, digest), collector.collect_rarely():
@@ -245,13 +250,25 @@ def build_resolved(
         limits, room = build_limits(resolved, blobs, store, options)
         layers = resolved.manifest.layers
         dest = store.digest_dir(ref, digest) / DISK_NAME
-        conversion = Conversion(
-            resolved, blobs=blobs, dest=dest, options=options, limits=limits, reporter=reporter
-        )
 
         def explain(exc: LimitExceeded) -> HypemanError:
             return _shortfall(exc, limits, options, room, layers, blobs)
 
+        if options.disk_cache is not None and options.disk_cache.looks:
+            with record.failures(explain):
+                fetched = fetch_cached(
+                    resolved, client=client, blobs=blobs, dest=dest, options=options,
+                    limits=limits, record=record.current, publish=record.set,
+                    reporter=reporter, stats=stats,
+                )  # fmt: skip
+            if fetched is not None:  # the disk is in place: as a built one, from here on
+                record.set(fetched)
+                store.set_tag(ref, digest)
+                reporter.stage("ready", f"{ref.familiar()} (from the disk cache)")
+                return store.find(ref)
+        conversion = Conversion(
+            resolved, blobs=blobs, dest=dest, options=options, limits=limits, reporter=reporter
+        )
         # The failure is recorded before the conversion closes (and waits for its threads).
         with conversion, record.failures(explain):
             check_layer_count(len(layers), limits)  # before any download
@@ -267,6 +284,7 @@ def build_resolved(
                 content_bytes=disk.content_bytes,
                 disk_sha256=disk.sha256,
                 tool_versions=disk.tool_versions,
+                **built_fields(disk.one_pass, disk.fallback_used),
             )
         )
         store.set_tag(ref, digest)
@@ -293,7 +311,7 @@ def _pull_and_convert(
     stats.download_s = time.monotonic() - t0
     stats.downloaded_bytes = pulled.downloaded_bytes
     stats.cached_blobs = pulled.cached_blobs
-    record.set(_with_config(record.current, pulled).evolve(status=ImageStatus.CONVERTING))
+    record.set(with_config(record.current, pulled).evolve(status=ImageStatus.CONVERTING))
 
     reporter.stage("converting", f"{len(resolved.manifest.layers)} layers → ext4")
     t0 = time.monotonic()
@@ -370,7 +388,8 @@ class _Record:
         self.set(self.current.evolve(status=ImageStatus.FAILED, error=error))
 
 
-def _with_config(record: ImageRecord, pulled: PulledImage) -> ImageRecord:
+def with_config(record: ImageRecord, pulled: PulledImage) -> ImageRecord:
+    """``record`` with what the image config says: how to run the image, its layers."""
     config = pulled.config
     manifest = pulled.resolved.manifest
     return record.evolve(
@@ -399,4 +418,5 @@ __all__ = [
     "check_room",
     "initial_record",
     "room_for_content",
+    "with_config",
 ]

@@ -41,8 +41,8 @@ from hypeman_images.oci.spec import (
     Platform,
     parse_config,
 )
-from hypeman_images.registry import client as registry
 from hypeman_images.registry.client import RegistryClient
+from hypeman_images.registry.manifests import resolve_manifest
 from hypeman_images.store.blobs import BlobStore
 from hypeman_images.store.feeds import LayerFeeds
 
@@ -198,7 +198,7 @@ class PulledImage:
 
 def resolve(client: RegistryClient, ref: Reference, platform: Platform) -> ResolvedImage:
     """Fetch the manifest ``ref`` names; follow an index to ``platform``'s manifest."""
-    found = registry.resolve(client, ref, platform)
+    found = resolve_manifest(client, ref, platform)
     return ResolvedImage(
         ref.with_digest(found.fetched.digest),
         found.manifest,

@@ -218,8 +218,15 @@ class Job:
         self.error = exc
         self.status = ImageStatus.FAILED
         if self.record is not None and self.record.status is not ImageStatus.FAILED:
-            message = exc.detail if isinstance(exc, HypemanError) else f"internal error: {exc!r}"
-            self.record = self.record.evolve(status=ImageStatus.FAILED, error=message)
+            self.record = self.record.evolve(status=ImageStatus.FAILED, error=self.error_detail)
+
+    @property
+    def error_detail(self) -> str | None:
+        """What went wrong, as a record keeps it: without the CLI's advice (errors.py)."""
+        exc = self.error
+        if exc is None:
+            return None
+        return exc.detail if isinstance(exc, HypemanError) else f"internal error: {exc!r}"
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the build ends; False on timeout."""

@@ -15,6 +15,7 @@ from hypeman_images import __version__
 from hypeman_images.build.manager import DEFAULT_CONCURRENCY
 from hypeman_images.build.progress import human_size
 from hypeman_images.cli.boot import boot_image
+from hypeman_images.cli.disk import add_disk_cache_flags, add_disk_commands
 from hypeman_images.cli.guards import (
     add_data_dir_group_flag,
     add_service_flags,
@@ -153,6 +154,7 @@ def _build_flags() -> UsageParser:
         default=None,
         help=f"uncompressed bytes per image (default {human_size(defaults.max_image_bytes)})",
     )
+    add_disk_cache_flags(flags)
     return flags
 
 
@@ -264,4 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_service_flags(p)
     p.set_defaults(run=serve)
+
+    cache_flags = UsageParser(add_help=False)
+    add_disk_cache_flags(cache_flags)
+    add_disk_commands(
+        sub,
+        push_parents=[common, json_flag, registry_flags, cache_flags],
+        pull_parents=[common, json_flag, registry_flags, build_flags],
+    )
     return parser

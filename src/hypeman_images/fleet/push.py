@@ -17,12 +17,12 @@ index (docs/disk-artifacts.md, "Finding").
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from hypeman_images.errors import RegistryError
-from hypeman_images.fleet.artifact import CHUNK_SIZE, Chunk, DiskArtifact
+from hypeman_images.fleet.artifact import CHUNK_SIZE, DiskArtifact
 from hypeman_images.fleet.config import CONFIG_TYPE, Runtime
 from hypeman_images.fleet.pack import pack_disk
 from hypeman_images.fleet.recipe import Recipe
@@ -55,6 +55,7 @@ class PushedDisk:
     uploaded: int  # blobs sent; the rest were already there
     indexed: Indexed
     index_error: str | None = None
+    uploaded_bytes: int = 0  # the bytes of the blobs sent
 
     @property
     def digest(self) -> Digest:
@@ -85,18 +86,19 @@ def push_disk(
     (:class:`Unauthorized` without push rights, ...); the referrers index
     alone never fails the push.
     """
-    uploads: list[bool] = []
+    uploads: list[int] = []  # the size of each blob sent (not of those already there)
 
-    def upload(chunk: Chunk, data: bytes) -> None:
-        uploads.append(push_blob(client, repository, chunk.blob.digest, data))
+    def upload(blob: Descriptor, data: bytes) -> None:
+        if push_blob(client, repository, blob.digest, data):
+            uploads.append(len(data))
 
     artifact = pack_disk(
         disk, subject, recipe, runtime, chunk_size=chunk_size, parallel=parallel,
-        expected_sha256=expected_sha256, on_chunk=upload,
+        expected_sha256=expected_sha256, on_chunk=lambda chunk, data: upload(chunk.blob, data),
     )  # fmt: skip
     config = artifact.manifest.config
     assert config.media_type == CONFIG_TYPE
-    uploads.append(push_blob(client, repository, config.digest, artifact.config_data))
+    upload(config, artifact.config_data)
     data = artifact.manifest.data
     pushed = put_manifest(client, repository, str(artifact.digest), data, OCI_MANIFEST)
     put_manifest(client, repository, recipe.tag, data, OCI_MANIFEST)
@@ -104,7 +106,8 @@ def push_disk(
         "pushed disk artifact %s (%d chunks) to %s:%s",
         artifact.digest.short, len(artifact.chunks), repository.name, recipe.tag,
     )  # fmt: skip
-    result = PushedDisk(repository, artifact, recipe.tag, sum(uploads), "api")
+    sent = len(uploads), sum(uploads)
+    result = PushedDisk(repository, artifact, recipe.tag, sent[0], "api", uploaded_bytes=sent[1])
     if pushed.subject_indexed:
         return result
     try:
@@ -113,10 +116,8 @@ def push_disk(
         )
     except RegistryError as exc:
         log.warning("disk artifact %s is not in the referrers index: %s", artifact.digest, exc)
-        return PushedDisk(repository, artifact, recipe.tag, sum(uploads), "failed", exc.message)
-    return PushedDisk(
-        repository, artifact, recipe.tag, sum(uploads), "tag" if stayed else "unconfirmed"
-    )
+        return replace(result, indexed="failed", index_error=exc.message)
+    return replace(result, indexed="tag" if stayed else "unconfirmed")
 
 
 __all__ = ["PushedDisk", "push_disk"]

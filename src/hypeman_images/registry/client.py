@@ -39,17 +39,14 @@ import httpx
 from hypeman_images.errors import (
     HypemanError,
     NotFound,
-    RegistryError,
     TransientError,
 )
+from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
 from hypeman_images.oci.spec import (
     ACCEPT_MANIFESTS,
     Descriptor,
-    Manifest,
-    Platform,
     media_type_of,
-    parse_manifest_or_index,
 )
 from hypeman_images.registry.auth import RegistryAuth, TokenCache, pull_scope
 from hypeman_images.registry.config import RegistryConfig
@@ -61,13 +58,8 @@ from hypeman_images.registry.credentials import (
     StaticCredentials,
 )
 from hypeman_images.registry.download import Download
-from hypeman_images.registry.manifests import FetchedManifest, Resolved, select_manifest
-from hypeman_images.registry.responses import (
-    check_manifest_digest,
-    error_for,
-    log_rate_limit,
-    read_document,
-)
+from hypeman_images.registry.manifests import check_manifest_digest, read_document
+from hypeman_images.registry.responses import error_for, log_rate_limit
 from hypeman_images.registry.retry import retrying, translating
 from hypeman_images.registry.schemes import Schemes
 from hypeman_images.registry.speed import SpeedLimitedTransport
@@ -77,6 +69,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 USER_AGENT = "hypeman-images/0.1"
+# buildkit marks attestation manifests in an index this way (platform unknown/unknown).
 _FOREIGN_TYPES = frozenset(
     {
         "application/vnd.oci.image.layer.nondistributable.v1.tar",
@@ -85,6 +78,15 @@ _FOREIGN_TYPES = frozenset(
         "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
     }
 )
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    """A manifest or index exactly as the registry sent it, with its verified digest."""
+
+    data: bytes
+    media_type: str
+    digest: Digest
 
 
 @dataclass(frozen=True)
@@ -279,7 +281,7 @@ class RegistryClient:
                 raise expired() from exc
 
         data, header_type, header_digest = retrying(attempt, self.config, deadline)
-        digest = check_manifest_digest(data, ref, header_digest, endpoint.host)
+        digest = check_manifest_digest(data, ref, header_digest, endpoint)
         limit = self.config.max_manifest_bytes
         return FetchedManifest(data, media_type_of(data, header_type, limit), digest)
 
@@ -467,34 +469,8 @@ def _within(
     )
 
 
-def resolve(client: RegistryClient, ref: Reference, platform: Platform) -> Resolved:
-    """Fetch ``ref``'s manifest; through an index, pick ``platform``'s.
-
-    Both fetches share one deadline, ``config.manifest_timeout`` from now.
-
-    Raises ``PlatformNotFound`` (listing what is offered) when the index lacks it,
-    ``UnsupportedManifest`` for schema 1 and other unknown formats.
-    """
-    deadline = time.monotonic() + client.config.manifest_timeout
-    top = client.get_manifest(ref, deadline)
-    limit = client.config.max_manifest_bytes
-    parsed = parse_manifest_or_index(top.data, top.media_type, limit)
-    resolved = ref.with_digest(top.digest)
-    if isinstance(parsed, Manifest):
-        return Resolved(resolved, parsed, top)
-    chosen = select_manifest(parsed, platform)
-    fetched = client.get_manifest(ref.with_digest(chosen.digest), deadline)
-    manifest = parse_manifest_or_index(fetched.data, fetched.media_type, limit)
-    if not isinstance(manifest, Manifest):
-        raise RegistryError(f"{ref}: the index entry for {platform} is itself an index")
-    return Resolved(resolved, manifest, fetched, top)
-
-
 __all__ = [
     "Endpoint",
     "FetchedManifest",
     "RegistryClient",
-    "Resolved",
-    "resolve",
-    "select_manifest",
 ]

@@ -12,6 +12,8 @@ containers-registries.conf(5) v2::
     low-speed-time = 30                            #   this many seconds a read fails
     manifest-timeout = 60                          # seconds to resolve one name
     allow-foreign-layers = false                   # fetch non-distributable layers' URLs
+    disk-cache = "build-box:5000/hypeman/disks"     # share built disks (fleet.cache)
+    disk-cache-mode = "both"                       # pull, push or both
 
     [[registry]]
     location = "docker.io"
@@ -99,6 +101,10 @@ class RegistryConfig:
     # Non-distributable ("foreign") layers are fetched from their descriptor's
     # urls only when allowed (OCI image-spec layer.md; containerd asks the same).
     allow_foreign_layers: bool = False
+    # The disk cache (``REGISTRY/REPOSITORY``) and its mode, as the file wrote
+    # them: the CLI parses them with its flags (fleet.cache.DiskCache.parse).
+    disk_cache: str | None = None
+    disk_cache_mode: str | None = None
 
     def mirrors_for(self, registry: str) -> tuple[Mirror, ...]:
         """The mirrors to try, in order, before ``registry`` itself."""
@@ -206,6 +212,11 @@ def _apply_conf(base: RegistryConfig, doc: Mapping[str, Any], path: Path) -> Reg
         if not isinstance(allow, bool):
             raise InvalidArgument(f"{path}: 'allow-foreign-layers' must be true or false")
         config = replace(config, allow_foreign_layers=allow)
+    for key in ("disk-cache", "disk-cache-mode"):
+        if key in doc:
+            if not isinstance(doc[key], str):
+                raise InvalidArgument(f"{path}: '{key}' must be a string")
+            config = replace(config, **{key.replace("-", "_"): doc[key]})
     return config
 
 

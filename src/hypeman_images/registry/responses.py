@@ -2,8 +2,7 @@
 
 The Distribution spec (``spec.md#error-codes``) sends failures as
 ``{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "...", "detail": ...}]}``;
-the class is chosen by status and code, never by the message text. Manifest
-bodies are read here too, capped, and checked against their digest.
+the class is chosen by status and code, never by the message text.
 """
 
 from __future__ import annotations
@@ -12,21 +11,16 @@ import email.utils
 import json
 import logging
 import time
-from collections.abc import Callable
 
 import httpx
 
 from hypeman_images.errors import (
-    DigestMismatch,
     HypemanError,
-    LimitExceeded,
     NotFound,
     RateLimited,
     RegistryError,
     TransientError,
 )
-from hypeman_images.oci.digest import Digest
-from hypeman_images.oci.reference import Reference
 
 log = logging.getLogger(__name__)
 
@@ -138,52 +132,3 @@ def error_for(response: httpx.Response, *, host: str, subject: str) -> HypemanEr
     return RegistryError(
         f"{host} answered HTTP {status} while fetching {subject}{detail}", status, codes
     )
-
-
-def read_document(
-    response: httpx.Response,
-    subject: str,
-    limit: int,
-    deadline: float,
-    expired: Callable[[], TransientError],
-) -> bytes:
-    """A manifest's bytes, read whole but never past ``limit`` nor ``deadline``."""
-    length = response.headers.get("Content-Length")
-    if length and length.isdigit() and int(length) > limit:
-        raise LimitExceeded(
-            f"{subject} is {length} bytes, over the {limit} byte limit for manifests"
-        )
-    data = bytearray()
-    for chunk in response.iter_bytes():
-        data += chunk
-        if len(data) > limit:
-            raise LimitExceeded(f"{subject} exceeds the {limit} byte limit for manifests")
-        if time.monotonic() > deadline:
-            raise expired()
-    return bytes(data)
-
-
-def check_manifest_digest(data: bytes, ref: Reference, header: str | None, host: str) -> Digest:
-    """The digest of manifest ``data`` fetched for ``ref`` from ``host``, checked.
-
-    By digest, the bytes must hash to it; by tag, to ``Docker-Content-Digest``
-    when the registry sent one.
-    """
-    if ref.digest is not None:
-        actual = Digest.of(data, ref.digest.algorithm)
-        if actual != ref.digest:
-            raise DigestMismatch(f"{host} sent a manifest for {ref} that hashes to {actual}")
-        return ref.digest
-    digest = Digest.of(data)
-    if header:
-        try:
-            claimed = Digest.parse(header.strip())
-        except HypemanError:
-            log.debug("%s: ignoring malformed Docker-Content-Digest %r", host, header)
-            return digest
-        if Digest.of(data, claimed.algorithm) != claimed:
-            raise DigestMismatch(
-                f"{host} sent a manifest for {ref} whose Docker-Content-Digest "
-                f"{claimed} does not match its bytes"
-            )
-    return digest

@@ -71,6 +71,16 @@ class ImageRecord:
     layers: list[str] = field(default_factory=list)
     image_created: str | None = None
     tool_versions: dict[str, str] = field(default_factory=dict)
+    # The rest of the disk's recipe (docs/disk-artifacts.md, "Recipes"): the code
+    # that flattened the layers, the build path taken, other byte-changing options.
+    builder: str | None = None
+    one_pass: bool | None = None
+    disk_options: dict[str, str] = field(default_factory=dict)
+    # Where the disk came from: "build" (made here) or "disk-cache" (fetched and
+    # verified: the artifact's digest and the repository it came from).
+    source: str = "build"
+    source_artifact: str | None = None
+    source_repository: str | None = None
     free_space_bytes: int | None = None
     index_digest: str | None = None
     updated_at: str | None = None
