@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hypeman_images.build.options import BuildOptions
@@ -22,21 +23,21 @@ from hypeman_images.layers.scancache import ScanCache
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.store.blobs import BlobStore
+from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.housekeeping import (
     blobs_needed,
     build_dirs,
     idle_lock,
-    read_record,
     remove_dangling_tags,
     sweep_build_dir,
     tree_size,
 )
 from hypeman_images.store.images import (
-    DISK_NAME,
     ImageRecord,
     ImageStatus,
     ImageStore,
     StoredImage,
+    read_records,
 )
 
 if TYPE_CHECKING:
@@ -68,25 +69,24 @@ def collect_garbage(store: ImageStore, blobs: BlobStore, active: set[BuildKey]) 
     """Remove what no image needs: failed or unreadable build dirs, their blobs, leftovers.
 
     Blobs of ready builds, of interrupted ones and of the ``active`` (queued
-    or running) builds are kept.
+    or running) builds are kept. A digest with a failed (or unreadable) record
+    of one disk format and a good one of another loses only the failed disk's files.
     """
     keep: set[Digest] = set()
     freed = removed_dirs = 0
     for directory, repository in build_dirs(store.root):
-        key = BuildKey(repository, Digest("sha256", directory.name))
-        record = read_record(directory)
-        if key in active:
-            keep |= blobs_needed(record)
+        digest = Digest("sha256", directory.name)
+        records = read_records(directory)
+        keep |= {d for r in records for d in blobs_needed(r)}
+        if any(BuildKey(repository, digest, f) in active for f in DiskFormat):
             continue
         with idle_lock(directory) as free:
-            if free and (record is None or record.status is ImageStatus.FAILED):
+            if free and all(r.status is ImageStatus.FAILED for r in records):
                 freed += tree_size(directory)
                 store.remove_directory(directory)
                 removed_dirs += 1
-                continue
-            if free:
-                freed += sweep_build_dir(directory)
-        keep |= blobs_needed(record)
+            elif free:
+                freed += _drop_failed_disks(directory, records) + sweep_build_dir(directory)
     remove_dangling_tags(store.root)
     freed += store.sweep()
     result = blobs.gc(keep)
@@ -98,6 +98,18 @@ def collect_garbage(store: ImageStore, blobs: BlobStore, active: set[BuildKey]) 
         removed_dirs,
         scans_removed,
     )
+
+
+def _drop_failed_disks(directory: Path, records: list[ImageRecord]) -> int:
+    """Remove the disk and record of each format without a good record; bytes freed."""
+    good = {r.format for r in records if r.status is not ImageStatus.FAILED}
+    freed = 0
+    for fmt in DiskFormat:
+        if fmt not in good:
+            for path in (directory / fmt.disk_name, directory / fmt.metadata_name):
+                freed += tree_size(path)
+                path.unlink(missing_ok=True)
+    return freed
 
 
 def recover_builds(
@@ -137,10 +149,11 @@ def recover_builds(
         broken = record.status is ImageStatus.READY and not stored.disk.is_file()
         if record.status.active or broken:
             # Rebuild as first asked: the free space changes the disk's bytes.
-            asked = options
+            asked = replace(options, format=record.format)
             if record.free_space_bytes is not None:
-                asked = replace(options, free_space=record.free_space_bytes)
-            job = Job(BuildKey(ref.name, digest), ref.with_digest(digest), asked)
+                asked = replace(asked, free_space=record.free_space_bytes)
+            key = BuildKey(ref.name, digest, record.format)
+            job = Job(key, ref.with_digest(digest), asked)
             for name in names[1:]:
                 job.add_name(name)  # every tag that asked, not only the first
             job.recovered = True
@@ -153,7 +166,7 @@ def recover_builds(
                 if name.tag is not None and store.tag_target(name) is None:
                     store.set_tag(name, digest)
                     retagged.append(str(name))
-            store.update(ref, digest, without_pending_tags)
+            store.update(ref, digest, without_pending_tags, record.format)
     return RecoveryReport(tuple(resumed), tuple(retagged), freed)
 
 
@@ -163,7 +176,7 @@ def verify_image(
     """Check the ready disk of ``stored`` (found for ``ref``) again; see ``ImageManager.verify``."""
     # Imported here: only this call needs the disk code.
     from hypeman_images.disk.e2fsprogs import find_e2fsprogs
-    from hypeman_images.disk.verify import Verified, check_disk
+    from hypeman_images.disk.verify import Verified, check_disk, check_erofs_disk
 
     def ready(record: ImageRecord | None) -> ImageRecord:
         if record is None or record.status is not ImageStatus.READY:
@@ -172,16 +185,25 @@ def verify_image(
         return record
 
     # Checked before the build lock too: a build in progress holds it for minutes.
-    digest = Digest.parse(ready(stored.record).digest)
+    digest, fmt = Digest.parse(ready(stored.record).digest), stored.record.format
     key = parse_reference(f"{stored.repository}@{digest}")
-    tools = find_e2fsprogs(mke2fs)
+    tools = find_e2fsprogs(mke2fs) if fmt is DiskFormat.EXT4 else None
     with store.lock(key, digest):
-        current = ready(store.read(key, digest))
-        disk = store.digest_dir(key, digest) / DISK_NAME
-        sha256 = str(check_disk(tools, disk, current.disk_sha256))
+        current = ready(store.read(key, digest, fmt))
+        disk = store.digest_dir(key, digest) / fmt.disk_name
+        if tools is not None:
+            sha256 = str(check_disk(tools, disk, current.disk_sha256))
+        else:
+            sha256 = str(check_erofs_disk(disk, current.disk_sha256))
         recorded_now = record and current.disk_sha256 is None
         if recorded_now:
-            store.update(key, digest, lambda r: r.evolve(disk_sha256=sha256))
+            store.update(key, digest, lambda r: r.evolve(disk_sha256=sha256), fmt)
     return Verified(
-        str(ref), str(digest), disk, sha256, current.disk_sha256, recorded_now=recorded_now
+        str(ref),
+        str(digest),
+        disk,
+        sha256,
+        current.disk_sha256,
+        recorded_now=recorded_now,
+        format=str(fmt),
     )

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -50,6 +51,7 @@ from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.oci.spec import Platform
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.store.blobs import BlobStore
+from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.housekeeping import idle_lock
 from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, StoredImage
 
@@ -146,14 +148,24 @@ class ImageManager:
 
     # -- requests ---------------------------------------------------------------
 
-    def create(self, name: str | Reference, *, options: BuildOptions | None = None) -> Image:
+    def create(
+        self,
+        name: str | Reference,
+        *,
+        options: BuildOptions | None = None,
+        format: DiskFormat | None = None,
+    ) -> Image:
         """Ask for ``name`` to be built; return at once (pending, or ready if already built).
 
         The name is resolved to its digest first (one manifest GET); unknown
         names raise :class:`NotFound` here rather than failing later.
+        ``format`` overrides the options' disk format.
         """
         ref = _parse(name)
-        image, _ = self._submit(ref, options or self.options, None, None)
+        options = options or self.options
+        if format is not None:
+            options = replace(options, format=format)
+        image, _ = self._submit(ref, options, None, None)
         return image
 
     def pull(
@@ -166,13 +178,14 @@ class ImageManager:
     ) -> StoredImage:
         """Build ``name`` through the queue and wait; return the ready image or raise."""
         ref = _parse(name)
+        options = options or self.options
         reporter = reporter or Reporter()
         stats = stats if stats is not None else BuildStats()
         reporter.stage("resolving", ref.familiar())
-        image, job = self._submit(ref, options or self.options, reporter, stats)
+        image, job = self._submit(ref, options, reporter, stats)
         if job is None:
             reporter.stage("ready", f"{ref.familiar()} (already built)")
-            return self.store.find(ref.with_digest(Digest.parse(image.digest)))
+            return self.store.find(ref.with_digest(Digest.parse(image.digest)), options.format)
         job.wait()
         if job.error is not None:
             raise job.error
@@ -188,18 +201,20 @@ class ImageManager:
             job.wait(timeout)
         return self.get(ref)
 
-    def get(self, name: str | Reference) -> Image:
+    def get(self, name: str | Reference, *, format: DiskFormat | None = None) -> Image:
         """The image ``name`` names (tag or digest), building or built; NotFound otherwise.
 
         By tag, a build in progress for that tag wins over the ready digest the
-        tag still points at: it is what the asker is waiting for.
+        tag still points at: it is what the asker is waiting for. ``format``
+        picks that disk's record; without it, a digest with both disks shows
+        its ready one (ext4 first).
         """
         ref = _parse(name)
         with self._lock:
-            job = self._job_for(ref)
+            job = self._job_for(ref, format)
             if job is not None:
                 return self._job_image(job, str(ref))
-        return self._stored_image(find_image(self.store, ref), str(ref))
+        return self._stored_image(find_image(self.store, ref, format), str(ref))
 
     def delete(self, name: str | Reference) -> list[str]:
         """Delete by tag (the disk goes with its last tag) or by digest (with all its tags).
@@ -229,18 +244,22 @@ class ImageManager:
             self.blobs.untag(set(removed))
             return removed
 
-    def verify(self, name: str | Reference, *, record: bool = False) -> Verified:
+    def verify(
+        self, name: str | Reference, *, record: bool = False, format: DiskFormat | None = None
+    ) -> Verified:
         """Check the ready disk ``name`` names again: ``e2fsck -fn`` and its sha256.
 
         Raises :class:`CorruptDisk` when e2fsck finds a problem or the disk no
         longer hashes to the sha256 recorded when it was built; with ``record``,
         a disk built with ``--no-disk-digest`` gets its sha256 recorded now.
         The digest's build lock is held throughout, so no build or delete of
-        it runs meanwhile.
+        it runs meanwhile. ``format`` picks the disk, as for :meth:`get`; an
+        EROFS disk is checked with ``fsck.erofs`` (erofs-utils) instead.
         """
         ref = _parse(name)
         mke2fs = self.options.mke2fs or "mke2fs"
-        return verify_image(self.store, ref, find_image(self.store, ref), mke2fs, record=record)
+        stored = find_image(self.store, ref, format)
+        return verify_image(self.store, ref, stored, mke2fs, record=record)
 
     def list(self) -> list[Image]:
         """Every image in the store and in the queue, by repository and age."""
@@ -297,13 +316,14 @@ class ImageManager:
         self.store.validate(ref)
         if ref.digest is not None:
             # A digest-pinned name whose disk is ready needs no network at all.
-            ready = ready_image(self.store, ref, self.store.locate(ref, ref.digest))
+            found = self.store.locate(ref, ref.digest)
+            ready = ready_image(self.store, ref, found, options.format)
             if ready is not None:
                 self._reused(stats)
                 return self._stored_image(ready, str(ref)), None
         resolved = self._resolve(ref, options.platform)
         digest = resolved.digest
-        key = BuildKey(ref.name, digest)
+        key = BuildKey(ref.name, digest, options.format)
         with self._lock:
             if ref.tag is not None:
                 self._latest[str(ref.with_tag(ref.tag))] = digest
@@ -314,11 +334,12 @@ class ImageManager:
                 if reporter is not None:
                     job.reporter.attach(reporter)
                 return self._job_image(job, str(ref)), job
-            ready = ready_image(self.store, ref, digest)
+            ready = ready_image(self.store, ref, digest, options.format)
             if ready is not None:
                 self.store.set_tag(resolved.ref, digest)
                 self._reused(stats)
-                return self._stored_image(self.store.find(resolved.ref), str(ref)), None
+                stored = self.store.find(resolved.ref, options.format)
+                return self._stored_image(stored, str(ref)), None
             write_pending(self.store, resolved, options)
             job = Job(key, resolved.ref, options, resolved=resolved, stats=stats)
             if reporter is not None:
@@ -396,8 +417,9 @@ class ImageManager:
                         target = self._tag_target(name, job.key.digest, before.get(str(name)))
                         if target is not None:
                             self.store.set_tag(name, target)
-                    self.store.update(job.ref, job.key.digest, without_pending_tags)
-                    job.result = self.store.find(job.ref)
+                    key = job.key
+                    self.store.update(job.ref, key.digest, without_pending_tags, key.format)
+                    job.result = self.store.find(job.ref, key.format)
                     job.update(job.result.record)
                 self._queue.retire(job)
 
@@ -417,7 +439,7 @@ class ImageManager:
         wanted = self._latest.get(str(name), built)
         if wanted == built:
             return built
-        return wanted if ready_image(self.store, name, wanted) is not None else None
+        return wanted if ready_image(self.store, name, wanted, None) is not None else None
 
     def _resolve_again(self, job: Job) -> ResolvedImage:
         """A recovered build: fetch its manifest by digest (verified against it)."""
@@ -426,15 +448,19 @@ class ImageManager:
         job.resolved = resolved
         return resolved
 
-    def _job_for(self, ref: Reference) -> Job | None:
-        found = [job for job in self._queue.jobs() if job.answers(ref)]
+    def _job_for(self, ref: Reference, format: DiskFormat | None = None) -> Job | None:
+        found = [
+            job
+            for job in self._queue.jobs()
+            if job.answers(ref) and format in (None, job.key.format)
+        ]
         return found[-1] if found else None
 
     def _job_image(self, job: Job, name: str | None = None) -> Image:
         record = (
             job.record
-            or self.store.read(job.ref, job.key.digest)
-            or initial_record(job.ref, job.key.digest, job.status)
+            or self.store.read(job.ref, job.key.digest, job.key.format)
+            or initial_record(job.ref, job.key.digest, job.status, job.key.format)
         )
         if job.status is ImageStatus.FAILED and record.status is not ImageStatus.FAILED:
             record = record.evolve(status=ImageStatus.FAILED, error=str(job.error))
@@ -459,7 +485,8 @@ def _parse(name: str | Reference) -> Reference:
 
 def _key_of(stored: StoredImage) -> BuildKey | None:
     try:
-        return BuildKey(stored.repository, Digest.parse(stored.record.digest))
+        digest = Digest.parse(stored.record.digest)
+        return BuildKey(stored.repository, digest, stored.record.format)
     except HypemanError:
         return None
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from hypeman_images.errors import InvalidArgument
 from hypeman_images.layers.limits import Limits
 from hypeman_images.oci.spec import Platform
+from hypeman_images.store.formats import DiskFormat
 
 SYSTEM_DATA_DIR = Path("/var/lib/hypeman")
 DEFAULT_FREE_SPACE = 16 * 1024 * 1024
@@ -91,6 +92,9 @@ class BuildOptions:
     has room for when a build starts (:func:`pipeline.room_for_content`), so a
     decompression bomb fails with :class:`LimitExceeded` before its bytes fill
     the host's disk. Off only to test what a disk filled by others does.
+    ``format``: the disk's filesystem, ext4 (by ``mke2fs``) or a read-only
+    EROFS image (written by :mod:`hypeman_images.disk.erofs`, from the
+    two-pass merge; docs/design.md, "EROFS disks").
     """
 
     platform: Platform = field(default_factory=Platform.host)
@@ -100,3 +104,4 @@ class BuildOptions:
     limits: Limits = field(default_factory=Limits)
     one_pass: bool = True
     check_space: bool = True
+    format: DiskFormat = DiskFormat.EXT4

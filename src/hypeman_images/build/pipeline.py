@@ -1,4 +1,4 @@
-"""One image, end to end: reference → registry → blob cache → flatten → ext4 → store.
+"""One image, end to end: reference → registry → blob cache → flatten → ext4 (or EROFS) → store.
 
 :func:`build_resolved` is the whole pipeline of DESIGN.md for one resolved
 reference (``pull.resolve`` does the resolving). It is synchronous and knows
@@ -30,8 +30,8 @@ from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.store.blobs import BlobStore
+from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.images import (
-    DISK_NAME,
     ImageRecord,
     ImageStatus,
     ImageStore,
@@ -60,9 +60,13 @@ class BuildStats:
     stages: dict[str, float] = field(default_factory=dict)
 
 
-def initial_record(ref: Reference, digest: Digest, status: ImageStatus) -> ImageRecord:
-    """The record of a build that has just been asked for."""
-    return ImageRecord(name=ref.pinned(), digest=str(digest), status=status, created_at=now())
+def initial_record(
+    ref: Reference, digest: Digest, status: ImageStatus, fmt: DiskFormat = DiskFormat.EXT4
+) -> ImageRecord:
+    """The record of a build (of a ``fmt`` disk) that has just been asked for."""
+    return ImageRecord(
+        name=ref.pinned(), digest=str(digest), status=status, created_at=now(), format=fmt
+    )
 
 
 # mke2fs's own metadata (inode tables, bitmaps, directories) on top of the
@@ -141,20 +145,20 @@ def build_resolved(
     # re-pull of a ready digest (the CLI's fast path) never loads.
     from hypeman_images.build.convert import Conversion
 
-    ref, digest = resolved.ref, resolved.digest
+    ref, digest, fmt = resolved.ref, resolved.digest, options.format
     with store.lock(ref, digest), collector.collect_rarely():
-        existing = store.read(ref, digest)
+        existing = store.read(ref, digest, fmt)
         ready = existing is not None and existing.status is ImageStatus.READY
-        if ready and (store.digest_dir(ref, digest) / DISK_NAME).is_file():
+        if ready and (store.digest_dir(ref, digest) / fmt.disk_name).is_file():
             # A ready digest needs no download and no rebuild: only the tag may move.
             stats.reused = True
             store.set_tag(ref, digest)
             reporter.stage("ready", f"{ref.familiar()} (already built)")
-            return store.find(ref)
+            return store.find(ref, fmt)
 
         record = _Record(store, ref, digest, on_status, _pulling(resolved, existing, options))
         limits = build_limits(resolved, blobs, store, options)
-        dest = store.digest_dir(ref, digest) / DISK_NAME
+        dest = store.digest_dir(ref, digest) / fmt.disk_name
         conversion = Conversion(
             resolved, blobs=blobs, dest=dest, options=options, limits=limits, reporter=reporter
         )
@@ -176,7 +180,7 @@ def build_resolved(
         store.set_tag(ref, digest)
         stats.finish_s = time.monotonic() - t0
     reporter.stage("ready", ref.familiar())
-    return store.find(ref)
+    return store.find(ref, fmt)
 
 
 def _pull_and_convert(
@@ -199,7 +203,9 @@ def _pull_and_convert(
     stats.cached_blobs = pulled.cached_blobs
     record.set(_with_config(record.current, pulled).evolve(status=ImageStatus.CONVERTING))
 
-    reporter.stage("converting", f"{len(resolved.manifest.layers)} layers → ext4")
+    reporter.stage(
+        "converting", f"{len(resolved.manifest.layers)} layers → {record.current.format}"
+    )
     t0 = time.monotonic()
     disk = conversion.finish(pulled)
     stats.convert_s = time.monotonic() - t0
@@ -212,7 +218,7 @@ def _pulling(
 ) -> ImageRecord:
     """The record of a build that starts pulling (over an earlier record, if any)."""
     ref, digest = resolved.ref, resolved.digest
-    record = initial_record(ref, digest, ImageStatus.PULLING)
+    record = initial_record(ref, digest, ImageStatus.PULLING, options.format)
     if existing is not None:
         record = existing.evolve(status=ImageStatus.PULLING, error=None, name=record.name)
     # Name the blobs from the start, so a gc during the download keeps them.

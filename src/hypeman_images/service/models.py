@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from hypeman_images.build.image import Image
+from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.images import ImageStatus
 
 
@@ -18,6 +19,11 @@ class CreateImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="Image reference, e.g. `alpine:3.20` or `repo@sha256:…`")
+    format: DiskFormat | None = Field(
+        default=None,
+        description="Extension: the disk's filesystem, `ext4` or `erofs` (default: the "
+        "server's, ext4 unless `serve --format`)",
+    )
 
 
 class ImageModel(BaseModel):
@@ -37,6 +43,7 @@ class ImageModel(BaseModel):
     created_at: str = Field(description="RFC 3339 UTC")
     tags: list[str] = Field(description="Local tags that point at this digest")
     platform: str | None = Field(description="os/arch[/variant] of the image config")
+    format: DiskFormat = Field(description="Extension: the disk's filesystem, ext4 or erofs")
 
 
 class ErrorModel(BaseModel):

@@ -21,6 +21,7 @@ from hypeman_images.service.models import (
     ImageModel,
     image_model,
 )
+from hypeman_images.store.formats import DiskFormat
 
 
 def add_image_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> None:
@@ -35,7 +36,7 @@ def add_image_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> No
         summary="Build an image (returns at once)",
     )
     def create_image(body: CreateImageRequest) -> ImageModel:
-        return image_model(manager.create(body.name))
+        return image_model(manager.create(body.name, format=body.format))
 
     @app.get(
         "/images",
@@ -56,8 +57,8 @@ def add_image_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> No
         responses=_responses(400, 401, 404),
         summary="Get an image by tag or digest reference",
     )
-    def get_image(name: str) -> ImageModel:
-        return image_model(manager.get(name))
+    def get_image(name: str, format: DiskFormat | None = None) -> ImageModel:
+        return image_model(manager.get(name, format=format))
 
     @app.delete(
         "/images/{name:path}",

@@ -19,10 +19,9 @@ from pathlib import Path
 from hypeman_images.errors import HypemanError
 from hypeman_images.fsutil import TEMP_PREFIX, storage_error, writer_alive
 from hypeman_images.oci.digest import Digest
+from hypeman_images.store.formats import RECORD_FILES
 from hypeman_images.store.images import (
-    DISK_NAME,
     LOCK_NAME,
-    METADATA_NAME,
     ImageRecord,
     ImageStatus,
     digest_dirs,
@@ -77,14 +76,14 @@ def idle_lock(directory: Path) -> Iterator[bool]:
 
 
 def sweep_build_dir(directory: Path) -> int:
-    """Remove everything but the disk, the record and the lock from an idle build dir.
+    """Remove everything but the disks, the records and the lock from an idle build dir.
 
     What else is there was left by a dead build: mke2fs's temp disk
     (``.rootfs.ext4.*.tmp``), the fallback's staging dir, metadata temp files.
     """
     freed = 0
     for entry in directory.iterdir():
-        if entry.name in (DISK_NAME, METADATA_NAME, LOCK_NAME):
+        if entry.name in RECORD_FILES or entry.name == LOCK_NAME:
             continue
         if entry.name.startswith(TEMP_PREFIX) and writer_alive(entry.name):
             continue

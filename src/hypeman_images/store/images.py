@@ -7,7 +7,9 @@ Layout under the data dir (docs/design.md, "On-disk layout")::
     images/<registry>/<repository>/<tag> -> <digest-hex>
 
 ``metadata.json`` is the record of a build at every stage; it says ``ready``
-only after ``rootfs.ext4`` has been renamed into place. A tag link is swapped
+only after ``rootfs.ext4`` has been renamed into place. An EROFS disk of the
+same digest has its own pair, ``rootfs.erofs`` and ``metadata.erofs.json``
+(:mod:`~hypeman_images.store.formats`). A tag link is swapped
 by rename, and only ever points at a ready build. State is rebuilt by
 scanning, so a crash leaves nothing that the next start cannot understand.
 """
@@ -40,11 +42,12 @@ from hypeman_images.fsutil import (
 from hypeman_images.oci.digest import SHA256_HEX, Digest
 from hypeman_images.oci.reference import Reference
 from hypeman_images.oci.spec import Platform
+from hypeman_images.store.formats import DiskFormat
 
 log = logging.getLogger(__name__)
 
-DISK_NAME = "rootfs.ext4"
-METADATA_NAME = "metadata.json"
+DISK_NAME = DiskFormat.EXT4.disk_name
+METADATA_NAME = DiskFormat.EXT4.metadata_name
 LOCK_NAME = ".lock"
 DELETING_PREFIX = ".deleting-"
 
@@ -102,11 +105,14 @@ class ImageRecord:
     # Tags besides ``name`` that asked for this digest while it was being built,
     # so that a build recovered after a crash sets them too; cleared once set.
     pending_tags: list[str] = field(default_factory=list)
+    # The disk this record is of; its file names follow (store.formats).
+    format: DiskFormat = DiskFormat.EXT4
 
     def to_json(self) -> bytes:
         """Canonical JSON bytes for metadata.json."""
         doc = asdict(self)
         doc["status"] = str(self.status)
+        doc["format"] = str(self.format)
         return json.dumps(doc, indent=2, sort_keys=False).encode() + b"\n"
 
     @classmethod
@@ -116,6 +122,7 @@ class ImageRecord:
         known = {f for f in cls.__dataclass_fields__}
         doc = {k: v for k, v in doc.items() if k in known}
         doc["status"] = ImageStatus(doc["status"])
+        doc["format"] = DiskFormat(doc.get("format", DiskFormat.EXT4))  # absent: before erofs
         return cls(**doc)
 
     def evolve(self, **changes: Any) -> ImageRecord:
@@ -134,8 +141,8 @@ class StoredImage:
 
     @property
     def disk(self) -> Path:
-        """The ext4 image (exists only when the record is ready)."""
-        return self.directory / DISK_NAME
+        """The record's disk (exists only when the record is ready)."""
+        return self.directory / self.record.format.disk_name
 
 
 class ImageStore:
@@ -207,9 +214,11 @@ class ImageStore:
 
     # Records.
 
-    def read(self, ref: Reference, digest: Digest) -> ImageRecord | None:
-        """The record of ``digest`` in ``ref``'s repository, if any."""
-        return read_record(self.digest_dir(ref, digest))
+    def read(
+        self, ref: Reference, digest: Digest, fmt: DiskFormat = DiskFormat.EXT4
+    ) -> ImageRecord | None:
+        """The record of ``digest``'s ``fmt`` disk in ``ref``'s repository, if any."""
+        return read_record(self.digest_dir(ref, digest), fmt)
 
     def write(
         self, ref: Reference, digest: Digest, record: ImageRecord, *, keep_pending: bool = True
@@ -221,7 +230,7 @@ class ImageStore:
         writer's copy was being made.
         """
         with self._records:
-            current = self.read(ref, digest) if keep_pending else None
+            current = self.read(ref, digest, record.format) if keep_pending else None
             if current is not None:
                 extra = [t for t in current.pending_tags if t not in record.pending_tags]
                 if extra:
@@ -229,11 +238,15 @@ class ImageStore:
             self._publish(ref, digest, record)
 
     def update(
-        self, ref: Reference, digest: Digest, change: Callable[[ImageRecord], ImageRecord]
+        self,
+        ref: Reference,
+        digest: Digest,
+        change: Callable[[ImageRecord], ImageRecord],
+        fmt: DiskFormat = DiskFormat.EXT4,
     ) -> ImageRecord | None:
         """Rewrite the record as ``change`` makes it, none writing between; None if absent."""
         with self._records:
-            current = self.read(ref, digest)
+            current = self.read(ref, digest, fmt)
             if current is None:
                 return None
             record = change(current)
@@ -247,7 +260,7 @@ class ImageStore:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise storage_error(exc, f"cannot create {directory}") from exc
-        with atomic_writer(directory / METADATA_NAME) as handle:
+        with atomic_writer(directory / record.format.metadata_name) as handle:
             handle.write(record.to_json())
             if self._on_temp_written is not None:
                 handle.flush()
@@ -302,7 +315,7 @@ class ImageStore:
         index's; builds are keyed by the platform manifest's. Among builds of
         that index, the host platform's wins.
         """
-        if (self.digest_dir(ref, digest) / METADATA_NAME).exists():
+        if read_records(self.digest_dir(ref, digest)):
             return digest
         repo, host = self.repo_dir(ref), str(Platform.host())
         names: list[str] = []
@@ -310,19 +323,24 @@ class ImageStore:
             names = os.listdir(repo)
         matches = []
         for name in names:
-            record = read_record(repo / name) if SHA256_HEX.fullmatch(name) else None
-            if record is not None and record.index_digest == str(digest):
-                matches.append((record.platform != host, name))
+            for record in read_records(repo / name) if SHA256_HEX.fullmatch(name) else []:
+                if record.index_digest == str(digest):
+                    matches.append((record.platform != host, name))
         return Digest("sha256", min(matches)[1]) if matches else digest
 
-    def find(self, ref: Reference) -> StoredImage:
-        """The local image a reference names (by digest, else by tag); NotFound otherwise."""
+    def find(self, ref: Reference, fmt: DiskFormat | None = None) -> StoredImage:
+        """The local image a reference names (by digest, else by tag); NotFound otherwise.
+
+        ``fmt``: the record of that disk format; ``None``: the :func:`preferred` one.
+        """
         digest = self.locate(ref, ref.digest) if ref.digest else self.tag_target(ref)
         if digest is not None:
-            record = self.read(ref, digest)
+            directory = self.digest_dir(ref, digest)
+            record = read_record(directory, fmt) if fmt else preferred(read_records(directory))
             if record is not None:
                 return self._stored(ref, digest, record)
-        raise NotFound(f"no local image {ref.familiar()}; pull it first (hypeman-images pull)")
+        name = ref.familiar() + (f" as {fmt}" if fmt else "")
+        raise NotFound(f"no local image {name}; pull it first (hypeman-images pull)")
 
     def _stored(self, ref: Reference, digest: Digest, record: ImageRecord) -> StoredImage:
         directory = self.digest_dir(ref, digest)
@@ -338,11 +356,11 @@ class ImageStore:
     def scan(self) -> Iterator[StoredImage]:
         """Every record in the store, found by walking the digest directories."""
         for directory in digest_dirs(self.root):
-            record = read_record(directory)
-            if record is None:
-                continue  # no record yet (a build just started), just deleted, or unreadable
             repository = directory.parent.relative_to(self.root).as_posix()
-            yield StoredImage(record, repository, directory, self._tags_of(directory))
+            # One per disk format; none if no record yet (a build just started), just
+            # deleted, or unreadable.
+            for record in read_records(directory):
+                yield StoredImage(record, repository, directory, self._tags_of(directory))
 
     # Removal.
 
@@ -399,9 +417,9 @@ class ImageStore:
         return freed
 
 
-def read_record(directory: Path) -> ImageRecord | None:
-    """The record in a digest directory; None when there is none or it is unreadable."""
-    path = directory / METADATA_NAME
+def read_record(directory: Path, fmt: DiskFormat = DiskFormat.EXT4) -> ImageRecord | None:
+    """The ``fmt`` record in a digest directory; None when there is none or it is unreadable."""
+    path = directory / fmt.metadata_name
     try:
         return ImageRecord.from_json(path.read_bytes())
     except (FileNotFoundError, NotADirectoryError):
@@ -409,6 +427,17 @@ def read_record(directory: Path) -> ImageRecord | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("ignoring unreadable %s: %s", path, exc)
         return None
+
+
+def read_records(directory: Path) -> list[ImageRecord]:
+    """Every readable record in a digest directory, one per disk format, ext4 first."""
+    return [r for f in DiskFormat if (r := read_record(directory, f)) is not None]
+
+
+def preferred(records: list[ImageRecord]) -> ImageRecord | None:
+    """The record a name without a format means: the first ready one, else the first."""
+    candidates = [r for r in records if r.status is ImageStatus.READY] or records
+    return candidates[0] if candidates else None
 
 
 def digest_dirs(root: Path) -> Iterator[Path]:
@@ -463,6 +492,8 @@ __all__ = [
     "StoredImage",
     "digest_dirs",
     "now",
+    "preferred",
     "read_record",
+    "read_records",
     "tree_size",
 ]

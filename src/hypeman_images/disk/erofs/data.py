@@ -17,7 +17,8 @@ from hypeman_images.disk.erofs.format import BLOCK_BITS, BLOCK_SIZE, round_up
 from hypeman_images.disk.erofs.model import ErofsInputError, SparseMap
 from hypeman_images.errors import StorageError
 
-Body = BinaryIO | Iterable[bytes]
+# A read-only memoryview (of bytes) is taken as it is; other chunks are copied.
+Body = BinaryIO | Iterable[bytes | memoryview]
 
 _BUFFER = 4 << 20  # gather writes up to this much
 _READ = 1 << 20  # read bodies this much at a time
@@ -133,15 +134,19 @@ class BodyReader:
             raise ErofsInputError(f"{self._where}: body longer than its size")
 
 
-def _chunks(body: Body) -> Iterator[bytes]:
+def _chunks(body: Body) -> Iterator[bytes | memoryview]:
     if isinstance(body, bytes | bytearray):
         raise TypeError("a body is a file object or an iterable of chunks, not bytes")
     read = getattr(body, "read", None)
     if read is None:
-        yield from (bytes(c) for c in body if c)
+        yield from (c if _frozen(c) else bytes(c) for c in body if c)
         return
     while chunk := read(_READ):
         yield chunk
+
+
+def _frozen(chunk: bytes | memoryview) -> bool:
+    return type(chunk) is bytes or (isinstance(chunk, memoryview) and chunk.readonly)
 
 
 def chunk_bits(sparse: SparseMap, size: int) -> int:
