@@ -339,7 +339,7 @@ def test_image_json_shape(manager: ImageManager, busybox_ref: PushedImage) -> No
     doc = manager.get(busybox_ref.ref).to_json()
     assert set(doc) == {
         "name", "digest", "status", "queue_position", "error", "size_bytes", "entrypoint",
-        "cmd", "env", "working_dir", "user", "created_at", "tags", "platform",
+        "cmd", "env", "working_dir", "user", "created_at", "tags", "platform", "format",
     }  # fmt: skip
     assert isinstance(manager.get(busybox_ref.ref), Image)
 
