@@ -191,7 +191,9 @@ def test_recover_resumes_an_erofs_build_beside_a_ready_ext4(
 
 def test_a_record_written_before_erofs_reads_as_ext4(tmp_path: Path) -> None:
     old = {"name": "docker.io/library/a:1", "digest": "sha256:" + "a" * 64, "status": "ready"}
-    record = ImageRecord.from_json(json.dumps({**old, "created_at": "2024-01-01T00:00:00Z"}).encode())
+    record = ImageRecord.from_json(
+        json.dumps({**old, "created_at": "2024-01-01T00:00:00Z"}).encode()
+    )
     assert record.format is DiskFormat.EXT4
     assert json.loads(record.to_json())["format"] == "ext4"
     assert DiskFormat.EROFS.disk_name == "rootfs.erofs"

@@ -1,4 +1,4 @@
-"""Read an EROFS disk back into the oracle's ``dict[str, Node]`` form, as ``support.disk`` reads ext4.
+"""Read an EROFS disk back into the oracle's ``dict[str, Node]`` form (``support.disk``: ext4).
 
 As root the disk is loop-mounted read-only and walked with ``lstat`` (the
 kernel reads it); otherwise :mod:`support.erofs_reader`, a reader written
@@ -68,7 +68,9 @@ def kept_xattrs(tree: Mapping[str, Node]) -> dict[str, Node]:
     return {
         path: dataclasses.replace(
             node,
-            xattrs={k: v for k, v in node.xattrs.items() if xattr_action(k) is not XattrAction.DROP},
+            xattrs={
+                k: v for k, v in node.xattrs.items() if xattr_action(k) is not XattrAction.DROP
+            },
         )
         for path, node in tree.items()
     }
