@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -153,20 +154,23 @@ def test_unprivileged_pull_keeps_owners(
         pytest.skip("already unprivileged: every other test covers this case")
     if unprivileged_user.run([CLI, "--version"], capture_output=True).returncode != 0:
         pytest.skip(f"nobody cannot run {CLI}: a parent of the checkout is not searchable")
-    data_dir = tmp_path / "nobody-data"
-    data_dir.mkdir()
-    unprivileged_user.own(data_dir)
-    result = unprivileged_user.run(
-        [CLI, "pull", "--format", "erofs", "--data-dir", str(data_dir), pushed.ref],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HOME": str(data_dir)},
-    )
-    assert result.returncode == 0, result.stderr
-    disk = Path(result.stdout.strip())
-    assert disk.stat().st_uid == 65534
-    check_erofs(disk, pushed.expected_tree)  # type: ignore[arg-type]
-    # Built by nobody or by root, the same bytes.
-    again = cli_pull(tmp_path / "root-data", "--format", "erofs", pushed.ref)
-    assert again.returncode == 0, again.stderr
-    assert Path(again.stdout.strip()).read_bytes() == disk.read_bytes()
+    # Not under pytest's base temp dir: a pytest session starting meanwhile (as the
+    # same user) takes the search permission own() gives its parents away again.
+    with tempfile.TemporaryDirectory(prefix="hypeman-nobody-") as scratch:
+        data_dir = Path(scratch) / "data"
+        data_dir.mkdir()
+        unprivileged_user.own(data_dir)
+        result = unprivileged_user.run(
+            [CLI, "pull", "--format", "erofs", "--data-dir", str(data_dir), pushed.ref],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HOME": str(data_dir)},
+        )
+        assert result.returncode == 0, result.stderr
+        disk = Path(result.stdout.strip())
+        assert disk.stat().st_uid == 65534
+        check_erofs(disk, pushed.expected_tree)  # type: ignore[arg-type]
+        # Built by nobody or by root, the same bytes.
+        again = cli_pull(tmp_path / "root-data", "--format", "erofs", pushed.ref)
+        assert again.returncode == 0, again.stderr
+        assert Path(again.stdout.strip()).read_bytes() == disk.read_bytes()
