@@ -161,8 +161,7 @@ class _Progress:
             self.done += entry.size if body is not None else 0
             if self.done - self._written_back >= _WRITEBACK_EVERY:
                 self._written_back = self.done
-                self.out.flush()
-                start_writeback(self.out.fileno())
+                start_writeback(self.out.fileno())  # what the writer's thread wrote so far
             if self.report is not None and self.done - self._reported >= _REPORT_EVERY:
                 self._reported = self.done
                 self.report(self.done, max(1, self.total))
