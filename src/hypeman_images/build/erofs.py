@@ -76,12 +76,17 @@ def erofs_entry(node: Node) -> Entry:
         target=e.target if kind is Kind.SYMLINK else b"",
         devmajor=e.devmajor if device else 0,
         devminor=e.devminor if device else 0,
-        xattrs=tuple(
-            (name.encode("utf-8", "surrogateescape"), value)  # as the tar reader decoded it
-            for name, value in e.xattrs
-            if xattr_action(name) is not XattrAction.DROP
-        ),
+        xattrs=_kept(e.xattrs) if e.xattrs else (),
         sparse=layer.sparse_map(e),
+    )
+
+
+def _kept(xattrs: tuple[tuple[str, bytes], ...]) -> tuple[tuple[bytes, bytes], ...]:
+    """The xattrs the policy keeps, names encoded back as the tar reader decoded them."""
+    return tuple(
+        (name.encode("utf-8", "surrogateescape"), value)
+        for name, value in xattrs
+        if xattr_action(name) is not XattrAction.DROP
     )
 
 

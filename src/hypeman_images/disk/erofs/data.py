@@ -23,7 +23,8 @@ from hypeman_images.errors import StorageError
 Body = BinaryIO | Iterable[bytes | memoryview]
 
 _BUFFER = 4 << 20  # gather writes up to this much
-_IN_FLIGHT = 4  # buffers handed to the writing thread and not yet written
+_DIRECT = 256 << 10  # an immutable chunk this large is written as it is, not gathered
+_IN_FLIGHT = 8  # writes handed to the writing thread and not yet done
 _READ = 1 << 20  # read bodies this much at a time
 _SEEK_OVER = 64 << 10  # zero runs at least this long become holes
 _ZEROS = bytes(_SEEK_OVER)
@@ -61,9 +62,12 @@ class DataArea:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data``."""
         n = len(data)
-        if n >= _BUFFER:
+        if n >= _DIRECT and _frozen(data):  # no copy: nobody changes it while it is written
             self._hand_off()
-            self._submit(self.pos, data if _frozen(data) else bytes(data))
+            self._submit(self.pos, data)
+        elif n >= _BUFFER:
+            self._hand_off()
+            self._submit(self.pos, bytes(data))
         else:
             self._buf += data
         self.pos += n
