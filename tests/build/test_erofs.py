@@ -65,7 +65,9 @@ def check_erofs(disk: Path, expected: dict[str, object]) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_every_flatten_case(case: str, registry: RegistryServer, data_dir: Path) -> None:
+def test_every_flatten_case(
+    case: str, registry: RegistryServer, data_dir: Path, tmp_path: Path
+) -> None:
     ref = push_case(registry, case, CASES[case])
     stats = BuildStats()
     with ImageManager(data_dir, options=EROFS) as manager:
@@ -81,6 +83,8 @@ def test_every_flatten_case(case: str, registry: RegistryServer, data_dir: Path)
     digest = hashlib.sha256(stored.disk.read_bytes()).hexdigest()
     assert stored.record.disk_sha256 == f"sha256:{digest}"
     assert stored.record.size_bytes == stored.disk.stat().st_size
+    with ImageManager(tmp_path / "again", options=EROFS) as manager:
+        assert manager.pull(ref).disk.read_bytes() == stored.disk.read_bytes()
 
 
 @pytest.mark.parametrize("case", sorted(ERRORS))
@@ -142,14 +146,10 @@ def test_alpine_as_erofs_is_smaller_than_as_ext4(alpine_ref: PushedImage, data_d
     assert compare_trees(read_disk_tree(ext4.disk), tree) == []
 
 
-@pytest.mark.parametrize("image", ["alpine_ref", "multilayer_ref"])
 def test_unprivileged_pull_keeps_owners(
-    image: str,
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    unprivileged_user: UnprivilegedUser,
+    real_image: PushedImage, tmp_path: Path, unprivileged_user: UnprivilegedUser
 ) -> None:
-    pushed: PushedImage = request.getfixturevalue(image)
+    pushed = real_image
     if not unprivileged_user.needs_switch:
         pytest.skip("already unprivileged: every other test covers this case")
     if unprivileged_user.run([CLI, "--version"], capture_output=True).returncode != 0:
