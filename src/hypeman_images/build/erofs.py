@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -147,29 +146,30 @@ def _layer_files(
             stream.close()
 
 
-@dataclass
 class _Progress:
     """Counts the body bytes going by: reports them, and starts the device's writes."""
 
-    out: BinaryIO
-    total: int
-    report: Callable[[int, int], None] | None
-    done: int = 0
-    _reported: int = 0
-    _written_back: int = field(default=0, repr=False)
+    def __init__(
+        self, out: BinaryIO, total: int, report: Callable[[int, int], None] | None
+    ) -> None:
+        self._fd = out.fileno()
+        self._total = max(1, total)
+        self._report = report
+        self._done = self._reported = self._written_back = 0
 
     def bodies(
         self, entries: Iterable[tuple[Entry, Body | None]]
     ) -> Iterator[tuple[Entry, Body | None]]:
+        """``entries`` passed on; each body is counted once the writer has taken it."""
         for entry, body in entries:
             yield entry, body
-            self.done += entry.size if body is not None else 0
-            if self.done - self._written_back >= _WRITEBACK_EVERY:
-                self._written_back = self.done
-                start_writeback(self.out.fileno())  # what the writer's thread wrote so far
-            if self.report is not None and self.done - self._reported >= _REPORT_EVERY:
-                self._reported = self.done
-                self.report(self.done, max(1, self.total))
+            self._done += entry.size if body is not None else 0
+            if self._done - self._written_back >= _WRITEBACK_EVERY:
+                self._written_back = self._done
+                start_writeback(self._fd)  # what the writer's thread wrote so far
+            if self._report is not None and self._done - self._reported >= _REPORT_EVERY:
+                self._reported = self._done
+                self._report(self._done, self._total)
 
 
 def build_erofs(
