@@ -448,12 +448,8 @@ class ImageManager:
         job.resolved = resolved
         return resolved
 
-    def _job_for(self, ref: Reference, format: DiskFormat | None = None) -> Job | None:
-        found = [
-            job
-            for job in self._queue.jobs()
-            if job.answers(ref) and format in (None, job.key.format)
-        ]
+    def _job_for(self, ref: Reference, fmt: DiskFormat | None = None) -> Job | None:
+        found = [j for j in self._queue.jobs() if j.answers(ref) and fmt in (None, j.key.format)]
         return found[-1] if found else None
 
     def _job_image(self, job: Job, name: str | None = None) -> Image:

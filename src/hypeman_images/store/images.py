@@ -329,10 +329,8 @@ class ImageStore:
         return Digest("sha256", min(matches)[1]) if matches else digest
 
     def find(self, ref: Reference, fmt: DiskFormat | None = None) -> StoredImage:
-        """The local image a reference names (by digest, else by tag); NotFound otherwise.
-
-        ``fmt``: the record of that disk format; ``None``: the :func:`preferred` one.
-        """
+        """The image a reference names (by digest, else tag), ``fmt``'s record (None:
+        :func:`preferred`); NotFound otherwise."""
         digest = self.locate(ref, ref.digest) if ref.digest else self.tag_target(ref)
         if digest is not None:
             directory = self.digest_dir(ref, digest)
