@@ -10,7 +10,7 @@ verification holds that lock while it checks.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,18 +19,20 @@ from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.queue import BuildKey, Job
 from hypeman_images.build.records import pending_tags, without_pending_tags
 from hypeman_images.errors import Conflict, HypemanError
+from hypeman_images.fsutil import discard
 from hypeman_images.layers.scancache import ScanCache
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.store.blobs import BlobStore
 from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.housekeeping import (
+    abandoned,
     blobs_needed,
     build_dirs,
     idle_lock,
+    quarantine_unreadable,
     remove_dangling_tags,
     sweep_build_dir,
-    tree_size,
 )
 from hypeman_images.store.images import (
     ImageRecord,
@@ -66,27 +68,31 @@ class RecoveryReport:
 
 
 def collect_garbage(store: ImageStore, blobs: BlobStore, active: set[BuildKey]) -> GcReport:
-    """Remove what no image needs: failed or unreadable build dirs, their blobs, leftovers.
+    """Remove what no image needs: failed, interrupted or unreadable build dirs, their
+    blobs, leftovers. ``bytes_freed`` counts allocated blocks (sparse disks as they are).
 
-    Blobs of ready builds, of interrupted ones and of the ``active`` (queued
-    or running) builds are kept. A digest with a failed (or unreadable) record
-    of one disk format and a good one of another loses only the failed disk's files.
+    Blobs of ready builds and of builds queued or running (the ``active`` ones
+    here, or in another live process) are kept. A digest with an abandoned (or
+    unreadable) record of one disk format and a good one of another loses only
+    the abandoned disk's files. A build dir that cannot be locked or removed is
+    logged and skipped, its blobs kept: one leftover must not stop gc
+    (docs/security.md, "Deep trees and leftovers").
     """
     keep: set[Digest] = set()
     freed = removed_dirs = 0
     for directory, repository in build_dirs(store.root):
         digest = Digest("sha256", directory.name)
-        records = read_records(directory)
-        keep |= {d for r in records for d in blobs_needed(r)}
-        if any(BuildKey(repository, digest, f) in active for f in DiskFormat):
+        records: list[ImageRecord] | None = read_records(directory)
+        if not any(BuildKey(repository, digest, f) in active for f in DiskFormat):
+            try:
+                freed_here, records = _collect_build_dir(store, directory)
+                freed += freed_here
+            except HypemanError as exc:
+                log.warning("gc: skipping %s: %s", directory, exc)
+        if records is None:
+            removed_dirs += 1
             continue
-        with idle_lock(directory) as free:
-            if free and all(r.status is ImageStatus.FAILED for r in records):
-                freed += tree_size(directory)
-                store.remove_directory(directory)
-                removed_dirs += 1
-            elif free:
-                freed += _drop_failed_disks(directory, records) + sweep_build_dir(directory)
+        keep |= {d for r in records for d in blobs_needed(r)}
     remove_dangling_tags(store.root)
     freed += store.sweep()
     result = blobs.gc(keep)
@@ -100,15 +106,30 @@ def collect_garbage(store: ImageStore, blobs: BlobStore, active: set[BuildKey]) 
     )
 
 
-def _drop_failed_disks(directory: Path, records: list[ImageRecord]) -> int:
+def _collect_build_dir(store: ImageStore, directory: Path) -> tuple[int, list[ImageRecord] | None]:
+    """gc of one build dir, if idle: removed when every record in it is abandoned, else
+    the abandoned disks' files and the leftovers go. Bytes freed, and the records
+    left (None: the directory is gone)."""
+    with idle_lock(directory) as free:
+        records = read_records(directory)  # again, under the lock
+        if not free:
+            return 0, records
+        if all(abandoned(r) for r in records):
+            return store.remove_directory(directory), None
+        freed = _drop_abandoned_disks(store, directory, records)
+        freed += sweep_build_dir(directory, store.quarantine)
+        return freed, [r for r in records if not abandoned(r)]
+
+
+def _drop_abandoned_disks(store: ImageStore, directory: Path, records: list[ImageRecord]) -> int:
     """Remove the disk and record of each format without a good record; bytes freed."""
-    good = {r.format for r in records if r.status is not ImageStatus.FAILED}
+    good = {r.format for r in records if not abandoned(r)}
     freed = 0
     for fmt in DiskFormat:
         if fmt not in good:
-            for path in (directory / fmt.disk_name, directory / fmt.metadata_name):
-                freed += tree_size(path)
-                path.unlink(missing_ok=True)
+            for name in (fmt.disk_name, fmt.metadata_name):
+                label = f"{directory.parent.name}/{directory.name}/{name}"
+                freed += discard(directory / name, store.quarantine, label)
     return freed
 
 
@@ -124,50 +145,70 @@ def recover_builds(
     queued again from their name and digest, with the free space first asked
     for (the manifest is fetched again by digest, which gives the same build);
     a ready record whose tag link is missing gets it; temp files and
-    half-deleted dirs of dead writers go.
+    half-deleted dirs of dead writers go. Unreadable records are quarantined,
+    and a record that fails to recover is logged and tried again at the next
+    start: one record must not keep the service from starting
+    (docs/security.md, "Deep trees and leftovers").
     """
     resumed: list[str] = []
     retagged: list[str] = []
     freed = store.sweep() + blobs.sweep_ingest()
     freed += ScanCache.beside(blobs).sweep()
+    quarantine_unreadable(store)
     for stored in sorted(store.scan(), key=lambda s: s.record.created_at):
-        record = stored.record
-        with idle_lock(stored.directory) as free:
-            if not free:
-                continue
-            freed += sweep_build_dir(stored.directory)
         try:
-            ref = parse_reference(record.name)
-            digest = Digest.parse(record.digest)
-        except HypemanError as exc:
+            freed += _recover_one(store, stored, options, submit, resumed, retagged)
+        except (HypemanError, OSError) as exc:
             log.warning("cannot recover %s: %s", stored.directory, exc)
-            continue
-        if ref.name != stored.repository or digest.encoded != stored.directory.name:
-            log.warning("ignoring %s: its record names %s", stored.directory, record.name)
-            continue
-        names = [ref, *pending_tags(record, ref)]
-        broken = record.status is ImageStatus.READY and not stored.disk.is_file()
-        if record.status.active or broken:
-            # Rebuild as first asked: the free space changes the disk's bytes.
-            asked = replace(options, format=record.format)
-            if record.free_space_bytes is not None:
-                asked = replace(asked, free_space=record.free_space_bytes)
-            key = BuildKey(ref.name, digest, record.format)
-            job = Job(key, ref.with_digest(digest), asked)
-            for name in names[1:]:
-                job.add_name(name)  # every tag that asked, not only the first
-            job.recovered = True
-            submit(job)
-            resumed.append(record.name)
-        elif record.status is ImageStatus.READY:
-            # The crash fell between "ready" and the tag links. A link that
-            # exists was moved on purpose since, and stays.
-            for name in names:
-                if name.tag is not None and store.tag_target(name) is None:
-                    store.set_tag(name, digest)
-                    retagged.append(str(name))
-            store.update(ref, digest, without_pending_tags, record.format)
     return RecoveryReport(tuple(resumed), tuple(retagged), freed)
+
+
+def _recover_one(
+    store: ImageStore,
+    stored: StoredImage,
+    options: BuildOptions,
+    submit: Callable[[Job], object],
+    resumed: MutableSequence[str],
+    retagged: MutableSequence[str],
+) -> int:
+    """Recover one record (see :func:`recover_builds`); returns the bytes of leftovers freed."""
+    record = stored.record
+    with idle_lock(stored.directory) as free:
+        if not free:
+            return 0
+        freed = sweep_build_dir(stored.directory, store.quarantine)
+    try:
+        ref = parse_reference(record.name)
+        digest = Digest.parse(record.digest)
+    except HypemanError as exc:
+        log.warning("cannot recover %s: %s", stored.directory, exc)
+        return freed
+    if ref.name != stored.repository or digest.encoded != stored.directory.name:
+        log.warning("ignoring %s: its record names %s", stored.directory, record.name)
+        return freed
+    names = [ref, *pending_tags(record, ref)]
+    broken = record.status is ImageStatus.READY and not stored.disk.is_file()
+    if record.status.active or broken:
+        # Rebuild as first asked: the free space changes the disk's bytes.
+        asked = replace(options, format=record.format)
+        if record.free_space_bytes is not None:
+            asked = replace(asked, free_space=record.free_space_bytes)
+        job = Job(BuildKey(ref.name, digest, record.format), ref.with_digest(digest), asked)
+        for name in names[1:]:
+            job.add_name(name)  # every tag that asked, not only the first
+        job.recovered = True
+        submit(job)
+        store.update(ref, digest, lambda r: r.evolve(), record.format)  # ours now (its writer)
+        resumed.append(record.name)
+    elif record.status is ImageStatus.READY:
+        # The crash fell between "ready" and the tag links. A link that
+        # exists was moved on purpose since, and stays.
+        for name in names:
+            if name.tag is not None and store.tag_target(name) is None:
+                store.set_tag(name, digest)
+                retagged.append(str(name))
+        store.update(ref, digest, without_pending_tags, record.format)
+    return freed
 
 
 def verify_image(

@@ -18,11 +18,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from hypeman_images.build.diskpush import DiskPushes
 from hypeman_images.build.image import Image, image_of, image_view
 from hypeman_images.build.maintenance import (
     GcReport,
@@ -35,7 +35,7 @@ from hypeman_images.build.metrics import Metrics, QueueGauges
 from hypeman_images.build.options import BuildOptions, DataDir
 from hypeman_images.build.pipeline import BuildStats, build_resolved, initial_record
 from hypeman_images.build.progress import Reporter
-from hypeman_images.build.pull import ResolvedImage, resolve
+from hypeman_images.build.pull import ResolvedImage
 from hypeman_images.build.queue import BuildKey, BuildQueue, Job, PauseHook, PausingReporter
 from hypeman_images.build.records import (
     find_image,
@@ -45,18 +45,20 @@ from hypeman_images.build.records import (
     without_pending_tags,
     write_pending,
 )
-from hypeman_images.errors import Conflict, HypemanError
+from hypeman_images.build.resolving import SharedResolver
+from hypeman_images.errors import Conflict, HypemanError, InvalidArgument
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
-from hypeman_images.oci.spec import Platform
 from hypeman_images.registry.client import RegistryClient
+from hypeman_images.store.access import prepare_data_dir
 from hypeman_images.store.blobs import BlobStore
 from hypeman_images.store.formats import DiskFormat
-from hypeman_images.store.housekeeping import idle_lock
+from hypeman_images.store.housekeeping import idle_lock, settled
 from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, StoredImage
 
 if TYPE_CHECKING:
     from hypeman_images.disk.verify import Verified
+    from hypeman_images.fleet.push import PushedDisk
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ class ImageManager:
     ``client_factory`` makes the registry client (tests pass their own); it is
     called once, on first use. ``builder`` is the pipeline (a seam for tests).
     ``pause`` is the crash-test hook of :mod:`hypeman_images.build.queue`.
+    The data dir is made private, or shared with ``data_dir_group``
+    (:func:`~hypeman_images.store.access.prepare_data_dir`).
     Use as a context manager, or call :meth:`close`.
     """
 
@@ -98,8 +102,10 @@ class ImageManager:
         concurrency: int = DEFAULT_CONCURRENCY,
         builder: Builder = build_resolved,
         pause: PauseHook | None = None,
+        data_dir_group: int | None = None,
     ) -> None:
         self.data = DataDir(data_dir)
+        prepare_data_dir(self.data.root, data_dir_group)
         self.options = options or BuildOptions()
         self._pause = pause or PauseHook()
         self.store = ImageStore(self.data.images, on_temp_written=self._metadata_written)
@@ -114,8 +120,10 @@ class ImageManager:
         # The digest each tag was last resolved to here: a slow build of an older
         # digest must not move a tag back after a newer one was asked for.
         self._latest: dict[str, Digest] = {}
-        self._resolving: dict[tuple[str, Platform], Future[ResolvedImage]] = {}
+        self._resolver = SharedResolver(lambda: self.client, self._pause)
         self._queue = BuildQueue(self._run, concurrency)
+        # Disks built here go to the disk cache off the queue: ready is not delayed.
+        self._pushes = DiskPushes(lambda: self.client, self.blobs, self.metrics)
 
     @property
     def client(self) -> RegistryClient:
@@ -129,9 +137,10 @@ class ImageManager:
         """Stop starting builds; wait up to ``timeout`` for running ones; release connections.
 
         Builds still running after ``timeout`` die with the process and are
-        resumed by the next :meth:`recover`.
+        resumed by the next :meth:`recover`; so do pushes to the disk cache, which
+        are waited for as long again (an unfinished push leaves nothing visible).
         """
-        if self._queue.close(timeout):
+        if self._queue.close(timeout) and self._pushes.drain(timeout):
             with self._lock:
                 if self._client is not None:
                     self._client.close()
@@ -261,6 +270,18 @@ class ImageManager:
         stored = find_image(self.store, ref, format)
         return verify_image(self.store, ref, stored, mke2fs, record=record)
 
+    def push_disk(self, name: str | Reference) -> PushedDisk:
+        """Push the ready disk ``name`` names to the disk cache the options name, now.
+
+        Raises :class:`InvalidArgument` without a disk cache, and the
+        registry's errors (:class:`Unauthorized` without push rights, ...).
+        """
+        cache = self.options.disk_cache
+        if cache is None:
+            raise InvalidArgument("no disk cache to push to: name one with --disk-cache")
+        stored = find_image(self.store, _parse(name), DiskFormat.EXT4)  # the cache's format
+        return self._pushes.push(cache, stored)
+
     def list(self) -> list[Image]:
         """Every image in the store and in the queue, by repository and age."""
         jobs = {job.key: job for job in self._queue.jobs()}
@@ -321,7 +342,7 @@ class ImageManager:
             if ready is not None:
                 self._reused(stats)
                 return self._stored_image(ready, str(ref)), None
-        resolved = self._resolve(ref, options.platform)
+        resolved = self._resolver.resolve(ref, options.platform)
         digest = resolved.digest
         key = BuildKey(ref.name, digest, options.format)
         with self._lock:
@@ -347,25 +368,6 @@ class ImageManager:
             self._queue.submit(job)
             return self._job_image(job, str(ref)), job
 
-    def _resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
-        """One manifest GET per name however many ask at once."""
-        key = (str(ref), platform)
-        with self._lock:
-            future = self._resolving.get(key)
-            owner = future is None
-            if future is None:
-                future = self._resolving[key] = Future()
-        if owner:
-            try:
-                self._pause.reached("resolving")
-                future.set_result(resolve(self.client, ref, platform))
-            except BaseException as exc:  # handed to every waiter, re-raised below
-                future.set_exception(exc)
-            finally:
-                with self._lock:
-                    del self._resolving[key]
-        return future.result()
-
     def _reused(self, stats: BuildStats | None) -> None:
         self.metrics.image_reused()
         if stats is not None:
@@ -387,7 +389,7 @@ class ImageManager:
         # A recovered build leaves alone a tag link that was moved meanwhile.
         before = {str(n): self.store.tag_target(n) for n in job.names} if job.recovered else {}
         try:
-            resolved = job.resolved or self._resolve_again(job)
+            resolved = job.resolved or self._resolver.again(job)
             job.result = self._builder(
                 resolved,
                 client=self.client,
@@ -405,6 +407,10 @@ class ImageManager:
         finally:
             if job.stats.reused:
                 self.metrics.image_reused()
+            stats = job.stats
+            self.metrics.disk_cache_used(
+                stats.disk_cache, stats.disk_cache_reason, stats.fetched_bytes
+            )
             self.metrics.build_finished(
                 "success" if ok else "failure",
                 time.monotonic() - started,
@@ -421,6 +427,7 @@ class ImageManager:
                     self.store.update(job.ref, key.digest, without_pending_tags, key.format)
                     job.result = self.store.find(job.ref, key.format)
                     job.update(job.result.record)
+                    self._pushes.built(job)
                 self._queue.retire(job)
 
     def _metadata_written(self, record: ImageRecord) -> None:
@@ -440,13 +447,6 @@ class ImageManager:
         if wanted == built:
             return built
         return wanted if ready_image(self.store, name, wanted, None) is not None else None
-
-    def _resolve_again(self, job: Job) -> ResolvedImage:
-        """A recovered build: fetch its manifest by digest (verified against it)."""
-        self._pause.reached("resolving")
-        resolved = resolve(self.client, job.ref, job.options.platform)
-        job.resolved = resolved
-        return resolved
 
     def _job_for(self, ref: Reference, fmt: DiskFormat | None = None) -> Job | None:
         found = [j for j in self._queue.jobs() if j.answers(ref) and fmt in (None, j.key.format)]
@@ -472,7 +472,7 @@ class ImageManager:
         )
 
     def _stored_image(self, stored: StoredImage, name: str | None = None) -> Image:
-        return image_of(stored, name)
+        return image_of(settled(stored), name)
 
 
 def _parse(name: str | Reference) -> Reference:

@@ -21,7 +21,7 @@ from hypeman_images.errors import HypemanError, NotFound
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.store.formats import DiskFormat
-from hypeman_images.store.housekeeping import idle_lock
+from hypeman_images.store.housekeeping import idle_lock, interrupted
 from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, StoredImage
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,9 @@ def write_pending(store: ImageStore, resolved: ResolvedImage, options: BuildOpti
     """Record the request on disk first, so a crash before the build starts resumes it."""
     ref, digest, fmt = resolved.ref, resolved.digest, options.format
     existing = store.read(ref, digest, fmt)
-    if existing is not None and existing.status.active:
-        return  # an interrupted build or another process's: the build lock sorts it out
+    directory = store.digest_dir(ref, digest)
+    if existing is not None and existing.status.active and not interrupted(directory, existing):
+        return  # another live process's build: the build lock sorts it out
     if ready_image(store, ref, digest, fmt) is not None:
         return  # another process finished it since we looked: never demote a ready build
     fresh = initial_record(ref, digest, ImageStatus.PENDING, fmt)

@@ -80,7 +80,8 @@ examples:
 Serves POST/GET /images, GET/DELETE /images/{{name}}, /healthz, /metrics and
 /openapi.json. Builds interrupted by a crash or restart are resumed at start.
 The token file holds one bearer token and must not be readable by group or
-others (chmod 600).
+others (chmod 600). Without one, serve listens on loopback only and answers
+only its own names in the Host header (--allowed-host adds one).
 
 examples:
   {PROG} serve --listen 127.0.0.1:8080

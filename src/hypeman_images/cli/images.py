@@ -14,6 +14,7 @@ from hypeman_images.build.progress import human_size
 from hypeman_images.cli.config import build_options, open_manager
 from hypeman_images.cli.output import image_json, print_json, reporter
 from hypeman_images.store.formats import DiskFormat
+from hypeman_images.store.images import ImageRecord, ImageStatus
 
 
 def _format(args: argparse.Namespace) -> DiskFormat | None:
@@ -27,13 +28,15 @@ def pull(args: argparse.Namespace) -> int:
     try:
         with open_manager(args, options) as manager:
             stored = manager.pull(args.image, reporter=progress)
+            progress.close()
+            # Shown before the manager closes: closing waits for the disk's push to the cache.
+            image = image_of(stored)
+            if args.json:
+                print_json(image_json(image))
+            else:
+                print(image.disk, flush=True)
     finally:
         progress.close()
-    image = image_of(stored)
-    if args.json:
-        print_json(image_json(image))
-    else:
-        print(image.disk)
     return 0
 
 
@@ -44,7 +47,7 @@ def list_images(args: argparse.Namespace) -> int:
     if args.json:
         print_json([image_json(i) for i in images])
         return 0
-    rows = [("REPOSITORY", "TAGS", "DIGEST", "FORMAT", "STATUS", "SIZE", "CREATED")]
+    rows = [("REPOSITORY", "TAGS", "DIGEST", "FORMAT", "STATUS", "SOURCE", "SIZE", "CREATED")]
     for image in images:
         size = human_size(image.size_bytes) if image.size_bytes else "-"
         status = str(image.status)
@@ -52,8 +55,9 @@ def list_images(args: argparse.Namespace) -> int:
             status += f" (#{image.queue_position})"
         short = image.digest.partition(":")[2][:12]
         tags = ",".join(image.tags) or "-"
-        row = (image.repository, tags, short, str(image.format), status, size, image.created_at)
-        rows.append(row)
+        source = image.record.source if image.status is ImageStatus.READY else "-"
+        fmt = str(image.format)
+        rows.append((image.repository, tags, short, fmt, status, source, size, image.created_at))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -76,6 +80,7 @@ def inspect(args: argparse.Namespace) -> int:
         ("platform", image.platform),
         ("format", image.format),
         ("size", human_size(image.size_bytes) if image.size_bytes else None),
+        ("source", source_text(image.record)),
         ("entrypoint", json.dumps(image.entrypoint)),
         ("cmd", json.dumps(image.cmd)),
         ("working_dir", image.working_dir or "/"),
@@ -153,3 +158,10 @@ def verify(args: argparse.Namespace) -> int:
     fsck = "fsck.erofs" if checked.format == DiskFormat.EROFS else "e2fsck -fn"
     print(f"ok: {checked.name}: {fsck} clean; {checked.sha256} {how}")
     return 0
+
+
+def source_text(record: ImageRecord) -> str:
+    """Where the disk came from: ``build``, or ``disk-cache`` and the artifact it was."""
+    if record.source_artifact is None:
+        return record.source
+    return f"{record.source} ({record.source_repository}@{record.source_artifact})"

@@ -2,14 +2,17 @@
 
 The address and the token file are checked first, so that a mistake in
 either ends ``serve`` with one line and an untouched data dir
-(tests/cli/test_cli.py, the ``serve`` tests). uvicorn and the API are imported
-inside the handler: no other command needs them.
+(tests/cli/test_cli.py, the ``serve`` tests). Without a token it listens on
+loopback only, and answers only requests whose ``Host`` is on the allow-list
+(docs/security.md, "Who can reach the API"). uvicorn and the API are
+imported inside the handler: no other command needs them.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -19,8 +22,10 @@ import threading
 from pathlib import Path
 
 from hypeman_images.cli.config import build_options, open_manager
+from hypeman_images.cli.guards import service_limits
 from hypeman_images.cli.output import PROG
 from hypeman_images.errors import InvalidArgument, ServiceError
+from hypeman_images.store.access import exposure
 
 log = logging.getLogger(__name__)
 
@@ -72,28 +77,56 @@ def read_token(path: Path) -> str:
     return token
 
 
+def require_loopback_without_token(host: str, listen: str, token: str | None) -> None:
+    """Without a token, refuse an address other hosts can reach.
+
+    Called with the ``--listen`` host before binding (an address is refused
+    without ever being bound) and with the bound address after (a name).
+    """
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return  # a name: the bound address decides
+    if token is None and not loopback:
+        raise InvalidArgument(
+            f"--listen {listen} is reachable from other hosts, and without --token-file "
+            "anyone there could build and delete images: give serve a token, or listen "
+            "on 127.0.0.1 or [::1]"
+        )
+
+
 def serve(args: argparse.Namespace) -> int:
     """``serve``: resume interrupted builds, then answer the API until a signal stops it."""
-    import uvicorn
-
     from hypeman_images.service.api import create_app
+    from hypeman_images.service.limits import allowed_hosts
+    from hypeman_images.service.server import http_server
 
     host, port = listen_address(args.listen)
     token = read_token(args.token_file) if args.token_file else None
     if args.concurrency < 1:
         raise InvalidArgument(f"--concurrency must be at least 1, not {args.concurrency}")
+    limits = service_limits(args)
+    require_loopback_without_token(host, args.listen, token)
     sock = bind(host, port, args.listen)
+    try:
+        require_loopback_without_token(sock.getsockname()[0], args.listen, token)
+    except InvalidArgument:
+        sock.close()
+        raise
+    # With a token, a browser cannot drive the API, so Host is checked only if asked to.
+    hosts = None
+    if token is None or args.allowed_host:
+        hosts = allowed_hosts(sock.getsockname()[0], args.allowed_host)
     manager = open_manager(args, build_options(args), concurrency=args.concurrency)
     try:
+        warning = exposure(manager.data.root)
+        if warning:
+            log.warning("%s", warning)
         report = manager.recover()
         if report.resumed:
             log.warning("resuming %d interrupted builds", len(report.resumed))
-        config = uvicorn.Config(
-            create_app(manager, token=token),
-            log_level="info" if args.verbose else "warning",
-            access_log=bool(args.verbose),
-        )
-        server = uvicorn.Server(config)
+        app = create_app(manager, token=token, limits=limits, hosts=hosts)
+        server = http_server(app, limits, verbose=bool(args.verbose))
         print(
             f"{PROG}: serving on http://{args.listen} (data dir {manager.data.root}, "
             f"concurrency {args.concurrency}{', token required' if token else ''})",

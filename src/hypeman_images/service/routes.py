@@ -2,7 +2,8 @@
 
 Endpoints are plain ``def``: FastAPI runs them on its threadpool, where the
 manager's blocking calls belong. The order routes are added in is the order
-of the paths in the OpenAPI document.
+of the paths in the OpenAPI document. ``POST /images`` waits on the registry,
+so it runs on a pool of its own instead (:mod:`.offload`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from hypeman_images.service.models import (
     ImageModel,
     image_model,
 )
+from hypeman_images.service.offload import offload
 from hypeman_images.store.formats import DiskFormat
 
 
@@ -35,8 +37,9 @@ def add_image_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> No
         responses=_responses(400, 401, 404, 429, 502),
         summary="Build an image (returns at once)",
     )
-    def create_image(body: CreateImageRequest) -> ImageModel:
-        return image_model(manager.create(body.name, format=body.format))
+    async def create_image(body: CreateImageRequest) -> ImageModel:
+        image = await offload(app).run(manager.create, body.name, format=body.format)
+        return image_model(image)
 
     @app.get(
         "/images",

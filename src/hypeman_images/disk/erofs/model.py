@@ -1,7 +1,7 @@
 """What the EROFS writer takes: one :class:`Entry` per path, parents first.
 
 The model is the writer's own (``disk`` may not import ``layers``). The
-merged tree of ``layers.flatten`` maps onto it in one small function in
+merged tree of ``layers.plan`` maps onto it in one small function in
 ``build``: each ``Node`` of ``tree.directories`` (root first), then of
 ``tree.specials`` and ``tree.files`` (the files in layer order, each with a
 bounded reader over its body in the layer stream), gives an :class:`Entry`
