@@ -98,7 +98,12 @@ def test_push_by_hand_then_pull_by_hand_on_another_host(
     assert fetched.returncode == 0, fetched.stderr
     assert Path(fetched.stdout.strip()).read_bytes() == Path(built.stdout.strip()).read_bytes()
     table = run("list", *b).stdout.splitlines()
-    assert table[0].split()[4] == "SOURCE" and table[1].split()[4] == "disk-cache", table
+    column = table[0].split().index("SOURCE")
+    assert table[1].split()[column] == "disk-cache", table
+    # The cache holds ext4 disks: an EROFS disk is never taken from it.
+    erofs = run("disk", "pull", *b, *cache, "--format", "erofs", alpine_ref.ref)
+    assert erofs.returncode == InvalidArgument.exit_code, erofs.stderr
+    assert "ext4 disks only" in erofs.stderr
     shown = run("inspect", *b, alpine_ref.ref).stdout
     assert f"source:       disk-cache ({cache[1]}@{artifact['digest']})" in shown, shown
     assert run("inspect", *a, alpine_ref.ref).stdout.count("source:       build\n") == 1

@@ -18,6 +18,7 @@ from hypeman_images.build.progress import PlainReporter
 from hypeman_images.cli.config import build_options, open_manager
 from hypeman_images.cli.output import PROG, print_json
 from hypeman_images.errors import NotFound
+from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.images import ImageStatus
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ def boot_image(args: argparse.Namespace) -> int:
 
     command = args.args[1:] if args.args[:1] == ["--"] else args.args
     with open_manager(args, build_options(args)) as manager:
-        image = _ready_image(manager, args.image)
+        image = _ready_image(manager, args.image, DiskFormat(args.format) if args.format else None)
         if image.disk is None:
             raise NotFound(f"{args.image} has no disk; pull it again")
         metadata = json.loads(image.record.to_json())
@@ -47,6 +48,7 @@ def boot_image(args: argparse.Namespace) -> int:
                 accel="kvm",
                 work_dir=work_dir,
                 cache_dir=manager.data.boot,
+                fstype=str(image.format),
             )
             print(shlex.join(argv))
             return 0
@@ -60,15 +62,17 @@ def boot_image(args: argparse.Namespace) -> int:
             work_dir=work_dir,
             cache_dir=manager.data.boot,
             memory_mib=args.memory,
+            fstype=str(image.format),
         )
     _report(result, as_json=args.json)
     return result.exit_code
 
 
-def _ready_image(manager: ImageManager, name: str) -> Image:
-    """The local image if it is ready, else the image pulled now."""
+def _ready_image(manager: ImageManager, name: str, fmt: DiskFormat | None) -> Image:
+    """The local image's ``fmt`` disk (any, for None) if it is ready, else the image pulled now
+    (as ``--format``, ext4 by default)."""
     try:
-        image = manager.get(name)
+        image = manager.get(name, format=fmt)
         if image.status is not ImageStatus.READY:
             raise NotFound(f"{name} is {image.status}, not ready")
     except NotFound:

@@ -13,7 +13,12 @@ from hypeman_images.build.image import image_of
 from hypeman_images.build.progress import human_size
 from hypeman_images.cli.config import build_options, open_manager
 from hypeman_images.cli.output import image_json, print_json, reporter
+from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.images import ImageRecord, ImageStatus
+
+
+def _format(args: argparse.Namespace) -> DiskFormat | None:
+    return DiskFormat(args.format) if args.format else None
 
 
 def pull(args: argparse.Namespace) -> int:
@@ -42,7 +47,7 @@ def list_images(args: argparse.Namespace) -> int:
     if args.json:
         print_json([image_json(i) for i in images])
         return 0
-    rows = [("REPOSITORY", "TAGS", "DIGEST", "STATUS", "SOURCE", "SIZE", "CREATED")]
+    rows = [("REPOSITORY", "TAGS", "DIGEST", "FORMAT", "STATUS", "SOURCE", "SIZE", "CREATED")]
     for image in images:
         size = human_size(image.size_bytes) if image.size_bytes else "-"
         status = str(image.status)
@@ -51,7 +56,8 @@ def list_images(args: argparse.Namespace) -> int:
         short = image.digest.partition(":")[2][:12]
         tags = ",".join(image.local_names) or "-"
         source = image.record.source if image.status is ImageStatus.READY else "-"
-        rows.append((image.repository, tags, short, status, source, size, image.created_at))
+        fmt = str(image.format)
+        rows.append((image.repository, tags, short, fmt, status, source, size, image.created_at))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -61,7 +67,7 @@ def list_images(args: argparse.Namespace) -> int:
 def inspect(args: argparse.Namespace) -> int:
     """``inspect``: one image's metadata, one field a line (or as JSON)."""
     with open_manager(args) as manager:
-        image = manager.get(args.image)
+        image = manager.get(args.image, format=_format(args))
     if args.json:
         print_json(image_json(image))
         return 0
@@ -72,6 +78,7 @@ def inspect(args: argparse.Namespace) -> int:
         ("error", image.error),
         ("tags", ", ".join(image.local_names) or "-"),
         ("platform", image.platform),
+        ("format", image.format),
         ("size", human_size(image.size_bytes) if image.size_bytes else None),
         ("source", source_text(image.record)),
         ("entrypoint", json.dumps(image.entrypoint)),
@@ -128,13 +135,14 @@ def gc(args: argparse.Namespace) -> int:
 def verify(args: argparse.Namespace) -> int:
     """``verify``: check a local disk again; a failing one raises CorruptDisk."""
     with open_manager(args) as manager:
-        checked = manager.verify(args.image, record=args.record)
+        checked = manager.verify(args.image, record=args.record, format=_format(args))
     if args.json:
         print_json(
             {
                 "name": checked.name,
                 "digest": checked.digest,
                 "disk": str(checked.disk),
+                "format": checked.format,
                 "sha256": checked.sha256,
                 "recorded": checked.recorded,
                 "recorded_now": checked.recorded_now,
@@ -147,7 +155,8 @@ def verify(args: argparse.Namespace) -> int:
         how = "recorded now"
     else:
         how = "none recorded (--record keeps it)"
-    print(f"ok: {checked.name}: e2fsck -fn clean; {checked.sha256} {how}")
+    fsck = "fsck.erofs" if checked.format == DiskFormat.EROFS else "e2fsck -fn"
+    print(f"ok: {checked.name}: {fsck} clean; {checked.sha256} {how}")
     return 0
 
 
