@@ -21,11 +21,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The suite runs on every core (pytest-xdist): each worker starts its own
+# registry on a port it picks, so workers share nothing but the machine.
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto
 
 test-fast: venv
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -n auto -m "not slow"
 
 lint: venv
 	$(BIN)/ruff check src tests bench scripts fuzz
