@@ -15,13 +15,13 @@ import sys
 from collections.abc import Callable, Sequence
 
 from hypeman_images.cli.output import PROG, print_json
-from hypeman_images.cli.parser import build_parser
+from hypeman_images.cli.parser import parse_args
 from hypeman_images.errors import EXIT_INTERRUPTED, HypemanError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     _configure_logging(args.verbose)
     run: Callable[[argparse.Namespace], int] = args.run
     try:

@@ -28,8 +28,13 @@ examples:
   {PROG} pull --platform linux/arm64 ghcr.io/org/app@sha256:<hex>
   {PROG} pull --json localhost:5000/app:1 | jq -r .disk""",
     "list": f"""\
+One row per tag; IMAGE ID is the digest's first 12 hex digits, which every
+command that takes an image accepts.
+
 examples:
   {PROG} list
+  {PROG} list alpine
+  {PROG} rm $({PROG} list -q ghcr.io/org/app)
   {PROG} list --json | jq '.[] | select(.status == "ready") | .name'""",
     "inspect": f"""\
 examples:
@@ -38,6 +43,7 @@ examples:
     "rm": f"""\
 A tag's disk is deleted with the last tag that points at it; a digest goes
 with all its tags. An image that is being built cannot be removed (exit {Conflict.exit_code}).
+Every image named is tried; the exit code is non-zero if any could not be removed.
 
 examples:
   {PROG} rm alpine:3.20

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any
 
@@ -15,6 +16,22 @@ from hypeman_images.build.image import Image
 from hypeman_images.build.progress import PlainReporter, Reporter, RichReporter
 
 PROG = "hypeman-images"
+
+# C0 controls, DEL and C1 controls: ESC starts terminal sequences (colours, OSC
+# 8 links, window titles, cursor moves), CR rewrites the line, and in 8-bit
+# terminals 0x9b is a CSI of its own.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: object) -> str:
+    """``text`` for a terminal: every control character shown as an escape (``\\x1b``).
+
+    Values that come from an image (its config's env, user, working dir...)
+    are the image author's; printed raw, they could move the cursor, hide
+    lines or set the terminal's title. JSON output is exact instead.
+    """
+    return _CONTROL.sub(lambda m: _NAMED.get(m[0], f"\\x{ord(m[0]):02x}"), str(text))
 
 
 def print_json(value: Any) -> None:

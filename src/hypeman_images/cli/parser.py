@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -35,17 +36,40 @@ class UsageParser(argparse.ArgumentParser):
         )
 
 
+DATA_DIR_HELP = (
+    "data directory (default: $HYPEMAN_DATA_DIR, /var/lib/hypeman as root, "
+    "else $XDG_DATA_HOME/hypeman)"
+)
+VERBOSE_HELP = "debug logging (-vv adds httpx's)"
+
+
 def _common_flags() -> UsageParser:
     common = UsageParser(add_help=False)
-    common.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="data directory (default: $HYPEMAN_DATA_DIR, /var/lib/hypeman as root, "
-        "else $XDG_DATA_HOME/hypeman)",
-    )
-    common.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
+    common.add_argument("--data-dir", type=Path, default=None, help=DATA_DIR_HELP)
+    common.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     return common
+
+
+def _global_flags(parser: argparse.ArgumentParser) -> None:
+    """The common flags before the command too, as docker and podman take them.
+
+    They land in ``global_*`` attributes: argparse lets a subcommand's defaults
+    overwrite what the main parser set, so :func:`parse_args` merges the two.
+    """
+    parser.add_argument(
+        "--data-dir", dest="global_data_dir", type=Path, metavar="DATA_DIR", help=DATA_DIR_HELP
+    )
+    parser.add_argument(
+        "-v", "--verbose", dest="global_verbose", action="count", default=0, help=VERBOSE_HELP
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; the common flags count wherever they stand, before or after the command."""
+    args = build_parser().parse_args(argv)
+    args.data_dir = getattr(args, "data_dir", None) or args.global_data_dir
+    args.verbose = getattr(args, "verbose", 0) + args.global_verbose
+    return args
 
 
 def _registry_flags() -> UsageParser:
@@ -162,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _global_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
@@ -190,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=pull)
 
     p = command("list", "List local images with their status, tags and size.")
+    p.add_argument(
+        "repository",
+        nargs="?",
+        metavar="REPOSITORY[:TAG]",
+        help="only this repository's images (only this tag's, with :TAG)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print image IDs only")
+    p.add_argument(
+        "--format",
+        choices=["table", "json"],
+        default="table",
+        help="table (default) or json (as --json)",
+    )
     p.set_defaults(run=list_images)
 
     p = command("inspect", "Show an image's metadata: entrypoint, cmd, env, status, disk.")
