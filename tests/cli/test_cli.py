@@ -116,7 +116,7 @@ def test_pull_on_a_terminal_draws_progress_bars(alpine_ref: PushedImage, data_di
     assert ANSI.search(screen), "rich draws with escape sequences on a terminal"
     assert "━" in screen, "a bar"
     assert layer[7:19] in screen and "converting" in screen
-    assert re.search(r"\d+(\.\d+)?/\d+(\.\d+)? [KM]B", screen), "bytes done / total"
+    assert re.search(r"\d+(\.\d+)?/\d+(\.\d+)? [KM]iB", screen), "bytes done / total"
     assert f"layer {layer[7:19]}: downloading" not in screen, "not the plain lines of a pipe"
     # stdout, a pipe, stays plain: the disk's path only.
     assert not ANSI.search(out) and Path(out.strip()).is_file()

@@ -16,6 +16,7 @@ from hypeman_images.build.image import Image, image_of
 from hypeman_images.build.manager import ImageManager
 from hypeman_images.build.progress import PlainReporter
 from hypeman_images.cli.config import build_options, open_manager
+from hypeman_images.cli.interrupt import pull_image
 from hypeman_images.cli.output import PROG, print_json
 from hypeman_images.errors import NotFound
 from hypeman_images.store.images import ImageStatus
@@ -72,7 +73,7 @@ def _ready_image(manager: ImageManager, name: str) -> Image:
         if image.status is not ImageStatus.READY:
             raise NotFound(f"{name} is {image.status}, not ready")
     except NotFound:
-        image = image_of(manager.pull(name, reporter=PlainReporter()))
+        image = image_of(pull_image(manager, name, PlainReporter()))
     return image
 
 

@@ -13,6 +13,7 @@ import sys
 from hypeman_images.build.image import image_of
 from hypeman_images.build.progress import human_size
 from hypeman_images.cli.config import build_options, open_manager
+from hypeman_images.cli.interrupt import pull_image
 from hypeman_images.cli.listing import RepositoryFilter, render, short_id, table_rows
 from hypeman_images.cli.output import PROG, image_json, print_json, printable, reporter
 from hypeman_images.errors import HypemanError
@@ -21,12 +22,13 @@ from hypeman_images.errors import HypemanError
 def pull(args: argparse.Namespace) -> int:
     """``pull``: build the image's disk and print its path (or the image as JSON)."""
     options = build_options(args)
-    progress = reporter(args)
-    try:
-        with open_manager(args, options) as manager:
-            stored = manager.pull(args.image, reporter=progress)
-    finally:
-        progress.close()
+    with open_manager(args, options) as manager:
+        progress = reporter(args)
+        try:
+            stored = pull_image(manager, args.image, progress)
+        finally:
+            # Before the manager closes: nothing may print between the bars' redraws.
+            progress.close()
     image = image_of(stored)
     if args.json:
         print_json(image_json(image))

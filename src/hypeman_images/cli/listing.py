@@ -20,6 +20,9 @@ from hypeman_images.oci.reference import Reference, parse_reference
 WIDTH = 80
 ID_LENGTH = 12
 NONE = "<none>"
+# A failure's reason is cut to fit the width, but "failed: interrupted" and
+# shorter ones stay whole.
+MIN_STATUS = len("failed: interrupted")
 
 
 def short_id(image: Image) -> str:
@@ -113,16 +116,14 @@ def table_rows(images: Sequence[Image], now: datetime | None = None) -> list[tup
 
 
 def render(rows: Sequence[tuple[str, ...]], width: int = WIDTH) -> Iterable[str]:
-    """Aligned columns, two spaces apart; a failure's reason is cut to fit ``width``."""
+    """Aligned columns, two spaces apart; a long status (a failure's reason) is cut to fit."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     start = sum(widths[:-1]) + 2 * (len(widths) - 1)  # where the last column begins
     for row in rows:
         line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         last = row[-1]
-        if len(line) > width and ": " in last:
-            keep = width - 1 - start
-            status = last.partition(": ")[0]
-            line = line[:start] + (last[:keep] + "…" if keep > len(status) + 2 else status)
+        if len(line) > width and len(last) > MIN_STATUS:
+            line = line[:start] + last[: max(width - 1 - start, MIN_STATUS - 1)] + "…"
         yield line
 
 
