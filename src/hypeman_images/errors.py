@@ -8,9 +8,10 @@ by class, never by searching the message::
     HypemanError
     ├── InvalidReference        the image name does not parse        (exit 2, HTTP 400)
     ├── InvalidArgument         another user input is malformed      (exit 2, HTTP 400)
+    │   └── InvalidPlatform     not an os/arch[/variant] of a Linux image (exit 2, HTTP 400)
     ├── NotFound                repository, tag or digest unknown    (exit 3, HTTP 404)
     │   └── PlatformNotFound    the index lacks the asked platform   (exit 6, HTTP 404)
-    ├── Unauthorized            credentials missing or refused       (exit 4, HTTP 401)
+    ├── Unauthorized            the registry refused the credentials (exit 4, HTTP 424)
     ├── RateLimited             the registry said 429                (exit 5, HTTP 429)
     ├── RegistryError           any other registry failure           (exit 1, HTTP 502)
     │   ├── TransientError      5xx or connection trouble, retried   (exit 1, HTTP 502)
@@ -32,6 +33,17 @@ prints (tests/cli/test_cli.py) and tests/test_errors.py holds this drawing
 to the classes. Foreign exceptions (``httpx``, ``OSError``,
 ``CalledProcessError``) are translated at the module that meets them, with
 ``raise ... from exc``.
+
+A message says what went wrong for any reader (``detail``); advice on what to
+do next depends on who reads it, so an error may carry two: ``hint`` in the
+CLI's terms ("hypeman-images login REGISTRY") and ``api_hint`` in the REST
+API's ("give credentials in the request"). ``message`` (and ``str()``) is the
+CLI's text, :attr:`HypemanError.api_message` the API's; a record of a failed
+build keeps ``detail``, which both show.
+
+``Unauthorized`` is HTTP 424 (Failed Dependency), not 401: 401 means the API's
+own bearer token was refused (docs/api.md, "Errors"), and a client must be able
+to tell "my API token is wrong" from "the registry refused its credentials".
 """
 
 from __future__ import annotations
@@ -51,9 +63,21 @@ class HypemanError(Exception):
     exit_code: int = 1
     http_status: int = 500
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    def __init__(
+        self, message: str, *, hint: str | None = None, api_hint: str | None = None
+    ) -> None:
+        """``message`` says what went wrong; ``hint`` and ``api_hint`` what to do, for
+        the CLI and for the REST API (module docstring)."""
+        self.detail = message
+        self.hint = hint
+        self.api_hint = api_hint
+        self.message = f"{message} ({hint})" if hint else message
+        super().__init__(self.message)
+
+    @property
+    def api_message(self) -> str:
+        """The message for an API error body: no CLI advice, the API's instead."""
+        return f"{self.detail} ({self.api_hint})" if self.api_hint else self.detail
 
     def __str__(self) -> str:
         return self.message
@@ -77,6 +101,12 @@ class InvalidArgument(HypemanError):
     http_status = 400
 
 
+class InvalidPlatform(InvalidArgument):
+    """A platform is not ``os/arch[/variant]`` (or a form docker accepts) of a Linux image."""
+
+    code = "invalid_platform"
+
+
 class NotFound(HypemanError):
     """The repository, tag, digest or local image does not exist."""
 
@@ -95,12 +125,15 @@ class PlatformNotFound(NotFound):
 
 
 class Unauthorized(HypemanError):
-    """The registry refused the request for lack of valid credentials."""
+    """The registry refused the request for lack of valid credentials.
+
+    HTTP 424, never 401: that is the API's own token (module docstring).
+    """
 
     code = "registry_unauthorized"
     summary = "unauthorized"
     exit_code = 4
-    http_status = 401
+    http_status = 424
 
 
 class RateLimited(HypemanError):
@@ -111,8 +144,15 @@ class RateLimited(HypemanError):
     exit_code = 5
     http_status = 429
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str,
+        retry_after: float | None = None,
+        *,
+        hint: str | None = None,
+        api_hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint, api_hint=api_hint)
         self.retry_after = retry_after
 
 
@@ -125,9 +165,15 @@ class RegistryError(HypemanError):
     http_status = 502
 
     def __init__(
-        self, message: str, status: int | None = None, codes: tuple[str, ...] = ()
+        self,
+        message: str,
+        status: int | None = None,
+        codes: tuple[str, ...] = (),
+        *,
+        hint: str | None = None,
+        api_hint: str | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, hint=hint, api_hint=api_hint)
         self.status = status
         self.codes = codes
 

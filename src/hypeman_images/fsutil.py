@@ -79,8 +79,9 @@ def storage_error(exc: OSError, what: str) -> StorageError:
         )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StorageError(
-            f"{what}: permission denied ({exc.strerror}); check the data dir's owner "
-            "or pass --data-dir"
+            f"{what}: permission denied ({exc.strerror})",
+            hint="check the data dir's owner or pass --data-dir",
+            api_hint="the server's data dir is not writable",
         )
     return StorageError(f"{what}: {exc.strerror or exc}")
 

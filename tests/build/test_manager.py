@@ -105,7 +105,7 @@ def test_create_returns_at_once_then_builds(manager: ImageManager, alpine_ref: P
     assert done.size_bytes == done.disk.stat().st_size
     assert done.cmd == ["/bin/sh"] and done.entrypoint is None
     assert done.env["PATH"].startswith("/usr/local/sbin")
-    assert done.tags == ("3.20.3",)
+    assert done.local_names == ("3.20.3",)
     e2fsck_clean(done.disk)
     assert manager.get(alpine_ref.digest_ref).disk == done.disk
     [listed] = manager.list()
@@ -141,7 +141,7 @@ def test_one_build_per_digest_sets_every_tag(
         ready = manager.wait(alpine_copy, timeout=60)
         assert ready.status is ImageStatus.READY
         assert observed.builds == 1
-        assert manager.get(alpine_ref.ref).tags == ("3.20.3", "copy")
+        assert manager.get(alpine_ref.ref).local_names == ("3.20.3", "copy")
 
 
 def test_limit_of_two_with_five_images(data_dir: Path, small_refs: list[str]) -> None:
@@ -193,7 +193,7 @@ def test_delete_keeps_the_disk_while_another_tag_points_at_it(
     disk = manager.pull(alpine_copy).disk
     assert manager.delete(alpine_ref.ref) == [alpine_ref.ref]
     assert disk.is_file()
-    assert manager.get(alpine_copy).tags == ("copy",)
+    assert manager.get(alpine_copy).local_names == ("copy",)
     with pytest.raises(NotFound):
         manager.get(alpine_ref.ref)
     removed = manager.delete(alpine_copy)
@@ -328,7 +328,7 @@ def test_recover_resumes_an_interrupted_build_and_restores_the_tag(
         assert report.bytes_freed >= 4096
         assert manager.get(busybox_ref.ref).status is ImageStatus.READY
         ready = manager.wait(alpine_ref.ref, timeout=60)
-        assert ready.status is ImageStatus.READY and ready.tags == ("3.20.3",)
+        assert ready.status is ImageStatus.READY and ready.local_names == ("3.20.3",)
         assert ready.disk is not None
         e2fsck_clean(ready.disk)
     assert sorted(os.listdir(alpine.directory)) == [".lock", "metadata.json", "rootfs.ext4"]
@@ -339,7 +339,7 @@ def test_image_json_shape(manager: ImageManager, busybox_ref: PushedImage) -> No
     doc = manager.get(busybox_ref.ref).to_json()
     assert set(doc) == {
         "name", "digest", "status", "queue_position", "error", "size_bytes", "entrypoint",
-        "cmd", "env", "working_dir", "user", "created_at", "tags", "platform",
+        "cmd", "env", "working_dir", "user", "created_at", "tags", "platform", "local_names",
     }  # fmt: skip
     assert isinstance(manager.get(busybox_ref.ref), Image)
 

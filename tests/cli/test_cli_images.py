@@ -14,6 +14,7 @@ import re
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.images import make_image, make_layer
@@ -129,41 +130,23 @@ def test_list_shows_platform_only_when_there_are_several(
 
 def test_the_default_table_fits_80_columns() -> None:
     """Everyday names (Hub images, a ghcr.io one), each status, one row per tag."""
-    from hypeman_images.build.image import Image
+    from hypeman_images.build.image import Image, image_view
     from hypeman_images.store.images import ImageRecord, ImageStatus
 
     now = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+    created = (now - timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    def image(repository: str, tags: tuple[str, ...], status: ImageStatus, **kw: object) -> Image:
-        created = (now - timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        record = ImageRecord(repository, "sha256:" + "3f57d9401f8d" * 5 + "abcd", status, created)
-        fields = {
-            "name": repository,
-            "digest": record.digest,
-            "status": status,
-            "queue_position": None,
-            "error": None,
-            "size_bytes": None,
-            "entrypoint": None,
-            "cmd": None,
-            "env": {},
-            "working_dir": "",
-            "user": "",
-            "created_at": created,
-            "repository": repository,
-            "tags": tags,
-            "platform": "linux/amd64",
-            "disk": None,
-            "record": record,
-        }
-        fields.update(kw)
-        return Image(**fields)  # type: ignore[arg-type]
+    def image(repository: str, tags: tuple[str, ...], status: ImageStatus, **kw: Any) -> Image:
+        digest = "sha256:" + "3f57d9401f8d" * 5 + "abcd"
+        record = ImageRecord(repository, digest, status, created, platform="linux/amd64", **kw)
+        position = 2 if status is ImageStatus.PENDING else None
+        return image_view(record, repository, tags, Path("/nowhere"), queue_position=position)
 
     images = [
         image(
             "docker.io/library/alpine", ("3.20", "latest"), ImageStatus.READY, size_bytes=9 << 20
         ),
-        image("ghcr.io/org/app", ("v1.2.3",), ImageStatus.PENDING, queue_position=2),
+        image("ghcr.io/org/app", ("v1.2.3",), ImageStatus.PENDING),
         image("docker.io/library/python", (), ImageStatus.FAILED, error="interrupted " * 20),
     ]
     lines = list(render(table_rows(images, now)))
@@ -214,7 +197,7 @@ def test_rm_removes_what_it_can_and_reports_each_failure(
         f"removed {busybox_ref.digest_ref}",
     ]
     assert result.stderr.splitlines() == [
-        f"hypeman-images: error: no local image {missing}; pull it first (hypeman-images pull)"
+        f"hypeman-images: error: no local image {missing} (pull it first: hypeman-images pull)"
     ]
     assert run("list", "--data-dir", str(data_dir), "-q").stdout == ""
 

@@ -245,7 +245,7 @@ def test_429_exits_5_with_retry_after_and_shows_the_limit_with_v(
     for result in (quiet, loud):
         assert "rate limiting requests (HTTP 429)" in result.stderr
         assert "retry after 30 s" in result.stderr
-        assert "You have reached your pull rate limit. Log in" in result.stderr
+        assert "You have reached your pull rate limit (log in with hypeman-images" in result.stderr
     assert "100;w=21600" not in quiet.stderr
     assert f"{proxy.host} rate limit: limit=100;w=21600 remaining=0;w=21600" in loud.stderr
     assert asked == 2  # one request per run: a 429 is never retried

@@ -8,29 +8,25 @@ Real token and htpasswd registries are exercised in ``test_auth_registry`` below
 from __future__ import annotations
 
 import base64
-import datetime
 import json
 import re
-import secrets
-import ssl
-import subprocess
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
-import jwt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from support.authregistries import (
+    PRIVATE_REPO,
+    PUBLIC_REPO,
+    REFRESH_TOKENS,
+    SERVICE,
+    TokenRegistry,
+)
+from support.authregistries import basic_registry as basic_registry_at
+from support.authregistries import token_registry as token_registry_at
 from support.images import make_image, make_layer, push_image
-from support.registry import RegistryServer, self_signed_cert, start_registry
 
 from hypeman_images.errors import RateLimited, Unauthorized
 from hypeman_images.oci.digest import VerifyingStream
@@ -277,216 +273,20 @@ def test_token_server_429_is_rate_limited() -> None:
         client.get_manifest(Reference("registry.example", "a/b", "t"))
 
 
-# -- against a real docker-registry ------------------------------------------------------
-#
-# Token auth the way Docker Hub and ghcr.io do it: docker-registry 2.8 with
-# ``auth: token`` trusts JWTs whose header carries the signing certificate
-# (``x5c``) chained to ``rootcertbundle`` (distribution's
-# ``registry/auth/token/token.go``, ``VerifySigningKey``), issued by the small
-# server below as ``docs/spec/auth/jwt.md`` describes.
-
-PUBLIC_REPO = "public/app"
-PRIVATE_REPO = "private/app"
-USERS = {"alice": "wonderland", "carol": "looking-glass"}
-# OAuth2 refresh tokens the token server knows (what `docker login` stores as identitytoken).
-REFRESH_TOKENS = {"rt-alice-8d1f0c": "alice"}
-SERVICE = "test-registry"
-ISSUER = "test-token-issuer"
-
-
-class TokenServer:
-    """A distribution token server on 127.0.0.1: anonymous pulls of public repos,
-    ``alice`` pulls of everything; counts the tokens it issues. Over HTTPS with
-    ``tls`` (certificate, key).
-
-    ``GET /token`` takes basic auth (``docs/spec/auth/token.md``); ``POST /token``
-    takes the OAuth2 grants of ``docs/spec/auth/oauth.md``: ``refresh_token``
-    (an identity token from ``REFRESH_TOKENS``) and ``password``, with
-    ``service`` and ``client_id`` required, and answers ``access_token``.
-    ``forms`` records each POST's form."""
-
-    def __init__(
-        self, tmp: Path, *, expires_in: int = 300, tls: tuple[Path, Path] | None = None
-    ) -> None:
-        self.expires_in = expires_in
-        self.requests: list[tuple[str | None, str]] = []  # (user, scope)
-        self.forms: list[dict[str, str]] = []
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test token signer")])
-        now = datetime.datetime.now(datetime.UTC)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
-        self.bundle = tmp / "token-root.pem"
-        self.bundle.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server._handle(self)
-
-            def do_POST(self) -> None:
-                server._handle_post(self)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        scheme = "http"
-        if tls is not None:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*tls)
-            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-            scheme = "https"
-        self.realm = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/token"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def mint(self, access: Sequence[Mapping[str, object]], subject: str = "") -> str:
-        now = int(time.time())
-        claims = {
-            "iss": ISSUER,
-            "sub": subject,
-            "aud": SERVICE,
-            "exp": now + self.expires_in,
-            "nbf": now - 10,
-            "iat": now,
-            "jti": secrets.token_hex(8),
-            "access": access,
-        }
-        x5c = [base64.b64encode(self.cert.public_bytes(serialization.Encoding.DER)).decode()]
-        return jwt.encode(claims, self.key, algorithm="ES256", headers={"x5c": x5c})
-
-    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
-        query = parse_qs(urlsplit(handler.path).query)
-        user = self._user(handler.headers.get("Authorization"))
-        if user is False:
-            handler.send_response(401)
-            handler.end_headers()
-            return
-        assert isinstance(user, str)
-        scope = query.get("scope", [""])[0]
-        self.requests.append((user or None, scope))
-        token = self._grant(user, scope)
-        self._answer(handler, 200, {"token": token, "expires_in": self.expires_in})
-
-    def _handle_post(self, handler: BaseHTTPRequestHandler) -> None:
-        length = int(handler.headers.get("Content-Length") or 0)
-        form = {k: v[0] for k, v in parse_qs(handler.rfile.read(length).decode()).items()}
-        self.forms.append(form)
-        grant = form.get("grant_type")
-        if not form.get("service") or not form.get("client_id"):
-            # oauth.md: both are required.
-            self._answer(handler, 400, {"error": "invalid_request"})
-            return
-        if grant == "refresh_token":
-            user = REFRESH_TOKENS.get(form.get("refresh_token", ""))
-        elif grant == "password":
-            name = form.get("username", "")
-            user = name if USERS.get(name) == form.get("password") else None
-        else:
-            self._answer(handler, 400, {"error": "unsupported_grant_type"})
-            return
-        if user is None:
-            self._answer(handler, 401, {"error": "invalid_grant"})
-            return
-        scope = form.get("scope", "")
-        self.requests.append((user, scope))
-        token = self._grant(user, scope)
-        answer = {"access_token": token, "scope": scope, "expires_in": self.expires_in}
-        self._answer(handler, 200, answer)
-
-    def _grant(self, user: str, scope: str) -> str:
-        """A token for ``scope``'s repository: pull if ``user`` may, else no access."""
-        access: list[dict[str, object]] = []
-        kind, _, rest = scope.partition(":")
-        repo, _, _actions = rest.rpartition(":")
-        if kind == "repository" and (user or repo.startswith("public/")):
-            access.append({"type": "repository", "name": repo, "actions": ["pull"]})
-        return self.mint(access, user)
-
-    @staticmethod
-    def _answer(handler: BaseHTTPRequestHandler, status: int, doc: Mapping[str, object]) -> None:
-        body = json.dumps(doc).encode()
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
-
-    @staticmethod
-    def _user(header: str | None) -> str | bool:
-        """The authenticated user, "" for anonymous, False for wrong credentials."""
-        if not header:
-            return ""
-        user, _, password = base64.b64decode(header.removeprefix("Basic ")).decode().partition(":")
-        return user if USERS.get(user) == password else False
-
-
-@dataclass
-class TokenRegistry:
-    server: RegistryServer
-    tokens: TokenServer
-    public: Reference
-    private: Reference
+# -- against a real docker-registry (support.authregistries) ------------------------------
 
 
 @pytest.fixture(scope="module")
 def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRegistry]:
-    yield from _token_registry(tmp_path_factory.mktemp("token-registry"), tls=False)
+    with token_registry_at(tmp_path_factory.mktemp("token-registry")) as registry:
+        yield registry
 
 
 @pytest.fixture(scope="module")
 def https_token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRegistry]:
     """The same over HTTPS (registry and token server) with a self-signed certificate."""
-    yield from _token_registry(tmp_path_factory.mktemp("https-token-registry"), tls=True)
-
-
-def _token_registry(tmp: Path, *, tls: bool) -> Iterator[TokenRegistry]:
-    cert = self_signed_cert(tmp) if tls else None
-    tokens = TokenServer(tmp, tls=cert)
-    auth = {
-        "token": {
-            "realm": tokens.realm,
-            "service": SERVICE,
-            "issuer": ISSUER,
-            "rootcertbundle": str(tokens.bundle),
-        }
-    }
-    try:
-        with start_registry(tmp, auth=auth, tls=cert) as server:
-            admin = tokens.mint(
-                [
-                    {"type": "repository", "name": repo, "actions": ["pull", "push"]}
-                    for repo in (PUBLIC_REPO, PRIVATE_REPO)
-                ]
-            )
-            image = make_image([make_layer(b"\1" * 4096, "gzip")])
-            headers = {"Authorization": f"Bearer {admin}"}
-            with httpx.Client(headers=headers, verify=False) as pusher:
-                for repo in (PUBLIC_REPO, PRIVATE_REPO):
-                    push_image(server.url, repo, "v1", image, client=pusher)
-            tokens.requests.clear()
-            yield TokenRegistry(
-                server,
-                tokens,
-                parse_reference(f"{server.host}/{PUBLIC_REPO}:v1"),
-                parse_reference(f"{server.host}/{PRIVATE_REPO}:v1"),
-            )
-    finally:
-        tokens.close()
+    with token_registry_at(tmp_path_factory.mktemp("https-token-registry"), tls=True) as registry:
+        yield registry
 
 
 def _pull(client: RegistryClient, ref: Reference) -> None:
@@ -522,6 +322,54 @@ def test_anonymous_pull_of_a_private_repository_is_unauthorized(
         client.get_manifest(token_registry.private)
     assert token_registry.server.host in str(caught.value)
     assert PRIVATE_REPO in str(caught.value)
+
+
+def test_a_borrowing_view_keeps_its_credentials_and_tokens_to_itself(
+    token_registry: TokenRegistry,
+) -> None:
+    """An API request's credentials (``RegistryClient.borrowing``): its tokens are its own."""
+    host = token_registry.server.host
+    token_registry.tokens.requests.clear()
+    with RegistryClient(config=FAST) as client:
+        borrowed = client.borrowing(host, Credential("alice", "wonderland", borrowed=True))
+        _pull(borrowed, token_registry.private)
+        borrowed.close()  # a view: the parent's connections stay open
+        with pytest.raises(Unauthorized) as caught:
+            client.get_manifest(token_registry.private)  # the view's token is not reused
+        assert "anonymous" in str(caught.value)
+        # Refused, a borrowed credential is named as such, never by its user.
+        wrong = client.borrowing(host, Credential("alice", "Pw-9d2c", borrowed=True))
+        with pytest.raises(Unauthorized) as refused:
+            wrong.get_manifest(token_registry.private)
+        assert "credentials given with the request" in refused.value.message
+        assert "alice" not in refused.value.message and "Pw-9d2c" not in refused.value.message
+        # Only for its registry: another host gets the parent's (none here).
+        other = client.borrowing("elsewhere.example", Credential("alice", "wonderland"))
+        with pytest.raises(Unauthorized):
+            other.get_manifest(token_registry.private)
+    assert token_registry.tokens.requests == [
+        ("alice", f"repository:{PRIVATE_REPO}:pull"),
+        (None, f"repository:{PRIVATE_REPO}:pull"),
+        (None, f"repository:{PRIVATE_REPO}:pull"),
+    ]
+
+
+def test_a_registry_token_is_sent_as_it_is(token_registry: TokenRegistry) -> None:
+    """docker's ``RegistryToken``: a bearer token for the registry, no token exchange."""
+    tokens = token_registry.tokens
+    minted = tokens.mint([{"type": "repository", "name": PRIVATE_REPO, "actions": ["pull"]}])
+    tokens.requests.clear()
+    with RegistryClient(config=FAST) as client:
+        borrowed = client.borrowing(
+            token_registry.server.host, Credential(registry_token=minted, borrowed=True)
+        )
+        _pull(borrowed, token_registry.private)
+        stale = client.borrowing(
+            token_registry.server.host, Credential(registry_token="not-a-jwt", borrowed=True)
+        )
+        with pytest.raises(Unauthorized, match="credentials given with the request"):
+            stale.get_manifest(token_registry.private)
+    assert tokens.requests == []
 
 
 @pytest.mark.parametrize("over", ["http", "https-insecure"])
@@ -707,15 +555,8 @@ def test_token_reused_until_expiry_then_refreshed(token_registry: TokenRegistry)
 
 @pytest.fixture(scope="module")
 def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reference]:
-    # htpasswd (apache2-utils) makes the bcrypt entries docker-registry requires.
     tmp = tmp_path_factory.mktemp("basic-registry")
-    htpasswd = tmp / "htpasswd"
-    entry = subprocess.run(
-        ["htpasswd", "-Bbn", "bob", "builder"], capture_output=True, text=True, check=True
-    ).stdout
-    htpasswd.write_text(entry)
-    auth = {"htpasswd": {"realm": "test realm", "path": str(htpasswd)}}
-    with start_registry(tmp, auth=auth) as server:
+    with basic_registry_at(tmp, {"bob": "builder"}) as server:
         image = make_image([make_layer(b"\2" * 4096, "gzip")])
         with httpx.Client(auth=("bob", "builder")) as pusher:
             push_image(server.url, "team/app", "v1", image, client=pusher)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -184,3 +185,38 @@ def test_a_writer_with_a_stale_copy_keeps_the_pending_tags_others_added(tmp_path
     store.write(ref, D1, build.evolve(status=ImageStatus.PENDING), keep_pending=False)
     assert store.read(ref, D1).pending_tags == []  # type: ignore[union-attr]
     assert store.update(parse_reference("127.0.0.1:5000/app:1"), D2, lambda r: r) is None
+
+
+def test_an_old_record_with_a_tags_list_reads_as_local_names_not_labels(tmp_path: Path) -> None:
+    """metadata.json of before user labels had ``tags``: a list of local tag names.
+
+    hypeman's ``tags`` are labels (a map); an old list means the tag links, which
+    the store reads from the links themselves, so the record is used as it is.
+    """
+    store = ImageStore(tmp_path)
+    ready(store, "r.io/a:3.20", D1)
+    metadata = tmp_path / "r.io/a" / D1.encoded / "metadata.json"
+    old = {k: v for k, v in json.loads(metadata.read_text()).items() if k != "borrowed_credentials"}
+    old["tags"] = ["3.20"]
+    metadata.write_text(json.dumps(old))
+    before = metadata.read_bytes()
+
+    found = store.find(parse_reference("r.io/a:3.20"))
+    assert found.record.tags == {} and found.tags == ("3.20",)
+    assert [s.record.tags for s in store.scan()] == [{}]
+    assert metadata.read_bytes() == before  # read, not rewritten
+
+    # The next write is in the new form: labels as a map.
+    store.update(parse_reference("r.io/a:3.20"), D1, lambda r: r.evolve(tags={"team": "a"}))
+    assert json.loads(metadata.read_text())["tags"] == {"team": "a"}
+
+
+def test_a_build_writing_its_record_keeps_labels_a_request_set_meanwhile(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    ref = parse_reference("r.io/a:1")
+    first = ImageRecord(name=str(ref), digest=str(D1), status=ImageStatus.PULLING, created_at=now())
+    store.write(ref, D1, first)
+    store.update(ref, D1, lambda r: r.evolve(tags={"env": "ci"}))
+    written = store.write(ref, D1, first.evolve(status=ImageStatus.CONVERTING))
+    assert written.tags == {"env": "ci"} == store.find(parse_reference(f"r.io/a@{D1}")).record.tags
+    assert written.status is ImageStatus.CONVERTING

@@ -142,7 +142,7 @@ def test_kill_mid_stage_then_restart_finishes(
             assert again.status_code == 202, again.text
         ready = wait_for_status(client, served.url, alpine_ref.ref, {"ready", "failed"})
         assert ready["status"] == "ready", ready["error"]
-        assert ready["tags"] == [alpine_ref.tag]
+        assert ready["local_names"] == [alpine_ref.tag]
     assert os.readlink(tag) == alpine_ref.manifest_digest[7:]
     e2fsck_clean(disk)
     assert state(data_dir, alpine_ref)[0]["status"] == "ready"
@@ -188,7 +188,7 @@ def test_kill_with_a_build_queued_then_restart_finishes_both(
         for image in (alpine_ref, busybox_ref):
             ready = wait_for_status(client, served.url, image.ref, {"ready", "failed"})
             assert ready["status"] == "ready", ready["error"]
-            assert ready["tags"] == [image.tag]
+            assert ready["local_names"] == [image.tag]
     no_ready_without_a_valid_disk(data_dir)
     for image in (alpine_ref, busybox_ref):
         record, directory = state(data_dir, image)

@@ -1,7 +1,10 @@
 """One image from name to disk, and the machinery that runs many of them.
 
-Owns resolving and pulling (``pull``), converting layers into a disk
-(``convert``), the end-to-end build of one image and its record
+Owns resolving and pulling (``pull``, which reports to one
+``PullObserver``), converting layers into a disk (``convert``: the
+``Conversion`` that owns one build's scans, feeds and threads and decides one
+pass or two; ``onepass`` for the pass that follows the download, ``stream``
+for what both ways share), the end-to-end build of one image and its record
 (``pipeline``), the build queue (``queue``), the :class:`ImageManager` facade
 (``manager``) with the records of its requests (``records``) and the data
 dir's upkeep: gc, recovery, verification (``maintenance``), the build options

@@ -21,6 +21,8 @@ class Image:
 
     ``name`` is the canonical reference asked for (or recorded); ``disk`` is
     set only when the image is ready. ``record`` is the full metadata.json.
+    ``tags`` are the user's labels (hypeman's meaning of the word);
+    ``local_names`` the local tags that point at this digest.
     """
 
     name: str
@@ -36,13 +38,14 @@ class Image:
     user: str
     created_at: str
     repository: str
-    tags: tuple[str, ...]
+    tags: dict[str, str]
+    local_names: tuple[str, ...]
     platform: str | None
     disk: Path | None
     record: ImageRecord = field(repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        """The API's ``Image`` object (hypeman's shape, plus tags and platform)."""
+        """The API's ``Image`` object: hypeman's fields, then ours (``user``, ``local_names``)."""
         return {
             "name": self.name,
             "digest": self.digest,
@@ -56,8 +59,9 @@ class Image:
             "working_dir": self.working_dir,
             "user": self.user,
             "created_at": self.created_at,
-            "tags": list(self.tags),
+            "tags": dict(self.tags),
             "platform": self.platform,
+            "local_names": list(self.local_names),
         }
 
 
@@ -74,7 +78,7 @@ def image_of(stored: StoredImage, name: str | None = None) -> Image:
 def image_view(
     record: ImageRecord,
     repository: str,
-    tags: tuple[str, ...],
+    local_names: tuple[str, ...],
     directory: Path,
     *,
     name: str | None = None,
@@ -98,7 +102,8 @@ def image_view(
         user=record.user,
         created_at=record.created_at,
         repository=repository,
-        tags=tags,
+        tags=dict(record.tags),
+        local_names=local_names,
         platform=record.platform,
         disk=disk if status is ImageStatus.READY and disk.is_file() else None,
         record=record,

@@ -44,6 +44,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_BORROWED = (
+    "interrupted by a restart; the credentials it was asked for with are not kept, "
+    "so ask for it again with them"
+)
+
 
 @dataclass(frozen=True)
 class GcReport:
@@ -112,7 +117,8 @@ def recover_builds(
     queued again from their name and digest, with the free space first asked
     for (the manifest is fetched again by digest, which gives the same build);
     a ready record whose tag link is missing gets it; temp files and
-    half-deleted dirs of dead writers go.
+    half-deleted dirs of dead writers go. A build asked for with borrowed
+    credentials cannot be resumed without them: it is marked failed.
     """
     resumed: list[str] = []
     retagged: list[str] = []
@@ -135,7 +141,11 @@ def recover_builds(
             continue
         names = [ref, *pending_tags(record, ref)]
         broken = record.status is ImageStatus.READY and not stored.disk.is_file()
-        if record.status.active or broken:
+        if record.status.active and record.borrowed_credentials:
+            # Its credentials lived in the request's memory only (build.request), and
+            # the server's may not do: the asker has to ask again, with credentials.
+            store.write(ref, digest, record.evolve(status=ImageStatus.FAILED, error=_BORROWED))
+        elif record.status.active or broken:
             # Rebuild as first asked: the free space changes the disk's bytes.
             asked = options
             if record.free_space_bytes is not None:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from hypeman_images.build.image import Image, image_of, image_view
+from hypeman_images.build.lookup import local_reference
 from hypeman_images.build.maintenance import (
     GcReport,
     RecoveryReport,
@@ -35,20 +36,23 @@ from hypeman_images.build.options import BuildOptions, DataDir
 from hypeman_images.build.pipeline import BuildStats, build_resolved, initial_record
 from hypeman_images.build.progress import Reporter
 from hypeman_images.build.pull import ResolvedImage, resolve
-from hypeman_images.build.queue import BuildKey, BuildQueue, Job, PauseHook, PausingReporter
+from hypeman_images.build.queue import BuildKey, BuildQueue, Job, PauseHook
 from hypeman_images.build.records import (
     find_image,
     ready_image,
-    record_failure,
+    relabel,
     remember_tag,
-    without_pending_tags,
     write_pending,
 )
+from hypeman_images.build.request import ImageRequest, image_request, labels_match
+from hypeman_images.build.tagging import check_target, not_ready, ready_source, tag_image
+from hypeman_images.build.worker import Builder, BuildWorker
 from hypeman_images.errors import Conflict, HypemanError
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.oci.spec import Platform
 from hypeman_images.registry.client import RegistryClient
+from hypeman_images.registry.credentials import Credential
 from hypeman_images.store.blobs import BlobStore
 from hypeman_images.store.housekeeping import idle_lock
 from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, StoredImage
@@ -59,23 +63,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 2
-
-
-class Builder(Protocol):
-    """The shape of :func:`pipeline.build_resolved`: a seam for tests to observe builds."""
-
-    def __call__(
-        self,
-        resolved: ResolvedImage,
-        *,
-        client: RegistryClient,
-        blobs: BlobStore,
-        store: ImageStore,
-        options: BuildOptions,
-        reporter: Reporter,
-        on_status: Callable[[Reference, ImageRecord], None] | None,
-        stats: BuildStats,
-    ) -> StoredImage: ...
 
 
 class ImageManager:
@@ -105,15 +92,25 @@ class ImageManager:
         self.metrics = Metrics()
         self._client_factory = client_factory
         self._client: RegistryClient | None = None
-        self._builder = builder
         # Guards the job table against create/delete/gc interleaving; always taken
         # before the queue's own lock, never after it.
         self._lock = threading.RLock()
         # The digest each tag was last resolved to here: a slow build of an older
         # digest must not move a tag back after a newer one was asked for.
         self._latest: dict[str, Digest] = {}
-        self._resolving: dict[tuple[str, Platform], Future[ResolvedImage]] = {}
-        self._queue = BuildQueue(self._run, concurrency)
+        self._resolving: dict[tuple[str, Platform, bytes], Future[ResolvedImage]] = {}
+        worker = BuildWorker(
+            store=self.store,
+            blobs=self.blobs,
+            metrics=self.metrics,
+            pause=self._pause,
+            builder=builder,
+            client=lambda: self.client,
+            lock=self._lock,
+            latest=self._latest,
+            retire=lambda job: self._queue.retire(job),
+        )
+        self._queue = BuildQueue(worker.run, concurrency)
 
     @property
     def client(self) -> RegistryClient:
@@ -146,14 +143,30 @@ class ImageManager:
 
     # -- requests ---------------------------------------------------------------
 
-    def create(self, name: str | Reference, *, options: BuildOptions | None = None) -> Image:
+    def create(
+        self,
+        name: str | Reference,
+        *,
+        options: BuildOptions | None = None,
+        platform: Platform | str | None = None,
+        labels: Mapping[str, str] | None = None,
+        credentials: Credential | None = None,
+    ) -> Image:
         """Ask for ``name`` to be built; return at once (pending, or ready if already built).
 
         The name is resolved to its digest first (one manifest GET); unknown
         names raise :class:`NotFound` here rather than failing later.
+        ``platform`` (a :class:`Platform`, or text as ``docker --platform``
+        takes it) overrides the options'; ``labels`` replace the image's
+        (hypeman's ``tags``); ``credentials`` are borrowed for this pull only
+        (:mod:`.request`). A build of that digest already in progress with
+        other credentials (or none) is a :class:`Conflict`.
         """
         ref = _parse(name)
-        image, _ = self._submit(ref, options or self.options, None, None)
+        request = image_request(
+            options or self.options, platform=platform, labels=labels, credentials=credentials
+        )
+        image, _ = self._submit(ref, request, None, None)
         return image
 
     def pull(
@@ -161,15 +174,24 @@ class ImageManager:
         name: str | Reference,
         *,
         options: BuildOptions | None = None,
+        platform: Platform | str | None = None,
+        labels: Mapping[str, str] | None = None,
+        credentials: Credential | None = None,
         reporter: Reporter | None = None,
         stats: BuildStats | None = None,
     ) -> StoredImage:
-        """Build ``name`` through the queue and wait; return the ready image or raise."""
+        """Build ``name`` through the queue and wait; return the ready image or raise.
+
+        Takes what :meth:`create` takes.
+        """
         ref = _parse(name)
+        request = image_request(
+            options or self.options, platform=platform, labels=labels, credentials=credentials
+        )
         reporter = reporter or Reporter()
         stats = stats if stats is not None else BuildStats()
         reporter.stage("resolving", ref.familiar())
-        image, job = self._submit(ref, options or self.options, reporter, stats)
+        image, job = self._submit(ref, request, reporter, stats)
         if job is None:
             reporter.stage("ready", f"{ref.familiar()} (already built)")
             return self.store.find(ref.with_digest(Digest.parse(image.digest)))
@@ -181,7 +203,7 @@ class ImageManager:
 
     def wait(self, name: str | Reference, timeout: float | None = None) -> Image:
         """Block until the build ``name`` names ends (or ``timeout``); return its image."""
-        ref = _parse(name)
+        ref = self._find(name)
         with self._lock:
             job = self._job_for(ref)
         if job is not None:
@@ -189,12 +211,14 @@ class ImageManager:
         return self.get(ref)
 
     def get(self, name: str | Reference) -> Image:
-        """The image ``name`` names (tag or digest), building or built; NotFound otherwise.
+        """The image ``name`` names, building or built; NotFound otherwise.
 
+        ``name`` is a tag or digest reference, or an image ID (``sha256:HEX``,
+        or 12 or more hex digits that start one image's digest; :mod:`.lookup`).
         By tag, a build in progress for that tag wins over the ready digest the
         tag still points at: it is what the asker is waiting for.
         """
-        ref = _parse(name)
+        ref = self._find(name)
         with self._lock:
             job = self._job_for(ref)
             if job is not None:
@@ -206,8 +230,9 @@ class ImageManager:
 
         Raises :class:`Conflict` while a build of that name or digest is queued
         or running, :class:`NotFound` for an unknown name. Returns what was removed.
+        An image ID names a digest, so it removes every tag of it.
         """
-        ref = _parse(name)
+        ref = self._find(name)
         with self._lock:
             job = self._job_for(ref)
             if job is not None:
@@ -238,20 +263,48 @@ class ImageManager:
         The digest's build lock is held throughout, so no build or delete of
         it runs meanwhile.
         """
-        ref = _parse(name)
+        ref = self._find(name)
         mke2fs = self.options.mke2fs or "mke2fs"
         return verify_image(self.store, ref, find_image(self.store, ref), mke2fs, record=record)
 
-    def list(self) -> list[Image]:
-        """Every image in the store and in the queue, by repository and age."""
+    def tag(self, source: str | Reference, target: str | Reference) -> Image:
+        """Point the local tag ``target`` at the ready image ``source`` names; no pull.
+
+        ``source`` is named as for :meth:`get`; ``target`` must be a tag
+        reference, in any repository (:mod:`.tagging`). :class:`NotFound` if
+        ``source`` is unknown, :class:`Conflict` while it is not ready.
+        """
+        ref = self._find(source)
+        target = _parse(target)
+        check_target(target)
+        self.store.validate(target)
+        with self._lock:
+            job = self._job_for(ref)
+            if job is not None:
+                raise not_ready(ref.familiar(), job.status)
+            stored = find_image(self.store, ref)
+            digest = ready_source(stored, ref.familiar())
+            if self._queue.get(BuildKey(target.name, digest)) is not None:
+                raise Conflict(f"{target.name}@{digest} is being built; tag it once that ends")
+            tag_image(self.store, stored, digest, target)
+            self._latest[str(target)] = digest  # the newest word on that tag
+        return self._stored_image(self.store.find(target), str(target))
+
+    def list(self, labels: Mapping[str, str] | None = None) -> list[Image]:
+        """Every image in the store and in the queue, by repository and age.
+
+        ``labels``: only the images whose labels include every one of these pairs.
+        """
+        images = [i for i in self._all() if labels_match(i.tags, labels or {})]
+        return sorted(images, key=lambda i: (i.repository, i.created_at, i.digest))
+
+    def _all(self) -> Iterator[Image]:
         jobs = {job.key: job for job in self._queue.jobs()}
-        images: list[Image] = []
         for stored in self.store.scan():
             key = _key_of(stored)
             job = jobs.pop(key, None) if key is not None else None
-            images.append(self._job_image(job) if job else self._stored_image(stored))
-        images.extend(self._job_image(job) for job in jobs.values())
-        return sorted(images, key=lambda i: (i.repository, i.created_at, i.digest))
+            yield self._job_image(job) if job else self._stored_image(stored)
+        yield from (self._job_image(job) for job in jobs.values())
 
     def gc(self) -> GcReport:
         """Remove what no image needs: failed or unreadable build dirs, their blobs, leftovers.
@@ -289,7 +342,7 @@ class ImageManager:
     def _submit(
         self,
         ref: Reference,
-        options: BuildOptions,
+        request: ImageRequest,
         reporter: Reporter | None,
         stats: BuildStats | None,
     ) -> tuple[Image, Job | None]:
@@ -299,9 +352,13 @@ class ImageManager:
             # A digest-pinned name whose disk is ready needs no network at all.
             ready = ready_image(self.store, ref, self.store.locate(ref, ref.digest))
             if ready is not None:
+                relabel(self.store, ref, Digest.parse(ready.record.digest), request.labels)
                 self._reused(stats)
-                return self._stored_image(ready, str(ref)), None
-        resolved = self._resolve(ref, options.platform)
+                return self._stored_image(self.store.find(ref), str(ref)), None
+        client = self.client
+        if request.credential is not None:
+            client = client.borrowing(ref.registry, request.credential)
+        resolved = self._resolve(ref, request, client)
         digest = resolved.digest
         key = BuildKey(ref.name, digest)
         with self._lock:
@@ -309,26 +366,58 @@ class ImageManager:
                 self._latest[str(ref.with_tag(ref.tag))] = digest
             job = self._queue.get(key)
             if job is not None:
-                job.add_name(resolved.ref)
-                remember_tag(self.store, job, resolved.ref)
-                if reporter is not None:
-                    job.reporter.attach(reporter)
-                return self._job_image(job, str(ref)), job
+                return self._join(job, ref, resolved, request, reporter), job
             ready = ready_image(self.store, ref, digest)
             if ready is not None:
                 self.store.set_tag(resolved.ref, digest)
+                relabel(self.store, ref, digest, request.labels)
                 self._reused(stats)
                 return self._stored_image(self.store.find(resolved.ref), str(ref)), None
-            write_pending(self.store, resolved, options)
-            job = Job(key, resolved.ref, options, resolved=resolved, stats=stats)
+            write_pending(self.store, resolved, request)
+            job = Job(
+                key,
+                resolved.ref,
+                request.options,
+                resolved=resolved,
+                stats=stats,
+                client=client if request.credential is not None else None,
+                fingerprint=request.fingerprint,
+            )
             if reporter is not None:
                 job.reporter.attach(reporter)
             self._queue.submit(job)
             return self._job_image(job, str(ref)), job
 
-    def _resolve(self, ref: Reference, platform: Platform) -> ResolvedImage:
-        """One manifest GET per name however many ask at once."""
-        key = (str(ref), platform)
+    def _join(
+        self,
+        job: Job,
+        ref: Reference,
+        resolved: ResolvedImage,
+        request: ImageRequest,
+        reporter: Reporter | None,
+    ) -> Image:
+        """Add a request to the build of its digest already queued or running."""
+        if job.fingerprint != request.fingerprint:
+            raise Conflict(
+                f"{ref.familiar()} is already being pulled with other credentials; "
+                "ask again once that build ends"
+            )
+        job.add_name(resolved.ref)
+        remember_tag(self.store, job, resolved.ref)
+        if request.labels is not None:
+            relabel(self.store, job.ref, job.key.digest, request.labels)
+            if job.record is not None:
+                job.record = replace(job.record, tags=request.labels)
+        if reporter is not None:
+            job.reporter.attach(reporter)
+        return self._job_image(job, str(ref))
+
+    def _resolve(
+        self, ref: Reference, request: ImageRequest, client: RegistryClient
+    ) -> ResolvedImage:
+        """One manifest GET per name however many ask at once (with the same credentials)."""
+        platform = request.options.platform
+        key = (str(ref), platform, request.fingerprint)
         with self._lock:
             future = self._resolving.get(key)
             owner = future is None
@@ -337,7 +426,7 @@ class ImageManager:
         if owner:
             try:
                 self._pause.reached("resolving")
-                future.set_result(resolve(self.client, ref, platform))
+                future.set_result(resolve(client, ref, platform))
             except BaseException as exc:  # handed to every waiter, re-raised below
                 future.set_exception(exc)
             finally:
@@ -350,81 +439,16 @@ class ImageManager:
         if stats is not None:
             stats.reused = True
 
-    def _run(self, job: Job) -> None:
-        """A queue worker's body: build ``job`` and set every tag that asked for it."""
-        self.metrics.build_started()
-        started = time.monotonic()
-        ok = False
-
-        def on_status(ref: Reference, record: ImageRecord) -> None:
-            if record.status is ImageStatus.READY:
-                # Shown as ready only below, once every tag that asked points at it.
-                self._pause.reached("tagging")
-                return
-            job.update(record)
-
-        # A recovered build leaves alone a tag link that was moved meanwhile.
-        before = {str(n): self.store.tag_target(n) for n in job.names} if job.recovered else {}
-        try:
-            resolved = job.resolved or self._resolve_again(job)
-            job.result = self._builder(
-                resolved,
-                client=self.client,
-                blobs=self.blobs,
-                store=self.store,
-                options=job.options,
-                reporter=PausingReporter(job.reporter, self._pause),
-                on_status=on_status,
-                stats=job.stats,
-            )
-            ok = True
-        except HypemanError as exc:
-            record_failure(self.store, job, exc)
-            raise
-        finally:
-            if job.stats.reused:
-                self.metrics.image_reused()
-            self.metrics.build_finished(
-                "success" if ok else "failure",
-                time.monotonic() - started,
-                job.stats.downloaded_bytes,
-                job.stats.cached_blobs,
-            )
-            with self._lock:
-                if ok:
-                    for name in job.names:
-                        target = self._tag_target(name, job.key.digest, before.get(str(name)))
-                        if target is not None:
-                            self.store.set_tag(name, target)
-                    self.store.update(job.ref, job.key.digest, without_pending_tags)
-                    job.result = self.store.find(job.ref)
-                    job.update(job.result.record)
-                self._queue.retire(job)
-
     def _metadata_written(self, record: ImageRecord) -> None:
         """The store wrote a record's temp file: the crash tests' "metadata" stage."""
         if record.status is ImageStatus.READY:
             self._pause.reached("metadata")
 
-    def _tag_target(self, name: Reference, built: Digest, before: Digest | None) -> Digest | None:
-        """Where tag ``name`` should point once ``built`` is ready (None: leave it).
-
-        The newest request for a tag wins over a build that merely finished later;
-        a recovered build keeps a link that was moved to another digest meanwhile.
-        """
-        if before is not None and before != built:
-            return before
-        wanted = self._latest.get(str(name), built)
-        if wanted == built:
-            return built
-        return wanted if ready_image(self.store, name, wanted) is not None else None
-
-    def _resolve_again(self, job: Job) -> ResolvedImage:
-        """A recovered build: fetch its manifest by digest (verified against it)."""
-        self._pause.reached("resolving")
-        resolved = resolve(self.client, job.ref, job.options.platform)
-        job.resolved = resolved
-        return resolved
+    def _find(self, name: str | Reference) -> Reference:
+        """The reference ``name`` gives: parsed, or an image ID looked up (:mod:`.lookup`)."""
+        if isinstance(name, Reference):
+            return name
+        return local_reference(self.store, name, lambda ref: self._job_for(ref) is not None)
 
     def _job_for(self, ref: Reference) -> Job | None:
         found = [job for job in self._queue.jobs() if job.answers(ref)]

@@ -114,9 +114,11 @@ def _explained(
         return exc
     room = limits.max_image_bytes
     return LimitExceeded(
-        f"{exc.message} -- but here that limit is lower than configured: the filesystem "
+        f"{exc.detail} -- but here that limit is lower than configured: the filesystem "
         f"of {root} has room for only {room} bytes ({room / 2**20:.0f} MiB) of image "
-        "content; free space there or use a data dir on a bigger disk"
+        "content",
+        hint="free space there or use a data dir on a bigger disk",
+        api_hint="the server's data dir is short of space",
     )
 
 
@@ -252,8 +254,7 @@ class _Record:
 
     def set(self, record: ImageRecord) -> None:
         """Write ``record`` and tell ``on_status``."""
-        self.current = record
-        self._store.write(self._ref, self._digest, record)
+        self.current = record = self._store.write(self._ref, self._digest, record)
         if self._on_status:
             self._on_status(self._ref, record)
 
@@ -264,12 +265,12 @@ class _Record:
             yield
         except LimitExceeded as exc:
             explained = _explained(exc, limits, options, self._store.root)
-            self._failed(explained.message)
+            self._failed(explained.detail)
             if explained is exc:
                 raise
             raise explained from exc
         except HypemanError as exc:
-            self._failed(exc.message)
+            self._failed(exc.detail)  # what went wrong, for the CLI's and the API's readers
             raise
         except Exception as exc:  # the build's top level: record, then re-raise
             self._failed(f"internal error: {exc!r}")

@@ -228,14 +228,18 @@ def fetch_config(
             # Refuse before downloading; the download itself stops at the declared size.
             raise LimitExceeded(
                 f"layer {layer.digest} is {layer.size} bytes by its descriptor, over the "
-                f"{max_blob} byte limit (raise it with --max-blob-size)"
+                f"{max_blob} byte limit",
+                hint="raise it with --max-blob-size",
+                api_hint="the server's limit",
             )
     config_desc = manifest.config
     if config_desc.size > max_document:
         # Refuse before downloading: the config is read whole into memory.
         raise LimitExceeded(
             f"the image config {config_desc.digest} is {config_desc.size} bytes by its "
-            f"descriptor, over the {max_document} byte limit (raise it with --max-manifest-size)"
+            f"descriptor, over the {max_document} byte limit",
+            hint="raise it with --max-manifest-size",
+            api_hint="the server's limit",
         )
     if not blobs.has(config_desc.digest):
         with client.open_blob(resolved.ref, config_desc) as chunks:

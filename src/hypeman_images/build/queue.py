@@ -32,6 +32,7 @@ from hypeman_images.build.pull import ResolvedImage
 from hypeman_images.errors import HypemanError, InvalidArgument
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
+from hypeman_images.registry.client import RegistryClient
 from hypeman_images.store.images import ImageRecord, ImageStatus, StoredImage
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,9 @@ class Job:
     ``ref`` carries the digest and, when a tag was asked for, the tag.
     ``resolved`` is ``None`` for a build recovered after a restart: the worker
     then fetches the manifest again by digest, which gives the same build.
+    ``client``: the registry client made for the request's borrowed
+    credentials (None: the manager's own), dropped with the job when it ends;
+    ``fingerprint`` tells those credentials apart (``request.ImageRequest``).
     """
 
     def __init__(
@@ -164,11 +168,15 @@ class Job:
         *,
         resolved: ResolvedImage | None = None,
         stats: BuildStats | None = None,
+        client: RegistryClient | None = None,
+        fingerprint: bytes = b"",
     ) -> None:
         self.key = key
         self.ref = ref
         self.options = options
         self.resolved = resolved
+        self.client = client
+        self.fingerprint = fingerprint
         self.stats = stats or BuildStats()
         self.reporter = FanOutReporter()
         self.status = ImageStatus.PENDING
@@ -210,7 +218,7 @@ class Job:
         self.error = exc
         self.status = ImageStatus.FAILED
         if self.record is not None and self.record.status is not ImageStatus.FAILED:
-            message = exc.message if isinstance(exc, HypemanError) else f"internal error: {exc!r}"
+            message = exc.detail if isinstance(exc, HypemanError) else f"internal error: {exc!r}"
             self.record = self.record.evolve(status=ImageStatus.FAILED, error=message)
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import logging
 
-from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.pipeline import initial_record
 from hypeman_images.build.pull import ResolvedImage
 from hypeman_images.build.queue import Job
+from hypeman_images.build.request import ImageRequest
 from hypeman_images.errors import HypemanError, NotFound
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
@@ -55,9 +55,14 @@ def find_image(store: ImageStore, ref: Reference) -> StoredImage:
         return max(named, key=lambda s: s.record.updated_at or s.record.created_at)
 
 
-def write_pending(store: ImageStore, resolved: ResolvedImage, options: BuildOptions) -> None:
-    """Record the request on disk first, so a crash before the build starts resumes it."""
+def write_pending(store: ImageStore, resolved: ResolvedImage, request: ImageRequest) -> None:
+    """Record the request on disk first, so a crash before the build starts resumes it.
+
+    Its labels replace the record's (when it gives some); that it borrowed
+    credentials is noted, never the credentials.
+    """
     ref, digest = resolved.ref, resolved.digest
+    options = request.options
     existing = store.read(ref, digest)
     if existing is not None and existing.status.active:
         return  # an interrupted build or another process's: the build lock sorts it out
@@ -76,8 +81,19 @@ def write_pending(store: ImageStore, resolved: ResolvedImage, options: BuildOpti
         layers=[str(layer.digest) for layer in manifest.layers],
         free_space_bytes=options.free_space,
         index_digest=str(resolved.index_digest) if resolved.index_digest else None,
+        tags=request.labels if request.labels is not None else record.tags,
+        borrowed_credentials=request.credential is not None,
+        platform=str(options.platform),
     )
     store.write(ref, digest, record, keep_pending=False)  # a new round of asking
+
+
+def relabel(
+    store: ImageStore, ref: Reference, digest: Digest, labels: dict[str, str] | None
+) -> None:
+    """Give the record of ``digest`` the request's labels (None: leave them as they are)."""
+    if labels is not None:
+        store.update(ref, digest, lambda r: r if r.tags == labels else r.evolve(tags=labels))
 
 
 def remember_tag(store: ImageStore, job: Job, ref: Reference) -> None:
@@ -104,7 +120,7 @@ def record_failure(store: ImageStore, job: Job, exc: HypemanError) -> None:
         return
     with idle_lock(directory) as free:
         if free:
-            failed = record.evolve(status=ImageStatus.FAILED, error=exc.message)
+            failed = record.evolve(status=ImageStatus.FAILED, error=exc.detail)
             store.write(job.ref, job.key.digest, failed)
             job.update(failed)
 

@@ -70,7 +70,7 @@ def inspect(args: argparse.Namespace) -> int:
         ("digest", image.digest),
         ("status", image.status),
         ("error", image.error),
-        ("tags", ", ".join(image.tags) or "-"),
+        ("tags", ", ".join(image.local_names) or "-"),
         ("platform", image.platform),
         ("size", human_size(image.size_bytes) if image.size_bytes else None),
         ("entrypoint", json.dumps(image.entrypoint)),

@@ -50,7 +50,7 @@ class RepositoryFilter:
             return False
         if self.ref.digest is not None and image.digest != str(self.ref.digest):
             return False
-        return self.tag is None or self.tag in image.tags
+        return self.tag is None or self.tag in image.local_names
 
 
 def ago(timestamp: str, now: datetime | None = None) -> str:
@@ -101,7 +101,7 @@ def table_rows(images: Sequence[Image], now: datetime | None = None) -> list[tup
     for image in images:
         repository = _familiar(image.repository)
         size = human_size(image.size_bytes) if image.size_bytes else "-"
-        for tag in image.tags or (NONE,):
+        for tag in image.local_names or (NONE,):
             row: tuple[str, ...] = (
                 repository,
                 tag,

@@ -48,7 +48,7 @@ def image_json(image: Image) -> dict[str, Any]:
         queue_position=image.queue_position,
         error=image.error,
         repository=image.repository,
-        tags=list(image.tags),
+        tags=list(image.local_names),
         disk=str(image.disk) if image.disk else None,
     )
     return doc

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import platform as _platform
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from hypeman_images.errors import (
     HypemanError,
-    InvalidArgument,
+    InvalidPlatform,
     LayerError,
     LimitExceeded,
     UnsupportedManifest,
@@ -55,6 +56,30 @@ LAYER_COMPRESSION: Mapping[str, str] = {
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
 
 
+# containerd's platforms package (database.go) spells the names docker accepts;
+# a one-word platform is read against them, as ``docker pull --platform arm64`` does.
+_KNOWN_OS = frozenset(
+    """aix android darwin dragonfly freebsd hurd illumos ios js linux nacl netbsd openbsd
+    plan9 solaris windows zos""".split()  # noqa: SIM905 (a table, kept readable)
+)
+_KNOWN_ARCH = frozenset(
+    """386 amd64 amd64p32 arm armbe arm64 arm64be ppc64 ppc64le loong64 mips mipsle mips64
+    mips64le mips64p32 mips64p32le ppc riscv riscv64 s390 s390x sparc sparc64 wasm""".split()  # noqa: SIM905
+)
+# containerd's normalizeArch: the aliases, each with the variant it implies.
+_ARCH_ALIASES: Mapping[str, tuple[str, str | None]] = {
+    "i386": ("386", None),
+    "x86_64": ("amd64", None),
+    "x86-64": ("amd64", None),
+    "aarch64": ("arm64", None),
+    "armhf": ("arm", "v7"),
+    "armel": ("arm", "v6"),
+}
+# containerd's specifierRe: each component, before lower-casing.
+_COMPONENT = re.compile(r"[A-Za-z0-9_.-]+")
+_PLATFORM_FORMS = "OS/ARCH[/VARIANT] (e.g. linux/amd64, linux/arm64/v8) or ARCH (e.g. arm64)"
+
+
 @dataclass(frozen=True, order=True)
 class Platform:
     """``os/architecture[/variant]``; ``str()`` gives that form."""
@@ -65,11 +90,32 @@ class Platform:
 
     @classmethod
     def parse(cls, text: str) -> Platform:
-        """Parse ``linux/amd64`` or ``linux/arm64/v8``."""
+        """A platform asked for by a user, read as ``docker --platform`` reads it.
+
+        ``linux/amd64``, ``linux/arm64/v8`` (= ``linux/arm64``), ``x86_64`` and
+        ``arm64`` (an architecture alone means linux) all parse, case-insensitively,
+        normalised as containerd's ``platforms.Parse`` does. An image for another
+        OS cannot make a microVM's root disk, so only ``linux`` is accepted.
+        Raises :class:`InvalidPlatform` (API code ``invalid_platform``).
+        """
         parts = text.split("/")
-        if len(parts) not in (2, 3) or not all(parts):
-            raise InvalidArgument(
-                f"invalid platform {text!r}: expected OS/ARCH or OS/ARCH/VARIANT, e.g. linux/amd64"
+        if len(parts) > 3 or not all(_COMPONENT.fullmatch(p) for p in parts):
+            raise InvalidPlatform(f"invalid platform {text!r}: expected {_PLATFORM_FORMS}")
+        parts = [p.lower() for p in parts]
+        if len(parts) == 1:
+            word = parts[0]
+            if word in _KNOWN_OS:
+                parts = [word, cls.host().architecture]
+            elif word in _KNOWN_ARCH or word in _ARCH_ALIASES:
+                parts = ["linux", word]
+            else:
+                raise InvalidPlatform(
+                    f"invalid platform {text!r}: {word!r} is no operating system or "
+                    f"architecture docker knows; expected {_PLATFORM_FORMS}"
+                )
+        if parts[0] != "linux":
+            raise InvalidPlatform(
+                f"invalid platform {text!r}: only linux images make a microVM's disk"
             )
         return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None).normalized()
 
@@ -83,10 +129,16 @@ class Platform:
         return cls("linux", arch, "v7" if arch == "arm" else None).normalized()
 
     def normalized(self) -> Platform:
-        """containerd's normalisation: arm64 implies variant v8 when none is given."""
-        arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(self.architecture, self.architecture)
-        variant = self.variant
-        if arch == "arm64" and variant == "v8":
+        """containerd's ``normalizeArch``: aliases resolved, default variants dropped.
+
+        ``aarch64`` is ``arm64``, whose ``v8`` is the default; ``x86_64`` is
+        ``amd64``, whose ``v1`` is; an arm variant is spelled ``v7``, not ``7``.
+        """
+        arch, variant = _ARCH_ALIASES.get(self.architecture, (self.architecture, None))
+        variant = self.variant or variant
+        if arch in ("arm64", "arm") and variant and variant[0].isdigit():
+            variant = f"v{variant}"
+        if (arch, variant) in (("arm64", "v8"), ("arm64", "v8.0"), ("amd64", "v1")):
             variant = None
         return Platform(self.os, arch, variant)
 
@@ -157,8 +209,9 @@ class Index:
                 return descriptor
         available = ", ".join(sorted({str(d.platform) for d in offers})) or "none"
         raise PlatformNotFound(
-            f"no image for platform {want} in this index; available: {available} "
-            "(choose one with --platform)"
+            f"no image for platform {want} in this index; available: {available}",
+            hint="choose one with --platform",
+            api_hint="choose one with the request's platform",
         )
 
 

@@ -12,6 +12,10 @@ bearer token for the same scope, or basic credentials). On ``401`` the
   ``expires_in`` (60 s when absent) and the request is retried once.
 * ``Basic realm=…`` — the request is retried once with the credentials.
 
+A credential with a ``registry_token`` (docker's ``RegistryToken``, given
+with an API request) is sent as ``Authorization: Bearer`` on the first try;
+a 401 then stands, with no token exchange.
+
 The token request goes through ``send`` (the registry client's own
 ``httpx.Client``, so tests still swap one transport seam); it is not
 yielded into httpx's flow because httpx reads every yielded response whole,
@@ -186,8 +190,11 @@ class RegistryAuth(httpx.Auth):
         repository: str = "",
         cache: TokenCache,
         send: Callable[[httpx.Request], httpx.Response],
+        registry_token: str = "",
     ) -> None:
+        """``registry_token``: a bearer token to send as it is (module docstring)."""
         self.registry = registry
+        self._registry_token = registry_token
         self._send = send
         self.scope = scope
         self.repository = repository
@@ -207,6 +214,10 @@ class RegistryAuth(httpx.Auth):
     def sync_auth_flow(
         self, request: httpx.Request
     ) -> Generator[httpx.Request, httpx.Response, None]:
+        if self._registry_token:
+            request.headers["Authorization"] = f"Bearer {self._registry_token}"
+            yield request
+            return  # a 401 stands: the client explains it
         host = request.url.netloc.decode("ascii")
         sent_cached = self._apply_cached(request, host)
         response = yield request
@@ -298,12 +309,15 @@ class RegistryAuth(httpx.Auth):
         if credential is None:
             return Unauthorized(
                 f"{self.registry}: {what} anonymous access to {_scope_name(self.scope)}; "
-                f"the repository may not exist or may need credentials "
-                f"(hypeman-images login {self.registry})"
+                f"the repository may not exist or may need credentials",
+                hint=f"hypeman-images login {self.registry}",
+                api_hint="give credentials in the request",
             )
         return Unauthorized(
             f"{self.registry}: {what} the credentials ({credential.describe()}) "
-            f"for {_scope_name(self.scope)}; check them or log in again"
+            f"for {_scope_name(self.scope)}",
+            hint="check them or log in again",
+            api_hint="check them",
         )
 
 

@@ -22,6 +22,7 @@ tried first, the registry itself last. Each host's scheme is decided by
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,6 +54,7 @@ from hypeman_images.oci.spec import (
 from hypeman_images.registry.auth import RegistryAuth, TokenCache, pull_scope
 from hypeman_images.registry.config import RegistryConfig
 from hypeman_images.registry.credentials import (
+    BorrowedCredentials,
     CachedCredentials,
     Credential,
     CredentialSource,
@@ -137,7 +139,11 @@ class RegistryClient:
     ) -> None:
         self.config = config or RegistryConfig()
         # Looked up once per (registry, repository) for the client's life, not per request.
-        self._credentials = CachedCredentials(credentials) if credentials else None
+        self._credentials: CredentialSource | None = (
+            CachedCredentials(credentials) if credentials else None
+        )
+        self._borrowed: BorrowedCredentials | None = None
+        self._owns_connections = True
         self._tokens = TokenCache()
         timeout = httpx.Timeout(self.config.read_timeout, connect=self.config.connect_timeout)
         self._http = httpx.Client(
@@ -160,8 +166,32 @@ class RegistryClient:
         self.close()
 
     def close(self) -> None:
-        """Close every connection."""
-        self._http.close()
+        """Close every connection (a :meth:`borrowing` view leaves them to its parent)."""
+        if self._owns_connections:
+            self._http.close()
+
+    def borrowing(self, registry: str, credential: Credential) -> RegistryClient:
+        """This client for one request's ``credential`` to ``registry``, and for nothing else.
+
+        The view shares the connections and the scheme decisions, and has its
+        own token cache: a token got with ``credential`` is never sent for
+        another request, nor one got with the server's credentials for this
+        one. Other registries (a foreign layer's host, a mirror) still get the
+        server's own credentials. Drop it when the build ends; nothing keeps it.
+        """
+        view = copy.copy(self)
+        view._borrowed = BorrowedCredentials(registry, credential, fallback=self._credentials)
+        view._credentials = view._borrowed
+        view._tokens = TokenCache()
+        view._owns_connections = False
+        return view
+
+    def _registry_token(self, registry: str) -> str:
+        """The bearer token a borrowed credential gives for ``registry`` ("" for none)."""
+        if self._borrowed is None:
+            return ""
+        credential = self._borrowed.get(registry)
+        return credential.registry_token if credential is not None else ""
 
     # -- endpoints -----------------------------------------------------------------
 
@@ -275,9 +305,12 @@ class RegistryClient:
         except NotFound as exc:
             if descriptor.media_type in _FOREIGN_TYPES and descriptor.urls:
                 raise NotFound(
-                    f"{exc.message}; it is a foreign (non-distributable) layer, which its image "
-                    f"says to fetch from {descriptor.urls[0]}: allow that with "
-                    f"--allow-foreign-layers (allow-foreign-layers = true in registries.conf)"
+                    f"{exc.detail}; it is a foreign (non-distributable) layer, which its image "
+                    f"says to fetch from {descriptor.urls[0]}",
+                    hint="allow that with --allow-foreign-layers "
+                    "(allow-foreign-layers = true in registries.conf)",
+                    api_hint="the server's registries.conf can allow that "
+                    "(allow-foreign-layers = true)",
                 ) from exc
             raise
 
@@ -331,7 +364,9 @@ class RegistryClient:
             try:
                 scheme = self._schemes.scheme(endpoint.host)
             except TransientError as exc:
-                raise TransientError(f"{exc.message} while fetching {subject}") from exc
+                raise TransientError(
+                    f"{exc.detail} while fetching {subject}", hint=exc.hint, api_hint=exc.api_hint
+                ) from exc
             url = f"{scheme}://{endpoint.host}{url}"
         if auth is None and ref is not None:
             auth = RegistryAuth(
@@ -341,6 +376,7 @@ class RegistryClient:
                 repository=ref.repository,
                 cache=self._tokens,
                 send=self._send_token_request,
+                registry_token=self._registry_token(endpoint.registry),
             )
         request = self._http.build_request("GET", url, headers=headers)
         with translating(endpoint.host, subject, self.config, self._schemes):

@@ -69,21 +69,34 @@ _IDENTITY_TOKEN_USER = "<token>"
 
 @dataclass(frozen=True)
 class Credential:
-    """A user name and password, or an OAuth2 identity (refresh) token.
+    """A user name and password, an OAuth2 identity (refresh) token, or a bearer token.
 
     ``origin`` says where it came from ("~/.docker/config.json",
-    "docker-credential-pass"); ``repr`` hides the secrets.
+    "docker-credential-pass"); ``repr`` hides the secrets. ``registry_token``
+    is sent to the registry as ``Authorization: Bearer`` as it is (docker's
+    ``AuthConfig.RegistryToken``), with no token exchange. ``borrowed``: given
+    with one API request (:class:`BorrowedCredentials`), so never named in a
+    message, not even by its user name.
     """
 
     username: str = ""
     password: str = field(default="", repr=False)
     identity_token: str = field(default="", repr=False)
     origin: str = ""
+    registry_token: str = field(default="", repr=False)
+    borrowed: bool = False
 
     def describe(self) -> str:
         """Who and where from, for error messages: never the secret."""
+        if self.borrowed:
+            return "the credentials given with the request"
         who = f"user {self.username!r}" if self.username else "an identity token"
         return f"{who} from {self.origin}" if self.origin else who
+
+    @property
+    def empty(self) -> bool:
+        """No secret and no user: hypeman's "omitted or empty" credentials."""
+        return not (self.username or self.password or self.identity_token or self.registry_token)
 
 
 class CredentialSource(Protocol):
@@ -176,6 +189,28 @@ class StaticCredentials:
     def get(self, registry: str, repository: str = "") -> Credential | None:
         found = matching_keys(self._entries, registry, repository)
         return self._entries[found[0]] if found else None
+
+
+class BorrowedCredentials:
+    """One request's credential for one registry, in memory only; others ask ``fallback``.
+
+    hypeman's ``PushCredentials``: "borrowed for one image pull ... never
+    persisted or logged". A registry client made with it
+    (:meth:`RegistryClient.borrowing`) lives as long as that one build, and
+    nothing else sees it.
+    """
+
+    def __init__(
+        self, registry: str, credential: Credential, fallback: CredentialSource | None = None
+    ) -> None:
+        self.registry = registry_key(registry)
+        self.credential = credential
+        self._fallback = fallback
+
+    def get(self, registry: str, repository: str = "") -> Credential | None:
+        if registry_key(registry) == self.registry:
+            return self.credential
+        return self._fallback.get(registry, repository) if self._fallback else None
 
 
 class CredentialHelper:

@@ -113,9 +113,11 @@ def error_for(response: httpx.Response, *, host: str, subject: str) -> HypemanEr
         hint = f"retry after {wait:.0f} s" if wait is not None else "retry later"
         return RateLimited(
             f"{host} is rate limiting requests (HTTP 429) while fetching {subject}; {hint}"
-            f"{detail.rstrip('.')}. Log in (hypeman-images login) or use a mirror to raise "
-            f"the limit.",
+            f"{detail.rstrip('.')}",
             retry_after=wait,
+            hint="log in with hypeman-images login, or use a mirror, to raise the limit",
+            api_hint="credentials in the request, or a mirror in the server's registries.conf, "
+            "raise the limit",
         )
     if status >= 500:
         return TransientError(

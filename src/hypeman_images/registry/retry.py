@@ -29,6 +29,8 @@ from hypeman_images.registry.schemes import Schemes
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# What an API caller is told of a fix that only the server's operator can make.
+_SERVER_SETTING = "a setting of the server's registries.conf"
 E = TypeVar("E", bound=BaseException)
 
 
@@ -49,10 +51,11 @@ def translating(
         untrusted = _cause(exc, ssl.SSLCertVerificationError)
         if untrusted is not None:
             raise RegistryError(
-                f"{host}: TLS certificate not trusted ({untrusted.verify_message})"
-                f"; trust its CA with --certs-dir DIR (DIR/{host}/ca.crt, as in "
+                f"{host}: TLS certificate not trusted ({untrusted.verify_message})",
+                hint=f"trust its CA with --certs-dir DIR (DIR/{host}/ca.crt, as in "
                 f"certs.d) or --ca-bundle FILE, or mark the registry insecure "
-                f"(--insecure-registry {host}) to skip verification"
+                f"(--insecure-registry {host}) to skip verification",
+                api_hint=_SERVER_SETTING,
             ) from exc
         plain = _cause(exc, ssl.SSLError)
         reason = getattr(plain, "reason", None)
@@ -61,21 +64,23 @@ def translating(
             # insecure host's decision is forgotten below, and the retry probes.)
             raise RegistryError(
                 f"{host}: does not speak TLS ({reason}); plain HTTP is used "
-                f"only for insecure registries: mark it with --insecure-registry "
-                f"{host} if that is what it is"
+                f"only for insecure registries",
+                hint=f"mark it with --insecure-registry {host} if that is what it is",
+                api_hint=_SERVER_SETTING,
             ) from exc
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             schemes.forget(host)
         if isinstance(exc, httpx.ConnectTimeout):
             raise TransientError(
                 f"{host}: connect timed out after {config.connect_timeout:g} s "
-                f"while fetching {subject} (--connect-timeout S to wait longer)"
+                f"while fetching {subject}",
+                hint="--connect-timeout S to wait longer",
             ) from exc
         if isinstance(exc, httpx.ReadTimeout):
             raise TransientError(
                 f"{host}: read timed out: nothing received for "
-                f"{config.read_timeout:g} s while fetching {subject} "
-                f"(--read-timeout S to wait longer)"
+                f"{config.read_timeout:g} s while fetching {subject}",
+                hint="--read-timeout S to wait longer",
             ) from exc
         what = type(exc).__name__
         raise TransientError(
@@ -92,7 +97,11 @@ def retrying(call: Callable[[], T], config: RegistryConfig) -> T:
         except TransientError as exc:
             if attempt == attempts:
                 raise TransientError(
-                    f"{exc.message} (gave up after {attempts} attempts)", exc.status, exc.codes
+                    f"{exc.detail} (gave up after {attempts} attempts)",
+                    exc.status,
+                    exc.codes,
+                    hint=exc.hint,
+                    api_hint=exc.api_hint,
                 ) from exc
             delay = backoff(attempt, config)
             log.info("%s; retrying in %.1f s (%d/%d)", exc, delay, attempt, attempts)

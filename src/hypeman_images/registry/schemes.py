@@ -122,7 +122,7 @@ class Schemes:
     def _describe(self, exc: httpx.TransportError) -> str:
         if isinstance(exc, httpx.ConnectTimeout):
             # The setting's name, so a user on a slow link knows what to raise.
-            return f"connect timed out after {self._config.connect_timeout:g} s, --connect-timeout"
+            return f"connect timed out after {self._config.connect_timeout:g} s (connect timeout)"
         return f"{type(exc).__name__}: {exc or 'no detail'}"
 
     def _ping(self, scheme: str, host: str) -> int:

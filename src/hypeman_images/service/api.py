@@ -2,17 +2,21 @@
 
 ::
 
-    POST   /images          {"name": "alpine:3.20"} → 202 Image (pending, or ready if built)
-    GET    /images          → 200 [Image]
-    GET    /images/{name}   → 200 Image     name URL-encoded: tag or digest reference
-    DELETE /images/{name}   → 204           409 while it builds
-    GET    /healthz         → 200 {"status": "ok"}
-    GET    /metrics         → Prometheus text
-    GET    /openapi.json    → this API's OpenAPI document (kept in docs/openapi.json)
+    POST   /images             {"name", "platform"?, "tags"?, "credentials"?} → 202 Image
+    GET    /images             ?tags[KEY]=VALUE… → 200 [Image]
+    GET    /images/{name}      → 200 Image     name URL-encoded: reference or image ID
+    DELETE /images/{name}      → 204           409 while it builds
+    POST   /images/{name}/tag  {"target"} → 200 Image   409 until it is ready
+    GET    /capabilities       → 200 the images part of hypeman's capabilities
+    GET    /healthz            → 200 {"status": "ok"}
+    GET    /metrics            → Prometheus text
+    GET    /openapi.json       → this API's OpenAPI document (kept in docs/openapi.json)
 
-Errors are ``{"code": ..., "message": ...}`` with the status the exception
-class names (:mod:`hypeman_images.errors`). With a token configured, every
-route but ``/healthz`` and ``/openapi.json`` wants ``Authorization: Bearer``
+Errors are ``{"code", "message"}`` (and ``details`` for a malformed body)
+with the status the exception class names (:mod:`hypeman_images.errors`);
+this is the one place that maps them, and it gives the API's advice
+(``api_message``), never the CLI's. With a token configured, every route but
+``/healthz`` and ``/openapi.json`` wants ``Authorization: Bearer``
 (:mod:`.auth`). The routes are in :mod:`.routes`, the bodies in :mod:`.models`.
 
 ``python -m hypeman_images.service.api`` prints the OpenAPI document.
@@ -39,9 +43,10 @@ from hypeman_images.service.auth import Unauthenticated, bearer_auth
 from hypeman_images.service.routes import add_image_routes, add_service_routes
 
 DESCRIPTION = (
-    "Converts OCI images into bootable ext4 disks for microVMs. `POST /images` resolves "
-    "the name to a digest and queues one build per digest; poll `GET /images/{name}` "
-    "until `status` is `ready` or `failed`."
+    "Converts OCI images into bootable ext4 disks for microVMs: hypeman's images API. "
+    "`POST /images` resolves the name to a digest and queues one build per digest; poll "
+    "`GET /images/{name}` until `status` is `ready` or `failed`. A registry refusing "
+    "credentials is 424 `registry_unauthorized`; 401 is only ever this API's own token."
 )
 
 
@@ -77,7 +82,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         headers = None
         if isinstance(exc, RateLimited) and exc.retry_after is not None:
             headers = {"Retry-After": str(int(exc.retry_after))}
-        return _error(exc.http_status, exc.code, exc.message, headers)  # type: ignore[no-any-return]
+        return _error(exc.http_status, exc.code, exc.api_message, headers)  # type: ignore[no-any-return]
 
     @app.exception_handler(Unauthenticated)
     def unauthenticated(request: Request, exc: Unauthenticated) -> Response:
@@ -90,10 +95,13 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     def invalid_request(request: Request, exc: RequestValidationError) -> Response:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        return _error(400, "invalid_request", problems or "invalid request")  # type: ignore[no-any-return]
+        # Each problem by where and what, never the value: it may be a password.
+        details = [
+            {"code": str(e["type"]), "message": f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"}
+            for e in exc.errors()
+        ]
+        message = "; ".join(d["message"] for d in details) or "invalid request"
+        return _error(400, "invalid_request", message, details=details)  # type: ignore[no-any-return]
 
     @app.exception_handler(StarletteHTTPException)
     def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -101,8 +109,18 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(exc.status_code, code, str(exc.detail))  # type: ignore[no-any-return]
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:
-    return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
+def _error(
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    *,
+    details: list[dict[str, str]] | None = None,
+) -> Any:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _without_422(doc: dict[str, Any]) -> dict[str, Any]:

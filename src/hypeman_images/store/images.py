@@ -71,7 +71,15 @@ def now() -> str:
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """The contents of ``metadata.json``: one image digest of one repository."""
+    """The contents of ``metadata.json``: one image digest of one repository.
+
+    ``tags`` are the user's labels (hypeman's ``Tags``: key/value pairs given
+    when the image was asked for), not the image config's ``labels`` and not
+    the local tag names, which are the tag links (:attr:`StoredImage.tags`).
+    ``borrowed_credentials``: the build was asked for with credentials that
+    only its request held, so a crash cannot resume its pull
+    (:func:`~hypeman_images.build.maintenance.recover_builds`).
+    """
 
     name: str
     digest: str
@@ -102,6 +110,8 @@ class ImageRecord:
     # Tags besides ``name`` that asked for this digest while it was being built,
     # so that a build recovered after a crash sets them too; cleared once set.
     pending_tags: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    borrowed_credentials: bool = False
 
     def to_json(self) -> bytes:
         """Canonical JSON bytes for metadata.json."""
@@ -111,11 +121,20 @@ class ImageRecord:
 
     @classmethod
     def from_json(cls, data: bytes) -> ImageRecord:
-        """Parse metadata.json, ignoring fields a newer version may have added."""
+        """Parse metadata.json, ignoring fields a newer version may have added.
+
+        A ``tags`` list is the older meaning of the key, the local tag names:
+        those are the tag links, so it reads as no labels and the record is
+        used as it is (no rewrite, no rebuild; tests/store/test_images.py).
+        """
         doc: dict[str, Any] = json.loads(data)
         known = {f for f in cls.__dataclass_fields__}
         doc = {k: v for k, v in doc.items() if k in known}
         doc["status"] = ImageStatus(doc["status"])
+        labels = doc.get("tags")
+        doc["tags"] = (
+            {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
+        )
         return cls(**doc)
 
     def evolve(self, **changes: Any) -> ImageRecord:
@@ -213,12 +232,13 @@ class ImageStore:
 
     def write(
         self, ref: Reference, digest: Digest, record: ImageRecord, *, keep_pending: bool = True
-    ) -> None:
+    ) -> ImageRecord:
         """Publish ``record`` atomically (temp + fsync + rename).
 
-        Tags the record on disk lists in ``pending_tags`` are kept (unless not
-        ``keep_pending``): :meth:`update` may have added them while the
-        writer's copy was being made.
+        What requests own is kept from the record on disk (unless not
+        ``keep_pending``): the tags it lists in ``pending_tags`` and its labels
+        (``tags``), which :meth:`update` may have changed while the writer's
+        copy (a build's) was being made. Returns the record written.
         """
         with self._records:
             current = self.read(ref, digest) if keep_pending else None
@@ -226,7 +246,10 @@ class ImageStore:
                 extra = [t for t in current.pending_tags if t not in record.pending_tags]
                 if extra:
                     record = record.evolve(pending_tags=[*record.pending_tags, *extra])
+                if current.tags != record.tags:
+                    record = replace(record, tags=current.tags)
             self._publish(ref, digest, record)
+            return record
 
     def update(
         self, ref: Reference, digest: Digest, change: Callable[[ImageRecord], ImageRecord]
@@ -322,7 +345,11 @@ class ImageStore:
             record = self.read(ref, digest)
             if record is not None:
                 return self._stored(ref, digest, record)
-        raise NotFound(f"no local image {ref.familiar()}; pull it first (hypeman-images pull)")
+        raise NotFound(
+            f"no local image {ref.familiar()}",
+            hint="pull it first: hypeman-images pull",
+            api_hint="create it first: POST /images",
+        )
 
     def _stored(self, ref: Reference, digest: Digest, record: ImageRecord) -> StoredImage:
         directory = self.digest_dir(ref, digest)
