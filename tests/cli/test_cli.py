@@ -23,7 +23,19 @@ from support.service import CLI
 from hypeman_images.errors import exit_codes
 
 ANSI = re.compile(r"\x1b\[")
-COMMANDS = ("pull", "list", "inspect", "rm", "gc", "verify", "serve", "boot", "login", "logout")
+COMMANDS = (
+    "pull",
+    "list",
+    "inspect",
+    "rm",
+    "tag",
+    "gc",
+    "verify",
+    "serve",
+    "boot",
+    "login",
+    "logout",
+)
 NO_JSON = {"serve", "login", "logout"}  # they print no data
 
 

@@ -247,3 +247,95 @@ def test_inspect_escapes_what_the_image_could_write_to_a_terminal(
 def test_printable_escapes_c0_del_and_c1_only() -> None:
     assert printable("é ü → ok\\") == "é ü → ok\\"
     assert printable("\x00\x1b\x7f\x85\x9f\t\n") == r"\x00\x1b\x7f\x85\x9f\t\n"
+
+
+# -- image IDs, tag, labels, platforms ----------------------------------------------------
+
+
+def test_the_id_list_prints_names_the_image_everywhere(
+    alpine_ref: PushedImage, data_dir: Path
+) -> None:
+    pulled(data_dir, alpine_ref.ref)
+    d = ("--data-dir", str(data_dir))
+    (image_id,) = run("list", *d, "-q").stdout.split()
+    assert image_id == alpine_ref.manifest_digest[7:19]
+
+    for name in (image_id, alpine_ref.manifest_digest, alpine_ref.manifest_digest[7:]):
+        shown = run("inspect", *d, name)
+        assert shown.returncode == 0, shown.stderr
+        assert f"digest:       {alpine_ref.manifest_digest}" in shown.stdout
+    checked = run("verify", *d, image_id)
+    assert checked.returncode == 0 and checked.stdout.startswith("ok: ")
+
+    too_short = run("inspect", *d, image_id[:8])  # under 12 digits: a repository name
+    assert too_short.returncode == 3, too_short.stderr
+    assert run("inspect", *d, "0" * 12).returncode == 3
+
+    removed = run("rm", *d, image_id)
+    assert removed.returncode == 0, removed.stderr
+    assert f"removed {alpine_ref.digest_ref}" in removed.stdout.splitlines()
+    assert run("list", *d, "-q").stdout == ""
+
+
+def test_an_ambiguous_id_is_refused_with_its_matches(
+    alpine_ref: PushedImage, data_dir: Path
+) -> None:
+    pulled(data_dir, alpine_ref.ref)
+    d = ("--data-dir", str(data_dir))
+    other = data_dir / "images" / "docker.io" / "library" / "lookalike"
+    source = next((data_dir / "images").glob("*/library/alpine/*/metadata.json")).parent
+    # A second repository holding the same digest: one ID, two images.
+    assert run("tag", *d, alpine_ref.ref, "lookalike:1").returncode == 0
+    assert (other / source.name).is_dir()
+    result = run("inspect", *d, alpine_ref.manifest_digest[7:19])
+    assert result.returncode == 2
+    assert "ambiguous" in result.stderr and "lookalike" in result.stderr
+    assert "library/alpine" in result.stderr
+
+
+def test_tag_gives_a_ready_image_another_name(alpine_ref: PushedImage, data_dir: Path) -> None:
+    pulled(data_dir, alpine_ref.ref)
+    d = ("--data-dir", str(data_dir))
+    tagged = run("tag", *d, alpine_ref.ref, f"{alpine_ref.registry.host}/library/alpine:prod")
+    assert tagged.returncode == 0 and tagged.stdout == "", tagged.stderr
+    lines = run("list", *d).stdout.splitlines()
+    assert [re.split(r"\s{2,}", line)[1] for line in lines[1:]] == ["3.20.3", "prod"]
+    assert len({re.split(r"\s{2,}", line)[2] for line in lines[1:]}) == 1  # one image ID
+    # By ID, into another repository; JSON on request.
+    doc = json.loads(run("tag", *d, "--json", alpine_ref.manifest_digest[7:19], "mine:1").stdout)
+    assert doc["name"] == "docker.io/library/mine:1" and doc["tags"] == ["1"]
+    assert run("list", *d, "-q", "mine").stdout.split() == [alpine_ref.manifest_digest[7:19]]
+    # Without a tag, or of an unknown image: an error and its exit code.
+    assert run("tag", *d, alpine_ref.ref, "mine@" + alpine_ref.manifest_digest).returncode == 2
+    assert run("tag", *d, "nothing:here", "mine:2").returncode == 3
+
+
+def test_labels_set_on_pull_filter_list(
+    alpine_ref: PushedImage, busybox_ref: PushedImage, data_dir: Path
+) -> None:
+    d = ("--data-dir", str(data_dir))
+    pulled(data_dir, alpine_ref.ref, extra=("--label", "team=infra", "--label", "env=prod"))
+    pulled(data_dir, busybox_ref.ref, extra=("--label", "team=web"))
+    alpine_id, busybox_id = alpine_ref.manifest_digest[7:19], busybox_ref.manifest_digest[7:19]
+    assert run("list", *d, "-q", "--label", "team=infra").stdout.split() == [alpine_id]
+    assert run("list", *d, "-q", "--label", "team=web").stdout.split() == [busybox_id]
+    both = ("--label", "team=infra", "--label", "env=prod")
+    assert run("list", *d, "-q", *both).stdout.split() == [alpine_id]
+    assert run("list", *d, "-q", "--label", "team=infra", "--label", "env=dev").stdout == ""
+    doc = json.loads(run("inspect", *d, "--json", alpine_ref.ref).stdout)
+    assert doc["user_labels"] == {"team": "infra", "env": "prod"}
+    assert "user_labels:  team=infra, env=prod" in run("inspect", *d, alpine_ref.ref).stdout
+    bad = run("list", *d, "--label", "novalue")
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
+
+
+@pytest.mark.parametrize("platform", ["arm64", "linux/arm64/v8", "linux/arm64"])
+def test_platform_takes_the_forms_docker_takes(
+    multiplatform_ref: PushedImage, data_dir: Path, platform: str
+) -> None:
+    d = ("--data-dir", str(data_dir))
+    result = run("pull", *d, "--json", "--platform", platform, multiplatform_ref.ref)
+    assert result.returncode == 0, result.stderr
+    arm64 = multiplatform_ref.index.images[1].manifest_digest  # type: ignore[union-attr]
+    assert json.loads(result.stdout)["digest"] == arm64
+    assert json.loads(result.stdout)["platform"].startswith("linux/arm64")

@@ -23,9 +23,12 @@ def epilog() -> str:
 
 EXAMPLES = {
     "pull": f"""\
+--platform takes what docker takes: linux/arm64, linux/arm64/v8, arm64.
+
 examples:
   {PROG} pull alpine:3.20
-  {PROG} pull --platform linux/arm64 ghcr.io/org/app@sha256:<hex>
+  {PROG} pull --platform arm64 ghcr.io/org/app@sha256:<hex>
+  {PROG} pull --label team=infra --label env=prod localhost:5000/app:1
   {PROG} pull --json localhost:5000/app:1 | jq -r .disk""",
     "list": f"""\
 One row per tag; IMAGE ID is the digest's first 12 hex digits, which every
@@ -34,12 +37,24 @@ command that takes an image accepts.
 examples:
   {PROG} list
   {PROG} list alpine
+  {PROG} list --label team=infra
   {PROG} rm $({PROG} list -q ghcr.io/org/app)
   {PROG} list --json | jq '.[] | select(.status == "ready") | .name'""",
     "inspect": f"""\
+Control characters in what the image says (env, user, working dir...) are
+printed as escapes (\\x1b); --json prints them exactly.
+
 examples:
   {PROG} inspect alpine:3.20
+  {PROG} inspect 3f57d9401f8d
   {PROG} inspect --json docker.io/library/alpine@sha256:<hex>""",
+    "tag": f"""\
+The target may be in another repository; the disk is shared, not copied.
+The source must be ready.
+
+examples:
+  {PROG} tag alpine:3.20 alpine:prod
+  {PROG} tag 3f57d9401f8d localhost:5000/base:1""",
     "rm": f"""\
 A tag's disk is deleted with the last tag that points at it; a digest goes
 with all its tags. An image that is being built cannot be removed (exit {Conflict.exit_code}).

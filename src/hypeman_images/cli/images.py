@@ -16,7 +16,7 @@ from hypeman_images.cli.config import build_options, open_manager
 from hypeman_images.cli.interrupt import pull_image
 from hypeman_images.cli.listing import RepositoryFilter, render, short_id, table_rows
 from hypeman_images.cli.output import PROG, image_json, print_json, printable, reporter
-from hypeman_images.errors import HypemanError
+from hypeman_images.errors import HypemanError, InvalidArgument
 
 
 def pull(args: argparse.Namespace) -> int:
@@ -25,7 +25,7 @@ def pull(args: argparse.Namespace) -> int:
     with open_manager(args, options) as manager:
         progress = reporter(args)
         try:
-            stored = pull_image(manager, args.image, progress)
+            stored = pull_image(manager, args.image, progress, labels=user_labels(args.label))
         finally:
             # Before the manager closes: nothing may print between the bars' redraws.
             progress.close()
@@ -41,8 +41,9 @@ def list_images(args: argparse.Namespace) -> int:
     """``list``: a table of the local images, their IDs (``-q``), or a JSON list of them."""
     args.json = args.json or args.format == "json"
     wanted = RepositoryFilter.parse(args.repository) if args.repository else None
+    labels = user_labels(args.label)
     with open_manager(args) as manager:
-        images = [i for i in manager.list() if wanted is None or wanted.matches(i)]
+        images = [i for i in manager.list(labels=labels) if wanted is None or wanted.matches(i)]
     if args.quiet:
         for image_id in dict.fromkeys(short_id(i) for i in images):
             print(image_id)
@@ -71,6 +72,7 @@ def inspect(args: argparse.Namespace) -> int:
         ("status", image.status),
         ("error", image.error),
         ("tags", ", ".join(image.local_names) or "-"),
+        ("user_labels", ", ".join(f"{k}={v}" for k, v in image.tags.items()) or None),
         ("platform", image.platform),
         ("size", human_size(image.size_bytes) if image.size_bytes else None),
         ("entrypoint", json.dumps(image.entrypoint)),
@@ -85,6 +87,26 @@ def inspect(args: argparse.Namespace) -> int:
         if value is not None:
             print(f"{key + ':':13} {printable(value)}")
     return 0
+
+
+def tag(args: argparse.Namespace) -> int:
+    """``tag``: point a new local tag at a ready image; silent, as ``docker tag`` is."""
+    with open_manager(args) as manager:
+        image = manager.tag(args.source, args.target)
+    if args.json:
+        print_json(image_json(image))
+    return 0
+
+
+def user_labels(items: list[str]) -> dict[str, str] | None:
+    """``--label KEY=VALUE`` flags as a mapping (None when there are none)."""
+    labels: dict[str, str] = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise InvalidArgument(f"invalid --label {item!r}: expected KEY=VALUE")
+        labels[key] = value
+    return labels or None
 
 
 def remove(args: argparse.Namespace) -> int:

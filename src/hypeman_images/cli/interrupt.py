@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from typing import NoReturn
 
 from hypeman_images.build.manager import ImageManager
@@ -36,10 +37,16 @@ def exit_interrupted() -> NoReturn:
     os._exit(EXIT_INTERRUPTED)
 
 
-def pull_image(manager: ImageManager, name: str, progress: Reporter) -> StoredImage:
+def pull_image(
+    manager: ImageManager,
+    name: str,
+    progress: Reporter,
+    *,
+    labels: Mapping[str, str] | None = None,
+) -> StoredImage:
     """``manager.pull``; on Ctrl-C, stop drawing, record the build as interrupted and exit."""
     try:
-        return manager.pull(name, reporter=progress)
+        return manager.pull(name, reporter=progress, labels=labels)
     except KeyboardInterrupt:
         progress.close()
         record_interrupted(manager, name)

@@ -40,7 +40,12 @@ def print_json(value: Any) -> None:
 
 
 def image_json(image: Image) -> dict[str, Any]:
-    """metadata.json's fields (env as the OCI list) with the live status, tags and disk path."""
+    """metadata.json's fields (env as the OCI list) with the live status, tags and disk path.
+
+    ``tags`` (and ``local_names``, the API's word) are the local tag names; the
+    labels ``--label`` sets (hypeman's ``tags``) are ``user_labels``, beside
+    the image config's own ``labels``.
+    """
     doc: dict[str, Any] = json.loads(image.record.to_json())
     doc.update(
         name=image.name,
@@ -49,6 +54,8 @@ def image_json(image: Image) -> dict[str, Any]:
         error=image.error,
         repository=image.repository,
         tags=list(image.local_names),
+        local_names=list(image.local_names),
+        user_labels=dict(image.tags),
         disk=str(image.disk) if image.disk else None,
     )
     return doc

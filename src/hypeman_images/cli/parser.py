@@ -17,7 +17,7 @@ from hypeman_images.build.manager import DEFAULT_CONCURRENCY
 from hypeman_images.build.progress import human_size
 from hypeman_images.cli.boot import boot_image
 from hypeman_images.cli.helptext import DESCRIPTION, EXAMPLES, epilog
-from hypeman_images.cli.images import gc, inspect, list_images, pull, remove, verify
+from hypeman_images.cli.images import gc, inspect, list_images, pull, remove, tag, verify
 from hypeman_images.cli.login import login, logout
 from hypeman_images.cli.output import PROG
 from hypeman_images.cli.serve import DEFAULT_LISTEN, serve
@@ -212,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("image", help="image reference: alpine, localhost:5000/app:1, repo@sha256:…")
     p.add_argument("--no-progress", action="store_true", help="plain progress lines, no bars")
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a user label on the image (repeatable; replaces the image's labels)",
+    )
     p.set_defaults(run=pull)
 
     p = command("list", "List local images with their status, tags and size.")
@@ -228,21 +235,33 @@ def build_parser() -> argparse.ArgumentParser:
         default="table",
         help="table (default) or json (as --json)",
     )
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only images with this user label (repeatable: all must match)",
+    )
     p.set_defaults(run=list_images)
 
     p = command("inspect", "Show an image's metadata: entrypoint, cmd, env, status, disk.")
-    p.add_argument("image", help="tag or digest reference of a local image")
+    p.add_argument("image", help="tag or digest reference, or image ID, of a local image")
     p.set_defaults(run=inspect)
 
     p = command("rm", "Remove images by tag or by digest.")
-    p.add_argument("image", nargs="+", help="tag or digest references")
+    p.add_argument("image", nargs="+", help="tag or digest references, or image IDs")
     p.set_defaults(run=remove)
+
+    p = command("tag", "Give a local image another name (a tag), as docker tag does; no pull.")
+    p.add_argument("source", help="image: tag or digest reference, or image ID")
+    p.add_argument("target", help="the new name, with a tag: myapp:prod, localhost:5000/app:1")
+    p.set_defaults(run=tag)
 
     p = command("gc", "Free space: unneeded blobs, failed builds, leftovers of crashes.")
     p.set_defaults(run=gc)
 
     p = command("verify", "Check a local image's disk again: e2fsck -fn and its sha256.")
-    p.add_argument("image", help="tag or digest reference of a local image")
+    p.add_argument("image", help="tag or digest reference, or image ID, of a local image")
     p.add_argument(
         "--record", action="store_true", help="record the sha256 if none was (for later checks)"
     )
