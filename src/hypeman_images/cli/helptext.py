@@ -101,7 +101,8 @@ examples:
 Serves POST/GET /images, GET/DELETE /images/{{name}}, /healthz, /metrics and
 /openapi.json. Builds interrupted by a crash or restart are resumed at start.
 The token file holds one bearer token and must not be readable by group or
-others (chmod 600).
+others (chmod 600); without one, an address beyond loopback is warned about.
+Logs one key=value line per request and per build state change (-v: debug).
 
 examples:
   {PROG} serve --listen 127.0.0.1:8080

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -18,8 +19,8 @@ import sys
 import threading
 from pathlib import Path
 
+from hypeman_images.cli import servelog
 from hypeman_images.cli.config import build_options, open_manager
-from hypeman_images.cli.output import PROG
 from hypeman_images.errors import InvalidArgument, ServiceError
 
 log = logging.getLogger(__name__)
@@ -83,23 +84,24 @@ def serve(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise InvalidArgument(f"--concurrency must be at least 1, not {args.concurrency}")
     sock = bind(host, port, args.listen)
+    servelog.configure(args.verbose)
     manager = open_manager(args, build_options(args), concurrency=args.concurrency)
     try:
         report = manager.recover()
         if report.resumed:
-            log.warning("resuming %d interrupted builds", len(report.resumed))
+            log.warning(
+                "resuming %d interrupted builds",
+                len(report.resumed),
+                extra={"images": ",".join(report.resumed)},
+            )
         config = uvicorn.Config(
-            create_app(manager, token=token),
-            log_level="info" if args.verbose else "warning",
-            access_log=bool(args.verbose),
+            servelog.RequestLog(create_app(manager, token=token)),
+            log_config=None,  # our handler and format (servelog), not uvicorn's
+            log_level="debug" if args.verbose else "warning",
+            access_log=False,  # RequestLog's lines instead
         )
         server = uvicorn.Server(config)
-        print(
-            f"{PROG}: serving on http://{args.listen} (data dir {manager.data.root}, "
-            f"concurrency {args.concurrency}{', token required' if token else ''})",
-            file=sys.stderr,
-            flush=True,
-        )
+        _announce(sock, args, manager.data.root, token is not None)
         server.run(sockets=[sock])
     finally:
         sock.close()
@@ -107,6 +109,38 @@ def serve(args: argparse.Namespace) -> int:
     code = 0 if server.started else 1
     _exit_now_if_builds_linger(code)
     return code
+
+
+def _announce(sock: socket.socket, args: argparse.Namespace, data: Path, token: bool) -> None:
+    """Say where it serves; warn when anyone on the network could use it without a token."""
+    url = f"http://{args.listen}"
+    log.info(
+        "serving on %s",
+        url,
+        extra={
+            "url": url,
+            "data_dir": str(data),
+            "concurrency": args.concurrency,
+            "token": "required" if token else "none",
+        },
+    )
+    if not token and not _loopback(sock):
+        log.warning(
+            "%s is reachable from other hosts and no --token-file is set: anyone who can "
+            "connect can pull images into %s, list and delete them; set --token-file, or "
+            "listen on 127.0.0.1",
+            args.listen,
+            data,
+            extra={"listen": args.listen},
+        )
+
+
+def _loopback(sock: socket.socket) -> bool:
+    """True if the socket is bound to a loopback address only (127.0.0.0/8, ::1)."""
+    address = ipaddress.ip_address(sock.getsockname()[0].split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def _exit_now_if_builds_linger(code: int) -> None:
