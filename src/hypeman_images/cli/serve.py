@@ -19,8 +19,8 @@ import sys
 import threading
 from pathlib import Path
 
-from hypeman_images.cli import servelog
 from hypeman_images.cli.config import build_options, open_manager
+from hypeman_images.cli.servelog import RequestLog, configure
 from hypeman_images.errors import InvalidArgument, ServiceError
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise InvalidArgument(f"--concurrency must be at least 1, not {args.concurrency}")
     sock = bind(host, port, args.listen)
-    servelog.configure(args.verbose)
+    configure(args.verbose)
     manager = open_manager(args, build_options(args), concurrency=args.concurrency)
     try:
         report = manager.recover()
@@ -95,7 +95,7 @@ def serve(args: argparse.Namespace) -> int:
                 extra={"images": ",".join(report.resumed)},
             )
         config = uvicorn.Config(
-            servelog.RequestLog(create_app(manager, token=token)),
+            RequestLog(create_app(manager, token=token)),
             log_config=None,  # our handler and format (servelog), not uvicorn's
             log_level="debug" if args.verbose else "warning",
             access_log=False,  # RequestLog's lines instead
