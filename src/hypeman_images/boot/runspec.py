@@ -63,16 +63,18 @@ class RunSpec:
 
 
 def render_run_conf(
-    spec: RunSpec, argv: Sequence[str], nonce: str, *, probe: bool = False
+    spec: RunSpec, argv: Sequence[str], nonce: str, *, probe: bool = False, stdin: bool = False
 ) -> bytes:
     """Render ``/etc/hypeman/run.conf``, the shell assignments ``init.sh`` sources.
 
     Every value is quoted with :func:`shlex.quote`, so any byte sequence but NUL
     survives; lists become numbered variables since POSIX sh has no arrays.
+    ``stdin``: the command reads what the host relays on the console, not /dev/null.
     """
     lines = [
         f"HM_NONCE={shlex.quote(nonce)}",
         f"HM_PROBE={1 if probe else 0}",
+        f"HM_STDIN={1 if stdin else 0}",
         f"HM_WORKDIR={shlex.quote(spec.working_dir or '/')}",
         f"HM_USER={shlex.quote(spec.user)}",
         f"HM_ARGC={len(argv)}",

@@ -81,11 +81,13 @@ examples:
     "boot": f"""\
 Boots the image's disk (pulled first if it is not local) in a microVM: Cloud
 Hypervisor when it is on PATH, else QEMU microvm with KVM where KVM works and
-TCG where it does not. Prints the command's output and exits with its code.
+TCG where it does not. Prints the command's output as it comes and exits with
+its code. A terminal or a pipe on stdin is the command's stdin (docker run -i).
 
 examples:
   {PROG} boot alpine:3.20
   {PROG} boot alpine:3.20 -- cat /etc/alpine-release
+  echo hi | {PROG} boot alpine:3.20 -- cat
   {PROG} boot --print-command alpine:3.20""",
     "login": f"""\
 Stores the credential where docker and podman look (a credential helper if
