@@ -184,24 +184,39 @@ class _Markers:
 
 class _OutputStream:
     """Hands the command's output on as the console shows it: after the begin marker,
-    up to the exit marker, holding back what may be the start of that marker."""
+    up to the exit marker, holding back what may be the start of that marker.
 
-    def __init__(self, begin: bytes, end: bytes, emit: Callable[[bytes], None] | None) -> None:
+    ``on_begin`` is called once, when the begin marker shows: the command runs.
+    """
+
+    def __init__(
+        self,
+        begin: bytes,
+        end: bytes,
+        emit: Callable[[bytes], None] | None,
+        *,
+        on_begin: Callable[[], None],
+    ) -> None:
         self._begin = begin
         self._end = end
         self._emit = emit
+        self._on_begin = on_begin
         self._sent: int | None = None  # console offset handed on so far
-        self._done = emit is None
+        self._done = False
 
     def feed(self, console: bytearray) -> None:
         """Hand on what ``console`` (the whole console so far) adds to the output."""
-        if self._done or self._emit is None:
+        if self._done:
             return
         if self._sent is None:
             found = console.find(self._begin)
             if found < 0:
                 return
             self._sent = found + len(self._begin)
+            self._on_begin()
+        if self._emit is None:
+            self._done = True
+            return
         end = console.find(self._end, max(self._sent - len(self._end), 0))
         if end >= self._sent:
             limit, self._done = end, True
@@ -231,23 +246,26 @@ class _Relay:
     its reader ready and the echo off by then) and stops with the VM.
     """
 
-    def __init__(self, source: int, sink: IO[bytes]) -> None:
+    def __init__(self, source: int | None, sink: IO[bytes] | None) -> None:
+        """Nothing is relayed without both a ``source`` and a ``sink``."""
         self._source = source
         self._sink = sink
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Start copying (once)."""
-        if self._thread is None:
+        if self._thread is None and self._source is not None:
             self._thread = threading.Thread(target=self._copy, name="stdin-relay", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
         """Close the VMM's stdin; a read blocked on a terminal ends with the process."""
-        with contextlib.suppress(OSError):
-            self._sink.close()
+        if self._sink is not None:
+            with contextlib.suppress(OSError):
+                self._sink.close()
 
     def _copy(self) -> None:
+        assert self._source is not None and self._sink is not None
         try:
             while chunk := os.read(self._source, RELAY_CHUNK):
                 self._sink.write(relay_line(chunk))
@@ -291,10 +309,10 @@ def run_vm(
     ``stdin`` goes to the command's stdin (:class:`_Relay`).
     """
     markers = _Markers(f"HYPEMAN_BEGIN_{nonce}\n".encode(), f"HYPEMAN_EXIT_{nonce}=".encode())
-    stream = _OutputStream(markers.begin, markers.exit_marker, output)
     start = time.monotonic()
     proc = _start(argv, stdin=stdin is not None)
-    relay = _Relay(stdin, proc.stdin) if stdin is not None and proc.stdin is not None else None
+    relay = _Relay(stdin, proc.stdin)
+    stream = _OutputStream(markers.begin, markers.exit_marker, output, on_begin=relay.start)
     assert proc.stdout is not None and proc.stderr is not None
     console = bytearray()
     stderr = bytearray()
@@ -326,8 +344,6 @@ def run_vm(
                     continue
                 markers.watch(console, time.monotonic() - start)
                 stream.feed(console)
-                if relay is not None and markers.begin_seen is not None:
-                    relay.start()
         if not killed:
             try:
                 proc.wait(timeout=POWEROFF_GRACE)
@@ -338,8 +354,7 @@ def run_vm(
         selector.close()
         proc.stdout.close()
         proc.stderr.close()
-        if relay is not None:
-            relay.stop()
+        relay.stop()
         if proc.poll() is None:
             _kill_group(proc)
             killed = True
