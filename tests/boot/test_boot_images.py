@@ -8,6 +8,8 @@ code, the config's user, env and working dir, and the effect of whiteouts.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
 import subprocess
 import sys
@@ -147,6 +149,9 @@ def test_a_missing_command_is_command_not_found(alpine_ref: PushedImage, data_di
     assert result.returncode == 127, result.stderr
     assert 'hypeman-images: command not found in the image: "nosuch" (PATH=' in result.stderr
     assert result.stdout == ""
+    # The image ID list prints names it here too.
+    by_id = boot(data_dir, alpine_ref.manifest_digest[7:19], "cat", "/etc/alpine-release")
+    assert (by_id.returncode, by_id.stdout) == (0, "3.20.3\n"), by_id.stderr
 
 
 def test_stdin_passes_through_a_pipe(alpine_ref: PushedImage, data_dir: Path) -> None:
@@ -160,6 +165,25 @@ def test_stdin_passes_through_a_pipe(alpine_ref: PushedImage, data_dir: Path) ->
     counted = boot(data_dir, alpine_ref.ref, "wc", "-c", stdin="x" * 100_000)
     assert counted.returncode == 0 and counted.stdout.strip() == "100000"
     assert boot(data_dir, alpine_ref.ref, "true", stdin="ignored\n" * 1000).returncode == 0
+
+
+def test_stdin_passes_through_a_terminal(alpine_ref: PushedImage, data_dir: Path) -> None:
+    """Typed lines reach the command; Ctrl-D ends its input, as on any terminal."""
+    argv = [CLI, "boot", "--data-dir", str(data_dir), "--timeout", "90", alpine_ref.ref]
+    master, slave = pty.openpty()
+    with subprocess.Popen(
+        [*argv, "--", "sh", "-c", "cat; echo done"],
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as process:
+        os.close(slave)
+        os.write(master, b"typed line\n")
+        os.write(master, b"\x04")  # VEOF: the end of the input
+        out, err = process.communicate(timeout=120)
+    os.close(master)
+    assert process.returncode == 0, err
+    assert out == b"typed line\ndone\n"
 
 
 def test_the_output_streams_as_the_command_prints_it(
