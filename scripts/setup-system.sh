@@ -39,7 +39,7 @@ apt-get install -y -qq --no-install-recommends -t bookworm-backports \
 apt-get install -y -qq --no-install-recommends \
     python3-venv libarchive13 docker-registry umoci skopeo apache2-utils \
     qemu-system-x86 linux-image-cloud-amd64 busybox-static util-linux libc-bin \
-    kmod cpio zstd lz4 time mmdebstrap iproute2 >/dev/null
+    kmod cpio zstd lz4 time mmdebstrap iproute2 erofs-utils >/dev/null
 # Say which mke2fs the tests will use, and refuse one too old for `-d -`.
 # (No `| head` here: with pipefail, mke2fs dying of SIGPIPE would fail setup.)
 version=$(mke2fs -V 2>&1)

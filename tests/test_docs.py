@@ -35,6 +35,7 @@ COMMANDS = [
     "logout",
     "serve",
 ]
+SUBCOMMANDS = [("disk", "push"), ("disk", "pull")]
 
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 _HEADING = re.compile(r"^#{1,6} (.+)$", re.MULTILINE)
@@ -105,6 +106,8 @@ def test_every_flag_is_documented_and_exists() -> None:
     offered = set(_FLAG.findall(help_text()))
     for command in COMMANDS:
         offered |= set(_FLAG.findall(help_text(command)))
+    for argv in SUBCOMMANDS:
+        offered |= set(_FLAG.findall(help_text(*argv)))
     text = (DOCS / "cli.md").read_text()
     documented = set(_FLAG.findall(text))
     assert offered - documented == set(), "flags missing from docs/cli.md"

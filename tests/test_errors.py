@@ -52,4 +52,6 @@ def test_the_table_has_each_code_once_in_order_with_every_summary() -> None:
         assert cls.summary in meanings[cls.exit_code].split(", ")
     assert meanings[errors.EXIT_OK] == "ok"
     assert meanings[errors.EXIT_INTERRUPTED] == "interrupted"
-    assert meanings[7] == "unsupported manifest, bad layer, safety limit exceeded"
+    assert (
+        meanings[7] == "unsupported manifest, bad layer, bad disk artifact, safety limit exceeded"
+    )

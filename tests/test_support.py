@@ -275,6 +275,19 @@ def test_oracle_hardlink_keeps_old_content_when_target_replaced() -> None:
     assert tree["/b"].inode == tree["/c"].inode != tree["/a"].inode
 
 
+def test_oracle_hardlink_made_before_its_layer_whites_out_the_target_keeps_it() -> None:
+    """Tar order, as docker applies a layer: the link comes while its target exists."""
+    tree = _tree(
+        [file("a", b"lower", mode=0o600), file("d/f", b"in d")],
+        [hardlink("b", "a"), hardlink("e", "d/f"), whiteout("a"), whiteout("d")],
+    )
+    assert sorted(tree) == ["/", "/b", "/e"]
+    assert tree["/b"].sha256 == _sha(b"lower") and tree["/b"].mode == 0o600
+    assert tree["/e"].sha256 == _sha(b"in d")
+    with pytest.raises(ValueError, match="no such non-directory"):  # the whiteout came first
+        _tree([file("a", b"lower")], [whiteout("a"), hardlink("b", "a")])
+
+
 def test_oracle_types_devices_and_root_metadata() -> None:
     tree = _tree(
         [

@@ -18,6 +18,7 @@ by class, never by searching the message::
     │   └── UnsupportedManifest schema 1 and other unknown formats   (exit 7, HTTP 422)
     ├── DigestMismatch          bytes differ from their digest       (exit 8, HTTP 502)
     ├── LayerError              a layer is corrupt or hostile        (exit 7, HTTP 422)
+    ├── DiskArtifactInvalid     a shared disk artifact is broken or hostile (exit 7, HTTP 422)
     ├── LimitExceeded           a configured safety limit was hit    (exit 7, HTTP 422)
     ├── ToolError               mke2fs/e2fsck/debugfs missing or failing (exit 9, HTTP 500)
     ├── Conflict                the image is being built; retry later (exit 1, HTTP 409)
@@ -209,6 +210,21 @@ class LayerError(HypemanError):
     summary = "bad layer"
     exit_code = 7
     http_status = 422
+
+
+class DiskArtifactInvalid(HypemanError):
+    """A disk artifact from a registry is malformed, inconsistent or hostile.
+
+    The message says which check failed (docs/disk-artifacts.md lists them):
+    its type, its subject, its chunk layout, a chunk that inflates past its
+    declared size, the assembled disk's sha256, or ``e2fsck -fn``. Nothing of
+    it is kept.
+    """
+
+    code = "invalid_disk_artifact"
+    exit_code = 7
+    http_status = 422
+    summary = "bad disk artifact"
 
 
 class LimitExceeded(HypemanError):

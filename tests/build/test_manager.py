@@ -6,7 +6,9 @@ the pipeline — is wrapped where a test must observe or hold builds.
 
 from __future__ import annotations
 
+import fcntl
 import io
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.deep import make_deep_tree
 from support.disk import e2fsck_clean
 from support.images import make_image, make_layer, push_image, push_manifest
 from support.pushed import PushedImage
@@ -27,7 +30,10 @@ from hypeman_images.build.metrics import parse
 from hypeman_images.build.pipeline import BuildStats, build_resolved
 from hypeman_images.build.progress import PlainReporter
 from hypeman_images.errors import Conflict, InvalidReference, NotFound
-from hypeman_images.store.images import StoredImage
+from hypeman_images.fsutil import process_alive, process_id
+from hypeman_images.oci.digest import Digest
+from hypeman_images.oci.reference import parse_reference
+from hypeman_images.store.images import ImageRecord, ImageStore, StoredImage, now
 
 
 class Observed:
@@ -370,3 +376,137 @@ def test_a_slow_old_build_does_not_move_the_tag_back(
         done = manager.wait(f"{registry.host}/moving/tag@{old.manifest_digest}", 60)
         assert done.status is ImageStatus.READY
         assert manager.get(name).digest == new.manifest_digest
+
+
+# -- leftovers and bad records never stop recover, gc or rm ----------------------
+
+DEAD = "999999999"  # no such pid: a writer that is gone
+DEEP = 2000  # past Python's recursion limit and PATH_MAX as a path ("dir/" * 2000)
+
+
+def stored_build(data_dir: Path, status: ImageStatus, hexd: str, tag: str | None = None) -> Path:
+    """A build directory as the pipeline leaves it, made by hand: no registry needed."""
+    directory = data_dir / "images" / "127.0.0.1:1" / "deep" / "image" / hexd
+    directory.mkdir(parents=True)
+    record = ImageRecord(
+        name=f"127.0.0.1:1/deep/image:{tag or 'x'}",
+        digest=f"sha256:{hexd}",
+        status=status,
+        created_at=now(),
+    )
+    (directory / "metadata.json").write_bytes(record.to_json())
+    (directory / ".lock").touch()
+    if status is ImageStatus.READY:
+        (directory / "rootfs.ext4").write_bytes(b"\0" * 4096)
+    if tag is not None:
+        (directory.parent / tag).symlink_to(hexd)
+    return directory
+
+
+def test_deep_staging_leftovers_do_not_stop_recover_gc_or_rm(data_dir: Path) -> None:
+    # What a fallback build of a deep image left when its process died: the staged
+    # tree, in the build dir, and a half-deleted build dir beside it.
+    ready = stored_build(data_dir, ImageStatus.READY, "a" * 64, tag="v1")
+    failed = stored_build(data_dir, ImageStatus.FAILED, "b" * 64)
+    make_deep_tree(ready / f".tmp-staging.{DEAD}.abcd", DEEP)
+    make_deep_tree(ready.parent / f".deleting-.tmp-{'c' * 64}.{DEAD}.abcd", DEEP)
+    with ImageManager(data_dir) as manager:
+        report = manager.recover()
+        assert report.bytes_freed > 0
+        assert sorted(os.listdir(ready)) == [".lock", "metadata.json", "rootfs.ext4"]
+        assert sorted(os.listdir(ready.parent)) == sorted(["a" * 64, "b" * 64, "v1"])
+
+        make_deep_tree(failed / f".tmp-staging.{DEAD}.abcd", DEEP)
+        make_deep_tree(ready / f".tmp-staging.{DEAD}.efgh", DEEP)
+        assert manager.gc().directories_removed == 1
+        assert not failed.exists()
+        assert sorted(os.listdir(ready)) == [".lock", "metadata.json", "rootfs.ext4"]
+
+        make_deep_tree(ready / f".tmp-staging.{DEAD}.ijkl", DEEP)
+        assert manager.delete("127.0.0.1:1/deep/image:v1")[-1].endswith("a" * 64)
+        assert manager.list() == []
+    assert not (data_dir / "quarantine").exists()
+
+
+CORRUPT = {
+    "not-json": b"{",
+    "a-list": b"[]",
+    "bad-status": b'{"name": "x", "digest": "y", "status": "bogus", "created_at": "z"}',
+    "no-created-at": b'{"name": "x", "digest": "y", "status": "ready", "created_at": null}',
+    "name-is-a-number": b'{"name": 5, "digest": "y", "status": "ready", "created_at": "z"}',
+    "layers-is-a-string": (
+        b'{"name": "x", "digest": "y", "status": "failed", "created_at": "z", "layers": "abc"}'
+    ),
+}
+
+
+def test_corrupt_records_are_quarantined_and_recovery_goes_on(data_dir: Path) -> None:
+    good = stored_build(data_dir, ImageStatus.READY, "a" * 64)
+    corrupt = {}
+    for n, (case, content) in enumerate(sorted(CORRUPT.items())):
+        directory = stored_build(data_dir, ImageStatus.READY, f"{n + 1}" * 64)
+        (directory / "metadata.json").write_bytes(content)
+        corrupt[case] = directory
+    # Its tag link is missing: recovery restores it, bad neighbours or not.
+    good_record = json.loads((good / "metadata.json").read_text())
+    (good / "metadata.json").write_bytes(
+        json.dumps({**good_record, "name": "127.0.0.1:1/deep/image:v1"}).encode()
+    )
+    with ImageManager(data_dir) as manager:
+        report = manager.recover()
+        assert report.retagged == ("127.0.0.1:1/deep/image:v1",)
+        assert [image.digest for image in manager.list()] == [f"sha256:{'a' * 64}"]
+        assert manager.gc().directories_removed == 0
+    assert all(not directory.exists() for directory in corrupt.values())
+    # Each under "<time>.<random>.<registry>_<repository>_<digest hex>", for a person to read.
+    quarantined = sorted(p.name for p in (data_dir / "quarantine").iterdir())
+    assert sorted(q[-64:] for q in quarantined) == sorted(d.name for d in corrupt.values())
+    assert all("127.0.0.1:1_deep_image_" in q for q in quarantined)
+    assert (good.parent / "v1").is_symlink()
+
+
+# -- a build whose process died shows as interrupted; gc and the next pull settle it --
+
+
+def test_a_build_whose_process_died_shows_interrupted_and_gc_removes_it(data_dir: Path) -> None:
+    # The record says converting, nobody holds its lock, its writer is gone: what
+    # `kill -9` of a CLI pull leaves (tests/system/test_recovery.py does it for real).
+    dead = stored_build(data_dir, ImageStatus.CONVERTING, "d" * 64)
+    record = json.loads((dead / "metadata.json").read_text())
+    (dead / "metadata.json").write_text(json.dumps({**record, "writer": f"{DEAD}:1"}))
+    with open(dead / ".tmp-rootfs.ext4.999999999.abcd", "wb") as disk:
+        disk.write(b"\1" * 8192)
+        disk.truncate(1 << 30)  # mke2fs's sparse temp disk: 1 GiB long, 8 KiB allocated
+    # A build queued in a live process (this one) and one another process is running.
+    queued = stored_build(data_dir, ImageStatus.PENDING, "e" * 64)
+    running = stored_build(data_dir, ImageStatus.PULLING, "f" * 64)
+    queued_record = json.loads((queued / "metadata.json").read_text())
+    (queued / "metadata.json").write_text(json.dumps({**queued_record, "writer": process_id()}))
+    with open(running / ".lock", "a+b") as held, ImageManager(data_dir) as manager:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another open file: as another process's lock
+        shown = {image.digest[7:8]: image for image in manager.list()}
+        assert shown["d"].status is ImageStatus.FAILED
+        assert shown["d"].error is not None and shown["d"].error.startswith("interrupted")
+        assert manager.get(f"127.0.0.1:1/deep/image@sha256:{'d' * 64}").status == "failed"
+        assert (shown["e"].status, shown["f"].status) == ("pending", "pulling")
+        # The record on disk is left as it was, for serve's recovery to resume.
+        assert json.loads((dead / "metadata.json").read_text())["status"] == "converting"
+
+        report = manager.gc()
+        assert report.directories_removed == 1 and not dead.exists()
+        assert 8192 <= report.bytes_freed < 1 << 20  # the blocks freed, not the sparse size
+        assert sorted(image.digest[7:8] for image in manager.list()) == ["e", "f"]
+
+
+def test_a_record_says_which_live_process_wrote_it(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    ref = parse_reference("r.io/a:1")
+    digest = Digest("sha256", "1" * 64)
+    store.write(ref, digest, ImageRecord("r.io/a:1", str(digest), ImageStatus.PULLING, now()))
+    written = store.read(ref, digest)
+    assert written is not None and written.writer == process_id()
+    assert process_alive(written.writer)
+    assert not process_alive(f"{os.getpid()}:0")  # this pid, but another start: a reuse
+    assert not process_alive(f"{DEAD}:1")
+    done = store.update(ref, digest, lambda r: r.evolve(status=ImageStatus.READY))
+    assert done is not None and store.read(ref, digest).writer is None  # type: ignore[union-attr]

@@ -11,7 +11,7 @@ import pytest
 from support.pushed import PushedImage
 from support.service import CLI
 
-from hypeman_images.build.options import SYSTEM_DATA_DIR, default_data_dir
+from hypeman_images.build.options import SYSTEM_DATA_DIR, DataDir, default_data_dir
 
 USER = 1000
 
@@ -75,3 +75,10 @@ def test_data_dir_option_overrides_everything(alpine_ref: PushedImage, tmp_path:
     env["HYPEMAN_DATA_DIR"] = str(chosen)
     listed = subprocess.run([CLI, "list", "--json"], capture_output=True, text=True, env=env)
     assert [doc["digest"] for doc in json.loads(listed.stdout)] == [alpine_ref.manifest_digest]
+
+
+def test_a_relative_data_dir_is_made_absolute_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir("/tmp")
+    assert DataDir(Path("rel/../data")).root == Path("/tmp/data")
+    assert DataDir(Path("rel")).images == Path("/tmp/rel/images")
+    assert default_data_dir({"HYPEMAN_DATA_DIR": "rel"}) == Path("/tmp/rel")

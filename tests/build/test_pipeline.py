@@ -7,6 +7,7 @@ against what the layers say (the oracle of tests/support/oracle.py).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -38,10 +39,20 @@ from support.tar import directory, file
 from support.users import UnprivilegedUser
 
 from hypeman_images.build.manager import ImageManager
-from hypeman_images.build.pipeline import BuildStats, room_for_content
+from hypeman_images.build.options import BuildOptions
+from hypeman_images.build.pipeline import (
+    BuildStats,
+    Room,
+    _shortfall,
+    check_room,
+    room_for_content,
+)
 from hypeman_images.cli import main
+from hypeman_images.errors import LimitExceeded, StorageError
 from hypeman_images.layers.limits import Limits
 from hypeman_images.oci.digest import Digest
+from hypeman_images.oci.spec import Descriptor
+from hypeman_images.store.blobs import BlobStore
 
 CLI = str(Path(sys.executable).with_name("hypeman-images"))
 
@@ -541,6 +552,7 @@ def test_two_pass_flag_builds_the_same_tree_on_an_exactly_sized_disk(
 
 
 GiB = 1 << 30
+GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
 def test_room_for_content_leaves_the_download_mke2fs_metadata_and_free_space() -> None:
@@ -549,6 +561,59 @@ def test_room_for_content_leaves_the_download_mke2fs_metadata_and_free_space() -
     assert room_for_content(100 * GiB, 4 * GiB, 16 << 20) == left - left // 16 - (16 << 20)
     assert room_for_content(GiB, 2 * GiB, 0) == 0  # the download alone does not fit
     assert room_for_content(64 << 20, 0, 64 << 20) == 0
+
+
+@pytest.mark.parametrize("content", [0, 1, 123_456_789, 5 * GiB])
+@pytest.mark.parametrize("free_space", [0, 16 << 20])
+def test_what_an_image_needs_is_the_free_space_with_room_for_it(
+    content: int, free_space: int
+) -> None:
+    room = Room(Path("/data/images"), 0, 3 * GiB, free_space)
+    need = room.needs(content)
+    assert room_for_content(need, room.downloading, free_space) >= content
+    assert (
+        room_for_content(need - need // 16, room.downloading, free_space) < content or not content
+    )
+
+
+def test_layers_whose_blobs_alone_overflow_the_room_are_refused_before_the_download() -> None:
+    room = Room(Path("/data/images"), 300 << 20, 200 << 20, 16 << 20)  # 300 MiB free
+    big = Descriptor(GZIP, Digest.of(b"big"), 200 << 20)
+    with pytest.raises(StorageError) as caught:
+        check_room([big], room)
+    assert caught.value.message.startswith(
+        "no room in the data dir: /data/images has 300 MiB free; this image needs more than "
+    )
+    check_room([Descriptor(GZIP, Digest.of(b"small"), 1 << 20)], room)  # fits: no error
+    check_room([big], None)  # the check is off
+
+
+def test_a_room_shortfall_is_a_storage_error_and_a_real_limit_stays_a_limit(
+    tmp_path: Path,
+) -> None:
+    """What stopped the build: the room a byte limit was lowered to, or the limit itself."""
+    blobs = BlobStore(tmp_path / "cache")
+    blob = gzip.compress(bytes(8 << 20), mtime=0)  # the trailer says 8 MiB
+    layer = Descriptor(GZIP, Digest.of(blob), len(blob))
+    blobs.put(layer, blob)
+    room = Room(tmp_path, 20 << 20, 0, 16 << 20)  # room for 2 MiB and some
+    options = BuildOptions()
+    limits = options.limits.within(room.content)
+    lowered = LimitExceeded(f"layer 0: exceeds Limits.max_layer_bytes={room.content}; raise...")
+    explained = _shortfall(lowered, limits, options, room, [layer], blobs)
+    assert isinstance(explained, StorageError)
+    assert "has 20 MiB free; this image needs about 26 MiB" in explained.message
+    assert "inflate to about 8 MiB" in explained.message
+    # The same image with a configured limit it is over: the limit speaks, not the disk.
+    strict = BuildOptions(limits=Limits(max_layer_bytes=4 << 20))
+    limits = strict.limits.within(room.content)
+    explained = _shortfall(lowered, limits, strict, room, [layer], blobs)
+    assert isinstance(explained, LimitExceeded)
+    assert f"inflates to {8 << 20} bytes" in explained.message
+    assert f"Limits.max_layer_bytes={4 << 20}" in explained.message
+    # A limit that was not lowered (here max_entries) is left as it was.
+    entries = LimitExceeded("image has at least 9 entries, over Limits.max_entries=8")
+    assert _shortfall(entries, limits, options, room, [layer], blobs) is entries
 
 
 @pytest.mark.parametrize(

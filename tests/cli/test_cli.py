@@ -177,7 +177,7 @@ def test_pull_piped_is_plain_and_json_everywhere(alpine_ref: PushedImage, data_d
         (("inspect", "--json", "127.0.0.1:1/never/pulled:1"), 3, "not_found"),
         (("rm", "--json", "127.0.0.1:1/never/pulled:1"), 3, "not_found"),
         (("inspect", "--json", "Not/A/Name"), 2, "invalid_name"),
-        (("pull", "--json", "--platform", "windows/amd64", "alpine"), 2, "invalid_platform"),
+        (("pull", "--json", "--platform", "linux/", "alpine"), 2, "invalid_platform"),
     ],
     ids=["inspect-unknown", "rm-unknown", "invalid-name", "bad-platform"],
 )
@@ -244,8 +244,48 @@ def test_serve_on_a_taken_port_says_so_and_touches_nothing(data_dir: Path) -> No
     assert "serving on" not in result.stderr  # it never claimed to serve
 
 
-def test_serve_on_an_address_this_host_lacks(data_dir: Path) -> None:
+def test_serve_on_an_address_this_host_lacks(tmp_path: Path, data_dir: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    token.chmod(0o600)  # without a token, serve refuses any address but loopback first
     # 192.0.2.0/24 is TEST-NET-1 (RFC 5737): never assigned to a local interface.
-    result = run("serve", "--data-dir", str(data_dir), "--listen", "192.0.2.1:8080")
+    result = run(
+        "serve",
+        "--data-dir",
+        str(data_dir),
+        "--token-file",
+        str(token),
+        "--listen",
+        "192.0.2.1:8080",
+    )
     assert result.returncode == 13
     assert "no interface of this host has that address" in result.stderr
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_a_relative_data_dir_works_for_an_image_with_xattrs(
+    how: str, multilayer_ref: PushedImage, tmp_path: Path
+) -> None:
+    # The xattrs go in through debugfs value files under the data dir: a relative
+    # data dir must become absolute once, at the edge, not reach debugfs as given.
+    # Relative to the test's own working directory, which the CLI inherits.
+    reldir = os.path.relpath(tmp_path / "data")
+    where = ["--data-dir", reldir] if how == "flag" else []
+    pulled = run("pull", *where, multilayer_ref.ref, env={"HYPEMAN_DATA_DIR": reldir})
+    assert pulled.returncode == 0, pulled.stderr
+    disk = Path(pulled.stdout.strip())
+    assert disk.is_absolute() and disk.is_relative_to(tmp_path / "data")
+    assert disk.is_file()
+
+
+def test_gc_refuses_a_symlinked_blob_directory_and_deletes_nothing(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("not a blob")
+    data = tmp_path / "data"
+    (data / "cache" / "blobs").mkdir(parents=True)
+    (data / "cache" / "blobs" / "sha256").symlink_to(elsewhere)
+    gc = run("gc", "--data-dir", str(data))
+    assert gc.returncode == 10, gc.stderr
+    assert "is a symlink" in gc.stderr and "replace it with a directory" in gc.stderr
+    assert (elsewhere / "notes.txt").read_text() == "not a blob"

@@ -113,7 +113,7 @@ def test_list_table_is_dockers(alpine_ref: PushedImage, data_dir: Path) -> None:
     ]
     assert re.fullmatch(r"just now|\d+ seconds? ago|1 minute ago", cells[3]), cells[3]
     assert cells[4].endswith("MiB") and cells[5] == "ready"
-    assert "PLATFORM" not in header  # one platform stored: no column for it
+    assert "PLATFORM" not in header and "SOURCE" not in header  # all alike: no column
 
 
 def test_list_shows_platform_only_when_there_are_several(

@@ -21,11 +21,14 @@ from support.images import make_image, make_layer
 from support.oracle import apply_layers
 from support.push import push_image
 from support.registry import RegistryServer
-from support.tar import build_tar
+from support.tar import build_tar, directory, file
 
 from hypeman_images.build.manager import ImageManager
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.pipeline import BuildStats
+from hypeman_images.disk.fallback import MAX_STAGED_DEPTH
+from hypeman_images.errors import LimitExceeded
+from hypeman_images.store.images import ImageStatus
 
 # As in test_flatten: the oracle keeps sockets and unknown types and drops escaping
 # paths, where we skip one and clamp the other; mke2fs and the merge check those.
@@ -73,3 +76,42 @@ def test_fallback_pipeline_gives_the_oracle_tree(
         ping, u = got["/ping"].xattrs, got["/u"].xattrs
         assert ping["security.capability"] == CASES[case][0][0].xattrs["security.capability"]
         assert (u["user.bin"], u["trusted.t"]) == (b"\x00\xff\x01", b"\xfe")
+
+
+def _deep_image(registry: RegistryServer, depth: int, component: str) -> str:
+    """An image whose tree is ``depth`` nested directories with a file at the bottom."""
+    path = "/".join([component] * depth)
+    entries = [directory("/".join([component] * n)) for n in range(1, depth + 1)]
+    layer = make_layer([*entries, file(f"{path}/leaf", b"deep")])
+    repo = f"fallback/deep-{depth}"
+    push_image(registry.url, repo, "v1", make_image([layer]))
+    return f"{registry.host}/{repo}:v1"
+
+
+@pytest.mark.slow
+def test_the_deepest_tree_the_fallback_allows_builds(
+    registry: RegistryServer, manager: ImageManager
+) -> None:
+    # The leaf's path has MAX_STAGED_DEPTH components, of 3,581 bytes (flatten allows 4,096).
+    image = manager.pull(_deep_image(registry, MAX_STAGED_DEPTH - 1, "level6"))
+    assert "1.47.0" in image.record.tool_versions["e2fsprogs"]
+    e2fsck_clean(image.disk)
+
+
+@pytest.mark.slow
+def test_a_tree_too_deep_for_the_fallback_is_refused_and_leaves_nothing(
+    registry: RegistryServer, old_mke2fs: Path, tmp_path: Path
+) -> None:
+    # 1,500 levels: deeper than mke2fs -d DIR (1.47.0) survives and than Python's
+    # recursion limit, which shutil.rmtree of the staging dir ran into.
+    name = _deep_image(registry, 1500, "d")
+    data = tmp_path / "data"
+    with ImageManager(data, options=BuildOptions(mke2fs=str(old_mke2fs))) as manager:
+        with pytest.raises(LimitExceeded, match=r"path of 513 components.*at most 512.*1\.47\.1"):
+            manager.pull(name)
+        [failed] = manager.list()
+        assert failed.status is ImageStatus.FAILED
+        build = data / "images" / failed.repository / failed.digest.removeprefix("sha256:")
+        assert sorted(p.name for p in build.iterdir()) == [".lock", "metadata.json"]
+        assert manager.gc().directories_removed == 1
+        assert manager.list() == []

@@ -61,6 +61,7 @@ FALLS_BACK = {
     "hardlink_target_replaced_later",
     "hardlink_through_symlink",
     "hardlink_to_lower_layer",
+    "hardlink_to_lower_then_whiteout_same_layer",
     "opaque_through_symlink",
     "symlink_parent_absolute",
     "symlink_parent_chain",
@@ -285,6 +286,26 @@ def test_an_image_the_pass_cannot_decide_is_built_in_two_passes(
     got = read_disk_tree(disk)
     assert compare_trees(want, got) == []
     assert got["/usr/lib/b"].sha256 == hashlib.sha256(b"b").hexdigest()  # through the symlink
+
+
+def test_a_hard_link_whose_lower_target_its_layer_then_whites_out_keeps_the_file(
+    registry: RegistryServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pulled end to end, as docker keeps it: the one pass leaves the link to the merge."""
+    layers = CASES["hardlink_to_lower_then_whiteout_same_layer"]
+    ref = _push(registry, "topdown/link-then-whiteout", layers)
+    with caplog.at_level(logging.INFO, logger="hypeman_images.build.convert"):
+        one, _ = _pull(tmp_path / "one", ref)
+    assert "reaches below" in caplog.text and "building in two passes" in caplog.text
+    two, _ = _pull(tmp_path / "two", ref, one_pass=False)
+    want = apply_layers([build_tar(list(layer)) for layer in layers])
+    for disk in (one, two):
+        e2fsck_clean(disk)
+        tree = read_disk_tree(disk)
+        assert compare_trees(want, tree) == []
+        assert tree["/b"].sha256 == hashlib.sha256(b"lower a").hexdigest()
+        assert (tree["/b"].mode, tree["/b"].uid) == (0o600, 3)
+        assert not {"/a", "/d", "/d/f", "/o/g"} & set(tree)
 
 
 def test_a_layer_that_inflates_past_the_sizing_is_built_in_two_passes(

@@ -8,10 +8,14 @@ Real token and htpasswd registries are exercised in ``test_auth_registry`` below
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
+import secrets
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -29,9 +33,9 @@ from support.authregistries import token_registry as token_registry_at
 from support.images import make_image, make_layer, push_image
 
 from hypeman_images.errors import RateLimited, Unauthorized
-from hypeman_images.oci.digest import VerifyingStream
+from hypeman_images.oci.digest import Digest, VerifyingStream
 from hypeman_images.oci.reference import Reference, parse_reference
-from hypeman_images.oci.spec import OCI_MANIFEST, Manifest, parse_manifest_or_index
+from hypeman_images.oci.spec import OCI_MANIFEST, Descriptor, Manifest, parse_manifest_or_index
 from hypeman_images.registry.auth import Challenge, TokenCache, parse_challenges
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.registry.config import RegistryConfig
@@ -602,3 +606,104 @@ def test_check_login_against_a_basic_registry(basic_registry: Reference) -> None
         client.check_login(host, Credential("bob", "builder", origin="flag"))
         with pytest.raises(Unauthorized):
             client.check_login(host, Credential("bob", "nope", origin="flag"))
+
+
+# -- credentials stay with the registry they were configured for ---------------------
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """A tiny server on 127.0.0.1 whose answers come from ``answer`` and whose requests
+    are recorded as (path, Authorization header)."""
+
+    answer: Callable[[_Recorder], tuple[int, dict[str, str], bytes]]
+    seen: list[tuple[str, str | None]]
+
+    def do_GET(self) -> None:
+        self.seen.append((self.path, self.headers.get("Authorization")))
+        status, headers, body = self.answer()
+        self.send_response(status)
+        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _recording_server(
+    answer: Callable[[_Recorder], tuple[int, dict[str, str], bytes]],
+) -> Iterator[tuple[str, list[tuple[str, str | None]]]]:
+    seen: list[tuple[str, str | None]] = []
+    handler = type("Handler", (_Recorder,), {"answer": answer, "seen": seen})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("realm_host", ["third", "registry"])
+def test_credentials_do_not_follow_a_redirect_to_another_hosts_token_realm(
+    realm_host: str,
+) -> None:
+    # Registry A (basic auth) redirects a blob GET to storage B; B challenges with a
+    # bearer realm on C (or on A itself). A's password belongs to A: C must never see
+    # it, and the public blob must still arrive through C's anonymous token.
+    blob = secrets.token_bytes(3000)
+    descriptor = Descriptor("application/octet-stream", Digest.of(blob), len(blob))
+    password = "A-only-" + secrets.token_hex(4)
+    basic = "Basic " + base64.b64encode(f"bob:{password}".encode()).decode()
+    hosts: dict[str, str] = {}
+
+    def registry(req: _Recorder) -> tuple[int, dict[str, str], bytes]:
+        if req.path.startswith("/token"):
+            return 200, {"Content-Type": "application/json"}, b'{"token": "anon-token"}'
+        if req.headers.get("Authorization") != basic:
+            return 401, {"WWW-Authenticate": 'Basic realm="a"'}, b""
+        return 307, {"Location": f"http://{hosts['storage']}/blob"}, b""
+
+    def storage(req: _Recorder) -> tuple[int, dict[str, str], bytes]:
+        if req.headers.get("Authorization") == "Bearer anon-token":
+            return 200, {}, blob
+        realm = f"http://{hosts[realm_host]}/token"
+        challenge = f'Bearer realm="{realm}",service="storage",scope="blob:read"'
+        return 401, {"WWW-Authenticate": challenge}, b""
+
+    def token(req: _Recorder) -> tuple[int, dict[str, str], bytes]:
+        return 200, {"Content-Type": "application/json"}, b'{"token": "anon-token"}'
+
+    with (
+        _recording_server(registry) as (hosts["registry"], at_registry),
+        _recording_server(storage) as (hosts["storage"], at_storage),
+        _recording_server(token) as (hosts["third"], at_third),
+    ):
+        credentials = StaticCredentials(
+            {hosts["registry"]: Credential("bob", password, origin="t")}
+        )
+        ref = Reference(hosts["registry"], "team/app", "v1")
+        # Twice: the second GET sends the basic credentials up front, as they worked.
+        with RegistryClient(credentials=credentials, config=FAST) as client:
+            got = [_blob_or_refusal(client, ref, descriptor) for _ in range(2)]
+    token_requests = at_third + [r for r in at_registry if r[0].startswith("/token")]
+    assert token_requests, "the storage's realm was asked for a token"
+    assert all(auth is None for _, auth in token_requests), token_requests
+    assert all(auth in (None, "Bearer anon-token") for _, auth in at_storage), at_storage
+    assert any(auth == basic for _, auth in at_registry), "A got its own credentials"
+    assert got == [blob, blob]
+
+
+def _blob_or_refusal(client: RegistryClient, ref: Reference, descriptor: Descriptor) -> bytes:
+    """The verified blob, or b"" if refused (the test checks where credentials went first)."""
+    try:
+        with client.open_blob(ref, descriptor) as chunks:
+            stream = VerifyingStream(chunks, descriptor.digest, descriptor.size)
+            data = b"".join(stream)
+        stream.verify()
+    except Unauthorized:
+        return b""
+    return data

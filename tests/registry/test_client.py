@@ -52,7 +52,7 @@ from hypeman_images.oci.spec import (
     Platform,
     parse_manifest_or_index,
 )
-from hypeman_images.registry.client import RegistryClient, resolve, select_manifest
+from hypeman_images.registry.client import RegistryClient
 from hypeman_images.registry.config import (
     Mirror,
     RegistryConfig,
@@ -60,6 +60,8 @@ from hypeman_images.registry.config import (
     load_registries_conf,
 )
 from hypeman_images.registry.credentials import Credential, StaticCredentials
+from hypeman_images.registry.manifests import resolve_manifest as resolve
+from hypeman_images.registry.manifests import select_manifest
 from hypeman_images.registry.retry import backoff
 
 FAST = RegistryConfig(backoff_base=0.0, max_attempts=3)

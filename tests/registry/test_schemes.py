@@ -34,8 +34,9 @@ from hypeman_images.errors import RegistryError, TransientError
 from hypeman_images.oci.digest import Digest, VerifyingStream
 from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.oci.spec import OCI_MANIFEST, Descriptor, Platform
-from hypeman_images.registry.client import RegistryClient, resolve
+from hypeman_images.registry.client import RegistryClient
 from hypeman_images.registry.config import Mirror, RegistryConfig, RegistrySettings
+from hypeman_images.registry.manifests import resolve_manifest as resolve
 
 FAST = RegistryConfig(backoff_base=0.0, max_attempts=2)
 AMD64 = Platform("linux", "amd64")

@@ -212,7 +212,11 @@ def test_bearer_token(data_dir: Path, client: httpx.Client) -> None:
         good = {"Authorization": f"Bearer {token}"}
         assert client.get(f"{base}/images", headers=good).json() == []
         assert client.get(f"{base}/healthz").status_code == 200
-        assert client.get(f"{base}/openapi.json").status_code == 200
+        # The API's documents are behind the token too (docs/security.md, "Who can reach the API").
+        for path in ("/openapi.json", "/docs", "/redoc", "/no-such-path"):
+            assert client.get(f"{base}{path}").status_code == 401, path
+        assert client.get(f"{base}/openapi.json", headers=good).status_code == 200
+        assert client.get(f"{base}/docs", headers=good).status_code == 200
 
 
 def test_metrics_exposition(api: tuple[str, ImageManager], client: httpx.Client) -> None:
@@ -251,7 +255,8 @@ def test_openapi_in_repo_matches_served(
         f"docs/openapi.json is stale; regenerate: {REGENERATE}"
     )
     assert set(served["paths"]) == {
-        "/images", "/images/{name}", "/images/{name}/tag", "/capabilities", "/healthz", "/metrics",
+        "/images", "/images/{name}", "/images/{name}/tag", "/capabilities",
+        "/health", "/healthz", "/metrics",
     }  # fmt: skip
 
 

@@ -220,7 +220,8 @@ def test_errors_are_the_sdk_classes_with_stable_codes(
     assert unauthenticated.value.body["code"] == "unauthorized"  # type: ignore[index]
 
 
-def test_capabilities(sdk: hypeman.Hypeman, served: ServeProcess) -> None:
+def test_capabilities_and_health(sdk: hypeman.Hypeman, served: ServeProcess) -> None:
+    assert sdk.health.check().status == "ok"
     # Not strict: hypeman's Capabilities also describes runtimes and networking,
     # which a server without VMs does not have; its images part must fit exactly.
     with hypeman.Hypeman(base_url=served.url, api_key=API_KEY) as lenient:

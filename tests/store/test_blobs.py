@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hypeman_images.errors import DigestMismatch, NotFound
+from hypeman_images.errors import DigestMismatch, NotFound, StorageError
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.spec import OCI_MANIFEST, Descriptor
 from hypeman_images.store.blobs import BlobStore
@@ -92,10 +92,13 @@ def test_index_tags_and_gc(tmp_path: Path) -> None:
     names = [m["annotations"]["org.opencontainers.image.ref.name"] for m in _index(tmp_path)]
     assert sorted(names) == ["r/a:1", "r/a:2"]
 
-    (tmp_path / "blobs/sha256" / ".tmp-x.999999999.abcd").write_bytes(b"stale")
+    stale = tmp_path / "blobs/sha256" / ".tmp-x.999999999.abcd"
+    stale.write_bytes(b"stale")
+    # What gc frees is the blocks the files held, not the bytes in them.
+    allocated = sum(p.stat().st_blocks * 512 for p in (stale, store.path(drop.digest)))
     result = store.gc({keep.digest})
     assert result.blobs_removed == 1
-    assert result.bytes_freed == len(b'{"drop": 1}') + len(b"stale")
+    assert result.bytes_freed == allocated > 0
     assert store.has(keep.digest) and not store.has(drop.digest)
     assert all(m["digest"] == str(keep.digest) for m in _index(tmp_path))
 
@@ -103,3 +106,44 @@ def test_index_tags_and_gc(tmp_path: Path) -> None:
 def _index(root: Path) -> list[dict[str, object]]:
     manifests: list[dict[str, object]] = json.loads((root / "index.json").read_text())["manifests"]
     return manifests
+
+
+@pytest.mark.parametrize("link", ["cache", "cache/blobs", "cache/blobs/sha256"])
+def test_a_symlinked_cache_directory_is_refused(tmp_path: Path, link: str) -> None:
+    # gc deletes inside blobs/sha256: through a link it would delete someone else's files.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("not a blob")
+    (elsewhere / ("ab" * 32)).write_text("named like one, but not in the data dir")
+    data = tmp_path / "data"
+    (data / link).parent.mkdir(parents=True, exist_ok=True)
+    (data / link).symlink_to(elsewhere)
+    with pytest.raises(StorageError, match=r"is a symlink.*replace it with a directory"):
+        BlobStore(data / "cache")
+    assert sorted(p.name for p in elsewhere.iterdir()) == sorted(["notes.txt", "ab" * 32])
+
+
+def test_gc_deletes_only_regular_files_named_by_their_digest(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    unneeded = descriptor(b"unneeded")
+    store.put(unneeded, b"unneeded")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep")
+    blobs = tmp_path / "blobs" / "sha256"
+    strangers = {
+        "notes.txt": "a file a person left",
+        "AB" * 32: "upper-case hex is not a digest name",
+        "a" * 63: "too short",
+    }
+    for name, text in strangers.items():
+        (blobs / name).write_text(text)
+    (blobs / ("c" * 64)).symlink_to(outside / "precious")  # digest-shaped, but a link
+    (blobs / ("d" * 64)).mkdir()  # digest-shaped, but a directory
+    (tmp_path / "blobs" / "sha512").symlink_to(outside)  # an algorithm dir that is a link
+    assert list(store.digests()) == [unneeded.digest]
+    result = store.gc(set())
+    assert result.blobs_removed == 1 and not store.has(unneeded.digest)
+    left = sorted(p.name for p in blobs.iterdir())
+    assert left == sorted([*strangers, "c" * 64, "d" * 64])
+    assert (outside / "precious").read_text() == "keep"

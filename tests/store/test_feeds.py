@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -91,4 +92,32 @@ def test_a_failed_pull_fails_the_reader_waiting_for_bytes(tmp_path: Path) -> Non
     assert len(failed) == 1 and "registry went away" in str(failed[0])
     with pytest.raises(FeedAborted):  # and any reader that comes later
         _read_all(feeds, [])
+    feeds.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_blobs_all_there_hold_no_descriptor_only_their_readers_do(tmp_path: Path) -> None:
+    """An image of many layers needs no descriptor per layer (tests/build/test_many_layers.py)."""
+    feeds = LayerFeeds()
+    before = _open_fds()
+    digests = [Digest("sha256", f"{i:064x}") for i in range(50)]
+    for i, digest in enumerate(digests):
+        path = tmp_path / f"blob{i}"
+        path.write_bytes(b"x" * i)
+        if i % 2:
+            feeds.cached(digest, path)
+        else:
+            feeds.begin(digest, path)
+            feeds.wrote(digest, i)
+            feeds.finish(digest, path)
+    assert _open_fds() == before
+    with feeds.open(digests[49]) as reader:
+        assert reader.read() == b"x" * 49
+        assert _open_fds() == before + 1
+    assert _open_fds() == before
+    assert feeds.ends(digests[48]) == (b"xxxx", b"xxxx", 48)
+    assert _open_fds() == before
     feeds.close()

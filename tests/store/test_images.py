@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from hypeman_images.errors import InvalidReference, NotFound
+from hypeman_images.errors import InvalidReference, NotFound, StorageError
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import parse_reference
-from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, now
+from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, now, read_record
 
 D1 = Digest("sha256", "1" * 64)
 D2 = Digest("sha256", "2" * 64)
@@ -87,7 +87,8 @@ def test_scan_finds_records_without_tags_and_sweep_cleans(tmp_path: Path) -> Non
     stale.write_bytes(b"x" * 10)
     [found] = list(store.scan())
     assert found.record.status is ImageStatus.CONVERTING and found.tags == ()
-    assert store.sweep() == 10
+    allocated = stale.stat().st_blocks * 512  # the space freed: blocks, not bytes written
+    assert store.sweep() == allocated > 0
     assert not stale.exists()
 
 
@@ -220,3 +221,65 @@ def test_a_build_writing_its_record_keeps_labels_a_request_set_meanwhile(tmp_pat
     written = store.write(ref, D1, first.evolve(status=ImageStatus.CONVERTING))
     assert written.tags == {"env": "ci"} == store.find(parse_reference(f"r.io/a@{D1}")).record.tags
     assert written.status is ImageStatus.CONVERTING
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        pytest.param(b"[]", id="not-an-object"),
+        pytest.param(b'{"name": "x", "digest": "y", "created_at": "z"}', id="no-status"),
+        pytest.param(
+            b'{"name": "x", "digest": "y", "status": "bogus", "created_at": "z"}', id="bad-status"
+        ),
+        pytest.param(
+            b'{"name": "x", "digest": "y", "status": "ready", "created_at": null}', id="null-time"
+        ),
+        pytest.param(
+            b'{"name": "x", "digest": "y", "status": "ready", "created_at": "z", '
+            b'"size_bytes": true}',
+            id="bool-for-int",
+        ),
+        pytest.param(
+            b'{"name": "x", "digest": "y", "status": "ready", "created_at": "z", '
+            b'"labels": {"a": 1}}',
+            id="dict-value",
+        ),
+    ],
+)
+def test_corrupt_records_are_refused_whole(tmp_path: Path, doc: bytes) -> None:
+    # Refused when read, so no reader meets a field of the wrong type later.
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        ImageRecord.from_json(doc)
+    (tmp_path / "metadata.json").write_bytes(doc)
+    assert read_record(tmp_path) is None
+
+
+def test_a_symlinked_store_directory_is_refused(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images").symlink_to(elsewhere)
+    with pytest.raises(StorageError, match="is a symlink"):
+        ImageStore(data / "images")
+
+
+@pytest.mark.parametrize(
+    "link", ["r.io", "r.io/team", "r.io/team/app", f"r.io/team/app/{D1.encoded}"]
+)
+def test_a_symlinked_registry_or_repository_is_refused(tmp_path: Path, link: str) -> None:
+    # Disks are written under images/<registry>/<repository>/<digest>: a link on the
+    # way would put them (and their deletion) outside the data dir.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    store = ImageStore(tmp_path / "images")
+    (tmp_path / "images" / link).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "images" / link).symlink_to(elsewhere)
+    ref = parse_reference("r.io/team/app:v1")
+    with pytest.raises(StorageError, match="is a symlink"):
+        ready(store, "r.io/team/app:v1", D1)
+    if D1.encoded not in link:  # refused before any network call too
+        with pytest.raises(StorageError, match="is a symlink"):
+            store.validate(ref)
+    assert list(elsewhere.iterdir()) == []
+    assert list(store.scan()) == []

@@ -94,6 +94,25 @@ CASES: dict[str, Layers] = {
         [file("a", b"new content")],
     ],
     "hardlink_chain": [[file("a", b"x"), hardlink("b", "a"), hardlink("c", "b")]],
+    # Docker, containerd and umoci apply a layer in tar order: each link is made while
+    # its lower-layer target exists; the marker after it removes the target's name only.
+    "hardlink_to_lower_then_whiteout_same_layer": [
+        [
+            file("a", b"lower a", mode=0o600, uid=3),
+            d("d"),
+            file("d/f", b"in d"),
+            d("o"),
+            file("o/g", b"in o"),
+        ],
+        [
+            hardlink("b", "a"),
+            whiteout("a"),
+            hardlink("keep-f", "d/f"),
+            whiteout("d"),
+            hardlink("o/h", "o/g"),
+            opaque("o"),
+        ],
+    ],
     "hardlink_before_target_resolves_to_lower": [
         [file("t", b"lower")],
         [hardlink("l", "t"), file("t", b"upper")],
@@ -267,6 +286,12 @@ ERRORS: dict[str, tuple[Layers, type[Exception], str]] = {
     "device_minor_too_big": ([[char_device("dev/x", 1, 1 << 20)]], LayerError, "device number"),
     "link_to_missing": ([[hardlink("l", "missing")]], LayerError, "no such file"),
     "link_to_dir": ([[d("dd"), hardlink("l", "dd")]], LayerError, "names a directory"),
+    # The marker first: the target is gone when the link comes (docker fails as well).
+    "link_after_whiteout_of_target": (
+        [[file("a", b"x")], [whiteout("a"), hardlink("b", "a")]],
+        LayerError,
+        "no such file",
+    ),
     "link_before_target_same_layer": (
         [[hardlink("l", "t"), file("t", b"x")]],
         LayerError,

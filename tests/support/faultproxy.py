@@ -13,7 +13,11 @@ those a :class:`Fault` matches, which it answers wrongly on purpose:
 - ``corrupt``: flip one byte of the body at ``after_bytes`` (bit rot, a
   broken cache in the path);
 - ``replace``: answer ``body`` with ``status`` and ``headers`` (a hostile
-  registry serving documents a real one would refuse to store).
+  registry serving documents a real one would refuse to store);
+- ``trickle``: send the headers and ``after_bytes`` of the body, then one
+  byte every ``delay`` seconds (a registry that is never silent long enough
+  for a read timeout); the body is ``body`` with ``status`` and ``headers``
+  if ``body`` is set, else upstream's answer.
 
 A fault applies ``times`` times (``None``: forever), then the request passes.
 :attr:`FaultProxy.log` records every request with what was done to it, and
@@ -36,7 +40,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
 from urllib.parse import urlsplit
 
-Action = Literal["status", "delay", "stall", "cut", "corrupt", "replace"]
+Action = Literal["status", "delay", "stall", "cut", "corrupt", "replace", "trickle"]
 _HOP_BY_HOP = {
     "connection",
     "keep-alive",
@@ -224,7 +228,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault is not None and fault.action == "delay":
             time.sleep(fault.delay)
+        if fault is not None and fault.action == "trickle" and fault.body:
+            headers = {"Content-Type": "application/octet-stream", **fault.headers}
+            self._trickle(fault, fault.status, headers, fault.body)
+            return
         status, headers, body = self._forward(request_body)
+        if fault is not None and fault.action == "trickle":
+            self._trickle(fault, status, headers, body)
+            return
         if fault is None or fault.action == "delay":
             self._send(status, headers, body)
         elif fault.action == "corrupt":
@@ -241,6 +252,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _trickle(self, fault: Fault, status: int, headers: dict[str, str], body: bytes) -> None:
+        """``after_bytes`` at once, then a byte every ``fault.delay`` s, until the client goes."""
+        self._start(status, headers, len(body))
+        self.close_connection = True
+        try:
+            self.wfile.write(body[: fault.after_bytes])
+            self.wfile.flush()
+            for i in range(fault.after_bytes, len(body)):
+                time.sleep(fault.delay)
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
+        except OSError:
+            pass  # the client gave up: what the tests want it to do
 
     def _forward(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
         conn = http.client.HTTPConnection(*self.server.proxy.upstream, timeout=60)

@@ -16,6 +16,12 @@ lower layers, never to siblings in the same layer):
    its children; a directory replacing a directory keeps the children and
    takes the new metadata.
 
+A hard link that comes in the tar before the marker that deletes its
+lower-layer target still gets that target's inode: docker, containerd and
+umoci apply a layer in tar order, so the link is made while its target
+exists and the marker removes the target's name only. Phase 1 notes, at each
+link, the inode its target has at that point of the tar.
+
 Paths: leading ``./`` and ``/`` are stripped and ``.``/``..`` resolved
 lexically; an entry whose path (or hard-link target) climbs above the root
 is dropped (a hostile layer must not escape). Then the *directory* part of a
@@ -175,10 +181,12 @@ class _Tree:
         self.remove(path)
         self._put(path, node)
 
-    def link(self, path: str, target: str) -> None:
-        if target not in self.paths or self.inodes[self.paths[target]].type == "dir":
+    def link(self, path: str, target: str, deleted: int | None = None) -> None:
+        """``deleted``: the inode ``target`` had when the link came, if a later marker
+        of the same layer deleted it."""
+        inode = self.paths.get(target, deleted)
+        if inode is None or self.inodes[inode].type == "dir":
             raise ValueError(f"hard link {path} -> {target}: no such non-directory")
-        inode = self.paths[target]
         self.ensure_dir(_parent(path))
         if path != target:
             self.remove(path)
@@ -238,22 +246,29 @@ def apply_layers(layers: Iterable[bytes]) -> dict[str, Node]:
             path = normalize(member.name)
             if path is not None:
                 members.append((path, member, data))
-        for path, _, _ in members:  # phase 1: whiteouts against lower layers
+        linked: dict[int, tuple[str, int]] = {}  # a link's place in the tar -> its target then
+        for place, (path, member, _) in enumerate(members):  # phase 1: whiteouts, lower layers
             base, parent = path.rsplit("/", 1)[1], tree.resolve(_parent(path))
+            target = normalize(member.linkname) if member.islnk() else None
+            if target is not None and tree.real(target) in tree.paths:
+                linked[place] = (tree.real(target), tree.paths[tree.real(target)])
             if base == OPAQUE:
                 tree.remove_children(parent)
             elif base.startswith(WHITEOUT_PREFIX):
                 name = base[len(WHITEOUT_PREFIX) :]
                 if name not in ("", ".", ".."):  # never let a whiteout climb upwards
                     tree.remove(_child(parent, name))
-        for path, member, data in members:  # phase 2: additions in order
+        deleted = {  # the links whose target a later marker deleted
+            place: inode for place, (was, inode) in linked.items() if tree.paths.get(was) != inode
+        }
+        for place, (path, member, data) in enumerate(members):  # phase 2: additions in order
             base = path.rsplit("/", 1)[1]
             if base.startswith(WHITEOUT_PREFIX):
                 tree.ensure_dir(tree.resolve(_parent(path)))  # a marker implies its directory
             elif member.islnk():
                 target = normalize(member.linkname)
                 if target is not None:
-                    tree.link(tree.real(path), tree.real(target))
+                    tree.link(tree.real(path), tree.real(target), deleted.get(place))
             elif member.type in _TYPES and (path != "/" or member.isdir()):
                 tree.add(tree.real(path), _node(member, data))
     return tree.result()

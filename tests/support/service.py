@@ -34,13 +34,18 @@ CLI = str(Path(sys.executable).with_name("hypeman-images"))
 
 
 @contextmanager
-def serve_in_thread(manager: ImageManager, token: str | None = None) -> Iterator[str]:
-    """Serve ``manager``'s API from a thread; yield its base URL."""
+def serve_in_thread(
+    manager: ImageManager, token: str | None = None, **app_options: Any
+) -> Iterator[str]:
+    """Serve ``manager``'s API from a thread; yield its base URL.
+
+    ``app_options`` go to ``create_app`` (``limits``, ``hosts``).
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(manager, token=token), log_level="warning")
+    config = uvicorn.Config(create_app(manager, token=token, **app_options), log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

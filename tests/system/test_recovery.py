@@ -290,3 +290,39 @@ def test_every_tag_that_joined_a_build_survives_a_crash(
         assert os.readlink(directory.parent / tag) == alpine_ref.manifest_digest[7:]
     record, _ = state(data_dir, alpine_ref)
     assert record["status"] == "ready" and record["pending_tags"] == []
+
+
+def test_killed_cli_pull_shows_interrupted_and_gc_removes_it(
+    alpine_ref: PushedImage, data_dir: Path, tmp_path: Path
+) -> None:
+    # No serve will resume it: `list` must say what it is, and gc must take it
+    # (its build dir and its blobs), not keep a "converting" build forever.
+    log = tmp_path / "pull.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [CLI, "pull", "--data-dir", str(data_dir), alpine_ref.ref],
+            stdout=out,
+            stderr=out,
+            env={**os.environ, PAUSE_ENV: "mke2fs"},
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "paused at mke2fs" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        d = ("--data-dir", str(data_dir))
+        alive = json.loads(subprocess.check_output([CLI, "list", "--json", *d]))
+        assert [i["status"] for i in alive] == ["converting"], "its process still runs"
+    finally:
+        os.killpg(process.pid, 9)
+        process.wait(10)
+    record, directory = state(data_dir, alpine_ref)
+    assert record["status"] == "converting"
+
+    [shown] = json.loads(subprocess.check_output([CLI, "list", "--json", *d]))
+    assert shown["status"] == "failed" and shown["error"].startswith("interrupted"), shown
+    gc = json.loads(subprocess.check_output([CLI, "gc", "--json", *d]))
+    assert gc["directories_removed"] == 1 and gc["blobs_removed"] >= 2, gc
+    assert not directory.exists()
+    assert json.loads(subprocess.check_output([CLI, "list", "--json", *d])) == []

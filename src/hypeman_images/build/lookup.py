@@ -41,13 +41,15 @@ def image_id(text: str) -> tuple[str, bool] | None:
 
 
 def local_reference(
-    store: ImageStore, name: str, building: Callable[[Reference], bool]
+    store: ImageStore, name: str | Reference, building: Callable[[Reference], bool]
 ) -> Reference:
     """The reference ``name`` gives: parsed, or the image whose ID it is.
 
     ``building`` says whether a build in progress answers a reference (a local
     image as much as a stored one).
     """
+    if isinstance(name, Reference):
+        return name
     found = image_id(name)
     if found is None:
         return parse_reference(name)

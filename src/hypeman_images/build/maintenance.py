@@ -10,7 +10,7 @@ verification holds that lock while it checks.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -23,13 +23,14 @@ from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.store.blobs import BlobStore
 from hypeman_images.store.housekeeping import (
+    abandoned,
     blobs_needed,
     build_dirs,
     idle_lock,
+    quarantine_unreadable,
     read_record,
     remove_dangling_tags,
     sweep_build_dir,
-    tree_size,
 )
 from hypeman_images.store.images import (
     DISK_NAME,
@@ -70,10 +71,13 @@ class RecoveryReport:
 
 
 def collect_garbage(store: ImageStore, blobs: BlobStore, active: set[BuildKey]) -> GcReport:
-    """Remove what no image needs: failed or unreadable build dirs, their blobs, leftovers.
+    """Remove what no image needs: failed, interrupted or unreadable build dirs, their
+    blobs, leftovers. ``bytes_freed`` counts allocated blocks (sparse disks as they are).
 
-    Blobs of ready builds, of interrupted ones and of the ``active`` (queued
-    or running) builds are kept.
+    Blobs of ready builds and of builds queued or running (the ``active`` ones
+    here, or in another live process) are kept. A build dir that cannot be
+    locked or removed is logged and skipped, its blobs kept: one leftover must
+    not stop gc (docs/security.md, "Deep trees and leftovers").
     """
     keep: set[Digest] = set()
     freed = removed_dirs = 0
@@ -83,14 +87,16 @@ def collect_garbage(store: ImageStore, blobs: BlobStore, active: set[BuildKey]) 
         if key in active:
             keep |= blobs_needed(record)
             continue
-        with idle_lock(directory) as free:
-            if free and (record is None or record.status is ImageStatus.FAILED):
-                freed += tree_size(directory)
-                store.remove_directory(directory)
-                removed_dirs += 1
-                continue
-            if free:
-                freed += sweep_build_dir(directory)
+        try:
+            with idle_lock(directory) as free:
+                if free and abandoned(record):
+                    freed += store.remove_directory(directory)
+                    removed_dirs += 1
+                    continue
+                if free:
+                    freed += sweep_build_dir(directory, store.quarantine)
+        except HypemanError as exc:
+            log.warning("gc: skipping %s: %s", directory, exc)
         keep |= blobs_needed(record)
     remove_dangling_tags(store.root)
     freed += store.sweep()
@@ -117,54 +123,75 @@ def recover_builds(
     queued again from their name and digest, with the free space first asked
     for (the manifest is fetched again by digest, which gives the same build);
     a ready record whose tag link is missing gets it; temp files and
-    half-deleted dirs of dead writers go. A build asked for with borrowed
-    credentials cannot be resumed without them: it is marked failed.
+    half-deleted dirs of dead writers go. Unreadable records are quarantined,
+    and a record that fails to recover is logged and tried again at the next
+    start: one record must not keep the service from starting
+    (docs/security.md, "Deep trees and leftovers"). A build asked for with
+    borrowed credentials cannot be resumed without them: it is marked failed.
     """
     resumed: list[str] = []
     retagged: list[str] = []
     freed = store.sweep() + blobs.sweep_ingest()
     freed += ScanCache.beside(blobs).sweep()
+    quarantine_unreadable(store)
     for stored in sorted(store.scan(), key=lambda s: s.record.created_at):
-        record = stored.record
-        with idle_lock(stored.directory) as free:
-            if not free:
-                continue
-            freed += sweep_build_dir(stored.directory)
         try:
-            ref = parse_reference(record.name)
-            digest = Digest.parse(record.digest)
-        except HypemanError as exc:
+            freed += _recover_one(store, stored, options, submit, resumed, retagged)
+        except (HypemanError, OSError) as exc:
             log.warning("cannot recover %s: %s", stored.directory, exc)
-            continue
-        if ref.name != stored.repository or digest.encoded != stored.directory.name:
-            log.warning("ignoring %s: its record names %s", stored.directory, record.name)
-            continue
-        names = [ref, *pending_tags(record, ref)]
-        broken = record.status is ImageStatus.READY and not stored.disk.is_file()
-        if record.status.active and record.borrowed_credentials:
-            # Its credentials lived in the request's memory only (build.request), and
-            # the server's may not do: the asker has to ask again, with credentials.
-            store.write(ref, digest, record.evolve(status=ImageStatus.FAILED, error=_BORROWED))
-        elif record.status.active or broken:
-            # Rebuild as first asked: the free space changes the disk's bytes.
-            asked = options
-            if record.free_space_bytes is not None:
-                asked = replace(options, free_space=record.free_space_bytes)
-            job = Job(BuildKey(ref.name, digest), ref.with_digest(digest), asked)
-            for name in names[1:]:
-                job.add_name(name)  # every tag that asked, not only the first
-            job.recovered = True
-            submit(job)
-            resumed.append(record.name)
-        elif record.status is ImageStatus.READY:
-            # The crash fell between "ready" and the tag links. A link that
-            # exists was moved on purpose since, and stays.
-            for name in names:
-                if name.tag is not None and store.tag_target(name) is None:
-                    store.set_tag(name, digest)
-                    retagged.append(str(name))
-            store.update(ref, digest, without_pending_tags)
     return RecoveryReport(tuple(resumed), tuple(retagged), freed)
+
+
+def _recover_one(
+    store: ImageStore,
+    stored: StoredImage,
+    options: BuildOptions,
+    submit: Callable[[Job], object],
+    resumed: MutableSequence[str],
+    retagged: MutableSequence[str],
+) -> int:
+    """Recover one record (see :func:`recover_builds`); returns the bytes of leftovers freed."""
+    record = stored.record
+    with idle_lock(stored.directory) as free:
+        if not free:
+            return 0
+        freed = sweep_build_dir(stored.directory, store.quarantine)
+    try:
+        ref = parse_reference(record.name)
+        digest = Digest.parse(record.digest)
+    except HypemanError as exc:
+        log.warning("cannot recover %s: %s", stored.directory, exc)
+        return freed
+    if ref.name != stored.repository or digest.encoded != stored.directory.name:
+        log.warning("ignoring %s: its record names %s", stored.directory, record.name)
+        return freed
+    names = [ref, *pending_tags(record, ref)]
+    broken = record.status is ImageStatus.READY and not stored.disk.is_file()
+    if record.status.active and record.borrowed_credentials:
+        # Its credentials lived in the request's memory only (build.request), and
+        # the server's may not do: the asker has to ask again, with credentials.
+        store.write(ref, digest, record.evolve(status=ImageStatus.FAILED, error=_BORROWED))
+    elif record.status.active or broken:
+        # Rebuild as first asked: the free space changes the disk's bytes.
+        asked = options
+        if record.free_space_bytes is not None:
+            asked = replace(options, free_space=record.free_space_bytes)
+        job = Job(BuildKey(ref.name, digest), ref.with_digest(digest), asked)
+        for name in names[1:]:
+            job.add_name(name)  # every tag that asked, not only the first
+        job.recovered = True
+        submit(job)
+        store.update(ref, digest, lambda r: r.evolve())  # ours now (its writer)
+        resumed.append(record.name)
+    elif record.status is ImageStatus.READY:
+        # The crash fell between "ready" and the tag links. A link that
+        # exists was moved on purpose since, and stays.
+        for name in names:
+            if name.tag is not None and store.tag_target(name) is None:
+                store.set_tag(name, digest)
+                retagged.append(str(name))
+        store.update(ref, digest, without_pending_tags)
+    return freed
 
 
 def verify_image(

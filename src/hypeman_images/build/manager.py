@@ -1,15 +1,13 @@
-"""The one seam the CLI and the API use: create, list, get, delete, gc, recover.
+"""The one seam the CLI and the API use: create, list, get, tag, delete, gc, recover.
 
 :class:`ImageManager` owns a data dir (image store + blob cache), the registry
 client and a :class:`~hypeman_images.build.queue.BuildQueue`. ``create`` resolves
 the name to a digest with one manifest GET (concurrent requests for the same
 name share it), then joins the build already queued for that digest or queues
-a new one, and returns at once. ``pull`` is ``create`` plus waiting.
-
-Deleting an image whose build is queued or running is refused with
-:class:`~hypeman_images.errors.Conflict` (HTTP 409): cancelling would need
-every stage (download threads, mke2fs) to stop cooperatively, and a refusal
-is simple to reason about. Wait for the build to end, then delete.
+a new one, and returns at once. ``pull`` is ``create`` plus waiting. Deleting
+an image whose build is queued or running is a
+:class:`~hypeman_images.errors.Conflict` (HTTP 409): cancelling would need every
+stage (downloads, mke2fs) to stop cooperatively; a refusal is simple to reason about.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hypeman_images.build.diskpush import DiskPushes
 from hypeman_images.build.image import Image, image_of, image_view
 from hypeman_images.build.lookup import local_reference
 from hypeman_images.build.maintenance import (
@@ -45,20 +44,22 @@ from hypeman_images.build.records import (
     write_pending,
 )
 from hypeman_images.build.request import ImageRequest, image_request, labels_match
-from hypeman_images.build.tagging import check_target, not_ready, ready_source, tag_image
+from hypeman_images.build.tagging import tag_image
 from hypeman_images.build.worker import Builder, BuildWorker
-from hypeman_images.errors import Conflict, HypemanError
+from hypeman_images.errors import Conflict, HypemanError, InvalidArgument
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.oci.spec import Platform
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.registry.credentials import Credential
+from hypeman_images.store.access import prepare_data_dir
 from hypeman_images.store.blobs import BlobStore
-from hypeman_images.store.housekeeping import idle_lock
+from hypeman_images.store.housekeeping import idle_lock, settled
 from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, StoredImage
 
 if TYPE_CHECKING:
     from hypeman_images.disk.verify import Verified
+    from hypeman_images.fleet.push import PushedDisk
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class ImageManager:
     ``client_factory`` makes the registry client (tests pass their own); it is
     called once, on first use. ``builder`` is the pipeline (a seam for tests).
     ``pause`` is the crash-test hook of :mod:`hypeman_images.build.queue`.
+    The data dir is made private, or shared with ``data_dir_group``
+    (:func:`~hypeman_images.store.access.prepare_data_dir`).
     Use as a context manager, or call :meth:`close`.
     """
 
@@ -83,8 +86,10 @@ class ImageManager:
         concurrency: int = DEFAULT_CONCURRENCY,
         builder: Builder = build_resolved,
         pause: PauseHook | None = None,
+        data_dir_group: int | None = None,
     ) -> None:
         self.data = DataDir(data_dir)
+        prepare_data_dir(self.data.root, data_dir_group)
         self.options = options or BuildOptions()
         self._pause = pause or PauseHook()
         self.store = ImageStore(self.data.images, on_temp_written=self._metadata_written)
@@ -99,6 +104,8 @@ class ImageManager:
         # digest must not move a tag back after a newer one was asked for.
         self._latest: dict[str, Digest] = {}
         self._resolving: dict[tuple[str, Platform, bytes], Future[ResolvedImage]] = {}
+        # Disks built here go to the disk cache off the queue: ready is not delayed.
+        self._pushes = DiskPushes(lambda: self.client, self.blobs, self.metrics)
         worker = BuildWorker(
             store=self.store,
             blobs=self.blobs,
@@ -108,6 +115,7 @@ class ImageManager:
             client=lambda: self.client,
             lock=self._lock,
             latest=self._latest,
+            built=self._pushes.built,
             retire=lambda job: self._queue.retire(job),
         )
         self._queue = BuildQueue(worker.run, concurrency)
@@ -124,9 +132,10 @@ class ImageManager:
         """Stop starting builds; wait up to ``timeout`` for running ones; release connections.
 
         Builds still running after ``timeout`` die with the process and are
-        resumed by the next :meth:`recover`.
+        resumed by the next :meth:`recover`; so do pushes to the disk cache, which
+        are waited for as long again (an unfinished push leaves nothing visible).
         """
-        if self._queue.close(timeout):
+        if self._queue.close(timeout) and self._pushes.drain(timeout):
             with self._lock:
                 if self._client is not None:
                     self._client.close()
@@ -154,13 +163,11 @@ class ImageManager:
     ) -> Image:
         """Ask for ``name`` to be built; return at once (pending, or ready if already built).
 
-        The name is resolved to its digest first (one manifest GET); unknown
-        names raise :class:`NotFound` here rather than failing later.
-        ``platform`` (a :class:`Platform`, or text as ``docker --platform``
-        takes it) overrides the options'; ``labels`` replace the image's
-        (hypeman's ``tags``); ``credentials`` are borrowed for this pull only
-        (:mod:`.request`). A build of that digest already in progress with
-        other credentials (or none) is a :class:`Conflict`.
+        The name is resolved to its digest first (one manifest GET); unknown names
+        raise :class:`NotFound` here. ``platform`` (a :class:`Platform`, or text as
+        ``docker --platform`` takes it) overrides the options'; ``labels`` replace
+        the image's (hypeman's ``tags``); ``credentials`` are borrowed for this pull
+        only (:mod:`.request`): a build in flight with others is a :class:`Conflict`.
         """
         ref = _parse(name)
         request = image_request(
@@ -267,6 +274,17 @@ class ImageManager:
         mke2fs = self.options.mke2fs or "mke2fs"
         return verify_image(self.store, ref, find_image(self.store, ref), mke2fs, record=record)
 
+    def push_disk(self, name: str | Reference) -> PushedDisk:
+        """Push the ready disk ``name`` names to the disk cache the options name, now.
+
+        Raises :class:`InvalidArgument` without a disk cache, and the
+        registry's errors (:class:`Unauthorized` without push rights, ...).
+        """
+        cache = self.options.disk_cache
+        if cache is None:
+            raise InvalidArgument("no disk cache to push to: name one with --disk-cache")
+        return self._pushes.push(cache, find_image(self.store, self._find(name)))
+
     def tag(self, source: str | Reference, target: str | Reference) -> Image:
         """Point the local tag ``target`` at the ready image ``source`` names; no pull.
 
@@ -274,27 +292,14 @@ class ImageManager:
         reference, in any repository (:mod:`.tagging`). :class:`NotFound` if
         ``source`` is unknown, :class:`Conflict` while it is not ready.
         """
-        ref = self._find(source)
-        target = _parse(target)
-        check_target(target)
-        self.store.validate(target)
+        ref, target = self._find(source), _parse(target)
         with self._lock:
-            job = self._job_for(ref)
-            if job is not None:
-                raise not_ready(ref.familiar(), job.status)
-            stored = find_image(self.store, ref)
-            digest = ready_source(stored, ref.familiar())
-            if self._queue.get(BuildKey(target.name, digest)) is not None:
-                raise Conflict(f"{target.name}@{digest} is being built; tag it once that ends")
-            tag_image(self.store, stored, digest, target)
-            self._latest[str(target)] = digest  # the newest word on that tag
-        return self._stored_image(self.store.find(target), str(target))
+            tagged = tag_image(self.store, ref, target, self._job_for, self._queue.get)
+            self._latest[str(target)] = Digest.parse(tagged.record.digest)  # the newest word
+        return self._stored_image(tagged, str(target))
 
     def list(self, labels: Mapping[str, str] | None = None) -> list[Image]:
-        """Every image in the store and in the queue, by repository and age.
-
-        ``labels``: only the images whose labels include every one of these pairs.
-        """
+        """Every image in the store and the queue (with every pair of ``labels``), by age."""
         images = [i for i in self._all() if labels_match(i.tags, labels or {})]
         return sorted(images, key=lambda i: (i.repository, i.created_at, i.digest))
 
@@ -436,8 +441,7 @@ class ImageManager:
 
     def _reused(self, stats: BuildStats | None) -> None:
         self.metrics.image_reused()
-        if stats is not None:
-            stats.reused = True
+        (stats or BuildStats()).reused = True
 
     def _metadata_written(self, record: ImageRecord) -> None:
         """The store wrote a record's temp file: the crash tests' "metadata" stage."""
@@ -446,8 +450,6 @@ class ImageManager:
 
     def _find(self, name: str | Reference) -> Reference:
         """The reference ``name`` gives: parsed, or an image ID looked up (:mod:`.lookup`)."""
-        if isinstance(name, Reference):
-            return name
         return local_reference(self.store, name, lambda ref: self._job_for(ref) is not None)
 
     def _job_for(self, ref: Reference) -> Job | None:
@@ -461,7 +463,7 @@ class ImageManager:
             or initial_record(job.ref, job.key.digest, job.status)
         )
         if job.status is ImageStatus.FAILED and record.status is not ImageStatus.FAILED:
-            record = record.evolve(status=ImageStatus.FAILED, error=str(job.error))
+            record = record.evolve(status=ImageStatus.FAILED, error=job.error_detail)
         directory = self.store.digest_dir(job.ref, job.key.digest)
         return image_view(
             record,
@@ -474,7 +476,7 @@ class ImageManager:
         )
 
     def _stored_image(self, stored: StoredImage, name: str | None = None) -> Image:
-        return image_of(stored, name)
+        return image_of(settled(stored), name)
 
 
 def _parse(name: str | Reference) -> Reference:

@@ -17,6 +17,7 @@ PREFIX = "hypeman_images"
 BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 OUTCOMES = ("success", "failure")
 CACHE_KINDS = ("image", "blob")
+DISK_CACHE_RESULTS = ("hit", "miss", "fallback")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Metrics:
         self._seconds_count = 0
         self._pulled_bytes = 0
         self._cache_hits = dict.fromkeys(CACHE_KINDS, 0)
+        self._disk_cache = DiskCacheCounts()
 
     def build_started(self) -> None:
         """A build left the queue and began."""
@@ -63,6 +65,24 @@ class Metrics:
         """A request was answered by a disk that was already built (no download, no build)."""
         with self._lock:
             self._cache_hits["image"] += 1
+
+    def disk_cache_used(self, result: str | None, reason: str | None, fetched_bytes: int) -> None:
+        """A build looked in the disk cache: ``hit``, ``miss`` or ``fallback`` (``reason``)."""
+        if result is None:
+            return
+        with self._lock:
+            counts = self._disk_cache
+            counts.lookups[result] += 1
+            if result == "fallback":
+                label = reason or "unknown"
+                counts.fallbacks[label] = counts.fallbacks.get(label, 0) + 1
+            counts.fetched_bytes += fetched_bytes
+
+    def disk_pushed(self, ok: bool, pushed_bytes: int) -> None:
+        """A disk built here was pushed to the disk cache (or the push failed)."""
+        with self._lock:
+            self._disk_cache.pushes["success" if ok else "failure"] += 1
+            self._disk_cache.pushed_bytes += pushed_bytes
 
     def builds(self, outcome: str) -> int:
         """How many builds ended with ``outcome`` so far."""
@@ -97,11 +117,44 @@ class Metrics:
             )
             for kind, count in self._cache_hits.items():
                 lines.append(f'{PREFIX}_cache_hits_total{{kind="{kind}"}} {count}')
+            self._disk_cache.render(lines)
         _family(lines, "queue_length", "gauge", "Builds waiting for a free slot.")
         lines.append(f"{PREFIX}_queue_length {gauges.queue_length}")
         _family(lines, "builds_active", "gauge", "Builds running now.")
         lines.append(f"{PREFIX}_builds_active {gauges.active_builds}")
         return "\n".join(lines) + "\n"
+
+
+class DiskCacheCounts:
+    """The disk cache's counters (docs/disk-artifacts.md); :class:`Metrics` holds the lock."""
+
+    def __init__(self) -> None:
+        self.lookups = dict.fromkeys(DISK_CACHE_RESULTS, 0)
+        self.fallbacks: dict[str, int] = {}  # by the code of the error that caused them
+        self.pushes = dict.fromkeys(OUTCOMES, 0)
+        self.fetched_bytes = 0
+        self.pushed_bytes = 0
+
+    def render(self, lines: list[str]) -> None:
+        name = f"{PREFIX}_disk_cache"
+        _family(
+            lines,
+            "disk_cache_lookups_total",
+            "counter",
+            "Builds that looked in the disk cache: a disk fetched (hit), none there (miss), "
+            "or built here after a failure (fallback).",
+        )
+        for result, count in self.lookups.items():
+            lines.append(f'{name}_lookups_total{{result="{result}"}} {count}')
+        _family(lines, "disk_cache_fallbacks_total", "counter", "Fallbacks, by the error's code.")
+        for reason, count in sorted(self.fallbacks.items()):
+            lines.append(f'{name}_fallbacks_total{{reason="{reason}"}} {count}')
+        _family(lines, "disk_cache_pushes_total", "counter", "Disks pushed, by outcome.")
+        for outcome, count in self.pushes.items():
+            lines.append(f'{name}_pushes_total{{outcome="{outcome}"}} {count}')
+        _family(lines, "disk_cache_bytes_total", "counter", "Compressed disk bytes, by direction.")
+        lines.append(f'{name}_bytes_total{{direction="fetched"}} {self.fetched_bytes}')
+        lines.append(f'{name}_bytes_total{{direction="pushed"}} {self.pushed_bytes}')
 
 
 def _family(lines: list[str], name: str, kind: str, help_text: str) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hypeman_images.errors import InvalidArgument
+from hypeman_images.fleet.cache import DiskCache
 from hypeman_images.layers.limits import Limits
 from hypeman_images.oci.spec import Platform
 
@@ -28,7 +29,7 @@ def default_data_dir(env: Mapping[str, str] | None = None, euid: int | None = No
     """
     env = os.environ if env is None else env
     if env.get("HYPEMAN_DATA_DIR"):
-        return Path(env["HYPEMAN_DATA_DIR"])
+        return absolute(Path(env["HYPEMAN_DATA_DIR"]))
     if (os.geteuid() if euid is None else euid) == 0:
         return SYSTEM_DATA_DIR
     xdg = Path(env.get("XDG_DATA_HOME") or "")
@@ -38,11 +39,27 @@ def default_data_dir(env: Mapping[str, str] | None = None, euid: int | None = No
     return xdg / "hypeman"
 
 
+def absolute(path: Path) -> Path:
+    """``path`` made absolute against the current directory, ``..`` folded, symlinks kept.
+
+    Done once, where a data dir enters (:class:`DataDir`): every path under it
+    is then absolute, as the tools it is handed to need (debugfs reads a
+    relative value file's name as a path inside the image).
+    """
+    return Path(os.path.abspath(path))
+
+
 @dataclass(frozen=True)
 class DataDir:
-    """The data dir's parts: ``images/`` (the image store) and ``cache/`` (the blob cache)."""
+    """The data dir's parts: ``images/`` (the image store) and ``cache/`` (the blob cache).
+
+    ``root`` is made absolute on construction (:func:`absolute`).
+    """
 
     root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", absolute(self.root))
 
     @property
     def images(self) -> Path:
@@ -88,9 +105,12 @@ class BuildOptions:
     (:mod:`hypeman_images.layers.onepass`), falling back to two passes where that
     cannot decide; off, every image takes the two-pass path after the pull.
     ``check_space``: lower the byte limits to what the data dir's filesystem
-    has room for when a build starts (:func:`pipeline.room_for_content`), so a
-    decompression bomb fails with :class:`LimitExceeded` before its bytes fill
-    the host's disk. Off only to test what a disk filled by others does.
+    has room for when a build starts (:func:`pipeline.room_for_content`), so an
+    image too big for it (a decompression bomb too) fails with
+    :class:`StorageError` before its bytes fill the host's disk. Off only to
+    test what a disk filled by others does.
+    ``disk_cache``: the repository where built disks are shared, looked up
+    before a build and pushed to after one (:mod:`hypeman_images.build.diskcache`).
     """
 
     platform: Platform = field(default_factory=Platform.host)
@@ -100,3 +120,4 @@ class BuildOptions:
     limits: Limits = field(default_factory=Limits)
     one_pass: bool = True
     check_space: bool = True
+    disk_cache: DiskCache | None = None

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,11 +23,12 @@ from hypeman_images.build import collector
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.progress import Reporter
 from hypeman_images.build.pull import PulledImage, ResolvedImage, pull
-from hypeman_images.errors import HypemanError, LimitExceeded
+from hypeman_images.errors import HypemanError, LimitExceeded, StorageError
 from hypeman_images.fsutil import storage_error
-from hypeman_images.layers.limits import Limits
+from hypeman_images.layers.limits import Limits, check_layer_count
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
+from hypeman_images.oci.spec import Descriptor
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.store.blobs import BlobStore
 from hypeman_images.store.images import (
@@ -58,6 +59,10 @@ class BuildStats:
     cached_blobs: int = 0
     reused: bool = False
     stages: dict[str, float] = field(default_factory=dict)
+    # A disk cache asked: "hit", "miss" or "fallback" (why: an error's code).
+    disk_cache: str | None = None
+    disk_cache_reason: str | None = None
+    fetched_bytes: int = 0
 
 
 def initial_record(ref: Reference, digest: Digest, status: ImageStatus) -> ImageRecord:
@@ -68,6 +73,7 @@ def initial_record(ref: Reference, digest: Digest, status: ImageStatus) -> Image
 # mke2fs's own metadata (inode tables, bitmaps, directories) on top of the
 # content: the disk layouts disk/sizing.py makes spend less than a sixteenth on it.
 _METADATA_SHARE = 16
+_MiB = 1 << 20
 
 
 def room_for_content(free: int, downloading: int, free_space: int) -> int:
@@ -84,42 +90,127 @@ def room_for_content(free: int, downloading: int, free_space: int) -> int:
     return max(0, left - left // _METADATA_SHARE - free_space)
 
 
+@dataclass(frozen=True)
+class Room:
+    """The free space of the data dir's filesystem when a build starts, and what it leaves.
+
+    :attr:`content` is what the build's byte limits are lowered to
+    (:func:`build_limits`). A layer that inflates past it means the disk is too
+    small for the image, not that the image is hostile: :meth:`shortfall`
+    says so (docs/security.md, "A data dir too small for the image").
+    """
+
+    root: Path
+    free: int
+    downloading: int  # compressed bytes still to fetch into the blob cache
+    free_space: int  # asked for inside the disk
+
+    @property
+    def content(self) -> int:
+        """The most uncompressed image content that fits (:func:`room_for_content`)."""
+        return room_for_content(self.free, self.downloading, self.free_space)
+
+    def needs(self, content: int) -> int:
+        """The free space ``content`` bytes of image content need: with that much free,
+        :func:`room_for_content` has room for them (and with a sixteenth less, not)."""
+        share = _METADATA_SHARE
+        return self.downloading + -(-(content + self.free_space) * share // (share - 1))
+
+    def shortfall(self, content: int, *, exact: bool) -> StorageError:
+        """The build does not fit: ``content`` is the image's size, or (not ``exact``) less."""
+        need, about = -(-self.needs(content) // _MiB), "about" if exact else "more than"
+        return StorageError(
+            f"no room in the data dir: {self.root} has {self.free // _MiB} MiB free; this "
+            f"image needs {about} {need} MiB (its layers inflate to {about} "
+            f"{-(-content // _MiB)} MiB, plus the "
+            "downloads, mke2fs's metadata and the disk's free space): free space there "
+            "or use a data dir on a bigger disk"
+        )
+
+
 def build_limits(
     resolved: ResolvedImage, blobs: BlobStore, store: ImageStore, options: BuildOptions
-) -> Limits:
-    """``options.limits``, with the byte limits lowered to what the data dir has room for."""
+) -> tuple[Limits, Room | None]:
+    """``options.limits``, with the byte limits lowered to what the data dir has room for.
+
+    Also that room (``None`` when ``options.check_space`` is off).
+    """
     if not options.check_space:
-        return options.limits
+        return options.limits, None
     try:
         free = shutil.disk_usage(store.root).free
     except OSError as exc:
         raise storage_error(exc, f"cannot read the free space of {store.root}") from exc
     layers = resolved.manifest.layers
     downloading = sum(layer.size for layer in layers if not blobs.has(layer.digest))
-    room = room_for_content(free, downloading, options.free_space)
-    log.debug("%s: room for %d bytes of content (%d free)", resolved.ref, room, free)
-    return options.limits.within(room)
+    room = Room(store.root, free, downloading, options.free_space)
+    log.debug("%s: room for %d bytes of content (%d free)", resolved.ref, room.content, free)
+    return options.limits.within(room.content), room
 
 
-def _explained(
-    exc: LimitExceeded, limits: Limits, options: BuildOptions, root: Path
+def check_room(layers: Sequence[Descriptor], room: Room | None) -> None:
+    """Raise :class:`StorageError` before any download if the layers cannot fit inflated.
+
+    No layer inflates to much less than its blob: deflate stores what it cannot
+    compress in blocks of up to 64 KiB behind 5 bytes of header (RFC 1951
+    3.2.4), zstd in raw blocks behind 3 (RFC 8878 3.1.1.2).
+    """
+    if room is None:
+        return
+    least = sum(max(0, layer.size - layer.size // 1024 - 64) for layer in layers)
+    if least > room.content:
+        raise room.shortfall(least, exact=False)
+
+
+def _shortfall(
+    exc: LimitExceeded,
+    limits: Limits,
+    options: BuildOptions,
+    room: Room | None,
+    layers: Sequence[Descriptor],
+    blobs: BlobStore,
 ) -> HypemanError:
-    """Say so when the byte limit that stopped a build was lowered for lack of disk space."""
+    """A byte limit that was lowered to the data dir's room stopped the build: say that
+    the disk is too small, with what the image needs, unless the image is over the
+    configured limits too (then it stays :class:`LimitExceeded`)."""
     lowered = [
         name
         for name in ("max_layer_bytes", "max_image_bytes")
-        if getattr(limits, name) < getattr(options.limits, name) and name in exc.message
+        if getattr(limits, name) < getattr(options.limits, name)
+        and f"Limits.{name}=" in exc.message
     ]
-    if not lowered:
+    if room is None or not lowered:
         return exc
-    room = limits.max_image_bytes
-    return LimitExceeded(
-        f"{exc.detail} -- but here that limit is lower than configured: the filesystem "
-        f"of {root} has room for only {room} bytes ({room / 2**20:.0f} MiB) of image "
-        "content",
-        hint="free space there or use a data dir on a bigger disk",
-        api_hint="the server's data dir is short of space",
-    )
+    stated = _stated_sizes(layers, blobs)
+    configured = options.limits
+    for index, size in enumerate(stated):
+        if size is not None and size > configured.max_layer_bytes:
+            return LimitExceeded(
+                f"layer {index} ({layers[index].digest}) inflates to {size} bytes by its "
+                f"gzip trailer, over Limits.max_layer_bytes={configured.max_layer_bytes}; "
+                "raise that limit if the image is trusted"
+            )
+    total = sum(size or 0 for size in stated)
+    if total > configured.max_image_bytes:
+        return LimitExceeded(
+            f"image inflates to {total} bytes by its layers' gzip trailers, over "
+            f"Limits.max_image_bytes={configured.max_image_bytes}; raise that limit if the "
+            "image is trusted"
+        )
+    exact = None not in stated and total > room.content
+    # It inflated past the room whatever its blobs say.
+    return room.shortfall(max(total, room.content + 1), exact=exact)
+
+
+def _stated_sizes(layers: Sequence[Descriptor], blobs: BlobStore) -> list[int | None]:
+    """Each layer's uncompressed size as its cached blob says it; ``None`` where it
+    says nothing (zstd) or is not cached."""
+    from hypeman_images.build.onepass import uncompressed_size
+
+    return [
+        uncompressed_size(blobs.path(layer.digest), layer) if blobs.has(layer.digest) else None
+        for layer in layers
+    ]
 
 
 def build_resolved(
@@ -142,6 +233,7 @@ def build_resolved(
     # Imported here: converting needs isal, zstandard and the disk code, which a
     # re-pull of a ready digest (the CLI's fast path) never loads.
     from hypeman_images.build.convert import Conversion
+    from hypeman_images.build.diskcache import built_fields, fetch_cached
 
     ref, digest = resolved.ref, resolved.digest
     with store.lock(ref, digest), collector.collect_rarely():
@@ -155,13 +247,32 @@ def build_resolved(
             return store.find(ref)
 
         record = _Record(store, ref, digest, on_status, _pulling(resolved, existing, options))
-        limits = build_limits(resolved, blobs, store, options)
+        limits, room = build_limits(resolved, blobs, store, options)
+        layers = resolved.manifest.layers
         dest = store.digest_dir(ref, digest) / DISK_NAME
+
+        def explain(exc: LimitExceeded) -> HypemanError:
+            return _shortfall(exc, limits, options, room, layers, blobs)
+
+        if options.disk_cache is not None and options.disk_cache.looks:
+            with record.failures(explain):
+                fetched = fetch_cached(
+                    resolved, client=client, blobs=blobs, dest=dest, options=options,
+                    limits=limits, record=record.current, publish=record.set,
+                    reporter=reporter, stats=stats,
+                )  # fmt: skip
+            if fetched is not None:  # the disk is in place: as a built one, from here on
+                record.set(fetched)
+                store.set_tag(ref, digest)
+                reporter.stage("ready", f"{ref.familiar()} (from the disk cache)")
+                return store.find(ref)
         conversion = Conversion(
             resolved, blobs=blobs, dest=dest, options=options, limits=limits, reporter=reporter
         )
         # The failure is recorded before the conversion closes (and waits for its threads).
-        with conversion, record.failures(limits, options):
+        with conversion, record.failures(explain):
+            check_layer_count(len(layers), limits)  # before any download
+            check_room(layers, room)
             disk = _pull_and_convert(resolved, conversion, client, blobs, reporter, record, stats)
         # The disk is in place: from here on a failure (tagging, say) must not
         # demote the record, or a complete disk would sit beside a "failed" one.
@@ -173,6 +284,7 @@ def build_resolved(
                 content_bytes=disk.content_bytes,
                 disk_sha256=disk.sha256,
                 tool_versions=disk.tool_versions,
+                **built_fields(disk.one_pass, disk.fallback_used),
             )
         )
         store.set_tag(ref, digest)
@@ -199,7 +311,7 @@ def _pull_and_convert(
     stats.download_s = time.monotonic() - t0
     stats.downloaded_bytes = pulled.downloaded_bytes
     stats.cached_blobs = pulled.cached_blobs
-    record.set(_with_config(record.current, pulled).evolve(status=ImageStatus.CONVERTING))
+    record.set(with_config(record.current, pulled).evolve(status=ImageStatus.CONVERTING))
 
     layers = len(resolved.manifest.layers)
     reporter.stage("converting", f"{layers} layer{'' if layers == 1 else 's'} → ext4")
@@ -259,12 +371,16 @@ class _Record:
             self._on_status(self._ref, record)
 
     @contextlib.contextmanager
-    def failures(self, limits: Limits, options: BuildOptions) -> Iterator[None]:
-        """Record any failure inside as the build's (``failed``, and why), then re-raise it."""
+    def failures(self, explain: Callable[[LimitExceeded], HypemanError]) -> Iterator[None]:
+        """Record any failure inside as the build's (``failed``, and why), then re-raise it.
+
+        A :class:`LimitExceeded` is first passed through ``explain``, which may
+        tell a more accurate story (:func:`_shortfall`).
+        """
         try:
             yield
         except LimitExceeded as exc:
-            explained = _explained(exc, limits, options, self._store.root)
+            explained = explain(exc)
             self._failed(explained.detail)
             if explained is exc:
                 raise
@@ -280,7 +396,8 @@ class _Record:
         self.set(self.current.evolve(status=ImageStatus.FAILED, error=error))
 
 
-def _with_config(record: ImageRecord, pulled: PulledImage) -> ImageRecord:
+def with_config(record: ImageRecord, pulled: PulledImage) -> ImageRecord:
+    """``record`` with what the image config says: how to run the image, its layers."""
     config = pulled.config
     manifest = pulled.resolved.manifest
     return record.evolve(
@@ -301,4 +418,13 @@ def _with_config(record: ImageRecord, pulled: PulledImage) -> ImageRecord:
     )
 
 
-__all__ = ["BuildStats", "build_limits", "build_resolved", "initial_record", "room_for_content"]
+__all__ = [
+    "BuildStats",
+    "Room",
+    "build_limits",
+    "build_resolved",
+    "check_room",
+    "initial_record",
+    "room_for_content",
+    "with_config",
+]

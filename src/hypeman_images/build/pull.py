@@ -41,8 +41,8 @@ from hypeman_images.oci.spec import (
     Platform,
     parse_config,
 )
-from hypeman_images.registry import client as registry
 from hypeman_images.registry.client import RegistryClient
+from hypeman_images.registry.manifests import resolve_manifest
 from hypeman_images.store.blobs import BlobStore
 from hypeman_images.store.feeds import LayerFeeds
 
@@ -198,7 +198,7 @@ class PulledImage:
 
 def resolve(client: RegistryClient, ref: Reference, platform: Platform) -> ResolvedImage:
     """Fetch the manifest ``ref`` names; follow an index to ``platform``'s manifest."""
-    found = registry.resolve(client, ref, platform)
+    found = resolve_manifest(client, ref, platform)
     return ResolvedImage(
         ref.with_digest(found.fetched.digest),
         found.manifest,
@@ -307,17 +307,21 @@ class _Taps:
     def start(
         self, index: int, layer: Descriptor, stream: Callable[[], BinaryIO], *, only_if_idle: bool
     ) -> bool:
-        """Submit a tap; with ``only_if_idle``, only if a worker is free to run it now."""
+        """Submit a tap; with ``only_if_idle``, only if a worker is free to run it now.
+
+        ``stream()`` is called when the tap runs, not before: taps queued for
+        thousands of cached layers hold no file open.
+        """
         with self._lock:
             if only_if_idle and self._pending >= TAP_WORKERS:
                 return False
             self._pending += 1
-        self._futures.append(self._pool.submit(self._run, index, layer, stream()))
+        self._futures.append(self._pool.submit(self._run, index, layer, stream))
         return True
 
-    def _run(self, index: int, layer: Descriptor, stream: BinaryIO) -> None:
+    def _run(self, index: int, layer: Descriptor, stream: Callable[[], BinaryIO]) -> None:
         try:
-            self._observer.tap(index, layer, stream)
+            self._observer.tap(index, layer, stream())
         finally:
             with self._lock:
                 self._pending -= 1
@@ -373,7 +377,7 @@ class _Fetch:
                 pipe.fail(exc)
             raise
         if observer.feeds is not None:
-            observer.feeds.finish(layer.digest)
+            observer.feeds.finish(layer.digest, blobs.path(layer.digest))
         if tapped and pipe is None:
             self._tap_cached(index, layer)
         observer.done(layer.digest)

@@ -216,10 +216,17 @@ class Job:
     def fail(self, exc: BaseException) -> None:
         """The build ended with ``exc``."""
         self.error = exc
-        message = exc.detail if isinstance(exc, HypemanError) else f"internal error: {exc!r}"
-        self._move(ImageStatus.FAILED, message)
+        self._move(ImageStatus.FAILED, self.error_detail)
         if self.record is not None and self.record.status is not ImageStatus.FAILED:
-            self.record = self.record.evolve(status=ImageStatus.FAILED, error=message)
+            self.record = self.record.evolve(status=ImageStatus.FAILED, error=self.error_detail)
+
+    @property
+    def error_detail(self) -> str | None:
+        """What went wrong, as a record keeps it: without the CLI's advice (errors.py)."""
+        exc = self.error
+        if exc is None:
+            return None
+        return exc.detail if isinstance(exc, HypemanError) else f"internal error: {exc!r}"
 
     def announce(self) -> None:
         """Log that the build was queued (the first of its state changes)."""

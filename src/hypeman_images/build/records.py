@@ -20,7 +20,7 @@ from hypeman_images.build.request import ImageRequest
 from hypeman_images.errors import HypemanError, NotFound
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
-from hypeman_images.store.housekeeping import idle_lock
+from hypeman_images.store.housekeeping import idle_lock, interrupted
 from hypeman_images.store.images import DISK_NAME, ImageRecord, ImageStatus, ImageStore, StoredImage
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,9 @@ def write_pending(store: ImageStore, resolved: ResolvedImage, request: ImageRequ
     ref, digest = resolved.ref, resolved.digest
     options = request.options
     existing = store.read(ref, digest)
-    if existing is not None and existing.status.active:
-        return  # an interrupted build or another process's: the build lock sorts it out
+    directory = store.digest_dir(ref, digest)
+    if existing is not None and existing.status.active and not interrupted(directory, existing):
+        return  # another live process's build: the build lock sorts it out
     if ready_image(store, ref, digest) is not None:
         return  # another process finished it since we looked: never demote a ready build
     fresh = initial_record(ref, digest, ImageStatus.PENDING)

@@ -16,8 +16,11 @@ import contextlib
 import errno
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+from hypeman_images.build.queue import BuildKey, Job
+from hypeman_images.build.records import find_image
 from hypeman_images.errors import Conflict, InvalidReference
 from hypeman_images.fsutil import fsync_dir, storage_error, temp_name
 from hypeman_images.oci.digest import Digest
@@ -50,12 +53,34 @@ def ready_source(source: StoredImage, name: str) -> Digest:
     return Digest.parse(record.digest)
 
 
-def tag_image(store: ImageStore, source: StoredImage, digest: Digest, target: Reference) -> None:
-    """Point ``target``'s tag at ``source`` (ready, of ``digest``); store it there first if need be.
+def tag_image(
+    store: ImageStore,
+    ref: Reference,
+    target: Reference,
+    job_for: Callable[[Reference], Job | None],
+    queued: Callable[[BuildKey], Job | None],
+) -> StoredImage:
+    """Point ``target``'s tag at the ready image ``ref`` names; return it as ``target``.
 
-    :class:`Conflict` if ``target``'s repository has a build of that digest in
-    progress (its own disk will do once it is ready).
+    ``job_for`` and ``queued`` find the builds in progress (by name, by key):
+    :class:`Conflict` while ``ref``'s is, or while ``target``'s repository
+    builds that digest (its own disk will do once it is ready).
     """
+    check_target(target)
+    store.validate(target)
+    job = job_for(ref)
+    if job is not None:
+        raise not_ready(ref.familiar(), job.status)
+    source = find_image(store, ref)
+    digest = ready_source(source, ref.familiar())
+    if queued(BuildKey(target.name, digest)) is not None:
+        raise Conflict(f"{target.name}@{digest} is being built; tag it once that ends")
+    _tag(store, source, digest, target)
+    return store.find(target)
+
+
+def _tag(store: ImageStore, source: StoredImage, digest: Digest, target: Reference) -> None:
+    """Point ``target``'s tag at ``source`` (ready); store the image there first if need be."""
     if f"{target.registry}/{target.repository}" != source.repository:
         with store.lock(target, digest):
             existing = store.read(target, digest)

@@ -51,7 +51,8 @@ class BuildWorker:
 
     ``client`` gives the manager's registry client (made on first use);
     a job with borrowed credentials brings its own. ``latest`` maps each tag
-    to the digest last asked for under it; ``retire`` forgets a finished job.
+    to the digest last asked for under it; ``built`` hears of each success,
+    tagged (the disk cache's pushes); ``retire`` forgets a finished job.
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class BuildWorker:
         client: Callable[[], RegistryClient],
         lock: threading.RLock,
         latest: dict[str, Digest],
+        built: Callable[[Job], None],
         retire: Callable[[Job], None],
     ) -> None:
         self.store = store
@@ -75,6 +77,7 @@ class BuildWorker:
         self._client = client
         self._lock = lock
         self._latest = latest
+        self._built = built
         self._retire = retire
 
     def run(self, job: Job) -> None:
@@ -111,6 +114,10 @@ class BuildWorker:
         finally:
             if job.stats.reused:
                 self.metrics.image_reused()
+            stats = job.stats
+            self.metrics.disk_cache_used(
+                stats.disk_cache, stats.disk_cache_reason, stats.fetched_bytes
+            )
             self.metrics.build_finished(
                 "success" if ok else "failure",
                 time.monotonic() - started,
@@ -126,6 +133,7 @@ class BuildWorker:
                     self.store.update(job.ref, job.key.digest, without_pending_tags)
                     job.result = self.store.find(job.ref)
                     job.update(job.result.record)
+                    self._built(job)
                 self._retire(job)
                 job.client = None  # borrowed credentials go with their build
 

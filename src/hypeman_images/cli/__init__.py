@@ -2,8 +2,8 @@
 
 ``app.main`` is the entry point; ``parser`` declares the commands and
 ``helptext`` their prose; the handlers live by area (``images``, ``boot``,
-``login``, ``serve``) and build the library's objects through ``config``;
-``output`` prints. Modules only the ``serve`` and ``boot`` commands need
+``login``, ``serve``, ``disk`` for the disk cache) and build the library's
+objects through ``config``; ``output`` prints. Modules only the ``serve`` and ``boot`` commands need
 (uvicorn, the API, the VM machinery) are imported inside their handlers, so
 that every other command starts without them.
 

@@ -12,7 +12,9 @@ from dataclasses import replace
 from hypeman_images.build.manager import DEFAULT_CONCURRENCY, ImageManager
 from hypeman_images.build.options import BuildOptions, default_data_dir, parse_size
 from hypeman_images.build.queue import PauseHook
+from hypeman_images.cli.guards import data_dir_group, transfer_config
 from hypeman_images.errors import InvalidArgument
+from hypeman_images.fleet.cache import CacheMode, DiskCache
 from hypeman_images.oci.spec import Platform
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.registry.config import RegistryConfig, check_timeout
@@ -43,7 +45,7 @@ def registry_config(args: argparse.Namespace) -> RegistryConfig:
         config = replace(config, read_timeout=check_timeout(args.read_timeout, "--read-timeout"))
     if getattr(args, "allow_foreign_layers", None):
         config = replace(config, allow_foreign_layers=True)
-    return config
+    return transfer_config(config, args)
 
 
 def build_options(args: argparse.Namespace) -> BuildOptions:
@@ -67,6 +69,7 @@ def build_options(args: argparse.Namespace) -> BuildOptions:
         limits = replace(limits, max_layer_bytes=parse_size(args.max_layer_size))
     if args.max_image_size:
         limits = replace(limits, max_image_bytes=parse_size(args.max_image_size))
+    options = replace(options, disk_cache=disk_cache(args))
     return replace(options, limits=limits)
 
 
@@ -85,4 +88,18 @@ def open_manager(
         client_factory=lambda: open_client(args),
         concurrency=concurrency or DEFAULT_CONCURRENCY,
         pause=PauseHook.from_env(),  # the documented crash-test hook; unset in real use
+        data_dir_group=data_dir_group(args),
     )
+
+
+def disk_cache(args: argparse.Namespace) -> DiskCache | None:
+    """The disk cache: ``--disk-cache`` (default ``$HYPEMAN_DISK_CACHE``), else
+    registries.conf's ``disk-cache``; an empty flag turns it off. The mode likewise."""
+    conf = registry_config(args)
+    text = getattr(args, "disk_cache", None)
+    if text is None:
+        text = conf.disk_cache
+    if not text:
+        return None
+    mode = getattr(args, "disk_cache_mode", None) or conf.disk_cache_mode or CacheMode.BOTH
+    return DiskCache.parse(text, mode)

@@ -103,7 +103,8 @@ examples:
 Serves POST/GET /images, GET/DELETE /images/{{name}}, /healthz, /metrics and
 /openapi.json. Builds interrupted by a crash or restart are resumed at start.
 The token file holds one bearer token and must not be readable by group or
-others (chmod 600); without one, an address beyond loopback is warned about.
+others (chmod 600). Without one, serve listens on loopback only and answers
+only its own names in the Host header (--allowed-host adds one).
 Logs one key=value line per request and per build state change (-v: debug).
 
 examples:

@@ -17,6 +17,7 @@ from hypeman_images.cli.interrupt import pull_image
 from hypeman_images.cli.listing import RepositoryFilter, render, short_id, table_rows
 from hypeman_images.cli.output import PROG, image_json, print_json, printable, reporter
 from hypeman_images.errors import HypemanError, InvalidArgument
+from hypeman_images.store.images import ImageRecord
 
 
 def pull(args: argparse.Namespace) -> int:
@@ -27,13 +28,14 @@ def pull(args: argparse.Namespace) -> int:
         try:
             stored = pull_image(manager, args.image, progress, labels=user_labels(args.label))
         finally:
-            # Before the manager closes: nothing may print between the bars' redraws.
+            # Before anything else prints: nothing may come between the bars' redraws.
             progress.close()
-    image = image_of(stored)
-    if args.json:
-        print_json(image_json(image))
-    else:
-        print(image.disk)
+        # Shown before the manager closes: closing waits for the disk's push to the cache.
+        image = image_of(stored)
+        if args.json:
+            print_json(image_json(image))
+        else:
+            print(image.disk, flush=True)
     return 0
 
 
@@ -75,6 +77,7 @@ def inspect(args: argparse.Namespace) -> int:
         ("user_labels", ", ".join(f"{k}={v}" for k, v in image.tags.items()) or None),
         ("platform", image.platform),
         ("size", human_size(image.size_bytes) if image.size_bytes else None),
+        ("source", source_text(image.record)),
         ("entrypoint", json.dumps(image.entrypoint)),
         ("cmd", json.dumps(image.cmd)),
         ("working_dir", image.working_dir or "/"),
@@ -208,3 +211,10 @@ def verify(args: argparse.Namespace) -> int:
         how = "none recorded (--record keeps it)"
     print(f"ok: {checked.name}: e2fsck -fn clean; {checked.sha256} {how}")
     return 0
+
+
+def source_text(record: ImageRecord) -> str:
+    """Where the disk came from: ``build``, or ``disk-cache`` and the artifact it was."""
+    if record.source_artifact is None:
+        return record.source
+    return f"{record.source} ({record.source_repository}@{record.source_artifact})"

@@ -2,7 +2,8 @@
 
 One row per tag (``<none>`` for an image no tag points at), as ``docker
 images`` prints it; the default columns fit 80 columns for everyday names,
-and ``PLATFORM`` appears only when the images listed are for more than one.
+and the columns that tell images apart only sometimes (``PLATFORM``,
+``SOURCE``) appear only when they do.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from hypeman_images.build.progress import human_size
 from hypeman_images.cli.output import printable
 from hypeman_images.errors import HypemanError
 from hypeman_images.oci.reference import Reference, parse_reference
+from hypeman_images.store.images import ImageStatus
 
 WIDTH = 80
 ID_LENGTH = 12
@@ -93,26 +95,35 @@ def status_text(image: Image) -> str:
 
 
 def table_rows(images: Sequence[Image], now: datetime | None = None) -> list[tuple[str, ...]]:
-    """The header and one row per tag of each image (``<none>`` when untagged)."""
+    """The header and one row per tag of each image (``<none>`` when untagged).
+
+    ``PLATFORM`` only when the images are for more than one platform, and
+    ``SOURCE`` only when a disk came from elsewhere than a build here (the
+    disk cache): columns that would say the same on every row are left out.
+    """
     platforms = {image.platform for image in images if image.platform}
-    wide = len(platforms) > 1
-    header = ("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE", "STATUS")
-    rows: list[tuple[str, ...]] = [(*header[:-1], "PLATFORM", header[-1]) if wide else header]
+    extra = [("PLATFORM", _platform)] if len(platforms) > 1 else []
+    if any(_source(image) not in ("build", "-") for image in images):
+        extra.append(("SOURCE", _source))
+    header = ("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE")
+    rows: list[tuple[str, ...]] = [(*header, *(name for name, _ in extra), "STATUS")]
     for image in images:
         repository = _familiar(image.repository)
         size = human_size(image.size_bytes) if image.size_bytes else "-"
         for tag in image.local_names or (NONE,):
-            row: tuple[str, ...] = (
-                repository,
-                tag,
-                short_id(image),
-                ago(image.created_at, now),
-                size,
-            )
-            if wide:
-                row += (image.platform or "-",)
-            rows.append(tuple(printable(cell) for cell in (*row, status_text(image))))
+            row = (repository, tag, short_id(image), ago(image.created_at, now), size)
+            cells = (*row, *(cell(image) for _, cell in extra), status_text(image))
+            rows.append(tuple(printable(cell) for cell in cells))
     return rows
+
+
+def _platform(image: Image) -> str:
+    return image.platform or "-"
+
+
+def _source(image: Image) -> str:
+    """``build`` or ``disk-cache`` for a ready image; ``-`` before it is."""
+    return image.record.source if image.status is ImageStatus.READY else "-"
 
 
 def render(rows: Sequence[tuple[str, ...]], width: int = WIDTH) -> Iterable[str]:

@@ -16,6 +16,12 @@ from hypeman_images import __version__
 from hypeman_images.build.manager import DEFAULT_CONCURRENCY
 from hypeman_images.build.progress import human_size
 from hypeman_images.cli.boot import boot_image
+from hypeman_images.cli.disk import add_disk_cache_flags, add_disk_commands
+from hypeman_images.cli.guards import (
+    add_data_dir_group_flag,
+    add_service_flags,
+    add_transfer_flags,
+)
 from hypeman_images.cli.helptext import DESCRIPTION, EXAMPLES, epilog
 from hypeman_images.cli.images import gc, inspect, list_images, pull, remove, tag, verify
 from hypeman_images.cli.login import login, logout
@@ -47,6 +53,7 @@ def _common_flags() -> UsageParser:
     common = UsageParser(add_help=False)
     common.add_argument("--data-dir", type=Path, default=None, help=DATA_DIR_HELP)
     common.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
+    add_data_dir_group_flag(common)
     return common
 
 
@@ -128,6 +135,7 @@ def _registry_flags() -> UsageParser:
         help="fetch non-distributable (foreign) layers from the URLs their image names "
         "(default: refuse them)",
     )
+    add_transfer_flags(flags)
     return flags
 
 
@@ -170,6 +178,7 @@ def _build_flags() -> UsageParser:
         default=None,
         help=f"uncompressed bytes per image (default {human_size(defaults.max_image_bytes)})",
     )
+    add_disk_cache_flags(flags)
     return flags
 
 
@@ -312,5 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CONCURRENCY,
         help=f"builds run at once (default {DEFAULT_CONCURRENCY})",
     )
+    add_service_flags(p)
     p.set_defaults(run=serve)
+
+    cache_flags = UsageParser(add_help=False)
+    add_disk_cache_flags(cache_flags)
+    add_disk_commands(
+        sub,
+        push_parents=[common, json_flag, registry_flags, cache_flags],
+        pull_parents=[common, json_flag, registry_flags, build_flags],
+    )
     return parser

@@ -2,8 +2,10 @@
 
 The address and the token file are checked first, so that a mistake in
 either ends ``serve`` with one line and an untouched data dir
-(tests/cli/test_cli.py, the ``serve`` tests). uvicorn and the API are imported
-inside the handler: no other command needs them.
+(tests/cli/test_cli.py, the ``serve`` tests). Without a token it listens on
+loopback only, and answers only requests whose ``Host`` is on the allow-list
+(docs/security.md, "Who can reach the API"). uvicorn and the API are
+imported inside the handler: no other command needs them.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import threading
 from pathlib import Path
 
 from hypeman_images.cli.config import build_options, open_manager
-from hypeman_images.cli.servelog import RequestLog, configure
+from hypeman_images.cli.guards import service_limits
+from hypeman_images.cli.servelog import RequestLog, configure, log_uvicorn_here
 from hypeman_images.errors import InvalidArgument, ServiceError
+from hypeman_images.store.access import exposure
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +77,52 @@ def read_token(path: Path) -> str:
     return token
 
 
+def require_loopback_without_token(host: str, listen: str, token: str | None) -> None:
+    """Without a token, refuse an address other hosts can reach.
+
+    Called with the ``--listen`` host before binding (an address is refused
+    without ever being bound) and with the bound address after (a name).
+    """
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return  # a name: the bound address decides
+    if token is None and not loopback:
+        raise InvalidArgument(
+            f"--listen {listen} is reachable from other hosts, and without --token-file "
+            "anyone there could build and delete images: give serve a token, or listen "
+            "on 127.0.0.1 or [::1]"
+        )
+
+
 def serve(args: argparse.Namespace) -> int:
     """``serve``: resume interrupted builds, then answer the API until a signal stops it."""
-    import uvicorn
-
     from hypeman_images.service.api import create_app
+    from hypeman_images.service.limits import allowed_hosts
+    from hypeman_images.service.server import http_server
 
     host, port = listen_address(args.listen)
     token = read_token(args.token_file) if args.token_file else None
     if args.concurrency < 1:
         raise InvalidArgument(f"--concurrency must be at least 1, not {args.concurrency}")
+    limits = service_limits(args)
+    require_loopback_without_token(host, args.listen, token)
     sock = bind(host, port, args.listen)
+    try:
+        require_loopback_without_token(sock.getsockname()[0], args.listen, token)
+    except InvalidArgument:
+        sock.close()
+        raise
+    # With a token, a browser cannot drive the API, so Host is checked only if asked to.
+    hosts = None
+    if token is None or args.allowed_host:
+        hosts = allowed_hosts(sock.getsockname()[0], args.allowed_host)
     configure(args.verbose)
     manager = open_manager(args, build_options(args), concurrency=args.concurrency)
     try:
+        warning = exposure(manager.data.root)
+        if warning:
+            log.warning("%s", warning)
         report = manager.recover()
         if report.resumed:
             log.warning(
@@ -94,14 +130,20 @@ def serve(args: argparse.Namespace) -> int:
                 len(report.resumed),
                 extra={"images": ",".join(report.resumed)},
             )
-        config = uvicorn.Config(
-            RequestLog(create_app(manager, token=token)),
-            log_config=None,  # our handler and format (servelog), not uvicorn's
-            log_level="debug" if args.verbose else "warning",
-            access_log=False,  # RequestLog's lines instead
+        app = create_app(manager, token=token, limits=limits, hosts=hosts)
+        server = http_server(RequestLog(app), limits, verbose=bool(args.verbose))
+        log_uvicorn_here(args.verbose)  # RequestLog's lines replace uvicorn's access log
+        url = f"http://{args.listen}"
+        log.info(
+            "serving on %s",
+            url,
+            extra={
+                "url": url,
+                "data_dir": str(manager.data.root),
+                "concurrency": args.concurrency,
+                "token": "required" if token else "none",
+            },
         )
-        server = uvicorn.Server(config)
-        _announce(sock, args, manager.data.root, token is not None)
         server.run(sockets=[sock])
     finally:
         sock.close()
@@ -109,38 +151,6 @@ def serve(args: argparse.Namespace) -> int:
     code = 0 if server.started else 1
     _exit_now_if_builds_linger(code)
     return code
-
-
-def _announce(sock: socket.socket, args: argparse.Namespace, data: Path, token: bool) -> None:
-    """Say where it serves; warn when anyone on the network could use it without a token."""
-    url = f"http://{args.listen}"
-    log.info(
-        "serving on %s",
-        url,
-        extra={
-            "url": url,
-            "data_dir": str(data),
-            "concurrency": args.concurrency,
-            "token": "required" if token else "none",
-        },
-    )
-    if not token and not _loopback(sock):
-        log.warning(
-            "%s is reachable from other hosts and no --token-file is set: anyone who can "
-            "connect can pull images into %s, list and delete them; set --token-file, or "
-            "listen on 127.0.0.1",
-            args.listen,
-            data,
-            extra={"listen": args.listen},
-        )
-
-
-def _loopback(sock: socket.socket) -> bool:
-    """True if the socket is bound to a loopback address only (127.0.0.0/8, ::1)."""
-    address = ipaddress.ip_address(sock.getsockname()[0].split("%", 1)[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
 
 
 def _exit_now_if_builds_linger(code: int) -> None:

@@ -59,14 +59,27 @@ class KeyValueFormatter(logging.Formatter):
 
 
 def configure(verbosity: int) -> None:
-    """Log as ``serve`` does: key=value lines; this package at info (debug with ``-v``).
-
-    uvicorn's own loggers go through the same handler (``log_config=None``
-    when it is started), at warning unless ``-v``.
-    """
+    """Log as ``serve`` does: key=value lines; this package at info (debug with ``-v``)."""
     for handler in logging.getLogger().handlers:
         handler.setFormatter(KeyValueFormatter())
     logging.getLogger("hypeman_images").setLevel(logging.DEBUG if verbosity else logging.INFO)
+
+
+def log_uvicorn_here(verbosity: int) -> None:
+    """uvicorn's loggers through :func:`configure`'s handler and format, its access log off.
+
+    Called once uvicorn's ``Config`` has installed its own handlers (it does
+    so when made): they go, its lines propagate to ours, at warning unless
+    ``-v``; :class:`RequestLog` writes the request lines instead.
+    """
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.asgi"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+        logger.setLevel(logging.DEBUG if verbosity else logging.WARNING)
+    access = logging.getLogger("uvicorn.access")
+    access.handlers.clear()
+    access.propagate = False
 
 
 class RequestLog:
@@ -111,4 +124,4 @@ class RequestLog:
             )
 
 
-__all__ = ["KeyValueFormatter", "RequestLog", "configure", "logfmt_value"]
+__all__ = ["KeyValueFormatter", "RequestLog", "configure", "log_uvicorn_here", "logfmt_value"]

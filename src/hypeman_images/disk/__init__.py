@@ -3,9 +3,11 @@
 Owns ext4 sizing (``sizing``), running ``mke2fs -d -`` (``mke2fs``), finding
 a usable e2fsprogs (``e2fsprogs``), the ``debugfs`` fix-ups (``debugfs``), the
 staged fallback for e2fsprogs older than 1.47.1 (``fallback``), checking a
-finished disk (``check``; again later: ``verify``) and putting it in place
-whole (``publish``). It knows nothing of registries or layers: it takes
-a tar stream and the numbers to size the disk by.
+finished disk (``check``; again later: ``verify``), putting it in place whole
+(``publish``) and writing EROFS images itself, without an external tool
+(``erofs``). It knows nothing of registries or layers: it takes a tar stream
+and the numbers to size the disk by, or (EROFS) entries in its own model,
+``erofs.Entry``.
 
 May import: ``errors``, ``fsutil``, ``oci``.
 """

@@ -64,6 +64,11 @@ class Batch:
     lines: list[bytes] = field(default_factory=list)
     _values: int = 0
 
+    def __post_init__(self) -> None:
+        # Value files are named to debugfs by host path, which must be absolute:
+        # quote() would turn "data/x" into "/data/x" (tests/cli/test_cli.py).
+        self.workdir = Path(os.path.abspath(self.workdir))
+
     def command(self, *words: bytes | str) -> None:
         """Append one command; ``bytes`` words are paths and get quoted."""
         parts = [quote(w) if isinstance(w, bytes) else w.encode() for w in words]

@@ -19,6 +19,7 @@ GNU tar write); sub-second times are dropped (debugfs takes whole seconds).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 import tarfile
@@ -30,9 +31,16 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from hypeman_images.disk.debugfs import Batch
-from hypeman_images.errors import LayerError, StorageError
-from hypeman_images.fsutil import temp_prefix
+from hypeman_images.errors import LayerError, LimitExceeded, StorageError
+from hypeman_images.fsutil import remove_tree, temp_prefix
 
+log = logging.getLogger(__name__)
+
+# The deepest path the staged tree may hold, in components (``a/b/c`` has three). ``mke2fs -d DIR``
+# (1.47.0) aborts on a tree some 1,100 levels deep (realloc(): invalid next
+# size), and nothing that boots needs a tenth of this (docs/security.md, "Deep trees
+# and leftovers"; tests/disk/test_fallback.py).
+MAX_STAGED_DEPTH = 512
 _CHUNK = 1 << 20
 _ZERO = bytes(_CHUNK)
 _XATTR = "SCHILY.xattr."
@@ -64,21 +72,37 @@ class _Replay:
 
 @contextlib.contextmanager
 def staging_dir(near: Path) -> Iterator[Path]:
-    """A private directory beside the disk (same filesystem), removed afterwards."""
+    """A private directory beside the disk (same filesystem), removed afterwards.
+
+    Removed by :func:`~hypeman_images.fsutil.remove_tree`, which no depth defeats;
+    what it cannot remove is left, under its temp name, to recovery and gc.
+    """
     try:
-        tmp = tempfile.TemporaryDirectory(prefix=temp_prefix("staging"), dir=near)
+        path = Path(tempfile.mkdtemp(prefix=temp_prefix("staging"), dir=near))
     except OSError as exc:
         raise StorageError(f"cannot create a staging dir in {near}: {exc.strerror}") from exc
-    with tmp as name:
-        yield Path(name)
+    try:
+        yield path
+    finally:
+        try:
+            remove_tree(path)
+        except OSError as exc:
+            log.warning("cannot remove the staging dir %s: %s", path, exc)
 
 
 def _normalise(name: str) -> bytes:
-    """``./etc/passwd`` → ``etc/passwd``; the root is ``b""``. Refuses ``..`` and NUL."""
+    """``./etc/passwd`` → ``etc/passwd``; the root is ``b""``. Refuses ``..``, NUL, and
+    paths deeper than :data:`MAX_STAGED_DEPTH`."""
     raw = name.encode(*_ENC).strip(b"/")
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
     if any(p == b".." or b"\0" in p for p in parts):
         raise LayerError(f"tar member {name!r} escapes the root")
+    if len(parts) > MAX_STAGED_DEPTH:
+        raise LimitExceeded(
+            f"the image has a path of {len(parts)} components; without `mke2fs -d -` "
+            f"(e2fsprogs < 1.47.1) a disk can hold paths of at most {MAX_STAGED_DEPTH}: "
+            "install e2fsprogs 1.47.1 or later to build this image"
+        )
     return b"/".join(parts)
 
 

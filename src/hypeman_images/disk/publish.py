@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hypeman_images.errors import StorageError
-from hypeman_images.fsutil import fsync_dir, temp_prefix
+from hypeman_images.fsutil import FILE_MODE, fsync_dir, temp_prefix
 
 
 @contextlib.contextmanager
@@ -42,7 +42,7 @@ def commit(tmp: Path, dest: Path) -> None:
     """fsync the file, rename it into place, fsync the directory."""
     with tmp.open("rb+") as handle:
         os.fsync(handle.fileno())
-    os.chmod(tmp, 0o644)
+    os.chmod(tmp, FILE_MODE)
     os.replace(tmp, dest)
     fsync_dir(dest.parent)
 

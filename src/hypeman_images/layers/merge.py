@@ -25,12 +25,16 @@ Semantic choices (see each function for the reasoning and citations):
   before the layer's other entries whatever their position in the tar; a
   marker implies that its directory exists (created like any missing parent).
 - A hard link shares the inode its target has at that moment; the link's own
-  header metadata is ignored (it describes the same inode).
+  header metadata is ignored (it describes the same inode). A link that comes
+  before a marker of its layer which deletes its lower-layer target keeps that
+  inode, as docker, containerd and umoci make it: they apply the tar in order,
+  so the link is made while its target exists, and the marker then removes
+  the target's name only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from hypeman_images.errors import LayerError, LimitExceeded
 from hypeman_images.layers.entries import Entry, Kind, LayerScan
@@ -216,6 +220,16 @@ class _Builder:
 
     def apply(self, scan: LayerScan) -> None:
         where = f"layer {scan.index} ({scan.name})" if scan.name else f"layer {scan.index}"
+        early = self._apply_markers(scan, where)
+        for entry in scan.entries:
+            self.add(entry, scan.index, Where(where, entry.ordinal, entry.path), early)
+
+    def _apply_markers(self, scan: LayerScan, where: str) -> dict[int, _Inode]:
+        """Apply the layer's whiteouts and opaque markers to the layers below.
+
+        Returns, by ordinal, the inodes of the hard links of this layer whose
+        target was there when the link came in the tar and a later marker deleted.
+        """
         # Whiteouts and opaque markers first: they hide lower-layer content only,
         # never siblings from the same layer, whatever their order in the tar
         # (image-spec layer.md: "Whiteouts ... MUST only apply to resources in
@@ -223,7 +237,19 @@ class _Builder:
         # The marker's directory is resolved like any parent (umoci's ociWhiteout
         # gets the securejoined dir): ``a/.wh.x`` under ``a -> /etc`` deletes
         # ``etc/x``, the symlink ``a`` itself only by ``.wh.a``.
+        links: list[Entry] = []  # hard links since the last marker
+        early: list[tuple[Entry, _Inode]] = []  # what each named when the next marker came
         for entry in scan.entries:
+            if entry.kind is Kind.LINK:
+                links.append(entry)
+                continue
+            if entry.kind not in (Kind.WHITEOUT, Kind.OPAQUE):
+                continue
+            for link in links:
+                found = self._quiet_lookup(link.target)
+                if isinstance(found, _Inode):
+                    early.append((link, found))
+            links.clear()
             if entry.kind is Kind.WHITEOUT:
                 parent, base = split_path(entry.path)
                 holder = self.find(self.resolve(parent, Where(where, entry.ordinal, entry.path)))
@@ -235,10 +261,24 @@ class _Builder:
                 )
                 if isinstance(holder, _Dir):
                     holder.children.clear()
-        for entry in scan.entries:
-            self.add(entry, scan.index, Where(where, entry.ordinal, entry.path))
+        return {
+            link.ordinal: inode
+            for link, inode in early
+            if self._quiet_lookup(link.target) is not inode
+        }
 
-    def add(self, entry: Entry, layer: int, where: Where) -> None:
+    def _quiet_lookup(self, path: bytes) -> _Dir | _Inode | None:
+        """:meth:`lookup`, ``None`` where it fails: the entry's own turn will say why."""
+        try:
+            return self.lookup(path, "")
+        except (LayerError, LimitExceeded):
+            return None
+
+    def add(
+        self, entry: Entry, layer: int, where: Where, early: Mapping[int, _Inode] | None = None
+    ) -> None:
+        """Apply one entry of ``layer`` after the layer's markers; ``early`` is what
+        :meth:`_apply_markers` found for the hard links that came before a marker."""
         if entry.kind in (Kind.WHITEOUT, Kind.OPAQUE):
             # A marker lives inside its directory, so that directory exists in this
             # layer (containerd creates it too); an opaque marker names it itself.
@@ -266,7 +306,12 @@ class _Builder:
             # only appears later in the tar is not there yet: tar order is the order.
             # Its target's parents are resolved too (umoci securejoins the link's
             # directory, not its last component: a link may name a symlink).
+            # A target that a marker later in the tar deleted was there when the
+            # link came: the link keeps it (tests/support/cases.py,
+            # hardlink_to_lower_then_whiteout_same_layer).
             found = self.lookup(entry.target, where)
+            if found is None and early:
+                found = early.get(entry.ordinal)
             if found is None:
                 raise LayerError(
                     f"{where}: hard link {entry.path!r} -> {entry.target!r}: no such file "

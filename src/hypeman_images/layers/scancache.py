@@ -55,7 +55,13 @@ from pathlib import Path
 from typing import Any
 
 from hypeman_images.errors import HypemanError, StorageError
-from hypeman_images.fsutil import TEMP_PREFIX, storage_error, write_atomic, writer_alive
+from hypeman_images.fsutil import (
+    TEMP_PREFIX,
+    allocated_bytes,
+    storage_error,
+    write_atomic,
+    writer_alive,
+)
 from hypeman_images.layers.entries import Entry, Kind, LayerScan, SparseEntry
 from hypeman_images.layers.limits import Limits
 from hypeman_images.layers.paths import clean_path
@@ -279,11 +285,12 @@ def _header(header: Any, layer: Descriptor, limits: Limits) -> dict[str, Any]:
 # The byte limits do not change what a scan holds, only whether it may be
 # used: a build lowers them to its disk's room (pipeline.build_limits), so they
 # are checked against the scan's size below instead of being part of the key.
-_BYTE_LIMITS = ("max_layer_bytes", "max_image_bytes")
+# The layer count is the image's, never one layer's.
+_NOT_SHAPING = ("max_layer_bytes", "max_image_bytes", "max_layers")
 
 
 def _shaping(limits: dict[str, Any]) -> dict[str, Any]:
-    return {name: value for name, value in limits.items() if name not in _BYTE_LIMITS}
+    return {name: value for name, value in limits.items() if name not in _NOT_SHAPING}
 
 
 def _framed(region: bytes, count: int) -> list[bytes]:
@@ -379,6 +386,9 @@ class ScanCache:
         value the format cannot hold) is logged and the build goes on.
         """
         final = self.path(layer.digest)
+        if self.root.is_symlink() or final.parent.is_symlink():
+            log.warning("scan cache: not saving %s: %s is a symlink", layer.digest, final.parent)
+            return False
         if any(isinstance(e, SparseEntry) for e in scan.entries):
             # The format has no place for a sparse map (GNU tar --sparse, rare in
             # images); such a layer is scanned again each time instead.
@@ -399,6 +409,8 @@ class ScanCache:
         return True
 
     def _files(self) -> Iterator[Path]:
+        if self.root.is_symlink():
+            return  # not ours to clean: gc deletes only inside the data dir
         with contextlib.suppress(FileNotFoundError):
             for alg_dir in sorted(self.root.iterdir()):
                 if alg_dir.is_dir() and not alg_dir.is_symlink():
@@ -435,13 +447,13 @@ class ScanCache:
 
 def _remove(path: Path) -> int:
     try:
-        size = path.lstat().st_size
+        info = path.lstat()
         path.unlink()
     except FileNotFoundError:
         return 0
     except OSError as exc:
         raise storage_error(exc, f"cannot remove {path}") from exc
-    return size
+    return allocated_bytes(info)
 
 
 __all__ = ["FORMAT_VERSION", "SCANS_DIR", "ScanCache", "decode", "encode"]

@@ -4,8 +4,11 @@ Owns the HTTP client (``client``), the registries configuration read from
 ``registries.conf`` (``config``), the transport and its TLS/plain-HTTP
 choice (``transport``, ``schemes``), the bearer/basic challenge flow
 (``auth``), credential sources (``credentials``), resumable blob downloads
-(``download``), decoding the registry's error bodies (``responses``) and
-which failures are retried, and how (``retry``) —
+(``download``), reading and resolving manifests (``manifests``), decoding
+the registry's error bodies (``responses``), which failures are retried, and
+how (``retry``), blob and manifest writes (``push``) and the referrers of a
+manifest, through the API or the tag-schema index clients keep
+(``referrers``) —
 go-containerregistry's ``remote``, ``transport`` and ``authn``.
 
 May import: ``errors``, ``fsutil``, ``oci``.

@@ -16,6 +16,12 @@ A credential with a ``registry_token`` (docker's ``RegistryToken``, given
 with an API request) is sent as ``Authorization: Bearer`` on the first try;
 a 401 then stands, with no token exchange.
 
+Credentials belong to the registry they were configured for. A ``401`` from
+another origin (scheme, host, port) — the storage a blob GET was redirected
+to — gets an anonymous token request only (its realm may be anywhere), and the
+token is sent to that origin alone, as containerd and go-containerregistry
+scope them (docs/security.md, "Credentials and redirects").
+
 The token request goes through ``send`` (the registry client's own
 ``httpx.Client``, so tests still swap one transport seam); it is not
 yielded into httpx's flow because httpx reads every yielded response whole,
@@ -130,6 +136,11 @@ def pull_scope(repository: str) -> str:
     return f"repository:{repository}:pull"
 
 
+def push_scope(repository: str) -> str:
+    """The token scope for pushing to ``repository``: a push reads back what it writes."""
+    return f"repository:{repository}:pull,push"
+
+
 class TokenCache:
     """Bearer tokens per (host, scope) until they expire, and each host's scheme.
 
@@ -216,13 +227,26 @@ class RegistryAuth(httpx.Auth):
     ) -> Generator[httpx.Request, httpx.Response, None]:
         if self._registry_token:
             request.headers["Authorization"] = f"Bearer {self._registry_token}"
-            yield request
-            return  # a 401 stands: the client explains it
+            response = yield request
+            if response.status_code == 401 and _origin(response.request.url) != _origin(
+                request.url
+            ):
+                yield from self._foreign_flow(response)
+            return  # the registry's own 401 stands: the client explains it
         host = request.url.netloc.decode("ascii")
         sent_cached = self._apply_cached(request, host)
         response = yield request
-        if response.status_code != 401:
-            return
+        if response.status_code == 401 and _origin(response.request.url) == _origin(request.url):
+            response = yield from self._own_flow(request, response, host, sent_cached)
+        if response.status_code == 401 and _origin(response.request.url) != _origin(request.url):
+            # A redirect's target challenged: none of this registry's secrets go there.
+            yield from self._foreign_flow(response)
+        # Otherwise the 401 stands; the client explains it.
+
+    def _own_flow(
+        self, request: httpx.Request, response: httpx.Response, host: str, sent_cached: bool
+    ) -> Generator[httpx.Request, httpx.Response, httpx.Response]:
+        """Answer this registry's own challenge; the response to the retry, if any."""
         if sent_cached:
             self._cache.forget(host, self.scope)
         challenges = parse_challenges(", ".join(response.headers.get_list("WWW-Authenticate")))
@@ -232,12 +256,26 @@ class RegistryAuth(httpx.Auth):
             token, lifetime = self._fetch_token(bearer)
             self._cache.put(host, self.scope, token, lifetime)
             request.headers["Authorization"] = f"Bearer {token}"
-            yield request
-        elif basic is not None and self.credential() is not None and not sent_cached:
+            return (yield request)
+        if basic is not None and self.credential() is not None and not sent_cached:
             self._cache.mark_basic(host)
             request.headers["Authorization"] = self._basic_header()
-            yield request
-        # Otherwise the 401 stands; the client explains it.
+            return (yield request)
+        return response
+
+    def _foreign_flow(
+        self, response: httpx.Response
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        """Answer another origin's bearer challenge with an anonymous token, sent there only."""
+        challenges = parse_challenges(", ".join(response.headers.get_list("WWW-Authenticate")))
+        bearer = next((c for c in challenges if c.scheme == "bearer"), None)
+        if bearer is None or "realm" not in bearer.params:
+            return  # the 401 stands; the client explains it
+        scope = bearer.params.get("scope", self.scope)
+        token, _ = self._fetch_token(bearer, foreign_scope=scope)
+        retry = response.request
+        retry.headers["Authorization"] = f"Bearer {token}"
+        yield retry
 
     def _apply_cached(self, request: httpx.Request, host: str) -> bool:
         token = self._cache.token(host, self.scope)
@@ -255,10 +293,11 @@ class RegistryAuth(httpx.Auth):
         raw = f"{credential.username}:{credential.password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
 
-    def _token_request(self, challenge: Challenge) -> httpx.Request:
+    def _token_request(
+        self, challenge: Challenge, scope: str, credential: Credential | None
+    ) -> httpx.Request:
         realm = challenge.params["realm"]
         service = challenge.params.get("service", "")
-        credential = self.credential()
         if credential is not None and credential.identity_token:
             form = {
                 "grant_type": "refresh_token",
@@ -266,26 +305,37 @@ class RegistryAuth(httpx.Auth):
                 "service": service,
                 "client_id": _CLIENT_ID,
             }
-            if self.scope:
-                form["scope"] = self.scope
+            if scope:
+                form["scope"] = scope
             return httpx.Request("POST", realm, data=form)
-        params = {k: v for k, v in (("scope", self.scope), ("service", service)) if v}
+        params = {k: v for k, v in (("scope", scope), ("service", service)) if v}
         headers = {}
         if credential is not None:
             headers["Authorization"] = self._basic_header()
             params["account"] = credential.username
         return httpx.Request("GET", realm, params=params, headers=headers)
 
-    def _fetch_token(self, challenge: Challenge) -> tuple[str, float]:
-        request = self._token_request(challenge)
+    def _fetch_token(
+        self, challenge: Challenge, *, foreign_scope: str | None = None
+    ) -> tuple[str, float]:
+        """A token from the challenge's realm, with this registry's credential; anonymous
+        for ``foreign_scope``, the scope another origin's challenge asked for."""
+        foreign = foreign_scope is not None
+        scope = foreign_scope if foreign_scope is not None else self.scope
+        request = self._token_request(challenge, scope, None if foreign else self.credential())
         realm_host = request.url.netloc.decode("ascii")
         response = self._send(request)
         try:
             log_rate_limit(response, realm_host)
+            if response.status_code in (401, 403) and foreign:
+                raise Unauthorized(
+                    f"{self.registry}: its blob storage's token server {realm_host} refused "
+                    f"anonymous access to {scope} (credentials are sent to the registry only)"
+                )
             if response.status_code in (401, 403):
                 raise self.refused(f"its token server {realm_host} refused")
             if response.status_code != 200:
-                raise error_for(response, host=realm_host, subject=f"a token for {self.scope}")
+                raise error_for(response, host=realm_host, subject=f"a token for {scope}")
             body = bytearray()
             for chunk in response.iter_bytes():
                 body += chunk
@@ -319,6 +369,11 @@ class RegistryAuth(httpx.Auth):
             hint="check them or log in again",
             api_hint="check them",
         )
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """RFC 6454 origin: scheme, host and port (the scheme's default when not given)."""
+    return url.scheme, url.host, url.port or {"http": 80, "https": 443}.get(url.scheme)
 
 
 def _scope_name(scope: str) -> str:

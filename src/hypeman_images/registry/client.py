@@ -12,7 +12,10 @@ failure into the exception tree at this boundary:
   (:mod:`.retry`, which also translates httpx's exceptions);
 * other 4xx → ``RegistryError(status, codes)`` with the registry's messages.
 
-Manifests are read with a size cap and checked against their digest here;
+Every response body is under the low-speed limit (:mod:`.speed`), and
+resolving a name under ``config.manifest_timeout`` (retries, mirrors and the
+index included). Manifests are read with a size cap and checked against
+their digest here;
 blobs are streamed raw and the caller checks them (a ``VerifyingStream``),
 while this module resumes a dropped download with ``Range`` so that the
 caller sees every byte exactly once. Mirrors configured for a registry are
@@ -24,7 +27,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -33,11 +37,8 @@ from typing import TypeVar
 import httpx
 
 from hypeman_images.errors import (
-    DigestMismatch,
     HypemanError,
-    LimitExceeded,
     NotFound,
-    RegistryError,
     TransientError,
 )
 from hypeman_images.oci.digest import Digest
@@ -45,11 +46,7 @@ from hypeman_images.oci.reference import Reference
 from hypeman_images.oci.spec import (
     ACCEPT_MANIFESTS,
     Descriptor,
-    Index,
-    Manifest,
-    Platform,
     media_type_of,
-    parse_manifest_or_index,
 )
 from hypeman_images.registry.auth import RegistryAuth, TokenCache, pull_scope
 from hypeman_images.registry.config import RegistryConfig
@@ -61,9 +58,11 @@ from hypeman_images.registry.credentials import (
     StaticCredentials,
 )
 from hypeman_images.registry.download import Download
+from hypeman_images.registry.manifests import check_manifest_digest, read_document
 from hypeman_images.registry.responses import error_for, log_rate_limit
 from hypeman_images.registry.retry import retrying, translating
 from hypeman_images.registry.schemes import Schemes
+from hypeman_images.registry.speed import SpeedLimitedTransport
 from hypeman_images.registry.transport import HostTransport
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 USER_AGENT = "hypeman-images/0.1"
 # buildkit marks attestation manifests in an index this way (platform unknown/unknown).
-_REFERENCE_TYPE = "vnd.docker.reference.type"
 _FOREIGN_TYPES = frozenset(
     {
         "application/vnd.oci.image.layer.nondistributable.v1.tar",
@@ -108,21 +106,6 @@ class Endpoint:
         return f"/v2/{repository}/{rest}"
 
 
-@dataclass(frozen=True)
-class Resolved:
-    """A reference resolved over the network.
-
-    ``reference`` carries the digest the name pointed to (the index's, for a
-    multi-platform image); ``manifest``/``fetched`` are the chosen platform's
-    image manifest, and ``index`` the index it came from, if any.
-    """
-
-    reference: Reference
-    manifest: Manifest
-    fetched: FetchedManifest
-    index: FetchedManifest | None = None
-
-
 class RegistryClient:
     """Pull manifests and blobs from Distribution API v2 registries. Thread-safe.
 
@@ -147,7 +130,11 @@ class RegistryClient:
         self._tokens = TokenCache()
         timeout = httpx.Timeout(self.config.read_timeout, connect=self.config.connect_timeout)
         self._http = httpx.Client(
-            transport=transport or HostTransport(self.config),
+            transport=SpeedLimitedTransport(
+                transport or HostTransport(self.config),
+                self.config.low_speed_limit,
+                self.config.low_speed_time,
+            ),
             timeout=timeout,
             follow_redirects=True,
             headers={"User-Agent": USER_AGENT},
@@ -240,25 +227,42 @@ class RegistryClient:
 
     # -- manifests -----------------------------------------------------------------
 
-    def get_manifest(self, ref: Reference) -> FetchedManifest:
+    def get_manifest(self, ref: Reference, deadline: float | None = None) -> FetchedManifest:
         """Fetch the manifest or index ``ref`` names, by digest if it has one, else by tag.
 
         By digest, the bytes must hash to it; by tag, the digest is computed and
         must equal ``Docker-Content-Digest`` when the registry sends one.
+        ``deadline`` (``time.monotonic()``; default ``config.manifest_timeout``
+        from now) bounds every attempt on every endpoint: past it, a
+        ``TransientError`` that is not retried.
         """
-        return self._first_success(ref, lambda endpoint: self._get_manifest(endpoint, ref))
+        if deadline is None:
+            deadline = time.monotonic() + self.config.manifest_timeout
+        return self._first_success(
+            ref, lambda endpoint: self._get_manifest(endpoint, ref, deadline)
+        )
 
-    def _get_manifest(self, endpoint: Endpoint, ref: Reference) -> FetchedManifest:
+    def _get_manifest(self, endpoint: Endpoint, ref: Reference, deadline: float) -> FetchedManifest:
         target = str(ref.digest) if ref.digest else ref.tag or "latest"
         subject = f"manifest {ref}"
         path = endpoint.path(ref.repository, f"manifests/{target}")
         headers = {"Accept": ", ".join(ACCEPT_MANIFESTS)}
 
-        def attempt() -> tuple[bytes, str | None, str | None]:
-            response = self._send(endpoint, ref, path, headers, subject)
+        def expired() -> TransientError:
+            return TransientError(
+                f"{endpoint.host}: no whole answer for {subject} within the "
+                f"{self.config.manifest_timeout:g} s manifest deadline "
+                f"(--manifest-timeout S to wait longer)"
+            )
+
+        def fetch() -> tuple[bytes, str | None, str | None]:
+            timeout = _within(deadline, self.config, expired)
+            response = self._send(endpoint, ref, path, headers, subject, timeout=timeout)
             with translating(endpoint.host, subject, self.config, self._schemes):
                 try:
-                    data = _read_document(response, subject, self.config.max_manifest_bytes)
+                    data = read_document(
+                        response, subject, self.config.max_manifest_bytes, deadline, expired
+                    )
                 finally:
                     response.close()
             return (
@@ -267,8 +271,17 @@ class RegistryClient:
                 response.headers.get("Docker-Content-Digest"),
             )
 
-        data, header_type, header_digest = retrying(attempt, self.config)
-        digest = _check_manifest_digest(data, ref, header_digest, endpoint)
+        def attempt() -> tuple[bytes, str | None, str | None]:
+            try:
+                return fetch()
+            except TransientError as exc:
+                # A timeout cut short to fit the deadline: the deadline is the cause.
+                if time.monotonic() < deadline:
+                    raise
+                raise expired() from exc
+
+        data, header_type, header_digest = retrying(attempt, self.config, deadline)
+        digest = check_manifest_digest(data, ref, header_digest, endpoint)
         limit = self.config.max_manifest_bytes
         return FetchedManifest(data, media_type_of(data, header_type, limit), digest)
 
@@ -344,6 +357,53 @@ class RegistryClient:
 
     # -- one request ---------------------------------------------------------------
 
+    def request(
+        self,
+        method: str,
+        ref: Reference,
+        url: str,
+        *,
+        scope: str,
+        subject: str,
+        headers: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        expect: Collection[int] = (),
+    ) -> httpx.Response:
+        """One request to ``ref``'s registry itself (never a mirror), authorised for ``scope``.
+
+        For callers that write (:mod:`.push`, :mod:`.referrers`): ``url`` is an
+        API path or an absolute URL the registry handed out (an upload's
+        ``Location``). A 2xx answer, or one whose status is in ``expect``, is
+        returned open (the caller closes it); anything else raises as every
+        request of this client does, transient failures retried (``content`` is
+        bytes, so a retry sends it whole again).
+        """
+        endpoint = Endpoint(ref.registry, ref.api_host)
+        auth = RegistryAuth(
+            registry=endpoint.registry,
+            scope=scope,
+            credentials=self._credentials,
+            repository=ref.repository,
+            cache=self._tokens,
+            send=self._send_token_request,
+        )
+
+        def attempt() -> httpx.Response:
+            full = url
+            if url.startswith("/"):
+                full = f"{self._schemes.scheme(endpoint.host)}://{endpoint.host}{url}"
+            request = self._http.build_request(method, full, headers=headers, content=content)
+            with translating(endpoint.host, subject, self.config, self._schemes):
+                response = self._http.send(request, auth=auth, stream=True)
+            if response.is_success or response.status_code in expect:
+                return response
+            if response.status_code in (401, 403):
+                response.close()
+                raise auth.refused()
+            raise error_for(response, host=endpoint.registry, subject=subject)
+
+        return retrying(attempt, self.config)
+
     def _send(
         self,
         endpoint: Endpoint,
@@ -353,6 +413,7 @@ class RegistryClient:
         subject: str,
         *,
         auth: RegistryAuth | None = None,
+        timeout: httpx.Timeout | None = None,
     ) -> httpx.Response:
         """One GET, auth included; a 2xx response (open, streaming) or an error.
 
@@ -378,7 +439,9 @@ class RegistryClient:
                 send=self._send_token_request,
                 registry_token=self._registry_token(endpoint.registry),
             )
-        request = self._http.build_request("GET", url, headers=headers)
+        request = self._http.build_request(
+            "GET", url, headers=headers, timeout=timeout or httpx.USE_CLIENT_DEFAULT
+        )
         with translating(endpoint.host, subject, self.config, self._schemes):
             response = self._http.send(request, auth=auth or httpx.USE_CLIENT_DEFAULT, stream=True)
         log_rate_limit(response, endpoint.host)
@@ -394,81 +457,20 @@ class RegistryClient:
         return self._http.send(request, stream=True)
 
 
-def _read_document(response: httpx.Response, subject: str, limit: int) -> bytes:
-    length = response.headers.get("Content-Length")
-    if length and length.isdigit() and int(length) > limit:
-        raise LimitExceeded(
-            f"{subject} is {length} bytes, over the {limit} byte limit for manifests"
-        )
-    data = bytearray()
-    for chunk in response.iter_bytes():
-        data += chunk
-        if len(data) > limit:
-            raise LimitExceeded(f"{subject} exceeds the {limit} byte limit for manifests")
-    return bytes(data)
-
-
-def _check_manifest_digest(
-    data: bytes, ref: Reference, header: str | None, endpoint: Endpoint
-) -> Digest:
-    if ref.digest is not None:
-        actual = Digest.of(data, ref.digest.algorithm)
-        if actual != ref.digest:
-            raise DigestMismatch(
-                f"{endpoint.host} sent a manifest for {ref} that hashes to {actual}"
-            )
-        return ref.digest
-    digest = Digest.of(data)
-    if header:
-        try:
-            claimed = Digest.parse(header.strip())
-        except HypemanError:
-            log.debug("%s: ignoring malformed Docker-Content-Digest %r", endpoint.host, header)
-            return digest
-        if Digest.of(data, claimed.algorithm) != claimed:
-            raise DigestMismatch(
-                f"{endpoint.host} sent a manifest for {ref} whose Docker-Content-Digest "
-                f"{claimed} does not match its bytes"
-            )
-    return digest
-
-
-def select_manifest(index: Index, platform: Platform) -> Descriptor:
-    """The image manifest for ``platform``, skipping attestation and unknown entries."""
-    usable = tuple(
-        d
-        for d in index.manifests
-        if d.annotations.get(_REFERENCE_TYPE) != "attestation-manifest"
-        and not (d.platform and d.platform.os == "unknown")
+def _within(
+    deadline: float, config: RegistryConfig, expired: Callable[[], TransientError]
+) -> httpx.Timeout:
+    """The timeouts of one request that must end by ``deadline``; ``expired()`` if it has passed."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise expired()
+    return httpx.Timeout(
+        min(config.read_timeout, remaining), connect=min(config.connect_timeout, remaining)
     )
-    return Index(index.media_type, usable).select(platform)
-
-
-def resolve(client: RegistryClient, ref: Reference, platform: Platform) -> Resolved:
-    """Fetch ``ref``'s manifest; through an index, pick ``platform``'s.
-
-    Raises ``PlatformNotFound`` (listing what is offered) when the index lacks it,
-    ``UnsupportedManifest`` for schema 1 and other unknown formats.
-    """
-    top = client.get_manifest(ref)
-    limit = client.config.max_manifest_bytes
-    parsed = parse_manifest_or_index(top.data, top.media_type, limit)
-    resolved = ref.with_digest(top.digest)
-    if isinstance(parsed, Manifest):
-        return Resolved(resolved, parsed, top)
-    chosen = select_manifest(parsed, platform)
-    fetched = client.get_manifest(ref.with_digest(chosen.digest))
-    manifest = parse_manifest_or_index(fetched.data, fetched.media_type, limit)
-    if not isinstance(manifest, Manifest):
-        raise RegistryError(f"{ref}: the index entry for {platform} is itself an index")
-    return Resolved(resolved, manifest, fetched, top)
 
 
 __all__ = [
     "Endpoint",
     "FetchedManifest",
     "RegistryClient",
-    "Resolved",
-    "resolve",
-    "select_manifest",
 ]

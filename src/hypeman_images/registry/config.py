@@ -8,7 +8,12 @@ containers-registries.conf(5) v2::
     certs-dirs = ["/etc/hypeman/certs.d"]          # <dir>/<host:port>/ca.crt, client.cert/key
     connect-timeout = 10                           # seconds to connect
     read-timeout = 60                              # seconds without a byte
+    low-speed-limit = 1024                         # bytes/s, below which for
+    low-speed-time = 30                            #   this many seconds a read fails
+    manifest-timeout = 60                          # seconds to resolve one name
     allow-foreign-layers = false                   # fetch non-distributable layers' URLs
+    disk-cache = "build-box:5000/hypeman/disks"     # share built disks (fleet.cache)
+    disk-cache-mode = "both"                       # pull, push or both
 
     [[registry]]
     location = "docker.io"
@@ -71,10 +76,17 @@ class RegistryConfig:
     ``resume_attempts`` bounds ``Range`` resumptions of one blob download.
     ``max_manifest_bytes`` caps manifests, indexes and configs (real ones are
     a few KiB); ``max_blob_bytes`` caps one compressed layer's declared size.
+    A response body slower than ``low_speed_limit`` bytes/s over
+    ``low_speed_time`` seconds fails as a read timeout does (:mod:`.speed`;
+    0 turns it off); ``manifest_timeout`` bounds resolving one name, retries
+    and index included.
     """
 
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    low_speed_limit: int = 1024
+    low_speed_time: float = 30.0
+    manifest_timeout: float = 60.0
     max_attempts: int = 4
     backoff_base: float = 0.5
     backoff_max: float = 10.0
@@ -89,6 +101,10 @@ class RegistryConfig:
     # Non-distributable ("foreign") layers are fetched from their descriptor's
     # urls only when allowed (OCI image-spec layer.md; containerd asks the same).
     allow_foreign_layers: bool = False
+    # The disk cache (``REGISTRY/REPOSITORY``) and its mode, as the file wrote
+    # them: the CLI parses them with its flags (fleet.cache.DiskCache.parse).
+    disk_cache: str | None = None
+    disk_cache_mode: str | None = None
 
     def mirrors_for(self, registry: str) -> tuple[Mirror, ...]:
         """The mirrors to try, in order, before ``registry`` itself."""
@@ -190,11 +206,33 @@ def _apply_conf(base: RegistryConfig, doc: Mapping[str, Any], path: Path) -> Reg
         config = replace(config, connect_timeout=_seconds(doc, "connect-timeout", path))
     if "read-timeout" in doc:
         config = replace(config, read_timeout=_seconds(doc, "read-timeout", path))
+    config = _apply_transfer_keys(config, doc, path)
     if "allow-foreign-layers" in doc:
         allow = doc["allow-foreign-layers"]
         if not isinstance(allow, bool):
             raise InvalidArgument(f"{path}: 'allow-foreign-layers' must be true or false")
         config = replace(config, allow_foreign_layers=allow)
+    for key in ("disk-cache", "disk-cache-mode"):
+        if key in doc:
+            if not isinstance(doc[key], str):
+                raise InvalidArgument(f"{path}: '{key}' must be a string")
+            config = replace(config, **{key.replace("-", "_"): doc[key]})
+    return config
+
+
+def _apply_transfer_keys(
+    config: RegistryConfig, doc: Mapping[str, Any], path: Path
+) -> RegistryConfig:
+    """The low-speed limit and the manifest deadline, if the file sets them."""
+    if "low-speed-limit" in doc:
+        limit = doc["low-speed-limit"]
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise InvalidArgument(f"{path}: 'low-speed-limit' must be bytes per second (0: off)")
+        config = replace(config, low_speed_limit=limit)
+    if "low-speed-time" in doc:
+        config = replace(config, low_speed_time=_seconds(doc, "low-speed-time", path))
+    if "manifest-timeout" in doc:
+        config = replace(config, manifest_timeout=_seconds(doc, "manifest-timeout", path))
     return config
 
 

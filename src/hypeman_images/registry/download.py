@@ -4,7 +4,8 @@ A registry (or the storage it redirects to) may cut a long download; the
 client resumes it with ``Range: bytes=N-`` (RFC 9110 §14.2) so that the
 caller sees every byte exactly once and its digest check still holds. A
 server that ignores Range answers 200: the bytes already delivered are then
-skipped. Resumptions are bounded by ``RegistryConfig.resume_attempts``.
+skipped. Resumptions are bounded by ``RegistryConfig.resume_attempts``; a
+connection slower than the low-speed limit (:mod:`.speed`) counts as dropped.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import httpx
 
 from hypeman_images.errors import RegistryError, TransientError
 from hypeman_images.registry.config import RegistryConfig
+from hypeman_images.registry.speed import TooSlow
 
 log = logging.getLogger(__name__)
+_SLOW_HINT = " (too slow: --low-speed-limit BYTES and --low-speed-time S set the limit)"
 
 
 class Download:
@@ -61,9 +64,10 @@ class Download:
             self.close()
             resumes += 1
             if resumes > self._config.resume_attempts:
+                hint = _SLOW_HINT if isinstance(cause, TooSlow) else ""
                 raise TransientError(
                     f"{self._subject}: download kept failing, gave up after "
-                    f"{self._config.resume_attempts} resumptions: {cause}"
+                    f"{self._config.resume_attempts} resumptions: {cause}{hint}"
                 ) from cause
             log.info("%s: resuming at byte %d after: %s", self._subject, offset, cause)
             self._response = self._resume(offset)

@@ -14,7 +14,13 @@ import time
 
 import httpx
 
-from hypeman_images.errors import HypemanError, NotFound, RateLimited, RegistryError, TransientError
+from hypeman_images.errors import (
+    HypemanError,
+    NotFound,
+    RateLimited,
+    RegistryError,
+    TransientError,
+)
 
 log = logging.getLogger(__name__)
 

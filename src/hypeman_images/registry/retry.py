@@ -7,7 +7,8 @@ help); timeouts and dropped or refused connections are a
 :class:`TransientError`. Only :class:`TransientError` is retried (5xx
 responses become one in :mod:`.responses`; 429 is ``RateLimited``, never
 retried), up to ``config.max_attempts`` times with full-jitter exponential
-backoff.
+backoff, and never past a caller's deadline. A body slower than the
+low-speed limit (:class:`.speed.TooSlow`) is a read timeout that names its flags.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import httpx
 from hypeman_images.errors import RegistryError, TransientError
 from hypeman_images.registry.config import RegistryConfig
 from hypeman_images.registry.schemes import Schemes
+from hypeman_images.registry.speed import TooSlow
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,11 @@ def translating(
                 f"while fetching {subject}",
                 hint="--connect-timeout S to wait longer",
             ) from exc
+        if isinstance(exc, TooSlow):
+            raise TransientError(
+                f"{host}: too slow: {exc} while fetching {subject} "
+                f"(--low-speed-limit BYTES and --low-speed-time S set the limit)"
+            ) from exc
         if isinstance(exc, httpx.ReadTimeout):
             raise TransientError(
                 f"{host}: read timed out: nothing received for "
@@ -88,22 +95,27 @@ def translating(
         ) from exc
 
 
-def retrying(call: Callable[[], T], config: RegistryConfig) -> T:
-    """Run ``call``, retrying ``TransientError`` with backoff; nothing else is retried."""
+def retrying(call: Callable[[], T], config: RegistryConfig, deadline: float | None = None) -> T:
+    """Run ``call``, retrying ``TransientError`` with backoff; nothing else is retried.
+
+    No attempt starts after ``deadline`` (``time.monotonic()``), if given.
+    """
     attempts = max(1, config.max_attempts)
     for attempt in range(1, attempts + 1):
         try:
             return call()
         except TransientError as exc:
-            if attempt == attempts:
+            delay = backoff(attempt, config)
+            if attempt == attempts or (
+                deadline is not None and time.monotonic() + delay >= deadline
+            ):
                 raise TransientError(
-                    f"{exc.detail} (gave up after {attempts} attempts)",
+                    f"{exc.detail} (gave up after {attempt} attempts)",
                     exc.status,
                     exc.codes,
                     hint=exc.hint,
                     api_hint=exc.api_hint,
                 ) from exc
-            delay = backoff(attempt, config)
             log.info("%s; retrying in %.1f s (%d/%d)", exc, delay, attempt, attempts)
             time.sleep(delay)
     raise AssertionError("unreachable")

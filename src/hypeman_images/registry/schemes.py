@@ -105,12 +105,14 @@ class Schemes:
         except httpx.TransportError as exc:
             raise TransientError(
                 f"{host}: cannot connect over HTTPS ({self._describe(https_error)}) "
-                f"or plain HTTP ({self._describe(exc)})"
+                f"or plain HTTP ({self._describe(exc)})",
+                hint=_timeout_hint(https_error, exc),
             ) from exc
         if status not in _REGISTRY_PING_STATUSES:
             raise TransientError(
                 f"{host}: cannot connect over HTTPS ({self._describe(https_error)}), "
-                f"and plain HTTP answered GET /v2/ with {status}, not as a registry"
+                f"and plain HTTP answered GET /v2/ with {status}, not as a registry",
+                hint=_timeout_hint(https_error),
             )
         log.info(
             "%s: insecure registry, HTTPS unreachable (%s); using plain HTTP",
@@ -120,6 +122,7 @@ class Schemes:
         return "http"
 
     def _describe(self, exc: httpx.TransportError) -> str:
+        """What went wrong; a connect timeout says so, and the setting's value."""
         if isinstance(exc, httpx.ConnectTimeout):
             # The setting's name, so a user on a slow link knows what to raise.
             return f"connect timed out after {self._config.connect_timeout:g} s (connect timeout)"
@@ -150,6 +153,13 @@ def _tls_failure(exc: BaseException) -> str | None:
             return "connection reset during the handshake"
         seen.add(id(current))
         current = current.__cause__ or current.__context__
+    return None
+
+
+def _timeout_hint(*errors: httpx.TransportError) -> str | None:
+    """The CLI's advice when a connection timed out: the flag that waits longer."""
+    if any(isinstance(e, httpx.ConnectTimeout) for e in errors):
+        return "--connect-timeout S to wait longer"
     return None
 
 

@@ -8,16 +8,18 @@
     DELETE /images/{name}      → 204           409 while it builds
     POST   /images/{name}/tag  {"target"} → 200 Image   409 until it is ready
     GET    /capabilities       → 200 the images part of hypeman's capabilities
-    GET    /healthz            → 200 {"status": "ok"}
+    GET    /healthz, /health   → 200 {"status": "ok"}
     GET    /metrics            → Prometheus text
     GET    /openapi.json       → this API's OpenAPI document (kept in docs/openapi.json)
 
 Errors are ``{"code", "message"}`` (and ``details`` for a malformed body)
 with the status the exception class names (:mod:`hypeman_images.errors`);
 this is the one place that maps them, and it gives the API's advice
-(``api_message``), never the CLI's. With a token configured, every route but
-``/healthz`` and ``/openapi.json`` wants ``Authorization: Bearer``
-(:mod:`.auth`). The routes are in :mod:`.routes`, the bodies in :mod:`.models`.
+(``api_message``), never the CLI's. With a token configured, every path but
+``/healthz`` and ``/health`` wants ``Authorization: Bearer`` (:mod:`.auth`),
+checked with the ``Host``, the body's size and its deadline before the body
+is read (:mod:`.limits`). The routes are in :mod:`.routes`, the bodies in
+:mod:`.models`; registry-bound calls run on a pool of their own (:mod:`.offload`).
 
 ``python -m hypeman_images.service.api`` prints the OpenAPI document.
 """
@@ -27,6 +29,8 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +43,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hypeman_images import __version__
 from hypeman_images.build.manager import ImageManager
 from hypeman_images.errors import HypemanError, RateLimited
-from hypeman_images.service.auth import Unauthenticated, bearer_auth
+from hypeman_images.service.auth import WWW_AUTHENTICATE, Unauthenticated, bearer_auth
+from hypeman_images.service.limits import RequestGuard, ServiceLimits
+from hypeman_images.service.offload import Offload
 from hypeman_images.service.routes import add_image_routes, add_service_routes
 
 DESCRIPTION = (
@@ -50,9 +56,31 @@ DESCRIPTION = (
 )
 
 
-def create_app(manager: ImageManager, *, token: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``manager``; ``token`` turns on bearer authentication."""
-    app = FastAPI(title="hypeman-images", version=__version__, description=DESCRIPTION)
+def create_app(
+    manager: ImageManager,
+    *,
+    token: str | None = None,
+    limits: ServiceLimits | None = None,
+    hosts: frozenset[str] | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``manager``.
+
+    ``token`` turns on bearer authentication; ``limits`` bound request bodies
+    (default :class:`ServiceLimits`); ``hosts`` is the ``Host`` allow-list
+    (None: any Host, as for a caller that checks it itself).
+    """
+    pool = Offload()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        pool.close()
+
+    app = FastAPI(
+        title="hypeman-images", version=__version__, description=DESCRIPTION, lifespan=lifespan
+    )
+    app.state.offload = pool
+    app.add_middleware(RequestGuard, token=token, limits=limits or ServiceLimits(), hosts=hosts)
     auth = bearer_auth(token)
     _add_error_handlers(app)
     add_image_routes(app, manager, auth)
@@ -90,7 +118,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             401,
             "unauthorized",
             "missing or invalid bearer token",
-            {"WWW-Authenticate": 'Bearer realm="hypeman-images"'},
+            {"WWW-Authenticate": WWW_AUTHENTICATE},
         )
 
     @app.exception_handler(RequestValidationError)

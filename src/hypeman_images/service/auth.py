@@ -1,9 +1,12 @@
 """The API's own bearer token (``serve --token-file``), not a registry's credentials.
 
-With a token configured, every route but ``/healthz`` and ``/openapi.json``
-depends on :func:`bearer_auth`'s check, which compares in constant time
-(``hmac.compare_digest``) and raises :class:`Unauthenticated` on a missing or
-wrong token; the app answers that with 401 and ``WWW-Authenticate``.
+With a token configured, every path but ``/healthz`` and ``/health`` needs
+it, the API's documents (``/openapi.json``, ``/docs``, ``/redoc``) and unknown
+paths included. :class:`~.limits.RequestGuard` checks it from the request head,
+before any body is read; the routes also depend on :func:`bearer_auth`'s
+check, which declares the scheme in the OpenAPI document. Both compare in
+constant time (:func:`bearer_matches`); a missing or wrong token is a 401
+with ``WWW-Authenticate``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Annotated, Any
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+WWW_AUTHENTICATE = 'Bearer realm="hypeman-images"'
+
 # A stateless declaration (it only reads the header); module level so that FastAPI
 # can resolve the annotation that names it.
 _BEARER = HTTPBearer(auto_error=False, description="The token from `serve --token-file`")
@@ -22,6 +27,14 @@ _BEARER = HTTPBearer(auto_error=False, description="The token from `serve --toke
 
 class Unauthenticated(Exception):
     """The API's own bearer token is missing or wrong (not a registry's refusal)."""
+
+
+def bearer_matches(expected: bytes, authorization: str | None) -> bool:
+    """True if an ``Authorization`` header value is ``Bearer <expected>`` (constant time)."""
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer":
+        given = ""
+    return hmac.compare_digest(given.encode(), expected)
 
 
 def bearer_auth(token: str | None) -> list[Any]:

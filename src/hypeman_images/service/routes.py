@@ -2,7 +2,8 @@
 
 Endpoints are plain ``def``: FastAPI runs them on its threadpool, where the
 manager's blocking calls belong. The order routes are added in is the order
-of the paths in the OpenAPI document.
+of the paths in the OpenAPI document. ``POST /images`` waits on the registry,
+so it runs on a pool of its own instead (:mod:`.offload`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from hypeman_images.service.models import (
     TagImageRequest,
     image_model,
 )
+from hypeman_images.service.offload import offload
 
 # hypeman's list filter: ``tags`` as an OpenAPI deepObject, ``?tags[team]=a&tags[env]=b``,
 # which is how its SDK encodes a map (hypeman/_qs.py, nested_format "brackets").
@@ -55,11 +57,16 @@ def add_image_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> No
         dependencies=auth,
         responses=_responses(400, 401, 404, 409, 424, 429, 502),
         summary="Pull and convert an image (returns at once)",
+        operation_id="createImage",
     )
-    def create_image(body: CreateImageRequest) -> ImageModel:
+    async def create_image(body: CreateImageRequest) -> ImageModel:
         credentials = body.credentials.credential() if body.credentials else None
-        image = manager.create(
-            body.name, platform=body.platform, labels=body.tags, credentials=credentials
+        image = await offload(app).run(
+            manager.create,
+            body.name,
+            platform=body.platform,
+            labels=body.tags,
+            credentials=credentials,
         )
         return image_model(image)
 
@@ -69,6 +76,7 @@ def add_image_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> No
         dependencies=auth,
         responses=_responses(400, 401),
         summary="List images",
+        operation_id="listImages",
         openapi_extra={"parameters": [_TAGS_PARAMETER]},
     )
     def list_images(request: Request) -> list[ImageModel]:
@@ -83,6 +91,7 @@ def add_image_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> No
         dependencies=auth,
         responses=_responses(400, 401, 404),
         summary="Get an image by tag or digest reference, or image ID",
+        operation_id="getImage",
     )
     def get_image(name: str) -> ImageModel:
         return image_model(manager.get(name))
@@ -93,6 +102,7 @@ def add_image_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> No
         dependencies=auth,
         responses=_responses(400, 401, 404, 409),
         summary="Delete an image by tag (its disk goes with the last tag), digest or ID",
+        operation_id="deleteImage",
     )
     def delete_image(name: str) -> Response:
         manager.delete(name)
@@ -104,6 +114,7 @@ def add_image_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> No
         dependencies=auth,
         responses=_responses(400, 401, 404, 409),
         summary="Create or move a local tag to a ready image, without pulling",
+        operation_id="tagImage",
     )
     def tag_image(name: str, body: TagImageRequest) -> ImageModel:
         return image_model(manager.tag(name, body.target))
@@ -134,6 +145,7 @@ def add_service_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> 
         dependencies=auth,
         responses=_responses(401),
         summary="What this server can do: the images part of hypeman's capabilities",
+        operation_id="getCapabilities",
     )
     def capabilities() -> Capabilities:
         host = Platform.host()
@@ -149,6 +161,12 @@ def add_service_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> 
         )
 
     @app.get("/healthz", response_model=Health, summary="Liveness")
+    @app.get(
+        "/health",
+        response_model=Health,
+        summary="Liveness (hypeman's path)",
+        operation_id="getHealth",
+    )
     def healthz() -> Health:
         return Health(status="ok")
 

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,9 @@ from typing import Any, BinaryIO
 from hypeman_images.errors import DigestMismatch, HypemanError, NotFound
 from hypeman_images.fsutil import (
     TEMP_PREFIX,
+    allocated_bytes,
     atomic_writer,
+    own_directory,
     start_writeback,
     storage_error,
     write_atomic,
@@ -30,6 +33,7 @@ from hypeman_images.fsutil import (
 )
 from hypeman_images.oci.digest import Digest, VerifyingStream
 from hypeman_images.oci.spec import OCI_INDEX, Descriptor
+from hypeman_images.store.access import BLOB_MODE, FILE_MODE
 from hypeman_images.store.feeds import LayerFeeds
 
 log = logging.getLogger(__name__)
@@ -53,7 +57,9 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         try:
-            (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+            root.parent.mkdir(parents=True, exist_ok=True)
+            for directory in (root, root / "blobs", root / "blobs" / "sha256"):
+                own_directory(directory)  # never a symlink: gc deletes in them
             if not (root / "oci-layout").exists():
                 write_atomic(root / "oci-layout", LAYOUT_VERSION)
             if not (root / "index.json").exists():
@@ -97,13 +103,10 @@ class BlobStore:
         """
         final = self.path(descriptor.digest)
         stream = VerifyingStream(chunks, descriptor.digest, descriptor.size)
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise storage_error(exc, f"cannot store blob {descriptor.digest}") from exc
+        own_directory(final.parent)
         unsynced = written = 0
         digest = descriptor.digest
-        with atomic_writer(final, mode=0o444) as handle:
+        with atomic_writer(final, mode=BLOB_MODE) as handle:
             if feeds is not None:
                 feeds.begin(digest, Path(handle.name))
             for chunk in stream:
@@ -137,24 +140,37 @@ class BlobStore:
             self.path(digest).unlink(missing_ok=True)
             raise DigestMismatch(f"cached blob {digest} is corrupt and was removed; pull again")
 
+    def _alg_dirs(self) -> Iterator[Path]:
+        """``blobs/<algorithm>`` directories; a symlink or a file there is not one of ours."""
+        for alg_dir in sorted((self.root / "blobs").iterdir()):
+            if alg_dir.is_dir() and not alg_dir.is_symlink():
+                yield alg_dir
+
     def _temp_files(self) -> Iterator[Path]:
-        for alg_dir in (self.root / "blobs").iterdir():
+        for alg_dir in self._alg_dirs():
             yield from (p for p in alg_dir.iterdir() if p.name.startswith(TEMP_PREFIX))
 
     def digests(self) -> Iterator[Digest]:
-        """Every blob in the cache."""
-        base = self.root / "blobs"
-        for alg_dir in sorted(base.iterdir()):
-            for blob in sorted(alg_dir.iterdir()):
-                if not blob.name.startswith(TEMP_PREFIX):
-                    yield Digest(alg_dir.name, blob.name)
+        """Every blob in the cache: regular files named by their digest, nothing else.
+
+        What gc may delete, so a name that is not a digest of its directory's
+        algorithm, a symlink or a directory is never counted as a blob.
+        """
+        for alg_dir in self._alg_dirs():
+            with os.scandir(alg_dir) as entries:
+                names = sorted(e.name for e in entries if e.is_file(follow_symlinks=False))
+            for name in names:
+                try:
+                    yield Digest.parse(f"{alg_dir.name}:{name}")
+                except HypemanError:
+                    continue  # not ours: left alone
 
     # index.json: the manifests images were pulled as, so the cache is a valid
     # layout that skopeo and umoci can read (`oci:<cache>:<ref>`).
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with open(self.root / ".lock", "a+b") as lock:
+        with open(self.root / ".lock", "a+b", opener=_private) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -202,8 +218,9 @@ class BlobStore:
         for stale in list(self._temp_files()):
             if not writer_alive(stale.name):
                 with contextlib.suppress(FileNotFoundError):
-                    freed += stale.stat().st_size
+                    info = stale.lstat()
                     stale.unlink()
+                    freed += allocated_bytes(info)
         return freed
 
     def gc(self, keep: set[Digest]) -> GcResult:
@@ -215,8 +232,9 @@ class BlobStore:
                     continue
                 path = self.path(digest)
                 with contextlib.suppress(FileNotFoundError):
-                    freed += path.stat().st_size
+                    info = path.lstat()
                     path.unlink()
+                    freed += allocated_bytes(info)
                     removed += 1
             freed += self.sweep_ingest()
             manifests = self._read_index()
@@ -231,3 +249,8 @@ def _digest_in(entry: dict[str, Any], keep: set[Digest]) -> bool:
         return Digest.parse(str(entry.get("digest"))) in keep
     except HypemanError:
         return False
+
+
+def _private(path: str, flags: int) -> int:
+    """``open``'s opener for files made in the cache: never readable by others."""
+    return os.open(path, flags, FILE_MODE)

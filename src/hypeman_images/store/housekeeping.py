@@ -12,22 +12,31 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from hypeman_images.errors import HypemanError
-from hypeman_images.fsutil import TEMP_PREFIX, storage_error, writer_alive
-from hypeman_images.oci.digest import Digest
+from hypeman_images.fsutil import (
+    TEMP_PREFIX,
+    discard,
+    process_alive,
+    quarantine,
+    storage_error,
+    writer_alive,
+)
+from hypeman_images.oci.digest import SHA256_HEX, Digest
 from hypeman_images.store.images import (
+    DELETING_PREFIX,
     DISK_NAME,
     LOCK_NAME,
     METADATA_NAME,
     ImageRecord,
     ImageStatus,
+    ImageStore,
+    StoredImage,
     digest_dirs,
     read_record,
-    tree_size,
 )
 
 
@@ -39,14 +48,40 @@ def build_dirs(root: Path) -> Iterator[tuple[Path, str]]:
 
 
 def remove_dangling_tags(root: Path) -> None:
-    """Tag links whose build directory is gone (e.g. a failed rebuild that gc removed)."""
+    """Tag links whose build directory is gone (e.g. a failed rebuild that gc removed).
+
+    Only links that look like tags (a digest's hex) are touched, and the walk
+    enters neither build directories nor leftovers, whatever their depth.
+    """
     for top, dirs, files in os.walk(root):
         for name in [*dirs, *files]:
             path = Path(top) / name
             if name.startswith(TEMP_PREFIX) or not path.is_symlink() or path.exists():
                 continue
-            path.unlink(missing_ok=True)
-        dirs[:] = [d for d in dirs if not (Path(top) / d).is_symlink()]
+            with contextlib.suppress(OSError):
+                if SHA256_HEX.fullmatch(os.readlink(path)):
+                    path.unlink()
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith((TEMP_PREFIX, DELETING_PREFIX))
+            and not SHA256_HEX.fullmatch(d)
+            and not (Path(top) / d).is_symlink()
+        ]
+
+
+def quarantine_unreadable(store: ImageStore) -> None:
+    """Move each idle build dir whose ``metadata.json`` cannot be read to the quarantine.
+
+    Nothing can resume or show such a build, and it must not stop recovery
+    (docs/security.md, "Deep trees and leftovers"); it is kept for a person to read.
+    """
+    for directory, repository in build_dirs(store.root):
+        if read_record(directory) is not None or not (directory / METADATA_NAME).exists():
+            continue
+        with idle_lock(directory) as free:
+            if free:
+                quarantine(directory, store.quarantine, f"{repository}/{directory.name}")
 
 
 @contextlib.contextmanager
@@ -76,11 +111,12 @@ def idle_lock(directory: Path) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def sweep_build_dir(directory: Path) -> int:
+def sweep_build_dir(directory: Path, quarantine: Path | None = None) -> int:
     """Remove everything but the disk, the record and the lock from an idle build dir.
 
     What else is there was left by a dead build: mke2fs's temp disk
     (``.rootfs.ext4.*.tmp``), the fallback's staging dir, metadata temp files.
+    What cannot be removed is logged and moved to ``quarantine``. Bytes freed.
     """
     freed = 0
     for entry in directory.iterdir():
@@ -88,12 +124,48 @@ def sweep_build_dir(directory: Path) -> int:
             continue
         if entry.name.startswith(TEMP_PREFIX) and writer_alive(entry.name):
             continue
-        freed += tree_size(entry)
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        label = f"{directory.parent.name}/{directory.name}/{entry.name}"
+        freed += discard(entry, quarantine, label)
     return freed
+
+
+INTERRUPTED = (
+    "interrupted: the process that was building it ended before it finished; "
+    "pull it again (serve resumes it when it starts), or gc removes it"
+)
+
+
+def writer_gone(record: ImageRecord) -> bool:
+    """A queued or running record whose writing process is gone (or unknown: older records)."""
+    return record.status.active and (record.writer is None or not process_alive(record.writer))
+
+
+def abandoned(record: ImageRecord | None) -> bool:
+    """What gc removes from an idle build dir: no readable record, failed, or interrupted."""
+    return record is None or record.status is ImageStatus.FAILED or writer_gone(record)
+
+
+def interrupted(directory: Path, record: ImageRecord) -> bool:
+    """Is ``record`` a build nobody will finish: writer gone and build lock free?"""
+    if not writer_gone(record):
+        return False
+    try:
+        with idle_lock(directory) as free:
+            return free
+    except HypemanError:
+        return False  # cannot tell (e.g. no permission to open the lock): as recorded
+
+
+def settled(stored: StoredImage) -> StoredImage:
+    """``stored`` as it is: an interrupted build shows as failed with :data:`INTERRUPTED`.
+
+    Only the view changes; the record stays, for ``serve``'s recovery to resume
+    (docs/security.md, "Interrupted builds").
+    """
+    if not interrupted(stored.directory, stored.record):
+        return stored
+    record = replace(stored.record, status=ImageStatus.FAILED, error=INTERRUPTED)
+    return replace(stored, record=record)
 
 
 def blobs_needed(record: ImageRecord | None) -> set[Digest]:
@@ -113,11 +185,16 @@ def blobs_needed(record: ImageRecord | None) -> set[Digest]:
 
 
 __all__ = [
+    "INTERRUPTED",
+    "abandoned",
     "blobs_needed",
     "build_dirs",
     "idle_lock",
+    "interrupted",
+    "quarantine_unreadable",
     "read_record",
     "remove_dangling_tags",
+    "settled",
     "sweep_build_dir",
-    "tree_size",
+    "writer_gone",
 ]

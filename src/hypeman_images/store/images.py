@@ -15,23 +15,22 @@ scanning, so a crash leaves nothing that the next start cannot understand.
 from __future__ import annotations
 
 import contextlib
-import enum
 import fcntl
-import json
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-from hypeman_images.errors import InvalidReference, NotFound
+from hypeman_images.errors import InvalidReference, NotFound, StorageError
 from hypeman_images.fsutil import (
+    FILE_MODE,
     TEMP_PREFIX,
     atomic_writer,
+    discard,
+    own_directory,
+    process_id,
     replace_symlink,
     storage_error,
     temp_name,
@@ -40,6 +39,7 @@ from hypeman_images.fsutil import (
 from hypeman_images.oci.digest import SHA256_HEX, Digest
 from hypeman_images.oci.reference import Reference
 from hypeman_images.oci.spec import Platform
+from hypeman_images.store.record import ImageRecord, ImageStatus, now
 
 log = logging.getLogger(__name__)
 
@@ -47,99 +47,8 @@ DISK_NAME = "rootfs.ext4"
 METADATA_NAME = "metadata.json"
 LOCK_NAME = ".lock"
 DELETING_PREFIX = ".deleting-"
-
-
-class ImageStatus(enum.StrEnum):
-    """Where a build is: ``pending → pulling → converting → ready | failed``."""
-
-    PENDING = "pending"
-    PULLING = "pulling"
-    CONVERTING = "converting"
-    READY = "ready"
-    FAILED = "failed"
-
-    @property
-    def active(self) -> bool:
-        """True while a build is queued or running."""
-        return self in (ImageStatus.PENDING, ImageStatus.PULLING, ImageStatus.CONVERTING)
-
-
-def now() -> str:
-    """The current time as RFC 3339 UTC, as metadata records it."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """The contents of ``metadata.json``: one image digest of one repository.
-
-    ``tags`` are the user's labels (hypeman's ``Tags``: key/value pairs given
-    when the image was asked for), not the image config's ``labels`` and not
-    the local tag names, which are the tag links (:attr:`StoredImage.tags`).
-    ``borrowed_credentials``: the build was asked for with credentials that
-    only its request held, so a crash cannot resume its pull
-    (:func:`~hypeman_images.build.maintenance.recover_builds`).
-    """
-
-    name: str
-    digest: str
-    status: ImageStatus
-    created_at: str
-    error: str | None = None
-    size_bytes: int | None = None
-    content_bytes: int | None = None
-    disk_sha256: str | None = None
-    entrypoint: list[str] | None = None
-    cmd: list[str] | None = None
-    env: list[str] = field(default_factory=list)
-    working_dir: str = ""
-    user: str = ""
-    exposed_ports: list[str] = field(default_factory=list)
-    volumes: list[str] = field(default_factory=list)
-    labels: dict[str, str] = field(default_factory=dict)
-    stop_signal: str | None = None
-    platform: str | None = None
-    config_digest: str | None = None
-    manifest_media_type: str | None = None
-    layers: list[str] = field(default_factory=list)
-    image_created: str | None = None
-    tool_versions: dict[str, str] = field(default_factory=dict)
-    free_space_bytes: int | None = None
-    index_digest: str | None = None
-    updated_at: str | None = None
-    # Tags besides ``name`` that asked for this digest while it was being built,
-    # so that a build recovered after a crash sets them too; cleared once set.
-    pending_tags: list[str] = field(default_factory=list)
-    tags: dict[str, str] = field(default_factory=dict)
-    borrowed_credentials: bool = False
-
-    def to_json(self) -> bytes:
-        """Canonical JSON bytes for metadata.json."""
-        doc = asdict(self)
-        doc["status"] = str(self.status)
-        return json.dumps(doc, indent=2, sort_keys=False).encode() + b"\n"
-
-    @classmethod
-    def from_json(cls, data: bytes) -> ImageRecord:
-        """Parse metadata.json, ignoring fields a newer version may have added.
-
-        A ``tags`` list is the older meaning of the key, the local tag names:
-        those are the tag links, so it reads as no labels and the record is
-        used as it is (no rewrite, no rebuild; tests/store/test_images.py).
-        """
-        doc: dict[str, Any] = json.loads(data)
-        known = {f for f in cls.__dataclass_fields__}
-        doc = {k: v for k, v in doc.items() if k in known}
-        doc["status"] = ImageStatus(doc["status"])
-        labels = doc.get("tags")
-        doc["tags"] = (
-            {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
-        )
-        return cls(**doc)
-
-    def evolve(self, **changes: Any) -> ImageRecord:
-        """A copy with ``changes`` and a fresh ``updated_at``."""
-        return replace(self, updated_at=now(), **changes)
+# Beside ``images/`` in the data dir: what recovery could neither use nor remove.
+QUARANTINE_NAME = "quarantine"
 
 
 @dataclass(frozen=True)
@@ -166,12 +75,14 @@ class ImageStore:
         """``on_temp_written`` is called with each record once its temp file is written
         and flushed, before the rename that publishes it (the crash tests' hook)."""
         self.root = root
+        self.quarantine = root.parent / QUARANTINE_NAME
         self._on_temp_written = on_temp_written
         self._records = threading.Lock()  # record writes of this process, one at a time
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            root.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise storage_error(exc, f"cannot create the image store at {root}") from exc
+        own_directory(root)  # never a symlink: disks would be written through it
 
     # Paths. Registry and repository come from a parsed Reference, whose grammar
     # admits no '..', no empty component and no absolute path, so joining is safe.
@@ -186,6 +97,7 @@ class ImageStore:
         would delete the other).
         """
         path = self.root / ref.registry
+        _not_a_link(path)
         for component in ref.repository.split("/"):
             if SHA256_HEX.fullmatch(component):
                 raise InvalidReference(
@@ -193,16 +105,19 @@ class ImageStore:
                     "beside digest directories"
                 )
             path = path / component
-            if path.is_symlink():
+            if path.is_symlink() and SHA256_HEX.fullmatch(os.readlink(path)):
                 raise InvalidReference(
                     f"repository {ref.name} collides with the local tag {path.name!r} of "
                     f"{path.parent.relative_to(self.root).as_posix()}; remove that tag first"
                 )
+            _not_a_link(path)
         return path
 
     def digest_dir(self, ref: Reference, digest: Digest) -> Path:
         """``images/<registry>/<repository>/<digest-hex>``."""
-        return self.repo_dir(ref) / digest.encoded
+        path = self.repo_dir(ref) / digest.encoded
+        _not_a_link(path)
+        return path
 
     def _tag_link(self, ref: Reference) -> Path:
         assert ref.tag is not None
@@ -270,6 +185,9 @@ class ImageStore:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise storage_error(exc, f"cannot create {directory}") from exc
+        writer = process_id() if record.status.active else None
+        if record.writer != writer:
+            record = replace(record, writer=writer)
         with atomic_writer(directory / METADATA_NAME) as handle:
             handle.write(record.to_json())
             if self._on_temp_written is not None:
@@ -283,7 +201,9 @@ class ImageStore:
         while True:
             try:
                 directory.mkdir(parents=True, exist_ok=True)
-                fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = os.open(
+                    directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE
+                )
             except OSError as exc:
                 raise storage_error(exc, f"cannot lock {directory}") from exc
             with open(fd, "a+b") as handle:
@@ -395,21 +315,28 @@ class ImageStore:
         removed.append(f"{stored.repository}@{stored.record.digest}")
         return removed
 
-    def remove_directory(self, directory: Path) -> None:
-        """Make a digest directory vanish atomically, then delete it."""
+    def remove_directory(self, directory: Path) -> int:
+        """Make a digest directory vanish atomically, then delete it; return bytes freed.
+
+        What cannot be deleted is logged and left under its ``.deleting-`` name
+        for the next :meth:`sweep`.
+        """
         doomed = directory.with_name(f"{DELETING_PREFIX}{temp_name(directory).name}")
         try:
             os.replace(directory, doomed)
         except FileNotFoundError:
-            return
+            return 0
         except OSError as exc:
             raise storage_error(exc, f"cannot remove {directory}") from exc
-        shutil.rmtree(doomed, ignore_errors=True)
+        return discard(doomed, None, "")
 
     def sweep(self) -> int:
         """Remove leftovers of interrupted work: temp files, half-deleted directories.
 
-        Returns bytes freed. Only files whose writer is gone are touched.
+        Returns bytes freed. Only files whose writer is gone are touched; one
+        that cannot be removed goes to the quarantine. The walk never enters a
+        leftover or a digest directory's subdirectories: a leftover may be a
+        staged tree of any depth (docs/security.md, "Deep trees and leftovers").
         """
         freed = 0
         for top, dirs, files in os.walk(self.root):
@@ -417,12 +344,13 @@ class ImageStore:
                 if not name.startswith((TEMP_PREFIX, DELETING_PREFIX)) or writer_alive(name):
                     continue
                 path = Path(top) / name
-                freed += tree_size(path)
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-            dirs[:] = [d for d in dirs if not d.startswith((TEMP_PREFIX, DELETING_PREFIX))]
+                freed += discard(path, self.quarantine, path.relative_to(self.root).as_posix())
+            inside_build = SHA256_HEX.fullmatch(os.path.basename(top)) is not None
+            dirs[:] = [
+                d
+                for d in dirs
+                if not inside_build and not d.startswith((TEMP_PREFIX, DELETING_PREFIX))
+            ]
         return freed
 
 
@@ -460,19 +388,14 @@ def digest_dirs(root: Path) -> Iterator[Path]:
         dirs[:] = keep
 
 
-def tree_size(path: Path) -> int:
-    """Bytes of the files at or under ``path``; what vanishes counts as nothing."""
-    try:
-        if path.is_symlink() or not path.is_dir():
-            return path.lstat().st_size
-    except FileNotFoundError:
-        return 0
-    total = 0
-    for top, _, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(FileNotFoundError):
-                total += (Path(top) / name).lstat().st_size
-    return total
+def _not_a_link(path: Path) -> None:
+    """Refuse a symlink where the layout has a directory (docs/security.md, "Symlinks in the
+    data dir"); a missing one is made later, by ``mkdir``, as a real directory."""
+    if path.is_symlink():
+        raise StorageError(
+            f"{path} is a symlink; the image store does not follow links in its own "
+            "directories (disks would land outside the data dir): replace it with a directory"
+        )
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -491,5 +414,4 @@ __all__ = [
     "digest_dirs",
     "now",
     "read_record",
-    "tree_size",
 ]

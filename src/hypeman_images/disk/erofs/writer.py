@@ -1,0 +1,274 @@
+"""Write an EROFS image from a stream of entries: :class:`ErofsWriter`.
+
+Layout of the image (``Documentation/filesystems/erofs.rst``, "On-disk
+details"), all in 4 KiB blocks::
+
+    block 0      the superblock at byte 1024 (written last, with its checksum)
+    data area    file bodies in the order they were added (see ``data``)
+    outside      directory blocks and long symlink targets (see ``metadata``)
+    xattr area   shared xattrs; ``xattr_blkaddr`` points here
+    meta area    inode records; ``meta_blkaddr`` points here, nid = offset / 32
+
+Same entries, same bodies, same seed: byte-identical image. The UUID comes
+from the seed; ``build_time`` is the image's most common mtime
+(:mod:`hypeman_images.disk.erofs.inodes` says why), nothing reads a clock.
+
+Compression (lz4) is not done, but the shape leaves room for it: a file's
+body arrives whole at :meth:`ErofsWriter.add`, so it could be cut into
+4 KiB-aligned clusters, each compressed and appended to the data area, with
+the cluster index (``struct z_erofs_map_header`` and lcluster indexes) kept
+in memory as the block map of chunked files is now and written after the
+inode as its ``extra``; the superblock would gain ``INCOMPAT_ZERO_PADDING``
+and ``available_compr_algs``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from hypeman_images.disk.erofs.checksum import crc32c_raw
+from hypeman_images.disk.erofs.data import (
+    Body,
+    BodyReader,
+    DataArea,
+    chunk_bits,
+    truncate,
+    write_sparse,
+)
+from hypeman_images.disk.erofs.format import (
+    BLOCK_BITS,
+    BLOCK_SIZE,
+    CHUNK_BASED,
+    EXTENDED_SIZE,
+    FLAT_INLINE,
+    INCOMPAT_CHUNKED_FILE,
+    NULL_ADDR,
+    SUPER_OFFSET,
+    U16_MAX,
+    encode_dev,
+    pack_super,
+)
+from hypeman_images.disk.erofs.inodes import Node
+from hypeman_images.disk.erofs.metadata import (
+    build_time,
+    check_size,
+    meta_area,
+    place_records,
+    plan_dirs_and_links,
+    share_xattrs,
+    write_outside_blocks,
+)
+from hypeman_images.disk.erofs.model import (
+    Entry,
+    ErofsInputError,
+    Kind,
+    SparseMap,
+    body_size,
+    check_entry,
+    split_path,
+)
+from hypeman_images.disk.erofs.xattrs import stored, worst_ibody_size
+from hypeman_images.errors import StorageError
+from hypeman_images.oci.digest import Digest
+
+_UUID_NAMESPACE = uuid.UUID("6f1d3b1e-8c43-5a4e-9a4f-6879706d616e")
+DEFAULT_INLINE_BUDGET = 128 << 20
+
+
+@dataclass(frozen=True)
+class ErofsResult:
+    """What :meth:`ErofsWriter.finish` wrote: the image's size and inode count."""
+
+    size: int
+    blocks: int
+    inodes: int
+    uuid: uuid.UUID
+    build_time: int
+
+
+class ErofsWriter:
+    """Build an EROFS image in ``out`` (a seekable binary file, from offset 0).
+
+    :meth:`add` each entry, parents before children, the root (``b""``) first;
+    a regular file's body streams straight into the data area. :meth:`finish`
+    lays out and writes the metadata, then the superblock. Small file tails
+    wait in memory to go inline, up to ``inline_budget`` bytes in all; past
+    that they take a block of their own (still deterministic: it depends on
+    the entries alone). Raises :class:`ErofsInputError` for input the format
+    cannot hold, :class:`StorageError` when the output cannot be written;
+    nothing is written outside ``out``.
+    """
+
+    def __init__(
+        self, out: BinaryIO, seed: Digest, *, inline_budget: int = DEFAULT_INLINE_BUDGET
+    ) -> None:
+        self._out = out
+        self._seed = seed
+        self._area = DataArea(out, BLOCK_SIZE)
+        self._nodes: list[Node] = []
+        self._paths: dict[bytes, Node] = {}
+        self._budget = inline_budget
+        self._chunked = False
+        self._done = False
+
+    def add(self, entry: Entry, body: Body | None = None) -> None:
+        """Add one path; ``body`` is a regular file's content (a file object or chunks).
+
+        After an error the writer is spent: the image is incomplete, and
+        :meth:`add` and :meth:`finish` refuse to go on.
+        """
+        if self._done:
+            raise ErofsInputError("erofs: the writer has finished or failed")
+        try:
+            self._add(entry, body)
+        except BaseException:
+            self._done = True
+            raise
+
+    def _add(self, entry: Entry, body: Body | None) -> None:
+        check_entry(entry)
+        where = f"erofs: {entry.path!r}"
+        if body is not None and entry.kind is not Kind.FILE:
+            raise ErofsInputError(f"{where}: only a regular file has a body")
+        if entry.path in self._paths:
+            raise ErofsInputError(f"{where}: added twice")
+        if entry.path == b"":
+            if entry.kind is not Kind.DIR or self._nodes:
+                raise ErofsInputError("erofs: the root must be the first entry, a directory")
+            self._paths[b""] = self._new(entry)
+            return
+        parent_path, name = split_path(entry.path)
+        parent = self._paths.get(parent_path)
+        if parent is None or parent.children is None:
+            raise ErofsInputError(f"{where}: its parent is not an earlier directory")
+        node = self._link(entry, where) if entry.kind is Kind.HARDLINK else self._new(entry)
+        if node.kind is Kind.DIR:
+            node.parent = parent
+            parent.nlink += 1
+        elif node.kind is Kind.FILE and entry.kind is Kind.FILE:
+            self._file(node, entry, body, where)
+        parent.children[name] = node
+        self._paths[entry.path] = node
+
+    def _new(self, entry: Entry) -> Node:
+        where = f"erofs: {entry.path!r}"
+        node = Node(
+            kind=entry.kind,
+            mode=entry.mode,
+            uid=entry.uid,
+            gid=entry.gid,
+            mtime=entry.mtime,
+            mtime_nsec=entry.mtime_nsec,
+            ino=len(self._nodes) + 1,
+            xattrs=stored(entry.xattrs, where),
+        )
+        if entry.kind is Kind.DIR:
+            node.children, node.nlink = {}, 2
+        elif entry.kind is Kind.SYMLINK:
+            node.extra, node.size = entry.target, len(entry.target)
+        elif entry.kind in (Kind.CHAR, Kind.BLOCK):
+            node.i_u = encode_dev(entry.devmajor, entry.devminor)
+        self._nodes.append(node)
+        return node
+
+    def _link(self, entry: Entry, where: str) -> Node:
+        target = self._paths.get(entry.target)
+        if target is None or target.kind is Kind.DIR:
+            raise ErofsInputError(f"{where}: hard link to {entry.target!r}, not an earlier file")
+        target.nlink += 1
+        return target
+
+    def _file(self, node: Node, entry: Entry, body: Body | None, where: str) -> None:
+        size = entry.size
+        reader = BodyReader(body if body is not None else (), body_size(entry), where)
+        node.size = size
+        sparse = entry.sparse
+        if sparse is not None and size and not _dense(sparse, size):
+            self._chunked_file(node, reader, entry, sparse)
+        else:
+            tail = size % BLOCK_SIZE
+            inline = tail and EXTENDED_SIZE + worst_ibody_size(node.xattrs) + tail <= BLOCK_SIZE
+            inline = inline and tail <= self._budget
+            full = size - tail if inline else size
+            node.i_u = self._area.block if full else 0
+            reader.copy(full, self._area)
+            self._area.pad_block()
+            if inline:
+                node.extra = reader.take(tail)
+                node.datalayout = FLAT_INLINE
+                self._budget -= tail
+        reader.close()
+
+    def _chunked_file(
+        self, node: Node, reader: BodyReader, entry: Entry, sparse: SparseMap
+    ) -> None:
+        bits = chunk_bits(sparse, entry.size)
+        shift = BLOCK_BITS + bits
+        addrs = write_sparse(reader, sparse, entry.size, shift, self._area)
+        count = -(-entry.size >> shift)
+        node.extra = b"".join(addrs.get(i, NULL_ADDR).to_bytes(4, "little") for i in range(count))
+        node.datalayout, node.i_u = CHUNK_BASED, bits
+        self._chunked = True
+
+    def finish(self) -> ErofsResult:
+        """Write directories, xattrs, inodes and the superblock; the image is complete."""
+        if self._done or not self._nodes:
+            raise ErofsInputError("erofs: finish after finish or a failure, or with no root")
+        self._done = True
+        nodes = self._nodes
+        build = build_time(nodes)
+        shared = share_xattrs(nodes)
+        area = self._area
+        outside = plan_dirs_and_links(nodes, build, area.block)
+        xattr_blkaddr = area.block + outside
+        meta_blkaddr = xattr_blkaddr + -(-len(shared.area) // BLOCK_SIZE)
+        meta_blocks = place_records(nodes, build)
+        blocks = meta_blkaddr + meta_blocks
+        check_size(blocks)
+        root_nid = nodes[0].nid
+        assert root_nid <= U16_MAX
+        write_outside_blocks(nodes, area)
+        area.write(shared.area)
+        area.pad_block()
+        assert area.block == meta_blkaddr
+        area.write(meta_area(nodes, build, shared, meta_blocks))
+        area.flush()
+        fs_uuid = uuid.uuid5(_UUID_NAMESPACE, f"erofs-uuid:{self._seed}")
+        sb = pack_super(
+            root_nid=root_nid,
+            inos=len(nodes),
+            build_time=build[0],
+            build_time_nsec=build[1],
+            blocks=blocks,
+            meta_blkaddr=meta_blkaddr,
+            xattr_blkaddr=xattr_blkaddr,
+            uuid=fs_uuid.bytes,
+            feature_incompat=INCOMPAT_CHUNKED_FILE if self._chunked else 0,
+        )
+        self._write_super(sb)
+        truncate(self._out, blocks * BLOCK_SIZE)
+        return ErofsResult(blocks * BLOCK_SIZE, blocks, len(nodes), fs_uuid, build[0])
+
+    def _write_super(self, sb: bytes) -> None:
+        """Block 0: zeros, the superblock at 1024, its crc32c over the rest of the block."""
+        block = bytearray(BLOCK_SIZE)
+        block[SUPER_OFFSET : SUPER_OFFSET + len(sb)] = sb
+        crc = crc32c_raw(bytes(block[SUPER_OFFSET:]))
+        block[SUPER_OFFSET + 4 : SUPER_OFFSET + 8] = crc.to_bytes(4, "little")
+        try:
+            self._out.seek(0)
+            self._out.write(block)
+        except OSError as exc:
+            raise StorageError(f"erofs: cannot write the superblock: {exc}") from exc
+
+
+def _dense(sparse: SparseMap, size: int) -> bool:
+    """Whether a sparse map covers the whole file (its body is then the plain content)."""
+    end = 0
+    for offset, length in sparse:
+        if length and offset != end:
+            return False
+        end = offset + length if length else end
+    return end == size

@@ -1,0 +1,346 @@
+"""Fetching a disk artifact into a temp file beside its destination, verified at every step.
+
+Up to ``parallel`` chunks download at once; each is read through a
+:class:`VerifyingStream` (its digest and size), inflated as it arrives
+(one zstd frame whose header must declare the chunk's size, a window of at
+most :data:`MAX_WINDOW`) and written at its offset, so network, inflating
+and writing overlap and memory holds a piece of each chunk in flight, never
+a whole one. A chunk that inflates past its declared size stops at once (a
+decompression bomb); one that inflates short is truncated. Blocks of zeros
+are not written: the temp file starts as a hole of the disk's size, as
+mke2fs's own output is sparse. Meanwhile the calling thread hashes the disk
+in order, re-reading each chunk once it has landed (from the page cache),
+so the whole-disk sha256 is ready when the last chunk is: it must equal the
+config's ``disk_sha256``, and then ``e2fsck -fn`` must find nothing.
+
+Dropped connections resume with ``Range`` inside the registry client; a
+chunk that still fails for a transient reason is fetched again (its bytes
+rewritten whole), ``attempts`` times at most. Any failure removes the temp
+file and raises: :class:`DigestMismatch` (bytes not what their digest
+names), :class:`DiskArtifactInvalid` (the artifact is wrong: bomb,
+truncation, sha256, fsck), or the registry's and storage's own errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, cast
+
+import zstandard
+
+from hypeman_images.disk.check import e2fsck_findings
+from hypeman_images.disk.e2fsprogs import E2fsprogs
+from hypeman_images.errors import (
+    DiskArtifactInvalid,
+    LimitExceeded,
+    TransientError,
+)
+from hypeman_images.fleet.artifact import Chunk, DiskArtifact
+from hypeman_images.fleet.recipe import DiskFormat
+from hypeman_images.fsutil import fsync_dir, is_storage_failure, storage_error, temp_name
+from hypeman_images.oci.digest import Digest, VerifyingStream
+from hypeman_images.oci.reference import Reference
+from hypeman_images.registry.client import RegistryClient
+
+log = logging.getLogger(__name__)
+
+PIECE = 1024 * 1024  # what one read of an inflating chunk returns, and one hashing read
+MAX_WINDOW = 32 * 1024 * 1024  # zstd levels up to 19 use at most 8 MiB on any input
+_FRAME_HEADER_MAX = 18  # ZSTD_FRAMEHEADERSIZE_MAX (RFC 8878 §3.1.1.1: 4 magic + 2..14)
+_ZEROS = bytes(PIECE)
+
+
+class _Stopped(Exception):
+    """Another chunk failed: this one gives up quietly."""
+
+
+@dataclass(frozen=True)
+class FetchedDisk:
+    """A fetched, verified disk in ``path``, a temp file beside ``dest``, until :meth:`commit`.
+
+    Used as a context manager, the temp file is removed on leaving unless committed.
+    """
+
+    path: Path
+    dest: Path
+    artifact: DiskArtifact
+    sha256: Digest
+
+    def commit(self) -> Path:
+        """Rename the disk into place at ``dest`` (and make the rename durable)."""
+        try:
+            os.replace(self.path, self.dest)
+            fsync_dir(self.dest.parent)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot move the fetched disk to {self.dest}") from exc
+        return self.dest
+
+    def discard(self) -> None:
+        """Remove the temp file (nothing if it was committed)."""
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> FetchedDisk:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.discard()
+
+
+def fetch_disk(
+    client: RegistryClient,
+    repository: Reference,
+    artifact: DiskArtifact,
+    dest: Path,
+    tools: E2fsprogs,
+    *,
+    parallel: int = 4,
+    attempts: int = 3,
+    max_disk_bytes: int | None = None,
+) -> FetchedDisk:
+    """Download ``artifact`` from ``repository`` into a verified temp disk beside ``dest``.
+
+    ``artifact`` comes from :func:`fleet.lookup.find_disk` or
+    :func:`fleet.lookup.read_artifact` (checked against its subject there).
+    The caller renames it into place (:meth:`FetchedDisk.commit`) once its
+    record is ready. On any failure no temp file is left.
+    """
+    config = artifact.config
+    if config.format != DiskFormat.EXT4:
+        raise DiskArtifactInvalid(
+            f"disk artifact {artifact.digest} is {config.format}, which this version cannot check"
+        )
+    if max_disk_bytes is not None and config.disk_size > max_disk_bytes:
+        raise LimitExceeded(
+            f"disk artifact {artifact.digest} is a {config.disk_size}-byte disk, over the "
+            f"{max_disk_bytes}-byte limit"
+        )
+    tmp = temp_name(dest)
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise storage_error(exc, f"cannot create a temp file in {dest.parent}") from exc
+    try:
+        with _closing(fd):
+            os.ftruncate(fd, config.disk_size)
+            sha256 = _fill(client, repository, artifact, fd, max(1, parallel), attempts)
+            if sha256 != config.disk_sha256:
+                raise DiskArtifactInvalid(
+                    f"disk artifact {artifact.digest}: the disk its chunks make hashes to "
+                    f"{sha256}, not to the {config.disk_sha256} its config says"
+                )
+            findings = e2fsck_findings(tools, tmp, 15)
+            if findings is not None:
+                findings = findings.replace(str(tmp), "disk")  # the temp file is gone by then
+                raise DiskArtifactInvalid(
+                    f"disk artifact {artifact.digest}: e2fsck -fn found problems {findings}"
+                )
+            os.fsync(fd)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if is_storage_failure(exc):
+            raise storage_error(exc, f"cannot write the fetched disk {tmp}") from exc
+        raise
+    log.info("fetched disk artifact %s (%d bytes)", artifact.digest.short, config.disk_size)
+    return FetchedDisk(tmp, dest, artifact, sha256)
+
+
+@contextlib.contextmanager
+def _closing(fd: int) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _fill(
+    client: RegistryClient,
+    repository: Reference,
+    artifact: DiskArtifact,
+    fd: int,
+    parallel: int,
+    attempts: int,
+) -> Digest:
+    """Fetch every chunk into ``fd``, hashing the disk in order as they land."""
+    stop = threading.Event()
+    hasher = hashlib.sha256()
+    with ThreadPoolExecutor(parallel, thread_name_prefix="fetch") as pool:
+        futures = [
+            pool.submit(_fetch_chunk, client, repository, chunk, fd, stop, attempts)
+            for chunk in artifact.chunks
+        ]
+        try:
+            for chunk, future in zip(artifact.chunks, futures, strict=True):
+                future.result()
+                _hash_region(hasher, fd, chunk)
+        except BaseException as caught:
+            stop.set()
+            for future in futures:
+                future.cancel()
+            pool.shutdown(wait=True)
+            if not isinstance(caught, Exception):
+                raise  # an interrupt stays one
+            raise _first_failure(futures) or caught from None
+    return Digest("sha256", hasher.hexdigest())
+
+
+def _first_failure(futures: list[Future[None]]) -> BaseException | None:
+    """The first chunk's real error (not another chunk's "stopped" or "cancelled")."""
+    for future in futures:
+        if future.cancelled():
+            continue
+        error = future.exception()
+        if error is not None and not isinstance(error, _Stopped | CancelledError):
+            return error
+    return None
+
+
+def _hash_region(hasher: hashlib._Hash, fd: int, chunk: Chunk) -> None:
+    done = 0
+    while done < chunk.size:
+        piece = os.pread(fd, min(PIECE, chunk.size - done), chunk.offset + done)
+        if not piece:
+            raise OSError(f"the temp disk ends at {chunk.offset + done}")
+        hasher.update(piece)
+        done += len(piece)
+
+
+def _fetch_chunk(
+    client: RegistryClient,
+    repository: Reference,
+    chunk: Chunk,
+    fd: int,
+    stop: threading.Event,
+    attempts: int,
+) -> None:
+    """One chunk into place, fetched again after a transient failure (bounded)."""
+    for attempt in range(1, attempts + 1):
+        if stop.is_set():
+            raise _Stopped
+        try:
+            # A retry writes every block: zeros now may be where the last try wrote data.
+            _inflate(client, repository, chunk, fd, stop, skip_zeros=attempt == 1)
+            return
+        except TransientError as exc:
+            if attempt == attempts:
+                raise
+            log.info("chunk at %d failed (%s); fetching it again", chunk.offset, exc)
+        except BaseException:
+            stop.set()
+            raise
+
+
+def _inflate(
+    client: RegistryClient,
+    repository: Reference,
+    chunk: Chunk,
+    fd: int,
+    stop: threading.Event,
+    *,
+    skip_zeros: bool,
+) -> None:
+    what = f"chunk {chunk.blob.digest.short} (bytes {chunk.offset}+{chunk.size})"
+    with client.open_blob(repository, chunk.blob) as raw:
+        stream = VerifyingStream(raw, chunk.blob.digest, chunk.blob.size)
+        source = _Source(iter(stream))
+        problem: str | None = None
+        try:
+            problem = _check_header(source, chunk)
+            if problem is None:
+                problem = _write(source, chunk, fd, stop, skip_zeros)
+        except zstandard.ZstdError as exc:
+            problem = f"is not valid zstd ({exc})"
+        for _ in stream:  # the rest, for the digest: its verdict comes first
+            pass
+    stream.verify()
+    if problem is not None:
+        raise DiskArtifactInvalid(f"{what} {problem}")
+
+
+def _check_header(source: _Source, chunk: Chunk) -> str | None:
+    head = source.peek(_FRAME_HEADER_MAX)
+    declared = zstandard.get_frame_parameters(head).content_size
+    if declared == zstandard.CONTENTSIZE_UNKNOWN:
+        return "declares no content size in its zstd frame header"
+    if declared > chunk.size:
+        return f"would inflate to {declared} bytes, past its declared {chunk.size}: a bomb"
+    if declared < chunk.size:
+        return f"is truncated: its zstd frame holds {declared} of its declared {chunk.size} bytes"
+    return None
+
+
+def _write(
+    source: _Source, chunk: Chunk, fd: int, stop: threading.Event, skip_zeros: bool
+) -> str | None:
+    """Inflate into place; a reason if it inflates to more or fewer bytes than declared."""
+    decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+    written = 0
+    with decompressor.stream_reader(
+        cast("IO[bytes]", source), read_size=PIECE, read_across_frames=False
+    ) as frames:
+        while piece := frames.read(PIECE):
+            if stop.is_set():
+                raise _Stopped
+            if written + len(piece) > chunk.size:
+                return f"inflates past its declared {chunk.size} bytes: a bomb"
+            if not (skip_zeros and _is_zero(piece)):
+                _pwrite_all(fd, piece, chunk.offset + written)
+            written += len(piece)
+    if written != chunk.size:
+        return f"is truncated: it inflates to {written} of its declared {chunk.size} bytes"
+    return None
+
+
+def _is_zero(piece: bytes) -> bool:
+    return piece == _ZEROS if len(piece) == PIECE else piece.count(0) == len(piece)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+class _Source:
+    """A file-like ``read(n)`` over an iterator of byte chunks, with :meth:`peek`."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = b""
+
+    def peek(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            more = next(self._chunks, None)
+            if more is None:
+                break
+            self._buffer += more
+        return self._buffer[:size]
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._buffer:
+            more = next(self._chunks, None)
+            if more is None:
+                return b""
+            self._buffer = more
+        if size < 0 or size >= len(self._buffer):
+            out, self._buffer = self._buffer, b""
+        else:
+            out, self._buffer = self._buffer[:size], self._buffer[size:]
+        return out
+
+
+__all__ = ["MAX_WINDOW", "FetchedDisk", "fetch_disk"]

@@ -1,0 +1,76 @@
+"""Registry writes: blobs (HEAD first, then POST and one PUT) and manifests, on a real registry."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+
+import httpx
+import pytest
+from support.faultproxy import Fault, fault_proxy
+from support.fleet import FAST, cache_repo
+from support.registry import RegistryServer
+
+from hypeman_images.errors import DigestMismatch
+from hypeman_images.oci.digest import Digest
+from hypeman_images.oci.reference import Reference
+from hypeman_images.oci.spec import OCI_MANIFEST
+from hypeman_images.registry.client import RegistryClient
+from hypeman_images.registry.push import blob_exists, push_blob, put_manifest
+
+
+@pytest.fixture
+def repo(registry: RegistryServer, request: pytest.FixtureRequest) -> Reference:
+    return cache_repo(registry.host, request.node.name)
+
+
+@pytest.fixture
+def client() -> Iterator[RegistryClient]:
+    with RegistryClient(config=FAST) as c:
+        yield c
+
+
+def test_a_blob_goes_up_once(
+    client: RegistryClient, repo: Reference, registry: RegistryServer
+) -> None:
+    data = b"some bytes" * 1000
+    digest = Digest.of(data)
+    assert not blob_exists(client, repo, digest)
+    with fault_proxy(registry.url) as proxy, RegistryClient(config=FAST) as proxied_client:
+        proxied = replace(repo, registry=proxy.host)
+        assert push_blob(proxied_client, proxied, digest, data)
+        assert not push_blob(proxied_client, proxied, digest, data)  # HEAD finds it
+        methods = [entry.method for entry in proxy.log]
+    assert methods == ["HEAD", "POST", "PUT", "HEAD"]
+    url = f"{registry.url}/v2/{repo.repository}/blobs/{digest}"
+    assert httpx.get(url).content == data
+
+
+def test_a_blob_that_is_not_its_digest_is_not_sent(client: RegistryClient, repo: Reference) -> None:
+    with pytest.raises(DigestMismatch, match="they hash otherwise"):
+        push_blob(client, repo, Digest.of(b"a"), b"b")
+    assert not blob_exists(client, repo, Digest.of(b"a"))
+
+
+def test_a_manifest_is_stored_as_sent(
+    client: RegistryClient, repo: Reference, registry: RegistryServer
+) -> None:
+    config = b"{}"
+    push_blob(client, repo, Digest.of(config), config)
+    descriptor = {"mediaType": "application/vnd.example", "digest": str(Digest.of(config)),
+                  "size": 2}  # fmt: skip
+    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": descriptor, "layers": []}
+    data = json.dumps(doc).encode()
+    pushed = put_manifest(client, repo, "v1", data, OCI_MANIFEST)
+    assert pushed.digest == Digest.of(data) and not pushed.subject_indexed
+    got = httpx.get(
+        f"{registry.url}/v2/{repo.repository}/manifests/v1", headers={"Accept": OCI_MANIFEST}
+    )
+    assert got.content == data
+    with fault_proxy(registry.url) as proxy, RegistryClient(config=FAST) as proxied_client:
+        lie = {"Docker-Content-Digest": str(Digest.of(b"other"))}
+        proxy.add(Fault("/manifests/", "replace", method="PUT", status=201, headers=lie))
+        with pytest.raises(DigestMismatch, match="stored manifest v2"):
+            proxied = replace(repo, registry=proxy.host)
+            put_manifest(proxied_client, proxied, "v2", data, OCI_MANIFEST)
