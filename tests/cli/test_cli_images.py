@@ -339,3 +339,12 @@ def test_platform_takes_the_forms_docker_takes(
     arm64 = multiplatform_ref.index.images[1].manifest_digest  # type: ignore[union-attr]
     assert json.loads(result.stdout)["digest"] == arm64
     assert json.loads(result.stdout)["platform"].startswith("linux/arm64")
+
+
+def test_error_messages_never_write_control_characters(data_dir: Path) -> None:
+    result = run("inspect", "--data-dir", str(data_dir), f"{ESC}]0;owned{chr(7)}:1")
+    assert result.returncode == 2
+    assert ESC not in result.stderr and chr(7) not in result.stderr
+    assert result.stderr.count("\n") == 1
+    bad = run("pull", "--data-dir", str(data_dir), "--label", "a!b=1", "alpine")
+    assert bad.returncode == 2 and "invalid --label: invalid label key 'a!b'" in bad.stderr

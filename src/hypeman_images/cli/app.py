@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from hypeman_images.cli.interrupt import exit_interrupted
-from hypeman_images.cli.output import PROG, print_json
+from hypeman_images.cli.output import PROG, print_json, printable
 from hypeman_images.cli.parser import parse_args
 from hypeman_images.errors import HypemanError
 
@@ -30,7 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HypemanError as exc:
         if getattr(args, "json", False):
             print_json({"code": exc.code, "message": exc.message, "exit_code": exc.exit_code})
-        print(f"{PROG}: error: {exc.message}", file=sys.stderr)
+        # Messages may quote a registry or an image: never raw to a terminal.
+        print(f"{PROG}: error: {printable(exc.message, lines=True)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         exit_interrupted()

@@ -19,7 +19,7 @@ from hypeman_images.build.manager import ImageManager
 from hypeman_images.build.progress import PlainReporter
 from hypeman_images.cli.config import build_options, open_manager
 from hypeman_images.cli.interrupt import pull_image
-from hypeman_images.cli.output import PROG, print_json
+from hypeman_images.cli.output import PROG, print_json, printable
 from hypeman_images.errors import NotFound
 from hypeman_images.store.images import ImageStatus
 
@@ -110,7 +110,7 @@ def _report(result: BootResult, *, as_json: bool) -> None:
         print_json(doc)
         return
     if result.error:
-        print(f"{PROG}: {result.error}", file=sys.stderr)
+        print(f"{PROG}: {printable(result.error, lines=True)}", file=sys.stderr)
     print(
         f"{PROG}: booted with {result.hypervisor} ({result.accelerator}); "
         f"exit code {result.exit_code}",

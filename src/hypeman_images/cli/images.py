@@ -12,6 +12,7 @@ import sys
 
 from hypeman_images.build.image import image_of
 from hypeman_images.build.progress import human_size
+from hypeman_images.build.request import check_labels
 from hypeman_images.cli.config import build_options, open_manager
 from hypeman_images.cli.interrupt import pull_image
 from hypeman_images.cli.listing import RepositoryFilter, render, short_id, table_rows
@@ -109,6 +110,10 @@ def user_labels(items: list[str]) -> dict[str, str] | None:
         if not equals or not key:
             raise InvalidArgument(f"invalid --label {item!r}: expected KEY=VALUE")
         labels[key] = value
+    try:
+        check_labels(labels)
+    except InvalidArgument as exc:  # the library says "tag", hypeman's word for a label
+        raise InvalidArgument(f"invalid --label: {exc.detail.replace('tag', 'label')}") from exc
     return labels or None
 
 
@@ -126,7 +131,7 @@ def remove(args: argparse.Namespace) -> int:
             except HypemanError as exc:
                 failures.append((name, exc))
                 if not args.json:
-                    print(f"{PROG}: error: {exc.message}", file=sys.stderr)
+                    print(f"{PROG}: error: {printable(exc.message, lines=True)}", file=sys.stderr)
                 continue
             removed.extend(gone)
             if not args.json:
@@ -138,7 +143,7 @@ def remove(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"removed": removed, **_failures_json(failures, len(args.image), code)})
         for error in errors:
-            print(f"{PROG}: error: {error.message}", file=sys.stderr)
+            print(f"{PROG}: error: {printable(error.message, lines=True)}", file=sys.stderr)
     return code
 
 

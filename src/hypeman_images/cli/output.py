@@ -21,17 +21,20 @@ PROG = "hypeman-images"
 # 8 links, window titles, cursor moves), CR rewrites the line, and in 8-bit
 # terminals 0x9b is a CSI of its own.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def printable(text: object) -> str:
+def printable(text: object, *, lines: bool = False) -> str:
     """``text`` for a terminal: every control character shown as an escape (``\\x1b``).
 
     Values that come from an image (its config's env, user, working dir...)
     are the image author's; printed raw, they could move the cursor, hide
-    lines or set the terminal's title. JSON output is exact instead.
+    lines or set the terminal's title. JSON output is exact instead. With
+    ``lines``, newlines stay (a message of several lines).
     """
-    return _CONTROL.sub(lambda m: _NAMED.get(m[0], f"\\x{ord(m[0]):02x}"), str(text))
+    pattern = _CONTROL_BUT_NEWLINE if lines else _CONTROL
+    return pattern.sub(lambda m: _NAMED.get(m[0], f"\\x{ord(m[0]):02x}"), str(text))
 
 
 def print_json(value: Any) -> None:
