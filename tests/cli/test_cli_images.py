@@ -68,6 +68,15 @@ def test_common_flags_work_before_the_command_too(alpine_ref: PushedImage, data_
     assert both.stdout.strip() == alpine_ref.manifest_digest[7:19]
 
 
+def test_data_dir_group_works_before_the_command() -> None:
+    from hypeman_images.cli.parser import parse_args
+
+    assert parse_args(["--data-dir-group", "images", "list"]).data_dir_group == "images"
+    assert parse_args(["list", "--data-dir-group", "images"]).data_dir_group == "images"
+    args = parse_args(["--data-dir-group", "a", "list", "--data-dir-group", "b"])
+    assert args.data_dir_group == "b"
+
+
 # -- list --------------------------------------------------------------------------------
 
 

@@ -69,6 +69,12 @@ def _global_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-v", "--verbose", dest="global_verbose", action="count", default=0, help=VERBOSE_HELP
     )
+    parser.add_argument(
+        "--data-dir-group",
+        dest="global_data_dir_group",
+        metavar="GROUP",
+        help="share the data dir with this group (as after the command)",
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -76,6 +82,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     args.data_dir = getattr(args, "data_dir", None) or args.global_data_dir
     args.verbose = getattr(args, "verbose", 0) + args.global_verbose
+    # After the command, the flag's default is the environment's: a flag before it wins over that.
+    from_env = os.environ.get("HYPEMAN_DATA_DIR_GROUP") or None
+    if args.global_data_dir_group is not None and args.data_dir_group == from_env:
+        args.data_dir_group = args.global_data_dir_group
     return args
 
 
