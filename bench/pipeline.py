@@ -25,6 +25,7 @@ otherwise compile its modules, a cost the re-pull's figure would carry.
     .venv/bin/python bench/pipeline.py --quick         # minbase, 1 run (CI smoke)
     .venv/bin/python bench/pipeline.py --images large --runs 5 --json out.json
     .venv/bin/python bench/pipeline.py --link-rate 800mbit   # a ~100 MB/s registry
+    .venv/bin/python bench/pipeline.py --formats       # ext4 against EROFS (bench/formats.py)
 
 Needs root (umoci unpack keeps ownership only as root; dropping the page
 cache; ``tc`` for ``--link-rate``), mmdebstrap, skopeo, umoci, docker-registry,
@@ -54,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import formats  # noqa: E402
 import layers  # noqa: E402
 import measure  # noqa: E402
 from support.push import push_blob, push_manifest  # noqa: E402
@@ -572,6 +574,12 @@ def main() -> int:
         action="store_true",
         help="run ours with --no-disk-digest (the disk's sha256 not recorded)",
     )
+    parser.add_argument(
+        "--formats",
+        action="store_true",
+        help="compare ours as ext4 with ours as EROFS (build time, disk size, lz4) instead "
+        "of ours with the reference",
+    )
     args = parser.parse_args()
     how = Ours(disk_digest=not args.no_disk_digest)
     names = ["minbase"] if args.quick else args.images.split(",")
@@ -588,9 +596,19 @@ def main() -> int:
     ):
         pushed = [push(registry.url, registry.host, name, images[name]) for name in names]
         with link_rate(args.link_rate):
-            for image in pushed:
-                print(f"bench: {image.name}: {layers.describe(image.layers)}", flush=True)
-                results.append(bench_image(image, runs, work, how))
+            if args.formats:
+                compared = [
+                    formats.compare_formats(p.name, p.ref, cli(), runs, work, how.disk_digest)
+                    for p in pushed
+                ]
+            else:
+                for image in pushed:
+                    print(f"bench: {image.name}: {layers.describe(image.layers)}", flush=True)
+                    results.append(bench_image(image, runs, work, how))
+    if args.formats:
+        print()
+        print(formats.format_report(compared))
+        return 0
     text = report(results, dropped, runs)
     if args.link_rate:
         text = f"loopback limited to {args.link_rate} (tc tbf)\n" + text

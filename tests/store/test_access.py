@@ -12,7 +12,9 @@ import pytest
 from support.pushed import PushedImage
 
 from hypeman_images.build.manager import ImageManager
+from hypeman_images.build.options import BuildOptions
 from hypeman_images.store.access import GROUP_MODE, PRIVATE_MODE, exposure, prepare_data_dir
+from hypeman_images.store.formats import DiskFormat
 
 CLI = str(Path(sys.executable).with_name("hypeman-images"))
 
@@ -62,12 +64,14 @@ def test_an_existing_open_data_dir_is_left_alone_and_reported(tmp_path: Path) ->
     assert warning is not None and "chmod o-rwx" in warning
 
 
+@pytest.mark.parametrize("fmt", list(DiskFormat))
 def test_nothing_a_pull_writes_is_readable_by_others(
-    alpine_ref: PushedImage, tmp_path: Path
+    alpine_ref: PushedImage, tmp_path: Path, fmt: DiskFormat
 ) -> None:
     data = tmp_path / "data"
     with ImageManager(data) as manager:
-        image = manager.pull(alpine_ref.ref)
+        image = manager.pull(alpine_ref.ref, options=BuildOptions(format=fmt))
+    assert image.disk.name == fmt.disk_name
     assert mode(data) == PRIVATE_MODE
     files = [p for p in data.rglob("*") if p.is_file() and not p.is_symlink()]
     assert image.disk in files and any("blobs" in p.parts for p in files)

@@ -1,7 +1,7 @@
 #!/bin/sh
 # PID 1 of the hypeman boot proof, run by the static busybox of the initramfs.
 #
-# It mounts the image disk (/dev/vda, ext4, read-only) under a tmpfs overlay,
+# It mounts the image disk (/dev/vda, ext4 or erofs, read-only) under a tmpfs overlay,
 # runs the image's command inside it with the image's env, working dir and
 # user, prints the exit code between markers on the console and powers off.
 # What to run comes from /etc/hypeman/run.conf, a second cpio archive appended
@@ -46,7 +46,11 @@ fail() {
 
 # virtio_mmio learns its devices from "virtio_mmio.device=" on the cmdline
 # when there is no ACPI; insmod (unlike modprobe) does not read the cmdline.
-for name in $(cat /etc/hypeman/modules); do
+# An EROFS disk needs the erofs module too (docs/design.md, "EROFS disks").
+HM_FSTYPE=${HM_FSTYPE:-ext4}
+modules=$(cat /etc/hypeman/modules)
+[ "$HM_FSTYPE" = erofs ] && modules="$modules $(cat /etc/hypeman/modules-erofs)"
+for name in $modules; do
     params=
     for word in $(cat /proc/cmdline); do
         case $word in "$name".*) params="$params ${word#"$name".}" ;; esac
@@ -62,7 +66,8 @@ while [ ! -b /dev/vda ]; do
     usleep 10000
 done
 
-mount -t ext4 -o ro /dev/vda /lower || fail 125 "cannot mount /dev/vda read-only as ext4"
+mount -t "$HM_FSTYPE" -o ro /dev/vda /lower ||
+    fail 125 "cannot mount /dev/vda read-only as $HM_FSTYPE"
 mount -t tmpfs -o mode=0755 tmpfs /rw || fail 125 "cannot mount the tmpfs for the overlay"
 mkdir /rw/upper /rw/work
 # The merged root takes its owner and mode from the upper dir: copy the disk's.

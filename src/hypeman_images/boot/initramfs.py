@@ -1,5 +1,9 @@
 """The boot initramfs: busybox, the kernel modules the init needs, and ``init.sh``.
 
+The modules of an EROFS root (:func:`kernel.erofs_modules`) are in it too,
+listed apart in ``/etc/hypeman/modules-erofs``: the init loads them only to
+mount an EROFS disk.
+
 Written as cpio "newc" archives (Documentation/driver-api/early-userspace/
 buffer-format.rst) by Python, so entries have fixed owners, inodes and mtimes
 and need no root for the ``/dev/console`` node. The archive is uncompressed:
@@ -22,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from hypeman_images.boot.cache import write_atomic
-from hypeman_images.boot.kernel import Kernel, read_module, resolve_modules
+from hypeman_images.boot.kernel import Kernel, Module, erofs_modules, read_module, resolve_modules
 from hypeman_images.errors import BootError
 
 log = logging.getLogger(__name__)
@@ -121,10 +125,18 @@ def _parents(names: list[str]) -> list[str]:
     return [d for d in out if d not in _DIRS]
 
 
+def _erofs_modules(kernel: Kernel) -> list[Module]:
+    """The EROFS root's modules; none if the kernel has no erofs (``boot`` refuses such a disk)."""
+    try:
+        return erofs_modules(kernel)
+    except BootError:
+        return []
+
+
 def _base_entries(
     kernel: Kernel, busybox: bytes, programs: list[tuple[str, bytes]]
 ) -> list[CpioEntry]:
-    modules = resolve_modules(kernel)
+    modules, erofs = resolve_modules(kernel), _erofs_modules(kernel)
     entries = [CpioEntry(d, stat.S_IFDIR | 0o755) for d in _DIRS]
     entries += [CpioEntry(d, stat.S_IFDIR | 0o755) for d in _parents([n for n, _ in programs])]
     entries += [
@@ -137,10 +149,16 @@ def _base_entries(
             stat.S_IFREG | 0o644,
             "".join(f"{m.name}\n" for m in modules).encode(),
         ),
+        CpioEntry(
+            "etc/hypeman/modules-erofs",
+            stat.S_IFREG | 0o644,
+            "".join(f"{m.name}\n" for m in erofs).encode(),
+        ),
     ]
     entries += [CpioEntry(name, stat.S_IFREG | 0o755, data) for name, data in programs]
     entries += [
-        CpioEntry(f"lib/modules/{m.name}.ko", stat.S_IFREG | 0o644, read_module(m)) for m in modules
+        CpioEntry(f"lib/modules/{m.name}.ko", stat.S_IFREG | 0o644, read_module(m))
+        for m in [*modules, *erofs]
     ]
     return entries
 
@@ -164,7 +182,7 @@ def base_initramfs(
         key.update(hashlib.sha256(part).digest())
     for name, data in programs:
         key.update(name.encode() + hashlib.sha256(data).digest())
-    for module in resolve_modules(kernel):
+    for module in [*resolve_modules(kernel), *_erofs_modules(kernel)]:
         st = module.path.stat()
         key.update(f"{module.path}:{st.st_size}:{st.st_mtime_ns}".encode())
     target = cache_dir / f"initramfs-{kernel.version}-{key.hexdigest()[:16]}.cpio"

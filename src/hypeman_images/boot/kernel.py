@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 #: Hypervisor), the virtio block device, ext4 for the disk, overlay for writes.
 #: Built-in ones are skipped; dependencies are added from modules.dep.
 REQUIRED_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "ext4", "overlay")
+#: What an EROFS root needs besides (Documentation/filesystems/erofs.rst): the
+#: erofs module, a module in Debian's cloud kernel, with its dependencies
+#: (libcrc32c on 6.1). Loaded only to boot an EROFS disk.
+EROFS_MODULES = ("erofs",)
 
 _XEN_ELFNOTE_PHYS32_ENTRY = 18
 
@@ -119,6 +123,15 @@ def resolve_modules(kernel: Kernel, wanted: tuple[str, ...] = REQUIRED_MODULES) 
     for name in wanted:
         visit(name)
     return ordered
+
+
+def erofs_modules(kernel: Kernel) -> list[Module]:
+    """The modules an EROFS root adds to :func:`resolve_modules`'s, dependencies first.
+
+    Raises :class:`BootError` when the kernel neither builds erofs in nor has it as a module.
+    """
+    base = {m.name for m in resolve_modules(kernel)}
+    return [m for m in resolve_modules(kernel, EROFS_MODULES) if m.name not in base]
 
 
 def read_module(module: Module) -> bytes:

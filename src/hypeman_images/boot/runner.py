@@ -15,7 +15,7 @@ from typing import Any
 
 from hypeman_images.boot.cache import write_atomic
 from hypeman_images.boot.initramfs import base_initramfs, boot_initramfs
-from hypeman_images.boot.kernel import Kernel, extract_vmlinux, find_kernel
+from hypeman_images.boot.kernel import Kernel, erofs_modules, extract_vmlinux, find_kernel
 from hypeman_images.boot.runspec import RunSpec, render_run_conf
 from hypeman_images.boot.vm import (
     CLOUD_HYPERVISOR,
@@ -230,6 +230,12 @@ def _result(run: VmRun, machine: _Machine, nonce: str) -> BootResult:
     )
 
 
+def _check_fstype(kernel: Kernel, fstype: str) -> None:
+    """Refuse an EROFS disk here, not as a failed mount in the guest, if the kernel lacks erofs."""
+    if fstype == "erofs":
+        erofs_modules(kernel)
+
+
 def boot_command(
     disk: Path,
     spec: RunSpec | Mapping[str, Any],
@@ -241,13 +247,15 @@ def boot_command(
     cache_dir: Path | None = None,
     kernel: Kernel | None = None,
     memory_mib: int = 256,
+    fstype: str = "ext4",
 ) -> list[str]:
     """Return the hypervisor command that would boot ``disk``, for ``--print-command``.
 
     Nothing is probed or run. The kernel (a vmlinux for Cloud Hypervisor) and
     a per-boot initramfs carrying the run spec are written under ``cache_dir``
     and ``work_dir`` and kept, so the command can be run by hand. The console
-    prints ``HYPEMAN_EXIT_<nonce>=<code>`` when the command ends.
+    prints ``HYPEMAN_EXIT_<nonce>=<code>`` when the command ends. ``fstype``
+    is the disk's filesystem, as for :func:`boot`.
     """
     if hypervisor not in ("qemu", CLOUD_HYPERVISOR):
         raise InvalidArgument(f"unknown hypervisor {hypervisor!r}: use qemu or cloud-hypervisor")
@@ -257,7 +265,9 @@ def boot_command(
     base = base_initramfs(kernel, cache_dir)
     nonce = secrets.token_hex(8)
     initramfs = work_dir / f"initramfs-{nonce}.cpio"
-    boot_initramfs(base, render_run_conf(run_spec, run_spec.argv(command), nonce), initramfs)
+    _check_fstype(kernel, fstype)
+    run_conf = render_run_conf(run_spec, run_spec.argv(command), nonce, fstype=fstype)
+    boot_initramfs(base, run_conf, initramfs)
     binary = CLOUD_HYPERVISOR if hypervisor == CLOUD_HYPERVISOR else QEMU
     machine = _Machine(hypervisor, accel, binary)
     return _vm_argv(machine, kernel, initramfs, disk.resolve(), cache_dir, memory_mib)
@@ -275,10 +285,12 @@ def boot(
     cache_dir: Path | None = None,
     kernel: Kernel | None = None,
     memory_mib: int = 256,
+    fstype: str = "ext4",
     output: Callable[[bytes], None] | None = None,
     stdin: int | None = None,
 ) -> BootResult:
-    """Boot ``disk`` (an ext4 image) and run the image's command in it.
+    """Boot ``disk`` (an ext4 image, or an EROFS one with ``fstype="erofs"``) and run
+    the image's command in it.
 
     ``spec`` is a :class:`RunSpec` or the image's ``metadata.json`` mapping;
     ``command`` replaces its cmd as ``docker run IMAGE ARGS...`` does. The
@@ -306,8 +318,11 @@ def boot(
     machine = _choose_machine(hypervisor, accel, kernel, base, cache_dir, work_dir)
     nonce = secrets.token_hex(8)
     initramfs = work_dir / f"initramfs-{nonce}.cpio"
-    conf = render_run_conf(run_spec, run_spec.argv(command), nonce, stdin=stdin is not None)
-    boot_initramfs(base, conf, initramfs)
+    _check_fstype(kernel, fstype)
+    run_conf = render_run_conf(
+        run_spec, run_spec.argv(command), nonce, fstype=fstype, stdin=stdin is not None
+    )
+    boot_initramfs(base, run_conf, initramfs)
     try:
         argv = _vm_argv(machine, kernel, initramfs, disk.resolve(), cache_dir, memory_mib)
         log.debug("starting VM: %s", argv)

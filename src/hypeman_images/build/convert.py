@@ -9,7 +9,8 @@ bodies that survive into mke2fs's stdin. Its scan can run during the
 download, as the pull's tap (:class:`LayerScans`), and is kept by blob digest
 (:mod:`scancache`), so a blob is scanned only once. The two-pass way is the
 reference: the one pass falls back to it whenever it cannot prove it made the
-merge's tree.
+merge's tree. An EROFS disk (:mod:`build.erofs`) is always made the two-pass
+way, from the merge's tree.
 
 :class:`Conversion` owns all of it for one build and decides the way, in one
 place. Which way an image takes depends on the image and the tools only,
@@ -22,11 +23,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
+from hypeman_images.build.erofs import build_erofs
 from hypeman_images.build.onepass import OnePass, PullEnd, one_pass_candidate
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.progress import Reporter
@@ -49,6 +51,7 @@ from hypeman_images.oci.spec import Descriptor
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.store.blobs import BlobStore
 from hypeman_images.store.feeds import LayerFeeds
+from hypeman_images.store.formats import DiskFormat
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +265,10 @@ class Conversion:
         # _convert): an image built in one pass reads its layers while they
         # download, top layer first. Else pass 1 runs on each layer while it
         # downloads, unless the scan cache beside the blobs has it.
-        self.one_pass = one_pass_candidate(resolved.manifest.layers, options, limits)
+        self.erofs = options.format is DiskFormat.EROFS  # made from the merge's tree
+        self.one_pass = not self.erofs and one_pass_candidate(
+            resolved.manifest.layers, options, limits
+        )
         self.scans = LayerScans(limits, ScanCache.beside(blobs), tap=not self.one_pass)
         self._feeds = LayerFeeds() if self.one_pass else None
         self._pull = PullEnd()
@@ -279,6 +285,8 @@ class Conversion:
 
     def start(self, client: RegistryClient) -> None:
         """Before the pull: probe mke2fs; start the one pass if the image takes it."""
+        if self.erofs:
+            return  # no tool to probe: the EROFS writer is ours
         # mke2fs's probe (two runs of it, the first time in a process) while the layers download.
         probe = ThreadPoolExecutor(1, thread_name_prefix="probe")
         mke2fs = self._options.mke2fs or "mke2fs"
@@ -311,7 +319,10 @@ class Conversion:
 
     def _convert(self, pulled: PulledImage) -> DiskInfo:
         """The one-pass way if the image takes it and mke2fs can; else, or when it
-        cannot prove its tree, the two-pass way."""
+        cannot prove its tree, the two-pass way. EROFS: the merge's tree, always."""
+        if self.erofs:
+            self._pull.wait()
+            return self._erofs(pulled)
         assert self._tools is not None, "start() first"
         tools = self._tools.result()
         timings: dict[str, float] = {}
@@ -352,12 +363,7 @@ class Conversion:
         self, pulled: PulledImage, tools: E2fsprogs, timings: dict[str, float]
     ) -> DiskInfo:
         """The two-pass way, the reference: scan (what is not scanned yet), merge, emit."""
-        t0 = time.monotonic()
-        layer_scans = scan_layers(pulled, self._blobs, self.scans)
-        tree = self.scans.merged(layer_scans)
-        del layer_scans
-        self.scans.clear()
-        timings["flatten_scan_s"] = time.monotonic() - t0
+        tree = self._merged(pulled, timings)
         t0 = time.monotonic()
         result = build_disk(
             self._dest,
@@ -372,15 +378,45 @@ class Conversion:
         timings["mke2fs_s"] = time.monotonic() - t0
         return disk_info(result, timings, one_pass=False)
 
-    def _emit(self, pulled: PulledImage, tree: Tree, out: BinaryIO) -> None:
-        """Pass 2: the merged tree's stream, bodies copied from the cached blobs."""
+    def _merged(self, pulled: PulledImage, timings: dict[str, float]) -> Tree:
+        """Pass 1 (what is not scanned yet) and the merge: the planned tree."""
+        t0 = time.monotonic()
+        layer_scans = scan_layers(pulled, self._blobs, self.scans)
+        tree = self.scans.merged(layer_scans)
+        del layer_scans
+        self.scans.clear()
+        timings["flatten_scan_s"] = time.monotonic() - t0
+        return tree
+
+    def _erofs(self, pulled: PulledImage) -> DiskInfo:
+        """The merge's tree as an EROFS disk, bodies read from the cached blobs."""
+        timings: dict[str, float] = {}
+        tree = self._merged(pulled, timings)
+        disk = build_erofs(
+            self._dest,
+            tree,
+            self._layer_opener(pulled),
+            seed=pulled.resolved.digest,
+            limits=self._limits,
+            compute_sha256=self._options.disk_digest,
+            report=self._report,
+        )
+        disk.timings.update(timings)
+        return disk
+
+    def _layer_opener(self, pulled: PulledImage) -> Callable[[int], BinaryIO]:
+        """``open_layer(i)``: a fresh reader of layer ``i``'s uncompressed tar, from its blob."""
         layers, blobs = pulled.resolved.manifest.layers, self._blobs
 
         def layer(index: int) -> BinaryIO:
             return open_layer(blobs.path(layers[index].digest), layers[index])
 
+        return layer
+
+    def _emit(self, pulled: PulledImage, tree: Tree, out: BinaryIO) -> None:
+        """Pass 2: the merged tree's stream, bodies copied from the cached blobs."""
         with counted(out, self._report, lambda: tree.stats.regular_bytes) as sink:
-            write_tar(tree, layer, sink, self._limits)
+            write_tar(tree, self._layer_opener(pulled), sink, self._limits)
 
     def _report(self, done: int, total: int) -> None:
         # While the pull runs, the build says nothing: the image is "pulling".

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hypeman_images.store.images import DISK_NAME, ImageRecord, ImageStatus, StoredImage
+from hypeman_images.store.formats import DiskFormat
+from hypeman_images.store.images import ImageRecord, ImageStatus, StoredImage
 
 
 @dataclass(frozen=True)
@@ -20,9 +21,10 @@ class Image:
     """An image as the CLI and the API show it: its record plus live queue state.
 
     ``name`` is the canonical reference asked for (or recorded); ``disk`` is
-    set only when the image is ready. ``record`` is the full metadata.json.
-    ``tags`` are the user's labels (hypeman's meaning of the word);
-    ``local_names`` the local tags that point at this digest.
+    set only when the image is ready; ``format`` is the disk's filesystem (a
+    digest with both disks has an :class:`Image` for each). ``record`` is the
+    full metadata.json. ``tags`` are the user's labels (hypeman's meaning of
+    the word); ``local_names`` the local tags that point at this digest.
     """
 
     name: str
@@ -43,9 +45,10 @@ class Image:
     platform: str | None
     disk: Path | None
     record: ImageRecord = field(repr=False, compare=False)
+    format: DiskFormat = DiskFormat.EXT4
 
     def to_json(self) -> dict[str, Any]:
-        """The API's ``Image`` object: hypeman's fields, then ours (``user``, ``local_names``)."""
+        """The API's ``Image``: hypeman's fields, then ``user``, ``local_names``, ``format``."""
         return {
             "name": self.name,
             "digest": self.digest,
@@ -62,6 +65,7 @@ class Image:
             "tags": dict(self.tags),
             "platform": self.platform,
             "local_names": list(self.local_names),
+            "format": str(self.format),
         }
 
 
@@ -87,7 +91,7 @@ def image_view(
 ) -> Image:
     """An :class:`Image` of ``record``; ``status`` overrides the record's (a live build)."""
     status = status or record.status
-    disk = directory / DISK_NAME
+    disk = directory / record.format.disk_name
     return Image(
         name=name or record.name,
         digest=record.digest,
@@ -107,6 +111,7 @@ def image_view(
         platform=record.platform,
         disk=disk if status is ImageStatus.READY and disk.is_file() else None,
         record=record,
+        format=record.format,
     )
 
 

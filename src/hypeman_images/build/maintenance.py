@@ -12,32 +12,34 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.queue import BuildKey, Job
 from hypeman_images.build.records import pending_tags, without_pending_tags
 from hypeman_images.errors import Conflict, HypemanError
+from hypeman_images.fsutil import discard
 from hypeman_images.layers.scancache import ScanCache
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.store.blobs import BlobStore
+from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.housekeeping import (
     abandoned,
     blobs_needed,
     build_dirs,
     idle_lock,
     quarantine_unreadable,
-    read_record,
     remove_dangling_tags,
     sweep_build_dir,
 )
 from hypeman_images.store.images import (
-    DISK_NAME,
     ImageRecord,
     ImageStatus,
     ImageStore,
     StoredImage,
+    read_records,
 )
 
 if TYPE_CHECKING:
@@ -75,29 +77,27 @@ def collect_garbage(store: ImageStore, blobs: BlobStore, active: set[BuildKey]) 
     blobs, leftovers. ``bytes_freed`` counts allocated blocks (sparse disks as they are).
 
     Blobs of ready builds and of builds queued or running (the ``active`` ones
-    here, or in another live process) are kept. A build dir that cannot be
-    locked or removed is logged and skipped, its blobs kept: one leftover must
-    not stop gc (docs/security.md, "Deep trees and leftovers").
+    here, or in another live process) are kept. A digest with an abandoned (or
+    unreadable) record of one disk format and a good one of another loses only
+    the abandoned disk's files. A build dir that cannot be locked or removed is
+    logged and skipped, its blobs kept: one leftover must not stop gc
+    (docs/security.md, "Deep trees and leftovers").
     """
     keep: set[Digest] = set()
     freed = removed_dirs = 0
     for directory, repository in build_dirs(store.root):
-        key = BuildKey(repository, Digest("sha256", directory.name))
-        record = read_record(directory)
-        if key in active:
-            keep |= blobs_needed(record)
+        digest = Digest("sha256", directory.name)
+        records: list[ImageRecord] | None = read_records(directory)
+        if not any(BuildKey(repository, digest, f) in active for f in DiskFormat):
+            try:
+                freed_here, records = _collect_build_dir(store, directory)
+                freed += freed_here
+            except HypemanError as exc:
+                log.warning("gc: skipping %s: %s", directory, exc)
+        if records is None:
+            removed_dirs += 1
             continue
-        try:
-            with idle_lock(directory) as free:
-                if free and abandoned(record):
-                    freed += store.remove_directory(directory)
-                    removed_dirs += 1
-                    continue
-                if free:
-                    freed += sweep_build_dir(directory, store.quarantine)
-        except HypemanError as exc:
-            log.warning("gc: skipping %s: %s", directory, exc)
-        keep |= blobs_needed(record)
+        keep |= {d for r in records for d in blobs_needed(r)}
     remove_dangling_tags(store.root)
     freed += store.sweep()
     result = blobs.gc(keep)
@@ -109,6 +109,33 @@ def collect_garbage(store: ImageStore, blobs: BlobStore, active: set[BuildKey]) 
         removed_dirs,
         scans_removed,
     )
+
+
+def _collect_build_dir(store: ImageStore, directory: Path) -> tuple[int, list[ImageRecord] | None]:
+    """gc of one build dir, if idle: removed when every record in it is abandoned, else
+    the abandoned disks' files and the leftovers go. Bytes freed, and the records
+    left (None: the directory is gone)."""
+    with idle_lock(directory) as free:
+        records = read_records(directory)  # again, under the lock
+        if not free:
+            return 0, records
+        if all(abandoned(r) for r in records):
+            return store.remove_directory(directory), None
+        freed = _drop_abandoned_disks(store, directory, records)
+        freed += sweep_build_dir(directory, store.quarantine)
+        return freed, [r for r in records if not abandoned(r)]
+
+
+def _drop_abandoned_disks(store: ImageStore, directory: Path, records: list[ImageRecord]) -> int:
+    """Remove the disk and record of each format without a good record; bytes freed."""
+    good = {r.format for r in records if not abandoned(r)}
+    freed = 0
+    for fmt in DiskFormat:
+        if fmt not in good:
+            for name in (fmt.disk_name, fmt.metadata_name):
+                label = f"{directory.parent.name}/{directory.name}/{name}"
+                freed += discard(directory / name, store.quarantine, label)
+    return freed
 
 
 def recover_builds(
@@ -173,15 +200,15 @@ def _recover_one(
         store.write(ref, digest, record.evolve(status=ImageStatus.FAILED, error=_BORROWED))
     elif record.status.active or broken:
         # Rebuild as first asked: the free space changes the disk's bytes.
-        asked = options
+        asked = replace(options, format=record.format)
         if record.free_space_bytes is not None:
-            asked = replace(options, free_space=record.free_space_bytes)
-        job = Job(BuildKey(ref.name, digest), ref.with_digest(digest), asked)
+            asked = replace(asked, free_space=record.free_space_bytes)
+        job = Job(BuildKey(ref.name, digest, record.format), ref.with_digest(digest), asked)
         for name in names[1:]:
             job.add_name(name)  # every tag that asked, not only the first
         job.recovered = True
         submit(job)
-        store.update(ref, digest, lambda r: r.evolve())  # ours now (its writer)
+        store.update(ref, digest, lambda r: r.evolve(), record.format)  # ours now (its writer)
         resumed.append(record.name)
     elif record.status is ImageStatus.READY:
         # The crash fell between "ready" and the tag links. A link that
@@ -190,7 +217,7 @@ def _recover_one(
             if name.tag is not None and store.tag_target(name) is None:
                 store.set_tag(name, digest)
                 retagged.append(str(name))
-        store.update(ref, digest, without_pending_tags)
+        store.update(ref, digest, without_pending_tags, record.format)
     return freed
 
 
@@ -200,7 +227,7 @@ def verify_image(
     """Check the ready disk of ``stored`` (found for ``ref``) again; see ``ImageManager.verify``."""
     # Imported here: only this call needs the disk code.
     from hypeman_images.disk.e2fsprogs import find_e2fsprogs
-    from hypeman_images.disk.verify import Verified, check_disk
+    from hypeman_images.disk.verify import Verified, check_disk, check_erofs_disk
 
     def ready(record: ImageRecord | None) -> ImageRecord:
         if record is None or record.status is not ImageStatus.READY:
@@ -209,16 +236,25 @@ def verify_image(
         return record
 
     # Checked before the build lock too: a build in progress holds it for minutes.
-    digest = Digest.parse(ready(stored.record).digest)
+    digest, fmt = Digest.parse(ready(stored.record).digest), stored.record.format
     key = parse_reference(f"{stored.repository}@{digest}")
-    tools = find_e2fsprogs(mke2fs)
+    tools = find_e2fsprogs(mke2fs) if fmt is DiskFormat.EXT4 else None
     with store.lock(key, digest):
-        current = ready(store.read(key, digest))
-        disk = store.digest_dir(key, digest) / DISK_NAME
-        sha256 = str(check_disk(tools, disk, current.disk_sha256))
+        current = ready(store.read(key, digest, fmt))
+        disk = store.digest_dir(key, digest) / fmt.disk_name
+        if tools is not None:
+            sha256 = str(check_disk(tools, disk, current.disk_sha256))
+        else:
+            sha256 = str(check_erofs_disk(disk, current.disk_sha256))
         recorded_now = record and current.disk_sha256 is None
         if recorded_now:
-            store.update(key, digest, lambda r: r.evolve(disk_sha256=sha256))
+            store.update(key, digest, lambda r: r.evolve(disk_sha256=sha256), fmt)
     return Verified(
-        str(ref), str(digest), disk, sha256, current.disk_sha256, recorded_now=recorded_now
+        str(ref),
+        str(digest),
+        disk,
+        sha256,
+        current.disk_sha256,
+        recorded_now=recorded_now,
+        format=str(fmt),
     )

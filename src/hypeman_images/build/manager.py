@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +33,7 @@ from hypeman_images.build.metrics import Metrics, QueueGauges
 from hypeman_images.build.options import BuildOptions, DataDir
 from hypeman_images.build.pipeline import BuildStats, build_resolved, initial_record
 from hypeman_images.build.progress import Reporter
-from hypeman_images.build.pull import ResolvedImage, resolve
+from hypeman_images.build.pull import ResolvedImage
 from hypeman_images.build.queue import BuildKey, BuildQueue, Job, PauseHook
 from hypeman_images.build.records import (
     find_image,
@@ -44,6 +43,7 @@ from hypeman_images.build.records import (
     write_pending,
 )
 from hypeman_images.build.request import ImageRequest, image_request, labels_match
+from hypeman_images.build.resolving import SharedResolver
 from hypeman_images.build.tagging import tag_image
 from hypeman_images.build.worker import Builder, BuildWorker
 from hypeman_images.errors import Conflict, HypemanError, InvalidArgument
@@ -54,6 +54,7 @@ from hypeman_images.registry.client import RegistryClient
 from hypeman_images.registry.credentials import Credential
 from hypeman_images.store.access import prepare_data_dir
 from hypeman_images.store.blobs import BlobStore
+from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.housekeeping import idle_lock, settled
 from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, StoredImage
 
@@ -103,7 +104,7 @@ class ImageManager:
         # The digest each tag was last resolved to here: a slow build of an older
         # digest must not move a tag back after a newer one was asked for.
         self._latest: dict[str, Digest] = {}
-        self._resolving: dict[tuple[str, Platform, bytes], Future[ResolvedImage]] = {}
+        self._resolver = SharedResolver(lambda: self.client, self._pause)
         # Disks built here go to the disk cache off the queue: ready is not delayed.
         self._pushes = DiskPushes(lambda: self.client, self.blobs, self.metrics)
         worker = BuildWorker(
@@ -113,6 +114,7 @@ class ImageManager:
             pause=self._pause,
             builder=builder,
             client=lambda: self.client,
+            again=self._resolver.again,
             lock=self._lock,
             latest=self._latest,
             built=self._pushes.built,
@@ -157,6 +159,7 @@ class ImageManager:
         name: str | Reference,
         *,
         options: BuildOptions | None = None,
+        format: DiskFormat | None = None,
         platform: Platform | str | None = None,
         labels: Mapping[str, str] | None = None,
         credentials: Credential | None = None,
@@ -164,15 +167,16 @@ class ImageManager:
         """Ask for ``name`` to be built; return at once (pending, or ready if already built).
 
         The name is resolved to its digest first (one manifest GET); unknown names
-        raise :class:`NotFound` here. ``platform`` (a :class:`Platform`, or text as
-        ``docker --platform`` takes it) overrides the options'; ``labels`` replace
-        the image's (hypeman's ``tags``); ``credentials`` are borrowed for this pull
-        only (:mod:`.request`): a build in flight with others is a :class:`Conflict`.
+        raise :class:`NotFound` here. ``format`` and ``platform`` (a :class:`Platform`,
+        or text as ``docker --platform`` takes it) override the options'; ``labels``
+        replace the image's (hypeman's ``tags``); ``credentials`` are borrowed for this
+        pull only (:mod:`.request`): a build in flight with others is a :class:`Conflict`.
         """
         ref = _parse(name)
-        request = image_request(
-            options or self.options, platform=platform, labels=labels, credentials=credentials
-        )
+        options = options or self.options
+        if format is not None:
+            options = replace(options, format=format)
+        request = image_request(options, platform=platform, labels=labels, credentials=credentials)
         image, _ = self._submit(ref, request, None, None)
         return image
 
@@ -195,13 +199,14 @@ class ImageManager:
         request = image_request(
             options or self.options, platform=platform, labels=labels, credentials=credentials
         )
+        fmt = request.options.format
         reporter = reporter or Reporter()
         stats = stats if stats is not None else BuildStats()
         reporter.stage("resolving", ref.familiar())
         image, job = self._submit(ref, request, reporter, stats)
         if job is None:
             reporter.stage("ready", f"{ref.familiar()} (already built)")
-            return self.store.find(ref.with_digest(Digest.parse(image.digest)))
+            return self.store.find(ref.with_digest(Digest.parse(image.digest)), fmt)
         job.wait()
         if job.error is not None:
             raise job.error
@@ -217,20 +222,22 @@ class ImageManager:
             job.wait(timeout)
         return self.get(ref)
 
-    def get(self, name: str | Reference) -> Image:
+    def get(self, name: str | Reference, *, format: DiskFormat | None = None) -> Image:
         """The image ``name`` names, building or built; NotFound otherwise.
 
         ``name`` is a tag or digest reference, or an image ID (``sha256:HEX``,
         or 12 or more hex digits that start one image's digest; :mod:`.lookup`).
         By tag, a build in progress for that tag wins over the ready digest the
-        tag still points at: it is what the asker is waiting for.
+        tag still points at: it is what the asker is waiting for. ``format``
+        picks that disk's record; without it, a digest with both disks shows
+        its ready one (ext4 first).
         """
         ref = self._find(name)
         with self._lock:
-            job = self._job_for(ref)
+            job = self._job_for(ref, format)
             if job is not None:
                 return self._job_image(job, str(ref))
-        return self._stored_image(find_image(self.store, ref), str(ref))
+        return self._stored_image(find_image(self.store, ref, format), str(ref))
 
     def delete(self, name: str | Reference) -> list[str]:
         """Delete by tag (the disk goes with its last tag) or by digest (with all its tags).
@@ -261,18 +268,22 @@ class ImageManager:
             self.blobs.untag(set(removed))
             return removed
 
-    def verify(self, name: str | Reference, *, record: bool = False) -> Verified:
+    def verify(
+        self, name: str | Reference, *, record: bool = False, format: DiskFormat | None = None
+    ) -> Verified:
         """Check the ready disk ``name`` names again: ``e2fsck -fn`` and its sha256.
 
         Raises :class:`CorruptDisk` when e2fsck finds a problem or the disk no
         longer hashes to the sha256 recorded when it was built; with ``record``,
         a disk built with ``--no-disk-digest`` gets its sha256 recorded now.
         The digest's build lock is held throughout, so no build or delete of
-        it runs meanwhile.
+        it runs meanwhile. ``format`` picks the disk, as for :meth:`get`; an
+        EROFS disk is checked with ``fsck.erofs`` (erofs-utils) instead.
         """
         ref = self._find(name)
         mke2fs = self.options.mke2fs or "mke2fs"
-        return verify_image(self.store, ref, find_image(self.store, ref), mke2fs, record=record)
+        stored = find_image(self.store, ref, format)
+        return verify_image(self.store, ref, stored, mke2fs, record=record)
 
     def push_disk(self, name: str | Reference) -> PushedDisk:
         """Push the ready disk ``name`` names to the disk cache the options name, now.
@@ -283,7 +294,8 @@ class ImageManager:
         cache = self.options.disk_cache
         if cache is None:
             raise InvalidArgument("no disk cache to push to: name one with --disk-cache")
-        return self._pushes.push(cache, find_image(self.store, self._find(name)))
+        stored = find_image(self.store, self._find(name), DiskFormat.EXT4)  # the cache's format
+        return self._pushes.push(cache, stored)
 
     def tag(self, source: str | Reference, target: str | Reference) -> Image:
         """Point the local tag ``target`` at the ready image ``source`` names; no pull.
@@ -353,41 +365,37 @@ class ImageManager:
     ) -> tuple[Image, Job | None]:
         """Join or queue the build ``ref`` resolves to; ``None`` job when already built."""
         self.store.validate(ref)
+        options, fmt = request.options, request.options.format
         if ref.digest is not None:
             # A digest-pinned name whose disk is ready needs no network at all.
-            ready = ready_image(self.store, ref, self.store.locate(ref, ref.digest))
+            ready = ready_image(self.store, ref, self.store.locate(ref, ref.digest), fmt)
             if ready is not None:
-                relabel(self.store, ref, Digest.parse(ready.record.digest), request.labels)
+                relabel(self.store, ref, Digest.parse(ready.record.digest), request.labels, fmt)
                 self._reused(stats)
-                return self._stored_image(self.store.find(ref), str(ref)), None
+                return self._stored_image(self.store.find(ref, fmt), str(ref)), None
         client = self.client
         if request.credential is not None:
             client = client.borrowing(ref.registry, request.credential)
-        resolved = self._resolve(ref, request, client)
+        resolved = self._resolver.resolve(ref, options.platform, client, request.fingerprint)
         digest = resolved.digest
-        key = BuildKey(ref.name, digest)
+        key = BuildKey(ref.name, digest, fmt)
         with self._lock:
             if ref.tag is not None:
                 self._latest[str(ref.with_tag(ref.tag))] = digest
             job = self._queue.get(key)
             if job is not None:
                 return self._join(job, ref, resolved, request, reporter), job
-            ready = ready_image(self.store, ref, digest)
+            ready = ready_image(self.store, ref, digest, fmt)
             if ready is not None:
                 self.store.set_tag(resolved.ref, digest)
-                relabel(self.store, ref, digest, request.labels)
+                relabel(self.store, ref, digest, request.labels, fmt)
                 self._reused(stats)
-                return self._stored_image(self.store.find(resolved.ref), str(ref)), None
+                stored = self.store.find(resolved.ref, fmt)
+                return self._stored_image(stored, str(ref)), None
             write_pending(self.store, resolved, request)
-            job = Job(
-                key,
-                resolved.ref,
-                request.options,
-                resolved=resolved,
-                stats=stats,
-                client=client if request.credential is not None else None,
-                fingerprint=request.fingerprint,
-            )
+            job = Job(key, resolved.ref, options, resolved=resolved, stats=stats,
+                      client=client if request.credential is not None else None,
+                      fingerprint=request.fingerprint)  # fmt: skip
             if reporter is not None:
                 job.reporter.attach(reporter)
             self._queue.submit(job)
@@ -410,38 +418,17 @@ class ImageManager:
         job.add_name(resolved.ref)
         remember_tag(self.store, job, resolved.ref)
         if request.labels is not None:
-            relabel(self.store, job.ref, job.key.digest, request.labels)
+            relabel(self.store, job.ref, job.key.digest, request.labels, job.key.format)
             if job.record is not None:
                 job.record = replace(job.record, tags=request.labels)
         if reporter is not None:
             job.reporter.attach(reporter)
         return self._job_image(job, str(ref))
 
-    def _resolve(
-        self, ref: Reference, request: ImageRequest, client: RegistryClient
-    ) -> ResolvedImage:
-        """One manifest GET per name however many ask at once (with the same credentials)."""
-        platform = request.options.platform
-        key = (str(ref), platform, request.fingerprint)
-        with self._lock:
-            future = self._resolving.get(key)
-            owner = future is None
-            if future is None:
-                future = self._resolving[key] = Future()
-        if owner:
-            try:
-                self._pause.reached("resolving")
-                future.set_result(resolve(client, ref, platform))
-            except BaseException as exc:  # handed to every waiter, re-raised below
-                future.set_exception(exc)
-            finally:
-                with self._lock:
-                    del self._resolving[key]
-        return future.result()
-
     def _reused(self, stats: BuildStats | None) -> None:
         self.metrics.image_reused()
-        (stats or BuildStats()).reused = True
+        if stats is not None:
+            stats.reused = True
 
     def _metadata_written(self, record: ImageRecord) -> None:
         """The store wrote a record's temp file: the crash tests' "metadata" stage."""
@@ -452,15 +439,15 @@ class ImageManager:
         """The reference ``name`` gives: parsed, or an image ID looked up (:mod:`.lookup`)."""
         return local_reference(self.store, name, lambda ref: self._job_for(ref) is not None)
 
-    def _job_for(self, ref: Reference) -> Job | None:
-        found = [job for job in self._queue.jobs() if job.answers(ref)]
+    def _job_for(self, ref: Reference, fmt: DiskFormat | None = None) -> Job | None:
+        found = [j for j in self._queue.jobs() if j.answers(ref) and fmt in (None, j.key.format)]
         return found[-1] if found else None
 
     def _job_image(self, job: Job, name: str | None = None) -> Image:
         record = (
             job.record
-            or self.store.read(job.ref, job.key.digest)
-            or initial_record(job.ref, job.key.digest, job.status)
+            or self.store.read(job.ref, job.key.digest, job.key.format)
+            or initial_record(job.ref, job.key.digest, job.status, job.key.format)
         )
         if job.status is ImageStatus.FAILED and record.status is not ImageStatus.FAILED:
             record = record.evolve(status=ImageStatus.FAILED, error=job.error_detail)
@@ -485,7 +472,8 @@ def _parse(name: str | Reference) -> Reference:
 
 def _key_of(stored: StoredImage) -> BuildKey | None:
     try:
-        return BuildKey(stored.repository, Digest.parse(stored.record.digest))
+        digest = Digest.parse(stored.record.digest)
+        return BuildKey(stored.repository, digest, stored.record.format)
     except HypemanError:
         return None
 

@@ -16,6 +16,7 @@ from hypeman_images.errors import InvalidArgument
 from hypeman_images.fleet.cache import DiskCache
 from hypeman_images.layers.limits import Limits
 from hypeman_images.oci.spec import Platform
+from hypeman_images.store.formats import DiskFormat
 
 SYSTEM_DATA_DIR = Path("/var/lib/hypeman")
 DEFAULT_FREE_SPACE = 16 * 1024 * 1024
@@ -111,6 +112,9 @@ class BuildOptions:
     test what a disk filled by others does.
     ``disk_cache``: the repository where built disks are shared, looked up
     before a build and pushed to after one (:mod:`hypeman_images.build.diskcache`).
+    ``format``: the disk's filesystem, ext4 (by ``mke2fs``) or a read-only
+    EROFS image (written by :mod:`hypeman_images.disk.erofs`, from the
+    two-pass merge; docs/design.md, "EROFS disks").
     """
 
     platform: Platform = field(default_factory=Platform.host)
@@ -121,3 +125,4 @@ class BuildOptions:
     one_pass: bool = True
     check_space: bool = True
     disk_cache: DiskCache | None = None
+    format: DiskFormat = DiskFormat.EXT4

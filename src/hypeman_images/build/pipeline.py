@@ -1,4 +1,4 @@
-"""One image, end to end: reference → registry → blob cache → flatten → ext4 → store.
+"""One image, end to end: reference → registry → blob cache → flatten → ext4 (or EROFS) → store.
 
 :func:`build_resolved` is the whole pipeline of DESIGN.md for one resolved
 reference (``pull.resolve`` does the resolving). It is synchronous and knows
@@ -23,7 +23,7 @@ from hypeman_images.build import collector
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.progress import Reporter
 from hypeman_images.build.pull import PulledImage, ResolvedImage, pull
-from hypeman_images.errors import HypemanError, LimitExceeded, StorageError
+from hypeman_images.errors import HypemanError, InvalidArgument, LimitExceeded, StorageError
 from hypeman_images.fsutil import storage_error
 from hypeman_images.layers.limits import Limits, check_layer_count
 from hypeman_images.oci.digest import Digest
@@ -31,8 +31,8 @@ from hypeman_images.oci.reference import Reference
 from hypeman_images.oci.spec import Descriptor
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.store.blobs import BlobStore
+from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.images import (
-    DISK_NAME,
     ImageRecord,
     ImageStatus,
     ImageStore,
@@ -65,9 +65,13 @@ class BuildStats:
     fetched_bytes: int = 0
 
 
-def initial_record(ref: Reference, digest: Digest, status: ImageStatus) -> ImageRecord:
-    """The record of a build that has just been asked for."""
-    return ImageRecord(name=ref.pinned(), digest=str(digest), status=status, created_at=now())
+def initial_record(
+    ref: Reference, digest: Digest, status: ImageStatus, fmt: DiskFormat = DiskFormat.EXT4
+) -> ImageRecord:
+    """The record of a build (of a ``fmt`` disk) that has just been asked for."""
+    return ImageRecord(
+        name=ref.pinned(), digest=str(digest), status=status, created_at=now(), format=fmt
+    )
 
 
 # mke2fs's own metadata (inode tables, bitmaps, directories) on top of the
@@ -235,26 +239,26 @@ def build_resolved(
     from hypeman_images.build.convert import Conversion
     from hypeman_images.build.diskcache import built_fields, fetch_cached
 
-    ref, digest = resolved.ref, resolved.digest
+    ref, digest, fmt = resolved.ref, resolved.digest, options.format
     with store.lock(ref, digest), collector.collect_rarely():
-        existing = store.read(ref, digest)
+        existing = store.read(ref, digest, fmt)
         ready = existing is not None and existing.status is ImageStatus.READY
-        if ready and (store.digest_dir(ref, digest) / DISK_NAME).is_file():
+        if ready and (store.digest_dir(ref, digest) / fmt.disk_name).is_file():
             # A ready digest needs no download and no rebuild: only the tag may move.
             stats.reused = True
             store.set_tag(ref, digest)
             reporter.stage("ready", f"{_shown(ref)} (already built)")
-            return store.find(ref)
+            return store.find(ref, fmt)
 
         record = _Record(store, ref, digest, on_status, _pulling(resolved, existing, options))
         limits, room = build_limits(resolved, blobs, store, options)
         layers = resolved.manifest.layers
-        dest = store.digest_dir(ref, digest) / DISK_NAME
+        dest = store.digest_dir(ref, digest) / fmt.disk_name
 
         def explain(exc: LimitExceeded) -> HypemanError:
             return _shortfall(exc, limits, options, room, layers, blobs)
 
-        if options.disk_cache is not None and options.disk_cache.looks:
+        if _looks_in_cache(options):
             with record.failures(explain):
                 fetched = fetch_cached(
                     resolved, client=client, blobs=blobs, dest=dest, options=options,
@@ -265,7 +269,7 @@ def build_resolved(
                 record.set(fetched)
                 store.set_tag(ref, digest)
                 reporter.stage("ready", f"{ref.familiar()} (from the disk cache)")
-                return store.find(ref)
+                return store.find(ref, fmt)
         conversion = Conversion(
             resolved, blobs=blobs, dest=dest, options=options, limits=limits, reporter=reporter
         )
@@ -290,7 +294,21 @@ def build_resolved(
         store.set_tag(ref, digest)
         stats.finish_s = time.monotonic() - t0
     reporter.stage("ready", _shown(ref))
-    return store.find(ref)
+    return store.find(ref, fmt)
+
+
+def _looks_in_cache(options: BuildOptions) -> bool:
+    """Does this build look in a disk cache first? Only for ext4 disks: the cache's
+    recipes and checks are ext4's (docs/disk-artifacts.md), so an EROFS disk is built."""
+    cache = options.disk_cache
+    if cache is None or not cache.looks:
+        return False
+    if options.format is not DiskFormat.EXT4:
+        if cache.required:  # disk pull: a disk from the cache or an error, never a build
+            raise InvalidArgument(f"the disk cache holds ext4 disks only, not {options.format}")
+        log.debug("disk cache %s: not looked up for an %s disk (ext4 only)", cache, options.format)
+        return False
+    return True
 
 
 def _pull_and_convert(
@@ -314,7 +332,8 @@ def _pull_and_convert(
     record.set(with_config(record.current, pulled).evolve(status=ImageStatus.CONVERTING))
 
     layers = len(resolved.manifest.layers)
-    reporter.stage("converting", f"{layers} layer{'' if layers == 1 else 's'} → ext4")
+    shape = f"{layers} layer{'' if layers == 1 else 's'} → {record.current.format}"
+    reporter.stage("converting", shape)
     t0 = time.monotonic()
     disk = conversion.finish(pulled)
     stats.convert_s = time.monotonic() - t0
@@ -334,7 +353,7 @@ def _pulling(
 ) -> ImageRecord:
     """The record of a build that starts pulling (over an earlier record, if any)."""
     ref, digest = resolved.ref, resolved.digest
-    record = initial_record(ref, digest, ImageStatus.PULLING)
+    record = initial_record(ref, digest, ImageStatus.PULLING, options.format)
     if existing is not None:
         record = existing.evolve(status=ImageStatus.PULLING, error=None, name=record.name)
     # Name the blobs from the start, so a gc during the download keeps them.

@@ -33,6 +33,7 @@ from hypeman_images.errors import HypemanError, InvalidArgument
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
 from hypeman_images.registry.client import RegistryClient
+from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.images import ImageRecord, ImageStatus, StoredImage
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,15 @@ PAUSE_STAGES = ("resolving", "pulling", "flattening", "mke2fs", "metadata", "tag
 
 @dataclass(frozen=True)
 class BuildKey:
-    """What makes two requests the same build: repository and platform manifest digest."""
+    """What makes two requests the same build: repository, platform manifest digest, format.
+
+    The ext4 and the EROFS disk of one digest are two builds; they take turns
+    on the digest's build lock.
+    """
 
     repository: str  # registry/repository, as Reference.name
     digest: Digest
+    format: DiskFormat = DiskFormat.EXT4
 
 
 class FanOutReporter(Reporter):

@@ -20,26 +20,35 @@ from hypeman_images.build.request import ImageRequest
 from hypeman_images.errors import HypemanError, NotFound
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
+from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.housekeeping import idle_lock, interrupted
-from hypeman_images.store.images import DISK_NAME, ImageRecord, ImageStatus, ImageStore, StoredImage
+from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, StoredImage
 
 log = logging.getLogger(__name__)
 
 
-def ready_image(store: ImageStore, ref: Reference, digest: Digest) -> StoredImage | None:
-    """The image ``ref`` names at ``digest`` if its record is ready and its disk is there."""
-    record = store.read(ref, digest)
-    if record is None or record.status is not ImageStatus.READY:
-        return None
-    if not (store.digest_dir(ref, digest) / DISK_NAME).is_file():
-        return None
-    return store.find(ref.with_digest(digest))
+def ready_image(
+    store: ImageStore, ref: Reference, digest: Digest, fmt: DiskFormat | None = DiskFormat.EXT4
+) -> StoredImage | None:
+    """The image ``ref`` names at ``digest`` if its ``fmt`` record (any format's, for
+    ``None``) is ready and its disk is there."""
+    for each in [fmt] if fmt is not None else DiskFormat:
+        record = store.read(ref, digest, each)
+        if record is None or record.status is not ImageStatus.READY:
+            continue
+        if (store.digest_dir(ref, digest) / each.disk_name).is_file():
+            return store.find(ref.with_digest(digest), each)
+    return None
 
 
-def find_image(store: ImageStore, ref: Reference) -> StoredImage:
-    """The stored image by digest or tag link; else the newest record built under that name."""
+def find_image(store: ImageStore, ref: Reference, fmt: DiskFormat | None = None) -> StoredImage:
+    """The stored image by digest or tag link; else the newest record built under that name.
+
+    ``fmt``: the record of that disk format; ``None``: the one a name alone means
+    (:func:`~hypeman_images.store.images.preferred`).
+    """
     try:
-        return store.find(ref)
+        return store.find(ref, fmt)
     except NotFound:
         if ref.digest is not None:
             raise
@@ -48,7 +57,9 @@ def find_image(store: ImageStore, ref: Reference) -> StoredImage:
         named = [
             s
             for s in store.scan()
-            if s.record.name == str(ref) and s.record.status is not ImageStatus.READY
+            if s.record.name == str(ref)
+            and s.record.status is not ImageStatus.READY
+            and fmt in (None, s.record.format)
         ]
         if not named:
             raise
@@ -61,15 +72,15 @@ def write_pending(store: ImageStore, resolved: ResolvedImage, request: ImageRequ
     Its labels replace the record's (when it gives some); that it borrowed
     credentials is noted, never the credentials.
     """
-    ref, digest = resolved.ref, resolved.digest
     options = request.options
-    existing = store.read(ref, digest)
+    ref, digest, fmt = resolved.ref, resolved.digest, options.format
+    existing = store.read(ref, digest, fmt)
     directory = store.digest_dir(ref, digest)
     if existing is not None and existing.status.active and not interrupted(directory, existing):
         return  # another live process's build: the build lock sorts it out
-    if ready_image(store, ref, digest) is not None:
+    if ready_image(store, ref, digest, fmt) is not None:
         return  # another process finished it since we looked: never demote a ready build
-    fresh = initial_record(ref, digest, ImageStatus.PENDING)
+    fresh = initial_record(ref, digest, ImageStatus.PENDING, fmt)
     record = (
         existing.evolve(status=ImageStatus.PENDING, error=None, name=fresh.name, pending_tags=[])
         if existing is not None
@@ -90,11 +101,15 @@ def write_pending(store: ImageStore, resolved: ResolvedImage, request: ImageRequ
 
 
 def relabel(
-    store: ImageStore, ref: Reference, digest: Digest, labels: dict[str, str] | None
+    store: ImageStore,
+    ref: Reference,
+    digest: Digest,
+    labels: dict[str, str] | None,
+    fmt: DiskFormat = DiskFormat.EXT4,
 ) -> None:
-    """Give the record of ``digest`` the request's labels (None: leave them as they are)."""
+    """Give the ``fmt`` record of ``digest`` the request's labels (None: leave them)."""
     if labels is not None:
-        store.update(ref, digest, lambda r: r if r.tags == labels else r.evolve(tags=labels))
+        store.update(ref, digest, lambda r: r if r.tags == labels else r.evolve(tags=labels), fmt)
 
 
 def remember_tag(store: ImageStore, job: Job, ref: Reference) -> None:
@@ -110,13 +125,13 @@ def remember_tag(store: ImageStore, job: Job, ref: Reference) -> None:
             return record
         return record.evolve(pending_tags=[*record.pending_tags, tag])
 
-    store.update(job.ref, job.key.digest, add)
+    store.update(job.ref, job.key.digest, add, job.key.format)
 
 
 def record_failure(store: ImageStore, job: Job, exc: HypemanError) -> None:
     """Failures before the pipeline wrote anything (e.g. re-resolving) still end the record."""
     directory = store.digest_dir(job.ref, job.key.digest)
-    record = store.read(job.ref, job.key.digest)
+    record = store.read(job.ref, job.key.digest, job.key.format)
     if record is None or not record.status.active:
         return
     with idle_lock(directory) as free:

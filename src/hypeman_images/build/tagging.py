@@ -25,7 +25,7 @@ from hypeman_images.errors import Conflict, InvalidReference
 from hypeman_images.fsutil import fsync_dir, storage_error, temp_name
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
-from hypeman_images.store.images import DISK_NAME, ImageStatus, ImageStore, StoredImage
+from hypeman_images.store.images import ImageStatus, ImageStore, StoredImage
 
 
 def check_target(target: Reference) -> None:
@@ -73,18 +73,20 @@ def tag_image(
         raise not_ready(ref.familiar(), job.status)
     source = find_image(store, ref)
     digest = ready_source(source, ref.familiar())
-    if queued(BuildKey(target.name, digest)) is not None:
+    fmt = source.record.format
+    if queued(BuildKey(target.name, digest, fmt)) is not None:
         raise Conflict(f"{target.name}@{digest} is being built; tag it once that ends")
     _tag(store, source, digest, target)
-    return store.find(target)
+    return store.find(target, fmt)
 
 
 def _tag(store: ImageStore, source: StoredImage, digest: Digest, target: Reference) -> None:
     """Point ``target``'s tag at ``source`` (ready); store the image there first if need be."""
     if f"{target.registry}/{target.repository}" != source.repository:
         with store.lock(target, digest):
-            existing = store.read(target, digest)
-            disk = store.digest_dir(target, digest) / DISK_NAME
+            fmt = source.record.format
+            existing = store.read(target, digest, fmt)
+            disk = store.digest_dir(target, digest) / fmt.disk_name
             if existing is not None and existing.status.active:
                 raise Conflict(
                     f"{target.name}@{digest} is being built; tag it once that build ends"

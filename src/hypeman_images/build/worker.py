@@ -18,7 +18,7 @@ from hypeman_images.build.metrics import Metrics
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.pipeline import BuildStats
 from hypeman_images.build.progress import Reporter
-from hypeman_images.build.pull import ResolvedImage, resolve
+from hypeman_images.build.pull import ResolvedImage
 from hypeman_images.build.queue import Job, PauseHook, PausingReporter
 from hypeman_images.build.records import ready_image, record_failure, without_pending_tags
 from hypeman_images.errors import HypemanError
@@ -50,7 +50,8 @@ class BuildWorker:
     """Runs jobs for one manager (module docstring).
 
     ``client`` gives the manager's registry client (made on first use);
-    a job with borrowed credentials brings its own. ``latest`` maps each tag
+    a job with borrowed credentials brings its own. ``again`` fetches a
+    recovered build's manifest again (``resolving.SharedResolver.again``). ``latest`` maps each tag
     to the digest last asked for under it; ``built`` hears of each success,
     tagged (the disk cache's pushes); ``retire`` forgets a finished job.
     """
@@ -64,6 +65,7 @@ class BuildWorker:
         pause: PauseHook,
         builder: Builder,
         client: Callable[[], RegistryClient],
+        again: Callable[[Job], ResolvedImage],
         lock: threading.RLock,
         latest: dict[str, Digest],
         built: Callable[[Job], None],
@@ -75,6 +77,7 @@ class BuildWorker:
         self._pause = pause
         self._builder = builder
         self._client = client
+        self._again = again
         self._lock = lock
         self._latest = latest
         self._built = built
@@ -96,7 +99,7 @@ class BuildWorker:
         # A recovered build leaves alone a tag link that was moved meanwhile.
         before = {str(n): self.store.tag_target(n) for n in job.names} if job.recovered else {}
         try:
-            resolved = job.resolved or self._resolve_again(job)
+            resolved = job.resolved or self._again(job)
             job.result = self._builder(
                 resolved,
                 client=job.client or self._client(),
@@ -130,8 +133,9 @@ class BuildWorker:
                         target = self._tag_target(name, job.key.digest, before.get(str(name)))
                         if target is not None:
                             self.store.set_tag(name, target)
-                    self.store.update(job.ref, job.key.digest, without_pending_tags)
-                    job.result = self.store.find(job.ref)
+                    key = job.key
+                    self.store.update(job.ref, key.digest, without_pending_tags, key.format)
+                    job.result = self.store.find(job.ref, key.format)
                     job.update(job.result.record)
                     self._built(job)
                 self._retire(job)
@@ -148,14 +152,7 @@ class BuildWorker:
         wanted = self._latest.get(str(name), built)
         if wanted == built:
             return built
-        return wanted if ready_image(self.store, name, wanted) is not None else None
-
-    def _resolve_again(self, job: Job) -> ResolvedImage:
-        """A recovered build: fetch its manifest by digest (verified against it)."""
-        self._pause.reached("resolving")
-        resolved = resolve(self._client(), job.ref, job.options.platform)
-        job.resolved = resolved
-        return resolved
+        return wanted if ready_image(self.store, name, wanted, None) is not None else None
 
 
 __all__ = ["BuildWorker", "Builder"]

@@ -21,6 +21,7 @@ from hypeman_images.cli.config import build_options, open_manager
 from hypeman_images.cli.interrupt import pull_image
 from hypeman_images.cli.output import PROG, print_json, printable
 from hypeman_images.errors import NotFound
+from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.images import ImageStatus
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def boot_image(args: argparse.Namespace) -> int:
 
     command = args.args[1:] if args.args[:1] == ["--"] else args.args
     with open_manager(args, build_options(args)) as manager:
-        image = _ready_image(manager, args.image)
+        image = _ready_image(manager, args.image, DiskFormat(args.format) if args.format else None)
         if image.disk is None:
             raise NotFound(f"{args.image} has no disk; pull it again")
         metadata = json.loads(image.record.to_json())
@@ -50,6 +51,7 @@ def boot_image(args: argparse.Namespace) -> int:
                 accel="kvm",
                 work_dir=work_dir,
                 cache_dir=manager.data.boot,
+                fstype=str(image.format),
             )
             print(shlex.join(argv))
             return 0
@@ -63,6 +65,7 @@ def boot_image(args: argparse.Namespace) -> int:
             work_dir=work_dir,
             cache_dir=manager.data.boot,
             memory_mib=args.memory,
+            fstype=str(image.format),
             output=None if args.json else _write_through,
             stdin=stdin_to_pass(),
         )
@@ -91,10 +94,11 @@ def _write_through(data: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
-def _ready_image(manager: ImageManager, name: str) -> Image:
-    """The local image if it is ready, else the image pulled now."""
+def _ready_image(manager: ImageManager, name: str, fmt: DiskFormat | None) -> Image:
+    """The local image's ``fmt`` disk (any, for None) if it is ready, else the image pulled now
+    (as ``--format``, ext4 by default)."""
     try:
-        image = manager.get(name)
+        image = manager.get(name, format=fmt)
         if image.status is not ImageStatus.READY:
             raise NotFound(f"{name} is {image.status}, not ready")
     except NotFound:

@@ -19,6 +19,7 @@ from hypeman_images.oci.spec import Platform
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.registry.config import RegistryConfig, check_timeout
 from hypeman_images.registry.credentials import default_credentials
+from hypeman_images.store.formats import DiskFormat
 
 
 def registry_config(args: argparse.Namespace) -> RegistryConfig:
@@ -61,6 +62,8 @@ def build_options(args: argparse.Namespace) -> BuildOptions:
         options = replace(options, disk_digest=False)
     if args.two_pass:
         options = replace(options, one_pass=False)
+    if args.format:
+        options = replace(options, format=DiskFormat(args.format))
     limits = options.limits
     if args.max_entries < 1:
         raise InvalidArgument(f"--max-entries must be at least 1, not {args.max_entries}")

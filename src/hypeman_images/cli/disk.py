@@ -23,6 +23,7 @@ from hypeman_images.cli.config import build_options, disk_cache, open_manager
 from hypeman_images.cli.output import PROG, image_json, print_json, reporter
 from hypeman_images.errors import DigestMismatch, DiskArtifactInvalid, InvalidArgument, NotFound
 from hypeman_images.fleet.cache import CacheMode
+from hypeman_images.store.formats import DiskFormat
 
 CACHE_ENV = "HYPEMAN_DISK_CACHE"
 P = TypeVar("P", bound=argparse.ArgumentParser)
@@ -116,6 +117,8 @@ def disk_pull(args: argparse.Namespace) -> int:
     options = build_options(args)
     if options.disk_cache is None:
         raise InvalidArgument(_NO_CACHE)
+    if options.format is not DiskFormat.EXT4:
+        raise InvalidArgument(f"the disk cache holds ext4 disks only, not {options.format}")
     options = replace(options, disk_cache=replace(options.disk_cache, required=True))
     progress = reporter(args)
     try:

@@ -18,7 +18,13 @@ from hypeman_images.cli.interrupt import pull_image
 from hypeman_images.cli.listing import RepositoryFilter, render, short_id, table_rows
 from hypeman_images.cli.output import PROG, image_json, print_json, printable, reporter
 from hypeman_images.errors import HypemanError, InvalidArgument
+from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.images import ImageRecord
+
+
+def _format(args: argparse.Namespace) -> DiskFormat | None:
+    """The disk format ``--format`` names (inspect, verify), None for "the ready one"."""
+    return DiskFormat(args.format) if args.format else None
 
 
 def pull(args: argparse.Namespace) -> int:
@@ -65,7 +71,7 @@ def inspect(args: argparse.Namespace) -> int:
     wrote most of it. JSON stays exact.
     """
     with open_manager(args) as manager:
-        image = manager.get(args.image)
+        image = manager.get(args.image, format=_format(args))
     if args.json:
         print_json(image_json(image))
         return 0
@@ -77,6 +83,7 @@ def inspect(args: argparse.Namespace) -> int:
         ("tags", ", ".join(image.local_names) or "-"),
         ("user_labels", ", ".join(f"{k}={v}" for k, v in image.tags.items()) or None),
         ("platform", image.platform),
+        ("format", image.format),
         ("size", human_size(image.size_bytes) if image.size_bytes else None),
         ("source", source_text(image.record)),
         ("entrypoint", json.dumps(image.entrypoint)),
@@ -195,13 +202,14 @@ def gc(args: argparse.Namespace) -> int:
 def verify(args: argparse.Namespace) -> int:
     """``verify``: check a local disk again; a failing one raises CorruptDisk."""
     with open_manager(args) as manager:
-        checked = manager.verify(args.image, record=args.record)
+        checked = manager.verify(args.image, record=args.record, format=_format(args))
     if args.json:
         print_json(
             {
                 "name": checked.name,
                 "digest": checked.digest,
                 "disk": str(checked.disk),
+                "format": checked.format,
                 "sha256": checked.sha256,
                 "recorded": checked.recorded,
                 "recorded_now": checked.recorded_now,
@@ -214,7 +222,8 @@ def verify(args: argparse.Namespace) -> int:
         how = "recorded now"
     else:
         how = "none recorded (--record keeps it)"
-    print(f"ok: {checked.name}: e2fsck -fn clean; {checked.sha256} {how}")
+    fsck = "fsck.erofs" if checked.format == DiskFormat.EROFS else "e2fsck -fn"
+    print(f"ok: {checked.name}: {fsck} clean; {checked.sha256} {how}")
     return 0
 
 

@@ -3,7 +3,7 @@
 One row per tag (``<none>`` for an image no tag points at), as ``docker
 images`` prints it; the default columns fit 80 columns for everyday names,
 and the columns that tell images apart only sometimes (``PLATFORM``,
-``SOURCE``) appear only when they do.
+``FORMAT``, ``SOURCE``) appear only when they do.
 """
 
 from __future__ import annotations
@@ -97,12 +97,15 @@ def status_text(image: Image) -> str:
 def table_rows(images: Sequence[Image], now: datetime | None = None) -> list[tuple[str, ...]]:
     """The header and one row per tag of each image (``<none>`` when untagged).
 
-    ``PLATFORM`` only when the images are for more than one platform, and
+    ``PLATFORM`` only when the images are for more than one platform,
+    ``FORMAT`` when their disks are of more than one (ext4, erofs), and
     ``SOURCE`` only when a disk came from elsewhere than a build here (the
     disk cache): columns that would say the same on every row are left out.
     """
     platforms = {image.platform for image in images if image.platform}
     extra = [("PLATFORM", _platform)] if len(platforms) > 1 else []
+    if len({str(image.format) for image in images}) > 1:
+        extra.append(("FORMAT", lambda image: str(image.format)))
     if any(_source(image) not in ("build", "-") for image in images):
         extra.append(("SOURCE", _source))
     header = ("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE")

@@ -30,6 +30,9 @@ from hypeman_images.cli.serve import DEFAULT_LISTEN, serve
 from hypeman_images.errors import InvalidArgument
 from hypeman_images.layers.limits import Limits
 from hypeman_images.registry.config import RegistryConfig
+from hypeman_images.store.formats import DiskFormat
+
+FORMATS = [f.value for f in DiskFormat]
 
 
 class UsageParser(argparse.ArgumentParser):
@@ -166,6 +169,13 @@ def _build_flags() -> UsageParser:
         "about 0.8 s per GB of disk)",
     )
     flags.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="the disk's filesystem: ext4 (default) or erofs, a read-only EROFS image "
+        "(boot: the image's disk, ext4 if it has both)",
+    )
+    flags.add_argument(
         "--two-pass",
         action="store_true",
         help="scan every layer before writing the disk, never in one pass (slower; same tree)",
@@ -225,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "pull",
-        "Pull an image, convert it into rootfs.ext4 and print the disk's path.",
+        "Pull an image, convert it into rootfs.ext4 (or rootfs.erofs) and print the disk's path.",
         registry=True,
         build=True,
     )
@@ -265,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("inspect", "Show an image's metadata: entrypoint, cmd, env, status, disk.")
     p.add_argument("image", help="tag or digest reference, or image ID, of a local image")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="the record of this disk (default: the ready one, ext4 first)",
+    )
     p.set_defaults(run=inspect)
 
     p = command("rm", "Remove images by tag or by digest.")
@@ -279,8 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("gc", "Free space: unneeded blobs, failed builds, leftovers of crashes.")
     p.set_defaults(run=gc)
 
-    p = command("verify", "Check a local image's disk again: e2fsck -fn and its sha256.")
+    p = command(
+        "verify", "Check a local image's disk again: e2fsck -fn (fsck.erofs) and its sha256."
+    )
     p.add_argument("image", help="tag or digest reference, or image ID, of a local image")
+    p.add_argument(
+        "--format", choices=FORMATS, help="the disk to check (default: the ready one, ext4 first)"
+    )
     p.add_argument(
         "--record", action="store_true", help="record the sha256 if none was (for later checks)"
     )

@@ -11,7 +11,6 @@ is the very one a local build would make.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 from collections.abc import Mapping
@@ -20,13 +19,7 @@ from typing import Any
 
 from hypeman_images.errors import DiskArtifactInvalid, HypemanError
 from hypeman_images.oci.digest import Digest
-
-
-class DiskFormat(enum.StrEnum):
-    """The filesystem of a disk."""
-
-    EXT4 = "ext4"
-    EROFS = "erofs"
+from hypeman_images.store.formats import DiskFormat as DiskFormat  # the store's, re-exported
 
 
 def canonical_json(doc: Any) -> bytes:

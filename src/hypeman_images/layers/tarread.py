@@ -210,6 +210,38 @@ class TarReader:
         sparse file (``sparse``, :attr:`Header.sparse`; ``size`` its real
         size) the block before may be its map, so only the position is checked.
         """
+        self._seek_body(offset, size, sparse)
+        if sparse is None:
+            self._copy(size, out)
+        else:
+            self._expand(sparse, size, out)
+        self._body_left -= self._data_left
+        self._data_left = 0
+
+    def body_at(
+        self, offset: int, size: int, sparse: SparseMap | None = None
+    ) -> Iterator[memoryview]:
+        """The body :meth:`copy_at` would copy, as chunks for a consumer that pulls.
+
+        A sparse file's stored fragments come out one after another, without
+        the holes: for a disk format with holes of its own (the EROFS writer's
+        ``Entry.sparse``). Positions itself on the first ``next()``; consume it
+        whole before reading on.
+        """
+        left = self._seek_body(offset, size, sparse)
+        while left > 0:
+            if self._pos >= len(self._buf) and not self._fill():
+                raise LayerError(f"{self._where}: tar stream is truncated inside a file body")
+            take = min(left, len(self._buf) - self._pos)
+            chunk = memoryview(self._buf)[self._pos : self._pos + take]
+            self._pos += take
+            left -= take
+            yield chunk
+        self._body_left -= self._data_left
+        self._data_left = 0
+
+    def _seek_body(self, offset: int, size: int, sparse: SparseMap | None) -> int:
+        """Skip to the body at ``offset`` (see :meth:`copy_at`); the bytes stored there."""
         here = self.size - (len(self._buf) - self._pos)
         if offset - (BLOCK if sparse is None else 0) < here:
             raise LayerError(f"{self._where}: body offset {offset} is behind the stream at {here}")
@@ -222,13 +254,10 @@ class TarReader:
                     "differs from the one scanned (the blob changed under us)"
                 )
             self._data_left = self._body_left = size
-            self._copy(size, out)
         else:
             self._skip(offset - here)
             self._data_left = self._body_left = sum(length for _, length in sparse)
-            self._expand(sparse, size, out)
-        self._body_left -= self._data_left
-        self._data_left = 0
+        return self._data_left
 
     def hexdigest(self) -> str:
         """sha256 of every byte read so far (the whole stream once iteration ended)."""

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from hypeman_images.build.image import Image
 from hypeman_images.registry.credentials import Credential
+from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.images import ImageStatus
 
 _TAGS = (
@@ -64,6 +65,11 @@ class CreateImageRequest(BaseModel):
     tags: dict[str, str] | None = Field(
         default=None, description=_TAGS + " Given, they replace the image's."
     )
+    format: DiskFormat | None = Field(
+        default=None,
+        description="Extension: the disk's filesystem, `ext4` or `erofs` (default: the "
+        "server's, ext4 unless `serve --format`)",
+    )
 
 
 class TagImageRequest(BaseModel):
@@ -76,7 +82,7 @@ class TagImageRequest(BaseModel):
 
 
 class ImageModel(BaseModel):
-    """hypeman's ``Image``, with ``user`` and ``local_names`` besides."""
+    """hypeman's ``Image``, with ``user``, ``local_names`` and ``format`` besides."""
 
     name: str = Field(description="Normalised reference, e.g. docker.io/library/alpine:3.20")
     digest: str = Field(description="Platform manifest digest (sha256:…)")
@@ -93,6 +99,7 @@ class ImageModel(BaseModel):
     tags: dict[str, str] = Field(description=_TAGS)
     platform: str | None = Field(description="os/arch[/variant] of the image config")
     local_names: list[str] = Field(description="Local tags that point at this digest")
+    format: DiskFormat = Field(description="Extension: the disk's filesystem, ext4 or erofs")
 
 
 class ErrorDetail(BaseModel):

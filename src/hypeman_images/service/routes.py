@@ -32,6 +32,7 @@ from hypeman_images.service.models import (
     image_model,
 )
 from hypeman_images.service.offload import offload
+from hypeman_images.store.formats import DiskFormat
 
 # hypeman's list filter: ``tags`` as an OpenAPI deepObject, ``?tags[team]=a&tags[env]=b``,
 # which is how its SDK encodes a map (hypeman/_qs.py, nested_format "brackets").
@@ -67,6 +68,7 @@ def add_image_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> No
             platform=body.platform,
             labels=body.tags,
             credentials=credentials,
+            format=body.format,
         )
         return image_model(image)
 
@@ -93,8 +95,8 @@ def add_image_routes(app: FastAPI, manager: ImageManager, auth: list[Any]) -> No
         summary="Get an image by tag or digest reference, or image ID",
         operation_id="getImage",
     )
-    def get_image(name: str) -> ImageModel:
-        return image_model(manager.get(name))
+    def get_image(name: str, format: DiskFormat | None = None) -> ImageModel:
+        return image_model(manager.get(name, format=format))
 
     @app.delete(
         "/images/{name:path}",

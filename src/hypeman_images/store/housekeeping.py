@@ -26,17 +26,17 @@ from hypeman_images.fsutil import (
     writer_alive,
 )
 from hypeman_images.oci.digest import SHA256_HEX, Digest
+from hypeman_images.store.formats import RECORD_FILES, DiskFormat
 from hypeman_images.store.images import (
     DELETING_PREFIX,
-    DISK_NAME,
     LOCK_NAME,
-    METADATA_NAME,
     ImageRecord,
     ImageStatus,
     ImageStore,
     StoredImage,
     digest_dirs,
     read_record,
+    read_records,
 )
 
 
@@ -71,17 +71,32 @@ def remove_dangling_tags(root: Path) -> None:
 
 
 def quarantine_unreadable(store: ImageStore) -> None:
-    """Move each idle build dir whose ``metadata.json`` cannot be read to the quarantine.
+    """Move each idle build dir whose records cannot be read to the quarantine.
 
     Nothing can resume or show such a build, and it must not stop recovery
     (docs/security.md, "Deep trees and leftovers"); it is kept for a person to read.
+    Beside a readable record of another format, only the unreadable record and
+    its disk go.
     """
     for directory, repository in build_dirs(store.root):
-        if read_record(directory) is not None or not (directory / METADATA_NAME).exists():
+        bad = [
+            f
+            for f in DiskFormat
+            if (directory / f.metadata_name).exists() and read_record(directory, f) is None
+        ]
+        if not bad:
             continue
+        label = f"{repository}/{directory.name}"
         with idle_lock(directory) as free:
-            if free:
-                quarantine(directory, store.quarantine, f"{repository}/{directory.name}")
+            if not free:
+                continue
+            if not read_records(directory):
+                quarantine(directory, store.quarantine, label)
+                continue
+            for fmt in bad:
+                for name in (fmt.metadata_name, fmt.disk_name):
+                    if (directory / name).exists():
+                        quarantine(directory / name, store.quarantine, f"{label}/{name}")
 
 
 @contextlib.contextmanager
@@ -112,7 +127,7 @@ def idle_lock(directory: Path) -> Iterator[bool]:
 
 
 def sweep_build_dir(directory: Path, quarantine: Path | None = None) -> int:
-    """Remove everything but the disk, the record and the lock from an idle build dir.
+    """Remove everything but the disks, the records and the lock from an idle build dir.
 
     What else is there was left by a dead build: mke2fs's temp disk
     (``.rootfs.ext4.*.tmp``), the fallback's staging dir, metadata temp files.
@@ -120,7 +135,7 @@ def sweep_build_dir(directory: Path, quarantine: Path | None = None) -> int:
     """
     freed = 0
     for entry in directory.iterdir():
-        if entry.name in (DISK_NAME, METADATA_NAME, LOCK_NAME):
+        if entry.name in RECORD_FILES or entry.name == LOCK_NAME:
             continue
         if entry.name.startswith(TEMP_PREFIX) and writer_alive(entry.name):
             continue

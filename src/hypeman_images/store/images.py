@@ -7,7 +7,9 @@ Layout under the data dir (docs/design.md, "On-disk layout")::
     images/<registry>/<repository>/<tag> -> <digest-hex>
 
 ``metadata.json`` is the record of a build at every stage; it says ``ready``
-only after ``rootfs.ext4`` has been renamed into place. A tag link is swapped
+only after ``rootfs.ext4`` has been renamed into place. An EROFS disk of the
+same digest has its own pair, ``rootfs.erofs`` and ``metadata.erofs.json``
+(:mod:`~hypeman_images.store.formats`). A tag link is swapped
 by rename, and only ever points at a ready build. State is rebuilt by
 scanning, so a crash leaves nothing that the next start cannot understand.
 """
@@ -39,12 +41,13 @@ from hypeman_images.fsutil import (
 from hypeman_images.oci.digest import SHA256_HEX, Digest
 from hypeman_images.oci.reference import Reference
 from hypeman_images.oci.spec import Platform
+from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.record import ImageRecord, ImageStatus, now
 
 log = logging.getLogger(__name__)
 
-DISK_NAME = "rootfs.ext4"
-METADATA_NAME = "metadata.json"
+DISK_NAME = DiskFormat.EXT4.disk_name
+METADATA_NAME = DiskFormat.EXT4.metadata_name
 LOCK_NAME = ".lock"
 DELETING_PREFIX = ".deleting-"
 # Beside ``images/`` in the data dir: what recovery could neither use nor remove.
@@ -62,8 +65,8 @@ class StoredImage:
 
     @property
     def disk(self) -> Path:
-        """The ext4 image (exists only when the record is ready)."""
-        return self.directory / DISK_NAME
+        """The record's disk (exists only when the record is ready)."""
+        return self.directory / self.record.format.disk_name
 
 
 class ImageStore:
@@ -141,9 +144,11 @@ class ImageStore:
 
     # Records.
 
-    def read(self, ref: Reference, digest: Digest) -> ImageRecord | None:
-        """The record of ``digest`` in ``ref``'s repository, if any."""
-        return read_record(self.digest_dir(ref, digest))
+    def read(
+        self, ref: Reference, digest: Digest, fmt: DiskFormat = DiskFormat.EXT4
+    ) -> ImageRecord | None:
+        """The record of ``digest``'s ``fmt`` disk in ``ref``'s repository, if any."""
+        return read_record(self.digest_dir(ref, digest), fmt)
 
     def write(
         self, ref: Reference, digest: Digest, record: ImageRecord, *, keep_pending: bool = True
@@ -156,7 +161,7 @@ class ImageStore:
         copy (a build's) was being made. Returns the record written.
         """
         with self._records:
-            current = self.read(ref, digest) if keep_pending else None
+            current = self.read(ref, digest, record.format) if keep_pending else None
             if current is not None:
                 extra = [t for t in current.pending_tags if t not in record.pending_tags]
                 if extra:
@@ -167,11 +172,15 @@ class ImageStore:
             return record
 
     def update(
-        self, ref: Reference, digest: Digest, change: Callable[[ImageRecord], ImageRecord]
+        self,
+        ref: Reference,
+        digest: Digest,
+        change: Callable[[ImageRecord], ImageRecord],
+        fmt: DiskFormat = DiskFormat.EXT4,
     ) -> ImageRecord | None:
         """Rewrite the record as ``change`` makes it, none writing between; None if absent."""
         with self._records:
-            current = self.read(ref, digest)
+            current = self.read(ref, digest, fmt)
             if current is None:
                 return None
             record = change(current)
@@ -188,7 +197,7 @@ class ImageStore:
         writer = process_id() if record.status.active else None
         if record.writer != writer:
             record = replace(record, writer=writer)
-        with atomic_writer(directory / METADATA_NAME) as handle:
+        with atomic_writer(directory / record.format.metadata_name) as handle:
             handle.write(record.to_json())
             if self._on_temp_written is not None:
                 handle.flush()
@@ -245,7 +254,7 @@ class ImageStore:
         index's; builds are keyed by the platform manifest's. Among builds of
         that index, the host platform's wins.
         """
-        if (self.digest_dir(ref, digest) / METADATA_NAME).exists():
+        if read_records(self.digest_dir(ref, digest)):
             return digest
         repo, host = self.repo_dir(ref), str(Platform.host())
         names: list[str] = []
@@ -253,20 +262,23 @@ class ImageStore:
             names = os.listdir(repo)
         matches = []
         for name in names:
-            record = read_record(repo / name) if SHA256_HEX.fullmatch(name) else None
-            if record is not None and record.index_digest == str(digest):
-                matches.append((record.platform != host, name))
+            for record in read_records(repo / name) if SHA256_HEX.fullmatch(name) else []:
+                if record.index_digest == str(digest):
+                    matches.append((record.platform != host, name))
         return Digest("sha256", min(matches)[1]) if matches else digest
 
-    def find(self, ref: Reference) -> StoredImage:
-        """The local image a reference names (by digest, else by tag); NotFound otherwise."""
+    def find(self, ref: Reference, fmt: DiskFormat | None = None) -> StoredImage:
+        """The image a reference names (by digest, else tag), ``fmt``'s record (None:
+        :func:`preferred`); NotFound otherwise."""
         digest = self.locate(ref, ref.digest) if ref.digest else self.tag_target(ref)
         if digest is not None:
-            record = self.read(ref, digest)
+            directory = self.digest_dir(ref, digest)
+            record = read_record(directory, fmt) if fmt else preferred(read_records(directory))
             if record is not None:
                 return self._stored(ref, digest, record)
+        name = ref.familiar() + (f" as {fmt}" if fmt else "")
         raise NotFound(
-            f"no local image {ref.familiar()}",
+            f"no local image {name}",
             hint="pull it first: hypeman-images pull",
             api_hint="create it first: POST /images",
         )
@@ -285,11 +297,11 @@ class ImageStore:
     def scan(self) -> Iterator[StoredImage]:
         """Every record in the store, found by walking the digest directories."""
         for directory in digest_dirs(self.root):
-            record = read_record(directory)
-            if record is None:
-                continue  # no record yet (a build just started), just deleted, or unreadable
             repository = directory.parent.relative_to(self.root).as_posix()
-            yield StoredImage(record, repository, directory, self._tags_of(directory))
+            # One per disk format; none if no record yet (a build just started), just
+            # deleted, or unreadable.
+            for record in read_records(directory):
+                yield StoredImage(record, repository, directory, self._tags_of(directory))
 
     # Removal.
 
@@ -354,9 +366,9 @@ class ImageStore:
         return freed
 
 
-def read_record(directory: Path) -> ImageRecord | None:
-    """The record in a digest directory; None when there is none or it is unreadable."""
-    path = directory / METADATA_NAME
+def read_record(directory: Path, fmt: DiskFormat = DiskFormat.EXT4) -> ImageRecord | None:
+    """The ``fmt`` record in a digest directory; None when there is none or it is unreadable."""
+    path = directory / fmt.metadata_name
     try:
         return ImageRecord.from_json(path.read_bytes())
     except (FileNotFoundError, NotADirectoryError):
@@ -364,6 +376,17 @@ def read_record(directory: Path) -> ImageRecord | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("ignoring unreadable %s: %s", path, exc)
         return None
+
+
+def read_records(directory: Path) -> list[ImageRecord]:
+    """Every readable record in a digest directory, one per disk format, ext4 first."""
+    return [r for f in DiskFormat if (r := read_record(directory, f)) is not None]
+
+
+def preferred(records: list[ImageRecord]) -> ImageRecord | None:
+    """The record a name without a format means: the first ready one, else the first."""
+    candidates = [r for r in records if r.status is ImageStatus.READY] or records
+    return candidates[0] if candidates else None
 
 
 def digest_dirs(root: Path) -> Iterator[Path]:
@@ -413,5 +436,7 @@ __all__ = [
     "StoredImage",
     "digest_dirs",
     "now",
+    "preferred",
     "read_record",
+    "read_records",
 ]

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from hypeman_images.store.formats import DiskFormat
+
 
 class ImageStatus(enum.StrEnum):
     """Where a build is: ``pending → pulling → converting → ready | failed``."""
@@ -90,6 +92,8 @@ class ImageRecord:
     # The process that wrote a queued or running status (fsutil.process_id), so that
     # others tell a build waiting in a live process from one whose process died.
     writer: str | None = None
+    # The disk this record is of; its file names follow (store.formats).
+    format: DiskFormat = DiskFormat.EXT4
     tags: dict[str, str] = field(default_factory=dict)
     borrowed_credentials: bool = False
 
@@ -97,6 +101,7 @@ class ImageRecord:
         """Canonical JSON bytes for metadata.json."""
         doc = asdict(self)
         doc["status"] = str(self.status)
+        doc["format"] = str(self.format)
         return json.dumps(doc, indent=2, sort_keys=False).encode() + b"\n"
 
     @classmethod
@@ -121,6 +126,7 @@ class ImageRecord:
             if name in doc and not _has_type(doc[name], hint):
                 raise ValueError(f"field {name!r} is not {getattr(hint, '__name__', hint)}")
         doc["status"] = ImageStatus(doc["status"])
+        doc["format"] = DiskFormat(doc.get("format", DiskFormat.EXT4))  # absent: before erofs
         return cls(**doc)
 
     def evolve(self, **changes: Any) -> ImageRecord:
@@ -140,8 +146,8 @@ def _has_type(value: object, hint: Any) -> bool:
         return any(_has_type(value, arg) for arg in args)
     if hint is type(None):
         return value is None
-    if hint is ImageStatus:
-        return isinstance(value, str)  # its value is checked by ImageStatus(...)
+    if hint in (ImageStatus, DiskFormat):
+        return isinstance(value, str)  # its value is checked when the enum is made
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin is list:

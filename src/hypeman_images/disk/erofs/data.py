@@ -4,22 +4,27 @@ The image starts with the superblock's block; file data follows from block 1
 in the order the caller adds files, each file's blocks contiguous
 (``EROFS_INODE_FLAT_PLAIN`` / ``FLAT_INLINE``) or, for a sparse file, its
 non-hole chunks contiguous (``EROFS_INODE_CHUNK_BASED``). Small writes are
-gathered in a buffer; runs of zeros inside a sparse file's chunks are
-skipped with a seek, so they stay holes in the output file too.
+gathered in a buffer and written from a thread; runs of zeros inside a
+sparse file's chunks are skipped, so they stay holes in the output file too.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 from hypeman_images.disk.erofs.format import BLOCK_BITS, BLOCK_SIZE, round_up
 from hypeman_images.disk.erofs.model import ErofsInputError, SparseMap
 from hypeman_images.errors import StorageError
 
-Body = BinaryIO | Iterable[bytes]
+# A read-only memoryview (of bytes) is taken as it is; other chunks are copied.
+Body = BinaryIO | Iterable[bytes | memoryview]
 
 _BUFFER = 4 << 20  # gather writes up to this much
+_DIRECT = 256 << 10  # an immutable chunk this large is written as it is, not gathered
+_IN_FLIGHT = 8  # writes handed to the writing thread and not yet done
 _READ = 1 << 20  # read bodies this much at a time
 _SEEK_OVER = 64 << 10  # zero runs at least this long become holes
 _ZEROS = bytes(_SEEK_OVER)
@@ -29,20 +34,25 @@ _MAX_CHUNK_BITS = 18  # 1 GiB chunks at most (EROFS_CHUNK_FORMAT_BLKBITS_MASK al
 class DataArea:
     """A sequential writer from a block boundary, tracking its position.
 
-    The output is emptied first: runs of zeros are seeks, which read as
-    zeros only in a file that held nothing there before.
+    The output is emptied first: runs of zeros are skipped, which read as
+    zeros only in a file that held nothing there before. Gathered buffers go
+    to the file from a thread of their own, a few at a time, so the caller
+    makes the next one while the kernel copies the last (the write releases
+    the GIL); :meth:`flush` waits for them all. Nothing else may use ``out``
+    until then, and :meth:`close` ends the thread.
     """
 
     def __init__(self, out: BinaryIO, start: int) -> None:
         self._out = out
         self._buf = bytearray()
         self.pos = start  # where the next byte lands, buffer included
+        self._writes: deque[Future[None]] = deque()
         try:
             out.seek(0)
             out.truncate(0)
-            out.seek(start)
         except OSError as exc:
             raise StorageError(f"erofs: cannot empty the output: {exc}") from exc
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="erofs-write")
 
     @property
     def block(self) -> int:
@@ -51,42 +61,62 @@ class DataArea:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data``."""
-        if len(data) >= _BUFFER:
-            self.flush()
-            self._raw(data)
+        n = len(data)
+        if n >= _DIRECT and _frozen(data):  # no copy: nobody changes it while it is written
+            self._hand_off()
+            self._submit(self.pos, data)
+        elif n >= _BUFFER:
+            self._hand_off()
+            self._submit(self.pos, bytes(data))
         else:
             self._buf += data
-            if len(self._buf) >= _BUFFER:
-                self.flush()
-        self.pos += len(data)
+        self.pos += n
+        if len(self._buf) >= _BUFFER:
+            self._hand_off()
 
     def zeros(self, n: int) -> None:
-        """Append ``n`` zero bytes; long runs are left as a hole by seeking."""
+        """Append ``n`` zero bytes; long runs are left as a hole (nothing written there)."""
         if n < _SEEK_OVER:
             self.write(_ZEROS[:n])
             return
-        self.flush()
+        self._hand_off()
         self.pos += n
-        try:
-            self._out.seek(self.pos)
-        except OSError as exc:
-            raise StorageError(f"erofs: cannot seek the output: {exc}") from exc
 
     def pad_block(self) -> None:
         """Zero-fill to the next block boundary."""
         self.zeros(-self.pos % BLOCK_SIZE)
 
     def flush(self) -> None:
-        """Write out what is gathered."""
+        """Write out what is gathered and wait until every write is done."""
+        self._hand_off()
+        while self._writes:
+            self._wait_one()
+
+    def close(self) -> None:
+        """End the writing thread (after :meth:`flush`, or to abandon the image)."""
+        for write in self._writes:
+            write.cancel()
+        self._thread.shutdown(wait=True)
+
+    def _hand_off(self) -> None:
         if self._buf:
-            self._raw(self._buf)
+            self._submit(self.pos - len(self._buf), self._buf)
             self._buf = bytearray()
 
-    def _raw(self, data: bytes | bytearray | memoryview) -> None:
+    def _submit(self, pos: int, data: bytes | bytearray | memoryview) -> None:
+        self._writes.append(self._thread.submit(self._write_at, pos, data))
+        while len(self._writes) > _IN_FLIGHT:
+            self._wait_one()
+
+    def _wait_one(self) -> None:
         try:
-            self._out.write(data)
+            self._writes.popleft().result()
         except OSError as exc:
             raise StorageError(f"erofs: cannot write the image: {exc}") from exc
+
+    def _write_at(self, pos: int, data: bytes | bytearray | memoryview) -> None:
+        self._out.seek(pos)
+        self._out.write(data)
 
 
 class BodyReader:
@@ -133,15 +163,19 @@ class BodyReader:
             raise ErofsInputError(f"{self._where}: body longer than its size")
 
 
-def _chunks(body: Body) -> Iterator[bytes]:
+def _chunks(body: Body) -> Iterator[bytes | memoryview]:
     if isinstance(body, bytes | bytearray):
         raise TypeError("a body is a file object or an iterable of chunks, not bytes")
     read = getattr(body, "read", None)
     if read is None:
-        yield from (bytes(c) for c in body if c)
+        yield from (c if _frozen(c) else bytes(c) for c in body if c)
         return
     while chunk := read(_READ):
         yield chunk
+
+
+def _frozen(chunk: bytes | bytearray | memoryview) -> bool:
+    return type(chunk) is bytes or (isinstance(chunk, memoryview) and chunk.readonly)
 
 
 def chunk_bits(sparse: SparseMap, size: int) -> int:

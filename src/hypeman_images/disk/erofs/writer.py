@@ -125,6 +125,7 @@ class ErofsWriter:
             self._add(entry, body)
         except BaseException:
             self._done = True
+            self._area.close()
             raise
 
     def _add(self, entry: Entry, body: Body | None) -> None:
@@ -217,6 +218,12 @@ class ErofsWriter:
         if self._done or not self._nodes:
             raise ErofsInputError("erofs: finish after finish or a failure, or with no root")
         self._done = True
+        try:
+            return self._finish()
+        finally:
+            self._area.close()
+
+    def _finish(self) -> ErofsResult:
         nodes = self._nodes
         build = build_time(nodes)
         shared = share_xattrs(nodes)

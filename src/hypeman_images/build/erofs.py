@@ -1,0 +1,223 @@
+"""The merged tree as an EROFS disk: the adapter from ``layers`` to ``disk.erofs``, and the build.
+
+``disk`` may not import ``layers`` (docs/design.md, "Layout"), so the two
+meet here. :func:`erofs_entries` walks a planned :class:`~layers.plan.Tree`
+in the order :func:`layers.emit.write_tar` writes it -- every directory
+(root first, parents before children), then symlinks, devices and fifos,
+then, layer by layer, each surviving regular file with its body read
+straight from its layer at the offset pass 1 recorded, each node followed by
+its other paths as hard links -- which is the order the writer wants
+(parents first, a hard link's target before the link). Nothing is staged on
+the host and no tar is written again: a body goes from the inflating layer
+into the image's data area.
+
+:func:`build_erofs` writes the image to a temp file beside ``dest`` (seeded
+by the image digest, so the same tree gives the same bytes), checks it with
+``fsck.erofs`` beside its sha256 when erofs-utils is installed, and renames it
+into place (:mod:`hypeman_images.disk.publish`).
+
+What reaches the disk is what the ext4 path makes: the same limits and
+refusals (the merge applies them), the xattr policy's kept xattrs
+(:data:`layers.xattrs.XATTR_POLICY`; EROFS stores every kept namespace
+itself, with no fix-up pass), whole-second mtimes as the tar stream carries
+them, and sparse files with their holes left as holes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from hypeman_images import __version__
+from hypeman_images.build.stream import DiskInfo
+from hypeman_images.disk.erofs import Body, Entry, Kind, write_erofs
+from hypeman_images.disk.fsck_erofs import check_and_hash, find_fsck_erofs
+from hypeman_images.disk.publish import commit, temp_disk
+from hypeman_images.errors import ToolError
+from hypeman_images.fsutil import start_writeback
+from hypeman_images.layers import entries as layer
+from hypeman_images.layers.limits import Limits
+from hypeman_images.layers.plan import Node, Tree
+from hypeman_images.layers.tarread import TarReader
+from hypeman_images.layers.xattrs import XattrAction, xattr_action
+from hypeman_images.oci.digest import Digest
+
+log = logging.getLogger(__name__)
+
+_KIND = {
+    layer.Kind.FILE: Kind.FILE,
+    layer.Kind.DIR: Kind.DIR,
+    layer.Kind.SYMLINK: Kind.SYMLINK,
+    layer.Kind.CHAR: Kind.CHAR,
+    layer.Kind.BLOCK: Kind.BLOCK,
+    layer.Kind.FIFO: Kind.FIFO,
+}
+_WRITEBACK_EVERY = 32 << 20  # start the device writes this often (fsutil.start_writeback)
+_REPORT_EVERY = 4 << 20
+
+
+def erofs_entry(node: Node) -> Entry:
+    """The writer's entry for ``node``'s primary path: its kind, metadata and kept xattrs."""
+    e = node.entry
+    kind = _KIND[e.kind]
+    device = kind in (Kind.CHAR, Kind.BLOCK)
+    return Entry(
+        path=node.primary,
+        kind=kind,
+        mode=e.mode & 0o7777,  # the kind gives the file type
+        uid=e.uid,
+        gid=e.gid,
+        mtime=e.mtime,
+        size=e.size if kind is Kind.FILE else 0,
+        target=e.target if kind is Kind.SYMLINK else b"",
+        devmajor=e.devmajor if device else 0,
+        devminor=e.devminor if device else 0,
+        xattrs=_kept(e.xattrs) if e.xattrs else (),
+        sparse=layer.sparse_map(e),
+    )
+
+
+def _kept(xattrs: tuple[tuple[str, bytes], ...]) -> tuple[tuple[bytes, bytes], ...]:
+    """The xattrs the policy keeps, names encoded back as the tar reader decoded them."""
+    return tuple(
+        (name.encode("utf-8", "surrogateescape"), value)
+        for name, value in xattrs
+        if xattr_action(name) is not XattrAction.DROP
+    )
+
+
+def _links(node: Node) -> Iterator[tuple[Entry, None]]:
+    for path in node.paths[1:]:
+        yield Entry(path=path, kind=Kind.HARDLINK, target=node.primary), None
+
+
+def erofs_entries(
+    tree: Tree, open_layer: Callable[[int], BinaryIO], limits: Limits | None = None
+) -> Iterator[tuple[Entry, Body | None]]:
+    """Every path of ``tree`` as the writer takes it, bodies read from ``open_layer(i)``.
+
+    ``open_layer(i)`` returns a fresh reader of layer ``i``'s uncompressed
+    tar (the bytes pass 1 scanned); as in :func:`layers.emit.write_tar`, it is
+    called at most once per layer, only for a layer that still provides a
+    non-empty file, and each is read up to its last needed body. A body must
+    be read whole before the next entry is taken (the writer does).
+    """
+    limits = limits or Limits()
+    for node in tree.directories:
+        yield erofs_entry(node), None
+    for node in tree.specials:
+        yield erofs_entry(node), None
+        yield from _links(node)
+    by_layer: dict[int, list[Node]] = {}
+    for node in tree.files:
+        by_layer.setdefault(node.layer, []).append(node)
+    for index, nodes in by_layer.items():
+        yield from _layer_files(index, nodes, open_layer, limits)
+
+
+def _layer_files(
+    index: int, nodes: list[Node], open_layer: Callable[[int], BinaryIO], limits: Limits
+) -> Iterator[tuple[Entry, Body | None]]:
+    stream: BinaryIO | None = None
+    reader: TarReader | None = None
+    try:
+        for node in nodes:
+            size = node.entry.size
+            if size and reader is None:
+                stream = open_layer(index)
+                reader = TarReader(
+                    stream,
+                    where=f"layer {index}",
+                    max_bytes=limits.max_layer_bytes,
+                    max_header_bytes=limits.max_header_bytes,
+                    hash_stream=False,
+                )
+            body = None
+            if size:
+                assert reader is not None
+                body = reader.body_at(node.entry.offset, size, layer.sparse_map(node.entry))
+            yield erofs_entry(node), body
+            yield from _links(node)
+    finally:
+        if stream is not None:
+            stream.close()
+
+
+class _Progress:
+    """Counts the body bytes going by: reports them, and starts the device's writes."""
+
+    def __init__(
+        self, out: BinaryIO, total: int, report: Callable[[int, int], None] | None
+    ) -> None:
+        self._fd = out.fileno()
+        self._total = max(1, total)
+        self._report = report
+        self._done = self._reported = self._written_back = 0
+
+    def bodies(
+        self, entries: Iterable[tuple[Entry, Body | None]]
+    ) -> Iterator[tuple[Entry, Body | None]]:
+        """``entries`` passed on; each body is counted once the writer has taken it."""
+        for entry, body in entries:
+            yield entry, body
+            self._done += entry.size if body is not None else 0
+            if self._done - self._written_back >= _WRITEBACK_EVERY:
+                self._written_back = self._done
+                start_writeback(self._fd)  # what the writer's thread wrote so far
+            if self._report is not None and self._done - self._reported >= _REPORT_EVERY:
+                self._reported = self._done
+                self._report(self._done, self._total)
+
+
+def build_erofs(
+    dest: Path,
+    tree: Tree,
+    open_layer: Callable[[int], BinaryIO],
+    *,
+    seed: Digest,
+    limits: Limits,
+    compute_sha256: bool = True,
+    report: Callable[[int, int], None] | None = None,
+) -> DiskInfo:
+    """Write ``tree`` as an EROFS disk at ``dest``, atomically; what was made.
+
+    Raises what the writer raises for a tree the format cannot hold
+    (:class:`~hypeman_images.disk.erofs.ErofsInputError`, a ``LayerError``),
+    :class:`ToolError` when ``fsck.erofs`` finds the new disk unclean, and
+    :class:`~hypeman_images.errors.StorageError`; the temp disk is removed then.
+    """
+    timings: dict[str, float] = {}
+    tool = find_fsck_erofs()
+    if tool is None:
+        log.info("fsck.erofs not found (erofs-utils): the new EROFS disk is not checked")
+    with temp_disk(dest) as tmp:
+        t0 = time.monotonic()
+        with tmp.open("r+b") as out:
+            progress = _Progress(out, tree.stats.regular_bytes, report)
+            result = write_erofs(
+                progress.bodies(erofs_entries(tree, open_layer, limits)), out, seed
+            )
+        timings["erofs_s"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        digest, findings = check_and_hash(tool, tmp, compute_sha256=compute_sha256)
+        if findings is not None:
+            raise ToolError(f"fsck.erofs found problems in the new disk {findings}")
+        commit(tmp, dest)
+        timings["check_s"] = time.monotonic() - t0
+    if report is not None:
+        report(tree.stats.regular_bytes, max(1, tree.stats.regular_bytes))
+    return DiskInfo(
+        path=dest,
+        size_bytes=result.size,
+        content_bytes=result.size,  # a read-only image has no free space
+        sha256=str(digest) if digest is not None else None,
+        tool_versions={"hypeman-images": __version__},
+        fallback_used=False,
+        timings=timings,
+    )
+
+
+__all__ = ["build_erofs", "erofs_entries", "erofs_entry"]

@@ -1,0 +1,176 @@
+"""EROFS disks through the product: ``pull --format erofs`` of every flatten case and real image.
+
+Each disk must be clean for ``fsck.erofs`` (erofs-utils, a reader that is not
+ours) and hold the tree the oracle makes of the layers (tests/support/oracle.py:
+types, modes, owners, sizes, contents, link targets, devices, xattrs as the
+policy keeps them, hard-link groups), read back by the kernel (loop mount, as
+root) or by the independent reader of tests/support/erofs_reader.py. The same
+digest gives the same bytes; a build as an unprivileged user gives exact owners;
+the merge's refusals are the ext4 path's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from support.cases import CASES, ERRORS, Layers
+from support.disk import compare_trees, read_disk_tree
+from support.erofs_check import fsck
+from support.erofs_disk import kept_xattrs, read_erofs_tree
+from support.images import make_image, make_layer, push_image
+from support.oracle import apply_layers
+from support.pushed import PushedImage
+from support.registry import RegistryServer
+from support.tar import build_tar
+from support.users import UnprivilegedUser
+
+from hypeman_images.build.manager import ImageManager
+from hypeman_images.build.options import BuildOptions
+from hypeman_images.build.pipeline import BuildStats
+from hypeman_images.store.formats import DiskFormat
+from hypeman_images.store.images import ImageStatus
+
+CLI = str(Path(sys.executable).with_name("hypeman-images"))
+EROFS = BuildOptions(format=DiskFormat.EROFS)
+# The oracle keeps sockets and drops escaping paths (we skip one, clamp the other), as in
+# tests/layers/test_flatten.py: these are compared with the ext4 disk of the same digest.
+ORACLE_DIFFERS = {"hostile_names", "devices_fifos", "whiteouts_stored_as_link_and_chardev"}
+
+
+def push_case(registry: RegistryServer, name: str, layers: Layers) -> str:
+    image = make_image([make_layer(list(layer)) for layer in layers])
+    push_image(registry.url, f"erofs/{name}", "v1", image)
+    return f"{registry.host}/erofs/{name}:v1"
+
+
+def cli_pull(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLI, "pull", "--data-dir", str(data_dir), *args], capture_output=True, text=True
+    )
+
+
+def check_erofs(disk: Path, expected: dict[str, object]) -> None:
+    """fsck.erofs clean, and exactly the expected tree (xattrs as the policy keeps them)."""
+    assert disk.name == "rootfs.erofs"
+    fsck(disk)
+    differences = compare_trees(kept_xattrs(expected), read_erofs_tree(disk))  # type: ignore[arg-type]
+    assert differences == [], "\n".join(differences[:50])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_flatten_case(
+    case: str, registry: RegistryServer, data_dir: Path, tmp_path: Path
+) -> None:
+    ref = push_case(registry, case, CASES[case])
+    stats = BuildStats()
+    with ImageManager(data_dir, options=EROFS) as manager:
+        stored = manager.pull(ref, stats=stats)
+        assert stored.record.format is DiskFormat.EROFS
+        assert stored.record.status is ImageStatus.READY
+        assert "erofs_s" in stats.stages and "one_pass_s" not in stats.stages
+        if case in ORACLE_DIFFERS:  # the ext4 disk of the same digest, beside it
+            expected = read_disk_tree(manager.pull(ref, options=BuildOptions()).disk)
+        else:
+            expected = apply_layers([build_tar(list(layer)) for layer in CASES[case]])
+    check_erofs(stored.disk, expected)  # type: ignore[arg-type]
+    digest = hashlib.sha256(stored.disk.read_bytes()).hexdigest()
+    assert stored.record.disk_sha256 == f"sha256:{digest}"
+    assert stored.record.size_bytes == stored.disk.stat().st_size
+    with ImageManager(tmp_path / "again", options=EROFS) as manager:
+        assert manager.pull(ref).disk.read_bytes() == stored.disk.read_bytes()
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_the_merge_refuses_what_it_refuses_for_ext4(
+    case: str, registry: RegistryServer, data_dir: Path
+) -> None:
+    layers, exc, text = ERRORS[case]
+    ref = push_case(registry, f"refused-{case}", layers)
+    with ImageManager(data_dir, options=EROFS) as manager:
+        with pytest.raises(exc, match=text):
+            manager.pull(ref)
+        image = manager.get(ref, format=DiskFormat.EROFS)
+    assert image.status is ImageStatus.FAILED and image.disk is None
+    leftovers = {p.name for p in data_dir.rglob("*") if p.is_file()}
+    assert not {n for n in leftovers if "rootfs" in n}, leftovers
+
+
+def _real_images(request: pytest.FixtureRequest) -> PushedImage:
+    image: PushedImage = request.getfixturevalue(request.param)
+    return image
+
+
+real_image = pytest.fixture(
+    params=["alpine_ref", "busybox_ref", "multilayer_ref", "multiplatform_ref"],
+    ids=["alpine", "busybox", "multilayer", "multiplatform"],
+)(_real_images)
+
+
+def test_real_images_are_exact_and_reproducible(real_image: PushedImage, tmp_path: Path) -> None:
+    disks = []
+    for name in ("one", "two"):
+        result = cli_pull(tmp_path / name, "--json", "--format", "erofs", real_image.ref)
+        assert result.returncode == 0, result.stderr
+        doc = json.loads(result.stdout)
+        disk = Path(doc["disk"])
+        assert doc["format"] == "erofs" and doc["status"] == "ready"
+        assert doc["disk_sha256"] == "sha256:" + hashlib.sha256(disk.read_bytes()).hexdigest()
+        assert doc["size_bytes"] == disk.stat().st_size
+        assert doc["tool_versions"] == {"hypeman-images": doc["tool_versions"]["hypeman-images"]}
+        assert (disk.parent / "metadata.erofs.json").is_file()
+        assert not (disk.parent / "metadata.json").exists()  # no ext4 was asked for
+        disks.append(disk.read_bytes())
+    check_erofs(disk, real_image.expected_tree)  # type: ignore[arg-type]
+    assert disks[0] == disks[1]
+
+
+def test_alpine_as_erofs_is_smaller_than_as_ext4(alpine_ref: PushedImage, data_dir: Path) -> None:
+    with ImageManager(data_dir) as manager:
+        ext4 = manager.pull(alpine_ref.ref)
+        erofs = manager.pull(alpine_ref.ref, options=EROFS)
+    assert ext4.directory == erofs.directory
+    assert erofs.disk.stat().st_size <= 0.95 * ext4.disk.stat().st_size
+    tree = read_erofs_tree(erofs.disk)
+    assert (tree["/etc/shadow"].uid, tree["/etc/shadow"].gid, tree["/etc/shadow"].mode) == (
+        0,
+        42,
+        0o640,
+    )
+    assert compare_trees(read_disk_tree(ext4.disk), tree) == []
+
+
+def test_unprivileged_pull_keeps_owners(
+    real_image: PushedImage, tmp_path: Path, unprivileged_user: UnprivilegedUser
+) -> None:
+    pushed = real_image
+    if not unprivileged_user.needs_switch:
+        pytest.skip("already unprivileged: every other test covers this case")
+    if unprivileged_user.run([CLI, "--version"], capture_output=True).returncode != 0:
+        pytest.skip(f"nobody cannot run {CLI}: a parent of the checkout is not searchable")
+    # Not under pytest's base temp dir: a pytest session starting meanwhile (as the
+    # same user) takes the search permission own() gives its parents away again.
+    with tempfile.TemporaryDirectory(prefix="hypeman-nobody-") as scratch:
+        data_dir = Path(scratch) / "data"
+        data_dir.mkdir()
+        unprivileged_user.own(data_dir)
+        result = unprivileged_user.run(
+            [CLI, "pull", "--format", "erofs", "--data-dir", str(data_dir), pushed.ref],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HOME": str(data_dir)},
+        )
+        assert result.returncode == 0, result.stderr
+        disk = Path(result.stdout.strip())
+        assert disk.stat().st_uid == 65534
+        check_erofs(disk, pushed.expected_tree)  # type: ignore[arg-type]
+        # Built by nobody or by root, the same bytes.
+        again = cli_pull(tmp_path / "root-data", "--format", "erofs", pushed.ref)
+        assert again.returncode == 0, again.stderr
+        assert Path(again.stdout.strip()).read_bytes() == disk.read_bytes()
