@@ -22,7 +22,19 @@ from hypeman_images.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", ROOT / "SECURITY.md", *sorted(DOCS.glob("*.md"))]
-COMMANDS = ["pull", "list", "inspect", "rm", "gc", "verify", "boot", "login", "logout", "serve"]
+COMMANDS = [
+    "pull",
+    "list",
+    "inspect",
+    "rm",
+    "tag",
+    "gc",
+    "verify",
+    "boot",
+    "login",
+    "logout",
+    "serve",
+]
 SUBCOMMANDS = [("disk", "push"), ("disk", "pull")]
 
 _LINK = re.compile(r"\]\(([^)\s]+)\)")

@@ -8,7 +8,9 @@ paste it.
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib
 import json
 import re
 import subprocess
@@ -97,3 +99,46 @@ def test_readme_links_into_docs_resolve() -> None:
     assert links, "README.md links nowhere into docs/"
     missing = sorted({link for link in links if not (ROOT / link).is_file()})
     assert not missing, f"README.md links to missing files: {missing}"
+
+
+_CODE_BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+# CamelCase words anywhere (code, comments, prose), and any capitalised name in backticks.
+_CLASS_NAME = re.compile(r"\b([A-Z][a-z]+(?:[A-Z][a-z]+)+)\b|`([A-Z][A-Za-z]+)`")
+
+
+def _documented_imports() -> list[tuple[str, str, str]]:
+    """``(page, module, name)`` for every ``from hypeman_images… import name`` in the docs."""
+    found = []
+    for page in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in _CODE_BLOCK.findall(page.read_text()):
+            for node in ast.walk(ast.parse(block)):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                    "hypeman_images"
+                ):
+                    found += [(page.name, node.module or "", a.name) for a in node.names]
+    return found
+
+
+def test_every_import_the_docs_show_works() -> None:
+    imports = _documented_imports()
+    assert ("README.md", "hypeman_images", "ImageManager") in imports
+    broken = []
+    for page, module, name in imports:
+        try:
+            getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            broken.append(f"{page}: from {module} import {name}: {exc}")
+    assert not broken, broken
+
+
+def test_the_classes_the_readme_names_come_from_the_package() -> None:
+    """``BuildOptions``, ``ImageManager``…: what the README calls by name, the facade has."""
+    import hypeman_images
+
+    names = {a or b for a, b in _CLASS_NAME.findall(README.read_text())} - {"PATH"}
+    assert {"BuildOptions", "ImageManager", "HypemanError", "Image"} <= names
+    missing = sorted(name for name in names if not hasattr(hypeman_images, name))
+    assert not missing, f"README.md names {missing}, which `hypeman_images` does not export"
+    assert set(hypeman_images.__all__) - {"__version__"} <= set(dir(hypeman_images)) | set(
+        hypeman_images._LAZY
+    )

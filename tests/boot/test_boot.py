@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -280,6 +281,72 @@ def test_run_vm_reads_markers_and_times() -> None:
     assert run.begin_seen is not None and run.first_output is not None
     assert run.exit_seen is not None
     assert run.begin_seen < run.first_output < run.exit_seen <= run.ended
+
+
+def test_run_vm_streams_the_output_as_it_comes_and_never_a_marker() -> None:
+    script = (
+        "import sys, time\n"
+        "def w(b): sys.stdout.buffer.write(b); sys.stdout.flush(); time.sleep(0.3)\n"
+        "w(b'noise\\nHYPEMAN_BEGIN_n\\nfirst\\n')\n"
+        "w(b'second')\n"
+        "w(b'\\nHYPEMAN_EX')\n"  # a newline of the output, then the exit marker, split
+        "w(b'IT_n=0\\n')\n"
+    )
+    chunks: list[tuple[float, bytes]] = []
+    t0 = time.monotonic()
+    run = run_vm(
+        _fake_vmm(script),
+        nonce="n",
+        timeout=10,
+        output=lambda data: chunks.append((time.monotonic() - t0, data)),
+    )
+    assert b"".join(data for _, data in chunks) == b"first\nsecond\n"
+    assert chunks[0][1] == b"first\n"
+    # The first line came as soon as it was printed, long before the VM ended.
+    assert run.exit_seen is not None and chunks[0][0] < run.exit_seen - 0.5
+
+
+def _init_relay() -> str:
+    """The stdin relay of init.sh: the shell function the guest runs."""
+    init = (Path(runner.__file__).parent / "init.sh").read_text()
+    match = re.search(r"^relay\(\) \{\n.*?^\}\n", init, re.S | re.M)
+    assert match is not None
+    return match[0]
+
+
+@pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="needs busybox")
+def test_stdin_reaches_the_command_byte_for_byte_through_the_relay() -> None:
+    """Every byte value, a long line and a partial last line, through init.sh's own relay."""
+    data = bytes(range(256)) * 9 + b"x" * 3000 + b"\nno newline at the end"
+    script = (
+        f"{_init_relay()}"
+        "echo HYPEMAN_BEGIN_n\n"
+        "relay | od -An -tx1 -v | tr -d ' \\n'\n"  # hex: the console is not 8-bit clean
+        "printf 'HYPEMAN_EXIT_n=0\\n'\n"
+    )
+    read, write = os.pipe()
+    with os.fdopen(write, "wb") as feed:
+        feed.write(data)  # fits the pipe buffer; then EOF
+    try:
+        run = run_vm(["/bin/busybox", "sh", "-c", script], nonce="n", timeout=20, stdin=read)
+    finally:
+        os.close(read)
+    assert run.exit_seen is not None, run.console[-500:]
+    output = run.console.split(b"HYPEMAN_BEGIN_n\n", 1)[1].split(b"HYPEMAN_EXIT_n")[0]
+    assert bytes.fromhex(output.decode()) == data
+
+
+def test_the_timeout_message_says_what_happened_without_markers() -> None:
+    script = "echo noise; echo HYPEMAN_BEGIN_0123abcd; echo started; exec sleep 60"
+    run = run_vm(["sh", "-c", script], nonce="0123abcd", timeout=1)
+    machine = runner._Machine("qemu", "tcg", "qemu-system-x86_64")
+    error = runner._failure(run, machine, 1, "0123abcd", streamed=False)
+    assert str(error).startswith("the command did not finish within 1 s; the VM was stopped")
+    assert "started" in str(error)
+    streamed = runner._failure(run, machine, 1, "0123abcd", streamed=True)
+    assert str(streamed) == "the command did not finish within 1 s; the VM was stopped (qemu/tcg)"
+    for message in (str(error), str(streamed)):
+        assert "HYPEMAN" not in message and "0123abcd" not in message
 
 
 # --- real boots ----------------------------------------------------------------------------------

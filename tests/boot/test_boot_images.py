@@ -8,6 +8,8 @@ code, the config's user, env and working dir, and the effect of whiteouts.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
 import subprocess
 import sys
@@ -27,11 +29,21 @@ CLI = str(Path(sys.executable).with_name("hypeman-images"))
 PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def boot(data_dir: Path, ref: str, *command: str) -> subprocess.CompletedProcess[str]:
+def boot(
+    data_dir: Path, ref: str, *command: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``boot`` with stdin at /dev/null (the command's too), or a pipe holding ``stdin``."""
     argv = [CLI, "boot", "--data-dir", str(data_dir), "--timeout", "90", ref]
     if command:
         argv += ["--", *command]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        input=stdin,
+        stdin=subprocess.DEVNULL if stdin is None else None,
+    )
 
 
 def on_alpine(*upper: list[object], **config: object) -> Image:
@@ -66,18 +78,26 @@ def test_a_hanging_command_ends_at_the_timeout_with_exit_11(
     argv = [CLI, "boot", "--data-dir", str(data_dir), "--timeout", "5", alpine_ref.ref]
     started = time.monotonic()
     result = subprocess.run(
-        [*argv, "--", "sleep", "600"], capture_output=True, text=True, timeout=120
+        [*argv, "--", "sh", "-c", "echo started; exec sleep 600"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
     )
     elapsed = time.monotonic() - started
     # Exit 11 (docs/cli.md, "Exit codes"): the VM did not boot or run the command.
     assert result.returncode == 11, result.stderr
     # Under TCG on a loaded host the boot itself may use up the 5 s: either message is clear.
-    assert re.search(
-        r"hypeman-images: error: the (command did not finish|VM did not start the command) "
-        r"within 5 s .*\((qemu|cloud-hypervisor)/(kvm|tcg)\)",
+    said = re.search(
+        r"hypeman-images: error: the (command did not finish within 5 s; the VM was stopped|"
+        r"VM did not start the command within 5 s) \((qemu|cloud-hypervisor)/(kvm|tcg)\)",
         result.stderr,
-    ), result.stderr
-    assert result.stdout == ""
+    )
+    assert said, result.stderr
+    assert "HYPEMAN" not in result.stderr, "no marker of the init's protocol"
+    if said[1].startswith("command"):
+        # What it printed came as it ran, on stdout, and is not repeated in the error.
+        assert result.stdout == "started\n" and "started" not in result.stderr
     # The pull, the KVM probe (at most 6 s) and the 5 s boot; never the 600 s of sleep.
     assert elapsed < 60
 
@@ -120,7 +140,73 @@ def test_missing_entrypoint(registry: RegistryServer, data_dir: Path) -> None:
     image = on_alpine(entrypoint=["/no/such/program"], cmd=["--flag"], env=[PATH])
     result = boot(data_dir, push(registry, "missing", image))
     assert result.returncode == 127
-    assert "/no/such/program" in result.stderr
+    assert 'hypeman-images: command not found in the image: "/no/such/program"' in result.stderr
+    assert "entrypoint" not in result.stderr
+
+
+def test_a_missing_command_is_command_not_found(alpine_ref: PushedImage, data_dir: Path) -> None:
+    result = boot(data_dir, alpine_ref.ref, "nosuch", "--flag")
+    assert result.returncode == 127, result.stderr
+    assert 'hypeman-images: command not found in the image: "nosuch" (PATH=' in result.stderr
+    assert result.stdout == ""
+    # The image ID list prints names it here too.
+    by_id = boot(data_dir, alpine_ref.manifest_digest[7:19], "cat", "/etc/alpine-release")
+    assert (by_id.returncode, by_id.stdout) == (0, "3.20.3\n"), by_id.stderr
+
+
+def test_stdin_passes_through_a_pipe(alpine_ref: PushedImage, data_dir: Path) -> None:
+    """``echo hi | hypeman-images boot alpine -- cat`` prints hi, as ``docker run -i`` does."""
+    result = boot(data_dir, alpine_ref.ref, "cat", stdin="hi\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hi\n"
+    # Without a pipe the command reads /dev/null, and a command that reads
+    # nothing ends whatever the pipe still holds.
+    assert boot(data_dir, alpine_ref.ref, "cat").stdout == ""
+    counted = boot(data_dir, alpine_ref.ref, "wc", "-c", stdin="x" * 100_000)
+    assert counted.returncode == 0 and counted.stdout.strip() == "100000"
+    assert boot(data_dir, alpine_ref.ref, "true", stdin="ignored\n" * 1000).returncode == 0
+
+
+def test_stdin_passes_through_a_terminal(alpine_ref: PushedImage, data_dir: Path) -> None:
+    """Typed lines reach the command; Ctrl-D ends its input, as on any terminal."""
+    argv = [CLI, "boot", "--data-dir", str(data_dir), "--timeout", "90", alpine_ref.ref]
+    master, slave = pty.openpty()
+    with subprocess.Popen(
+        [*argv, "--", "sh", "-c", "cat; echo done"],
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as process:
+        os.close(slave)
+        os.write(master, b"typed line\n")
+        os.write(master, b"\x04")  # VEOF: the end of the input
+        out, err = process.communicate(timeout=120)
+    os.close(master)
+    assert process.returncode == 0, err
+    assert out == b"typed line\ndone\n"
+
+
+def test_the_output_streams_as_the_command_prints_it(
+    alpine_ref: PushedImage, data_dir: Path
+) -> None:
+    assert boot(data_dir, alpine_ref.ref, "true").returncode == 0  # pulled and probed
+    argv = [CLI, "boot", "--data-dir", str(data_dir), "--timeout", "90", alpine_ref.ref]
+    script = "echo first; sleep 6; echo second"
+    with subprocess.Popen(
+        [*argv, "--", "sh", "-c", script],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as process:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        seen_first = time.monotonic()
+        second = process.stdout.readline()
+        seen_second = time.monotonic()
+        process.wait(120)
+    assert (first, second) == (b"first\n", b"second\n")
+    # "first" came out while the command slept, not with the rest at power-off.
+    assert seen_second - seen_first > 3
 
 
 def test_whiteouts_take_effect_in_the_vm(registry: RegistryServer, data_dir: Path) -> None:

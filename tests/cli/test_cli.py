@@ -23,7 +23,19 @@ from support.service import CLI
 from hypeman_images.errors import exit_codes
 
 ANSI = re.compile(r"\x1b\[")
-COMMANDS = ("pull", "list", "inspect", "rm", "gc", "verify", "serve", "boot", "login", "logout")
+COMMANDS = (
+    "pull",
+    "list",
+    "inspect",
+    "rm",
+    "tag",
+    "gc",
+    "verify",
+    "serve",
+    "boot",
+    "login",
+    "logout",
+)
 NO_JSON = {"serve", "login", "logout"}  # they print no data
 
 
@@ -116,7 +128,7 @@ def test_pull_on_a_terminal_draws_progress_bars(alpine_ref: PushedImage, data_di
     assert ANSI.search(screen), "rich draws with escape sequences on a terminal"
     assert "━" in screen, "a bar"
     assert layer[7:19] in screen and "converting" in screen
-    assert re.search(r"\d+(\.\d+)?/\d+(\.\d+)? [KM]B", screen), "bytes done / total"
+    assert re.search(r"\d+(\.\d+)?/\d+(\.\d+)? [KM]iB", screen), "bytes done / total"
     assert f"layer {layer[7:19]}: downloading" not in screen, "not the plain lines of a pipe"
     # stdout, a pipe, stays plain: the disk's path only.
     assert not ANSI.search(out) and Path(out.strip()).is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -98,8 +99,8 @@ def test_push_by_hand_then_pull_by_hand_on_another_host(
     assert fetched.returncode == 0, fetched.stderr
     assert Path(fetched.stdout.strip()).read_bytes() == Path(built.stdout.strip()).read_bytes()
     table = run("list", *b).stdout.splitlines()
-    column = table[0].split().index("SOURCE")
-    assert table[1].split()[column] == "disk-cache", table
+    header, row = (re.split(r"\s{2,}", line) for line in table)
+    assert dict(zip(header, row, strict=True))["SOURCE"] == "disk-cache", table
     # The cache holds ext4 disks: an EROFS disk is never taken from it.
     erofs = run("disk", "pull", *b, *cache, "--format", "erofs", alpine_ref.ref)
     assert erofs.returncode == InvalidArgument.exit_code, erofs.stderr

@@ -16,13 +16,16 @@ $BB --install -s /bin 2>/dev/null
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
-# Byte-exact output: no \n -> \r\n translation on the serial line.
-stty -onlcr </dev/console 2>/dev/null
+# Byte-exact output: no \n -> \r\n translation on the serial line; and no
+# echo, so the stdin relayed to the command does not come back as output.
+stty -onlcr -echo </dev/console 2>/dev/null
 
 . /etc/hypeman/run.conf
 
 finish() {
-    printf '\nHYPEMAN_EXIT_%s=%s\n' "$HM_NONCE" "$1"
+    # Right after the output, no newline of ours before it: the host hands the
+    # output on as it comes and cannot wait to see if a newline was ours.
+    printf 'HYPEMAN_EXIT_%s=%s\n' "$HM_NONCE" "$1"
     # ACPI power-off works on QEMU microvm and Cloud Hypervisor; reboot=t with
     # QEMU -no-reboot is the fallback when it does not.
     poweroff -f
@@ -152,7 +155,10 @@ case $argv0 in
         ;;
 esac
 [ -n "$resolved" ] || {
-    echo "entrypoint not found in the image: \"$argv0\" (PATH=$path)"
+    case $argv0 in
+        */*) echo "command not found in the image: \"$argv0\"" ;;
+        *) echo "command not found in the image: \"$argv0\" (PATH=$path)" ;;
+    esac
     exit 127
 }
 printf "%s\n" "$uid" "$gid" "$home" "$PWD" "$resolved" "$groups"
@@ -224,9 +230,30 @@ while [ $i -le "$HM_ARGC" ]; do
     i=$((i + 1))
 done
 
-# As with `docker run` without -i/-t: stdin is /dev/null and the output a pipe,
+# The host's stdin, when it passes it on (HM_STDIN=1), arrives on the console
+# as lines: "D" and the bytes as printf octal escapes, then "E" at its end
+# (boot/vm.py, _Relay). The relay turns them back into bytes on a pipe, as
+# `docker run -i` gives a pipe; else stdin is /dev/null. The output is a pipe,
 # not a terminal, so programs print plain text (no colours, no tty queries).
+relay() {
+    while IFS= read -r line; do
+        case $line in
+            D*) printf "${line#D}" ;;
+            *) break ;;
+        esac
+    done
+}
+stdin=/dev/null relay_pid=
+if [ "$HM_STDIN" = 1 ]; then
+    mkfifo /hm-stdin
+    relay </dev/console >/hm-stdin &
+    relay_pid=$!
+    stdin=/hm-stdin
+fi
 set -o pipefail
 echo "HYPEMAN_BEGIN_$HM_NONCE"
-/usr/bin/setpriv --regid="$gid" --groups="$groups" -- $BB env -i "$@" </dev/null 2>&1 | cat
-finish $?
+/usr/bin/setpriv --regid="$gid" --groups="$groups" -- $BB env -i "$@" <"$stdin" 2>&1 | cat
+code=$?
+# The command may end without reading all its input: the relay goes with it.
+[ -n "$relay_pid" ] && kill "$relay_pid" 2>/dev/null
+finish $code

@@ -8,7 +8,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ class BootResult:
 
     ``output`` is what the command wrote to stdout and stderr (the serial
     console), without kernel logs or markers. ``error`` is set when the init
-    could not start the command (missing entrypoint or user), with
+    could not start the command (command not found, unknown user), with
     ``exit_code`` 127 or 126. Times are seconds since the hypervisor started;
     ``time_to_poweroff`` is None if the VM had to be killed after the command.
     """
@@ -164,15 +164,23 @@ def _choose_machine(
     return _Machine("qemu", accel, qemu)
 
 
-def _failure(run: VmRun, machine: _Machine, timeout: float) -> BootError:
+def _failure(
+    run: VmRun, machine: _Machine, timeout: float, nonce: str, streamed: bool
+) -> BootError:
+    """What went wrong, in words: no marker, nonce or kernel noise of the init's protocol.
+
+    The output so far is added unless it was streamed already (``streamed``).
+    """
     where = f"{machine.hypervisor}/{machine.accelerator}"
     if run.kvm_failed:
         return BootError(f"KVM cannot run this kernel ({where}): {_tail(run.stderr)}")
     if run.timed_out and run.begin_seen is not None:
-        return BootError(
-            f"the command did not finish within {timeout:g} s and was killed ({where}); "
-            f"its output so far:\n{_tail(run.console.split(b'_BEGIN_', 1)[-1])}"
-        )
+        message = f"the command did not finish within {timeout:g} s; the VM was stopped ({where})"
+        begin = f"HYPEMAN_BEGIN_{nonce}\n".encode()
+        output = _without_markers(run.console.split(begin, 1)[-1], nonce)
+        if not streamed and output.strip():
+            message += f"; its output so far:\n{_tail(output)}"
+        return BootError(message)
     if run.timed_out and not run.console.strip():
         return BootError(
             f"the VM printed nothing within {timeout:g} s: the kernel did not boot ({where})"
@@ -180,11 +188,14 @@ def _failure(run: VmRun, machine: _Machine, timeout: float) -> BootError:
     if run.timed_out:
         return BootError(
             f"the VM did not start the command within {timeout:g} s ({where}); "
-            f"console:\n{_tail(run.console)}"
+            f"console:\n{_tail(_without_markers(run.console, nonce))}"
         )
     details = "".join(
         f"\n{label}:\n{_tail(data)}"
-        for label, data in (("console", run.console), (f"{machine.binary} said", run.stderr))
+        for label, data in (
+            ("console", _without_markers(run.console, nonce)),
+            (f"{machine.binary} said", run.stderr),
+        )
         if data.strip()
     )
     return BootError(
@@ -192,9 +203,14 @@ def _failure(run: VmRun, machine: _Machine, timeout: float) -> BootError:
     )
 
 
+def _without_markers(console: bytes, nonce: str) -> bytes:
+    """``console`` without the init's marker lines (``HYPEMAN_<WHAT>_<nonce>…``)."""
+    return re.sub(rb"HYPEMAN_[A-Z]+_" + nonce.encode() + rb"[^\n]*\n?", b"", console)
+
+
 def _result(run: VmRun, machine: _Machine, nonce: str) -> BootResult:
     console = run.console.replace(b"\r\n", b"\n")
-    exit_match = re.search(rb"\nHYPEMAN_EXIT_" + nonce.encode() + rb"=(\d+)\n", console)
+    exit_match = re.search(rb"HYPEMAN_EXIT_" + nonce.encode() + rb"=(\d+)\n", console)
     error_match = re.search(rb"\nHYPEMAN_ERROR_" + nonce.encode() + rb"=([^\n]*)\n", console)
     begin = f"HYPEMAN_BEGIN_{nonce}\n".encode()
     output = b""
@@ -270,6 +286,8 @@ def boot(
     kernel: Kernel | None = None,
     memory_mib: int = 256,
     fstype: str = "ext4",
+    output: Callable[[bytes], None] | None = None,
+    stdin: int | None = None,
 ) -> BootResult:
     """Boot ``disk`` (an ext4 image, or an EROFS one with ``fstype="erofs"``) and run
     the image's command in it.
@@ -280,6 +298,10 @@ def boot(
     microvm on KVM or TCG (``hypervisor``/``accel`` force a choice). The
     initramfs and KVM verdict are cached in ``cache_dir`` (default
     ``work_dir``); per-boot files go to ``work_dir`` and are removed.
+
+    ``output`` is given the command's output as the VM prints it (the result
+    has it all too); with ``stdin`` (a file descriptor) the command reads what
+    it gives, to its end, instead of /dev/null, as with ``docker run -i``.
 
     Returns a :class:`BootResult` whenever the init reports an exit code,
     including a non-zero one. Raises :class:`BootError` when the VM does not
@@ -297,14 +319,16 @@ def boot(
     nonce = secrets.token_hex(8)
     initramfs = work_dir / f"initramfs-{nonce}.cpio"
     _check_fstype(kernel, fstype)
-    run_conf = render_run_conf(run_spec, run_spec.argv(command), nonce, fstype=fstype)
+    run_conf = render_run_conf(
+        run_spec, run_spec.argv(command), nonce, fstype=fstype, stdin=stdin is not None
+    )
     boot_initramfs(base, run_conf, initramfs)
     try:
         argv = _vm_argv(machine, kernel, initramfs, disk.resolve(), cache_dir, memory_mib)
         log.debug("starting VM: %s", argv)
-        run = run_vm(argv, nonce=nonce, timeout=timeout)
+        run = run_vm(argv, nonce=nonce, timeout=timeout, output=output, stdin=stdin)
     finally:
         initramfs.unlink(missing_ok=True)
     if run.exit_seen is None:
-        raise _failure(run, machine, timeout)
+        raise _failure(run, machine, timeout, nonce, streamed=output is not None)
     return _result(run, machine, nonce)

@@ -67,19 +67,27 @@ FSTYPES = ("ext4", "erofs")
 
 
 def render_run_conf(
-    spec: RunSpec, argv: Sequence[str], nonce: str, *, probe: bool = False, fstype: str = "ext4"
+    spec: RunSpec,
+    argv: Sequence[str],
+    nonce: str,
+    *,
+    probe: bool = False,
+    fstype: str = "ext4",
+    stdin: bool = False,
 ) -> bytes:
     """Render ``/etc/hypeman/run.conf``, the shell assignments ``init.sh`` sources.
 
     Every value is quoted with :func:`shlex.quote`, so any byte sequence but NUL
     survives; lists become numbered variables since POSIX sh has no arrays.
     ``fstype`` is the disk's filesystem, one of :data:`FSTYPES`.
+    ``stdin``: the command reads what the host relays on the console, not /dev/null.
     """
     if fstype not in FSTYPES:
         raise InvalidArgument(f"unknown disk filesystem {fstype!r}: use {' or '.join(FSTYPES)}")
     lines = [
         f"HM_NONCE={shlex.quote(nonce)}",
         f"HM_PROBE={1 if probe else 0}",
+        f"HM_STDIN={1 if stdin else 0}",
         f"HM_FSTYPE={fstype}",
         f"HM_WORKDIR={shlex.quote(spec.working_dir or '/')}",
         f"HM_USER={shlex.quote(spec.user)}",

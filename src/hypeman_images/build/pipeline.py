@@ -247,7 +247,7 @@ def build_resolved(
             # A ready digest needs no download and no rebuild: only the tag may move.
             stats.reused = True
             store.set_tag(ref, digest)
-            reporter.stage("ready", f"{ref.familiar()} (already built)")
+            reporter.stage("ready", f"{_shown(ref)} (already built)")
             return store.find(ref, fmt)
 
         record = _Record(store, ref, digest, on_status, _pulling(resolved, existing, options))
@@ -293,7 +293,7 @@ def build_resolved(
         )
         store.set_tag(ref, digest)
         stats.finish_s = time.monotonic() - t0
-    reporter.stage("ready", ref.familiar())
+    reporter.stage("ready", _shown(ref))
     return store.find(ref, fmt)
 
 
@@ -321,8 +321,8 @@ def _pull_and_convert(
     stats: BuildStats,
 ) -> DiskInfo:
     """The pull, with the conversion beside it; then the disk, from the conversion."""
-    ref, digest = resolved.ref, resolved.digest
-    reporter.stage("pulling", f"{ref.familiar()} ({digest.short})")
+    ref = resolved.ref
+    reporter.stage("pulling", _shown(ref))
     t0 = time.monotonic()
     conversion.start(client)
     pulled = pull(client, blobs, resolved, conversion.observer)
@@ -331,14 +331,21 @@ def _pull_and_convert(
     stats.cached_blobs = pulled.cached_blobs
     record.set(with_config(record.current, pulled).evolve(status=ImageStatus.CONVERTING))
 
-    reporter.stage(
-        "converting", f"{len(resolved.manifest.layers)} layers → {record.current.format}"
-    )
+    layers = len(resolved.manifest.layers)
+    shape = f"{layers} layer{'' if layers == 1 else 's'} → {record.current.format}"
+    reporter.stage("converting", shape)
     t0 = time.monotonic()
     disk = conversion.finish(pulled)
     stats.convert_s = time.monotonic() - t0
     stats.stages.update(disk.timings)
     return disk
+
+
+def _shown(ref: Reference) -> str:
+    """``alpine:3.20 (0d78bce208e7)``: a resolved name for progress lines, its digest short."""
+    if ref.tag is None or ref.digest is None:
+        return ref.familiar()
+    return f"{ref.with_tag(ref.tag).familiar()} ({ref.digest.short})"
 
 
 def _pulling(

@@ -65,51 +65,74 @@ class PlainReporter(Reporter):
 
 
 class RichReporter(Reporter):
-    """Live bars on a terminal: one per layer, one for the conversion."""
+    """Live bars on a terminal: one per layer, one for the conversion.
+
+    The units are :func:`human_size`'s, as in :class:`PlainReporter`'s lines;
+    names and digests are printed as text, never read as rich markup or
+    highlighted. A cached layer says so instead of running a timer, and every
+    bar stands at 100 % once the image is ready.
+    """
 
     def __init__(self, console: Console | None = None) -> None:
         # Imported here: piped output and the library never draw, and rich
         # costs a CLI start ~25 ms.
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TransferSpeedColumn,
-        )
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+        from hypeman_images.build.columns import RateColumn, StateColumn
 
         self._progress = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeElapsedColumn(),
-            console=console or Console(stderr=True),
+            DownloadColumn(binary_units=True),
+            RateColumn(),
+            StateColumn(),
+            console=console or Console(stderr=True, highlight=False),
             transient=False,
         )
         self._tasks: dict[Digest, TaskID] = {}
+        self._totals: dict[TaskID, int] = {}
         self._convert: TaskID | None = None
         self._progress.start()
 
     def stage(self, stage: str, detail: str = "") -> None:
-        self._progress.console.print(f"[bold]{stage}[/bold] {detail}".rstrip())
+        from rich.text import Text
+
+        if stage == "ready":
+            self._complete()
+        line = Text.assemble((stage, "bold"), f" {detail}" if detail else "")
+        self._progress.console.print(line, highlight=False)
 
     def start(self, digest: Digest, size: int, cached: bool) -> None:
-        label = f"{digest.short} {'(cached)' if cached else ''}".rstrip()
-        self._tasks[digest] = self._progress.add_task(label, total=size, completed=size * cached)
+        task = self._progress.add_task(digest.short, total=size, cached=cached)
+        self._tasks[digest] = task
+        self._totals[task] = size
+        if cached:  # finished at once: the clock stops, the row says "cached"
+            self._progress.update(task, completed=size)
 
     def advance(self, digest: Digest, nbytes: int) -> None:
         self._progress.advance(self._tasks[digest], nbytes)
 
+    def done(self, digest: Digest) -> None:
+        task = self._tasks.get(digest)
+        if task is not None:
+            self._finish(task)
+
     def converted(self, nbytes: int, total: int) -> None:
         if self._convert is None:
             self._convert = self._progress.add_task("converting", total=total)
+        self._totals[self._convert] = total
         self._progress.update(self._convert, completed=nbytes, total=total)
 
     def close(self) -> None:
         self._progress.stop()
+
+    def _complete(self) -> None:
+        for task in self._totals:
+            self._finish(task)
+
+    def _finish(self, task: TaskID) -> None:
+        self._progress.update(task, completed=self._totals[task])
 
 
 def human_size(size: int) -> str:

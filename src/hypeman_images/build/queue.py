@@ -217,12 +217,12 @@ class Job:
     def update(self, record: ImageRecord) -> None:
         """The pipeline wrote ``record``; mirror its status."""
         self.record = record
-        self.status = record.status
+        self._move(record.status, record.error)
 
     def fail(self, exc: BaseException) -> None:
         """The build ended with ``exc``."""
         self.error = exc
-        self.status = ImageStatus.FAILED
+        self._move(ImageStatus.FAILED, self.error_detail)
         if self.record is not None and self.record.status is not ImageStatus.FAILED:
             self.record = self.record.evolve(status=ImageStatus.FAILED, error=self.error_detail)
 
@@ -233,6 +233,23 @@ class Job:
         if exc is None:
             return None
         return exc.detail if isinstance(exc, HypemanError) else f"internal error: {exc!r}"
+
+    def announce(self) -> None:
+        """Log that the build was queued (the first of its state changes)."""
+        self._log(self.status, None)
+
+    def _move(self, status: ImageStatus, error: str | None) -> None:
+        """Take ``status``; each change is one info line (``serve``'s log shows them)."""
+        if status is not self.status:
+            self.status = status
+            self._log(status, error if status is ImageStatus.FAILED else None)
+
+    def _log(self, status: ImageStatus, error: str | None) -> None:
+        image = self.ref.pinned()
+        fields = {"image": image, "digest": str(self.key.digest), "status": str(status)}
+        if error:
+            fields["error"] = error
+        log.info("build of %s: %s", image, status, extra=fields)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the build ends; False on timeout."""
@@ -261,6 +278,7 @@ class BuildQueue:
                 return existing
             self._jobs[job.key] = job
             self._pending.append(job)
+            job.announce()
             self._dispatch()
             return job
 

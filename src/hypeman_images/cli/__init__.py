@@ -3,9 +3,12 @@
 ``app.main`` is the entry point; ``parser`` declares the commands and
 ``helptext`` their prose; the handlers live by area (``images``, ``boot``,
 ``login``, ``serve``, ``disk`` for the disk cache) and build the library's
-objects through ``config``; ``output`` prints. Modules only the ``serve`` and ``boot`` commands need
-(uvicorn, the API, the VM machinery) are imported inside their handlers, so
-that every other command starts without them.
+objects through ``config``; ``output`` prints (and escapes what an image
+wrote), ``listing`` lays out ``list``'s table, ``servelog`` is ``serve``'s
+logfmt, ``interrupt`` is what Ctrl-C leaves behind. Modules only the
+``serve`` and ``boot`` commands need (uvicorn, the API, the VM machinery)
+are imported inside their handlers, so that every other command starts
+without them.
 
 May import: everything below it (``service``, ``build``, ``boot`` and what
 they may import).

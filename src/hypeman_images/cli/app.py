@@ -14,14 +14,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from hypeman_images.cli.output import PROG, print_json
-from hypeman_images.cli.parser import build_parser
-from hypeman_images.errors import EXIT_INTERRUPTED, HypemanError
+from hypeman_images.cli.interrupt import exit_interrupted
+from hypeman_images.cli.output import PROG, print_json, printable
+from hypeman_images.cli.parser import parse_args
+from hypeman_images.errors import HypemanError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     _configure_logging(args.verbose)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
@@ -29,15 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HypemanError as exc:
         if getattr(args, "json", False):
             print_json({"code": exc.code, "message": exc.message, "exit_code": exc.exit_code})
-        print(f"{PROG}: error: {exc.message}", file=sys.stderr)
+        # Messages may quote a registry or an image: never raw to a terminal.
+        print(f"{PROG}: error: {printable(exc.message, lines=True)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # Download and scan workers are blocked in I/O; the interpreter's exit
-        # would join them. Leave now: temp files carry our pid, and the next
-        # gc or recover removes what a dead writer left.
-        os._exit(EXIT_INTERRUPTED)
+        exit_interrupted()
     except BrokenPipeError:
         # The reader went away (``| head``): later writes, and the interpreter's
         # final flush, go to /dev/null instead of raising again.
@@ -45,9 +42,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return HypemanError.exit_code
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines to whatever ``sys.stderr`` is at the time.
+
+    While progress bars are drawn, rich puts a proxy there that prints above
+    the bars; a handler holding the original stream would write between
+    their redraws, and the bars would be drawn again below (twice on screen).
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _configure_logging(verbosity: int) -> None:
     level = logging.DEBUG if verbosity else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    handler = StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     if verbosity < 2:
         logging.getLogger("httpx").setLevel(logging.WARNING)
         logging.getLogger("httpcore").setLevel(logging.WARNING)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import stat
 import sys
 from typing import TYPE_CHECKING
 
@@ -16,7 +18,8 @@ from hypeman_images.build.image import Image, image_of
 from hypeman_images.build.manager import ImageManager
 from hypeman_images.build.progress import PlainReporter
 from hypeman_images.cli.config import build_options, open_manager
-from hypeman_images.cli.output import PROG, print_json
+from hypeman_images.cli.interrupt import pull_image
+from hypeman_images.cli.output import PROG, print_json, printable
 from hypeman_images.errors import NotFound
 from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.images import ImageStatus
@@ -63,9 +66,32 @@ def boot_image(args: argparse.Namespace) -> int:
             cache_dir=manager.data.boot,
             memory_mib=args.memory,
             fstype=str(image.format),
+            output=None if args.json else _write_through,
+            stdin=stdin_to_pass(),
         )
     _report(result, as_json=args.json)
     return result.exit_code
+
+
+def stdin_to_pass(fd: int = 0) -> int | None:
+    """``fd`` if the command should read it: a terminal, a pipe, a socket or a file.
+
+    Not /dev/null or another device, and not a closed stdin: the command then
+    reads /dev/null, as under ``docker run`` without ``-i``.
+    """
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return None
+    if os.isatty(fd) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISREG(mode):
+        return fd
+    return None
+
+
+def _write_through(data: bytes) -> None:
+    """The command's output, on our stdout as the VM prints it."""
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
 
 
 def _ready_image(manager: ImageManager, name: str, fmt: DiskFormat | None) -> Image:
@@ -76,20 +102,19 @@ def _ready_image(manager: ImageManager, name: str, fmt: DiskFormat | None) -> Im
         if image.status is not ImageStatus.READY:
             raise NotFound(f"{name} is {image.status}, not ready")
     except NotFound:
-        image = image_of(manager.pull(name, reporter=PlainReporter()))
+        image = image_of(pull_image(manager, name, PlainReporter()))
     return image
 
 
 def _report(result: BootResult, *, as_json: bool) -> None:
+    """JSON with the output; else (the output was streamed) how it ran, on stderr."""
     if as_json:
         doc = dataclasses.asdict(result)
         doc.pop("console", None)
         print_json(doc)
         return
-    sys.stdout.write(result.output)
-    sys.stdout.flush()
     if result.error:
-        print(f"{PROG}: {result.error}", file=sys.stderr)
+        print(f"{PROG}: {printable(result.error, lines=True)}", file=sys.stderr)
     print(
         f"{PROG}: booted with {result.hypervisor} ({result.accelerator}); "
         f"exit code {result.exit_code}",

@@ -23,21 +23,42 @@ def epilog() -> str:
 
 EXAMPLES = {
     "pull": f"""\
+--platform takes what docker takes: linux/arm64, linux/arm64/v8, arm64.
+
 examples:
   {PROG} pull alpine:3.20
-  {PROG} pull --platform linux/arm64 ghcr.io/org/app@sha256:<hex>
+  {PROG} pull --platform arm64 ghcr.io/org/app@sha256:<hex>
+  {PROG} pull --label team=infra --label env=prod localhost:5000/app:1
   {PROG} pull --json localhost:5000/app:1 | jq -r .disk""",
     "list": f"""\
+One row per tag; IMAGE ID is the digest's first 12 hex digits, which every
+command that takes an image accepts.
+
 examples:
   {PROG} list
+  {PROG} list alpine
+  {PROG} list --label team=infra
+  {PROG} rm $({PROG} list -q ghcr.io/org/app)
   {PROG} list --json | jq '.[] | select(.status == "ready") | .name'""",
     "inspect": f"""\
+Control characters in what the image says (env, user, working dir...) are
+printed as escapes (\\x1b); --json prints them exactly.
+
 examples:
   {PROG} inspect alpine:3.20
+  {PROG} inspect 3f57d9401f8d
   {PROG} inspect --json docker.io/library/alpine@sha256:<hex>""",
+    "tag": f"""\
+The target may be in another repository; the disk is shared, not copied.
+The source must be ready.
+
+examples:
+  {PROG} tag alpine:3.20 alpine:prod
+  {PROG} tag 3f57d9401f8d localhost:5000/base:1""",
     "rm": f"""\
 A tag's disk is deleted with the last tag that points at it; a digest goes
 with all its tags. An image that is being built cannot be removed (exit {Conflict.exit_code}).
+Every image named is tried; the exit code is non-zero if any could not be removed.
 
 examples:
   {PROG} rm alpine:3.20
@@ -60,11 +81,13 @@ examples:
     "boot": f"""\
 Boots the image's disk (pulled first if it is not local) in a microVM: Cloud
 Hypervisor when it is on PATH, else QEMU microvm with KVM where KVM works and
-TCG where it does not. Prints the command's output and exits with its code.
+TCG where it does not. Prints the command's output as it comes and exits with
+its code. A terminal or a pipe on stdin is the command's stdin (docker run -i).
 
 examples:
   {PROG} boot alpine:3.20
   {PROG} boot alpine:3.20 -- cat /etc/alpine-release
+  echo hi | {PROG} boot alpine:3.20 -- cat
   {PROG} boot --print-command alpine:3.20""",
     "login": f"""\
 Stores the credential where docker and podman look (a credential helper if
@@ -82,6 +105,7 @@ Serves POST/GET /images, GET/DELETE /images/{{name}}, /healthz, /metrics and
 The token file holds one bearer token and must not be readable by group or
 others (chmod 600). Without one, serve listens on loopback only and answers
 only its own names in the Host header (--allowed-host adds one).
+Logs one key=value line per request and per build state change (-v: debug).
 
 examples:
   {PROG} serve --listen 127.0.0.1:8080

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -22,7 +23,7 @@ from hypeman_images.cli.guards import (
     add_transfer_flags,
 )
 from hypeman_images.cli.helptext import DESCRIPTION, EXAMPLES, epilog
-from hypeman_images.cli.images import gc, inspect, list_images, pull, remove, verify
+from hypeman_images.cli.images import gc, inspect, list_images, pull, remove, tag, verify
 from hypeman_images.cli.login import login, logout
 from hypeman_images.cli.output import PROG
 from hypeman_images.cli.serve import DEFAULT_LISTEN, serve
@@ -44,18 +45,51 @@ class UsageParser(argparse.ArgumentParser):
         )
 
 
+DATA_DIR_HELP = (
+    "data directory (default: $HYPEMAN_DATA_DIR, /var/lib/hypeman as root, "
+    "else $XDG_DATA_HOME/hypeman)"
+)
+VERBOSE_HELP = "debug logging (-vv adds httpx's)"
+
+
 def _common_flags() -> UsageParser:
     common = UsageParser(add_help=False)
-    common.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="data directory (default: $HYPEMAN_DATA_DIR, /var/lib/hypeman as root, "
-        "else $XDG_DATA_HOME/hypeman)",
-    )
-    common.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
+    common.add_argument("--data-dir", type=Path, default=None, help=DATA_DIR_HELP)
+    common.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     add_data_dir_group_flag(common)
     return common
+
+
+def _global_flags(parser: argparse.ArgumentParser) -> None:
+    """The common flags before the command too, as docker and podman take them.
+
+    They land in ``global_*`` attributes: argparse lets a subcommand's defaults
+    overwrite what the main parser set, so :func:`parse_args` merges the two.
+    """
+    parser.add_argument(
+        "--data-dir", dest="global_data_dir", type=Path, metavar="DATA_DIR", help=DATA_DIR_HELP
+    )
+    parser.add_argument(
+        "-v", "--verbose", dest="global_verbose", action="count", default=0, help=VERBOSE_HELP
+    )
+    parser.add_argument(
+        "--data-dir-group",
+        dest="global_data_dir_group",
+        metavar="GROUP",
+        help="share the data dir with this group (as after the command)",
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; the common flags count wherever they stand, before or after the command."""
+    args = build_parser().parse_args(argv)
+    args.data_dir = getattr(args, "data_dir", None) or args.global_data_dir
+    args.verbose = getattr(args, "verbose", 0) + args.global_verbose
+    # After the command, the flag's default is the environment's: a flag before it wins over that.
+    from_env = os.environ.get("HYPEMAN_DATA_DIR_GROUP") or None
+    if args.global_data_dir_group is not None and args.data_dir_group == from_env:
+        args.data_dir_group = args.global_data_dir_group
+    return args
 
 
 def _registry_flags() -> UsageParser:
@@ -181,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _global_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
@@ -206,13 +241,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("image", help="image reference: alpine, localhost:5000/app:1, repo@sha256:…")
     p.add_argument("--no-progress", action="store_true", help="plain progress lines, no bars")
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a user label on the image (repeatable; replaces the image's labels)",
+    )
     p.set_defaults(run=pull)
 
     p = command("list", "List local images with their status, tags and size.")
+    p.add_argument(
+        "repository",
+        nargs="?",
+        metavar="REPOSITORY[:TAG]",
+        help="only this repository's images (only this tag's, with :TAG)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print image IDs only")
+    p.add_argument(
+        "--format",
+        choices=["table", "json"],
+        default="table",
+        help="table (default) or json (as --json)",
+    )
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only images with this user label (repeatable: all must match)",
+    )
     p.set_defaults(run=list_images)
 
     p = command("inspect", "Show an image's metadata: entrypoint, cmd, env, status, disk.")
-    p.add_argument("image", help="tag or digest reference of a local image")
+    p.add_argument("image", help="tag or digest reference, or image ID, of a local image")
     p.add_argument(
         "--format",
         choices=FORMATS,
@@ -221,8 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=inspect)
 
     p = command("rm", "Remove images by tag or by digest.")
-    p.add_argument("image", nargs="+", help="tag or digest references")
+    p.add_argument("image", nargs="+", help="tag or digest references, or image IDs")
     p.set_defaults(run=remove)
+
+    p = command("tag", "Give a local image another name (a tag), as docker tag does; no pull.")
+    p.add_argument("source", help="image: tag or digest reference, or image ID")
+    p.add_argument("target", help="the new name, with a tag: myapp:prod, localhost:5000/app:1")
+    p.set_defaults(run=tag)
 
     p = command("gc", "Free space: unneeded blobs, failed builds, leftovers of crashes.")
     p.set_defaults(run=gc)
@@ -230,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "verify", "Check a local image's disk again: e2fsck -fn (fsck.erofs) and its sha256."
     )
-    p.add_argument("image", help="tag or digest reference of a local image")
+    p.add_argument("image", help="tag or digest reference, or image ID, of a local image")
     p.add_argument(
         "--format", choices=FORMATS, help="the disk to check (default: the ready one, ext4 first)"
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from hypeman_images.cli.config import build_options, open_manager
 from hypeman_images.cli.guards import service_limits
-from hypeman_images.cli.output import PROG
+from hypeman_images.cli.servelog import RequestLog, configure, log_uvicorn_here
 from hypeman_images.errors import InvalidArgument, ServiceError
 from hypeman_images.store.access import exposure
 
@@ -117,6 +117,7 @@ def serve(args: argparse.Namespace) -> int:
     hosts = None
     if token is None or args.allowed_host:
         hosts = allowed_hosts(sock.getsockname()[0], args.allowed_host)
+    configure(args.verbose)
     manager = open_manager(args, build_options(args), concurrency=args.concurrency)
     try:
         warning = exposure(manager.data.root)
@@ -124,14 +125,24 @@ def serve(args: argparse.Namespace) -> int:
             log.warning("%s", warning)
         report = manager.recover()
         if report.resumed:
-            log.warning("resuming %d interrupted builds", len(report.resumed))
+            log.warning(
+                "resuming %d interrupted builds",
+                len(report.resumed),
+                extra={"images": ",".join(report.resumed)},
+            )
         app = create_app(manager, token=token, limits=limits, hosts=hosts)
-        server = http_server(app, limits, verbose=bool(args.verbose))
-        print(
-            f"{PROG}: serving on http://{args.listen} (data dir {manager.data.root}, "
-            f"concurrency {args.concurrency}{', token required' if token else ''})",
-            file=sys.stderr,
-            flush=True,
+        server = http_server(RequestLog(app), limits, verbose=bool(args.verbose))
+        log_uvicorn_here(args.verbose)  # RequestLog's lines replace uvicorn's access log
+        url = f"http://{args.listen}"
+        log.info(
+            "serving on %s",
+            url,
+            extra={
+                "url": url,
+                "data_dir": str(manager.data.root),
+                "concurrency": args.concurrency,
+                "token": "required" if token else "none",
+            },
         )
         server.run(sockets=[sock])
     finally:
