@@ -123,7 +123,7 @@ def run_in_terminal(
         stdout=subprocess.PIPE,
         stderr=slave,
         env=full_env,
-        start_new_session=interrupt_when is not None,
+        start_new_session=True,  # its own group: Ctrl-C and the clean-up reach every child
     ) as process:
         os.close(slave)
         drawn = bytearray()
@@ -143,7 +143,23 @@ def run_in_terminal(
                 os.killpg(process.pid, signal.SIGINT)
                 interrupt_when = None
         os.close(master)
-        assert process.stdout is not None
-        out = process.stdout.read().decode()
-        code = process.wait(30)
-    return TerminalRun(code, drawn.decode(errors="replace"), out)
+        try:
+            out, _ = process.communicate(timeout=max(5.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _kill_group(process.pid)
+            process.communicate()
+            raise AssertionError(
+                f"{argv[1:]} still running after {timeout:.0f} s; the terminal showed:\n"
+                + "\n".join(screen(drawn.decode(errors="replace")))
+            ) from None
+        finally:
+            _kill_group(process.pid)  # nothing it started outlives the test
+        code = process.returncode
+    return TerminalRun(code, drawn.decode(errors="replace"), out.decode())
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
