@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
+from support.commands import COMMANDS, SUBCOMMANDS
 
 from hypeman_images import errors
 from hypeman_images.cli import main
@@ -22,20 +23,6 @@ from hypeman_images.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", ROOT / "SECURITY.md", *sorted(DOCS.glob("*.md"))]
-COMMANDS = [
-    "pull",
-    "list",
-    "inspect",
-    "rm",
-    "tag",
-    "gc",
-    "verify",
-    "boot",
-    "login",
-    "logout",
-    "serve",
-]
-SUBCOMMANDS = [("disk", "push"), ("disk", "pull")]
 
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 _HEADING = re.compile(r"^#{1,6} (.+)$", re.MULTILINE)

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from support.images import IMAGES_DIR
+from support.vm import needs_vm
 
 from hypeman_images.boot import (
     BootResult,
@@ -46,17 +47,6 @@ IMAGES = IMAGES_DIR
 ALPINE = IMAGES / "alpine-minirootfs-3.20.3-x86_64.tar.gz"
 BUSYBOX_OCI = IMAGES / "busybox-1.38.0-glibc-oci"
 ALPINE_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def _have_vm_tools() -> bool:
-    try:
-        find_kernel()
-    except BootError:
-        return False
-    return bool(shutil.which("qemu-system-x86_64") and Path("/bin/busybox").exists())
-
-
-needs_vm = pytest.mark.skipif(not _have_vm_tools(), reason="needs a kernel, QEMU and busybox")
 
 
 # --- run spec ----------------------------------------------------------------------------------

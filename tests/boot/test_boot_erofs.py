@@ -7,13 +7,13 @@ when ``run.conf`` says ``HM_FSTYPE=erofs`` (docs/design.md, "EROFS disks").
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from support.pushed import PushedImage
+from support.vm import needs_vm
 
 from hypeman_images.boot import RunSpec, find_kernel
 from hypeman_images.boot.initramfs import base_initramfs
@@ -22,17 +22,6 @@ from hypeman_images.boot.runspec import render_run_conf
 from hypeman_images.errors import BootError, InvalidArgument
 
 CLI = str(Path(sys.executable).with_name("hypeman-images"))
-
-
-def _have_vm_tools() -> bool:
-    try:
-        find_kernel()
-    except BootError:
-        return False
-    return bool(shutil.which("qemu-system-x86_64") and Path("/bin/busybox").exists())
-
-
-needs_vm = pytest.mark.skipif(not _have_vm_tools(), reason="needs a kernel, QEMU and busybox")
 
 
 def test_run_conf_names_the_filesystem() -> None:

@@ -2,40 +2,23 @@
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import os
-import pty
 import re
-import select
 import socket
-import struct
 import subprocess
-import termios
-import time
 from pathlib import Path
 
 import pytest
+from support.commands import COMMANDS
 from support.pushed import PushedImage
 from support.service import CLI
+from support.terminal import run_in_terminal
 
 from hypeman_images.errors import exit_codes
 
 ANSI = re.compile(r"\x1b\[")
-COMMANDS = (
-    "pull",
-    "list",
-    "inspect",
-    "rm",
-    "tag",
-    "gc",
-    "verify",
-    "serve",
-    "boot",
-    "login",
-    "logout",
-)
 NO_JSON = {"serve", "login", "logout"}  # they print no data
 
 
@@ -88,41 +71,9 @@ def test_usage_errors_exit_2_with_one_line(args: tuple[str, ...]) -> None:
     assert "error:" in result.stderr and "--help" in result.stderr
 
 
-def run_in_terminal(*args: str) -> tuple[int, str, str]:
-    """Run the CLI with its stderr on a pseudo-terminal (100x30); stdout stays a pipe.
-
-    Returns the exit code, what was drawn on the terminal and stdout.
-    """
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
-    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100"}
-    env.pop("NO_COLOR", None)
-    with subprocess.Popen(
-        [CLI, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env
-    ) as process:
-        os.close(slave)
-        screen = bytearray()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 1)
-            if not ready:
-                continue
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the last writer of the terminal is gone
-                break
-            if not chunk:
-                break
-            screen += chunk
-        os.close(master)
-        assert process.stdout is not None
-        out = process.stdout.read().decode()
-        code = process.wait(30)
-    return code, screen.decode(errors="replace"), out
-
-
 def test_pull_on_a_terminal_draws_progress_bars(alpine_ref: PushedImage, data_dir: Path) -> None:
-    code, screen, out = run_in_terminal("pull", "--data-dir", str(data_dir), alpine_ref.ref)
+    drawn = run_in_terminal([CLI, "pull", "--data-dir", str(data_dir), alpine_ref.ref])
+    code, screen, out = drawn.code, drawn.drawn, drawn.stdout
     assert code == 0, screen
     layer = alpine_ref.image.layers[0].digest
     assert ANSI.search(screen), "rich draws with escape sequences on a terminal"

@@ -71,6 +71,7 @@ def test_verbose_serve_logs_debug_lines(data_dir: Path, tmp_path: Path) -> None:
     output = served.output()
     assert "level=debug" in output
     assert all(line.startswith("time=") for line in output.splitlines())
+    assert "color_message" not in output and "\x1b" not in output  # uvicorn's coloured copy
 
 
 def test_beyond_loopback_without_a_token_is_refused_in_one_line(data_dir: Path) -> None:

@@ -8,6 +8,7 @@ returns the lines a user would see at the end, scrollback included.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pty
@@ -159,7 +160,5 @@ def run_in_terminal(
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

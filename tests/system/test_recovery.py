@@ -81,6 +81,28 @@ def parked_at_pulling(
         yield served, client
 
 
+@contextlib.contextmanager
+def paused_cli_pull(data_dir: Path, image: PushedImage, log: Path) -> Iterator[None]:
+    """A CLI ``pull`` of ``image`` parked at mke2fs while the body runs, then killed with -9."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [CLI, "pull", "--data-dir", str(data_dir), image.ref],
+            stdout=out,
+            stderr=out,
+            env={**os.environ, PAUSE_ENV: "mke2fs"},
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "paused at mke2fs" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        yield
+    finally:
+        os.killpg(process.pid, 9)
+        process.wait(10)
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_kill_mid_stage_then_restart_finishes(
     stage: str, alpine_ref: PushedImage, data_dir: Path, tmp_path: Path
@@ -200,23 +222,8 @@ def test_kill_with_a_build_queued_then_restart_finishes_both(
 def test_killed_cli_pull_resumes_with_pull(
     alpine_ref: PushedImage, data_dir: Path, tmp_path: Path
 ) -> None:
-    log = tmp_path / "pull.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [CLI, "pull", "--data-dir", str(data_dir), alpine_ref.ref],
-            stdout=out,
-            stderr=out,
-            env={**os.environ, PAUSE_ENV: "mke2fs"},
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while "paused at mke2fs" not in log.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-    finally:
-        os.killpg(process.pid, 9)
-        process.wait(10)
+    with paused_cli_pull(data_dir, alpine_ref, tmp_path / "pull.log"):
+        pass  # killed with -9 while it converts
     record, directory = state(data_dir, alpine_ref)
     assert record["status"] == "converting"
     again = subprocess.run(
@@ -297,26 +304,10 @@ def test_killed_cli_pull_shows_interrupted_and_gc_removes_it(
 ) -> None:
     # No serve will resume it: `list` must say what it is, and gc must take it
     # (its build dir and its blobs), not keep a "converting" build forever.
-    log = tmp_path / "pull.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [CLI, "pull", "--data-dir", str(data_dir), alpine_ref.ref],
-            stdout=out,
-            stderr=out,
-            env={**os.environ, PAUSE_ENV: "mke2fs"},
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while "paused at mke2fs" not in log.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        d = ("--data-dir", str(data_dir))
+    d = ("--data-dir", str(data_dir))
+    with paused_cli_pull(data_dir, alpine_ref, tmp_path / "pull.log"):
         alive = json.loads(subprocess.check_output([CLI, "list", "--json", *d]))
         assert [i["status"] for i in alive] == ["converting"], "its process still runs"
-    finally:
-        os.killpg(process.pid, 9)
-        process.wait(10)
     record, directory = state(data_dir, alpine_ref)
     assert record["status"] == "converting"
 

@@ -21,7 +21,12 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # The attributes every LogRecord has; anything else on a record came as ``extra``.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# uvicorn's ``color_message`` repeats ``msg`` with terminal colours: never a key.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 _BARE = re.compile(r"[A-Za-z0-9_.:/@+,-]+")
 
 Scope = MutableMapping[str, Any]
