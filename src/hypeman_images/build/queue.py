@@ -39,6 +39,7 @@ from hypeman_images.store.images import ImageRecord, ImageStatus, StoredImage
 log = logging.getLogger(__name__)
 
 PAUSE_ENV = "HYPEMAN_TEST_PAUSE_AT"
+WAIT_SLICE = 0.25  # seconds a waiting thread sleeps between checks for signals (Job.wait)
 # resolving: the manifest GET of a request (or of a recovered build); a new
 #   request has written nothing yet and its POST is still unanswered.
 # pulling: a layer is half-way into the blob cache's ingest dir.
@@ -252,8 +253,20 @@ class Job:
         log.info("build of %s: %s", image, status, extra=fields)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the build ends; False on timeout."""
-        return self.done.wait(timeout)
+        """Block until the build ends; False on timeout.
+
+        Waits in slices: the kernel may hand a SIGINT to any thread, and a
+        main thread blocked in one untimed wait would never run Python's
+        handler, so Ctrl-C would not stop the CLI
+        (tests/cli/test_cli_progress.py, the Ctrl-C test).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
+            if self.done.wait(max(0.0, left)):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
 
 
 class BuildQueue:

@@ -12,16 +12,18 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from hypeman_images.build.manager import ImageManager
-from hypeman_images.build.progress import Reporter
 from hypeman_images.cli.output import PROG
 from hypeman_images.errors import EXIT_INTERRUPTED, HypemanError
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import parse_reference
 from hypeman_images.store.housekeeping import idle_lock
 from hypeman_images.store.images import ImageRecord, ImageStatus, StoredImage
+
+if TYPE_CHECKING:  # the CLI's start-up imports this module: no build machinery at load time
+    from hypeman_images.build.manager import ImageManager
+    from hypeman_images.build.progress import Reporter
 
 INTERRUPTED = "interrupted"
 

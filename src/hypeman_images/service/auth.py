@@ -18,8 +18,6 @@ from typing import Annotated, Any
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-WWW_AUTHENTICATE = 'Bearer realm="hypeman-images"'
-
 # A stateless declaration (it only reads the header); module level so that FastAPI
 # can resolve the annotation that names it.
 _BEARER = HTTPBearer(auto_error=False, description="The token from `serve --token-file`")
@@ -27,14 +25,6 @@ _BEARER = HTTPBearer(auto_error=False, description="The token from `serve --toke
 
 class Unauthenticated(Exception):
     """The API's own bearer token is missing or wrong (not a registry's refusal)."""
-
-
-def bearer_matches(expected: bytes, authorization: str | None) -> bool:
-    """True if an ``Authorization`` header value is ``Bearer <expected>`` (constant time)."""
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer":
-        given = ""
-    return hmac.compare_digest(given.encode(), expected)
 
 
 def bearer_auth(token: str | None) -> list[Any]:

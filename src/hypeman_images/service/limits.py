@@ -29,7 +29,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hypeman_images.service.auth import WWW_AUTHENTICATE, bearer_matches
+from hypeman_images.service.tokens import WWW_AUTHENTICATE, bearer_matches
 
 KiB = 1024
 # The paths open to all when a token is set: a liveness probe has no token
