@@ -9,8 +9,10 @@ bodies that survive into mke2fs's stdin. Its scan can run during the
 download, as the pull's tap (:class:`LayerScans`), and is kept by blob digest
 (:mod:`scancache`), so a blob is scanned only once. The two-pass way is the
 reference: the one pass falls back to it whenever it cannot prove it made the
-merge's tree. An EROFS disk (:mod:`build.erofs`) is always made the two-pass
-way, from the merge's tree.
+merge's tree. An EROFS disk takes the same ways: its one pass
+(:mod:`build.onepass_erofs`) writes the bodies into the image as the layers
+download and the merge's inodes after; its two passes (:mod:`build.erofs`)
+write the merge's tree from the cached blobs. Both give the same bytes.
 
 :class:`Conversion` owns all of it for one build and decides the way, in one
 place. Which way an image takes depends on the image and the tools only,
@@ -228,7 +230,7 @@ class Conversion:
 
     It owns what the conversion shares with the pull and the threads it runs
     in: pass 1's :attr:`scans`, the feeds through which a one pass follows the
-    downloads, the probe of mke2fs, and the thread of a one pass that runs
+    downloads, the probe of mke2fs (ext4 only), and the thread of a one pass that runs
     while the pull does. It decides which way the image takes
     (:meth:`_convert`); nothing of it lasts unless the pull succeeded.
 
