@@ -17,10 +17,11 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from support.cases import CASES, ERRORS, Layers
+from support.cases import CASES, ERRORS, ONE_PASS_FALLS_BACK, Layers
 from support.disk import compare_trees, read_disk_tree
 from support.erofs_check import fsck
 from support.erofs_disk import kept_xattrs, read_erofs_tree
@@ -35,10 +36,18 @@ from hypeman_images.build.manager import ImageManager
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.pipeline import BuildStats
 from hypeman_images.store.formats import DiskFormat
-from hypeman_images.store.images import ImageStatus
+from hypeman_images.store.images import ImageStatus, StoredImage
 
 CLI = str(Path(sys.executable).with_name("hypeman-images"))
 EROFS = BuildOptions(format=DiskFormat.EROFS)
+# Cases whose layers are so small that their tar is more than 32 times their
+# gzip (build/onepass.py, ONE_PASS_MAX_RATIO): either way, built in two passes.
+INFLATE_PAST_32X = {
+    "empty_layers",
+    "sparse_files",
+    "sparse_gnu_format",
+    "whiteouts_stored_as_link_and_chardev",
+}
 # The oracle keeps sockets and drops escaping paths (we skip one, clamp the other), as in
 # tests/layers/test_flatten.py: these are compared with the ext4 disk of the same digest.
 ORACLE_DIFFERS = {"hostile_names", "devices_fifos", "whiteouts_stored_as_link_and_chardev"}
@@ -64,36 +73,58 @@ def check_erofs(disk: Path, expected: dict[str, object]) -> None:
     assert differences == [], "\n".join(differences[:50])
 
 
+def pull_erofs(data_dir: Path, ref: str, **options: object) -> tuple[StoredImage, BuildStats]:
+    """An EROFS pull in process, and where its time went."""
+    stats = BuildStats()
+    with ImageManager(data_dir, options=replace(EROFS, **options)) as manager:  # type: ignore[arg-type]
+        stored = manager.pull(ref, stats=stats)
+    assert stored.record.format is DiskFormat.EROFS
+    assert stored.record.status is ImageStatus.READY
+    assert "erofs_s" in stats.stages
+    digest = hashlib.sha256(stored.disk.read_bytes()).hexdigest()
+    assert stored.record.disk_sha256 == f"sha256:{digest}"
+    assert stored.record.size_bytes == stored.disk.stat().st_size
+    return stored, stats
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_flatten_case(
     case: str, registry: RegistryServer, data_dir: Path, tmp_path: Path
 ) -> None:
+    """Both ways, each checked against the oracle; the one pass taken where ext4's is."""
     ref = push_case(registry, case, CASES[case])
-    stats = BuildStats()
-    with ImageManager(data_dir, options=EROFS) as manager:
-        stored = manager.pull(ref, stats=stats)
-        assert stored.record.format is DiskFormat.EROFS
-        assert stored.record.status is ImageStatus.READY
-        assert "erofs_s" in stats.stages and "one_pass_s" not in stats.stages
-        if case in ORACLE_DIFFERS:  # the ext4 disk of the same digest, beside it
-            expected = read_disk_tree(manager.pull(ref, options=BuildOptions()).disk)
-        else:
-            expected = apply_layers([build_tar(list(layer)) for layer in CASES[case]])
-    check_erofs(stored.disk, expected)  # type: ignore[arg-type]
-    digest = hashlib.sha256(stored.disk.read_bytes()).hexdigest()
-    assert stored.record.disk_sha256 == f"sha256:{digest}"
-    assert stored.record.size_bytes == stored.disk.stat().st_size
-    with ImageManager(tmp_path / "again", options=EROFS) as manager:
-        assert manager.pull(ref).disk.read_bytes() == stored.disk.read_bytes()
+    one, stats = pull_erofs(data_dir, ref)
+    two, two_stats = pull_erofs(tmp_path / "two", ref, one_pass=False)
+    ext4_stats = BuildStats()
+    with ImageManager(data_dir) as manager:  # ext4's one pass falls back in the same cases
+        ext4 = manager.pull(ref, stats=ext4_stats)
+    if case in ORACLE_DIFFERS:  # the ext4 disk of the same digest
+        expected = read_disk_tree(ext4.disk)
+    else:
+        expected = apply_layers([build_tar(list(layer)) for layer in CASES[case]])
+    falls_back = case in ONE_PASS_FALLS_BACK | INFLATE_PAST_32X
+    assert ("one_pass_s" in ext4_stats.stages) is not falls_back
+    assert ("one_pass_s" in stats.stages) is not falls_back
+    assert ("one_pass_tried_s" in stats.stages) is falls_back
+    assert one.record.one_pass is not falls_back and two.record.one_pass is False
+    assert "one_pass_s" not in two_stats.stages and "one_pass_tried_s" not in two_stats.stages
+    check_erofs(one.disk, expected)  # type: ignore[arg-type]
+    check_erofs(two.disk, expected)  # type: ignore[arg-type]
+    # The same bytes either way (no case names a regular file twice in a layer:
+    # test_erofs_onepass.py has that one).
+    assert one.disk.read_bytes() == two.disk.read_bytes()
+    again, _ = pull_erofs(tmp_path / "again", ref)
+    assert again.disk.read_bytes() == one.disk.read_bytes()
 
 
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "two-pass"])
 @pytest.mark.parametrize("case", sorted(ERRORS))
 def test_the_merge_refuses_what_it_refuses_for_ext4(
-    case: str, registry: RegistryServer, data_dir: Path
+    case: str, one_pass: bool, registry: RegistryServer, data_dir: Path
 ) -> None:
     layers, exc, text = ERRORS[case]
     ref = push_case(registry, f"refused-{case}", layers)
-    with ImageManager(data_dir, options=EROFS) as manager:
+    with ImageManager(data_dir, options=replace(EROFS, one_pass=one_pass)) as manager:
         with pytest.raises(exc, match=text):
             manager.pull(ref)
         image = manager.get(ref, format=DiskFormat.EROFS)
@@ -115,8 +146,8 @@ real_image = pytest.fixture(
 
 def test_real_images_are_exact_and_reproducible(real_image: PushedImage, tmp_path: Path) -> None:
     disks = []
-    for name in ("one", "two"):
-        result = cli_pull(tmp_path / name, "--json", "--format", "erofs", real_image.ref)
+    for name, way in (("one", ()), ("again", ()), ("two-pass", ("--two-pass",))):
+        result = cli_pull(tmp_path / name, "--json", "--format", "erofs", *way, real_image.ref)
         assert result.returncode == 0, result.stderr
         doc = json.loads(result.stdout)
         disk = Path(doc["disk"])
@@ -128,7 +159,7 @@ def test_real_images_are_exact_and_reproducible(real_image: PushedImage, tmp_pat
         assert not (disk.parent / "metadata.json").exists()  # no ext4 was asked for
         disks.append(disk.read_bytes())
     check_erofs(disk, real_image.expected_tree)  # type: ignore[arg-type]
-    assert disks[0] == disks[1]
+    assert disks[0] == disks[1] == disks[2]  # the one pass (if taken) and the two passes
 
 
 def test_alpine_as_erofs_is_smaller_than_as_ext4(alpine_ref: PushedImage, data_dir: Path) -> None:

@@ -29,6 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from support import sparse
 from support.cases import CASES, Layers, d
+from support.cases import ONE_PASS_FALLS_BACK as FALLS_BACK
 from support.disk import compare_trees, e2fsck_clean, read_disk_tree
 from support.images import Compression, make_image, make_layer, push_image
 from support.oracle import apply_layers
@@ -48,33 +49,10 @@ from hypeman_images.layers.compression import Hasher
 from hypeman_images.layers.entries import LayerScan
 from hypeman_images.layers.merge import merge
 from hypeman_images.layers.onepass import Speculation, TopDown
+from hypeman_images.layers.survivors import TarStream
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.spec import Descriptor
 
-# The cases a single pass leaves to the merge: a parent, marker or link target
-# reached through a symlink of a lower layer, and hard links to a file below
-# the link's layer (or one a layer above replaced). Pinned, so that a pass
-# that gives up more often fails here.
-FALLS_BACK = {
-    "hardlink_before_target_resolves_to_lower",
-    "hardlink_target_deleted_later",
-    "hardlink_target_replaced_later",
-    "hardlink_through_symlink",
-    "hardlink_to_lower_layer",
-    "hardlink_to_lower_then_whiteout_same_layer",
-    "opaque_through_symlink",
-    "symlink_parent_absolute",
-    "symlink_parent_chain",
-    "symlink_parent_dangling_creates_target",
-    "symlink_parent_dotdot_is_physical",
-    "symlink_parent_merged_usr",
-    "symlink_parent_relative_clamped",
-    "symlink_parent_same_layer",
-    "whiteout_before_dir_replacing_symlink",
-    "whiteout_in_dir_replacing_symlink",
-    "whiteout_through_symlink",
-    "whiteout_through_symlink_of_same_layer",
-}
 # The oracle keeps sockets and drops escaping paths (we skip one, clamp the other),
 # as in test_flatten: the one pass of these is checked by mke2fs and the merge only.
 ORACLE_DIFFERS = {"hostile_names", "devices_fifos", "whiteouts_stored_as_link_and_chardev"}
@@ -92,7 +70,7 @@ def one_pass(tars: Sequence[bytes]) -> tuple[bytes, list[LayerScan], TopDown]:
     """Run the single pass over uncompressed layer tars; its stream, scans and state."""
     top = TopDown(lambda i, h: _Hashing(tars[i], h), [f"L{i}" for i in range(len(tars))])
     out = io.BytesIO()
-    scans = top.run(out)
+    scans = top.run(TarStream(out))
     return out.getvalue(), scans, top
 
 
@@ -427,7 +405,7 @@ def test_a_layer_larger_than_the_disk_was_sized_for_stops_the_pass_at_once() -> 
     tar = build_tar([file("big", b"\0" * 65536), file("after", b"x")])
     top = TopDown(lambda i, h: _Hashing(tar, h), ["L0"], sizes={0: 4096})
     with pytest.raises(Speculation, match="inflates past the 4096 bytes the disk was sized"):
-        top.run(io.BytesIO())
+        top.run(TarStream(io.BytesIO()))
 
 
 def test_a_blob_that_says_it_is_past_the_sizing_stops_the_pass_when_it_is_whole(
@@ -453,7 +431,7 @@ def test_a_blob_that_says_it_is_past_the_sizing_stops_the_pass_when_it_is_whole(
     )  # fmt: skip
     out = io.BytesIO()
     with pytest.raises(Speculation, match="its blob says at least 2097152"):
-        top.run(out)
+        top.run(TarStream(out))
     assert len(asked) == 3 and len(out.getvalue()) < 3 * 8192 + 4 * 3584  # stopped early
 
     asked.clear()
@@ -461,5 +439,5 @@ def test_a_blob_that_says_it_is_past_the_sizing_stops_the_pass_when_it_is_whole(
         lambda i, h: _Hashing(tar, h), ["L0"], sizes={0: 1 << 20},
         stated=downloads_then_says(len(tar)),
     )  # fmt: skip
-    top.run(io.BytesIO())
+    top.run(TarStream(io.BytesIO()))
     assert len(asked) == 3  # answered and fitting: not asked again

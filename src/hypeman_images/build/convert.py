@@ -9,8 +9,10 @@ bodies that survive into mke2fs's stdin. Its scan can run during the
 download, as the pull's tap (:class:`LayerScans`), and is kept by blob digest
 (:mod:`scancache`), so a blob is scanned only once. The two-pass way is the
 reference: the one pass falls back to it whenever it cannot prove it made the
-merge's tree. An EROFS disk (:mod:`build.erofs`) is always made the two-pass
-way, from the merge's tree.
+merge's tree. An EROFS disk takes the same ways: its one pass
+(:mod:`build.onepass_erofs`) writes the bodies into the image as the layers
+download and the merge's inodes after; its two passes (:mod:`build.erofs`)
+write the merge's tree from the cached blobs. Both give the same bytes.
 
 :class:`Conversion` owns all of it for one build and decides the way, in one
 place. Which way an image takes depends on the image and the tools only,
@@ -30,6 +32,7 @@ from typing import BinaryIO
 
 from hypeman_images.build.erofs import build_erofs
 from hypeman_images.build.onepass import OnePass, PullEnd, one_pass_candidate
+from hypeman_images.build.onepass_erofs import build_erofs_one_pass
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.progress import Reporter
 from hypeman_images.build.pull import PulledImage, PullObserver, ResolvedImage, fetch_config
@@ -227,7 +230,7 @@ class Conversion:
 
     It owns what the conversion shares with the pull and the threads it runs
     in: pass 1's :attr:`scans`, the feeds through which a one pass follows the
-    downloads, the probe of mke2fs, and the thread of a one pass that runs
+    downloads, the probe of mke2fs (ext4 only), and the thread of a one pass that runs
     while the pull does. It decides which way the image takes
     (:meth:`_convert`); nothing of it lasts unless the pull succeeded.
 
@@ -265,10 +268,8 @@ class Conversion:
         # _convert): an image built in one pass reads its layers while they
         # download, top layer first. Else pass 1 runs on each layer while it
         # downloads, unless the scan cache beside the blobs has it.
-        self.erofs = options.format is DiskFormat.EROFS  # made from the merge's tree
-        self.one_pass = not self.erofs and one_pass_candidate(
-            resolved.manifest.layers, options, limits
-        )
+        self.erofs = options.format is DiskFormat.EROFS
+        self.one_pass = one_pass_candidate(resolved.manifest.layers, options, limits)
         self.scans = LayerScans(limits, ScanCache.beside(blobs), tap=not self.one_pass)
         self._feeds = LayerFeeds() if self.one_pass else None
         self._pull = PullEnd()
@@ -284,14 +285,16 @@ class Conversion:
         self.close()
 
     def start(self, client: RegistryClient) -> None:
-        """Before the pull: probe mke2fs; start the one pass if the image takes it."""
-        if self.erofs:
-            return  # no tool to probe: the EROFS writer is ours
-        # mke2fs's probe (two runs of it, the first time in a process) while the layers download.
-        probe = ThreadPoolExecutor(1, thread_name_prefix="probe")
-        mke2fs = self._options.mke2fs or "mke2fs"
-        self._tools = probe.submit(find_e2fsprogs, mke2fs, remember=self._blobs.root / TOOLS_FILE)
-        probe.shutdown(wait=False)  # its one thread ends with the probe; result() waits for it
+        """Before the pull: probe mke2fs (not for EROFS: the writer is ours); start the one
+        pass if the image takes it."""
+        if not self.erofs:
+            # mke2fs's probe (two runs of it, the first time in a process) while the layers
+            # download.
+            probe = ThreadPoolExecutor(1, thread_name_prefix="probe")
+            mke2fs = self._options.mke2fs or "mke2fs"
+            remember = self._blobs.root / TOOLS_FILE
+            self._tools = probe.submit(find_e2fsprogs, mke2fs, remember=remember)
+            probe.shutdown(wait=False)  # its one thread ends with the probe; result() waits
         if self.one_pass:
             config, config_bytes = fetch_config(client, self._blobs, self._resolved)
             early = PulledImage(self._resolved, config, config_bytes, 0, 0)
@@ -318,15 +321,14 @@ class Conversion:
             self._feeds.close()
 
     def _convert(self, pulled: PulledImage) -> DiskInfo:
-        """The one-pass way if the image takes it and mke2fs can; else, or when it
-        cannot prove its tree, the two-pass way. EROFS: the merge's tree, always."""
-        if self.erofs:
-            self._pull.wait()
-            return self._erofs(pulled)
-        assert self._tools is not None, "start() first"
-        tools = self._tools.result()
+        """The one-pass way if the image takes it and mke2fs can (EROFS: always then);
+        else, or when it cannot prove its tree, the two-pass way."""
+        tools = None
+        if not self.erofs:
+            assert self._tools is not None, "start() first"
+            tools = self._tools.result()
         timings: dict[str, float] = {}
-        if self.one_pass and tools.tar_input and tools.resize2fs:
+        if self.one_pass and (tools is None or (tools.tar_input and tools.resize2fs)):
             t0 = time.monotonic()
             try:
                 return self._one_pass(pulled, tools)
@@ -334,10 +336,13 @@ class Conversion:
                 log.info("%s: building in two passes: %s", pulled.resolved.digest, exc)
                 timings["one_pass_tried_s"] = time.monotonic() - t0
         self._pull.wait()  # the two-pass way reads the cached blobs
+        if tools is None:
+            return self._erofs(pulled, timings)
         return self._two_pass(pulled, tools, timings)
 
-    def _one_pass(self, pulled: PulledImage, tools: E2fsprogs) -> DiskInfo:
-        """The one-pass way; raises :class:`Speculation` or :class:`OutOfRoom` to fall back."""
+    def _one_pass(self, pulled: PulledImage, tools: E2fsprogs | None) -> DiskInfo:
+        """The one-pass way, into mke2fs (``tools``) or the EROFS writer (``None``);
+        raises :class:`Speculation` or :class:`OutOfRoom` to fall back."""
         assert self._feeds is not None
         layers = pulled.resolved.manifest.layers
         one_pass = OnePass(
@@ -350,7 +355,16 @@ class Conversion:
             report=self._report,
         )
         try:
-            disk = one_pass.build(self._dest, self._options, tools)
+            if tools is not None:
+                disk = one_pass.build(self._dest, self._options, tools)
+            else:
+                disk = build_erofs_one_pass(
+                    self._dest,
+                    one_pass,
+                    seed=pulled.resolved.digest,
+                    compute_sha256=self._options.disk_digest,
+                    report=self._report,
+                )
         finally:
             for scan in one_pass.made:
                 self.scans.add(scan)  # kept for the two-pass way if the proof fails
@@ -388,9 +402,8 @@ class Conversion:
         timings["flatten_scan_s"] = time.monotonic() - t0
         return tree
 
-    def _erofs(self, pulled: PulledImage) -> DiskInfo:
+    def _erofs(self, pulled: PulledImage, timings: dict[str, float]) -> DiskInfo:
         """The merge's tree as an EROFS disk, bodies read from the cached blobs."""
-        timings: dict[str, float] = {}
         tree = self._merged(pulled, timings)
         disk = build_erofs(
             self._dest,

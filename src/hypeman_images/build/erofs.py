@@ -33,7 +33,7 @@ from typing import BinaryIO
 
 from hypeman_images import __version__
 from hypeman_images.build.stream import DiskInfo
-from hypeman_images.disk.erofs import Body, Entry, Kind, write_erofs
+from hypeman_images.disk.erofs import Body, Entry, ErofsResult, Kind, write_erofs
 from hypeman_images.disk.fsck_erofs import check_and_hash, find_fsck_erofs
 from hypeman_images.disk.publish import commit, temp_disk
 from hypeman_images.errors import ToolError
@@ -61,11 +61,15 @@ _REPORT_EVERY = 4 << 20
 
 def erofs_entry(node: Node) -> Entry:
     """The writer's entry for ``node``'s primary path: its kind, metadata and kept xattrs."""
-    e = node.entry
+    return entry_at(node.entry, node.primary)
+
+
+def entry_at(e: layer.Entry, path: bytes) -> Entry:
+    """The writer's entry for layer entry ``e`` at ``path``."""
     kind = _KIND[e.kind]
     device = kind in (Kind.CHAR, Kind.BLOCK)
     return Entry(
-        path=node.primary,
+        path=path,
         kind=kind,
         mode=e.mode & 0o7777,  # the kind gives the file type
         uid=e.uid,
@@ -94,6 +98,38 @@ def _links(node: Node) -> Iterator[tuple[Entry, None]]:
         yield Entry(path=path, kind=Kind.HARDLINK, target=node.primary), None
 
 
+def tree_entries(tree: Tree) -> Iterator[tuple[Entry, Node | None]]:
+    """Every path of ``tree`` in the writer's order, with the node whose body follows.
+
+    Every directory (root first, parents before children), then symlinks,
+    devices and fifos, then the regular files (:func:`files_top_first`), each
+    node followed by its other paths as hard links. The node is given for a
+    regular file's primary path (with a body if its size is not 0), else
+    ``None``.
+    """
+    for node in tree.directories:
+        yield erofs_entry(node), None
+    for node in tree.specials:
+        yield erofs_entry(node), None
+        yield from _links(node)
+    for _, nodes in files_top_first(tree):
+        for node in nodes:
+            yield erofs_entry(node), node
+            yield from _links(node)
+
+
+def files_top_first(tree: Tree) -> list[tuple[int, list[Node]]]:
+    """The tree's regular files by layer, top layer first, each layer's in tar order.
+
+    The order in which the one pass meets their bodies (``build.onepass_erofs``),
+    so that both ways lay the data area out alike.
+    """
+    by_layer: dict[int, list[Node]] = {}
+    for node in tree.files:  # by (layer, ordinal): Tree's docstring
+        by_layer.setdefault(node.layer, []).append(node)
+    return sorted(by_layer.items(), key=lambda item: -item[0])
+
+
 def erofs_entries(
     tree: Tree, open_layer: Callable[[int], BinaryIO], limits: Limits | None = None
 ) -> Iterator[tuple[Entry, Body | None]]:
@@ -105,57 +141,70 @@ def erofs_entries(
     non-empty file, and each is read up to its last needed body. A body must
     be read whole before the next entry is taken (the writer does).
     """
-    limits = limits or Limits()
-    for node in tree.directories:
-        yield erofs_entry(node), None
-    for node in tree.specials:
-        yield erofs_entry(node), None
-        yield from _links(node)
-    by_layer: dict[int, list[Node]] = {}
-    for node in tree.files:
-        by_layer.setdefault(node.layer, []).append(node)
-    for index, nodes in by_layer.items():
-        yield from _layer_files(index, nodes, open_layer, limits)
-
-
-def _layer_files(
-    index: int, nodes: list[Node], open_layer: Callable[[int], BinaryIO], limits: Limits
-) -> Iterator[tuple[Entry, Body | None]]:
-    stream: BinaryIO | None = None
-    reader: TarReader | None = None
+    bodies = _LayerBodies(open_layer, limits or Limits())
     try:
-        for node in nodes:
-            size = node.entry.size
-            if size and reader is None:
-                stream = open_layer(index)
-                reader = TarReader(
-                    stream,
-                    where=f"layer {index}",
-                    max_bytes=limits.max_layer_bytes,
-                    max_header_bytes=limits.max_header_bytes,
-                    hash_stream=False,
-                )
-            body = None
-            if size:
-                assert reader is not None
-                body = reader.body_at(node.entry.offset, size, layer.sparse_map(node.entry))
-            yield erofs_entry(node), body
-            yield from _links(node)
+        for entry, node in tree_entries(tree):
+            yield entry, bodies.of(node) if node is not None and node.entry.size else None
     finally:
-        if stream is not None:
-            stream.close()
+        bodies.close()
 
 
-class _Progress:
-    """Counts the body bytes going by: reports them, and starts the device's writes."""
+class _LayerBodies:
+    """Bodies read from one layer at a time, each layer opened once (files come by layer)."""
+
+    def __init__(self, open_layer: Callable[[int], BinaryIO], limits: Limits) -> None:
+        self._open = open_layer
+        self._limits = limits
+        self._index = -1
+        self._stream: BinaryIO | None = None
+        self._reader: TarReader | None = None
+
+    def of(self, node: Node) -> Body:
+        """``node``'s body, at the offset pass 1 recorded in its layer."""
+        if self._reader is None or node.layer != self._index:
+            self.close()
+            self._index, self._stream = node.layer, self._open(node.layer)
+            self._reader = TarReader(
+                self._stream,
+                where=f"layer {node.layer}",
+                max_bytes=self._limits.max_layer_bytes,
+                max_header_bytes=self._limits.max_header_bytes,
+                hash_stream=False,
+            )
+        e = node.entry
+        return self._reader.body_at(e.offset, e.size, layer.sparse_map(e))
+
+    def close(self) -> None:
+        """Close the layer being read."""
+        if self._stream is not None:
+            self._stream.close()
+        self._stream = self._reader = None
+
+
+class Progress:
+    """Counts the body bytes going by: reports them, and starts the device's writes.
+
+    ``total()``: the bytes the bodies come to, for the progress shown.
+    """
 
     def __init__(
-        self, out: BinaryIO, total: int, report: Callable[[int, int], None] | None
+        self, out: BinaryIO, total: Callable[[], int], report: Callable[[int, int], None] | None
     ) -> None:
         self._fd = out.fileno()
-        self._total = max(1, total)
+        self._total = total
         self._report = report
         self._done = self._reported = self._written_back = 0
+
+    def add(self, nbytes: int) -> None:
+        """``nbytes`` more of the bodies are with the writer."""
+        self._done += nbytes
+        if self._done - self._written_back >= _WRITEBACK_EVERY:
+            self._written_back = self._done
+            start_writeback(self._fd)  # what the writer's thread wrote so far
+        if self._report is not None and self._done - self._reported >= _REPORT_EVERY:
+            self._reported = self._done
+            total = max(1, self._total())
+            self._report(min(self._done, total), total)
 
     def bodies(
         self, entries: Iterable[tuple[Entry, Body | None]]
@@ -163,13 +212,47 @@ class _Progress:
         """``entries`` passed on; each body is counted once the writer has taken it."""
         for entry, body in entries:
             yield entry, body
-            self._done += entry.size if body is not None else 0
-            if self._done - self._written_back >= _WRITEBACK_EVERY:
-                self._written_back = self._done
-                start_writeback(self._fd)  # what the writer's thread wrote so far
-            if self._report is not None and self._done - self._reported >= _REPORT_EVERY:
-                self._reported = self._done
-                self._report(self._done, self._total)
+            if body is not None:
+                self.add(entry.size)
+
+
+# Writes the image to the open temp file and returns what the writer made; may
+# add to the timings.
+WriteImage = Callable[[BinaryIO, dict[str, float]], ErofsResult]
+
+
+def publish_erofs(
+    dest: Path, write: WriteImage, *, compute_sha256: bool, one_pass: bool
+) -> DiskInfo:
+    """``write`` the image to a temp file beside ``dest``, check it, hash it, rename it.
+
+    Raises what ``write`` raises, :class:`ToolError` when ``fsck.erofs`` finds
+    the new disk unclean, and :class:`~hypeman_images.errors.StorageError`;
+    the temp disk is removed then.
+    """
+    timings: dict[str, float] = {}
+    tool = find_fsck_erofs()
+    if tool is None:
+        log.info("fsck.erofs not found (erofs-utils): the new EROFS disk is not checked")
+    with temp_disk(dest) as tmp:
+        with tmp.open("r+b") as out:
+            result = write(out, timings)
+        t0 = time.monotonic()
+        digest, findings = check_and_hash(tool, tmp, compute_sha256=compute_sha256)
+        if findings is not None:
+            raise ToolError(f"fsck.erofs found problems in the new disk {findings}")
+        commit(tmp, dest)
+        timings["check_s"] = time.monotonic() - t0
+    return DiskInfo(
+        path=dest,
+        size_bytes=result.size,
+        content_bytes=result.size,  # a read-only image has no free space
+        sha256=str(digest) if digest is not None else None,
+        tool_versions={"hypeman-images": __version__},
+        fallback_used=False,
+        timings=timings,
+        one_pass=one_pass,
+    )
 
 
 def build_erofs(
@@ -186,38 +269,30 @@ def build_erofs(
 
     Raises what the writer raises for a tree the format cannot hold
     (:class:`~hypeman_images.disk.erofs.ErofsInputError`, a ``LayerError``),
-    :class:`ToolError` when ``fsck.erofs`` finds the new disk unclean, and
-    :class:`~hypeman_images.errors.StorageError`; the temp disk is removed then.
+    and what :func:`publish_erofs` raises.
     """
-    timings: dict[str, float] = {}
-    tool = find_fsck_erofs()
-    if tool is None:
-        log.info("fsck.erofs not found (erofs-utils): the new EROFS disk is not checked")
-    with temp_disk(dest) as tmp:
+    total = tree.stats.regular_bytes
+
+    def write(out: BinaryIO, timings: dict[str, float]) -> ErofsResult:
         t0 = time.monotonic()
-        with tmp.open("r+b") as out:
-            progress = _Progress(out, tree.stats.regular_bytes, report)
-            result = write_erofs(
-                progress.bodies(erofs_entries(tree, open_layer, limits)), out, seed
-            )
+        progress = Progress(out, lambda: total, report)
+        result = write_erofs(progress.bodies(erofs_entries(tree, open_layer, limits)), out, seed)
         timings["erofs_s"] = time.monotonic() - t0
-        t0 = time.monotonic()
-        digest, findings = check_and_hash(tool, tmp, compute_sha256=compute_sha256)
-        if findings is not None:
-            raise ToolError(f"fsck.erofs found problems in the new disk {findings}")
-        commit(tmp, dest)
-        timings["check_s"] = time.monotonic() - t0
+        return result
+
+    disk = publish_erofs(dest, write, compute_sha256=compute_sha256, one_pass=False)
     if report is not None:
-        report(tree.stats.regular_bytes, max(1, tree.stats.regular_bytes))
-    return DiskInfo(
-        path=dest,
-        size_bytes=result.size,
-        content_bytes=result.size,  # a read-only image has no free space
-        sha256=str(digest) if digest is not None else None,
-        tool_versions={"hypeman-images": __version__},
-        fallback_used=False,
-        timings=timings,
-    )
+        report(total, max(1, total))
+    return disk
 
 
-__all__ = ["build_erofs", "erofs_entries", "erofs_entry"]
+__all__ = [
+    "Progress",
+    "build_erofs",
+    "entry_at",
+    "erofs_entries",
+    "erofs_entry",
+    "files_top_first",
+    "publish_erofs",
+    "tree_entries",
+]

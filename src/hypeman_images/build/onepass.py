@@ -32,6 +32,7 @@ from hypeman_images.layers.limits import Limits
 from hypeman_images.layers.merge import merge
 from hypeman_images.layers.onepass import TopDown
 from hypeman_images.layers.plan import Tree
+from hypeman_images.layers.survivors import Survivors, TarStream
 from hypeman_images.oci.spec import LAYER_COMPRESSION, Descriptor
 from hypeman_images.store.blobs import BlobStore
 from hypeman_images.store.feeds import BlobEnds, FeedAborted, LayerFeeds
@@ -226,6 +227,25 @@ class OnePass:
     def _expect(self, scan: LayerScan) -> None:
         scan.check_diff_id(self._pulled.config.diff_ids[scan.index])
 
+    def proven(self, survivors: Survivors) -> Tree:
+        """Run the pass into ``survivors``; the merge's tree once proven to be the stream's.
+
+        For a disk that builds its tree after the stream (EROFS): waits for the
+        pull's end, merges the scans the pass made and raises
+        :class:`Speculation` unless the stream made exactly that tree.
+        """
+        made = self._top.run(survivors, self._expect)
+        self._pull.wait()  # nothing of a pull that failed may become a disk
+        self.made = made
+        tree = merge(made, self._limits)
+        self._top.check(tree)
+        self._top.forget()
+        return tree
+
+    def total(self) -> int:
+        """The tar bytes the layers hold, for the progress shown (see :meth:`_total`)."""
+        return self._total()
+
     def _total(self) -> int:
         # The layers' real size once their blobs are all cached (gzip's trailers),
         # for the progress shown; till then the bound the disk was sized for.
@@ -241,7 +261,7 @@ class OnePass:
 
     def _write(self, out: BinaryIO) -> None:
         with counted(out, self._report, self._total) as sink:
-            made = self._top.run(sink, self._expect)
+            made = self._top.run(TarStream(sink), self._expect)
             # Nothing of a pull that failed may become a disk; mke2fs waits for
             # the end of its stream meanwhile.
             self._pull.wait()

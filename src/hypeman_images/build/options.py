@@ -113,8 +113,8 @@ class BuildOptions:
     ``disk_cache``: the repository where built disks are shared, looked up
     before a build and pushed to after one (:mod:`hypeman_images.build.diskcache`).
     ``format``: the disk's filesystem, ext4 (by ``mke2fs``) or a read-only
-    EROFS image (written by :mod:`hypeman_images.disk.erofs`, from the
-    two-pass merge; docs/design.md, "EROFS disks").
+    EROFS image (written by :mod:`hypeman_images.disk.erofs`, in one pass or
+    two as ``one_pass`` and the image say; docs/design.md, "EROFS disks").
     """
 
     platform: Platform = field(default_factory=Platform.host)

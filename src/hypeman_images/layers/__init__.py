@@ -14,7 +14,8 @@ modules, in the order a layer meets them:
   tree in output order and its counts; ``xattrs`` the xattr policy table.
 - ``emit`` pass 3, the merged tree as one tar stream for ``mke2fs -d -``;
   ``onepass`` the one-pass reader that writes the newest layer first while
-  the download runs.
+  the download runs; ``survivors`` where it writes (mke2fs's tar stream, or
+  a disk writer's data area).
 
 May import: ``errors``, ``fsutil``, ``oci``, ``store``.
 """

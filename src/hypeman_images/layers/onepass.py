@@ -23,6 +23,11 @@ what it wrote and the tree :func:`merge.merge` plans from the same scans
 (:meth:`TopDown.check`): the caller then discards the disk and builds it the
 two-pass way, which is the reference. The result is therefore always the
 merge's tree; the single pass only makes it sooner.
+
+The survivors go to a :class:`survivors.Survivors`: mke2fs's tar stream
+(:class:`survivors.TarStream`), or the EROFS writer's data area, which takes
+the bodies alone and builds its tree from the merge's once :meth:`TopDown.check`
+has proven them the same (``build.onepass_erofs``).
 """
 
 from __future__ import annotations
@@ -34,10 +39,9 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from hypeman_images.errors import LimitExceeded
-from hypeman_images.layers import tarread, tarwrite
+from hypeman_images.layers import tarread
 from hypeman_images.layers.compression import Hasher
-from hypeman_images.layers.emit import entry_header
-from hypeman_images.layers.entries import Entry, Kind, LayerScan, sparse_map
+from hypeman_images.layers.entries import Entry, Kind, LayerScan
 from hypeman_images.layers.limits import Limits, check_image_limits
 from hypeman_images.layers.plan import (
     Node,
@@ -49,6 +53,7 @@ from hypeman_images.layers.plan import (
     xattr_fixups,
 )
 from hypeman_images.layers.scan import classify
+from hypeman_images.layers.survivors import Survivors
 from hypeman_images.layers.xattrs import XattrFixup, tar_xattrs
 from hypeman_images.oci.digest import Digest
 
@@ -112,7 +117,7 @@ class TopDown:
     trailer; ``None`` while it downloads): asked as the layer opens and every
     :data:`STATED_EVERY` bytes read till it answers, it stops the pass sooner.
 
-    :meth:`run` writes the stream and returns the layers' scans (bottom layer
+    :meth:`run` sends the stream to a :class:`Survivors` and returns the layers' scans (bottom layer
     first, as :func:`merge.merge` takes them); :meth:`check` then compares
     what the stream made with the merge's tree.
     """
@@ -134,9 +139,9 @@ class TopDown:
     _linked: dict[int, _Body] = field(default_factory=dict, init=False)
 
     def run(
-        self, out: BinaryIO, expect: Callable[[LayerScan], None] | None = None
+        self, out: Survivors, expect: Callable[[LayerScan], None] | None = None
     ) -> list[LayerScan]:
-        """Write the merged stream to ``out``; ``expect(scan)`` checks each layer when read.
+        """Send the merged stream to ``out``; ``expect(scan)`` checks each layer when read.
 
         Raises :class:`Speculation` for a case the pass leaves to the merge,
         and :class:`LayerError` / :class:`LimitExceeded` for a bad layer, as
@@ -145,7 +150,7 @@ class TopDown:
         top = len(self.names)
         self._seen[b""] = _Seen(_DIR, top)
         self._made[b""] = _DirMeta(_IMPLICIT_DIR)
-        out.write(entry_header(_implicit(b""), b""))
+        out.entry(_implicit(b""), b"")
         scans: list[LayerScan] = []
         entries = size = 0
         for index in reversed(range(top)):
@@ -156,12 +161,12 @@ class TopDown:
             size += scan.size
             check_image_limits(entries, size, index, self.limits)
             scans.append(scan)
-        out.write(tarwrite.END_OF_ARCHIVE)
+        out.end()
         return scans[::-1]
 
     # -- one layer ----------------------------------------------------------------------
 
-    def _layer(self, index: int, out: BinaryIO, before: int) -> LayerScan:
+    def _layer(self, index: int, out: Survivors, before: int) -> LayerScan:
         self._open.clear()
         known = self.known.get(index)
         name = self.names[index]
@@ -194,15 +199,14 @@ class TopDown:
                     continue
                 found.append(entry)
                 if self._entry(entry, index, out, markers):
-                    reader.copy_body(out)
-                    out.write(tarwrite.padding(entry.size))
+                    out.body(entry, index, reader, seek=False)
             reader.drain()
         for marker in markers:
             self._hide(marker, index)
         digest = Digest("sha256", hasher.hexdigest())
         return LayerScan(index, name, digest, reader.size, tuple(found))
 
-    def _layer_known(self, scan: LayerScan, out: BinaryIO) -> None:
+    def _layer_known(self, scan: LayerScan, out: Survivors) -> None:
         """A layer whose scan is known: its entries as scanned, bodies found by offset.
 
         The same decisions, so the same stream, as reading the headers again; but
@@ -221,8 +225,7 @@ class TopDown:
                     reader = self._reader(
                         stream, f"layer {index} ({scan.name})", limits.max_layer_bytes
                     )
-                reader.copy_at(entry.offset, entry.size, out, sparse_map(entry))
-                out.write(tarwrite.padding(entry.size))
+                out.body(entry, index, reader, seek=True)
         for marker in markers:
             self._hide(marker, index)
 
@@ -236,7 +239,7 @@ class TopDown:
             hash_stream=False,
         )
 
-    def _entry(self, entry: Entry, k: int, out: BinaryIO, markers: list[Entry]) -> bool:
+    def _entry(self, entry: Entry, k: int, out: Survivors, markers: list[Entry]) -> bool:
         """Handle one entry of layer ``k``; True if its body must follow in the stream."""
         if entry.kind in (Kind.WHITEOUT, Kind.OPAQUE):
             # The marker's directory exists in this layer; what it hides is below
@@ -247,7 +250,7 @@ class TopDown:
             return False
         return self._visit(entry, k, out) and entry.kind is Kind.FILE and entry.size > 0
 
-    def _visit(self, e: Entry, k: int, out: BinaryIO) -> bool:
+    def _visit(self, e: Entry, k: int, out: Survivors) -> bool:
         """Write ``e`` of layer ``k`` if it survives the layers above; True if written."""
         p = e.path
         if not p:
@@ -278,10 +281,10 @@ class TopDown:
             return self._link(e, k, out)
         self._seen[p] = _Seen(_NONDIR, k)
         self._made[p] = _Body(e, k)
-        out.write(entry_header(e, p))
+        out.entry(e, p)
         return True
 
-    def _dir(self, e: Entry, k: int, seen: _Seen, out: BinaryIO) -> bool:
+    def _dir(self, e: Entry, k: int, seen: _Seen, out: Survivors) -> bool:
         """A directory entry where a directory is already: metadata only, if not decided above."""
         if seen.layer > k and (seen.explicit or seen.hidden > k):
             return False
@@ -294,7 +297,7 @@ class TopDown:
         self._write_dir(e, out)
         return True
 
-    def _link(self, e: Entry, k: int, out: BinaryIO) -> bool:
+    def _link(self, e: Entry, k: int, out: Survivors) -> bool:
         # A link shares the inode its target has at this point of the layer: one
         # this layer wrote earlier, still at that path, is all a single pass knows.
         target = self._seen.get(e.target)
@@ -310,10 +313,10 @@ class TopDown:
         self._seen[e.path] = _Seen(_NONDIR, k)
         self._made[e.path] = body
         self._linked[id(body)] = body
-        out.write(entry_header(body.entry, e.path, link_to=e.target))
+        out.entry(body.entry, e.path, link_to=e.target)
         return True
 
-    def _parents(self, p: bytes, k: int, out: BinaryIO) -> bool:
+    def _parents(self, p: bytes, k: int, out: Survivors) -> bool:
         """Make ``p``'s parent directories exist; False if a layer above hides ``p``."""
         root = self._seen[b""]
         if root.hidden > k:
@@ -348,9 +351,9 @@ class TopDown:
         elif seen.kind == _DIR:
             seen.hidden = max(seen.hidden, k)
 
-    def _write_dir(self, e: Entry, out: BinaryIO) -> None:
+    def _write_dir(self, e: Entry, out: Survivors) -> None:
         self._made[e.path] = _DirMeta((e.mode, e.uid, e.gid, e.mtime), e.xattrs)
-        out.write(entry_header(e, e.path))
+        out.entry(e, e.path)
 
     # -- the plan and its proof --------------------------------------------------------------
 
@@ -422,6 +425,13 @@ class TopDown:
                 id(node), id(made)
             ) != id(made):
                 raise Speculation(f"{path!r}: hard links differ from the plan")
+
+    def forget(self) -> None:
+        """Drop what the pass knows of each path, once :meth:`check` has used it."""
+        self._seen.clear()
+        self._made.clear()
+        self._linked.clear()
+        self._open.clear()
 
 
 @contextlib.contextmanager

@@ -228,7 +228,18 @@ class TarReader:
         ``Entry.sparse``). Positions itself on the first ``next()``; consume it
         whole before reading on.
         """
-        left = self._seek_body(offset, size, sparse)
+        yield from self._chunks(self._seek_body(offset, size, sparse))
+
+    def body(self) -> Iterator[memoryview]:
+        """The current entry's data as chunks, as :meth:`body_at` gives a body.
+
+        For a consumer that pulls, during the iteration step that yielded the
+        entry: a sparse file's stored fragments one after another, without the
+        holes. Consume it whole before reading on.
+        """
+        return self._chunks(self._data_left)
+
+    def _chunks(self, left: int) -> Iterator[memoryview]:
         while left > 0:
             if self._pos >= len(self._buf) and not self._fill():
                 raise LayerError(f"{self._where}: tar stream is truncated inside a file body")

@@ -3,6 +3,8 @@
 The writer takes entries (:class:`Entry`) with streamed bodies and writes an
 uncompressed EROFS image (``fs/erofs/erofs_fs.h``) that the kernel mounts
 read-only: :class:`ErofsWriter`, or :func:`write_erofs` for an iterable.
+A caller that has the bodies before the tree places them first
+(:meth:`ErofsWriter.place`) and adds the entries later.
 Modules: ``model`` (the input), ``format`` (on-disk records), ``checksum``
 (crc32c), ``data`` (the streamed data area), ``xattrs``, ``dirs``,
 ``layout`` (slots in the metadata area), ``inodes``, ``metadata`` (the end
@@ -16,7 +18,7 @@ from typing import BinaryIO
 
 from hypeman_images.disk.erofs.data import Body
 from hypeman_images.disk.erofs.model import Entry, ErofsInputError, Kind, SparseMap
-from hypeman_images.disk.erofs.writer import ErofsResult, ErofsWriter
+from hypeman_images.disk.erofs.writer import ErofsResult, ErofsWriter, Placed
 from hypeman_images.oci.digest import Digest
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "ErofsResult",
     "ErofsWriter",
     "Kind",
+    "Placed",
     "SparseMap",
     "write_erofs",
 ]

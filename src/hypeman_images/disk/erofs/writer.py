@@ -25,8 +25,9 @@ and ``available_compr_algs``.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from hypeman_images.disk.erofs.checksum import crc32c_raw
 from hypeman_images.disk.erofs.data import (
@@ -43,6 +44,7 @@ from hypeman_images.disk.erofs.format import (
     CHUNK_BASED,
     EXTENDED_SIZE,
     FLAT_INLINE,
+    FLAT_PLAIN,
     INCOMPAT_CHUNKED_FILE,
     NULL_ADDR,
     SUPER_OFFSET,
@@ -69,12 +71,30 @@ from hypeman_images.disk.erofs.model import (
     check_entry,
     split_path,
 )
-from hypeman_images.disk.erofs.xattrs import stored, worst_ibody_size
+from hypeman_images.disk.erofs.xattrs import Stored, stored, worst_ibody_size
 from hypeman_images.errors import StorageError
 from hypeman_images.oci.digest import Digest
 
 _UUID_NAMESPACE = uuid.UUID("6f1d3b1e-8c43-5a4e-9a4f-6879706d616e")
 DEFAULT_INLINE_BUDGET = 128 << 20
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """Where :meth:`ErofsWriter.place` put a regular file's body, for :meth:`ErofsWriter.add`.
+
+    ``i_u`` is the first block (flat) or the chunk bits (chunked), ``extra`` the
+    inline tail or the chunk map; ``size``, ``sparse`` and ``xattrs`` are the
+    entry's it was placed for (the inline tail was chosen for those xattrs).
+    """
+
+    size: int
+    sparse: SparseMap | None
+    xattrs: tuple[Stored, ...]
+    datalayout: int
+    i_u: int
+    extra: bytes
 
 
 @dataclass(frozen=True)
@@ -113,26 +133,51 @@ class ErofsWriter:
         self._chunked = False
         self._done = False
 
-    def add(self, entry: Entry, body: Body | None = None) -> None:
+    def add(self, entry: Entry, body: Body | None = None, *, placed: Placed | None = None) -> None:
         """Add one path; ``body`` is a regular file's content (a file object or chunks).
 
-        After an error the writer is spent: the image is incomplete, and
-        :meth:`add` and :meth:`finish` refuse to go on.
+        Or ``placed``: the body :meth:`place` wrote already, for an entry of the
+        same size, sparse map and xattrs. After an error the writer is spent:
+        the image is incomplete, and :meth:`add`, :meth:`place` and
+        :meth:`finish` refuse to go on.
         """
+        self._spent_on_error(self._add, entry, body, placed)
+
+    def place(self, entry: Entry, body: Body) -> Placed:
+        """Write regular file ``entry``'s body into the data area now; :meth:`add` it later.
+
+        For a caller that has the bodies before it knows the tree (the one
+        pass: the data first, the inodes when the stream is over). The image
+        holds the body's blocks whether or not the entry is ever added. Bodies
+        placed in the same order as :meth:`add` would write them give the same
+        image, byte for byte.
+        """
+        return self._spent_on_error(self._place_new, entry, body)
+
+    def _spent_on_error(self, step: Callable[..., _T], *args: object) -> _T:
         if self._done:
             raise ErofsInputError("erofs: the writer has finished or failed")
         try:
-            self._add(entry, body)
+            return step(*args)
         except BaseException:
             self._done = True
             self._area.close()
             raise
 
-    def _add(self, entry: Entry, body: Body | None) -> None:
+    def _place_new(self, entry: Entry, body: Body) -> Placed:
         check_entry(entry)
         where = f"erofs: {entry.path!r}"
-        if body is not None and entry.kind is not Kind.FILE:
+        if entry.kind is not Kind.FILE:
             raise ErofsInputError(f"{where}: only a regular file has a body")
+        return self._place(entry, body, stored(entry.xattrs, where), where)
+
+    def _add(self, entry: Entry, body: Body | None, placed: Placed | None) -> None:
+        check_entry(entry)
+        where = f"erofs: {entry.path!r}"
+        if (body is not None or placed is not None) and entry.kind is not Kind.FILE:
+            raise ErofsInputError(f"{where}: only a regular file has a body")
+        if body is not None and placed is not None:
+            raise ErofsInputError(f"{where}: a body and a placed body")
         if entry.path in self._paths:
             raise ErofsInputError(f"{where}: added twice")
         if entry.path == b"":
@@ -149,7 +194,9 @@ class ErofsWriter:
             node.parent = parent
             parent.nlink += 1
         elif node.kind is Kind.FILE and entry.kind is Kind.FILE:
-            self._file(node, entry, body, where)
+            if placed is None:
+                placed = self._place(entry, body if body is not None else (), node.xattrs, where)
+            _attach(node, entry, placed, where)
         parent.children[name] = node
         self._paths[entry.path] = node
 
@@ -181,37 +228,40 @@ class ErofsWriter:
         target.nlink += 1
         return target
 
-    def _file(self, node: Node, entry: Entry, body: Body | None, where: str) -> None:
+    def _place(self, entry: Entry, body: Body, xattrs: tuple[Stored, ...], where: str) -> Placed:
         size = entry.size
-        reader = BodyReader(body if body is not None else (), body_size(entry), where)
-        node.size = size
+        reader = BodyReader(body, body_size(entry), where)
         sparse = entry.sparse
         if sparse is not None and size and not _dense(sparse, size):
-            self._chunked_file(node, reader, entry, sparse)
+            bits = chunk_bits(sparse, size)
+            shift = BLOCK_BITS + bits
+            addrs = write_sparse(reader, sparse, size, shift, self._area)
+            count = -(-size >> shift)
+            extra = b"".join(addrs.get(i, NULL_ADDR).to_bytes(4, "little") for i in range(count))
+            placed = Placed(size, sparse, xattrs, CHUNK_BASED, bits, extra)
+            self._chunked = True
         else:
             tail = size % BLOCK_SIZE
-            inline = tail and EXTENDED_SIZE + worst_ibody_size(node.xattrs) + tail <= BLOCK_SIZE
+            inline = tail and EXTENDED_SIZE + worst_ibody_size(xattrs) + tail <= BLOCK_SIZE
             inline = inline and tail <= self._budget
             full = size - tail if inline else size
-            node.i_u = self._area.block if full else 0
+            first = self._area.block if full else 0
             reader.copy(full, self._area)
             self._area.pad_block()
+            extra = b""
             if inline:
-                node.extra = reader.take(tail)
-                node.datalayout = FLAT_INLINE
+                extra = reader.take(tail)
                 self._budget -= tail
+            placed = Placed(
+                size, sparse, xattrs, FLAT_INLINE if inline else FLAT_PLAIN, first, extra
+            )
         reader.close()
+        return placed
 
-    def _chunked_file(
-        self, node: Node, reader: BodyReader, entry: Entry, sparse: SparseMap
-    ) -> None:
-        bits = chunk_bits(sparse, entry.size)
-        shift = BLOCK_BITS + bits
-        addrs = write_sparse(reader, sparse, entry.size, shift, self._area)
-        count = -(-entry.size >> shift)
-        node.extra = b"".join(addrs.get(i, NULL_ADDR).to_bytes(4, "little") for i in range(count))
-        node.datalayout, node.i_u = CHUNK_BASED, bits
-        self._chunked = True
+    def abandon(self) -> None:
+        """Stop without an image (the caller failed): end the writing thread."""
+        self._done = True
+        self._area.close()
 
     def finish(self) -> ErofsResult:
         """Write directories, xattrs, inodes and the superblock; the image is complete."""
@@ -269,6 +319,14 @@ class ErofsWriter:
             self._out.write(block)
         except OSError as exc:
             raise StorageError(f"erofs: cannot write the superblock: {exc}") from exc
+
+
+def _attach(node: Node, entry: Entry, placed: Placed, where: str) -> None:
+    """Give a regular file's inode the body :meth:`ErofsWriter.place` wrote."""
+    if (entry.size, entry.sparse, node.xattrs) != (placed.size, placed.sparse, placed.xattrs):
+        raise ErofsInputError(f"{where}: its body was placed for another size, map or xattrs")
+    node.size = placed.size
+    node.datalayout, node.i_u, node.extra = placed.datalayout, placed.i_u, placed.extra
 
 
 def _dense(sparse: SparseMap, size: int) -> bool:
