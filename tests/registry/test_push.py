@@ -12,7 +12,7 @@ from support.faultproxy import Fault, fault_proxy
 from support.fleet import FAST, cache_repo
 from support.registry import RegistryServer
 
-from hypeman_images.errors import DigestMismatch
+from hypeman_images.errors import DigestMismatch, RegistryError
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
 from hypeman_images.oci.spec import OCI_MANIFEST
@@ -56,12 +56,7 @@ def test_a_blob_that_is_not_its_digest_is_not_sent(client: RegistryClient, repo:
 def test_a_manifest_is_stored_as_sent(
     client: RegistryClient, repo: Reference, registry: RegistryServer
 ) -> None:
-    config = b"{}"
-    push_blob(client, repo, Digest.of(config), config)
-    descriptor = {"mediaType": "application/vnd.example", "digest": str(Digest.of(config)),
-                  "size": 2}  # fmt: skip
-    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": descriptor, "layers": []}
-    data = json.dumps(doc).encode()
+    data = _small_manifest(client, repo)
     pushed = put_manifest(client, repo, "v1", data, OCI_MANIFEST)
     assert pushed.digest == Digest.of(data) and not pushed.subject_indexed
     got = httpx.get(
@@ -74,3 +69,49 @@ def test_a_manifest_is_stored_as_sent(
         with pytest.raises(DigestMismatch, match="stored manifest v2"):
             proxied = replace(repo, registry=proxy.host)
             put_manifest(proxied_client, proxied, "v2", data, OCI_MANIFEST)
+
+
+def _small_manifest(client: RegistryClient, repo: Reference) -> bytes:
+    config = b"{}"
+    push_blob(client, repo, Digest.of(config), config)
+    descriptor = {"mediaType": "application/vnd.example", "digest": str(Digest.of(config)),
+                  "size": 2}  # fmt: skip
+    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": descriptor, "layers": []}
+    return json.dumps(doc).encode()
+
+
+def _refusal(code: str) -> Fault:
+    body = json.dumps({"errors": [{"code": code, "message": "injected"}]}).encode()
+    json_type = {"Content-Type": "application/json"}
+    return Fault("/manifests/", "replace", method="PUT", status=400, body=body, headers=json_type,
+                 times=1)  # fmt: skip
+
+
+def test_a_manifest_refused_for_a_blob_another_writer_is_linking_is_put_again(
+    client: RegistryClient, repo: Reference, registry: RegistryServer
+) -> None:
+    """distribution 2.8 may not see a blob while another client commits it again: not final."""
+    data = _small_manifest(client, repo)
+    with fault_proxy(registry.url) as proxy, RegistryClient(config=FAST) as proxied_client:
+        proxy.add(_refusal("MANIFEST_BLOB_UNKNOWN"))
+        pushed = put_manifest(proxied_client, replace(repo, registry=proxy.host), "v1", data,
+                              OCI_MANIFEST)  # fmt: skip
+        puts = [entry.action for entry in proxy.log if entry.method == "PUT"]
+    assert puts == ["replace", None] and pushed.digest == Digest.of(data)
+    got = httpx.get(
+        f"{registry.url}/v2/{repo.repository}/manifests/v1", headers={"Accept": OCI_MANIFEST}
+    )
+    assert got.content == data
+
+
+def test_an_invalid_manifest_is_not_put_again(
+    client: RegistryClient, repo: Reference, registry: RegistryServer
+) -> None:
+    data = _small_manifest(client, repo)
+    with fault_proxy(registry.url) as proxy, RegistryClient(config=FAST) as proxied_client:
+        proxy.add(_refusal("MANIFEST_INVALID"))
+        with pytest.raises(RegistryError, match="HTTP 400") as caught:
+            put_manifest(proxied_client, replace(repo, registry=proxy.host), "v1", data,
+                         OCI_MANIFEST)  # fmt: skip
+        puts = [entry.method for entry in proxy.log if entry.method == "PUT"]
+    assert puts == ["PUT"] and caught.value.codes == ("MANIFEST_INVALID",)
