@@ -77,6 +77,8 @@ def test_image_ids_name_images(
         with pytest.raises(InvalidArgument, match="ambiguous") as caught:
             manager.get(digest[7:19])
         assert "other/alpine@" in str(caught.value) and "library/alpine@" in str(caught.value)
+        # One digest in two repositories: more digits would not help, a name does.
+        assert str(caught.value).endswith("name one of them")
         assert manager.delete(f"{alpine_ref.registry.host}/other/alpine:x")
         assert manager.delete(digest[7:19]) == [
             alpine_ref.ref,

@@ -83,9 +83,9 @@ def find_by_id(store: ImageStore, prefix: str) -> Reference:
         )
     if len(matches) > 1:
         names = ", ".join(sorted(matches))
-        raise InvalidArgument(
-            f"image ID {prefix} is ambiguous: it names {names}; give more of it or a name"
-        )
+        digests = {name.partition("@")[2] for name in matches}
+        advice = "name one of them" if len(digests) == 1 else "give more of it or a name"
+        raise InvalidArgument(f"image ID {prefix} is ambiguous: it names {names}; {advice}")
     return parse_reference(next(iter(matches)))
 
 
