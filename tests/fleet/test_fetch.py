@@ -32,6 +32,7 @@ from support.fleet import (
 from support.registry import RegistryServer
 
 from hypeman_images.disk.e2fsprogs import E2fsprogs
+from hypeman_images.disk.fsck_erofs import FsckErofs
 from hypeman_images.errors import (
     DigestMismatch,
     DiskArtifactInvalid,
@@ -213,7 +214,7 @@ def test_an_artifact_of_another_format_than_asked_and_an_oversized_one_are_refus
     client: RegistryClient, repo: Reference, ext4_disk: Path, dest: Path, tools: E2fsprogs
 ) -> None:
     """e2fsprogs check ext4 disks only: an artifact that says it is EROFS is not fetched
-    with them (nor an ext4 one with fsck.erofs: tests/fleet/test_fetch_erofs.py)."""
+    with them, nor an ext4 one with fsck.erofs."""
     _, config, blobs, sizes = _honest(ext4_disk)
     erofs = replace(config, recipe=replace(RECIPE, format=DiskFormat.EROFS))
     forged = forge(client, repo, SUBJECT, erofs, blobs, sizes)
@@ -221,6 +222,9 @@ def test_an_artifact_of_another_format_than_asked_and_an_oversized_one_are_refus
         _fetch_forged(client, repo, forged, dest, tools)
     plain = forge(client, repo, SUBJECT, config, blobs, sizes)
     artifact = read_artifact(client, repo, plain.digest, SUBJECT.digest)
+    fsck_erofs = FsckErofs(Path("/nonexistent/fsck.erofs"), "1.5")  # refused before it is run
+    with pytest.raises(DiskArtifactInvalid, match="is an ext4 disk, not the erofs one asked for"):
+        fetch_disk(client, repo, artifact, dest, fsck_erofs)
     with pytest.raises(LimitExceeded, match="over the 4096-byte limit"):
         fetch_disk(client, repo, artifact, dest, tools, max_disk_bytes=4096)
     _nothing_left(dest)
