@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from hypeman_images.oci.digest import Digest
 
-HOLD = 8 * 1024 * 1024  # bytes of written pieces kept for the hash (the fetch's RSS target)
+HOLD = 4 * 1024 * 1024  # bytes of written pieces kept for the hash (the fetch's RSS target)
 _ZEROS = bytes(1024 * 1024)
 
 
