@@ -1,29 +1,23 @@
 """An EROFS disk beside an ext4 one under the store's housekeeping: writers, interrupted
-builds, quarantined records, gc and recovery per format, the disk cache left to ext4.
+builds, quarantined records, gc and recovery per format. (EROFS disks in the disk
+cache: tests/build/test_diskcache_erofs.py.)
 
 The build directories are made by hand (as in tests/build/test_manager.py), so
-most of these need no registry; the disk cache test pulls from the test one.
+most of these need no registry.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 
-import pytest
-from support.fleet import FAST, cache_repo, index_of
-from support.pushed import PushedImage
+from support.fleet import FAST
 
 from hypeman_images.build.maintenance import recover_builds
 from hypeman_images.build.manager import ImageManager
-from hypeman_images.build.metrics import parse
 from hypeman_images.build.options import BuildOptions
-from hypeman_images.build.pipeline import BuildStats
 from hypeman_images.build.queue import Job
-from hypeman_images.errors import NotFound
-from hypeman_images.fleet.cache import DiskCache
 from hypeman_images.fsutil import process_id
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import parse_reference
@@ -152,28 +146,3 @@ def test_recovery_resumes_an_erofs_build_as_erofs(data_dir: Path) -> None:
     records = {r.format: r for r in read_records(directory)}
     assert records[EROFS].writer == process_id()  # ours now
     assert records[DiskFormat.EXT4].status is ImageStatus.READY
-
-
-def test_the_disk_cache_is_left_alone_by_an_erofs_build(
-    alpine_ref: PushedImage, data_dir: Path
-) -> None:
-    repository = cache_repo(alpine_ref.registry.host, "erofs")
-    options = BuildOptions(format=EROFS, disk_cache=DiskCache(repository))
-    stats = BuildStats()
-    with ImageManager(data_dir, options=options, client_factory=fast_client) as manager:
-        stored = manager.pull(alpine_ref.ref, options=options, stats=stats)
-        assert stored.record.format is EROFS and stored.record.source == "build"
-        assert stats.disk_cache is None  # not looked up
-        with pytest.raises(NotFound):
-            manager.push_disk(alpine_ref.ref)  # no ext4 disk to push
-    pushes = parse(manager.metrics.render(manager.gauges()))
-    assert pushes['hypeman_images_disk_cache_pushes_total{outcome="success"}'] == 0
-    assert index_of(alpine_ref.registry.url, repository, Digest.parse(stored.record.digest)) is None
-
-    # The same cache for an ext4 disk of that digest: looked up (nothing there), pushed.
-    ext4 = BuildStats()
-    ext4_options = replace(options, format=DiskFormat.EXT4)
-    with ImageManager(data_dir, options=ext4_options, client_factory=fast_client) as manager:
-        manager.pull(alpine_ref.ref, stats=ext4)
-    assert ext4.disk_cache == "miss"
-    assert index_of(alpine_ref.registry.url, repository, Digest.parse(stored.record.digest))

@@ -32,6 +32,7 @@ from support.fleet import (
 from support.registry import RegistryServer
 
 from hypeman_images.disk.e2fsprogs import E2fsprogs
+from hypeman_images.disk.fsck_erofs import FsckErofs
 from hypeman_images.errors import (
     DigestMismatch,
     DiskArtifactInvalid,
@@ -153,7 +154,8 @@ def test_inflating_stops_at_the_declared_size_even_without_a_header_check(tmp_pa
     fd = os.open(target, os.O_RDWR | os.O_CREAT)
     try:
         source = fetch_module._Source(iter([bomb]))
-        problem = fetch_module._write(source, chunk, fd, threading.Event(), skip_zeros=False)
+        watch = (threading.Event(), lambda offset, piece, zeros: None)
+        problem = fetch_module._write(source, chunk, fd, watch, skip_zeros=False)
     finally:
         os.close(fd)
     assert problem is not None and "a bomb" in problem
@@ -208,16 +210,21 @@ def test_an_unknown_artifact_type_is_refused(
         find_disk(client, repo, RECIPE)
 
 
-def test_a_format_this_version_cannot_check_is_refused(
+def test_an_artifact_of_another_format_than_asked_and_an_oversized_one_are_refused(
     client: RegistryClient, repo: Reference, ext4_disk: Path, dest: Path, tools: E2fsprogs
 ) -> None:
+    """e2fsprogs check ext4 disks only: an artifact that says it is EROFS is not fetched
+    with them, nor an ext4 one with fsck.erofs."""
     _, config, blobs, sizes = _honest(ext4_disk)
     erofs = replace(config, recipe=replace(RECIPE, format=DiskFormat.EROFS))
     forged = forge(client, repo, SUBJECT, erofs, blobs, sizes)
-    with pytest.raises(DiskArtifactInvalid, match="erofs, which this version cannot check"):
+    with pytest.raises(DiskArtifactInvalid, match="is an erofs disk, not the ext4 one asked for"):
         _fetch_forged(client, repo, forged, dest, tools)
     plain = forge(client, repo, SUBJECT, config, blobs, sizes)
     artifact = read_artifact(client, repo, plain.digest, SUBJECT.digest)
+    fsck_erofs = FsckErofs(Path("/nonexistent/fsck.erofs"), "1.5")  # refused before it is run
+    with pytest.raises(DiskArtifactInvalid, match="is an ext4 disk, not the erofs one asked for"):
+        fetch_disk(client, repo, artifact, dest, fsck_erofs)
     with pytest.raises(LimitExceeded, match="over the 4096-byte limit"):
         fetch_disk(client, repo, artifact, dest, tools, max_disk_bytes=4096)
     _nothing_left(dest)

@@ -15,6 +15,8 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from support.fleet import cache_repo
+from support.hosts import host
 from support.pushed import PushedImage
 from support.service import serve_in_thread, serve_process, wait_for_status
 
@@ -68,6 +70,7 @@ def test_create_poll_get_list_delete(
     assert ready["cmd"] == ["/bin/sh"] and ready["env"]["PATH"].startswith("/usr/local")
     assert ready["local_names"] == ["3.20.3"] and ready["platform"] == "linux/amd64"
     assert ready["tags"] == {}  # hypeman's tags: the user's labels, none asked for here
+    assert ready["source"] == {"kind": "build", "repository": None, "artifact": None}
 
     # The same image by digest, with the name unescaped ('/', ':' and '@' in the path).
     by_digest = client.get(f"{base}/images/{alpine_ref.digest_ref}")
@@ -320,3 +323,25 @@ def test_the_tags_filter_is_a_deep_object(
         response = client.get(f"{base}/images?{query}")
         assert response.status_code == 400, query
         assert response.json()["code"] == "invalid_argument"
+
+
+def test_an_image_says_its_disk_came_from_the_disk_cache(
+    tmp_path: Path, client: httpx.Client, alpine_ref: PushedImage
+) -> None:
+    """``source``, our extension: null until ready, then ``build`` or ``disk-cache``
+    with the repository and the artifact, as metadata.json records them."""
+    repo = cache_repo(alpine_ref.registry.host, "api-source")
+    with host(tmp_path / "builder", repo) as builder:
+        builder.pull(alpine_ref.ref)  # built and pushed (leaving drains the push)
+    with host(tmp_path / "served", repo) as manager, serve_in_thread(manager) as base:
+        created = client.post(f"{base}/images", json={"name": alpine_ref.ref}).json()
+        assert created["status"] == "ready" or created["source"] is None
+        ready = wait_for_status(client, base, quote(alpine_ref.ref, safe=""), {"ready", "failed"})
+        record = json.loads(next((tmp_path / "served").rglob("metadata.json")).read_text())
+    assert ready["status"] == "ready", ready["error"]
+    assert ready["source"] == {
+        "kind": "disk-cache",
+        "repository": repo.name,
+        "artifact": record["source_artifact"],
+    }
+    assert record["source"] == "disk-cache" and record["source_artifact"].startswith("sha256:")

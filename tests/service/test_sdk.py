@@ -319,7 +319,12 @@ def test_an_old_metadata_json_with_a_tags_list_still_validates(
 
     image = sdk.images.get(alpine_ref.ref)  # strict: hypeman's Image, tags a map
     assert image.tags == {} and image.status == "ready" and image.digest == digest
-    extra = {"user": "", "local_names": [alpine_ref.tag], "format": "ext4"}
+    extra = {
+        "user": "",
+        "local_names": [alpine_ref.tag],
+        "format": "ext4",
+        "source": {"kind": "build", "repository": None, "artifact": None},
+    }
     assert image.model_extra == extra  # ours, beside hypeman's fields
     assert alpine_ref.ref in [i.name for i in sdk.images.list()]
     assert sdk.images.list(tags={"era": "before-labels"}) == []

@@ -35,8 +35,15 @@ from hypeman_images.build.progress import Reporter
 from hypeman_images.build.pull import PulledImage, ResolvedImage, fetch_config
 from hypeman_images.disk.check import superblock_counts
 from hypeman_images.disk.e2fsprogs import TOOLS_FILE, E2fsprogs, find_e2fsprogs
+from hypeman_images.disk.fsck_erofs import FsckErofs, find_fsck_erofs
 from hypeman_images.disk.sizing import BLOCK_SIZE
-from hypeman_images.errors import DiskArtifactInvalid, HypemanError, InvalidArgument, NotFound
+from hypeman_images.errors import (
+    DiskArtifactInvalid,
+    HypemanError,
+    InvalidArgument,
+    NotFound,
+    ToolError,
+)
 from hypeman_images.fleet.cache import DiskCache
 from hypeman_images.fleet.config import Runtime
 from hypeman_images.fleet.fetch import FetchedDisk, fetch_disk
@@ -76,6 +83,26 @@ def built_fields(one_pass: bool, fallback_used: bool) -> dict[str, Any]:
     }
 
 
+def erofs_recipe(source: Digest, builder: str = BUILDER) -> Recipe:
+    """The recipe of an EROFS disk of ``source``: our writer alone decides its bytes.
+
+    The writer (``builder``) lays the tree out seeded by the image digest, so
+    the same image and release give the same disk; no e2fsprogs release, build
+    path, free space (a read-only image has none) or option enters it, and
+    those fields are fixed (``""``, two passes, 0, none) so that every host
+    asks for the same recipe.
+    """
+    return Recipe(
+        source=source,
+        format=DiskFormat.EROFS,
+        builder=builder,
+        e2fsprogs="",
+        one_pass=False,
+        free_space=0,
+        options={},
+    )
+
+
 def recorded_recipe(record: ImageRecord) -> Recipe:
     """The recipe a ready record says its disk was made by.
 
@@ -84,11 +111,15 @@ def recorded_recipe(record: ImageRecord) -> Recipe:
     """
     e2fsprogs = record.tool_versions.get("e2fsprogs")
     free_space = record.free_space_bytes
-    if record.builder is None or record.one_pass is None or e2fsprogs is None:
+    ext4 = record.format is DiskFormat.EXT4
+    if record.builder is None or (ext4 and (record.one_pass is None or e2fsprogs is None)):
         raise InvalidArgument(
             f"the record of {record.name} does not say how its disk was built (it predates "
             "the disk cache); remove the image and pull it again to share it"
         )
+    if not ext4:
+        return erofs_recipe(Digest.parse(record.digest), record.builder)
+    assert record.one_pass is not None and e2fsprogs is not None
     return Recipe(
         source=Digest.parse(record.digest),
         format=DiskFormat.EXT4,
@@ -101,15 +132,19 @@ def recorded_recipe(record: ImageRecord) -> Recipe:
 
 
 def planned_recipes(
-    resolved: ResolvedImage, options: BuildOptions, limits: Limits, tools: E2fsprogs
+    resolved: ResolvedImage, options: BuildOptions, limits: Limits, tools: E2fsprogs | None
 ) -> list[Recipe]:
     """The recipes whose disk this build takes, best first.
 
-    First the one a local build would use: the way :class:`convert.Conversion`
-    picks (:func:`one_pass_candidate` on the manifest and ``limits``, an
-    mke2fs that reads tar and a resize2fs). A one pass that cannot prove its
-    tree falls back to the two passes, so their disk comes second.
+    EROFS: :func:`erofs_recipe`. ext4: first the one a local build would use:
+    the way :class:`convert.Conversion` picks (:func:`one_pass_candidate` on
+    the manifest and ``limits``, an mke2fs that reads tar and a resize2fs). A
+    one pass that cannot prove its tree falls back to the two passes, so their
+    disk comes second.
     """
+    if options.format is DiskFormat.EROFS:
+        return [erofs_recipe(resolved.digest)]
+    assert tools is not None
     one_pass = bool(
         one_pass_candidate(resolved.manifest.layers, options, limits)
         and tools.tar_input
@@ -190,7 +225,14 @@ def _fetch(
     stats: BuildStats,
 ) -> tuple[FetchedDisk, ImageRecord] | None:
     """The verified disk in its temp file, and its record (``converting``, from the cache)."""
-    tools = find_e2fsprogs(options.mke2fs or "mke2fs", remember=blobs.root / TOOLS_FILE)
+    erofs = options.format is DiskFormat.EROFS
+    tools = (
+        None
+        if erofs
+        else find_e2fsprogs(options.mke2fs or "mke2fs", remember=blobs.root / TOOLS_FILE)
+    )
+    checker = _erofs_checker() if erofs else tools
+    assert checker is not None
     _sweep_temp_disks(dest)
     # The image config, read as a build reads it: the record's run-time fields
     # come from it, never from the artifact, which must agree with it.
@@ -210,12 +252,15 @@ def _fetch(
         )
     reporter.stage("fetching", f"disk {artifact.digest.short} from {cache}")
     bound = limits.max_image_bytes + limits.max_image_bytes // _METADATA_SHARE + options.free_space
-    fetched = fetch_disk(client, cache.repository, artifact, dest, tools, max_disk_bytes=bound)
-    try:
-        counts = superblock_counts(fetched.path)
-    except OSError as exc:
-        fetched.discard()
-        raise storage_error(exc, f"cannot read the fetched disk {fetched.path}") from exc
+    fetched = fetch_disk(client, cache.repository, artifact, dest, checker, max_disk_bytes=bound)
+    content_bytes = artifact.config.disk_size  # EROFS: a read-only image has no free space
+    if not erofs:
+        try:
+            counts = superblock_counts(fetched.path)
+        except OSError as exc:
+            fetched.discard()
+            raise storage_error(exc, f"cannot read the fetched disk {fetched.path}") from exc
+        content_bytes = (counts["Block count"] - counts["Free blocks"]) * BLOCK_SIZE
     stats.disk_cache = "hit"
     stats.fetched_bytes = sum(chunk.blob.size for chunk in artifact.chunks)
     recipe = artifact.config.recipe
@@ -223,9 +268,9 @@ def _fetch(
         status=ImageStatus.CONVERTING,
         error=None,
         size_bytes=artifact.config.disk_size,
-        content_bytes=(counts["Block count"] - counts["Free blocks"]) * BLOCK_SIZE,
+        content_bytes=content_bytes,
         disk_sha256=str(fetched.sha256),
-        tool_versions={"e2fsprogs": recipe.e2fsprogs},
+        tool_versions=_tool_versions(recipe),
         builder=recipe.builder,
         one_pass=recipe.one_pass,
         disk_options=dict(recipe.options),
@@ -233,6 +278,25 @@ def _fetch(
         source_artifact=str(artifact.digest),
         source_repository=cache.repository.name,
     )
+
+
+def _erofs_checker() -> FsckErofs:
+    """``fsck.erofs``, without which an EROFS disk from the cache is not taken."""
+    tool = find_fsck_erofs()
+    if tool is None:
+        raise ToolError(
+            "fsck.erofs not found: an EROFS disk from the disk cache is checked with it "
+            "before use; install erofs-utils"
+        )
+    return tool
+
+
+def _tool_versions(recipe: Recipe) -> dict[str, str]:
+    """What the record of a fetched disk says made it, as a build's record would."""
+    if recipe.format is DiskFormat.EXT4:
+        return {"e2fsprogs": recipe.e2fsprogs}
+    name, _, version = recipe.builder.partition(" ")
+    return {"hypeman-images": version} if name == "hypeman-images" else {"builder": recipe.builder}
 
 
 def _find(client: RegistryClient, cache: DiskCache, recipes: list[Recipe]) -> FoundDisk | None:
@@ -258,6 +322,7 @@ __all__ = [
     "SOURCE_BUILD",
     "SOURCE_CACHE",
     "built_fields",
+    "erofs_recipe",
     "fetch_cached",
     "planned_recipes",
     "recorded_recipe",

@@ -27,7 +27,6 @@ from hypeman_images.build.queue import Job
 from hypeman_images.errors import (
     Conflict,
     HypemanError,
-    InvalidArgument,
     RateLimited,
     RegistryError,
     TransientError,
@@ -40,7 +39,6 @@ from hypeman_images.oci.reference import parse_reference
 from hypeman_images.oci.spec import Descriptor
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.store.blobs import BlobStore
-from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.images import ImageStatus, StoredImage
 
 if TYPE_CHECKING:
@@ -83,11 +81,6 @@ class DiskPushes:
         cache, stored, resolved = job.options.disk_cache, job.result, job.resolved
         if cache is None or not cache.pushes or stored is None or resolved is None:
             return
-        if stored.record.format is not DiskFormat.EXT4:
-            log.debug(
-                "disk cache %s: not pushing an %s disk (ext4 only)", cache, stored.record.format
-            )
-            return
         stats = job.stats
         if stats.reused or stats.disk_cache == "hit":
             return  # nothing was built: the disk is in the cache already, or was pushed before
@@ -118,8 +111,6 @@ class DiskPushes:
         from hypeman_images.fleet.push import push_disk
 
         record = stored.record
-        if record.format is not DiskFormat.EXT4:
-            raise InvalidArgument(f"the disk cache holds ext4 disks only, not {record.format}")
         if record.status is not ImageStatus.READY or not stored.disk.is_file():
             raise Conflict(f"{record.name} is {record.status}, not ready: no disk to push yet")
         recipe = recorded_recipe(record)

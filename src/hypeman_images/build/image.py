@@ -47,8 +47,22 @@ class Image:
     record: ImageRecord = field(repr=False, compare=False)
     format: DiskFormat = DiskFormat.EXT4
 
+    def source(self) -> dict[str, str | None] | None:
+        """Where the ready disk came from (None until ready): ``kind`` ``build`` (made
+        here) or ``disk-cache`` (fetched), and for the latter the cache's
+        ``repository`` and the disk ``artifact``'s digest, as metadata.json says."""
+        if self.status is not ImageStatus.READY:
+            return None
+        record = self.record
+        return {
+            "kind": record.source,
+            "repository": record.source_repository,
+            "artifact": record.source_artifact,
+        }
+
     def to_json(self) -> dict[str, Any]:
-        """The API's ``Image``: hypeman's fields, then ``user``, ``local_names``, ``format``."""
+        """The API's ``Image``: hypeman's fields, then ``user``, ``local_names``, ``format``,
+        ``source``."""
         return {
             "name": self.name,
             "digest": self.digest,
@@ -66,6 +80,7 @@ class Image:
             "platform": self.platform,
             "local_names": list(self.local_names),
             "format": str(self.format),
+            "source": self.source(),
         }
 
 

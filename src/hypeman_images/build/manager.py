@@ -285,16 +285,17 @@ class ImageManager:
         stored = find_image(self.store, ref, format)
         return verify_image(self.store, ref, stored, mke2fs, record=record)
 
-    def push_disk(self, name: str | Reference) -> PushedDisk:
+    def push_disk(self, name: str | Reference, format: DiskFormat | None = None) -> PushedDisk:
         """Push the ready disk ``name`` names to the disk cache the options name, now.
 
-        Raises :class:`InvalidArgument` without a disk cache, and the
-        registry's errors (:class:`Unauthorized` without push rights, ...).
+        ``format`` picks the disk, as for :meth:`get` (``None``: the ready one,
+        ext4 first). Raises :class:`InvalidArgument` without a disk cache, and
+        the registry's errors (:class:`Unauthorized` without push rights, ...).
         """
         cache = self.options.disk_cache
         if cache is None:
             raise InvalidArgument("no disk cache to push to: name one with --disk-cache")
-        stored = find_image(self.store, self._find(name), DiskFormat.EXT4)  # the cache's format
+        stored = find_image(self.store, self._find(name), format)
         return self._pushes.push(cache, stored)
 
     def tag(self, source: str | Reference, target: str | Reference) -> Image:

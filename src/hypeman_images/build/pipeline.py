@@ -23,7 +23,7 @@ from hypeman_images.build import collector
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.progress import Reporter
 from hypeman_images.build.pull import PulledImage, ResolvedImage, pull
-from hypeman_images.errors import HypemanError, InvalidArgument, LimitExceeded, StorageError
+from hypeman_images.errors import HypemanError, LimitExceeded, StorageError
 from hypeman_images.fsutil import storage_error
 from hypeman_images.layers.limits import Limits, check_layer_count
 from hypeman_images.oci.digest import Digest
@@ -298,17 +298,10 @@ def build_resolved(
 
 
 def _looks_in_cache(options: BuildOptions) -> bool:
-    """Does this build look in a disk cache first? Only for ext4 disks: the cache's
-    recipes and checks are ext4's (docs/disk-artifacts.md), so an EROFS disk is built."""
+    """Does this build look in a disk cache first? For a disk of either format: the
+    cache holds each format's disks under recipes of that format (docs/disk-artifacts.md)."""
     cache = options.disk_cache
-    if cache is None or not cache.looks:
-        return False
-    if options.format is not DiskFormat.EXT4:
-        if cache.required:  # disk pull: a disk from the cache or an error, never a build
-            raise InvalidArgument(f"the disk cache holds ext4 disks only, not {options.format}")
-        log.debug("disk cache %s: not looked up for an %s disk (ext4 only)", cache, options.format)
-        return False
-    return True
+    return cache is not None and cache.looks
 
 
 def _pull_and_convert(

@@ -66,6 +66,11 @@ def add_disk_commands(
         description="Push a local image's ready disk to the disk cache, whatever the mode.",
     )
     push.add_argument("image", help="tag or digest reference of a local image")
+    push.add_argument(
+        "--format",
+        choices=[str(f) for f in DiskFormat],
+        help="the disk to push (default: the ready one, ext4 first)",
+    )
     push.set_defaults(run=disk_push)
     pull = actions.add_parser(
         "pull",
@@ -95,7 +100,7 @@ def disk_push(args: argparse.Namespace) -> int:
     if cache is None:
         raise InvalidArgument(_NO_CACHE)
     with open_manager(args, replace(BuildOptions(), disk_cache=cache)) as manager:
-        pushed = manager.push_disk(args.image)
+        pushed = manager.push_disk(args.image, DiskFormat(args.format) if args.format else None)
     if args.json:
         print_json(
             {
@@ -117,8 +122,6 @@ def disk_pull(args: argparse.Namespace) -> int:
     options = build_options(args)
     if options.disk_cache is None:
         raise InvalidArgument(_NO_CACHE)
-    if options.format is not DiskFormat.EXT4:
-        raise InvalidArgument(f"the disk cache holds ext4 disks only, not {options.format}")
     options = replace(options, disk_cache=replace(options.disk_cache, required=True))
     progress = reporter(args)
     try:

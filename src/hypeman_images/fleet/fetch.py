@@ -8,27 +8,33 @@ and writing overlap and memory holds a piece of each chunk in flight, never
 a whole one. A chunk that inflates past its declared size stops at once (a
 decompression bomb); one that inflates short is truncated. Blocks of zeros
 are not written: the temp file starts as a hole of the disk's size, as
-mke2fs's own output is sparse. Meanwhile the calling thread hashes the disk
-in order, re-reading each chunk once it has landed (from the page cache),
-so the whole-disk sha256 is ready when the last chunk is: it must equal the
-config's ``disk_sha256``, and then ``e2fsck -fn`` must find nothing.
+mke2fs's own output is sparse. Each written piece is handed to the calling
+thread, which hashes the disk in order as the pieces land (:mod:`.diskhash`:
+from memory, a bounded amount; read back only what ran too far ahead), so
+the whole-disk sha256 is ready soon after the last chunk is. It must equal
+the config's ``disk_sha256``. The format's checker (``e2fsck -fn`` for ext4,
+``fsck.erofs`` for EROFS) starts as soon as every chunk is written and its
+digest checked, beside the end of the hashing, and must find nothing. The
+device writes start as each chunk lands (:func:`fsutil.start_writeback`), as
+mke2fs's are started during a build, so the checker's and our fsync find
+little left to write.
 
 Dropped connections resume with ``Range`` inside the registry client; a
 chunk that still fails for a transient reason is fetched again (its bytes
-rewritten whole), ``attempts`` times at most. Any failure removes the temp
-file and raises: :class:`DigestMismatch` (bytes not what their digest
-names), :class:`DiskArtifactInvalid` (the artifact is wrong: bomb,
-truncation, sha256, fsck), or the registry's and storage's own errors.
+rewritten whole, its share of the hash redone), ``attempts`` times at most.
+Any failure removes the temp file and raises: :class:`DigestMismatch` (bytes
+not what their digest names), :class:`DiskArtifactInvalid` (the artifact is
+wrong: bomb, truncation, sha256, fsck, another format than asked for), or
+the registry's and storage's own errors.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,21 +45,29 @@ import zstandard
 
 from hypeman_images.disk.check import e2fsck_findings
 from hypeman_images.disk.e2fsprogs import E2fsprogs
+from hypeman_images.disk.fsck_erofs import FsckErofs, fsck_findings
 from hypeman_images.errors import (
     DiskArtifactInvalid,
     LimitExceeded,
     TransientError,
 )
 from hypeman_images.fleet.artifact import Chunk, DiskArtifact
+from hypeman_images.fleet.diskhash import DiskHash
 from hypeman_images.fleet.recipe import DiskFormat
-from hypeman_images.fsutil import fsync_dir, is_storage_failure, storage_error, temp_name
+from hypeman_images.fsutil import (
+    fsync_dir,
+    is_storage_failure,
+    start_writeback,
+    storage_error,
+    temp_name,
+)
 from hypeman_images.oci.digest import Digest, VerifyingStream
 from hypeman_images.oci.reference import Reference
 from hypeman_images.registry.client import RegistryClient
 
 log = logging.getLogger(__name__)
 
-PIECE = 1024 * 1024  # what one read of an inflating chunk returns, and one hashing read
+PIECE = 1024 * 1024  # what one read of an inflating chunk returns
 MAX_WINDOW = 32 * 1024 * 1024  # zstd levels up to 19 use at most 8 MiB on any input
 _FRAME_HEADER_MAX = 18  # ZSTD_FRAMEHEADERSIZE_MAX (RFC 8878 §3.1.1.1: 4 magic + 2..14)
 _ZEROS = bytes(PIECE)
@@ -61,6 +75,31 @@ _ZEROS = bytes(PIECE)
 
 class _Stopped(Exception):
     """Another chunk failed: this one gives up quietly."""
+
+
+# What a piece landing calls: its offset, its bytes, whether they are all zeros.
+OnPiece = Callable[[int, bytes, bool], None]
+
+
+@dataclass(frozen=True)
+class _Check:
+    """The checker of a fetched disk's format: its name, and what it finds (None: clean)."""
+
+    name: str
+    findings: Callable[[Path], str | None]
+
+
+def _checker(artifact: DiskArtifact, tools: E2fsprogs | FsckErofs) -> _Check:
+    """The check for ``artifact``'s format, which must be the one ``tools`` check."""
+    fmt = artifact.config.format
+    wanted = DiskFormat.EROFS if isinstance(tools, FsckErofs) else DiskFormat.EXT4
+    if fmt != wanted:
+        raise DiskArtifactInvalid(
+            f"disk artifact {artifact.digest} is an {fmt} disk, not the {wanted} one asked for"
+        )
+    if isinstance(tools, FsckErofs):
+        return _Check("fsck.erofs", lambda path: fsck_findings(tools, path))
+    return _Check("e2fsck -fn", lambda path: e2fsck_findings(tools, path, 15))
 
 
 @dataclass(frozen=True)
@@ -105,7 +144,7 @@ def fetch_disk(
     repository: Reference,
     artifact: DiskArtifact,
     dest: Path,
-    tools: E2fsprogs,
+    tools: E2fsprogs | FsckErofs,
     *,
     parallel: int = 4,
     attempts: int = 3,
@@ -115,14 +154,14 @@ def fetch_disk(
 
     ``artifact`` comes from :func:`fleet.lookup.find_disk` or
     :func:`fleet.lookup.read_artifact` (checked against its subject there).
-    The caller renames it into place (:meth:`FetchedDisk.commit`) once its
-    record is ready. On any failure no temp file is left.
+    ``tools`` checks the disk: e2fsprogs for an ext4 artifact, ``fsck.erofs``
+    for an EROFS one (an artifact of the other format is
+    :class:`DiskArtifactInvalid`). The caller renames it into place
+    (:meth:`FetchedDisk.commit`) once its record is ready. On any failure no
+    temp file is left.
     """
     config = artifact.config
-    if config.format != DiskFormat.EXT4:
-        raise DiskArtifactInvalid(
-            f"disk artifact {artifact.digest} is {config.format}, which this version cannot check"
-        )
+    check = _checker(artifact, tools)
     if max_disk_bytes is not None and config.disk_size > max_disk_bytes:
         raise LimitExceeded(
             f"disk artifact {artifact.digest} is a {config.disk_size}-byte disk, over the "
@@ -136,17 +175,18 @@ def fetch_disk(
     try:
         with _closing(fd):
             os.ftruncate(fd, config.disk_size)
-            sha256 = _fill(client, repository, artifact, fd, max(1, parallel), attempts)
+            sha256, findings = _fill(
+                client, repository, artifact, (fd, tmp), check, max(1, parallel), attempts
+            )
             if sha256 != config.disk_sha256:
                 raise DiskArtifactInvalid(
                     f"disk artifact {artifact.digest}: the disk its chunks make hashes to "
                     f"{sha256}, not to the {config.disk_sha256} its config says"
                 )
-            findings = e2fsck_findings(tools, tmp, 15)
             if findings is not None:
                 findings = findings.replace(str(tmp), "disk")  # the temp file is gone by then
                 raise DiskArtifactInvalid(
-                    f"disk artifact {artifact.digest}: e2fsck -fn found problems {findings}"
+                    f"disk artifact {artifact.digest}: {check.name} found problems {findings}"
                 )
             os.fsync(fd)
     except BaseException as exc:
@@ -170,31 +210,54 @@ def _fill(
     client: RegistryClient,
     repository: Reference,
     artifact: DiskArtifact,
-    fd: int,
+    disk: tuple[int, Path],
+    check: _Check,
     parallel: int,
     attempts: int,
-) -> Digest:
-    """Fetch every chunk into ``fd``, hashing the disk in order as they land."""
+) -> tuple[Digest, str | None]:
+    """Fetch every chunk into the temp disk; its sha256, and what ``check`` found in it.
+
+    The check starts once every chunk is written and checked, while the
+    calling thread may still be hashing the last pieces.
+    """
+    fd, path = disk
     stop = threading.Event()
-    hasher = hashlib.sha256()
-    with ThreadPoolExecutor(parallel, thread_name_prefix="fetch") as pool:
-        futures = [
-            pool.submit(_fetch_chunk, client, repository, chunk, fd, stop, attempts)
-            for chunk in artifact.chunks
-        ]
-        try:
-            for chunk, future in zip(artifact.chunks, futures, strict=True):
-                future.result()
-                _hash_region(hasher, fd, chunk)
-        except BaseException as caught:
-            stop.set()
+    checking: list[Future[str | None]] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="fetch-check") as checker:
+
+        def written() -> None:
+            checking.append(checker.submit(check.findings, path))
+
+        disk_hash = DiskHash(fd, [(c.offset, c.size) for c in artifact.chunks], on_written=written)
+        with ThreadPoolExecutor(parallel, thread_name_prefix="fetch") as pool:
+            futures = [
+                pool.submit(
+                    _fetch_chunk, client, repository, (i, chunk), fd, stop, attempts, disk_hash
+                )
+                for i, chunk in enumerate(artifact.chunks)
+            ]
             for future in futures:
-                future.cancel()
-            pool.shutdown(wait=True)
-            if not isinstance(caught, Exception):
-                raise  # an interrupt stays one
-            raise _first_failure(futures) or caught from None
-    return Digest("sha256", hasher.hexdigest())
+                future.add_done_callback(lambda done: _stop_on_failure(done, disk_hash))
+            try:
+                sha256 = disk_hash.run()
+                for future in futures:
+                    future.result()
+            except BaseException as caught:
+                stop.set()
+                disk_hash.fail()
+                for future in futures:
+                    future.cancel()
+                pool.shutdown(wait=True)
+                if not isinstance(caught, Exception):
+                    raise  # an interrupt stays one
+                raise _first_failure(futures) or caught from None
+        [findings] = checking  # every chunk was sealed, so the check was started
+        return sha256, findings.result()
+
+
+def _stop_on_failure(future: Future[None], disk_hash: DiskHash) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        disk_hash.fail()
 
 
 def _first_failure(futures: list[Future[None]]) -> BaseException | None:
@@ -208,31 +271,30 @@ def _first_failure(futures: list[Future[None]]) -> BaseException | None:
     return None
 
 
-def _hash_region(hasher: hashlib._Hash, fd: int, chunk: Chunk) -> None:
-    done = 0
-    while done < chunk.size:
-        piece = os.pread(fd, min(PIECE, chunk.size - done), chunk.offset + done)
-        if not piece:
-            raise OSError(f"the temp disk ends at {chunk.offset + done}")
-        hasher.update(piece)
-        done += len(piece)
-
-
 def _fetch_chunk(
     client: RegistryClient,
     repository: Reference,
-    chunk: Chunk,
+    numbered: tuple[int, Chunk],
     fd: int,
     stop: threading.Event,
     attempts: int,
+    disk_hash: DiskHash,
 ) -> None:
     """One chunk into place, fetched again after a transient failure (bounded)."""
+    index, chunk = numbered
     for attempt in range(1, attempts + 1):
         if stop.is_set():
             raise _Stopped
         try:
+            token = disk_hash.restart(index)
+
+            def landed(offset: int, piece: bytes, zeros: bool, token: int = token) -> None:
+                disk_hash.landed(index, token, offset, piece, zeros)
+
             # A retry writes every block: zeros now may be where the last try wrote data.
-            _inflate(client, repository, chunk, fd, stop, skip_zeros=attempt == 1)
+            _inflate(client, repository, chunk, fd, stop, landed, skip_zeros=attempt == 1)
+            disk_hash.sealed(index)
+            start_writeback(fd)  # this chunk's device writes, beside the next chunks
             return
         except TransientError as exc:
             if attempt == attempts:
@@ -249,6 +311,7 @@ def _inflate(
     chunk: Chunk,
     fd: int,
     stop: threading.Event,
+    landed: OnPiece,
     *,
     skip_zeros: bool,
 ) -> None:
@@ -260,7 +323,7 @@ def _inflate(
         try:
             problem = _check_header(source, chunk)
             if problem is None:
-                problem = _write(source, chunk, fd, stop, skip_zeros)
+                problem = _write(source, chunk, fd, (stop, landed), skip_zeros)
         except zstandard.ZstdError as exc:
             problem = f"is not valid zstd ({exc})"
         for _ in stream:  # the rest, for the digest: its verdict comes first
@@ -283,9 +346,15 @@ def _check_header(source: _Source, chunk: Chunk) -> str | None:
 
 
 def _write(
-    source: _Source, chunk: Chunk, fd: int, stop: threading.Event, skip_zeros: bool
+    source: _Source,
+    chunk: Chunk,
+    fd: int,
+    watch: tuple[threading.Event, OnPiece],
+    skip_zeros: bool,
 ) -> str | None:
-    """Inflate into place; a reason if it inflates to more or fewer bytes than declared."""
+    """Inflate into place, each piece handed on once written; a reason if it inflates
+    to more or fewer bytes than declared."""
+    stop, landed = watch
     decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
     written = 0
     with decompressor.stream_reader(
@@ -296,8 +365,10 @@ def _write(
                 raise _Stopped
             if written + len(piece) > chunk.size:
                 return f"inflates past its declared {chunk.size} bytes: a bomb"
-            if not (skip_zeros and _is_zero(piece)):
+            zeros = _is_zero(piece)
+            if not (skip_zeros and zeros):
                 _pwrite_all(fd, piece, chunk.offset + written)
+            landed(chunk.offset + written, piece, zeros)
             written += len(piece)
     if written != chunk.size:
         return f"is truncated: it inflates to {written} of its declared {chunk.size} bytes"

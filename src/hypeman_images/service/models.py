@@ -9,6 +9,8 @@ served one). Field names and meanings are hypeman's (its OpenAPI document:
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from hypeman_images.build.image import Image
@@ -81,8 +83,21 @@ class TagImageRequest(BaseModel):
     )
 
 
+class ImageSource(BaseModel):
+    """Where a ready disk came from: built here, or fetched from the disk cache."""
+
+    kind: Literal["build", "disk-cache"] = Field(
+        description="`build`: made on this host; `disk-cache`: fetched from the disk cache "
+        'and verified (docs/configuration.md, "The disk cache")'
+    )
+    repository: str | None = Field(description="The disk cache's repository (`disk-cache` only)")
+    artifact: str | None = Field(
+        description="The disk artifact's manifest digest, sha256:… (`disk-cache` only)"
+    )
+
+
 class ImageModel(BaseModel):
-    """hypeman's ``Image``, with ``user``, ``local_names`` and ``format`` besides."""
+    """hypeman's ``Image``, with ``user``, ``local_names``, ``format`` and ``source`` besides."""
 
     name: str = Field(description="Normalised reference, e.g. docker.io/library/alpine:3.20")
     digest: str = Field(description="Platform manifest digest (sha256:…)")
@@ -100,6 +115,9 @@ class ImageModel(BaseModel):
     platform: str | None = Field(description="os/arch[/variant] of the image config")
     local_names: list[str] = Field(description="Local tags that point at this digest")
     format: DiskFormat = Field(description="Extension: the disk's filesystem, ext4 or erofs")
+    source: ImageSource | None = Field(
+        description="Extension: where the disk came from (null until the image is ready)"
+    )
 
 
 class ErrorDetail(BaseModel):
