@@ -17,7 +17,8 @@ from support.rawhttp import connect, head, read_answer
 from support.service import serve_in_thread
 
 from hypeman_images.build.manager import ImageManager
-from hypeman_images.service.limits import ServiceLimits, allowed_hosts, host_name
+from hypeman_images.service.limits import allowed_hosts, host_name
+from hypeman_images.service.settings import ServiceLimits
 
 TOKEN = "t0ken-for-the-guard"
 GOOD = {"Authorization": f"Bearer {TOKEN}"}

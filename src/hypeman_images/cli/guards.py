@@ -15,7 +15,7 @@ from dataclasses import replace
 from hypeman_images.build.options import parse_size
 from hypeman_images.errors import InvalidArgument
 from hypeman_images.registry.config import RegistryConfig, check_timeout
-from hypeman_images.service.limits import ServiceLimits
+from hypeman_images.service.settings import ServiceLimits
 
 
 def add_data_dir_group_flag(flags: argparse.ArgumentParser) -> None:

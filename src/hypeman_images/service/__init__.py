@@ -1,9 +1,9 @@
 """The REST service: the HTTP API over :class:`~hypeman_images.build.manager.ImageManager`.
 
 Owns the app and its error responses (``api``), the routes (``routes``), the
-request and response bodies (``models``), the API's bearer token (``auth``, its
-FastAPI-free check in ``tokens``),
-what a client may cost it (``limits``: refusals from the request head,
+request and response bodies (``models``), the API's bearer token (``auth``;
+its FastAPI-free check in ``tokens``), what a client may cost it
+(``settings``: the numbers; ``limits``: refusals from the request head,
 bounded bodies), the pool for registry-bound calls (``offload``) and the
 HTTP server with its connection limits (``server``).
 

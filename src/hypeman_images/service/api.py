@@ -44,9 +44,10 @@ from hypeman_images import __version__
 from hypeman_images.build.manager import ImageManager
 from hypeman_images.errors import HypemanError, RateLimited
 from hypeman_images.service.auth import Unauthenticated, bearer_auth
-from hypeman_images.service.limits import RequestGuard, ServiceLimits
+from hypeman_images.service.limits import RequestGuard
 from hypeman_images.service.offload import Offload
 from hypeman_images.service.routes import add_image_routes, add_service_routes
+from hypeman_images.service.settings import ServiceLimits
 from hypeman_images.service.tokens import WWW_AUTHENTICATE
 
 DESCRIPTION = (

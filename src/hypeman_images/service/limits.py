@@ -23,38 +23,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hypeman_images.service.settings import ServiceLimits
 from hypeman_images.service.tokens import WWW_AUTHENTICATE, bearer_matches
 
-KiB = 1024
 # The paths open to all when a token is set: a liveness probe has no token
 # (``/health`` is hypeman's name for it).
 PUBLIC = frozenset({"/healthz", "/health"})
 # Names of this host that a browser only sends to this host.
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
-
-
-@dataclass(frozen=True)
-class ServiceLimits:
-    """What one client may cost ``serve``.
-
-    ``max_body_bytes``: the largest request body (the API's bodies are a few
-    hundred bytes of JSON). ``body_timeout``: seconds to receive a whole body
-    once its head is in. ``header_timeout``: seconds from the connection (or
-    the previous answer) to a whole request head. ``max_connections``: open at
-    once; beyond it ``serve`` stops accepting, and the kernel's backlog holds
-    the rest.
-    """
-
-    max_body_bytes: int = 64 * KiB
-    body_timeout: float = 30.0
-    header_timeout: float = 10.0
-    max_connections: int = 256
 
 
 def host_name(value: str) -> str:
@@ -198,7 +179,6 @@ __all__ = [
     "LOOPBACK_HOSTS",
     "PUBLIC",
     "RequestGuard",
-    "ServiceLimits",
     "allowed_hosts",
     "host_name",
 ]

@@ -41,7 +41,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from hypeman_images.service.limits import ServiceLimits
+from hypeman_images.service.settings import ServiceLimits
 
 log = logging.getLogger(__name__)
 
