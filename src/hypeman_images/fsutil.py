@@ -66,8 +66,10 @@ def _sync_file_range() -> Callable[..., int] | None:
     return cast("Callable[..., int]", func)
 
 
-def start_writeback(fd: int) -> None:
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
     """Start writing the file's dirty pages to the device, without waiting for them.
+
+    Those of ``length`` bytes from ``offset`` (0: to the end of the file) only.
 
     With much RAM the kernel writes nothing back for 30 s
     (``dirty_expire_centisecs``, Documentation/admin-guide/sysctl/vm.rst), so a
@@ -77,7 +79,7 @@ def start_writeback(fd: int) -> None:
     """
     func = _sync_file_range()
     if func is not None:
-        func(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        func(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def storage_error(exc: OSError, what: str) -> StorageError:

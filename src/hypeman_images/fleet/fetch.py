@@ -17,7 +17,10 @@ the config's ``disk_sha256``. The format's checker (``e2fsck -fn`` for ext4,
 digest checked, beside the end of the hashing, and must find nothing. The
 device writes start as each chunk lands (:func:`fsutil.start_writeback`), as
 mke2fs's are started during a build, so the checker's and our fsync find
-little left to write.
+little left to write. They are started from a thread of their own: the call
+blocks while the device's queue is full (tens of milliseconds on the
+benchmark VM, docs/performance.md, "The disk cache"), and a fetching thread
+that made it would stop fetching meanwhile.
 
 Dropped connections resume with ``Range`` inside the registry client; a
 chunk that still fails for a transient reason is fetched again (its bytes
@@ -223,7 +226,13 @@ def _fill(
     fd, path = disk
     stop = threading.Event()
     checking: list[Future[str | None]] = []
-    with ThreadPoolExecutor(1, thread_name_prefix="fetch-check") as checker:
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="fetch-check") as checker,
+        ThreadPoolExecutor(1, thread_name_prefix="fetch-writeback") as writer,
+    ):
+
+        def writeback(chunk: Chunk) -> None:
+            writer.submit(start_writeback, fd, chunk.offset, chunk.size)
 
         def written() -> None:
             checking.append(checker.submit(check.findings, path))
@@ -232,7 +241,14 @@ def _fill(
         with ThreadPoolExecutor(parallel, thread_name_prefix="fetch") as pool:
             futures = [
                 pool.submit(
-                    _fetch_chunk, client, repository, (i, chunk), fd, stop, attempts, disk_hash
+                    _fetch_chunk,
+                    client,
+                    repository,
+                    (i, chunk),
+                    fd,
+                    stop,
+                    attempts,
+                    (disk_hash, writeback),
                 )
                 for i, chunk in enumerate(artifact.chunks)
             ]
@@ -278,10 +294,11 @@ def _fetch_chunk(
     fd: int,
     stop: threading.Event,
     attempts: int,
-    disk_hash: DiskHash,
+    after: tuple[DiskHash, Callable[[Chunk], None]],
 ) -> None:
     """One chunk into place, fetched again after a transient failure (bounded)."""
     index, chunk = numbered
+    disk_hash, writeback = after
     for attempt in range(1, attempts + 1):
         if stop.is_set():
             raise _Stopped
@@ -294,7 +311,7 @@ def _fetch_chunk(
             # A retry writes every block: zeros now may be where the last try wrote data.
             _inflate(client, repository, chunk, fd, stop, landed, skip_zeros=attempt == 1)
             disk_hash.sealed(index)
-            start_writeback(fd)  # this chunk's device writes, beside the next chunks
+            writeback(chunk)  # this chunk's device writes, beside the next chunks
             return
         except TransientError as exc:
             if attempt == attempts:
