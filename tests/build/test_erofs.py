@@ -41,7 +41,7 @@ from hypeman_images.store.images import ImageStatus, StoredImage
 CLI = str(Path(sys.executable).with_name("hypeman-images"))
 EROFS = BuildOptions(format=DiskFormat.EROFS)
 # Cases whose layers are so small that their tar is more than 32 times their
-# gzip (build/onepass.py, ONE_PASS_MAX_RATIO): either way, built in two passes.
+# gzip (build/oneplan.py, ONE_PASS_MAX_RATIO): either way, built in two passes.
 INFLATE_PAST_32X = {
     "empty_layers",
     "sparse_files",

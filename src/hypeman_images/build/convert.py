@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from hypeman_images.build.erofs import build_erofs
-from hypeman_images.build.onepass import OnePass, PullEnd, one_pass_candidate
+from hypeman_images.build.onepass import OnePass, PullEnd
 from hypeman_images.build.onepass_erofs import build_erofs_one_pass
+from hypeman_images.build.oneplan import one_pass_candidate
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.progress import Reporter
 from hypeman_images.build.pull import PulledImage, PullObserver, ResolvedImage, fetch_config
@@ -100,7 +101,7 @@ class LayerScans:
         """Should the pull tap this layer? If pass 1 :meth:`needs` it, unless ``tap=False``.
 
         ``tap=False``: the image will be built in one pass
-        (:func:`onepass.one_pass_candidate`), which reads each layer itself.
+        (:func:`oneplan.one_pass_candidate`), which reads each layer itself.
         """
         return self.tap and self.needs(index, layer)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hypeman_images import __version__
-from hypeman_images.build.onepass import one_pass_candidate
+from hypeman_images.build.oneplan import one_pass_candidate
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.pipeline import BuildStats, with_config
 from hypeman_images.build.progress import Reporter

@@ -1,8 +1,8 @@
 """The one-pass way of :mod:`convert`: the disk written while the layers download.
 
 Whether an image tries it is known from the manifest alone
-(:func:`one_pass_candidate`), and so is the disk's size
-(:func:`one_pass_sizes`): the pass starts before any layer is read.
+(:func:`oneplan.one_pass_candidate`), and so is the disk's size
+(:func:`oneplan.one_pass_sizes`): the pass starts before any layer is read.
 :class:`OnePass` runs :class:`layers.onepass.TopDown` into mke2fs, reading
 each layer through the feeds that follow its download (:mod:`store.feeds`),
 and finishes the disk only once the pull verified every blob
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
+from hypeman_images.build.oneplan import one_pass_sizes
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.pull import PulledImage
 from hypeman_images.build.stream import DiskInfo, counted, disk_info, open_layer, size_inputs
@@ -37,52 +38,11 @@ from hypeman_images.oci.spec import LAYER_COMPRESSION, Descriptor
 from hypeman_images.store.blobs import BlobStore
 from hypeman_images.store.feeds import BlobEnds, FeedAborted, LayerFeeds
 
-# The one-pass disk is sized before any layer is read, from the manifest: a gzip
-# layer is taken to hold at most this many times its compressed size of tar.
-# Debian's layers inflate ~3x, text-heavy ones ~10x; one past it (a big file of
-# zeros, a decompression bomb) stops the pass and is built the two-pass way.
-ONE_PASS_MAX_RATIO = 32
-
-
-def one_pass_candidate(layers: Sequence[Descriptor], options: BuildOptions, limits: Limits) -> bool:
-    """Will this image try the one-pass way? Known before the pull, from the manifest.
-
-    Every layer type we read (gzip, zstd, plain): the disk is sized from the
-    manifest (:func:`one_pass_sizes`), never from what the layers say of
-    themselves. The one pass writes each layer as it reads it, up to that
-    size: it is taken only when all of it fits within ``limits`` (which a
-    build lowers to its disk's room); else pass 1 counts the layers, writing
-    nothing, before mke2fs starts.
-    """
-    return (
-        options.one_pass
-        and all(
-            LAYER_COMPRESSION.get(layer.media_type) in ("gzip", "zstd", "none") for layer in layers
-        )
-        and sum(one_pass_sizes(layers, limits)) <= limits.max_image_bytes
-    )
-
-
-def one_pass_sizes(layers: Sequence[Descriptor], limits: Limits) -> list[int]:
-    """The most tar each layer may inflate to in the one pass: the disk is sized for it.
-
-    From the manifest alone, so the disk is the same whatever the cache held
-    and the pass can start before the layers are downloaded: a plain layer's
-    own size, a gzip layer's times :data:`ONE_PASS_MAX_RATIO`, each within
-    ``limits.max_layer_bytes`` (past those, the limits speak anyway).
-    """
-
-    def bound(layer: Descriptor) -> int:
-        ratio = 1 if LAYER_COMPRESSION.get(layer.media_type) == "none" else ONE_PASS_MAX_RATIO
-        return min(layer.size * ratio, limits.max_layer_bytes)
-
-    return [bound(layer) for layer in layers]
-
 
 def uncompressed_size(path: Path, layer: Descriptor) -> int | None:
     """The layer's uncompressed size from its cached blob alone; ``None`` if it does not say.
 
-    Only for the progress shown (the disk is sized by :func:`one_pass_sizes`).
+    Only for the progress shown (the disk is sized by :func:`oneplan.one_pass_sizes`).
     A value below half the blob's size is not believed (a multi-member
     stream, a layer past 4 GiB: see :func:`_stated_size`).
     """

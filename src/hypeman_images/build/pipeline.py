@@ -234,9 +234,9 @@ def build_resolved(
     processes. Raises a :class:`HypemanError` subclass on failure, after
     recording the failure in the digest's metadata.
     """
-    # Imported here: converting needs isal, zstandard and the disk code, which a
-    # re-pull of a ready digest (the CLI's fast path) never loads.
-    from hypeman_images.build.convert import Conversion
+    # Imported here: the disk cache needs zstandard and the fleet code, which a
+    # re-pull of a ready digest (the CLI's fast path) never loads; converting
+    # needs isal and the disk code too, which a disk from the cache never does.
     from hypeman_images.build.diskcache import built_fields, fetch_cached
 
     ref, digest, fmt = resolved.ref, resolved.digest, options.format
@@ -270,6 +270,8 @@ def build_resolved(
                 store.set_tag(ref, digest)
                 reporter.stage("ready", f"{ref.familiar()} (from the disk cache)")
                 return store.find(ref, fmt)
+        from hypeman_images.build.convert import Conversion
+
         conversion = Conversion(
             resolved, blobs=blobs, dest=dest, options=options, limits=limits, reporter=reporter
         )

@@ -110,7 +110,7 @@ class TopDown:
     (:func:`compression.open_decompressed`'s ``hash_into``); ``hasher`` is
     None for a layer in ``known``, whose scan (from the scan cache) is used
     instead of its headers. ``sizes``: the most each layer may inflate to (the
-    disk was sized for it, :func:`build.onepass.one_pass_sizes`); a layer that
+    disk was sized for it, :func:`build.oneplan.one_pass_sizes`); a layer that
     inflates past it stops the pass at once, so a decompression bomb fills
     neither the disk nor the data dir's filesystem. ``stated(i)``, if given,
     is the least layer ``i`` inflates to as its whole blob says (a gzip
