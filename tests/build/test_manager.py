@@ -346,8 +346,9 @@ def test_image_json_shape(manager: ImageManager, busybox_ref: PushedImage) -> No
     assert set(doc) == {
         "name", "digest", "status", "queue_position", "error", "size_bytes", "entrypoint",
         "cmd", "env", "working_dir", "user", "created_at", "tags", "platform", "local_names",
-        "format",
+        "format", "source",
     }  # fmt: skip
+    assert doc["source"] == {"kind": "build", "repository": None, "artifact": None}
     assert isinstance(manager.get(busybox_ref.ref), Image)
 
 
