@@ -28,7 +28,7 @@ from support.images import Image, make_image, make_layer, push_image
 from support.oracle import apply_layers
 from support.registry import RegistryServer
 from support.tar import TarEntry, directory, file, hardlink, opaque, raw, symlink, whiteout
-from test_erofs import cli_pull, pull_erofs
+from test_erofs_builds import cli_pull, pull_erofs
 
 from hypeman_images.build.manager import ImageManager
 from hypeman_images.build.options import BuildOptions
