@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -181,22 +179,7 @@ def test_unprivileged_pull_keeps_owners(
     real_image: PushedImage, tmp_path: Path, unprivileged_user: UnprivilegedUser
 ) -> None:
     pushed = real_image
-    if not unprivileged_user.needs_switch:
-        pytest.skip("already unprivileged: every other test covers this case")
-    if unprivileged_user.run([CLI, "--version"], capture_output=True).returncode != 0:
-        pytest.skip(f"nobody cannot run {CLI}: a parent of the checkout is not searchable")
-    # Not under pytest's base temp dir: a pytest session starting meanwhile (as the
-    # same user) takes the search permission own() gives its parents away again.
-    with tempfile.TemporaryDirectory(prefix="hypeman-nobody-") as scratch:
-        data_dir = Path(scratch) / "data"
-        data_dir.mkdir()
-        unprivileged_user.own(data_dir)
-        result = unprivileged_user.run(
-            [CLI, "pull", "--format", "erofs", "--data-dir", str(data_dir), pushed.ref],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "HOME": str(data_dir)},
-        )
+    with unprivileged_user.cli_pull(CLI, "--format", "erofs", pushed.ref) as result:
         assert result.returncode == 0, result.stderr
         disk = Path(result.stdout.strip())
         assert disk.stat().st_uid == 65534

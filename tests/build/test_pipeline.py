@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -399,23 +398,7 @@ def test_tag_moves_onto_an_already_ready_digest(
 def test_unprivileged_pull_keeps_owners(
     alpine_ref: PushedImage, unprivileged_user: UnprivilegedUser
 ) -> None:
-    if not unprivileged_user.needs_switch:
-        pytest.skip("already unprivileged: every other test covers this case")
-    if unprivileged_user.run([CLI, "--version"], capture_output=True).returncode != 0:
-        pytest.skip(f"nobody cannot run {CLI}: a parent of the checkout is not searchable")
-    # Not under pytest's base temp dir: a pytest session starting meanwhile (as the
-    # same user) takes the search permission own() gives its parents away again.
-    with tempfile.TemporaryDirectory(prefix="hypeman-nobody-") as scratch:
-        data_dir = Path(scratch) / "data"
-        data_dir.mkdir()
-        unprivileged_user.own(data_dir)
-        env = {**os.environ, "HOME": str(data_dir)}
-        result = unprivileged_user.run(
-            [CLI, "pull", "--data-dir", str(data_dir), alpine_ref.ref],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
+    with unprivileged_user.cli_pull(CLI, alpine_ref.ref) as result:
         assert result.returncode == 0, result.stderr
         disk = Path(result.stdout.strip())
         assert disk.stat().st_uid == 65534

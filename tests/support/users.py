@@ -10,10 +10,14 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+import pytest
 
 R = TypeVar("R")
 
@@ -52,6 +56,31 @@ class UnprivilegedUser:
                 for name in [*dirs, *files]:
                     os.lchown(os.path.join(root, name), self.uid, self.gid)
             os.lchown(path, self.uid, self.gid)
+
+    @contextmanager
+    def cli_pull(self, cli: str, *args: str) -> Iterator[subprocess.CompletedProcess[str]]:
+        """``cli pull --data-dir D *args`` as this user, D its own; D lives while the body runs.
+
+        Skips the test when it would prove nothing (already unprivileged) or
+        cannot run (``cli`` not reachable by this user). D is not under
+        pytest's base temp dir: a pytest session starting meanwhile (as the
+        same user) takes the search permission :meth:`own` gives its parents
+        away again.
+        """
+        if not self.needs_switch:
+            pytest.skip("already unprivileged: every other test covers this case")
+        if self.run([cli, "--version"], capture_output=True).returncode != 0:
+            pytest.skip(f"nobody cannot run {cli}: a parent of the checkout is not searchable")
+        with tempfile.TemporaryDirectory(prefix="hypeman-nobody-") as scratch:
+            data_dir = Path(scratch) / "data"
+            data_dir.mkdir()
+            self.own(data_dir)
+            yield self.run(
+                [cli, "pull", "--data-dir", str(data_dir), *args],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "HOME": str(data_dir)},
+            )
 
     def call(self, fn: Callable[..., R], *args: Any) -> R:
         """Run ``fn(*args)`` in a forked child with this user's ids; return its result.
