@@ -39,6 +39,7 @@ import httpx
 from hypeman_images.errors import (
     HypemanError,
     NotFound,
+    RegistryError,
     TransientError,
 )
 from hypeman_images.oci.digest import Digest
@@ -368,6 +369,7 @@ class RegistryClient:
         headers: Mapping[str, str] | None = None,
         content: bytes | None = None,
         expect: Collection[int] = (),
+        retry_codes: Collection[str] = (),
     ) -> httpx.Response:
         """One request to ``ref``'s registry itself (never a mirror), authorised for ``scope``.
 
@@ -376,7 +378,9 @@ class RegistryClient:
         ``Location``). A 2xx answer, or one whose status is in ``expect``, is
         returned open (the caller closes it); anything else raises as every
         request of this client does, transient failures retried (``content`` is
-        bytes, so a retry sends it whole again).
+        bytes, so a retry sends it whole again). An answer carrying one of
+        ``retry_codes`` (distribution-spec error codes) is retried as a
+        transient failure too: for this request it can be a race, not a verdict.
         """
         endpoint = Endpoint(ref.registry, ref.api_host)
         auth = RegistryAuth(
@@ -400,7 +404,10 @@ class RegistryClient:
             if response.status_code in (401, 403):
                 response.close()
                 raise auth.refused()
-            raise error_for(response, host=endpoint.registry, subject=subject)
+            error = error_for(response, host=endpoint.registry, subject=subject)
+            if isinstance(error, RegistryError) and set(retry_codes) & set(error.codes):
+                raise TransientError(error.detail, error.status, error.codes) from error
+            raise error
 
         return retrying(attempt, self.config)
 

@@ -17,8 +17,6 @@ index of its own to maintain.
 from __future__ import annotations
 
 import logging
-import random
-import time
 from dataclasses import dataclass
 
 import httpx
@@ -32,9 +30,9 @@ from hypeman_images.registry.client import RegistryClient
 log = logging.getLogger(__name__)
 
 OCTET_STREAM = "application/octet-stream"
-MANIFEST_PUT_ATTEMPTS = 4
 # Error codes (distribution-spec "Error Codes") of a manifest whose blobs the
-# registry could not find: after a race with another writer, worth another PUT.
+# registry could not find: after a race with another writer, worth another PUT
+# (retried as the client retries a 5xx).
 _BLOB_UNKNOWN = frozenset({"MANIFEST_BLOB_UNKNOWN", "BLOB_UNKNOWN"})
 
 
@@ -105,27 +103,20 @@ def put_manifest(
     (``Docker-Content-Digest``), when it reports one, must be theirs.
     """
     digest = Digest.of(data)
-    for attempt in range(1, MANIFEST_PUT_ATTEMPTS + 1):
-        try:
-            response = client.request(
-                "PUT",
-                repo,
-                f"/v2/{repo.repository}/manifests/{reference}",
-                scope=push_scope(repo.repository),
-                subject=f"manifest {repo.name}:{reference}",
-                headers={"Content-Type": media_type},
-                content=data,
-            )
-            break
-        except RegistryError as exc:
-            # distribution 2.8 rewrites a blob's repository link in place when
-            # another client commits the same blob: a manifest checked in that
-            # instant meets an empty link and is refused as naming an unknown
-            # blob (tests/system/test_fleet.py, two hosts pushing one disk).
-            if attempt == MANIFEST_PUT_ATTEMPTS or not _BLOB_UNKNOWN.intersection(exc.codes):
-                raise
-            log.info("%s:%s: %s; putting it again", repo.name, reference, exc.message)
-            time.sleep(random.uniform(0.05, 0.2 * attempt))
+    response = client.request(
+        "PUT",
+        repo,
+        f"/v2/{repo.repository}/manifests/{reference}",
+        scope=push_scope(repo.repository),
+        subject=f"manifest {repo.name}:{reference}",
+        headers={"Content-Type": media_type},
+        content=data,
+        # distribution 2.8 rewrites a blob's repository link in place when
+        # another client commits the same blob: a manifest checked in that
+        # instant meets an empty link and is refused as naming an unknown blob
+        # (tests/system/test_fleet.py, two hosts pushing one disk).
+        retry_codes=_BLOB_UNKNOWN,
+    )
     response.close()
     _check_digest_header(response, digest, repo, f"manifest {reference}")
     indexed = response.headers.get("OCI-Subject")
