@@ -29,7 +29,6 @@ mmdebstrap (the first time, to make the layers), e2fsprogs >= 1.47.1.
 
 from __future__ import annotations
 
-import argparse
 import compileall
 import json
 import sys
@@ -156,18 +155,10 @@ def report(results: list[FleetResult], dropped: bool, runs: int) -> str:
 
 def main() -> int:
     """Parse the arguments, run the benchmark, print the report."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="minbase only, 1 run (CI smoke)")
-    parser.add_argument("--runs", type=int, default=3, help="runs per way and image")
-    parser.add_argument(
-        "--images", default="minbase,python,large", help=f"comma list of {','.join(layers.IMAGES)}"
-    )
-    parser.add_argument("--work", type=Path, default=Path("/var/tmp"), help="scratch parent dir")
-    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser = pipeline.bench_parser(__doc__.split("\n\n")[0], "way")
     parser.add_argument("--link-rate", metavar="RATE", help="limit the loopback (tc's units)")
     args = parser.parse_args()
-    names = ["minbase"] if args.quick else args.images.split(",")
-    runs = 1 if args.quick else args.runs
+    names, runs = pipeline.chosen(args)
     compileall.compile_dir(ROOT / "src", quiet=1)
     dropped = measure.drop_caches()
     images = {name: layers.image_layers(layers.IMAGES[name]) for name in names}

@@ -553,16 +553,28 @@ def _kernel() -> str:
     return f"Linux {os.uname().release}"
 
 
-def main() -> int:
-    """Parse the arguments, run the benchmark, print the report."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def bench_parser(description: str, per: str) -> argparse.ArgumentParser:
+    """The flags every image benchmark takes: which images, how many runs ``per`` way, where."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="minbase only, 1 run (CI smoke)")
-    parser.add_argument("--runs", type=int, default=3, help="runs per pipeline and image")
+    parser.add_argument("--runs", type=int, default=3, help=f"runs per {per} and image")
     parser.add_argument(
         "--images", default="minbase,python,large", help=f"comma list of {','.join(layers.IMAGES)}"
     )
     parser.add_argument("--work", type=Path, default=Path("/var/tmp"), help="scratch parent dir")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    return parser
+
+
+def chosen(args: argparse.Namespace) -> tuple[list[str], int]:
+    """The image names and the runs per way that :func:`bench_parser`'s flags ask for."""
+    names = ["minbase"] if args.quick else args.images.split(",")
+    return names, 1 if args.quick else args.runs
+
+
+def main() -> int:
+    """Parse the arguments, run the benchmark, print the report."""
+    parser = bench_parser(__doc__.split("\n\n")[0], "pipeline")
     parser.add_argument(
         "--link-rate",
         metavar="RATE",
@@ -582,8 +594,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     how = Ours(disk_digest=not args.no_disk_digest)
-    names = ["minbase"] if args.quick else args.images.split(",")
-    runs = 1 if args.quick else args.runs
+    names, runs = chosen(args)
     compileall.compile_dir(ROOT / "src", quiet=1)
     dropped = measure.drop_caches()
     if not dropped:
