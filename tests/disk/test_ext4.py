@@ -16,6 +16,7 @@ import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -26,7 +27,7 @@ from support import tar as t
 from support.images import IMAGES_DIR
 
 from hypeman_images.disk.debugfs import quote
-from hypeman_images.disk.e2fsprogs import TOOLS_FILE, E2fsprogs, find_e2fsprogs
+from hypeman_images.disk.e2fsprogs import TOOLS_FILE, E2fsprogs, find_e2fsprogs, warm_e2fsprogs
 from hypeman_images.disk.mke2fs import DiskResult, build_disk
 from hypeman_images.disk.sizing import BLOCK_SIZE, SizeInputs, plan_disk
 from hypeman_images.errors import StorageError, ToolError
@@ -197,6 +198,23 @@ def test_an_unchanged_mke2fs_is_probed_once_a_replaced_one_again(tmp_path: Path)
     replacement.rename(wrapper)
     assert find_e2fsprogs(wrapper) is not first
     assert len(runs.read_text().splitlines()) == 2 * probes
+
+
+def test_callers_at_once_share_one_probe_and_a_warm_up_serves_the_next(tmp_path: Path) -> None:
+    wrapper, runs = _counted_mke2fs(tmp_path)
+    with ThreadPoolExecutor(4) as pool:
+        found = list(pool.map(lambda _: find_e2fsprogs(wrapper), range(4)))
+    assert all(f is found[0] for f in found)
+    probes = len(runs.read_text().splitlines())
+    assert probes == 2  # mke2fs -V and the tar probe, once for the four callers
+    # A warm-up started ahead (a disk-cache pull, while it resolves) probes a new
+    # installation once; the call that needs the answer waits for it.
+    other = tmp_path / "other"
+    other.mkdir()
+    wrapper2, runs2 = _counted_mke2fs(other)
+    warm_e2fsprogs(wrapper2)
+    assert find_e2fsprogs(wrapper2).tar_input
+    assert len(runs2.read_text().splitlines()) == 2
 
 
 def test_the_probe_is_kept_for_the_next_process(tmp_path: Path) -> None:

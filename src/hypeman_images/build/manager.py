@@ -46,6 +46,7 @@ from hypeman_images.build.request import ImageRequest, image_request, labels_mat
 from hypeman_images.build.resolving import SharedResolver
 from hypeman_images.build.tagging import tag_image
 from hypeman_images.build.worker import Builder, BuildWorker
+from hypeman_images.disk.e2fsprogs import TOOLS_FILE, warm_e2fsprogs
 from hypeman_images.errors import Conflict, HypemanError, InvalidArgument
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
@@ -377,6 +378,9 @@ class ImageManager:
         client = self.client
         if request.credential is not None:
             client = client.borrowing(ref.registry, request.credential)
+        if options.disk_cache is not None and options.disk_cache.looks and fmt is DiskFormat.EXT4:
+            # The disk cache's lookup names the e2fsprogs release: probed while resolving.
+            warm_e2fsprogs(options.mke2fs or "mke2fs", remember=self.blobs.root / TOOLS_FILE)
         resolved = self._resolver.resolve(ref, options.platform, client, request.fingerprint)
         digest = resolved.digest
         key = BuildKey(ref.name, digest, fmt)

@@ -153,6 +153,9 @@ def _probe_tar_input(mke2fs: Path, env: Mapping[str, str]) -> str | None:
 # tar is never remembered (installing libarchive fixes it without a restart).
 _found: dict[tuple[object, ...], E2fsprogs] = {}
 _found_lock = threading.Lock()
+# One probe per installation at a time: a second caller waits for the first's
+# answer instead of running mke2fs twice (warm_e2fsprogs starts one early).
+_probing: dict[tuple[object, ...], threading.Lock] = {}
 
 
 def find_e2fsprogs(
@@ -183,22 +186,44 @@ def find_e2fsprogs(
         os.environ.get("PATH", ""),
     )
     with _found_lock:
-        known = _found.get(key)
-    if known is None and remember is not None:
-        known = _recall(remember, key, mke2fs_path, extra)
-    if known is not None:
+        probing = _probing.setdefault(key, threading.Lock())
+    with probing:
         with _found_lock:
-            _found[key] = known
-        if remember is not None and not remember.exists():
-            _keep(remember, key, known)  # a data dir new to this process gets it too
-        return known
-    tools = _probe(mke2fs_path, extra)
-    if tools.tar_input:
-        with _found_lock:
-            _found[key] = tools
-        if remember is not None:
-            _keep(remember, key, tools)
-    return tools
+            known = _found.get(key)
+        if known is None and remember is not None:
+            known = _recall(remember, key, mke2fs_path, extra)
+        if known is not None:
+            with _found_lock:
+                _found[key] = known
+            if remember is not None and not remember.exists():
+                _keep(remember, key, known)  # a data dir new to this process gets it too
+            return known
+        tools = _probe(mke2fs_path, extra)
+        if tools.tar_input:
+            with _found_lock:
+                _found[key] = tools
+            if remember is not None:
+                _keep(remember, key, tools)
+        return tools
+
+
+def warm_e2fsprogs(mke2fs: str | Path = "mke2fs", *, remember: Path | None = None) -> None:
+    """Start :func:`find_e2fsprogs` on a thread of its own, for a caller that will need it.
+
+    A pull that may take its disk from the disk cache needs the e2fsprogs
+    release before its lookup; probed beside the image's resolving, the
+    lookup does not wait for two runs of mke2fs. Errors are left to the real
+    call, which probes again (and reports them). The thread is not a daemon:
+    a process that ends meanwhile waits for the probe to clean up after itself.
+    """
+
+    def probe() -> None:
+        try:
+            find_e2fsprogs(mke2fs, remember=remember)
+        except (ToolError, StorageError, OSError) as exc:
+            log.debug("e2fsprogs probe ahead of the pull: %s", exc)
+
+    threading.Thread(target=probe, name="e2fsprogs-probe").start()
 
 
 def _key_text(key: tuple[object, ...]) -> str:
