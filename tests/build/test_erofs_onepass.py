@@ -191,3 +191,32 @@ def test_the_cli_two_pass_flag_gives_the_same_disk(
     assert docs[0]["disk_sha256"] == docs[1]["disk_sha256"]
     disk = Path(docs[0]["disk"])
     assert docs[0]["disk_sha256"] == "sha256:" + hashlib.sha256(disk.read_bytes()).hexdigest()
+
+
+def test_the_recorded_sha256_is_the_disks_either_way(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """The hash starts on the image's head while the metadata is written (docs/design.md,
+    "EROFS disks"): here metadata over many blocks, after a data area that ends with a
+    chunked sparse file. ``pull_erofs`` compares each recorded digest with the file's."""
+    hole = 3 << 20
+    runs = ((0, _noise(10, 60 << 10)), (hole, _noise(11, 60 << 10)))
+    dirs = [directory(f"d{i:03d}", mtime=T + i) for i in range(400)]
+    files = [file(f"d{i:03d}/f", _noise(i, i * 37), mtime=T) for i in range(400)]
+    layers = [  # the bottom layer's files go last in the data area (files_top_first)
+        [
+            file("z/noise", _noise(12, 1 << 20), mtime=T),  # 32x its gzip covers the 4 MiB below
+            raw(sparse.member("z/sparse", "pax-1.0", runs=runs, size=hole + (1 << 20))),
+        ],
+        [*dirs, *files],
+    ]
+    image = make_image([make_layer(layer) for layer in layers])
+    push_image(registry.url, "erofs/hashed", "v1", image)
+    ref = f"{registry.host}/erofs/hashed:v1"
+    one, stats = pull_erofs(tmp_path / "one", ref)
+    two, _ = pull_erofs(tmp_path / "two", ref, one_pass=False)
+    assert "one_pass_s" in stats.stages
+    assert one.record.disk_sha256 == two.record.disk_sha256
+    assert one.disk.read_bytes() == two.disk.read_bytes()
+    expected = kept_xattrs(apply_layers([layer.tar for layer in image.layers]))  # type: ignore[arg-type]
+    assert compare_trees(expected, read_erofs_tree(one.disk)) == []

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from support.erofs_check import IS_ROOT, SEED, Item, check_image, fsck, mounted, write
 from support.erofs_reader import read_image, read_range
 
-from hypeman_images.disk.erofs import Entry, Kind
+from hypeman_images.disk.erofs import Entry, ErofsResult, ErofsWriter, Kind
 from hypeman_images.oci.digest import Digest
 
 ROOT = Entry(b"", Kind.DIR, mode=0o755, mtime=1_700_000_000)
@@ -349,3 +351,46 @@ def test_a_reused_output_file_is_rewritten_whole(tmp_path: Path) -> None:
     s = read.tree[b"/s"]
     assert read_range(img, s, 0, 1 << 20) == b"a" + bytes((1 << 20) - 1)
     assert read_range(img, s, 3 << 30, 1 << 20) == b"z" + bytes((1 << 20) - 1)
+
+
+def _write_with_head(img: Path, on_head: Callable[[int], None] | None) -> ErofsResult:
+    """Many directories (metadata over several blocks) and, placed last, a chunked file
+    whose last chunk ends in zeros: the data area ends in a hole."""
+    size = 5 << 30
+    middle = random.Random(1).randbytes(10_000)
+    sparse = Entry(
+        b"z/sparse", Kind.FILE, size=size, mtime=T, sparse=((0, 4), (3 << 30, 10_000), (size, 0))
+    )
+    with open(img, "wb+") as out:
+        writer = ErofsWriter(out, SEED)
+        writer.add(ROOT)
+        writer.add(Entry(b"big", Kind.DIR, mode=0o755, mtime=T))
+        for i in range(1500):
+            data = random.Random(i).randbytes(i * 7 % 9000)
+            writer.add(Entry(b"big/entry-%04d" % i, Kind.FILE, size=len(data), mtime=T), [data])
+        for i in range(300):
+            writer.add(Entry(b"d%03d" % i, Kind.DIR, mode=0o700, mtime=T + i))
+        writer.add(Entry(b"z", Kind.DIR, mode=0o755, mtime=T))
+        writer.add(sparse, iter([b"head", middle]))
+        return writer.finish(on_head=on_head)
+
+
+def test_the_head_is_final_before_the_metadata_is_written(tmp_path: Path) -> None:
+    """``finish(on_head=)``: block 0 and the data area are in the file, whole and final,
+    before anything after them is written; the build hashes them meanwhile (disk/filehash.py)."""
+    img = tmp_path / "head.img"
+    seen: list[tuple[int, int, bytes]] = []
+
+    def on_head(n: int) -> None:
+        with open(img, "rb") as f:  # another reader, as the hashing thread is
+            seen.append((n, os.fstat(f.fileno()).st_size, f.read(n)))
+
+    result = _write_with_head(img, on_head)
+    [(n, size_then, head)] = seen
+    image = img.read_bytes()
+    assert size_then == n and n % 4096 == 0  # nothing past the head yet; its hole has a length
+    assert head == image[:n] and head[1024:1028] == (0xE0F5E1E2).to_bytes(4, "little")
+    assert result.size == len(image) and result.blocks - n // 4096 >= 8  # the metadata after
+    fsck(img)
+    _write_with_head(tmp_path / "plain.img", None)
+    assert (tmp_path / "plain.img").read_bytes() == image

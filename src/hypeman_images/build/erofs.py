@@ -25,6 +25,7 @@ them, and sparse files with their holes left as holes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -34,6 +35,7 @@ from typing import BinaryIO
 from hypeman_images import __version__
 from hypeman_images.build.stream import DiskInfo
 from hypeman_images.disk.erofs import Body, Entry, ErofsResult, Kind, write_erofs
+from hypeman_images.disk.filehash import FileHash
 from hypeman_images.disk.fsck_erofs import check_and_hash, find_fsck_erofs
 from hypeman_images.disk.publish import commit, temp_disk
 from hypeman_images.errors import ToolError
@@ -216,9 +218,10 @@ class Progress:
                 self.add(entry.size)
 
 
-# Writes the image to the open temp file and returns what the writer made; may
-# add to the timings.
-WriteImage = Callable[[BinaryIO, dict[str, float]], ErofsResult]
+# Writes the image to the open temp file and returns what the writer made,
+# passing the third argument (None when no sha256 is asked for) to
+# ErofsWriter.finish as ``on_head``; may add to the timings.
+WriteImage = Callable[[BinaryIO, dict[str, float], Callable[[int], None] | None], ErofsResult]
 
 
 def publish_erofs(
@@ -226,19 +229,25 @@ def publish_erofs(
 ) -> DiskInfo:
     """``write`` the image to a temp file beside ``dest``, check it, hash it, rename it.
 
-    Raises what ``write`` raises, :class:`ToolError` when ``fsck.erofs`` finds
-    the new disk unclean, and :class:`~hypeman_images.errors.StorageError`;
-    the temp disk is removed then.
+    The sha256 starts on the image's head while the writer writes the
+    metadata (:class:`~hypeman_images.disk.filehash.FileHash`), and ends
+    beside ``fsck.erofs``. Raises what ``write`` raises, :class:`ToolError`
+    when ``fsck.erofs`` finds the new disk unclean, and
+    :class:`~hypeman_images.errors.StorageError`; the hashing thread is
+    stopped and the temp disk removed then.
     """
     timings: dict[str, float] = {}
     tool = find_fsck_erofs()
     if tool is None:
         log.info("fsck.erofs not found (erofs-utils): the new EROFS disk is not checked")
-    with temp_disk(dest) as tmp:
+    with (
+        temp_disk(dest) as tmp,
+        FileHash(tmp) if compute_sha256 else contextlib.nullcontext() as hashing,
+    ):
         with tmp.open("r+b") as out:
-            result = write(out, timings)
+            result = write(out, timings, hashing.grow if hashing is not None else None)
         t0 = time.monotonic()
-        digest, findings = check_and_hash(tool, tmp, compute_sha256=compute_sha256)
+        digest, findings = check_and_hash(tool, tmp, compute_sha256=compute_sha256, hashing=hashing)
         if findings is not None:
             raise ToolError(f"fsck.erofs found problems in the new disk {findings}")
         commit(tmp, dest)
@@ -273,10 +282,13 @@ def build_erofs(
     """
     total = tree.stats.regular_bytes
 
-    def write(out: BinaryIO, timings: dict[str, float]) -> ErofsResult:
+    def write(
+        out: BinaryIO, timings: dict[str, float], on_head: Callable[[int], None] | None
+    ) -> ErofsResult:
         t0 = time.monotonic()
         progress = Progress(out, lambda: total, report)
-        result = write_erofs(progress.bodies(erofs_entries(tree, open_layer, limits)), out, seed)
+        entries = progress.bodies(erofs_entries(tree, open_layer, limits))
+        result = write_erofs(entries, out, seed, on_head=on_head)
         timings["erofs_s"] = time.monotonic() - t0
         return result
 

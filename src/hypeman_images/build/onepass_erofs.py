@@ -5,14 +5,15 @@ read top first as they download, each inflated once -- into
 :class:`ErofsBodies`: each surviving body goes into the image's data area as
 it inflates, in large sequential writes (:meth:`ErofsWriter.place`), and
 where it went is kept by (layer, ordinal). EROFS allows it: nothing points
-at a body but its inode, and the superblock, written last, says where the
-inodes and xattrs are (``Documentation/filesystems/erofs.rst``, "On-disk
-details"); the writer puts them after the data. Once the stream is over and
-the pull has verified every blob, the merge plans the tree from the scans
-the pass made, :meth:`TopDown.check` proves the stream made that very tree,
-and the writer adds the merge's inodes, directories and xattrs in the
-two-pass order (:func:`build.erofs.tree_entries`), each regular file with the
-body placed for it.
+at a body but its inode, and the superblock, written once the tree is laid
+out, says where the inodes and xattrs are
+(``Documentation/filesystems/erofs.rst``, "On-disk details"); the writer
+puts them after the data. Once the stream is over and the pull has verified
+every blob, the merge plans the tree from the scans the pass made,
+:meth:`TopDown.check` proves the stream made that very tree, and the writer
+adds the merge's inodes, directories and xattrs in the two-pass order
+(:func:`build.erofs.tree_entries`), each regular file with the body placed
+for it.
 
 **The same bytes as the two passes.** Both lay the data out top layer first,
 each layer's files in tar order (:func:`build.erofs.files_top_first`), and
@@ -93,7 +94,9 @@ def build_erofs_one_pass(
     raise.
     """
 
-    def write(out: BinaryIO, timings: dict[str, float]) -> ErofsResult:
+    def write(
+        out: BinaryIO, timings: dict[str, float], on_head: Callable[[int], None] | None
+    ) -> ErofsResult:
         t0 = time.monotonic()
         writer = ErofsWriter(out, seed)
         try:
@@ -103,7 +106,7 @@ def build_erofs_one_pass(
             t0 = time.monotonic()
             _add_tree(writer, tree, bodies.placed)
             del tree, bodies
-            result = writer.finish()
+            result = writer.finish(on_head=on_head)
         except ErofsInputError as exc:
             raise Speculation(f"the EROFS writer refuses the tree: {exc}") from exc
         except BaseException:

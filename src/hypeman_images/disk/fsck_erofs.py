@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from hypeman_images.disk.filehash import FileHash
 from hypeman_images.errors import ToolError
 from hypeman_images.oci.digest import Digest
 
@@ -82,14 +83,26 @@ def sha256_of(path: Path) -> Digest:
 
 
 def check_and_hash(
-    tool: FsckErofs | None, image: Path, *, compute_sha256: bool
+    tool: FsckErofs | None,
+    image: Path,
+    *,
+    compute_sha256: bool,
+    hashing: FileHash | None = None,
 ) -> tuple[Digest | None, str | None]:
     """The sha256 of ``image`` (if asked) and :func:`fsck_findings` (if ``tool``),
-    side by side on two cores; the caller judges the findings."""
+    side by side on two cores; the caller judges the findings.
+
+    ``hashing``: a hash of ``image`` already under way (the build's, started on
+    the image's head while its writer finished it): it is finished over the
+    rest of the file, instead of reading the whole file again.
+    """
     with ThreadPoolExecutor(1, thread_name_prefix="fsck.erofs") as pool:
         checked = pool.submit(fsck_findings, tool, image) if tool is not None else None
         try:
-            digest = sha256_of(image) if compute_sha256 else None
+            if hashing is not None:
+                digest: Digest | None = hashing.digest()
+            else:
+                digest = sha256_of(image) if compute_sha256 else None
         finally:
             findings = checked.result() if checked is not None else None
     return digest, findings

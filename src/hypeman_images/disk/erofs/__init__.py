@@ -13,7 +13,7 @@ of a build) and ``writer``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
 from hypeman_images.disk.erofs.data import Body
@@ -35,10 +35,17 @@ __all__ = [
 
 
 def write_erofs(
-    entries: Iterable[tuple[Entry, Body | None]], out: BinaryIO, seed: Digest
+    entries: Iterable[tuple[Entry, Body | None]],
+    out: BinaryIO,
+    seed: Digest,
+    *,
+    on_head: Callable[[int], None] | None = None,
 ) -> ErofsResult:
-    """Write the image of ``entries`` (each with its body or ``None``) to ``out``."""
+    """Write the image of ``entries`` (each with its body or ``None``) to ``out``.
+
+    ``on_head``: as for :meth:`ErofsWriter.finish`.
+    """
     writer = ErofsWriter(out, seed)
     for entry, body in entries:
         writer.add(entry, body)
-    return writer.finish()
+    return writer.finish(on_head=on_head)

@@ -86,11 +86,26 @@ class DataArea:
         """Zero-fill to the next block boundary."""
         self.zeros(-self.pos % BLOCK_SIZE)
 
+    def write_at(self, pos: int, data: bytes) -> None:
+        """Write ``data`` at ``pos``, before the area's start (the superblock's block).
+
+        On the writing thread like every other write, so that only that thread
+        moves the file's position while it runs.
+        """
+        self._submit(pos, data)
+
     def flush(self) -> None:
-        """Write out what is gathered and wait until every write is done."""
+        """Write out what is gathered, wait until every write is done, flush ``out``.
+
+        The bytes are then in the file, where another reader of it sees them.
+        """
         self._hand_off()
         while self._writes:
             self._wait_one()
+        try:
+            self._out.flush()
+        except OSError as exc:
+            raise StorageError(f"erofs: cannot write the image: {exc}") from exc
 
     def close(self) -> None:
         """End the writing thread (after :meth:`flush`, or to abandon the image)."""

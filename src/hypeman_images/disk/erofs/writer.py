@@ -3,11 +3,18 @@
 Layout of the image (``Documentation/filesystems/erofs.rst``, "On-disk
 details"), all in 4 KiB blocks::
 
-    block 0      the superblock at byte 1024 (written last, with its checksum)
+    block 0      the superblock at byte 1024 (with its checksum)
     data area    file bodies in the order they were added (see ``data``)
     outside      directory blocks and long symlink targets (see ``metadata``)
     xattr area   shared xattrs; ``xattr_blkaddr`` points here
     meta area    inode records; ``meta_blkaddr`` points here, nid = offset / 32
+
+The data area is written as the bodies come; :meth:`ErofsWriter.finish`
+lays out the rest (pure arithmetic), which fixes every superblock field, and
+writes block 0 before the metadata: the image's head (block 0 and the data
+area) is then final while the outside blocks, xattrs and inodes are still to
+write, and a hash of the image can start on it (``on_head``; the build's
+sha256 does, docs/design.md, "EROFS disks").
 
 Same entries, same bodies, same seed: byte-identical image. The UUID comes
 from the seed; ``build_time`` is the image's most common mtime
@@ -72,7 +79,6 @@ from hypeman_images.disk.erofs.model import (
     split_path,
 )
 from hypeman_images.disk.erofs.xattrs import Stored, stored, worst_ibody_size
-from hypeman_images.errors import StorageError
 from hypeman_images.oci.digest import Digest
 
 _UUID_NAMESPACE = uuid.UUID("6f1d3b1e-8c43-5a4e-9a4f-6879706d616e")
@@ -113,12 +119,12 @@ class ErofsWriter:
 
     :meth:`add` each entry, parents before children, the root (``b""``) first;
     a regular file's body streams straight into the data area. :meth:`finish`
-    lays out and writes the metadata, then the superblock. Small file tails
-    wait in memory to go inline, up to ``inline_budget`` bytes in all; past
-    that they take a block of their own (still deterministic: it depends on
-    the entries alone). Raises :class:`ErofsInputError` for input the format
-    cannot hold, :class:`StorageError` when the output cannot be written;
-    nothing is written outside ``out``.
+    lays out the metadata, writes the superblock, then the metadata. Small
+    file tails wait in memory to go inline, up to ``inline_budget`` bytes in
+    all; past that they take a block of their own (still deterministic: it
+    depends on the entries alone). Raises :class:`ErofsInputError` for input
+    the format cannot hold, :class:`StorageError` when the output cannot be
+    written; nothing is written outside ``out``.
     """
 
     def __init__(
@@ -263,17 +269,24 @@ class ErofsWriter:
         self._done = True
         self._area.close()
 
-    def finish(self) -> ErofsResult:
-        """Write directories, xattrs, inodes and the superblock; the image is complete."""
+    def finish(self, *, on_head: Callable[[int], None] | None = None) -> ErofsResult:
+        """Write the superblock, directories, xattrs and inodes; the image is complete.
+
+        ``on_head(n)`` is called before the metadata is written, once the
+        first ``n`` bytes of ``out`` are final: the superblock's block and the
+        data area are in the file (at least ``n`` bytes long, a trailing hole
+        reading as zeros) and are not written again. A hash of the image can
+        start there while the writer goes on (``disk.filehash``).
+        """
         if self._done or not self._nodes:
             raise ErofsInputError("erofs: finish after finish or a failure, or with no root")
         self._done = True
         try:
-            return self._finish()
+            return self._finish(on_head)
         finally:
             self._area.close()
 
-    def _finish(self) -> ErofsResult:
+    def _finish(self, on_head: Callable[[int], None] | None) -> ErofsResult:
         nodes = self._nodes
         build = build_time(nodes)
         shared = share_xattrs(nodes)
@@ -286,12 +299,6 @@ class ErofsWriter:
         check_size(blocks)
         root_nid = nodes[0].nid
         assert root_nid <= U16_MAX
-        write_outside_blocks(nodes, area)
-        area.write(shared.area)
-        area.pad_block()
-        assert area.block == meta_blkaddr
-        area.write(meta_area(nodes, build, shared, meta_blocks))
-        area.flush()
         fs_uuid = uuid.uuid5(_UUID_NAMESPACE, f"erofs-uuid:{self._seed}")
         sb = pack_super(
             root_nid=root_nid,
@@ -304,21 +311,32 @@ class ErofsWriter:
             uuid=fs_uuid.bytes,
             feature_incompat=INCOMPAT_CHUNKED_FILE if self._chunked else 0,
         )
-        self._write_super(sb)
+        # The layout alone fixes the superblock, so block 0 goes first: with the
+        # data area before it, the image's head is final while the metadata is
+        # still to write (docs/design.md, "EROFS disks").
+        area.write_at(0, _super_block(sb))
+        if on_head is not None:
+            head = area.pos
+            area.flush()
+            truncate(self._out, head)  # the data area may end in a hole, past the file's end
+            on_head(head)
+        write_outside_blocks(nodes, area)
+        area.write(shared.area)
+        area.pad_block()
+        assert area.block == meta_blkaddr
+        area.write(meta_area(nodes, build, shared, meta_blocks))
+        area.flush()
         truncate(self._out, blocks * BLOCK_SIZE)
         return ErofsResult(blocks * BLOCK_SIZE, blocks, len(nodes), fs_uuid, build[0])
 
-    def _write_super(self, sb: bytes) -> None:
-        """Block 0: zeros, the superblock at 1024, its crc32c over the rest of the block."""
-        block = bytearray(BLOCK_SIZE)
-        block[SUPER_OFFSET : SUPER_OFFSET + len(sb)] = sb
-        crc = crc32c_raw(bytes(block[SUPER_OFFSET:]))
-        block[SUPER_OFFSET + 4 : SUPER_OFFSET + 8] = crc.to_bytes(4, "little")
-        try:
-            self._out.seek(0)
-            self._out.write(block)
-        except OSError as exc:
-            raise StorageError(f"erofs: cannot write the superblock: {exc}") from exc
+
+def _super_block(sb: bytes) -> bytes:
+    """Block 0: zeros, the superblock at 1024, its crc32c over the rest of the block."""
+    block = bytearray(BLOCK_SIZE)
+    block[SUPER_OFFSET : SUPER_OFFSET + len(sb)] = sb
+    crc = crc32c_raw(bytes(block[SUPER_OFFSET:]))
+    block[SUPER_OFFSET + 4 : SUPER_OFFSET + 8] = crc.to_bytes(4, "little")
+    return bytes(block)
 
 
 def _attach(node: Node, entry: Entry, placed: Placed, where: str) -> None:
