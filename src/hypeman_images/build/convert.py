@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from hypeman_images.build.erofs import build_erofs
+from hypeman_images.build.observer import PullObserver
 from hypeman_images.build.onepass import OnePass, PullEnd
 from hypeman_images.build.onepass_erofs import build_erofs_one_pass
 from hypeman_images.build.oneplan import one_pass_candidate
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.progress import Reporter
-from hypeman_images.build.pull import PulledImage, PullObserver, ResolvedImage, fetch_config
+from hypeman_images.build.pull import PulledImage, ResolvedImage, fetch_config
 from hypeman_images.build.stream import DiskInfo, counted, disk_info, open_layer, size_inputs
 from hypeman_images.disk.e2fsprogs import TOOLS_FILE, E2fsprogs, find_e2fsprogs
 from hypeman_images.disk.mke2fs import OutOfRoom, build_disk

@@ -32,17 +32,17 @@ from hypeman_images.errors import (
     TransientError,
     Unauthorized,
 )
-from hypeman_images.fleet.cache import DiskCache
 from hypeman_images.fsutil import storage_error
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import parse_reference
 from hypeman_images.oci.spec import Descriptor
-from hypeman_images.registry.client import RegistryClient
 from hypeman_images.store.blobs import BlobStore
 from hypeman_images.store.images import ImageStatus, StoredImage
 
 if TYPE_CHECKING:
+    from hypeman_images.fleet.cache import DiskCache
     from hypeman_images.fleet.push import PushedDisk
+    from hypeman_images.registry.client import RegistryClient
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from hypeman_images.build.queue import BuildKey, Job
 from hypeman_images.build.records import pending_tags, without_pending_tags
 from hypeman_images.errors import Conflict, HypemanError
 from hypeman_images.fsutil import discard
-from hypeman_images.layers.scancache import ScanCache
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.store.blobs import BlobStore
@@ -44,6 +43,7 @@ from hypeman_images.store.images import (
 
 if TYPE_CHECKING:
     from hypeman_images.disk.verify import Verified
+    from hypeman_images.layers.scancache import ScanCache
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +102,23 @@ def collect_garbage(store: ImageStore, blobs: BlobStore, active: set[BuildKey]) 
     freed += store.sweep()
     result = blobs.gc(keep)
     # After the blobs: a scan whose blob just went goes too.
-    scans_removed, scans_freed = ScanCache.beside(blobs).gc(blobs)
+    scans_removed, scans_freed = _scan_cache(blobs).gc(blobs)
     return GcReport(
         result.blobs_removed,
         result.bytes_freed + freed + scans_freed,
         removed_dirs,
         scans_removed,
     )
+
+
+def _scan_cache(blobs: BlobStore) -> ScanCache:
+    """The layer scans kept beside ``blobs``; only gc and recovery touch them."""
+    # Imported here: list, inspect, rm and tag load this module (through the
+    # manager) but never touch the scans, and the scan code is a sizeable
+    # import (tests/cli/test_cli_startup.py).
+    from hypeman_images.layers.scancache import ScanCache
+
+    return ScanCache.beside(blobs)
 
 
 def _collect_build_dir(store: ImageStore, directory: Path) -> tuple[int, list[ImageRecord] | None]:
@@ -159,7 +169,7 @@ def recover_builds(
     resumed: list[str] = []
     retagged: list[str] = []
     freed = store.sweep() + blobs.sweep_ingest()
-    freed += ScanCache.beside(blobs).sweep()
+    freed += _scan_cache(blobs).sweep()
     quarantine_unreadable(store)
     for stored in sorted(store.scan(), key=lambda s: s.record.created_at):
         try:

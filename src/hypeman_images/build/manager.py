@@ -33,8 +33,7 @@ from hypeman_images.build.metrics import Metrics, QueueGauges
 from hypeman_images.build.options import BuildOptions, DataDir
 from hypeman_images.build.pipeline import BuildStats, build_resolved, initial_record
 from hypeman_images.build.progress import Reporter
-from hypeman_images.build.pull import ResolvedImage
-from hypeman_images.build.queue import BuildKey, BuildQueue, Job, PauseHook
+from hypeman_images.build.queue import DEFAULT_CONCURRENCY, BuildKey, BuildQueue, Job, PauseHook
 from hypeman_images.build.records import (
     find_image,
     ready_image,
@@ -46,13 +45,10 @@ from hypeman_images.build.request import ImageRequest, image_request, labels_mat
 from hypeman_images.build.resolving import SharedResolver
 from hypeman_images.build.tagging import tag_image
 from hypeman_images.build.worker import Builder, BuildWorker
-from hypeman_images.disk.e2fsprogs import TOOLS_FILE, warm_e2fsprogs
 from hypeman_images.errors import Conflict, HypemanError, InvalidArgument
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.oci.spec import Platform
-from hypeman_images.registry.client import RegistryClient
-from hypeman_images.registry.credentials import Credential
 from hypeman_images.store.access import prepare_data_dir
 from hypeman_images.store.blobs import BlobStore
 from hypeman_images.store.formats import DiskFormat
@@ -60,12 +56,21 @@ from hypeman_images.store.housekeeping import idle_lock, settled
 from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, StoredImage
 
 if TYPE_CHECKING:
+    from hypeman_images.build.pull import ResolvedImage
     from hypeman_images.disk.verify import Verified
     from hypeman_images.fleet.push import PushedDisk
+    from hypeman_images.registry.client import RegistryClient
+    from hypeman_images.registry.credentials import Credential
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONCURRENCY = 2
+
+def _default_client() -> RegistryClient:
+    # Imported when first made: it brings httpx, which the commands that only read
+    # the store never need (list, inspect, rm, tag; tests/cli/test_cli_startup.py).
+    from hypeman_images.registry.client import RegistryClient
+
+    return RegistryClient()
 
 
 class ImageManager:
@@ -84,7 +89,7 @@ class ImageManager:
         data_dir: Path,
         *,
         options: BuildOptions | None = None,
-        client_factory: Callable[[], RegistryClient] = RegistryClient,
+        client_factory: Callable[[], RegistryClient] = _default_client,
         concurrency: int = DEFAULT_CONCURRENCY,
         builder: Builder = build_resolved,
         pause: PauseHook | None = None,
@@ -379,7 +384,10 @@ class ImageManager:
         if request.credential is not None:
             client = client.borrowing(ref.registry, request.credential)
         if options.disk_cache is not None and options.disk_cache.looks and fmt is DiskFormat.EXT4:
-            # The disk cache's lookup names the e2fsprogs release: probed while resolving.
+            # The disk cache's lookup names the e2fsprogs release: probed while resolving
+            # (imported here: as for the registry client, only a build needs it).
+            from hypeman_images.disk.e2fsprogs import TOOLS_FILE, warm_e2fsprogs
+
             warm_e2fsprogs(options.mke2fs or "mke2fs", remember=self.blobs.root / TOOLS_FILE)
         resolved = self._resolver.resolve(ref, options.platform, client, request.fingerprint)
         digest = resolved.digest

@@ -22,14 +22,12 @@ from typing import TYPE_CHECKING
 from hypeman_images.build import collector
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.progress import Reporter
-from hypeman_images.build.pull import PulledImage, ResolvedImage, pull
 from hypeman_images.errors import HypemanError, LimitExceeded, StorageError
 from hypeman_images.fsutil import storage_error
 from hypeman_images.layers.limits import Limits, check_layer_count
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
 from hypeman_images.oci.spec import Descriptor
-from hypeman_images.registry.client import RegistryClient
 from hypeman_images.store.blobs import BlobStore
 from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.images import (
@@ -42,7 +40,9 @@ from hypeman_images.store.images import (
 
 if TYPE_CHECKING:
     from hypeman_images.build.convert import Conversion
+    from hypeman_images.build.pull import PulledImage, ResolvedImage
     from hypeman_images.build.stream import DiskInfo
+    from hypeman_images.registry.client import RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +316,11 @@ def _pull_and_convert(
     stats: BuildStats,
 ) -> DiskInfo:
     """The pull, with the conversion beside it; then the disk, from the conversion."""
+    # Imported here: the pull needs the registry client (httpx), which the
+    # commands that only read the store (list, inspect, rm, tag) never load,
+    # though the manager they use imports this module (tests/cli/test_cli_startup.py).
+    from hypeman_images.build.pull import pull
+
     ref = resolved.ref
     reporter.stage("pulling", _shown(ref))
     t0 = time.monotonic()

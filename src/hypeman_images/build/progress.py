@@ -10,7 +10,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, TextIO
 
-from hypeman_images.build.pull import PullObserver
+from hypeman_images.build.observer import PullObserver
 from hypeman_images.oci.digest import Digest
 
 if TYPE_CHECKING:

@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, cast
 
+from hypeman_images.build.observer import PullObserver
 from hypeman_images.errors import DigestMismatch, LayerError, LimitExceeded
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
@@ -44,7 +45,6 @@ from hypeman_images.oci.spec import (
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.registry.manifests import resolve_manifest
 from hypeman_images.store.blobs import BlobStore
-from hypeman_images.store.feeds import LayerFeeds
 
 log = logging.getLogger(__name__)
 
@@ -64,49 +64,6 @@ TAP_QUEUE_CHUNKS = 4
 # and the peak RSS would grow with the number of layers; a layer that finds them
 # all busy downloads untapped and is read back from the cache when one frees.
 TAP_WORKERS = min(DOWNLOAD_WORKERS, max(2, os.cpu_count() or 2))
-
-
-class PullObserver:
-    """What one pull reports, blob by blob, and who reads its layers beside it.
-
-    Every part is optional: each event is a no-op here, and nothing is tapped
-    or followed. The events come from the pull's download threads, several
-    blobs at once.
-
-    ``feeds``: told where each layer's bytes are as they land in the blob
-    cache (:mod:`store.feeds`), for a build that follows the downloads; the
-    layers then download top layer first, :data:`FOLLOWED_DOWNLOAD_WORKERS`
-    at once.
-    """
-
-    feeds: LayerFeeds | None = None
-
-    def start(self, digest: Digest, size: int, cached: bool) -> None:
-        """A blob download begins (or is skipped because ``cached``)."""
-
-    def advance(self, digest: Digest, nbytes: int) -> None:
-        """``nbytes`` more of the blob arrived."""
-
-    def done(self, digest: Digest) -> None:
-        """The blob is verified and in the cache."""
-
-    def wants(self, index: int, layer: Descriptor) -> bool:
-        """Should :meth:`tap` read this layer? Asked once per distinct layer, before its download.
-
-        A cached blob that no tap reads is re-hashed by the pull instead
-        (:func:`_intact`): nothing else may read it whole.
-        """
-        return False
-
-    def tap(self, index: int, layer: Descriptor, stream: BinaryIO) -> None:
-        """Read a wanted layer's compressed bytes, in a thread of its own, while they are pulled.
-
-        ``stream`` ends at the blob's end; reading it fails if the download
-        does. The tap must close it (closing early is fine: the download goes
-        on). Its exceptions are logged, never raised: the pull's own errors are
-        the ones that count.
-        """
-        stream.close()
 
 
 class _ChunkPipe(io.RawIOBase):

@@ -24,20 +24,24 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.pipeline import BuildStats
 from hypeman_images.build.progress import Reporter
-from hypeman_images.build.pull import ResolvedImage
 from hypeman_images.errors import HypemanError, InvalidArgument
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
-from hypeman_images.registry.client import RegistryClient
 from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.images import ImageRecord, ImageStatus, StoredImage
 
+if TYPE_CHECKING:
+    from hypeman_images.build.pull import ResolvedImage
+    from hypeman_images.registry.client import RegistryClient
+
 log = logging.getLogger(__name__)
 
+DEFAULT_CONCURRENCY = 2  # builds at once, unless the manager (serve --concurrency) says otherwise
 PAUSE_ENV = "HYPEMAN_TEST_PAUSE_AT"
 WAIT_SLICE = 0.25  # seconds a waiting thread sleeps between checks for signals (Job.wait)
 # resolving: the manifest GET of a request (or of a recovered build); a new
@@ -272,7 +276,7 @@ class Job:
 class BuildQueue:
     """Jobs waiting and running, at most ``concurrency`` running. Thread-safe."""
 
-    def __init__(self, run: Callable[[Job], None], concurrency: int = 2) -> None:
+    def __init__(self, run: Callable[[Job], None], concurrency: int = DEFAULT_CONCURRENCY) -> None:
         if concurrency < 1:
             raise InvalidArgument(f"concurrency must be at least 1, not {concurrency}")
         self.concurrency = concurrency
@@ -373,6 +377,7 @@ class BuildQueue:
 
 
 __all__ = [
+    "DEFAULT_CONCURRENCY",
     "PAUSE_ENV",
     "PAUSE_STAGES",
     "BuildKey",

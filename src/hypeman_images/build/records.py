@@ -12,9 +12,9 @@ builds, which have no tag link (:func:`find_image`).
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from hypeman_images.build.pipeline import initial_record
-from hypeman_images.build.pull import ResolvedImage
 from hypeman_images.build.queue import Job
 from hypeman_images.build.request import ImageRequest
 from hypeman_images.errors import HypemanError, NotFound
@@ -23,6 +23,9 @@ from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.store.formats import DiskFormat
 from hypeman_images.store.housekeeping import idle_lock, interrupted
 from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, StoredImage
+
+if TYPE_CHECKING:
+    from hypeman_images.build.pull import ResolvedImage
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,14 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.errors import InvalidArgument
 from hypeman_images.oci.spec import Platform
-from hypeman_images.registry.credentials import Credential
+
+if TYPE_CHECKING:
+    from hypeman_images.registry.credentials import Credential
 
 MAX_LABELS = 50
 MAX_KEY_CHARS = 128

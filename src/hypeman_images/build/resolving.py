@@ -12,12 +12,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
-from hypeman_images.build.pull import ResolvedImage, resolve
 from hypeman_images.build.queue import Job, PauseHook
 from hypeman_images.oci.reference import Reference
 from hypeman_images.oci.spec import Platform
-from hypeman_images.registry.client import RegistryClient
+
+if TYPE_CHECKING:
+    from hypeman_images.build.pull import ResolvedImage
+    from hypeman_images.registry.client import RegistryClient
 
 
 class SharedResolver:
@@ -54,7 +57,7 @@ class SharedResolver:
         if owner:
             try:
                 self._pause.reached("resolving")
-                future.set_result(resolve(client or self._client(), ref, platform))
+                future.set_result(_resolve(client or self._client(), ref, platform))
             except BaseException as exc:  # handed to every waiter, re-raised below
                 future.set_exception(exc)
             finally:
@@ -66,9 +69,18 @@ class SharedResolver:
         """A recovered build's manifest, fetched by digest (verified against it), kept in
         ``job``; not shared: one job per digest."""
         self._pause.reached("resolving")
-        resolved = resolve(self._client(), job.ref, job.options.platform)
+        resolved = _resolve(self._client(), job.ref, job.options.platform)
         job.resolved = resolved
         return resolved
+
+
+def _resolve(client: RegistryClient, ref: Reference, platform: Platform) -> ResolvedImage:
+    """:func:`pull.resolve`, imported on the first call: it needs the registry client
+    (httpx), which a manager that only reads the store never loads
+    (tests/cli/test_cli_startup.py)."""
+    from hypeman_images.build.pull import resolve
+
+    return resolve(client, ref, platform)
 
 
 __all__ = ["SharedResolver"]

@@ -12,21 +12,23 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from hypeman_images.build.metrics import Metrics
 from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.pipeline import BuildStats
 from hypeman_images.build.progress import Reporter
-from hypeman_images.build.pull import ResolvedImage
 from hypeman_images.build.queue import Job, PauseHook, PausingReporter
 from hypeman_images.build.records import ready_image, record_failure, without_pending_tags
 from hypeman_images.errors import HypemanError
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
-from hypeman_images.registry.client import RegistryClient
 from hypeman_images.store.blobs import BlobStore
 from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, StoredImage
+
+if TYPE_CHECKING:
+    from hypeman_images.build.pull import ResolvedImage
+    from hypeman_images.registry.client import RegistryClient
 
 
 class Builder(Protocol):

@@ -5,10 +5,12 @@
 ``login``, ``serve``, ``disk`` for the disk cache) and build the library's
 objects through ``config``; ``output`` prints (and escapes what an image
 wrote), ``listing`` lays out ``list``'s table, ``servelog`` is ``serve``'s
-logfmt, ``interrupt`` is what Ctrl-C leaves behind. Modules only the
-``serve`` and ``boot`` commands need (uvicorn, the API, the VM machinery)
-are imported inside their handlers, so that every other command starts
-without them.
+logfmt, ``interrupt`` is what Ctrl-C leaves behind. The parser names each
+command's handler (``parser.HANDLERS``) and ``app.main`` imports only the one
+that runs; what a command alone needs (the registry client and httpx for
+``pull``, uvicorn and the API for ``serve``, the VM machinery for ``boot``)
+is imported when it is first used, so that ``list``, ``inspect``, ``rm`` and
+``tag`` start without any of it (tests/cli/test_cli_startup.py).
 
 May import: everything below it (``service``, ``build``, ``boot`` and what
 they may import).

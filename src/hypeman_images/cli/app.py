@@ -8,15 +8,14 @@ stderr: bars on a terminal, plain lines otherwise.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from hypeman_images.cli.interrupt import exit_interrupted
 from hypeman_images.cli.output import PROG, print_json, printable
-from hypeman_images.cli.parser import parse_args
+from hypeman_images.cli.parser import Handler, parse_args
 from hypeman_images.errors import HypemanError
 
 
@@ -24,9 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     args = parse_args(argv)
     _configure_logging(args.verbose)
-    run: Callable[[argparse.Namespace], int] = args.run
+    handler: Handler = args.run
     try:
-        return run(args)
+        # Only now is the command's module imported: no command pays for another's.
+        return handler.load()(args)
     except HypemanError as exc:
         if getattr(args, "json", False):
             print_json({"code": exc.code, "message": exc.message, "exit_code": exc.exit_code})

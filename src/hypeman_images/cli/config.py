@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from hypeman_images.build.manager import DEFAULT_CONCURRENCY, ImageManager
 from hypeman_images.build.options import BuildOptions, default_data_dir, parse_size
@@ -16,10 +17,11 @@ from hypeman_images.cli.guards import data_dir_group, transfer_config
 from hypeman_images.errors import InvalidArgument
 from hypeman_images.fleet.cache import CacheMode, DiskCache
 from hypeman_images.oci.spec import Platform
-from hypeman_images.registry.client import RegistryClient
 from hypeman_images.registry.config import RegistryConfig, check_timeout
-from hypeman_images.registry.credentials import default_credentials
 from hypeman_images.store.formats import DiskFormat
+
+if TYPE_CHECKING:
+    from hypeman_images.registry.client import RegistryClient
 
 
 def registry_config(args: argparse.Namespace) -> RegistryConfig:
@@ -78,6 +80,11 @@ def build_options(args: argparse.Namespace) -> BuildOptions:
 
 def open_client(args: argparse.Namespace) -> RegistryClient:
     """A registry client with the user's credentials (docker's config and helpers)."""
+    # Imported here: only the commands that reach a registry make a client, and
+    # httpx would slow the start of every other one (tests/cli/test_cli_startup.py).
+    from hypeman_images.registry.client import RegistryClient
+    from hypeman_images.registry.credentials import default_credentials
+
     return RegistryClient(credentials=default_credentials(), config=registry_config(args))
 
 

@@ -99,6 +99,13 @@ examples:
     "logout": f"""\
 examples:
   {PROG} logout registry.example.com""",
+    "disk": f"""\
+The cache is the repository --disk-cache (or $HYPEMAN_DISK_CACHE, or
+registries.conf's disk-cache) names; it is reached as image registries are.
+
+examples:
+  {PROG} disk push --disk-cache registry.lan:5000/hypeman/disks alpine:3.20
+  {PROG} disk pull --disk-cache registry.lan:5000/hypeman/disks alpine:3.20""",
     "serve": f"""\
 Serves POST/GET /images, GET/DELETE /images/{{name}}, /healthz, /metrics and
 /openapi.json. Builds interrupted by a crash or restart are resumed at start.

@@ -1,38 +1,78 @@
 """The command line's grammar: every command, its flags and its help.
 
-Flags shared by several commands are declared once, as parent parsers; the
-handlers they dispatch to (``args.run``) live in one module per area.
+Flags shared by several commands are declared once, as parent parsers. The
+handlers the commands dispatch to live in one module per area; each command
+names its own in :data:`HANDLERS`, and ``app.main`` imports it only when the
+command runs, so that ``list`` never loads what ``pull`` or ``serve`` need
+(tests/cli/test_cli_startup.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from hypeman_images import __version__
-from hypeman_images.build.manager import DEFAULT_CONCURRENCY
 from hypeman_images.build.progress import human_size
-from hypeman_images.cli.boot import boot_image
-from hypeman_images.cli.disk import add_disk_cache_flags, add_disk_commands
+from hypeman_images.build.queue import DEFAULT_CONCURRENCY
 from hypeman_images.cli.guards import (
     add_data_dir_group_flag,
     add_service_flags,
     add_transfer_flags,
 )
 from hypeman_images.cli.helptext import DESCRIPTION, EXAMPLES, epilog
-from hypeman_images.cli.images import gc, inspect, list_images, pull, remove, tag, verify
-from hypeman_images.cli.login import login, logout
 from hypeman_images.cli.output import PROG
-from hypeman_images.cli.serve import DEFAULT_LISTEN, serve
-from hypeman_images.errors import InvalidArgument
+from hypeman_images.errors import DigestMismatch, DiskArtifactInvalid, InvalidArgument, NotFound
+from hypeman_images.fleet.cache import CacheMode
 from hypeman_images.layers.limits import Limits
 from hypeman_images.registry.config import RegistryConfig
 from hypeman_images.store.formats import DiskFormat
 
 FORMATS = [f.value for f in DiskFormat]
+DEFAULT_LISTEN = "127.0.0.1:8080"
+CACHE_ENV = "HYPEMAN_DISK_CACHE"
+P = TypeVar("P", bound=argparse.ArgumentParser)
+
+
+@dataclass(frozen=True)
+class Handler:
+    """A command's handler, named: ``module`` (under ``hypeman_images.cli``) and ``function``.
+
+    The module is imported when the command runs (:meth:`load`), never when
+    the grammar is declared.
+    """
+
+    module: str
+    function: str
+
+    def load(self) -> Callable[[argparse.Namespace], int]:
+        """The handler: takes the parsed arguments, returns the exit code."""
+        module = importlib.import_module(f"hypeman_images.cli.{self.module}")
+        run: Callable[[argparse.Namespace], int] = getattr(module, self.function)
+        return run
+
+
+# Every command and the handler it runs: the one place they are paired.
+HANDLERS = {
+    "pull": Handler("images", "pull"),
+    "list": Handler("images", "list_images"),
+    "inspect": Handler("images", "inspect"),
+    "rm": Handler("images", "remove"),
+    "tag": Handler("images", "tag"),
+    "gc": Handler("images", "gc"),
+    "verify": Handler("images", "verify"),
+    "boot": Handler("boot", "boot_image"),
+    "login": Handler("login", "login"),
+    "logout": Handler("login", "logout"),
+    "serve": Handler("serve", "serve"),
+    "disk push": Handler("disk", "disk_push"),
+    "disk pull": Handler("disk", "disk_pull"),
+}
 
 
 class UsageParser(argparse.ArgumentParser):
@@ -198,7 +238,7 @@ def _build_flags() -> UsageParser:
         default=None,
         help=f"uncompressed bytes per image (default {human_size(defaults.max_image_bytes)})",
     )
-    add_disk_cache_flags(flags)
+    _disk_cache_flags(flags)
     return flags
 
 
@@ -224,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents = [common, json_flag] if data else [common]
         parents += [registry_flags] if registry else []
         parents += [build_flags] if build else []
-        return sub.add_parser(
+        command_parser = sub.add_parser(
             name,
             parents=parents,
             help=summary,
@@ -232,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=EXAMPLES[name],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        command_parser.set_defaults(run=HANDLERS[name])
+        return command_parser
 
     p = command(
         "pull",
@@ -248,7 +290,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="set a user label on the image (repeatable; replaces the image's labels)",
     )
-    p.set_defaults(run=pull)
 
     p = command("list", "List local images with their status, tags and size.")
     p.add_argument(
@@ -271,7 +312,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="only images with this user label (repeatable: all must match)",
     )
-    p.set_defaults(run=list_images)
 
     p = command("inspect", "Show an image's metadata: entrypoint, cmd, env, status, disk.")
     p.add_argument("image", help="tag or digest reference, or image ID, of a local image")
@@ -280,19 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=FORMATS,
         help="the record of this disk (default: the ready one, ext4 first)",
     )
-    p.set_defaults(run=inspect)
 
     p = command("rm", "Remove images by tag or by digest.")
     p.add_argument("image", nargs="+", help="tag or digest references, or image IDs")
-    p.set_defaults(run=remove)
 
     p = command("tag", "Give a local image another name (a tag), as docker tag does; no pull.")
     p.add_argument("source", help="image: tag or digest reference, or image ID")
     p.add_argument("target", help="the new name, with a tag: myapp:prod, localhost:5000/app:1")
-    p.set_defaults(run=tag)
 
-    p = command("gc", "Free space: unneeded blobs, failed builds, leftovers of crashes.")
-    p.set_defaults(run=gc)
+    command("gc", "Free space: unneeded blobs, failed builds, leftovers of crashes.")
 
     p = command(
         "verify", "Check a local image's disk again: e2fsck -fn (fsck.erofs) and its sha256."
@@ -304,7 +340,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--record", action="store_true", help="record the sha256 if none was (for later checks)"
     )
-    p.set_defaults(run=verify)
 
     p = command(
         "boot", "Boot an image in a microVM and run its command.", registry=True, build=True
@@ -320,17 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the Cloud Hypervisor command line for the disk and exit",
     )
     p.add_argument("args", nargs=argparse.REMAINDER, help="-- CMD ARGS… to run instead of cmd")
-    p.set_defaults(run=boot_image)
 
     p = command("login", "Log in to a registry.", data=False, registry=True)
     p.add_argument("registry", nargs="?", default="docker.io", help="host[:port] (docker.io)")
     p.add_argument("-u", "--username", help="user name (asked for on a terminal if not given)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    p.set_defaults(run=login)
 
     p = command("logout", "Forget a registry's credential.", data=False)
     p.add_argument("registry", nargs="?", default="docker.io", help="host[:port] (docker.io)")
-    p.set_defaults(run=logout)
 
     p = command(
         "serve",
@@ -352,13 +384,72 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"builds run at once (default {DEFAULT_CONCURRENCY})",
     )
     add_service_flags(p)
-    p.set_defaults(run=serve)
 
     cache_flags = UsageParser(add_help=False)
-    add_disk_cache_flags(cache_flags)
-    add_disk_commands(
+    _disk_cache_flags(cache_flags)
+    _disk_commands(
         sub,
         push_parents=[common, json_flag, registry_flags, cache_flags],
         pull_parents=[common, json_flag, registry_flags, build_flags],
     )
     return parser
+
+
+def _disk_cache_flags(parser: argparse.ArgumentParser) -> None:
+    """``--disk-cache`` and ``--disk-cache-mode``, in a group of their own.
+
+    They go with the build flags (``pull``, ``boot``, ``serve``, ``disk pull``)
+    and with ``disk push``; what they resolve to, with ``HYPEMAN_DISK_CACHE``
+    and registries.conf, is :func:`cli.config.disk_cache`.
+    """
+    group = parser.add_argument_group("disk cache (built disks shared through a registry)")
+    group.add_argument(
+        "--disk-cache",
+        default=os.environ.get(CACHE_ENV) or None,
+        metavar="REGISTRY/REPOSITORY",
+        help=f"repository where built disks are looked up and pushed (default: ${CACHE_ENV}, "
+        "else registries.conf's disk-cache; an empty value turns it off)",
+    )
+    group.add_argument(
+        "--disk-cache-mode",
+        choices=list(CacheMode),
+        default=None,
+        help="pull: look there before building; push: push what is built here; "
+        "both (default): look first, push after a build",
+    )
+
+
+def _disk_commands(
+    sub: argparse._SubParsersAction[P],
+    push_parents: Sequence[P],
+    pull_parents: Sequence[P],
+) -> None:
+    """The ``disk`` command and its two actions (handlers in :mod:`cli.disk`)."""
+    summary = "Share built disks through the disk cache by hand: push, pull."
+    disk = sub.add_parser("disk", help=summary, description=summary, epilog=EXAMPLES["disk"])
+    disk.formatter_class = argparse.RawDescriptionHelpFormatter
+    actions = disk.add_subparsers(dest="disk_command", required=True, metavar="ACTION")
+    push = actions.add_parser(
+        "push",
+        parents=list(push_parents),
+        help="Push a local image's disk to the disk cache.",
+        description="Push a local image's ready disk to the disk cache, whatever the mode.",
+    )
+    push.add_argument("image", help="tag or digest reference of a local image")
+    push.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="the disk to push (default: the ready one, ext4 first)",
+    )
+    push.set_defaults(run=HANDLERS["disk push"])
+    pull = actions.add_parser(
+        "pull",
+        parents=list(pull_parents),
+        help="Fetch an image's disk from the disk cache, never building it.",
+        description="Fetch and verify an image's disk from the disk cache, as pull does, "
+        f"but fail (exit {NotFound.exit_code} if there is none, {DiskArtifactInvalid.exit_code} "
+        f"or {DigestMismatch.exit_code} if it fails a check) instead of building it here.",
+    )
+    pull.add_argument("image", help="image reference: alpine, localhost:5000/app:1, …")
+    pull.add_argument("--no-progress", action="store_true", help="plain progress lines, no bars")
+    pull.set_defaults(run=HANDLERS["disk pull"])

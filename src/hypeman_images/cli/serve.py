@@ -29,7 +29,6 @@ from hypeman_images.store.access import exposure
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LISTEN = "127.0.0.1:8080"
 # How long `serve` waits for running builds on shutdown before leaving them to recovery.
 SHUTDOWN_GRACE_S = 10.0
 
