@@ -64,12 +64,12 @@ def test_bytes_said_final_before_they_are_there_are_a_storage_error(tmp_path: Pa
         while hashing_threads():
             time.sleep(0.01)
         os.truncate(path, 3 * SLICE)  # too late
-        with pytest.raises(StorageError, match="disk ends at 1048576, before 3145728 bytes"):
+        with pytest.raises(StorageError, match=f"disk ends at {SLICE}, before {3 * SLICE} bytes"):
             hashing.digest()
     with FileHash(path) as hashing:
         hashing.grow(SLICE)
         os.truncate(path, 10)
-        with pytest.raises(StorageError, match="disk is 10 bytes, fewer than the 1048576 final"):
+        with pytest.raises(StorageError, match=f"disk is 10 bytes, fewer than the {SLICE} final"):
             hashing.digest()
     assert hashing_threads() == []
 
