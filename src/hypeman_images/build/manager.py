@@ -34,13 +34,7 @@ from hypeman_images.build.options import BuildOptions, DataDir
 from hypeman_images.build.pipeline import BuildStats, build_resolved, initial_record
 from hypeman_images.build.progress import Reporter
 from hypeman_images.build.queue import DEFAULT_CONCURRENCY, BuildKey, BuildQueue, Job, PauseHook
-from hypeman_images.build.records import (
-    find_image,
-    ready_image,
-    relabel,
-    remember_tag,
-    write_pending,
-)
+from hypeman_images.build.records import find_image, join_build, ready_image, relabel, write_pending
 from hypeman_images.build.request import ImageRequest, image_request, labels_match
 from hypeman_images.build.resolving import SharedResolver
 from hypeman_images.build.tagging import tag_image
@@ -56,7 +50,6 @@ from hypeman_images.store.housekeeping import idle_lock, settled
 from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, StoredImage
 
 if TYPE_CHECKING:
-    from hypeman_images.build.pull import ResolvedImage
     from hypeman_images.disk.verify import Verified
     from hypeman_images.fleet.push import PushedDisk
     from hypeman_images.registry.client import RegistryClient
@@ -397,7 +390,8 @@ class ImageManager:
                 self._latest[str(ref.with_tag(ref.tag))] = digest
             job = self._queue.get(key)
             if job is not None:
-                return self._join(job, ref, resolved, request, reporter), job
+                join_build(self.store, job, resolved.ref, request, reporter)
+                return self._job_image(job, str(ref)), job
             ready = ready_image(self.store, ref, digest, fmt)
             if ready is not None:
                 self.store.set_tag(resolved.ref, digest)
@@ -413,30 +407,6 @@ class ImageManager:
                 job.reporter.attach(reporter)
             self._queue.submit(job)
             return self._job_image(job, str(ref)), job
-
-    def _join(
-        self,
-        job: Job,
-        ref: Reference,
-        resolved: ResolvedImage,
-        request: ImageRequest,
-        reporter: Reporter | None,
-    ) -> Image:
-        """Add a request to the build of its digest already queued or running."""
-        if job.fingerprint != request.fingerprint:
-            raise Conflict(
-                f"{ref.familiar()} is already being pulled with other credentials; "
-                "ask again once that build ends"
-            )
-        job.add_name(resolved.ref)
-        remember_tag(self.store, job, resolved.ref)
-        if request.labels is not None:
-            relabel(self.store, job.ref, job.key.digest, request.labels, job.key.format)
-            if job.record is not None:
-                job.record = replace(job.record, tags=request.labels)
-        if reporter is not None:
-            job.reporter.attach(reporter)
-        return self._job_image(job, str(ref))
 
     def _reused(self, stats: BuildStats | None) -> None:
         self.metrics.image_reused()

@@ -3,7 +3,8 @@
 A request is written down as a pending record before its build is queued
 (:func:`write_pending`), naming its blobs so that gc keeps them, so a crash
 before the build starts resumes it; a tag that joins a queued build is noted
-in the record too (:func:`remember_tag`), and set once the build is ready.
+in the record too (:func:`remember_tag`, :func:`join_build`), and set once the
+build is ready.
 A failure before the pipeline wrote anything still ends the record
 (:func:`record_failure`). Lookups by name also find failed and interrupted
 builds, which have no tag link (:func:`find_image`).
@@ -12,12 +13,13 @@ builds, which have no tag link (:func:`find_image`).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from hypeman_images.build.pipeline import initial_record
 from hypeman_images.build.queue import Job
 from hypeman_images.build.request import ImageRequest
-from hypeman_images.errors import HypemanError, NotFound
+from hypeman_images.errors import Conflict, HypemanError, NotFound
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.store.formats import DiskFormat
@@ -25,6 +27,7 @@ from hypeman_images.store.housekeeping import idle_lock, interrupted
 from hypeman_images.store.images import ImageRecord, ImageStatus, ImageStore, StoredImage
 
 if TYPE_CHECKING:
+    from hypeman_images.build.progress import Reporter
     from hypeman_images.build.pull import ResolvedImage
 
 log = logging.getLogger(__name__)
@@ -129,6 +132,31 @@ def remember_tag(store: ImageStore, job: Job, ref: Reference) -> None:
         return record.evolve(pending_tags=[*record.pending_tags, tag])
 
     store.update(job.ref, job.key.digest, add, job.key.format)
+
+
+def join_build(
+    store: ImageStore, job: Job, ref: Reference, request: ImageRequest, reporter: Reporter | None
+) -> None:
+    """Add a request for ``ref`` (its name, resolved) to the build of its digest.
+
+    The build is queued or running already; the request's tag is noted in its
+    record (:func:`remember_tag`), its labels replace the record's, and
+    ``reporter`` follows the build. A request made with other credentials
+    than the build's is a :class:`Conflict`: it may not see what they fetched.
+    """
+    if job.fingerprint != request.fingerprint:
+        raise Conflict(
+            f"{ref.familiar()} is already being pulled with other credentials; "
+            "ask again once that build ends"
+        )
+    job.add_name(ref)
+    remember_tag(store, job, ref)
+    if request.labels is not None:
+        relabel(store, job.ref, job.key.digest, request.labels, job.key.format)
+        if job.record is not None:
+            job.record = replace(job.record, tags=request.labels)
+    if reporter is not None:
+        job.reporter.attach(reporter)
 
 
 def record_failure(store: ImageStore, job: Job, exc: HypemanError) -> None:
