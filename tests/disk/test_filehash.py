@@ -6,6 +6,7 @@ import hashlib
 import os
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def test_a_file_hashed_as_it_is_written_is_its_sha256(tmp_path: Path) -> None:
     """The writer says how far the file is final after each piece; a hole reads as zeros."""
     path = tmp_path / "disk"
     path.write_bytes(b"")
-    with FileHash(path) as hashing, path.open("r+b") as out:
+    with closing(FileHash(path)) as hashing, path.open("r+b") as out:
         for n in (SLICE + 1, 7, 3 * SLICE - 5, 4096):
             out.write(os.urandom(n))
             out.flush()
@@ -51,7 +52,7 @@ def test_a_file_hashed_as_it_is_written_is_its_sha256(tmp_path: Path) -> None:
 def test_without_grow_the_digest_hashes_the_whole_file(tmp_path: Path, size: int) -> None:
     path = tmp_path / "disk"
     path.write_bytes(os.urandom(size))
-    with FileHash(path) as hashing:
+    with closing(FileHash(path)) as hashing:
         assert hashing.digest() == sha256_of(path)
 
 
@@ -59,14 +60,14 @@ def test_bytes_said_final_before_they_are_there_are_a_storage_error(tmp_path: Pa
     """The writer broke its word: the hash would have read the wrong bytes."""
     path = tmp_path / "disk"
     path.write_bytes(os.urandom(SLICE))
-    with FileHash(path) as hashing:
+    with closing(FileHash(path)) as hashing:
         hashing.grow(3 * SLICE)  # more than there is: the thread meets the end of the file
         while hashing_threads():
             time.sleep(0.01)
         os.truncate(path, 3 * SLICE)  # too late
         with pytest.raises(StorageError, match=f"disk ends at {SLICE}, before {3 * SLICE} bytes"):
             hashing.digest()
-    with FileHash(path) as hashing:
+    with closing(FileHash(path)) as hashing:
         hashing.grow(SLICE)
         os.truncate(path, 10)
         with pytest.raises(StorageError, match=f"disk is 10 bytes, fewer than the {SLICE} final"):
@@ -104,7 +105,7 @@ def test_close_stops_the_thread_midway(tmp_path: Path, monkeypatch: pytest.Monke
         return real_preadv(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", counted)
-    with FileHash(path) as hashing:
+    with closing(FileHash(path)) as hashing:
         hashing.grow(slices * SLICE)
     assert hashing_threads() == []
     assert reads < slices

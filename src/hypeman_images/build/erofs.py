@@ -242,7 +242,9 @@ def publish_erofs(
         log.info("fsck.erofs not found (erofs-utils): the new EROFS disk is not checked")
     with (
         temp_disk(dest) as tmp,
-        FileHash(tmp) if compute_sha256 else contextlib.nullcontext() as hashing,
+        contextlib.closing(FileHash(tmp))
+        if compute_sha256
+        else contextlib.nullcontext() as hashing,
     ):
         with tmp.open("r+b") as out:
             result = write(out, timings, hashing.grow if hashing is not None else None)

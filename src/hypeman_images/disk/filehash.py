@@ -21,7 +21,6 @@ import hashlib
 import os
 import threading
 from pathlib import Path
-from types import TracebackType
 
 from hypeman_images.errors import StorageError
 from hypeman_images.fsutil import storage_error
@@ -37,8 +36,8 @@ class FileHash:
     :meth:`grow` says how many leading bytes are final (written, readable --
     a hole reads as zeros -- and never written again) and starts the hashing
     thread; :meth:`digest`, once the file is complete, hashes what is left up
-    to its size and returns the sha256. :meth:`close` (or the end of a
-    ``with`` block) stops the thread wherever it is and closes the file, so a
+    to its size and returns the sha256. :meth:`close` (``contextlib.closing``
+    in a ``with``) stops the thread wherever it is and closes the file, so a
     build that fails leaves nothing running. One thread calls the methods.
     Raises :class:`StorageError` when the file cannot be read, or ends before
     the bytes said final.
@@ -57,17 +56,6 @@ class FileHash:
         self._error: StorageError | None = None
         self._hash = hashlib.sha256()
         self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> FileHash:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def grow(self, final: int) -> None:
         """The first ``final`` bytes of the file are final: hash them, on the thread."""
