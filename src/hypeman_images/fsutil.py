@@ -20,6 +20,7 @@ import secrets
 import stat
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, TypeGuard, cast
 
@@ -80,6 +81,24 @@ def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
     func = _sync_file_range()
     if func is not None:
         func(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+# Starts the device writes of (offset, length) of a file: 0, 0 for all of it.
+WritebackRequest = Callable[[int, int], object]
+
+
+@contextlib.contextmanager
+def writeback_thread(fd: int, name: str) -> Iterator[WritebackRequest]:
+    """:func:`start_writeback` of ``fd`` on a thread of its own: yields ``request(offset, length)``.
+
+    ``sync_file_range`` blocks while the device's queue is full (tens of
+    milliseconds on the benchmark VM, docs/performance.md), so a thread that
+    reads, inflates or writes must not make the call itself: it would stop
+    its own work meanwhile. Requests run in order; leaving the block waits
+    for them, so ``fd`` must stay open until then.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix=name) as pool:
+        yield lambda offset, length: pool.submit(start_writeback, fd, offset, length)
 
 
 def storage_error(exc: OSError, what: str) -> StorageError:

@@ -39,7 +39,7 @@ from hypeman_images.disk.filehash import FileHash
 from hypeman_images.disk.fsck_erofs import check_and_hash, find_fsck_erofs
 from hypeman_images.disk.publish import commit, temp_disk
 from hypeman_images.errors import ToolError
-from hypeman_images.fsutil import start_writeback
+from hypeman_images.fsutil import WritebackRequest, writeback_thread
 from hypeman_images.layers import entries as layer
 from hypeman_images.layers.limits import Limits
 from hypeman_images.layers.plan import Node, Tree
@@ -186,13 +186,17 @@ class _LayerBodies:
 class Progress:
     """Counts the body bytes going by: reports them, and starts the device's writes.
 
-    ``total()``: the bytes the bodies come to, for the progress shown.
+    ``total()``: the bytes the bodies come to, for the progress shown;
+    ``writeback``: a :func:`fsutil.writeback_thread`'s requests, on the image.
     """
 
     def __init__(
-        self, out: BinaryIO, total: Callable[[], int], report: Callable[[int, int], None] | None
+        self,
+        writeback: WritebackRequest,
+        total: Callable[[], int],
+        report: Callable[[int, int], None] | None,
     ) -> None:
-        self._fd = out.fileno()
+        self._writeback = writeback
         self._total = total
         self._report = report
         self._done = self._reported = self._written_back = 0
@@ -202,7 +206,7 @@ class Progress:
         self._done += nbytes
         if self._done - self._written_back >= _WRITEBACK_EVERY:
             self._written_back = self._done
-            start_writeback(self._fd)  # what the writer's thread wrote so far
+            self._writeback(0, 0)  # what the writer's thread wrote so far
         if self._report is not None and self._done - self._reported >= _REPORT_EVERY:
             self._reported = self._done
             total = max(1, self._total())
@@ -288,9 +292,10 @@ def build_erofs(
         out: BinaryIO, timings: dict[str, float], on_head: Callable[[int], None] | None
     ) -> ErofsResult:
         t0 = time.monotonic()
-        progress = Progress(out, lambda: total, report)
-        entries = progress.bodies(erofs_entries(tree, open_layer, limits))
-        result = write_erofs(entries, out, seed, on_head=on_head)
+        with writeback_thread(out.fileno(), "erofs-writeback") as writeback:
+            progress = Progress(writeback, lambda: total, report)
+            entries = progress.bodies(erofs_entries(tree, open_layer, limits))
+            result = write_erofs(entries, out, seed, on_head=on_head)
         timings["erofs_s"] = time.monotonic() - t0
         return result
 

@@ -41,6 +41,7 @@ from hypeman_images.build.erofs import Progress, entry_at, publish_erofs, tree_e
 from hypeman_images.build.onepass import OnePass
 from hypeman_images.build.stream import DiskInfo
 from hypeman_images.disk.erofs import ErofsInputError, ErofsResult, ErofsWriter, Placed
+from hypeman_images.fsutil import writeback_thread
 from hypeman_images.layers.entries import Entry, sparse_map
 from hypeman_images.layers.onepass import Speculation
 from hypeman_images.layers.plan import Tree
@@ -100,8 +101,9 @@ def build_erofs_one_pass(
         t0 = time.monotonic()
         writer = ErofsWriter(out, seed)
         try:
-            bodies = ErofsBodies(writer, Progress(out, one_pass.total, report))
-            tree = one_pass.proven(bodies)
+            with writeback_thread(out.fileno(), "erofs-writeback") as writeback:
+                bodies = ErofsBodies(writer, Progress(writeback, one_pass.total, report))
+                tree = one_pass.proven(bodies)
             timings["one_pass_s"] = time.monotonic() - t0
             t0 = time.monotonic()
             _add_tree(writer, tree, bodies.placed)

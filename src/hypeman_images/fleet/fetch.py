@@ -15,12 +15,10 @@ the whole-disk sha256 is ready soon after the last chunk is. It must equal
 the config's ``disk_sha256``. The format's checker (``e2fsck -fn`` for ext4,
 ``fsck.erofs`` for EROFS) starts as soon as every chunk is written and its
 digest checked, beside the end of the hashing, and must find nothing. The
-device writes start as each chunk lands (:func:`fsutil.start_writeback`), as
-mke2fs's are started during a build, so the checker's and our fsync find
-little left to write. They are started from a thread of their own: the call
-blocks while the device's queue is full (tens of milliseconds on the
-benchmark VM, docs/performance.md, "The disk cache"), and a fetching thread
-that made it would stop fetching meanwhile.
+device writes start as each chunk lands, as mke2fs's are started during a
+build, so the checker's and our fsync find little left to write; from a
+thread of their own (:func:`fsutil.writeback_thread`), or a fetching thread
+would stop fetching while the device's queue is full.
 
 Dropped connections resume with ``Range`` inside the registry client; a
 chunk that still fails for a transient reason is fetched again (its bytes
@@ -60,9 +58,9 @@ from hypeman_images.fleet.recipe import DiskFormat
 from hypeman_images.fsutil import (
     fsync_dir,
     is_storage_failure,
-    start_writeback,
     storage_error,
     temp_name,
+    writeback_thread,
 )
 from hypeman_images.oci.digest import Digest, VerifyingStream
 from hypeman_images.oci.reference import Reference
@@ -228,11 +226,11 @@ def _fill(
     checking: list[Future[str | None]] = []
     with (
         ThreadPoolExecutor(1, thread_name_prefix="fetch-check") as checker,
-        ThreadPoolExecutor(1, thread_name_prefix="fetch-writeback") as writer,
+        writeback_thread(fd, "fetch-writeback") as request,
     ):
 
         def writeback(chunk: Chunk) -> None:
-            writer.submit(start_writeback, fd, chunk.offset, chunk.size)
+            request(chunk.offset, chunk.size)
 
         def written() -> None:
             checking.append(checker.submit(check.findings, path))

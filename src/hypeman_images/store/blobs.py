@@ -26,9 +26,9 @@ from hypeman_images.fsutil import (
     allocated_bytes,
     atomic_writer,
     own_directory,
-    start_writeback,
     storage_error,
     write_atomic,
+    writeback_thread,
     writer_alive,
 )
 from hypeman_images.oci.digest import Digest, VerifyingStream
@@ -106,7 +106,10 @@ class BlobStore:
         own_directory(final.parent)
         unsynced = written = 0
         digest = descriptor.digest
-        with atomic_writer(final, mode=BLOB_MODE) as handle:
+        with (
+            atomic_writer(final, mode=BLOB_MODE) as handle,
+            writeback_thread(handle.fileno(), "blob-writeback") as writeback,
+        ):
             if feeds is not None:
                 feeds.begin(digest, Path(handle.name))
             for chunk in stream:
@@ -121,7 +124,7 @@ class BlobStore:
                 if unsynced >= _WRITEBACK_EVERY:
                     # The blob's fsync then waits for its last MiBs only, not all of it.
                     handle.flush()
-                    start_writeback(handle.fileno())
+                    writeback(0, 0)
                     unsynced = 0
             stream.verify()
         return final
