@@ -29,6 +29,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -241,17 +242,21 @@ def publish_erofs(
     stopped and the temp disk removed then.
     """
     timings: dict[str, float] = {}
-    tool = find_fsck_erofs()
-    if tool is None:
-        log.info("fsck.erofs not found (erofs-utils): the new EROFS disk is not checked")
     with (
+        # Looked for beside the writing, not before it: searching PATH and running
+        # `fsck.erofs -V` take tens of milliseconds on a cold host.
+        ThreadPoolExecutor(1, thread_name_prefix="fsck.erofs-probe") as probe,
         temp_disk(dest) as tmp,
         contextlib.closing(FileHash(tmp))
         if compute_sha256
         else contextlib.nullcontext() as hashing,
     ):
+        found = probe.submit(find_fsck_erofs)
         with tmp.open("r+b") as out:
             result = write(out, timings, hashing.grow if hashing is not None else None)
+        tool = found.result()
+        if tool is None:
+            log.info("fsck.erofs not found (erofs-utils): the new EROFS disk is not checked")
         t0 = time.monotonic()
         digest, findings = check_and_hash(tool, tmp, compute_sha256=compute_sha256, hashing=hashing)
         if findings is not None:
