@@ -44,8 +44,8 @@ from hypeman_images.registry.credentials import (
     Credential,
     StaticCredentials,
     default_credentials,
-    login,
 )
+from hypeman_images.registry.login import login
 
 FAST = RegistryConfig(backoff_base=0.0, max_attempts=2)
 MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST}).encode()

@@ -18,12 +18,11 @@ from hypeman_images.registry.credentials import (
     StaticCredentials,
     default_credentials,
     docker_config_path,
-    login,
-    logout,
     lookup_order,
     matching_keys,
     registry_key,
 )
+from hypeman_images.registry.login import login, logout
 
 
 def _b64(text: str) -> str:

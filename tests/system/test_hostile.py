@@ -468,7 +468,8 @@ def test_no_secret_in_logs_errors_or_metadata(
     import logging
 
     from hypeman_images.errors import Unauthorized
-    from hypeman_images.registry.credentials import default_credentials, login
+    from hypeman_images.registry.credentials import default_credentials
+    from hypeman_images.registry.login import login
 
     secrets = [
         PASSWORD,

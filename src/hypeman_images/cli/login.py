@@ -14,6 +14,7 @@ from hypeman_images.cli.output import PROG
 from hypeman_images.errors import InvalidArgument
 from hypeman_images.oci.reference import DOCKER_HUB, parse_reference
 from hypeman_images.registry import credentials
+from hypeman_images.registry import login as stored
 from hypeman_images.registry.credentials import Credential
 
 
@@ -48,7 +49,7 @@ def login(args: argparse.Namespace) -> int:
         raise InvalidArgument("empty password")
     with open_client(args) as client:
         client.check_login(registry, Credential(username, password, origin=f"{PROG} login"))
-    where = credentials.login(registry, username, password)
+    where = stored.login(registry, username, password)
     print(f"Login succeeded; credential stored in {where}")
     return 0
 
@@ -56,7 +57,7 @@ def login(args: argparse.Namespace) -> int:
 def logout(args: argparse.Namespace) -> int:
     """``logout``: forget the registry's credential, saying whether there was one."""
     registry = registry_host(args.registry)
-    if credentials.logout(registry):
+    if stored.logout(registry):
         print(f"Removed the credential for {registry}")
     else:
         print(f"Not logged in to {registry}")

@@ -3,7 +3,8 @@
 Owns the HTTP client (``client``), the registries configuration read from
 ``registries.conf`` (``config``), the transport and its TLS/plain-HTTP
 choice (``transport``, ``schemes``), the bearer/basic challenge flow
-(``auth``), credential sources (``credentials``), resumable blob downloads
+(``auth``), credential sources (``credentials``) and ``docker login``'s
+storing of one (``login``), resumable blob downloads
 (``download``), reading and resolving manifests (``manifests``), decoding
 the registry's error bodies (``responses``), which failures are retried, and
 how (``retry``), blob and manifest writes (``push``) and the referrers of a

@@ -1,4 +1,4 @@
-"""Where registry credentials come from, and how ``login``/``logout`` store them.
+"""Where registry credentials come from (``login``/``logout`` store them: :mod:`.login`).
 
 A :class:`CredentialSource` answers one question, "what credential do I have
 for this repository of this registry?", and says where the answer came from
@@ -44,14 +44,13 @@ import json
 import logging
 import os
 import subprocess
-import tempfile
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from hypeman_images.errors import InvalidArgument, StorageError
+from hypeman_images.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +168,8 @@ def matching_keys(
     return exact + loose
 
 
-def _display(path: Path) -> str:
+def display_path(path: Path) -> str:
+    """``path`` as messages show it: under the home directory as ``~/...``."""
     home = Path.home()
     with contextlib.suppress(ValueError):
         return "~/" + str(path.relative_to(home))
@@ -282,14 +282,14 @@ class AuthFile:
         self, path: Path, *, env: Mapping[str, str] | None = None, namespaced: bool = False
     ) -> None:
         self.path = path
-        self.origin = _display(path)
+        self.origin = display_path(path)
         self.namespaced = namespaced
         self._env = env
 
     def get(self, registry: str, repository: str = "") -> Credential | None:
-        doc = self._load()
+        doc = self.load()
         wanted = registry_key(registry)
-        helper = self._helper_for(doc, wanted)
+        helper = self.helper_for(doc, wanted)
         if helper is not None:
             found = helper.get(wanted)
             if found is not None:
@@ -304,7 +304,7 @@ class AuthFile:
                 return credential
         return None
 
-    def _helper_for(self, doc: Mapping[str, Any], registry: str) -> CredentialHelper | None:
+    def helper_for(self, doc: Mapping[str, Any], registry: str) -> CredentialHelper | None:
         helpers = doc.get("credHelpers") or {}
         for key, name in helpers.items() if isinstance(helpers, dict) else ():
             if registry_key(str(key)) == registry and name:
@@ -330,7 +330,7 @@ class AuthFile:
             return None
         return Credential(username, password, token, origin=f'{self.origin} entry "{key}"')
 
-    def _load(self) -> dict[str, Any]:
+    def load(self) -> dict[str, Any]:
         try:
             text = self.path.read_text()
         except FileNotFoundError:
@@ -406,83 +406,3 @@ def default_credentials(env: Mapping[str, str] | None = None) -> ChainedCredenti
     sources = [AuthFile(p, env=helper_env, namespaced=True) for p in podman_auth_paths(env)]
     sources.append(AuthFile(docker_config_path(env), env=helper_env))
     return ChainedCredentials(sources)
-
-
-def login(
-    registry: str,
-    username: str,
-    password: str,
-    *,
-    config_path: Path | None = None,
-    env: Mapping[str, str] | None = None,
-) -> str:
-    """Save a credential for ``registry`` the way ``docker login`` does; return where.
-
-    ``registry`` is a host: docker's ``config.json`` has no namespaced keys
-    (containers/image too refuses to write one into a docker-format file).
-
-    A ``credHelpers`` entry or ``credsStore`` in the file receives it through
-    ``docker-credential-<name> store``; otherwise it goes into ``auths`` as
-    base64 ``user:password``. The file is replaced atomically with mode 0600.
-    Checking the credential against the registry is the caller's business
-    (see ``RegistryClient.check_login``).
-    """
-    path = config_path or docker_config_path(env)
-    doc = AuthFile(path, env=env)._load()
-    key = helper_server_url(registry)
-    helper = AuthFile(path, env=env)._helper_for(doc, registry_key(registry))
-    if helper is not None:
-        helper.store(registry, username, password)
-        auths = doc.setdefault("auths", {})
-        auths[key] = {}  # docker keeps an empty marker entry for helper-stored logins
-        _write_json_atomic(path, doc)
-        return helper.program
-    auth = base64.b64encode(f"{username}:{password}".encode()).decode()
-    doc.setdefault("auths", {})
-    _drop_keys(doc["auths"], registry)
-    doc["auths"][key] = {"auth": auth}
-    _write_json_atomic(path, doc)
-    return _display(path)
-
-
-def logout(
-    registry: str, *, config_path: Path | None = None, env: Mapping[str, str] | None = None
-) -> bool:
-    """Forget ``registry``'s credential (helper and ``auths``); False if there was none."""
-    path = config_path or docker_config_path(env)
-    file = AuthFile(path, env=env)
-    doc = file._load()
-    helper = file._helper_for(doc, registry_key(registry))
-    removed = helper.erase(registry) if helper is not None else False
-    if _drop_keys(doc.get("auths") or {}, registry):
-        removed = True
-        _write_json_atomic(path, doc)
-    return removed
-
-
-def _drop_keys(auths: dict[str, Any], registry: str) -> bool:
-    keys = [k for k in auths if registry_key(k) == registry_key(registry)]
-    for k in keys:
-        del auths[k]
-    return bool(keys)
-
-
-def _write_json_atomic(path: Path, doc: Mapping[str, Any]) -> None:
-    """Write ``doc`` to ``path`` via an fsynced temp file and rename; mode 0600."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=".config.json.", dir=path.parent)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w") as out:
-                json.dump(doc, out, indent="\t")
-                out.write("\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-    except OSError as exc:
-        raise StorageError(f"cannot write {_display(path)}: {exc.strerror or exc}") from exc
