@@ -166,8 +166,7 @@ class ErofsWriter:
         try:
             return step(*args)
         except BaseException:
-            self._done = True
-            self._area.close()
+            self.abandon()
             raise
 
     def _place_new(self, entry: Entry, body: Body) -> Placed:
