@@ -153,3 +153,26 @@ def test_an_erofs_build_looks_for_one_recipe_whatever_the_ext4_options(
     assert planned == other == [erofs_recipe(resolved.digest)]
     ext4 = planned_recipes(resolved, BuildOptions(), options.limits, find_e2fsprogs())
     assert {r.match_key for r in ext4}.isdisjoint({planned[0].match_key})
+
+
+def test_a_host_without_fsck_erofs_builds_instead_of_taking_an_unchecked_disk(
+    alpine_ref: PushedImage,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The artifact is there and sound, but nothing here can check it: one warning saying
+    what to install, a build. erofs-utils cannot be removed from the test host, so its
+    absence is the finder's answer (what ``find_fsck_erofs`` returns without it)."""
+    repo = cache_repo(alpine_ref.registry.host, "erofs-unchecked")
+    built, _ = _pull(tmp_path / "a", alpine_ref.ref, EROFS, repo)
+    monkeypatch.setattr("hypeman_images.build.diskcache.find_fsck_erofs", lambda: None)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        pulled, stats = _pull(tmp_path / "b", alpine_ref.ref, EROFS, repo)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "fsck.erofs not found" in warnings[0] and "install erofs-utils" in warnings[0]
+    assert (stats.disk_cache, stats.disk_cache_reason) == ("fallback", "tool_error")
+    assert pulled.record.source == "build" and pulled.disk.read_bytes() == built.disk.read_bytes()
+    assert not list(pulled.disk.parent.glob(".tmp-*"))

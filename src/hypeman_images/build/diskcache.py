@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -226,19 +227,23 @@ def _fetch(
 ) -> tuple[FetchedDisk, ImageRecord] | None:
     """The verified disk in its temp file, and its record (``converting``, from the cache)."""
     erofs = options.format is DiskFormat.EROFS
-    tools = (
-        None
-        if erofs
-        else find_e2fsprogs(options.mke2fs or "mke2fs", remember=blobs.root / TOOLS_FILE)
-    )
-    checker = _erofs_checker() if erofs else tools
+    with ThreadPoolExecutor(1, thread_name_prefix="fsck.erofs-probe") as probe:
+        # Looked for beside the lookup, as a build looks for it beside the writing
+        # (build/erofs.py): a PATH search and `fsck.erofs -V`, tens of ms on a cold host.
+        erofs_tool = probe.submit(find_fsck_erofs) if erofs else None
+        tools = (
+            None
+            if erofs
+            else find_e2fsprogs(options.mke2fs or "mke2fs", remember=blobs.root / TOOLS_FILE)
+        )
+        _sweep_temp_disks(dest)
+        # The image config, read as a build reads it: the record's run-time fields
+        # come from it, never from the artifact, which must agree with it.
+        config, config_bytes = fetch_config(client, blobs, resolved)
+        expected = with_config(record, PulledImage(resolved, config, config_bytes, 0, 0))
+        found = _find(client, cache, planned_recipes(resolved, options, limits, tools))
+        checker = _erofs_checker(erofs_tool.result()) if erofs_tool is not None else tools
     assert checker is not None
-    _sweep_temp_disks(dest)
-    # The image config, read as a build reads it: the record's run-time fields
-    # come from it, never from the artifact, which must agree with it.
-    config, config_bytes = fetch_config(client, blobs, resolved)
-    expected = with_config(record, PulledImage(resolved, config, config_bytes, 0, 0))
-    found = _find(client, cache, planned_recipes(resolved, options, limits, tools))
     if found is None:
         stats.disk_cache = "miss"
         if cache.required:
@@ -280,9 +285,9 @@ def _fetch(
     )
 
 
-def _erofs_checker() -> FsckErofs:
-    """``fsck.erofs``, without which an EROFS disk from the cache is not taken."""
-    tool = find_fsck_erofs()
+def _erofs_checker(tool: FsckErofs | None) -> FsckErofs:
+    """``fsck.erofs`` (``tool``, as found), without which an EROFS disk from the cache is
+    not taken."""
     if tool is None:
         raise ToolError(
             "fsck.erofs not found: an EROFS disk from the disk cache is checked with it "
