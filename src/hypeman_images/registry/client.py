@@ -1,4 +1,4 @@
-"""A client for the OCI Distribution API v2: manifests and blobs, pull only.
+"""A client for the OCI Distribution API v2: every request, its auth and its errors.
 
 ``RegistryClient`` speaks HTTP through one ``httpx.Client`` (the transport is
 the seam tests swap), authenticates through :mod:`.auth`, and turns every
@@ -12,43 +12,31 @@ failure into the exception tree at this boundary:
   (:mod:`.retry`, which also translates httpx's exceptions);
 * other 4xx → ``RegistryError(status, codes)`` with the registry's messages.
 
-Every response body is under the low-speed limit (:mod:`.speed`), and
-resolving a name under ``config.manifest_timeout`` (retries, mirrors and the
-index included). Manifests are read with a size cap and checked against
-their digest here;
-blobs are streamed raw and the caller checks them (a ``VerifyingStream``),
-while this module resumes a dropped download with ``Range`` so that the
-caller sees every byte exactly once. Mirrors configured for a registry are
-tried first, the registry itself last. Each host's scheme is decided by
-:mod:`.schemes` on its first request (an insecure host is probed once).
+Every response body is under the low-speed limit (:mod:`.speed`). Each
+host's scheme is decided by :mod:`.schemes` on its first request (an insecure
+host is probed once). What a pull reads is read in its own module, handed
+this client's one GET (:class:`.endpoints.Send`) and the registry's
+endpoints, its mirrors first and itself last (:mod:`.endpoints`):
+:mod:`.manifests` reads a manifest for :meth:`RegistryClient.get_manifest`
+(size-capped, checked against its digest, within ``config.manifest_timeout``),
+and :mod:`.download` streams a blob raw for :meth:`RegistryClient.open_blob`
+(resumed with ``Range``; the caller checks it). Writes go through
+:meth:`RegistryClient.request` (:mod:`.push`, :mod:`.referrers`).
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from types import TracebackType
-from typing import TypeVar
 
 import httpx
 
-from hypeman_images.errors import (
-    HypemanError,
-    NotFound,
-    RegistryError,
-    TransientError,
-)
-from hypeman_images.oci.digest import Digest
+from hypeman_images.errors import RegistryError, TransientError
 from hypeman_images.oci.reference import Reference
-from hypeman_images.oci.spec import (
-    ACCEPT_MANIFESTS,
-    Descriptor,
-    media_type_of,
-)
+from hypeman_images.oci.spec import Descriptor
 from hypeman_images.registry.auth import RegistryAuth, TokenCache, pull_scope
 from hypeman_images.registry.config import RegistryConfig
 from hypeman_images.registry.credentials import (
@@ -58,53 +46,16 @@ from hypeman_images.registry.credentials import (
     CredentialSource,
     StaticCredentials,
 )
-from hypeman_images.registry.download import Download
-from hypeman_images.registry.manifests import check_manifest_digest, read_document
+from hypeman_images.registry.download import open_download
+from hypeman_images.registry.endpoints import Endpoint, endpoints_for
+from hypeman_images.registry.manifests import FetchedManifest, fetch_manifest
 from hypeman_images.registry.responses import error_for, log_rate_limit
 from hypeman_images.registry.retry import retrying, translating
 from hypeman_images.registry.schemes import Schemes
 from hypeman_images.registry.speed import SpeedLimitedTransport
 from hypeman_images.registry.transport import HostTransport
 
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 USER_AGENT = "hypeman-images/0.1"
-# buildkit marks attestation manifests in an index this way (platform unknown/unknown).
-_FOREIGN_TYPES = frozenset(
-    {
-        "application/vnd.oci.image.layer.nondistributable.v1.tar",
-        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-    }
-)
-
-
-@dataclass(frozen=True)
-class FetchedManifest:
-    """A manifest or index exactly as the registry sent it, with its verified digest."""
-
-    data: bytes
-    media_type: str
-    digest: Digest
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where requests for a registry go: the registry itself or one of its mirrors.
-
-    ``registry`` is the name credentials are looked up under; ``host`` the API
-    host, whose scheme the client decides when it first sends there.
-    """
-
-    registry: str
-    host: str
-    mirror: bool = False
-
-    def path(self, repository: str, rest: str) -> str:
-        """The API path of ``rest`` (``manifests/<tag>``, ``blobs/<digest>``) in ``repository``."""
-        return f"/v2/{repository}/{rest}"
 
 
 class RegistryClient:
@@ -185,25 +136,7 @@ class RegistryClient:
 
     def endpoints(self, ref: Reference) -> list[Endpoint]:
         """The mirrors configured for ``ref``'s registry, then the registry itself."""
-        out = [
-            Endpoint(m.location, m.location, mirror=True)
-            for m in self.config.mirrors_for(ref.registry)
-        ]
-        out.append(Endpoint(ref.registry, ref.api_host))
-        return out
-
-    def _first_success(self, ref: Reference, fetch: Callable[[Endpoint], T]) -> T:
-        endpoints = self.endpoints(ref)
-        for endpoint in endpoints[:-1]:
-            try:
-                return fetch(endpoint)
-            except NotFound as exc:
-                # A mirror that lacks an image is normal (containerd logs "trying next
-                # host - response was http.StatusNotFound" at info level too).
-                log.info("mirror %s lacks it, trying the next: %s", endpoint.host, exc)
-            except HypemanError as exc:
-                log.warning("mirror %s failed for %s, trying the next: %s", endpoint.host, ref, exc)
-        return fetch(endpoints[-1])
+        return endpoints_for(self.config, ref)
 
     def check_login(self, registry: str, credential: Credential) -> None:
         """Check ``credential`` against ``registry`` as ``docker login`` does (``GET /v2/``).
@@ -226,7 +159,7 @@ class RegistryClient:
 
         retrying(attempt, self.config)
 
-    # -- manifests -----------------------------------------------------------------
+    # -- what a pull reads -----------------------------------------------------------
 
     def get_manifest(self, ref: Reference, deadline: float | None = None) -> FetchedManifest:
         """Fetch the manifest or index ``ref`` names, by digest if it has one, else by tag.
@@ -235,58 +168,18 @@ class RegistryClient:
         must equal ``Docker-Content-Digest`` when the registry sends one.
         ``deadline`` (``time.monotonic()``; default ``config.manifest_timeout``
         from now) bounds every attempt on every endpoint: past it, a
-        ``TransientError`` that is not retried.
+        ``TransientError`` that is not retried. See :func:`.manifests.fetch_manifest`.
         """
         if deadline is None:
             deadline = time.monotonic() + self.config.manifest_timeout
-        return self._first_success(
-            ref, lambda endpoint: self._get_manifest(endpoint, ref, deadline)
+        return fetch_manifest(
+            ref,
+            deadline,
+            endpoints=self.endpoints(ref),
+            send=self._send,
+            config=self.config,
+            schemes=self._schemes,
         )
-
-    def _get_manifest(self, endpoint: Endpoint, ref: Reference, deadline: float) -> FetchedManifest:
-        target = str(ref.digest) if ref.digest else ref.tag or "latest"
-        subject = f"manifest {ref}"
-        path = endpoint.path(ref.repository, f"manifests/{target}")
-        headers = {"Accept": ", ".join(ACCEPT_MANIFESTS)}
-
-        def expired() -> TransientError:
-            return TransientError(
-                f"{endpoint.host}: no whole answer for {subject} within the "
-                f"{self.config.manifest_timeout:g} s manifest deadline "
-                f"(--manifest-timeout S to wait longer)"
-            )
-
-        def fetch() -> tuple[bytes, str | None, str | None]:
-            timeout = _within(deadline, self.config, expired)
-            response = self._send(endpoint, ref, path, headers, subject, timeout=timeout)
-            with translating(endpoint.host, subject, self.config, self._schemes):
-                try:
-                    data = read_document(
-                        response, subject, self.config.max_manifest_bytes, deadline, expired
-                    )
-                finally:
-                    response.close()
-            return (
-                data,
-                response.headers.get("Content-Type"),
-                response.headers.get("Docker-Content-Digest"),
-            )
-
-        def attempt() -> tuple[bytes, str | None, str | None]:
-            try:
-                return fetch()
-            except TransientError as exc:
-                # A timeout cut short to fit the deadline: the deadline is the cause.
-                if time.monotonic() < deadline:
-                    raise
-                raise expired() from exc
-
-        data, header_type, header_digest = retrying(attempt, self.config, deadline)
-        digest = check_manifest_digest(data, ref, header_digest, endpoint)
-        limit = self.config.max_manifest_bytes
-        return FetchedManifest(data, media_type_of(data, header_type, limit), digest)
-
-    # -- blobs ---------------------------------------------------------------------
 
     @contextmanager
     def open_blob(self, ref: Reference, descriptor: Descriptor) -> Iterator[Iterator[bytes]]:
@@ -295,66 +188,15 @@ class RegistryClient:
         Unverified: wrap the chunks in a ``VerifyingStream``. A connection that
         drops mid-way is resumed with ``Range`` (``config.resume_attempts`` times).
         Foreign layers come from their ``urls`` only if ``allow_foreign_layers``.
+        See :func:`.download.open_download`.
         """
-        subject = f"blob {descriptor.digest} of {ref.name}"
-        download: Download | None = None
-        if self.config.allow_foreign_layers and descriptor.media_type in _FOREIGN_TYPES:
-            download = self._open_foreign(descriptor, subject)
-        if download is None:
-            download = self._first_success(
-                ref, lambda endpoint: self._open_blob(endpoint, ref, descriptor, subject)
-            )
+        download = open_download(
+            ref, descriptor, endpoints=self.endpoints(ref), send=self._send, config=self.config
+        )
         try:
             yield download.chunks()
         finally:
             download.close()
-
-    def _open_blob(
-        self, endpoint: Endpoint, ref: Reference, descriptor: Descriptor, subject: str
-    ) -> Download:
-        path = endpoint.path(ref.repository, f"blobs/{descriptor.digest}")
-        opener = self._ranged_opener(endpoint, ref, path, subject)
-        try:
-            return Download(opener, descriptor.size, self.config, subject)
-        except NotFound as exc:
-            if descriptor.media_type in _FOREIGN_TYPES and descriptor.urls:
-                raise NotFound(
-                    f"{exc.detail}; it is a foreign (non-distributable) layer, which its image "
-                    f"says to fetch from {descriptor.urls[0]}",
-                    hint="allow that with --allow-foreign-layers "
-                    "(allow-foreign-layers = true in registries.conf)",
-                    api_hint="the server's registries.conf can allow that "
-                    "(allow-foreign-layers = true)",
-                ) from exc
-            raise
-
-    def _ranged_opener(
-        self, endpoint: Endpoint, ref: Reference | None, url: str, subject: str
-    ) -> Callable[[int], httpx.Response]:
-        """A function that (re)opens ``url`` (or API path) from a byte offset, for resuming."""
-
-        def opener(offset: int) -> httpx.Response:
-            # Identity encoding: the digest covers the bytes as stored, not a re-encoding.
-            headers = {"Accept-Encoding": "identity"}
-            if offset:
-                headers["Range"] = f"bytes={offset}-"
-            return retrying(lambda: self._send(endpoint, ref, url, headers, subject), self.config)
-
-        return opener
-
-    def _open_foreign(self, descriptor: Descriptor, subject: str) -> Download | None:
-        for url in descriptor.urls:
-            parsed = httpx.URL(url)
-            if parsed.scheme not in ("http", "https"):
-                continue
-            host = parsed.netloc.decode("ascii")
-            endpoint = Endpoint(host, host)
-            opener = self._ranged_opener(endpoint, None, url, subject)
-            try:
-                return Download(opener, descriptor.size, self.config, subject)
-            except HypemanError as exc:
-                log.warning("foreign layer URL %s failed: %s", url, exc)
-        return None
 
     # -- one request ---------------------------------------------------------------
 
@@ -464,18 +306,8 @@ class RegistryClient:
         return self._http.send(request, stream=True)
 
 
-def _within(
-    deadline: float, config: RegistryConfig, expired: Callable[[], TransientError]
-) -> httpx.Timeout:
-    """The timeouts of one request that must end by ``deadline``; ``expired()`` if it has passed."""
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise expired()
-    return httpx.Timeout(
-        min(config.read_timeout, remaining), connect=min(config.connect_timeout, remaining)
-    )
-
-
+# Endpoint and FetchedManifest live in .endpoints and .manifests; they are named
+# here too for callers that import them with the client.
 __all__ = [
     "Endpoint",
     "FetchedManifest",

@@ -1,26 +1,134 @@
-"""A blob download that survives dropped connections.
+"""A blob's download: where it comes from, and resuming it after dropped connections.
 
-A registry (or the storage it redirects to) may cut a long download; the
-client resumes it with ``Range: bytes=N-`` (RFC 9110 §14.2) so that the
-caller sees every byte exactly once and its digest check still holds. A
-server that ignores Range answers 200: the bytes already delivered are then
-skipped. Resumptions are bounded by ``RegistryConfig.resume_attempts``; a
-connection slower than the low-speed limit (:mod:`.speed`) counts as dropped.
+:func:`open_download` (behind :meth:`RegistryClient.open_blob`) opens a
+blob on the first endpoint that has it (:mod:`.endpoints`: the mirrors, then
+the registry); a foreign (non-distributable) layer is asked of the URLs its
+descriptor names first, if ``allow_foreign_layers`` is set. The bytes are
+streamed raw, as stored; the caller checks them (a ``VerifyingStream``).
+
+A registry (or the storage it redirects to) may cut a long download; it is
+resumed with ``Range: bytes=N-`` (RFC 9110 §14.2) so that the caller sees
+every byte exactly once and its digest check still holds. A server that
+ignores Range answers 200: the bytes already delivered are then skipped.
+Resumptions are bounded by ``RegistryConfig.resume_attempts``; a connection
+slower than the low-speed limit (:mod:`.speed`) counts as dropped.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import httpx
 
-from hypeman_images.errors import RegistryError, TransientError
+from hypeman_images.errors import HypemanError, NotFound, RegistryError, TransientError
+from hypeman_images.oci.reference import Reference
+from hypeman_images.oci.spec import Descriptor
 from hypeman_images.registry.config import RegistryConfig
+from hypeman_images.registry.endpoints import Endpoint, Send, first_success
+from hypeman_images.registry.retry import retrying
 from hypeman_images.registry.speed import TooSlow
 
 log = logging.getLogger(__name__)
 _SLOW_HINT = " (too slow: --low-speed-limit BYTES and --low-speed-time S set the limit)"
+# Non-distributable ("foreign") layers: the registry may lack them, and their
+# descriptor's urls say where they are (image-spec layer.md, descriptor.md "urls").
+_FOREIGN_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    }
+)
+
+
+def open_download(
+    ref: Reference,
+    descriptor: Descriptor,
+    *,
+    endpoints: Sequence[Endpoint],
+    send: Send,
+    config: RegistryConfig,
+) -> Download:
+    """The download of a blob of ``ref``'s repository, its first response open.
+
+    A foreign layer comes from its ``urls`` only if ``config.allow_foreign_layers``,
+    and from ``endpoints`` when none of them answers; any other blob from the
+    first of ``endpoints`` that has it. ``send`` sends each GET.
+    """
+    subject = f"blob {descriptor.digest} of {ref.name}"
+    if config.allow_foreign_layers and descriptor.media_type in _FOREIGN_TYPES:
+        download = _open_foreign(descriptor, subject, send, config)
+        if download is not None:
+            return download
+    return first_success(
+        endpoints,
+        ref,
+        lambda endpoint: _open_blob(endpoint, ref, descriptor, subject, send, config),
+    )
+
+
+def _open_blob(
+    endpoint: Endpoint,
+    ref: Reference,
+    descriptor: Descriptor,
+    subject: str,
+    send: Send,
+    config: RegistryConfig,
+) -> Download:
+    path = endpoint.path(ref.repository, f"blobs/{descriptor.digest}")
+    opener = _ranged_opener(send, endpoint, ref, path, subject, config)
+    try:
+        return Download(opener, descriptor.size, config, subject)
+    except NotFound as exc:
+        if descriptor.media_type in _FOREIGN_TYPES and descriptor.urls:
+            raise NotFound(
+                f"{exc.detail}; it is a foreign (non-distributable) layer, which its image "
+                f"says to fetch from {descriptor.urls[0]}",
+                hint="allow that with --allow-foreign-layers "
+                "(allow-foreign-layers = true in registries.conf)",
+                api_hint="the server's registries.conf can allow that "
+                "(allow-foreign-layers = true)",
+            ) from exc
+        raise
+
+
+def _open_foreign(
+    descriptor: Descriptor, subject: str, send: Send, config: RegistryConfig
+) -> Download | None:
+    for url in descriptor.urls:
+        parsed = httpx.URL(url)
+        if parsed.scheme not in ("http", "https"):
+            continue
+        host = parsed.netloc.decode("ascii")
+        endpoint = Endpoint(host, host)
+        opener = _ranged_opener(send, endpoint, None, url, subject, config)
+        try:
+            return Download(opener, descriptor.size, config, subject)
+        except HypemanError as exc:
+            log.warning("foreign layer URL %s failed: %s", url, exc)
+    return None
+
+
+def _ranged_opener(
+    send: Send,
+    endpoint: Endpoint,
+    ref: Reference | None,
+    url: str,
+    subject: str,
+    config: RegistryConfig,
+) -> Callable[[int], httpx.Response]:
+    """A function that (re)opens ``url`` (or API path) from a byte offset, for resuming."""
+
+    def opener(offset: int) -> httpx.Response:
+        # Identity encoding: the digest covers the bytes as stored, not a re-encoding.
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        return retrying(lambda: send(endpoint, ref, url, headers, subject), config)
+
+    return opener
 
 
 class Download:
