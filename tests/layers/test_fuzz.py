@@ -11,7 +11,9 @@ The rule: on any input, a parser returns a value or raises a
 - the tar reader and the flattener (layer input), on raw bytes, on valid tars
   with bytes flipped or cut, and on tars of hostile entry specs; merged paths
   never leave the root;
-- the decompressors, on corrupted gzip and zstd streams.
+- the decompressors, on corrupted gzip and zstd streams;
+- a disk cache's artifact manifests, configs and referrers indexes, and a
+  registry's error bodies (the fleet's input).
 
 Runs are bounded for CI (``max_examples`` below); ``fuzz/`` has atheris
 entry points for longer runs. Crashes found become the explicit examples
@@ -30,20 +32,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import zstandard
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from support.fleet import FAST, artifact_of, recipe_for, subject_for
 from support.images import make_image, make_layer
 from support.tar import TarEntry, build_tar
 
 from hypeman_images.errors import HypemanError
+from hypeman_images.fleet.artifact import ARTIFACT_TYPE, check_artifact, parse_manifest
+from hypeman_images.fleet.config import DiskConfig
 from hypeman_images.layers.compression import open_decompressed
 from hypeman_images.layers.limits import Limits
 from hypeman_images.layers.merge import merge
 from hypeman_images.layers.scan import scan_layer
 from hypeman_images.oci.digest import Digest
-from hypeman_images.oci.reference import parse_reference
+from hypeman_images.oci.reference import Reference, parse_reference
 from hypeman_images.oci.spec import (
     OCI_INDEX,
     OCI_MANIFEST,
@@ -51,6 +57,9 @@ from hypeman_images.oci.spec import (
     parse_config,
     parse_manifest_or_index,
 )
+from hypeman_images.registry.client import RegistryClient
+from hypeman_images.registry.referrers import list_referrers
+from hypeman_images.registry.responses import error_details
 from hypeman_images.store.images import ImageStore
 
 FUZZ = settings(
@@ -161,6 +170,8 @@ def _documents() -> st.SearchStrategy[bytes]:
     None,
 )
 @example(b"[" * 100_000 + b"]" * 100_000, OCI_MANIFEST, None)
+# A number past int()'s digit limit raised a bare ValueError (tests/oci/test_wire.py).
+@example(b'{"schemaVersion":2,"x":' + b"9" * 5000 + b"}", OCI_MANIFEST, None)
 def test_manifest_and_config_parsers(data: bytes, media_type: str, header: str | None) -> None:
     for parse in (
         lambda: media_type_of(data, header),
@@ -169,6 +180,67 @@ def test_manifest_and_config_parsers(data: bytes, media_type: str, header: str |
     ):
         with contextlib.suppress(HypemanError):
             parse()
+
+
+# -- a disk cache's documents and a registry's answers --------------------------------------
+
+ARTIFACT = artifact_of(b"disk" * 1000, subject_for("fuzz"), recipe_for(subject_for("fuzz")))
+INDEX = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [ARTIFACT.referrer().to_json()]}
+ERROR = {"errors": [{"code": "DENIED", "message": "no", "detail": {"a": [1]}}]}
+
+
+def _answers(real: list[Any]) -> st.SearchStrategy[bytes]:
+    """Raw bytes, any JSON, and ``real`` documents with one value replaced."""
+    mutated = st.builds(
+        lambda doc, path, value: json.dumps(_replace_somewhere(doc, path, value)).encode(),
+        st.sampled_from(real),
+        st.lists(st.integers(0, 20), max_size=5),
+        json_values,
+    )
+    return st.one_of(
+        st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode()), mutated
+    )
+
+
+@FUZZ
+@given(_answers([json.loads(ARTIFACT.manifest.data), json.loads(ARTIFACT.config_data)]))
+@example(ARTIFACT.manifest.data.replace(b'offset":"0"', b'offset":"' + b"1" * 5000 + b'"'))
+@example(b'{"disk_size":' + b"9" * 5000 + b"}")
+@example(b"[" * 100_000)
+def test_disk_artifact_parsers(data: bytes) -> None:
+    """A disk cache's manifest and config: parsed and held to each other, or refused."""
+    with contextlib.suppress(HypemanError):
+        manifest = parse_manifest(data, Digest.of(data))
+        check_artifact(manifest, ARTIFACT.config, ARTIFACT.config_data, manifest.subject.digest)
+    with contextlib.suppress(HypemanError):
+        config = DiskConfig.parse(data)
+        check_artifact(ARTIFACT.manifest, config, data, ARTIFACT.manifest.subject.digest)
+
+
+@FUZZ
+@given(_answers([INDEX, ERROR]))
+@example(b'{"errors":' + b"9" * 5000 + b"}")
+@example(b"[" * 100_000)
+def test_referrers_index_and_error_bodies(data: bytes) -> None:
+    """The fallback tag's index as anyone may write it, and an error body as any registry
+    may send it. httpx's MockTransport stands in for the registry: docker-registry checks
+    what is pushed to it and could not serve most of these."""
+    codes, message = error_details(data)
+    assert all(isinstance(code, str) for code in codes) and isinstance(message, str)
+
+    def registry(request: httpx.Request) -> httpx.Response:
+        if "/referrers/" in request.url.path:
+            return httpx.Response(404)
+        return httpx.Response(200, content=data, headers={"Content-Type": OCI_INDEX})
+
+    subject = ARTIFACT.manifest.subject.digest
+    repo = Reference("registry.example", "cache/disks")
+    with (
+        RegistryClient(transport=httpx.MockTransport(registry), config=FAST) as client,
+        contextlib.suppress(HypemanError),
+    ):
+        found = list_referrers(client, repo, subject, ARTIFACT_TYPE)
+        assert all(entry.artifact_type == ARTIFACT_TYPE for entry in found.entries)
 
 
 # -- layers ----------------------------------------------------------------------------------
@@ -214,6 +286,10 @@ def _flatten(layers: list[bytes]) -> None:
 @given(st.lists(st.lists(entries, max_size=8), min_size=1, max_size=3))
 # An opaque marker under a ".wh." directory made that directory (found by this test).
 @example([[TarEntry("char", b".wh./.wh..wh..opq")]])
+# A sparse map's count past int()'s digit limit raised a bare ValueError.
+@example(
+    [[TarEntry("file", b"f", pax={"GNU.sparse.map": b"0,0", "GNU.sparse.numblocks": b"9" * 5000})]]
+)
 def test_flatten_hostile_entry_specs(layers: list[list[TarEntry]]) -> None:
     _flatten([build_tar(layer) for layer in layers])
 
@@ -277,7 +353,9 @@ ATHERIS_RUNS = 500
 
 
 def test_every_atheris_target_is_run_below() -> None:
-    assert ATHERIS_TARGETS == ["fuzz_documents.py", "fuzz_layer.py", "fuzz_reference.py"]
+    assert ATHERIS_TARGETS == [
+        "fuzz_artifacts.py", "fuzz_documents.py", "fuzz_layer.py", "fuzz_reference.py",
+    ]  # fmt: skip
 
 
 @pytest.mark.slow

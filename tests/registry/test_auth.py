@@ -30,12 +30,19 @@ from support.authregistries import (
 )
 from support.authregistries import basic_registry as basic_registry_at
 from support.authregistries import token_registry as token_registry_at
+from support.faultproxy import Fault, fault_proxy
 from support.images import make_image, make_layer, push_image
 
-from hypeman_images.errors import RateLimited, Unauthorized
+from hypeman_images.errors import RateLimited, RegistryError, Unauthorized
 from hypeman_images.oci.digest import Digest, VerifyingStream
 from hypeman_images.oci.reference import Reference, parse_reference
-from hypeman_images.oci.spec import OCI_MANIFEST, Descriptor, Manifest, parse_manifest_or_index
+from hypeman_images.oci.spec import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    Manifest,
+    parse_manifest_or_index,
+)
 from hypeman_images.registry.auth import Challenge, TokenCache, parse_challenges
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.registry.config import RegistryConfig
@@ -46,6 +53,8 @@ from hypeman_images.registry.credentials import (
     default_credentials,
 )
 from hypeman_images.registry.login import login
+from hypeman_images.registry.push import push_blob
+from hypeman_images.registry.referrers import list_referrers
 
 FAST = RegistryConfig(backoff_base=0.0, max_attempts=2)
 MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST}).encode()
@@ -275,6 +284,34 @@ def test_token_server_429_is_rate_limited() -> None:
         pytest.raises(RateLimited, match="retry after 7 s"),
     ):
         client.get_manifest(Reference("registry.example", "a/b", "t"))
+
+
+@pytest.mark.parametrize(
+    "lifetime", [b"[300]", b'"300"', b"NaN", b"true"], ids=["list", "string", "nan", "bool"]
+)
+def test_a_token_whose_lifetime_is_no_number_is_refused(lifetime: bytes) -> None:
+    # A mock token server: docker's token spec makes expires_in an integer of seconds.
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.example":
+            return httpx.Response(200, content=b'{"token":"t","expires_in":' + lifetime + b"}")
+        return httpx.Response(
+            401, headers={"WWW-Authenticate": 'Bearer realm="https://auth.example/token"'}
+        )
+
+    with (
+        RegistryClient(transport=httpx.MockTransport(handler), config=FAST) as client,
+        pytest.raises(RegistryError, match="expires_in"),
+    ):
+        client.get_manifest(Reference("registry.example", "a/b", "t"))
+
+
+def test_a_token_of_an_endless_lifetime_is_kept() -> None:
+    # 4300 digits, the most json reads, overflow a float: the token never expires here.
+    fake = FakeRegistry(lifetime=10**4299)
+    with _client(fake) as client:
+        for _ in range(2):
+            client.get_manifest(Reference("registry.example", "a/b", "t"))
+    assert len(fake.token_requests) == 1
 
 
 # -- against a real docker-registry (support.authregistries) ------------------------------
@@ -620,12 +657,15 @@ class _Recorder(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.seen.append((self.path, self.headers.get("Authorization")))
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
         status, headers, body = self.answer()
         self.send_response(status)
         for name, value in {**headers, "Content-Length": str(len(body))}.items():
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
+
+    do_PUT = do_GET
 
     def log_message(self, *args: object) -> None:
         pass
@@ -707,3 +747,61 @@ def _blob_or_refusal(client: RegistryClient, ref: Reference, descriptor: Descrip
     except Unauthorized:
         return b""
     return data
+
+
+def _bob_at(host: str) -> StaticCredentials:
+    return StaticCredentials({host: Credential("bob", "builder", origin="t")})
+
+
+def _challenging(req: _Recorder) -> tuple[int, dict[str, str], bytes]:
+    """Another origin that asks for basic credentials, as a thief would."""
+    if req.headers.get("Authorization"):
+        return 201, {}, b""
+    return 401, {"WWW-Authenticate": 'Basic realm="elsewhere"'}, b""
+
+
+def test_an_upload_location_on_another_origin_gets_no_credentials(
+    basic_registry: Reference,
+) -> None:
+    # The real registry, behind the fault proxy, which answers the upload's POST with a
+    # Location on another server (containerd drops its authorizer there too).
+    blob = secrets.token_bytes(1000)
+    with (
+        _recording_server(_challenging) as (elsewhere, seen),
+        fault_proxy(f"http://{basic_registry.registry}") as proxy,
+    ):
+        location = {"Location": f"http://{elsewhere}/v2/team/app/blobs/uploads/x?_state=y"}
+        proxy.add(Fault("/blobs/uploads/", "replace", method="POST", status=202, headers=location))
+        repo = replace(basic_registry, registry=proxy.host)
+        with (
+            RegistryClient(credentials=_bob_at(proxy.host), config=FAST) as client,
+            pytest.raises(Unauthorized, match=f"{elsewhere}, which refused it") as caught,
+        ):
+            push_blob(client, repo, Digest.of(blob), blob)
+        said = proxy.requests("/blobs/uploads/", "POST")
+    assert said and seen, "the POST went to the registry, the PUT elsewhere"
+    assert all(auth is None for _, auth in seen), seen
+    assert "builder" not in str(caught.value)
+
+
+def test_a_referrers_link_to_another_origin_gets_no_credentials(
+    basic_registry: Reference,
+) -> None:
+    # The registry's referrers answer (served by the proxy: distribution 2.8 has no such
+    # API) links its next page to another server, which asks for credentials.
+    subject = Digest.of(b"subject")
+    with (
+        _recording_server(_challenging) as (elsewhere, seen),
+        fault_proxy(f"http://{basic_registry.registry}") as proxy,
+    ):
+        page = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
+        link = f'<http://{elsewhere}/v2/team/app/referrers/{subject}?n=2>; rel="next"'
+        headers = {"Content-Type": OCI_INDEX, "Link": link}
+        proxy.add(Fault("/referrers/", "replace", status=200, body=page, headers=headers))
+        repo = replace(basic_registry, registry=proxy.host)
+        with (
+            RegistryClient(credentials=_bob_at(proxy.host), config=FAST) as client,
+            pytest.raises(Unauthorized, match=f"{elsewhere}, which refused it"),
+        ):
+            list_referrers(client, repo, subject)
+    assert seen and all(auth is None for _, auth in seen), seen

@@ -364,6 +364,19 @@ def test_connection_errors_are_transient_and_retried() -> None:
     assert isinstance(caught.value.__cause__, TransientError)
 
 
+@pytest.mark.parametrize("value", ["1e999", "inf", "nan", "soon"])
+def test_a_retry_after_that_is_no_delay_is_left_out(value: str) -> None:
+    # A mock, as above: a delay no one can wait is not repeated to the caller.
+    transport, _ = _sequence(httpx.Response(429, headers={"Retry-After": value}))
+    with (
+        RegistryClient(transport=transport, config=FAST) as c,
+        pytest.raises(RateLimited) as caught,
+    ):
+        c.get_manifest(REF)
+    assert caught.value.retry_after is None
+    assert "retry after" not in str(caught.value)
+
+
 def test_other_4xx_keeps_status_and_codes() -> None:
     # A mock: the status and codes are what matter.
     body = {"errors": [{"code": "DENIED", "message": "requested access is denied"}]}
@@ -376,6 +389,22 @@ def test_other_4xx_keeps_status_and_codes() -> None:
     assert (caught.value.status, caught.value.codes) == (400, ("DENIED",))
     assert "requested access is denied" in str(caught.value)
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"errors":' + b"9" * 5000 + b"}", b"[" * 100_000],
+    ids=["long-number", "deep"],
+)
+def test_an_error_body_no_parser_takes_is_still_the_status(body: bytes) -> None:
+    # A mock: a registry's error body is whatever it sends (tests/oci/test_wire.py).
+    transport, _ = _sequence(httpx.Response(400, content=body))
+    with (
+        RegistryClient(transport=transport, config=FAST) as c,
+        pytest.raises(RegistryError) as caught,
+    ):
+        c.get_manifest(REF)
+    assert (caught.value.status, caught.value.codes) == (400, ())
 
 
 def test_manifest_code_not_found_without_404() -> None:
@@ -514,6 +543,39 @@ def test_a_dropped_blob_download_resumes(alpine_ref: PushedImage, honour_range: 
     # that arrived before the drop are kept, whatever the chunking.
     second = "bytes=3000000-" if honour_range else "bytes=1500000-"
     assert flaky.ranges == [None, "bytes=1500000-", second]
+
+
+class _RangeLiar(_Flaky):
+    """A resumed blob whose ``Content-Range`` says ``said`` instead of the real start."""
+
+    def __init__(self, said: str) -> None:
+        super().__init__(cut=1_500_000)
+        self.said = said
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if response.status_code == 206:
+            response.headers["Content-Range"] = self.said
+        return response
+
+
+@pytest.mark.parametrize(
+    "said",
+    ["bytes \u00b2500000-2999999/3000000", "bytes " + "1" * 5000 + "-2/3", "bytes 0-9/10"],
+    ids=["superscript-digit", "long-number", "another-start"],
+)
+def test_a_resumed_range_that_starts_elsewhere_is_refused(
+    alpine_ref: PushedImage, said: str
+) -> None:
+    # Wraps the real registry, as above; only the 206's Content-Range is rewritten.
+    ref = parse_reference(alpine_ref.ref)
+    layer = alpine_ref.image.layers[0]
+    descriptor = Descriptor(layer.media_type, Digest.parse(layer.digest), layer.size)
+    with (
+        RegistryClient(transport=_RangeLiar(said), config=FAST) as c,
+        pytest.raises(RegistryError, match="asked to resume at byte 1500000"),
+    ):
+        _download(c, ref, descriptor)
 
 
 def test_resumption_is_bounded(alpine_ref: PushedImage) -> None:

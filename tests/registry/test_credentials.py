@@ -290,6 +290,16 @@ def test_malformed_auth_is_an_error_without_the_secret(tmp_path: Path) -> None:
     assert "notbase64" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "text", [b'{"auths":' + b"9" * 5000 + b"}", b"[" * 100_000], ids=["long-number", "deep"]
+)
+def test_an_auth_file_no_parser_takes_is_a_clear_error(tmp_path: Path, text: bytes) -> None:
+    path = tmp_path / "config.json"
+    path.write_bytes(text)
+    with pytest.raises(InvalidArgument, match=r"config\.json is not valid JSON"):
+        AuthFile(path).get("quay.io")
+
+
 def test_secrets_are_not_in_repr() -> None:
     text = repr(Credential("al", "hunter2", "tok", origin="x"))
     assert "hunter2" not in text and "tok'" not in text

@@ -28,7 +28,7 @@ import re
 import subprocess
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -487,6 +487,34 @@ def diff_id_count(canary: Path) -> HostileCase:
     return HostileCase("diff-id-count", image, LayerError, r"diff_ids")
 
 
+LONG_NUMBER = b"9" * 5000  # past int()'s digit limit (sys.get_int_max_str_digits)
+
+
+def _with_field(document: bytes, value: bytes) -> bytes:
+    """``document`` (a JSON object) with one more field, ``"x"``, of raw JSON ``value``."""
+    assert document.rstrip().endswith(b"}")
+    return document.rstrip()[:-1] + b',"x":' + value + b"}"
+
+
+def long_number_in_manifest(canary: Path) -> HostileCase:
+    """A field no parser knows, holding a 5000-digit number: docker-registry stores it."""
+    image = make_image([make_layer(_base_files())])
+    image = replace(image, manifest=_with_field(image.manifest, LONG_NUMBER))
+    return HostileCase(
+        "long-number-in-manifest", image, LayerError, r"more than \d+ digits", stage="resolve"
+    )
+
+
+def long_number_in_config(canary: Path) -> HostileCase:
+    """The same in the image config (a blob: any bytes), which the manifest names."""
+    image = make_image([make_layer(_base_files())])
+    config = _with_field(image.config, LONG_NUMBER)
+    doc = json.loads(image.manifest)
+    doc["config"].update(digest=sha256_digest(config), size=len(config))
+    image = replace(image, config=config, manifest=json.dumps(doc).encode())
+    return HostileCase("long-number-in-config", image, LayerError, r"more than \d+ digits")
+
+
 def _malformed_digest(name: str, digest: str) -> Callable[[Path], HostileCase]:
     def build(canary: Path) -> HostileCase:
         image = make_image([make_layer(_base_files())])
@@ -542,6 +570,8 @@ CASES: tuple[Callable[[Path], HostileCase], ...] = (
     wrong_layer_size,
     diff_id_mismatch,
     diff_id_count,
+    long_number_in_manifest,
+    long_number_in_config,
     _malformed_digest("digest-not-hex", "sha256:" + "z" * 64),
     _malformed_digest("digest-traversal", "sha256:../../../../../../etc/passwd"),
     _malformed_digest("digest-short", "sha256:1234"),

@@ -12,6 +12,7 @@ temp disk that recovery or the next pull removes before finishing the job.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ from support.service import CLI
 
 from hypeman_images.build.diskcache import recorded_recipe
 from hypeman_images.build.metrics import parse
+from hypeman_images.fleet.artifact import ARTIFACT_TYPE, annotations_for
 from hypeman_images.fleet.cache import CacheMode
 from hypeman_images.fleet.config import DiskConfig, Runtime
 from hypeman_images.fleet.pack import compress_chunk
@@ -39,8 +41,10 @@ from hypeman_images.fleet.push import push_disk
 from hypeman_images.fleet.recipe import Recipe
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
-from hypeman_images.oci.spec import Descriptor
+from hypeman_images.oci.spec import OCI_INDEX, OCI_MANIFEST, Descriptor
 from hypeman_images.registry.client import RegistryClient
+from hypeman_images.registry.push import put_manifest
+from hypeman_images.registry.referrers import fallback_tag
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,44 @@ def test_an_artifact_that_lies(
     assert metrics['hypeman_images_disk_cache_pushes_total{outcome="success"}'] == 1
     with host(tmp_path / "c", repo, mode=CacheMode.PULL) as c:
         assert c.pull(alpine_ref.ref).disk.read_bytes() == built.disk
+
+
+LONG_NUMBER = b"9" * 5000  # past int()'s digit limit: json.loads raised a bare ValueError
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    # The artifact is read as any manifest is (oci.spec: a malformed document, bad_layer).
+    [("artifact", "bad_layer"), ("index", "registry_error")],
+)
+def test_a_document_with_a_number_no_parser_takes(
+    where: str, reason: str, registry: RegistryServer, alpine_ref: PushedImage, built: Built,
+    client: RegistryClient, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """docker-registry stores a manifest or index with a field it does not know, whatever
+    number it holds; the lookup must refuse it as a bad document, not crash the pull."""
+    repo = cache_repo(registry.host, f"long-number-{where}")
+    config = DiskConfig(built.recipe, built.runtime, len(built.disk), Digest.of(built.disk), CHUNK)
+    pieces = chunks_of(built.disk, CHUNK)
+    blobs, sizes = [compress_chunk(p) for p in pieces], [len(p) for p in pieces]
+    if where == "artifact":  # under the recipe's tag, where a lookup reads first
+        real = forge(client, repo, built.subject, config, blobs, sizes, fields={"x": "N"})
+        data = real.manifest.replace(b'"x":"N"', b'"x":' + LONG_NUMBER)
+        put_manifest(client, repo, built.recipe.tag, data, OCI_MANIFEST)
+    else:  # the subject's referrers index (the tag schema's), listing a sound artifact
+        real = forge(client, repo, built.subject, config, blobs, sizes)
+        entry = {"mediaType": OCI_MANIFEST, "digest": str(real.digest), "size": len(real.manifest),
+                 "artifactType": ARTIFACT_TYPE, "annotations": annotations_for(config)}  # fmt: skip
+        index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry],
+                            "x": "N"}).encode()  # fmt: skip
+        data = index.replace(b'"x": "N"', b'"x": ' + LONG_NUMBER)
+        put_manifest(client, repo, fallback_tag(built.subject.digest), data, OCI_INDEX)
+    with fault_proxy(registry.url) as proxy:
+        metrics = build_despite(proxy, repo, alpine_ref, tmp_path / "b", caplog)
+    assert fallbacks(metrics) == {reason: 1}
+    said = caplog.records[-1].getMessage()
+    assert "not valid JSON" in said and "more than 4300 digits" in said, said
+    assert "not writing over it" not in said  # a lookup reads; it writes nothing
 
 
 @pytest.mark.parametrize(

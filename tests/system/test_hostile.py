@@ -35,6 +35,7 @@ from support.hostile import (
     diff_id_mismatch,
     entry_flood,
     gzip_claims_zstd_is,
+    long_number_in_manifest,
     open_fds,
     snapshot,
     store_problems,
@@ -221,13 +222,18 @@ def test_corpus_in_one_data_dir_then_a_clean_pull(
 
 
 @pytest.mark.parametrize(
-    ("build_case", "code"),
-    [(diff_id_mismatch, 7), (gzip_claims_zstd_is, 7)],
-    ids=["diff-id-mismatch", "gzip-type-zstd-bytes"],
+    ("build_case", "code", "names"),
+    [
+        (diff_id_mismatch, 7, "layer"),
+        (gzip_claims_zstd_is, 7, "layer"),
+        (long_number_in_manifest, 7, "manifest is not valid JSON"),
+    ],
+    ids=["diff-id-mismatch", "gzip-type-zstd-bytes", "long-number-in-manifest"],
 )
 def test_cli_names_the_cause_in_one_line(
     build_case: Callable[[Path], HostileCase],
     code: int,
+    names: str,
     registry: RegistryServer,
     proxy: FaultProxy,
     data_dir: Path,
@@ -242,7 +248,7 @@ def test_cli_names_the_cause_in_one_line(
     )
     assert result.returncode == code, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("hypeman-images:")]
-    assert len(errors) == 1 and "layer" in errors[0], result.stderr
+    assert len(errors) == 1 and names in errors[0], result.stderr
     assert "Traceback" not in result.stderr
 
 

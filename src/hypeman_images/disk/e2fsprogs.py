@@ -30,6 +30,7 @@ from pathlib import Path
 
 from hypeman_images.errors import StorageError, ToolError
 from hypeman_images.fsutil import write_atomic
+from hypeman_images.oci.wire import load_json
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ def _recall(
     tar); the tools are located again, never taken from the file.
     """
     try:
-        doc = json.loads(path.read_text())
+        doc = load_json(path.read_text())
         if doc["key"] != _key_text(key):
             return None
         major, minor, patch = (int(part) for part in doc["version"])

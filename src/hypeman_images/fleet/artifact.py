@@ -13,7 +13,6 @@ docs/disk-artifacts.md is the format's description.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from hypeman_images.fleet.config import CONFIG_TYPE, MAX_CONFIG_BYTES, DiskConfi
 from hypeman_images.fleet.recipe import canonical_json
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.spec import OCI_MANIFEST, Descriptor
+from hypeman_images.oci.wire import decimal, load_json
 from hypeman_images.registry.referrers import Referrer
 
 ARTIFACT_TYPE = "application/vnd.hypeman.disk.v1"
@@ -130,8 +130,8 @@ def parse_manifest(data: bytes, digest: Digest) -> ArtifactManifest:
     if len(data) > MAX_MANIFEST_BYTES:
         raise DiskArtifactInvalid(f"disk artifact {digest} is {len(data)} bytes, over the limit")
     try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        doc = load_json(data)
+    except ValueError as exc:
         raise DiskArtifactInvalid(f"disk artifact {digest} is not valid JSON") from exc
     what = f"artifact {digest}"
     if not isinstance(doc, dict) or doc.get("mediaType") != OCI_MANIFEST:
@@ -228,9 +228,10 @@ def _chunk(raw: Any, what: str) -> Chunk:
     numbers = []
     for key in (OFFSET_ANNOTATION, SIZE_ANNOTATION):
         value = annotations.get(key) if isinstance(annotations, dict) else None
-        if not isinstance(value, str) or not value.isdigit() or not value.isascii():
-            raise DiskArtifactInvalid(f"{what}: annotation {key} is {value!r}, not a number")
-        numbers.append(int(value))
+        number = decimal(value) if isinstance(value, str) else None
+        if number is None:
+            raise DiskArtifactInvalid(f"{what}: annotation {key} is {value!r:.80}, not a number")
+        numbers.append(number)
     return Chunk(numbers[0], numbers[1], blob)
 
 

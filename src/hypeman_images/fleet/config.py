@@ -15,7 +15,6 @@ of an unknown format is :class:`DiskArtifactInvalid`, naming the field.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from hypeman_images.fleet.recipe import (
     parse_format,
 )
 from hypeman_images.oci.digest import Digest
+from hypeman_images.oci.wire import load_json
 from hypeman_images.store.images import ImageRecord
 
 CONFIG_TYPE = "application/vnd.hypeman.disk.config.v1+json"
@@ -167,8 +167,8 @@ class DiskConfig:
         if len(data) > MAX_CONFIG_BYTES:
             raise DiskArtifactInvalid(f"the disk config is {len(data)} bytes, over the limit")
         try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            doc = load_json(data)
+        except ValueError as exc:
             raise DiskArtifactInvalid(f"the disk config is not valid JSON: {exc}") from exc
         if not isinstance(doc, dict):
             raise DiskArtifactInvalid("the disk config is not a JSON object")

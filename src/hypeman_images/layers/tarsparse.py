@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from hypeman_images.errors import LayerError
 from hypeman_images.layers.tar import BLOCK, parse_number
+from hypeman_images.oci.wire import decimal
 
 # A sparse file's data fragments: (offset in the file, length), ascending, disjoint.
 SparseMap = tuple[tuple[int, int], ...]
@@ -55,9 +56,10 @@ def sparse_format(pax: dict[str, bytes], where: str, ordinal: int) -> int | None
 
 
 def _decimal(text: bytes, where: str) -> int:
-    if not text.isdigit():
+    number = decimal(text.decode("ascii", "replace"))
+    if number is None:
         raise LayerError(f"{where}: corrupt sparse map: {text[:40]!r} is not a number")
-    return int(text)
+    return number
 
 
 def map_0_x(pax: dict[str, bytes], where: str) -> list[tuple[int, int]]:

@@ -7,7 +7,6 @@ appears only where decoded JSON is walked.
 
 from __future__ import annotations
 
-import json
 import platform as _platform
 import re
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ from hypeman_images.errors import (
     UnsupportedManifest,
 )
 from hypeman_images.oci.digest import Digest
+from hypeman_images.oci.wire import load_json
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -246,11 +246,9 @@ def _load(data: bytes, what: str, max_bytes: int) -> dict[str, Any]:
             f"{what} is {len(data)} bytes, over the {max_bytes} byte limit for image documents"
         )
     try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = load_json(data)
+    except ValueError as exc:
         raise LayerError(f"{what} is not valid JSON: {exc}") from exc
-    except RecursionError as exc:  # "[[[[..." nested past the interpreter's stack
-        raise LayerError(f"{what} is nested too deeply to parse") from exc
     if not isinstance(doc, dict):
         raise LayerError(f"{what} is not a JSON object")
     return doc

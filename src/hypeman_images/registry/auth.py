@@ -20,7 +20,9 @@ Credentials belong to the registry they were configured for. A ``401`` from
 another origin (scheme, host, port) — the storage a blob GET was redirected
 to — gets an anonymous token request only (its realm may be anywhere), and the
 token is sent to that origin alone, as containerd and go-containerregistry
-scope them (docs/security.md, "Credentials and redirects").
+scope them (docs/security.md, "Credentials and redirects"). A URL the
+registry hands out on another origin (a ``Location``, a ``Link``) is asked
+with :meth:`RegistryAuth.anonymous` from the start.
 
 The token request goes through ``send`` (the registry client's own
 ``httpx.Client``, so tests still swap one transport seam); it is not
@@ -32,7 +34,7 @@ naming the registry and where the credential came from, never the secret.
 from __future__ import annotations
 
 import base64
-import json
+import math
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -41,6 +43,7 @@ from dataclasses import dataclass
 import httpx
 
 from hypeman_images.errors import HypemanError, RegistryError, Unauthorized
+from hypeman_images.oci.wire import load_json
 from hypeman_images.registry.credentials import Credential, CredentialSource
 from hypeman_images.registry.responses import error_for, log_rate_limit
 
@@ -214,6 +217,16 @@ class RegistryAuth(httpx.Auth):
         self._credential: Credential | None = None
         self._looked_up = False
 
+    def anonymous(self) -> RegistryAuth:
+        """This auth without the registry's secrets: for a URL the registry handed out (an
+        upload's ``Location``, a ``Link``) on another origin, as containerd drops its
+        authorizer when a ``Location`` changes host or scheme (docs/security.md,
+        "Credentials and redirects"). Anonymous tokens only, sent there alone."""
+        return RegistryAuth(
+            registry=self.registry, scope=self.scope, credentials=None,
+            repository=self.repository, cache=self._cache, send=self._send,
+        )  # fmt: skip
+
     def credential(self) -> Credential | None:
         """The credential for this registry and repository, looked up once per flow."""
         if not self._looked_up:
@@ -344,13 +357,16 @@ class RegistryAuth(httpx.Auth):
         finally:
             response.close()
         try:
-            doc = json.loads(body)
+            doc = load_json(body)
             token = doc.get("token") or doc.get("access_token")
-            lifetime = float(doc.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, ValueError) as exc:
+            expires_in = doc.get("expires_in") or DEFAULT_TOKEN_LIFETIME
+        except (ValueError, AttributeError) as exc:
             raise RegistryError(f"token server {realm_host} sent malformed JSON") from exc
         if not isinstance(token, str) or not token:
             raise RegistryError(f"token server {realm_host} sent no token")
+        lifetime = _seconds(expires_in)
+        if lifetime is None:
+            raise RegistryError(f"token server {realm_host} sent an expires_in that is no number")
         return token, lifetime
 
     def refused(self, what: str = "the registry refused") -> HypemanError:
@@ -374,6 +390,23 @@ class RegistryAuth(httpx.Auth):
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     """RFC 6454 origin: scheme, host and port (the scheme's default when not given)."""
     return url.scheme, url.host, url.port or {"http": 80, "https": 443}.get(url.scheme)
+
+
+def same_origin(url: str, other: str) -> bool:
+    """Whether two absolute URLs share an origin (RFC 6454: scheme, host and port)."""
+    return _origin(httpx.URL(url)) == _origin(httpx.URL(other))
+
+
+def _seconds(value: object) -> float | None:
+    """A token answer's ``expires_in`` (docker's token spec: an integer of seconds; 0 or
+    absent is the default, taken before this), or None if it is not a number."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int of thousands of digits: as good as endless
+        return math.inf
+    return None if math.isnan(seconds) else seconds
 
 
 def _scope_name(scope: str) -> str:

@@ -34,10 +34,10 @@ from types import TracebackType
 
 import httpx
 
-from hypeman_images.errors import RegistryError, TransientError
+from hypeman_images.errors import RegistryError, TransientError, Unauthorized
 from hypeman_images.oci.reference import Reference
 from hypeman_images.oci.spec import Descriptor
-from hypeman_images.registry.auth import RegistryAuth, TokenCache, pull_scope
+from hypeman_images.registry.auth import RegistryAuth, TokenCache, pull_scope, same_origin
 from hypeman_images.registry.config import RegistryConfig
 from hypeman_images.registry.credentials import (
     BorrowedCredentials,
@@ -235,17 +235,17 @@ class RegistryClient:
         )
 
         def attempt() -> httpx.Response:
-            full = url
-            if url.startswith("/"):
-                full = f"{self._schemes.scheme(endpoint.host)}://{endpoint.host}{url}"
+            home = f"{self._schemes.scheme(endpoint.host)}://{endpoint.host}"
+            full = home + url if url.startswith("/") else url
+            sent = auth if same_origin(full, home) else auth.anonymous()
             request = self._http.build_request(method, full, headers=headers, content=content)
             with translating(endpoint.host, subject, self.config, self._schemes):
-                response = self._http.send(request, auth=auth, stream=True)
+                response = self._http.send(request, auth=sent, stream=True)
             if response.is_success or response.status_code in expect:
                 return response
             if response.status_code in (401, 403):
                 response.close()
-                raise auth.refused()
+                raise sent.refused() if sent is auth else _refused_elsewhere(endpoint, full)
             error = error_for(response, host=endpoint.registry, subject=subject)
             if isinstance(error, RegistryError) and set(retry_codes) & set(error.codes):
                 raise TransientError(error.detail, error.status, error.codes) from error
@@ -270,14 +270,16 @@ class RegistryClient:
         host, whose scheme is decided here (an insecure host's first request
         probes it). Without ``ref`` and ``auth``, no credentials are sent.
         """
-        if url.startswith("/"):
+        home = None
+        if url.startswith("/") or ref is not None or auth is not None:
             try:
                 scheme = self._schemes.scheme(endpoint.host)
             except TransientError as exc:
                 raise TransientError(
                     f"{exc.detail} while fetching {subject}", hint=exc.hint, api_hint=exc.api_hint
                 ) from exc
-            url = f"{scheme}://{endpoint.host}{url}"
+            home = f"{scheme}://{endpoint.host}"
+            url = home + url if url.startswith("/") else url
         if auth is None and ref is not None:
             auth = RegistryAuth(
                 registry=endpoint.registry,
@@ -288,6 +290,8 @@ class RegistryClient:
                 send=self._send_token_request,
                 registry_token=self._registry_token(endpoint.registry),
             )
+        if auth is not None and home is not None and not same_origin(url, home):
+            auth = auth.anonymous()  # as in request(): none of the registry's secrets go there
         request = self._http.build_request(
             "GET", url, headers=headers, timeout=timeout or httpx.USE_CLIENT_DEFAULT
         )
@@ -304,6 +308,16 @@ class RegistryClient:
     def _send_token_request(self, request: httpx.Request) -> httpx.Response:
         # Transport errors propagate to _send's translation, as part of that request.
         return self._http.send(request, stream=True)
+
+
+def _refused_elsewhere(endpoint: Endpoint, url: str) -> Unauthorized:
+    """A 401/403 from a URL the registry handed out on another origin, asked anonymously."""
+    where = httpx.URL(url)
+    return Unauthorized(
+        f"{endpoint.registry} sent this request to {where.scheme}://{where.netloc.decode()}, "
+        f"which refused it; the credentials of {endpoint.registry} go to {endpoint.host} only",
+        hint="the registry named that URL in a Location or Link header; check its configuration",
+    )
 
 
 # Endpoint and FetchedManifest live in .endpoints and .manifests; they are named

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hypeman_images.errors import InvalidArgument
+from hypeman_images.oci.wire import load_json
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +228,9 @@ class CredentialHelper:
         if out is None:
             return None
         try:
-            doc = json.loads(out)
+            doc = load_json(out)
             username, secret = str(doc.get("Username", "")), str(doc["Secret"])
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidArgument(f"{self.program} get answered malformed JSON") from exc
         if username == _IDENTITY_TOKEN_USER:
             return Credential(identity_token=secret, origin=self.program)
@@ -339,8 +340,8 @@ class AuthFile:
             log.warning("cannot read %s: %s", self.origin, exc)
             return {}
         try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
+            doc = load_json(text)
+        except ValueError as exc:
             raise InvalidArgument(f"{self.origin} is not valid JSON: {exc}") from exc
         if not isinstance(doc, dict):
             raise InvalidArgument(f"{self.origin} is not a JSON object")

@@ -24,6 +24,7 @@ import httpx
 from hypeman_images.errors import HypemanError, NotFound, RegistryError, TransientError
 from hypeman_images.oci.reference import Reference
 from hypeman_images.oci.spec import Descriptor
+from hypeman_images.oci.wire import decimal
 from hypeman_images.registry.config import RegistryConfig
 from hypeman_images.registry.endpoints import Endpoint, Send, first_success
 from hypeman_images.registry.retry import retrying
@@ -256,4 +257,4 @@ def _content_range_start(value: str) -> int | None:
     if unit != "bytes":
         return None
     start = spec.split("-", 1)[0]
-    return int(start) if start.isdigit() else None
+    return decimal(start)

@@ -37,6 +37,7 @@ from hypeman_images.oci.spec import (
     media_type_of,
     parse_manifest_or_index,
 )
+from hypeman_images.oci.wire import decimal
 from hypeman_images.registry.config import RegistryConfig
 from hypeman_images.registry.endpoints import Endpoint, Send, first_success
 from hypeman_images.registry.retry import retrying, translating
@@ -173,7 +174,8 @@ def read_document(
 ) -> bytes:
     """The body of a manifest response, within ``limit`` bytes and by ``deadline``."""
     length = response.headers.get("Content-Length")
-    if length and length.isdigit() and int(length) > limit:
+    declared = decimal(length) if length else None
+    if declared is not None and declared > limit:
         raise LimitExceeded(
             f"{subject} is {length} bytes, over the {limit} byte limit for manifests"
         )

@@ -46,6 +46,7 @@ from hypeman_images.errors import (
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
 from hypeman_images.oci.spec import OCI_INDEX, OCI_MANIFEST
+from hypeman_images.oci.wire import load_json
 from hypeman_images.registry.auth import pull_scope, push_scope
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.registry.push import put_manifest
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 # some answer an unknown route 400, 405 or 406, as go-containerregistry also accepts.
 _NO_API = (400, 404, 405, 406)
 _MAX_PAGES = 16  # Link rel="next" pages of one listing; a longer chain is refused
+# What a refusal adds where it stops a rewrite of the index (strict), not a mere read.
+_NOT_WRITING = {True: "; not writing over it", False: ""}
 DEFAULT_SETTLE = 1.0
 DEFAULT_ATTEMPTS = 8
 _BACKOFF_BASE = 0.05
@@ -210,7 +213,7 @@ def _from_api(
             response.close()
             return found or None
         what = f"the referrers of {subject} in {repo.name}"
-        doc = _json(_read(response, client, what), what)
+        doc = _json(_read(response, client, what), what, strict=False)
         _check_index(doc, what, strict=False)
         found.extend(doc["manifests"])
         following = _next_link(response)
@@ -242,12 +245,12 @@ def _read_index(
         return None
     kind = response.headers.get("Content-Type", "").split(";")[0].strip()
     what = f"{repo.name}:{tag}"
-    doc = _json(_read(response, client, what), what)
+    doc = _json(_read(response, client, what), what, strict=strict)
     said = doc.get("mediaType", kind) if isinstance(doc, dict) else kind
     if said != OCI_INDEX:
         raise RegistryError(
-            f"{what} holds a {said}, not the OCI index the referrers tag schema puts there; "
-            "not writing over it"
+            f"{what} holds a {said}, not the OCI index the referrers tag schema puts there"
+            + _NOT_WRITING[strict]
         )
     _check_index(doc, what, strict=strict)
     assert isinstance(doc, dict)
@@ -269,11 +272,11 @@ def _read(response: httpx.Response, client: RegistryClient, what: str) -> bytes:
     return bytes(data)
 
 
-def _json(data: bytes, what: str) -> Any:
+def _json(data: bytes, what: str, *, strict: bool) -> Any:
     try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise RegistryError(f"{what} is not valid JSON; not writing over it") from exc
+        return load_json(data)
+    except ValueError as exc:
+        raise RegistryError(f"{what} is not valid JSON ({exc})" + _NOT_WRITING[strict]) from exc
 
 
 def _check_index(doc: Any, what: str, *, strict: bool = True) -> None:
@@ -288,7 +291,7 @@ def _check_index(doc: Any, what: str, *, strict: bool = True) -> None:
         if bad:
             problem = f"has malformed descriptors at {bad[:5]}"
     if problem is not None:
-        raise RegistryError(f"{what} {problem}; not writing over it")
+        raise RegistryError(f"{what} {problem}" + _NOT_WRITING[strict])
 
 
 def _referrer(raw: Any) -> Referrer | None:

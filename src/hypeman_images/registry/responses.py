@@ -8,8 +8,8 @@ the class is chosen by status and code, never by the message text.
 from __future__ import annotations
 
 import email.utils
-import json
 import logging
+import math
 import time
 
 import httpx
@@ -21,6 +21,7 @@ from hypeman_images.errors import (
     RegistryError,
     TransientError,
 )
+from hypeman_images.oci.wire import load_json
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,9 @@ def read_capped(response: httpx.Response, limit: int = MAX_ERROR_BODY) -> bytes:
 def error_details(body: bytes) -> tuple[tuple[str, ...], str]:
     """The ``errors[].code`` values and a joined human message from an error body."""
     try:
-        doc = json.loads(body)
+        doc = load_json(body)
         errors = doc.get("errors") if isinstance(doc, dict) else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except ValueError:
         errors = None
     if not isinstance(errors, list):
         return (), _printable(body.decode("utf-8", "replace"))
@@ -84,9 +85,11 @@ def retry_after(response: httpx.Response) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:  # "1e999", "inf" and "nan" are floats too, and no delay to wait or repeat
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

@@ -28,6 +28,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hypeman_images.oci.wire import decimal
 from hypeman_images.service.settings import ServiceLimits
 from hypeman_images.service.tokens import WWW_AUTHENTICATE, bearer_matches
 
@@ -117,7 +118,8 @@ class RequestGuard:
                 {"WWW-Authenticate": WWW_AUTHENTICATE},
             )
         declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self._max_body):
+        size = decimal(declared) if declared is not None else None
+        if declared is not None and (size is None or size > self._max_body):
             return self._too_large()
         return None
 

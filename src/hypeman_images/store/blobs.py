@@ -33,6 +33,7 @@ from hypeman_images.fsutil import (
 )
 from hypeman_images.oci.digest import Digest, VerifyingStream
 from hypeman_images.oci.spec import OCI_INDEX, Descriptor
+from hypeman_images.oci.wire import load_json
 from hypeman_images.store.access import BLOB_MODE, FILE_MODE
 from hypeman_images.store.feeds import LayerFeeds
 
@@ -182,7 +183,7 @@ class BlobStore:
 
     def _read_index(self) -> list[dict[str, Any]]:
         try:
-            doc = json.loads((self.root / "index.json").read_bytes())
+            doc = load_json((self.root / "index.json").read_bytes())
             manifests = doc.get("manifests", [])
             return [m for m in manifests if isinstance(m, dict)]
         except (OSError, ValueError):

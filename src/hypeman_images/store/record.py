@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from hypeman_images.oci.wire import load_json
 from hypeman_images.store.formats import DiskFormat
 
 
@@ -115,7 +116,7 @@ class ImageRecord:
         are the tag links, so it reads as no labels, and the record is used as
         it is (no rewrite, no rebuild; tests/store/test_images.py).
         """
-        doc = json.loads(data)
+        doc = load_json(data)
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
         if isinstance(doc.get("tags"), list):
