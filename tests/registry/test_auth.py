@@ -305,6 +305,19 @@ def test_a_token_whose_lifetime_is_no_number_is_refused(lifetime: bytes) -> None
         client.get_manifest(Reference("registry.example", "a/b", "t"))
 
 
+def test_an_auth_realm_that_is_no_url_is_a_registry_error() -> None:
+    # A mock registry: docker-registry's challenge names the realm it is configured with.
+    def handler(request: httpx.Request) -> httpx.Response:
+        challenge = 'Bearer realm="http://[::1/token",service="registry.example"'
+        return httpx.Response(401, headers={"WWW-Authenticate": challenge})
+
+    with (
+        RegistryClient(transport=httpx.MockTransport(handler), config=FAST) as client,
+        pytest.raises(RegistryError, match=r"auth realm registry\.example names .* not a URL"),
+    ):
+        client.get_manifest(Reference("registry.example", "a/b", "t"))
+
+
 def test_a_token_of_an_endless_lifetime_is_kept() -> None:
     # 4300 digits, the most json reads, overflow a float: the token never expires here.
     fake = FakeRegistry(lifetime=10**4299)

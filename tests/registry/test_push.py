@@ -47,6 +47,18 @@ def test_a_blob_goes_up_once(
     assert httpx.get(url).content == data
 
 
+def test_an_upload_location_that_is_no_url_is_a_registry_error(
+    repo: Reference, registry: RegistryServer
+) -> None:
+    data = b"x" * 100
+    with fault_proxy(registry.url) as proxy, RegistryClient(config=FAST) as proxied_client:
+        located = {"Location": "http://[::1/v2/x/blobs/uploads/1"}
+        proxy.add(Fault("/blobs/uploads/", "replace", method="POST", status=202, headers=located))
+        with pytest.raises(RegistryError, match=r"Location of .* is 'http://\[::1/v2/x/blobs/"):
+            push_blob(proxied_client, replace(repo, registry=proxy.host), Digest.of(data), data)
+        assert [entry.method for entry in proxy.log] == ["HEAD", "POST"]  # no PUT anywhere
+
+
 def test_a_blob_that_is_not_its_digest_is_not_sent(client: RegistryClient, repo: Reference) -> None:
     with pytest.raises(DigestMismatch, match="they hash otherwise"):
         push_blob(client, repo, Digest.of(b"a"), b"b")

@@ -217,6 +217,18 @@ def test_the_api_answer_is_used_page_by_page(repo: Reference, registry: Registry
     assert listing.source == "api" and listing.entries == (one, two)
 
 
+def test_a_next_page_that_is_no_url_is_a_registry_error(
+    repo: Reference, registry: RegistryServer
+) -> None:
+    subject = subject_for().digest
+    page = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
+    headers = {"Content-Type": OCI_INDEX, "Link": '<http://[::1/next>; rel="next"'}
+    with fault_proxy(registry.url) as proxy, RegistryClient(config=FAST) as c:
+        proxy.add(Fault("/referrers/", "replace", status=200, body=page, headers=headers))
+        with pytest.raises(RegistryError, match=r"next page of the referrers .* not a URL"):
+            list_referrers(c, replace(repo, registry=proxy.host), subject)
+
+
 def test_a_read_that_meets_a_torn_tag_is_read_again(
     repo: Reference, registry: RegistryServer
 ) -> None:

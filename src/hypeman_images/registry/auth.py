@@ -45,7 +45,7 @@ import httpx
 from hypeman_images.errors import HypemanError, RegistryError, Unauthorized
 from hypeman_images.oci.wire import load_json
 from hypeman_images.registry.credentials import Credential, CredentialSource
-from hypeman_images.registry.responses import error_for, log_rate_limit
+from hypeman_images.registry.responses import error_for, log_rate_limit, named_url
 
 DEFAULT_TOKEN_LIFETIME = 60.0
 # Renew a little early so a token does not expire between check and use.
@@ -309,7 +309,7 @@ class RegistryAuth(httpx.Auth):
     def _token_request(
         self, challenge: Challenge, scope: str, credential: Credential | None
     ) -> httpx.Request:
-        realm = challenge.params["realm"]
+        realm = named_url(challenge.params["realm"], f"the auth realm {self.registry} names")
         service = challenge.params.get("service", "")
         if credential is not None and credential.identity_token:
             form = {

@@ -99,7 +99,10 @@ def _open_foreign(
     descriptor: Descriptor, subject: str, send: Send, config: RegistryConfig
 ) -> Download | None:
     for url in descriptor.urls:
-        parsed = httpx.URL(url)
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL:
+            parsed = httpx.URL()  # a manifest's garbage: no scheme, passed over below
         if parsed.scheme not in ("http", "https"):
             continue
         host = parsed.netloc.decode("ascii")

@@ -26,6 +26,7 @@ from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
 from hypeman_images.registry.auth import push_scope
 from hypeman_images.registry.client import RegistryClient
+from hypeman_images.registry.responses import named_url
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ def push_blob(client: RegistryClient, repo: Reference, digest: Digest, data: byt
         raise RegistryError(
             f"{repo.registry} opened an upload to {repo.name} without a Location", 202
         )
-    target = str(httpx.URL(location).copy_merge_params({"digest": str(digest)}))
+    opened = named_url(location, f"the Location of {repo.registry}'s upload")
+    target = str(opened.copy_merge_params({"digest": str(digest)}))
     headers = {"Content-Type": OCTET_STREAM}
     done = client.request(
         "PUT", repo, target, scope=scope, subject=subject, headers=headers, content=data

@@ -50,6 +50,7 @@ from hypeman_images.oci.wire import load_json
 from hypeman_images.registry.auth import pull_scope, push_scope
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.registry.push import put_manifest
+from hypeman_images.registry.responses import named_url
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def _from_api(
         following = _next_link(response)
         if following is None:
             return found
-        url = str(response.url.join(following))
+        url = str(named_url(following, f"the next page of {what}", base=response.url))
     raise LimitExceeded(f"{repo.name}: the referrers of {subject} run past {_MAX_PAGES} pages")
 
 

@@ -1,4 +1,4 @@
-"""A registry's HTTP error responses, turned into the exception tree.
+"""A registry's HTTP error responses, turned into the exception tree; what its answers name.
 
 The Distribution spec (``spec.md#error-codes``) sends failures as
 ``{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "...", "detail": ...}]}``;
@@ -77,6 +77,15 @@ MAX_CODES = 8
 def _printable(text: str) -> str:
     clean = "".join(c if c.isprintable() else " " for c in text.strip())
     return clean if len(clean) <= MAX_MESSAGE else clean[: MAX_MESSAGE - 1] + "…"
+
+
+def named_url(value: str, what: str, base: httpx.URL | None = None) -> httpx.URL:
+    """A URL a registry's answer names (an upload's ``Location``, a ``Link``, an auth
+    challenge's realm), resolved against ``base``; :class:`RegistryError` if it is none."""
+    try:
+        return base.join(value) if base is not None else httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        raise RegistryError(f"{what} is {value[:200]!r}, which is not a URL ({exc})") from None
 
 
 def retry_after(response: httpx.Response) -> float | None:
