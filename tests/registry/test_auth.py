@@ -271,16 +271,24 @@ def test_basic_challenge_then_preemptive() -> None:
     assert sent == [False, True, True]
 
 
-def test_token_server_429_is_rate_limited() -> None:
+def _token_server(answer: httpx.Response) -> httpx.MockTransport:
+    """A registry whose challenges send clients to auth.example, which answers ``answer``."""
+
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.host == "auth.example":
-            return httpx.Response(429, headers={"Retry-After": "7"})
+            return answer
         return httpx.Response(
             401, headers={"WWW-Authenticate": 'Bearer realm="https://auth.example/token"'}
         )
 
+    return httpx.MockTransport(handler)
+
+
+def test_token_server_429_is_rate_limited() -> None:
     with (
-        RegistryClient(transport=httpx.MockTransport(handler), config=FAST) as client,
+        RegistryClient(
+            transport=_token_server(httpx.Response(429, headers={"Retry-After": "7"})), config=FAST
+        ) as client,
         pytest.raises(RateLimited, match="retry after 7 s"),
     ):
         client.get_manifest(Reference("registry.example", "a/b", "t"))
@@ -291,15 +299,9 @@ def test_token_server_429_is_rate_limited() -> None:
 )
 def test_a_token_whose_lifetime_is_no_number_is_refused(lifetime: bytes) -> None:
     # A mock token server: docker's token spec makes expires_in an integer of seconds.
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.host == "auth.example":
-            return httpx.Response(200, content=b'{"token":"t","expires_in":' + lifetime + b"}")
-        return httpx.Response(
-            401, headers={"WWW-Authenticate": 'Bearer realm="https://auth.example/token"'}
-        )
-
+    answer = httpx.Response(200, content=b'{"token":"t","expires_in":' + lifetime + b"}")
     with (
-        RegistryClient(transport=httpx.MockTransport(handler), config=FAST) as client,
+        RegistryClient(transport=_token_server(answer), config=FAST) as client,
         pytest.raises(RegistryError, match="expires_in"),
     ):
         client.get_manifest(Reference("registry.example", "a/b", "t"))
