@@ -17,15 +17,16 @@ from support.registry import RegistryServer, htpasswd_auth, start_registry
 
 from hypeman_images.disk.e2fsprogs import E2fsprogs
 from hypeman_images.errors import Unauthorized
-from hypeman_images.fleet.artifact import ARTIFACT_TYPE
+from hypeman_images.fleet.artifact import ARTIFACT_TYPE, RECIPE_ANNOTATION
 from hypeman_images.fleet.fetch import fetch_disk
-from hypeman_images.fleet.lookup import find_disk
+from hypeman_images.fleet.lookup import MAX_CANDIDATES, find_disk
 from hypeman_images.fleet.push import push_disk
 from hypeman_images.oci.digest import Digest
 from hypeman_images.oci.reference import Reference
-from hypeman_images.oci.spec import OCI_INDEX
+from hypeman_images.oci.spec import OCI_INDEX, OCI_MANIFEST
 from hypeman_images.registry.client import RegistryClient
 from hypeman_images.registry.credentials import Credential, StaticCredentials
+from hypeman_images.registry.push import put_manifest
 from hypeman_images.registry.referrers import fallback_tag, list_referrers
 
 SETTLE = 0.1
@@ -216,3 +217,45 @@ def test_pushing_needs_credentials_with_push_rights(
         assert found is not None and found.artifact.digest == pushed.digest
         fetch_disk(client, repo, found.artifact, dest, tools).commit()
     assert dest.read_bytes() == ext4_disk.read_bytes()
+
+
+@pytest.mark.parametrize(("unfit", "found"), [(3, True), (MAX_CANDIDATES + 12, False)])
+def test_unfit_referrers_are_passed_over_and_only_so_many_read(
+    unfit: int, found: bool, repo: Reference, ext4_disk: Path, registry: RegistryServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """Anyone who can push writes the fallback index. Entries that claim the exact recipe
+    but name manifests no parser takes (a 5000-digit number in a field of their own, which
+    docker-registry stores) come first; each is passed over, and at most MAX_CANDIDATES
+    are read before the build may start, so a flood cannot hold it up."""
+    subject = subject_for()
+    want = recipe_for(subject)
+    with RegistryClient(config=FAST) as client:
+        real = push_disk(
+            client, repo, ext4_disk, subject, recipe_for(subject, e2fsprogs="1.47.1"), RUNTIME,
+            chunk_size=CHUNK, settle=0,
+        )  # fmt: skip
+        honest = real.artifact.referrer().to_json()
+        entries = []
+        for i in range(unfit):
+            data = real.artifact.manifest.data[:-1] + b',"x%d":' % i + b"9" * 5000 + b"}"
+            put_manifest(client, repo, str(Digest.of(data)), data, OCI_MANIFEST)
+            annotations = {**honest["annotations"], RECIPE_ANNOTATION: want.key}
+            entries.append({**honest, "digest": str(Digest.of(data)), "annotations": annotations})
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [*entries, honest]}
+        put_manifest(client, repo, fallback_tag(subject.digest), json.dumps(index).encode(),
+                     OCI_INDEX)  # fmt: skip
+    with fault_proxy(registry.url) as proxy, RegistryClient(config=FAST) as client:
+        caplog.clear()
+        got = find_disk(client, replace(repo, registry=proxy.host), want)
+        reads = len(proxy.requests("/manifests/sha256:"))
+    assert (got is not None) is found
+    if found:
+        assert got is not None and got.artifact.digest == real.digest and not got.exact
+        assert reads == unfit + 1
+    else:
+        assert reads == MAX_CANDIDATES
+        assert f"trying the first {MAX_CANDIDATES} only" in caplog.text
+    skipped = [r for r in caplog.records if "skipping referrer" in r.getMessage()]
+    assert len(skipped) == min(unfit, MAX_CANDIDATES)
+    assert all("more than 4300 digits" in r.getMessage() for r in skipped)

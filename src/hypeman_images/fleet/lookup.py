@@ -14,8 +14,9 @@ Everything read is checked before it is believed: the manifest against its
 digest, its config against its descriptor, both against each other and the
 subject asked for (:func:`fleet.artifact.check_artifact`). A referrers entry
 is only a hint (anyone with push rights writes the fallback index): an entry
-that fails a check is skipped with a warning. What the per-recipe tag holds
-must pass, or the lookup fails: that tag is this format's own.
+that fails a check is skipped with a warning, and only the best
+:data:`MAX_CANDIDATES` are read. What the per-recipe tag holds must pass, or
+the lookup fails: that tag is this format's own.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from hypeman_images.errors import DigestMismatch, DiskArtifactInvalid, NotFound
+from hypeman_images.errors import (
+    DigestMismatch,
+    DiskArtifactInvalid,
+    LayerError,
+    LimitExceeded,
+    NotFound,
+    UnsupportedManifest,
+)
 from hypeman_images.fleet.artifact import (
     ARTIFACT_TYPE,
     MATCH_ANNOTATION,
@@ -44,6 +52,15 @@ from hypeman_images.registry.referrers import list_referrers
 log = logging.getLogger(__name__)
 
 Via = Literal["tag", "api", "index"]
+
+# Referrers read at most, best first: an index of 4 MiB can list ~20,000 entries
+# that claim the recipe, and each costs two requests before the build may start.
+MAX_CANDIDATES = 8
+# What makes a referrer unfit, to be passed over: gone, or not a sound disk artifact
+# (a document no parser takes is a LayerError, one too large a LimitExceeded).
+_UNFIT = (
+    NotFound, DiskArtifactInvalid, DigestMismatch, LayerError, LimitExceeded, UnsupportedManifest,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -101,10 +118,15 @@ def find_disk(client: RegistryClient, repository: Reference, want: Recipe) -> Fo
         (e for e in listing.entries if e.annotations.get(MATCH_ANNOTATION) == want.match_key),
         key=lambda e: (e.annotations.get(RECIPE_ANNOTATION) != want.key, str(e.digest)),
     )
-    for entry in candidates:
+    if len(candidates) > MAX_CANDIDATES:
+        log.warning(
+            "%d referrers of %s claim a matching disk; trying the first %d only",
+            len(candidates), want.source, MAX_CANDIDATES,
+        )  # fmt: skip
+    for entry in candidates[:MAX_CANDIDATES]:
         try:
             artifact = read_artifact(client, repository, entry.digest, want.source)
-        except (NotFound, DiskArtifactInvalid, DigestMismatch) as exc:
+        except _UNFIT as exc:
             log.warning("skipping referrer %s of %s: %s", entry.digest, want.source, exc)
             continue
         recipe = artifact.config.recipe
@@ -124,4 +146,4 @@ def _read_config(client: RegistryClient, repository: Reference, blob: Descriptor
     return data
 
 
-__all__ = ["FoundDisk", "Via", "find_disk", "read_artifact"]
+__all__ = ["MAX_CANDIDATES", "FoundDisk", "Via", "find_disk", "read_artifact"]
