@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from support.fleet import FAST
+from support.fleet import FAST, cache_repo
 from support.pushed import PushedImage
 
 from hypeman_images.build.diskcache import BUILDER, STAGED, planned_recipes, recorded_recipe
@@ -16,6 +17,7 @@ from hypeman_images.build.options import BuildOptions
 from hypeman_images.build.pull import resolve
 from hypeman_images.disk.e2fsprogs import E2fsprogs, find_e2fsprogs
 from hypeman_images.errors import InvalidArgument
+from hypeman_images.fleet.cache import CacheMode, DiskCache
 from hypeman_images.layers.limits import Limits
 from hypeman_images.oci.reference import parse_reference
 from hypeman_images.oci.spec import Platform
@@ -88,4 +90,38 @@ def test_the_disk_cache_metrics() -> None:
         'hypeman_images_disk_cache_pushes_total{outcome="failure"}': 1,
         'hypeman_images_disk_cache_bytes_total{direction="fetched"}': 1234,
         'hypeman_images_disk_cache_bytes_total{direction="pushed"}': 999,
+    }
+
+
+def test_a_push_that_crashes_is_told_and_counted_and_the_image_stays_ready(
+    alpine_ref: PushedImage, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A bug in the background push (here, push_disk raising what no registry error is)
+    must not vanish into the push thread's Future: it is logged with its traceback and
+    counted as a failed push, and the image it was pushing stays ready."""
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in the push")
+
+    monkeypatch.setattr("hypeman_images.fleet.push.push_disk", crash)
+    cache = DiskCache(cache_repo(alpine_ref.registry.host, "crash"), CacheMode.PUSH)
+    options = BuildOptions(disk_cache=cache)
+    with (
+        caplog.at_level(logging.ERROR),
+        ImageManager(
+            data_dir, options=options, client_factory=lambda: RegistryClient(config=FAST)
+        ) as manager,
+    ):
+        stored = manager.pull(alpine_ref.ref)
+    # Leaving drained the push.
+    assert stored.record.status == "ready" and stored.disk.is_file()
+    crashed = [r for r in caplog.records if "crashed" in r.getMessage()]
+    assert len(crashed) == 1 and crashed[0].exc_info is not None
+    assert "a bug in the push" in str(crashed[0].exc_info[1])
+    pushes = {k: v for k, v in parse(manager.metrics.render(QueueGauges(0, 0))).items()
+              if "pushes_total" in k}  # fmt: skip
+    assert pushes == {
+        'hypeman_images_disk_cache_pushes_total{outcome="success"}': 0,
+        'hypeman_images_disk_cache_pushes_total{outcome="failure"}': 1,
     }

@@ -145,6 +145,9 @@ class DiskPushes:
             log.warning(
                 "disk cache %s: the disk of %s was not pushed: %s", cache, stored.record.name, exc
             )
+        except Exception:  # a push thread's top level: a bug is told, never lost in its Future
+            self._metrics.disk_pushed(False, 0)
+            log.exception("disk cache %s: the push of %s crashed", cache, stored.record.name)
 
     def _forget(self, future: Future[None]) -> None:
         with self._lock:
