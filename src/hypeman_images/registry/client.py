@@ -235,9 +235,8 @@ class RegistryClient:
         )
 
         def attempt() -> httpx.Response:
-            home = f"{self._schemes.scheme(endpoint.host)}://{endpoint.host}"
-            full = home + url if url.startswith("/") else url
-            sent = auth if same_origin(full, home) else auth.anonymous()
+            full, sent = self._aim(endpoint, url, auth)
+            assert sent is not None
             request = self._http.build_request(method, full, headers=headers, content=content)
             with translating(endpoint.host, subject, self.config, self._schemes):
                 response = self._http.send(request, auth=sent, stream=True)
@@ -270,16 +269,6 @@ class RegistryClient:
         host, whose scheme is decided here (an insecure host's first request
         probes it). Without ``ref`` and ``auth``, no credentials are sent.
         """
-        home = None
-        if url.startswith("/") or ref is not None or auth is not None:
-            try:
-                scheme = self._schemes.scheme(endpoint.host)
-            except TransientError as exc:
-                raise TransientError(
-                    f"{exc.detail} while fetching {subject}", hint=exc.hint, api_hint=exc.api_hint
-                ) from exc
-            home = f"{scheme}://{endpoint.host}"
-            url = home + url if url.startswith("/") else url
         if auth is None and ref is not None:
             auth = RegistryAuth(
                 registry=endpoint.registry,
@@ -290,8 +279,12 @@ class RegistryClient:
                 send=self._send_token_request,
                 registry_token=self._registry_token(endpoint.registry),
             )
-        if auth is not None and home is not None and not same_origin(url, home):
-            auth = auth.anonymous()  # as in request(): none of the registry's secrets go there
+        try:
+            url, auth = self._aim(endpoint, url, auth)
+        except TransientError as exc:
+            raise TransientError(
+                f"{exc.detail} while fetching {subject}", hint=exc.hint, api_hint=exc.api_hint
+            ) from exc
         request = self._http.build_request(
             "GET", url, headers=headers, timeout=timeout or httpx.USE_CLIENT_DEFAULT
         )
@@ -304,6 +297,20 @@ class RegistryClient:
             response.close()
             raise auth.refused()
         raise error_for(response, host=endpoint.registry, subject=subject)
+
+    def _aim(
+        self, endpoint: Endpoint, url: str, auth: RegistryAuth | None
+    ) -> tuple[str, RegistryAuth | None]:
+        """``url`` made absolute on ``endpoint``'s host (its scheme decided, an insecure
+        host probed), and the auth it may carry: ``auth`` on the registry's own origin,
+        its anonymous twin on another one (docs/security.md, "Credentials and redirects")."""
+        if auth is None and not url.startswith("/"):
+            return url, None  # a foreign layer's URL: no scheme to decide, nothing to withhold
+        home = f"{self._schemes.scheme(endpoint.host)}://{endpoint.host}"
+        if url.startswith("/"):
+            return home + url, auth
+        assert auth is not None
+        return url, auth if same_origin(url, home) else auth.anonymous()
 
     def _send_token_request(self, request: httpx.Request) -> httpx.Response:
         # Transport errors propagate to _send's translation, as part of that request.
